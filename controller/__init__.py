@@ -1,0 +1,1 @@
+"""The barista controller: API, provisioning, fleet, mesh, ingest and state over NATS."""

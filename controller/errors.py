@@ -1,0 +1,46 @@
+"""Controller errors; the API maps each ``code`` to an HTTP status in one middleware."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.errors import BaristaError
+
+
+class ControllerError(BaristaError):
+    code = "controller_error"
+    status = 500
+
+    def __init__(self, message: str, *, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class NotFound(ControllerError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(ControllerError):
+    code = "conflict"
+    status = 409
+
+
+class BadRequest(ControllerError):
+    code = "bad_request"
+    status = 400
+
+
+class TokenRefused(ControllerError):
+    """A join token cannot be used; ``code`` says why (bad_token, token_used, token_expired)."""
+
+    status = 403
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NatsServerError(ControllerError):
+    code = "nats_server_error"

@@ -1,0 +1,106 @@
+"""MessagePack encoding and checked decoding of protocol messages.
+
+Anything that is not a valid message of the expected type comes out as one
+``ProtocolError`` with a reason; nothing else escapes ``decode``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, overload
+
+import msgspec
+
+from protocol.errors import PayloadTooLarge, ProtocolError, UnsupportedVersion
+from protocol.messages import ALL_MESSAGES, AnyMessage, Message
+from protocol.version import SUPPORTED_VERSIONS
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024  # NATS' default max_payload
+
+M = TypeVar("M", bound=Message)
+
+_KNOWN_KINDS = frozenset(
+    str(cls.__struct_config__.tag) for cls in ALL_MESSAGES
+)
+
+
+class _Header(msgspec.Struct):
+    kind: Any = None
+    v: Any = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_any_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyMessage)
+_header_decoder = msgspec.msgpack.Decoder(_Header)
+_typed_decoders: dict[type[Message], msgspec.msgpack.Decoder[Any]] = {
+    cls: msgspec.msgpack.Decoder(cls) for cls in ALL_MESSAGES
+}
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+@overload
+def decode(data: bytes, expect: type[M], *, max_size: int = ...) -> M: ...
+@overload
+def decode(data: bytes, expect: None = None, *, max_size: int = ...) -> AnyMessage: ...
+
+
+def decode(
+    data: bytes, expect: type[M] | None = None, *, max_size: int = DEFAULT_MAX_PAYLOAD
+) -> M | AnyMessage:
+    """Decode ``data`` into a message (of type ``expect`` when given).
+
+    The size is checked before any parsing. Raises ``ProtocolError`` (or a subclass) only.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"payload must be bytes, not {type(data).__name__}")
+    size = len(data)
+    if size > max_size:
+        raise PayloadTooLarge(size, max_size)
+    if size == 0:
+        raise ProtocolError("empty payload", size=0)
+    decoder = _any_decoder if expect is None else _typed_decoders.get(expect)
+    if decoder is None:
+        raise ProtocolError(f"{expect!r} is not a protocol message type")
+    try:
+        msg = decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _explain(data, expect, exc) from None
+    except Exception as exc:  # msgspec can raise others on pathological input
+        raise ProtocolError(f"undecodable payload: {exc}", size=size) from None
+    if msg.v not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersion(msg.v, SUPPORTED_VERSIONS, kind=_kind_of(msg))
+    return msg  # type: ignore[no-any-return]
+
+
+def _kind_of(msg: Message) -> str:
+    return str(type(msg).__struct_config__.tag)
+
+
+def _explain(data: bytes, expect: type[Message] | None, exc: Exception) -> ProtocolError:
+    """Turn a decode failure into the most useful reason we can give."""
+    size = len(data)
+    try:
+        header = _header_decoder.decode(data)
+    except Exception:
+        return ProtocolError(f"not a msgpack map: {exc}", size=size)
+    kind, version = header.kind, header.v
+    if isinstance(version, int) and not isinstance(version, bool):
+        if version not in SUPPORTED_VERSIONS:
+            return UnsupportedVersion(
+                version, SUPPORTED_VERSIONS, kind=kind if isinstance(kind, str) else None
+            )
+    if kind is None:
+        return ProtocolError("message has no 'kind' field", size=size)
+    if not isinstance(kind, str):
+        return ProtocolError("message 'kind' must be a string", size=size)
+    if kind not in _KNOWN_KINDS:
+        return ProtocolError(
+            f"unknown message kind {kind!r} (from a newer peer?)", kind=kind, size=size
+        )
+    if expect is not None:
+        want = str(expect.__struct_config__.tag)
+        if kind != want:
+            return ProtocolError(f"expected a {want!r} message, got {kind!r}", kind=kind, size=size)
+    return ProtocolError(f"invalid {kind!r} message: {exc}", kind=kind, size=size)

@@ -1,0 +1,177 @@
+"""Typed wire messages (msgspec Structs, tagged by ``kind``).
+
+Rule of evolution: a field added after protocol v1 always has a default, so an older peer's
+message still decodes; tests/unit/test_protocol_evolution.py enforces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from protocol.version import PROTOCOL_VERSION
+
+FieldValue = float | int | bool | str
+
+
+class Message(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):
+    """Base of every top-level message: a ``kind`` tag and the protocol version ``v``."""
+
+    v: int = PROTOCOL_VERSION
+
+
+# --- enrollment -------------------------------------------------------------------------
+
+
+class EnrollRequest(Message, tag="enroll_req"):
+    token: str
+    # The agent's NATS nkey public key ("U..."); the private seed never leaves the machine.
+    identity: str
+    hostname: str
+    agent_version: str
+    facts: dict[str, str] = {}
+    # Labels the agent declares about itself; the token's labels win on conflict.
+    labels: dict[str, str] = {}
+    wg_public_key: str = ""
+
+
+class EnrollReply(Message, tag="enroll_rep"):
+    ok: bool
+    node_id: str = ""
+    labels: dict[str, str] = {}
+    # "nkey": reconnect with the identity seed; "none": keep the current credentials.
+    auth: Literal["nkey", "none"] = "none"
+    inbox_prefix: str = ""
+    heartbeat_interval: float = 5.0
+    metrics_interval: float = 10.0
+    # Set when ok is False; error_code is stable ("bad_token", "token_used", ...).
+    error_code: str = ""
+    error: str = ""
+
+
+# --- liveness ---------------------------------------------------------------------------
+
+
+class Heartbeat(Message, tag="hb"):
+    node_id: str
+    seq: int
+    ts: float
+    uptime: float = 0.0
+    agent_version: str = ""
+    buffered_batches: int = 0
+    dropped_batches: int = 0
+    running_jobs: int = 0
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+class MetricPoint(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One sample: compact on the wire (an array, not a map)."""
+
+    measurement: str
+    fields: dict[str, FieldValue]
+    tags: dict[str, str] = {}
+    ts: int = 0  # nanoseconds since the epoch; 0 = the batch's ts
+
+
+class MetricBatch(Message, tag="metrics"):
+    node_id: str
+    seq: int
+    ts: int  # nanoseconds since the epoch
+    points: list[MetricPoint]
+    # Tags common to every point (node, infra, group, provider, region, zone).
+    tags: dict[str, str] = {}
+    # Batches this agent dropped from its offline buffer since it last reported drops.
+    dropped: int = 0
+    errors: dict[str, str] = {}  # collector name -> last error, when a collector failed
+
+
+# --- commands ---------------------------------------------------------------------------
+
+CommandAction = Literal["ping", "facts", "exec"]
+
+
+class Command(Message, tag="cmd"):
+    id: str  # unique per message; the replay cache keys on it
+    job_id: str
+    issued_at: float
+    ttl: float
+    action: CommandAction
+    selector: str = ""
+    targets: list[str] = []  # explicit node ids (direct or batch); empty = by selector
+    argv: list[str] = []
+    shell: str = ""
+    env: dict[str, str] = {}
+    cwd: str = ""
+    user: str = ""
+    timeout: float = 60.0
+    output_cap: int = 64 * 1024
+    stream_output: bool = False
+
+
+class SignedCommand(Message, tag="signed_cmd"):
+    payload: bytes  # an encoded Command
+    signature: bytes  # Ed25519 over payload
+    key_id: str = ""
+
+
+ResultStatus = Literal["ok", "failed", "timeout", "rejected", "error"]
+
+
+class CommandResult(Message, tag="cmd_result"):
+    job_id: str
+    command_id: str
+    node_id: str
+    status: ResultStatus
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration: float = 0.0
+    reason: str = ""
+    data: dict[str, Any] = {}
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+class Event(Message, tag="event"):
+    ts: float
+    type: str
+    node_id: str = ""
+    severity: Literal["debug", "info", "warning", "error"] = "info"
+    message: str = ""
+    data: dict[str, Any] = {}
+
+
+class ErrorReply(Message, tag="error"):
+    code: str
+    message: str
+
+
+AnyMessage = (
+    EnrollRequest
+    | EnrollReply
+    | Heartbeat
+    | MetricBatch
+    | Command
+    | SignedCommand
+    | CommandResult
+    | Event
+    | ErrorReply
+)
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    EnrollRequest,
+    EnrollReply,
+    Heartbeat,
+    MetricBatch,
+    Command,
+    SignedCommand,
+    CommandResult,
+    Event,
+    ErrorReply,
+)

@@ -1,0 +1,162 @@
+"""Ed25519 signing of commands, and the agent-side verifier with TTL and replay checks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from protocol import codec
+from protocol.errors import (
+    BadSignature,
+    CommandExpired,
+    CommandRejected,
+    CommandReplayed,
+    ProtocolError,
+)
+from protocol.messages import Command, SignedCommand
+
+MAX_TTL = 24 * 3600.0
+DEFAULT_CLOCK_SKEW = 30.0
+
+
+def key_id(public_key_b64: str) -> str:
+    raw = base64.b64decode(public_key_b64)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(public_key_b64: str) -> Ed25519PublicKey:
+    try:
+        raw = base64.b64decode(public_key_b64, validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except Exception as exc:
+        raise ValueError(f"not a base64 Ed25519 public key: {exc}") from None
+
+
+class CommandSigner:
+    """Holds the controller's private key; it never leaves the controller's data dir."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        raw = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.public_key_b64 = base64.b64encode(raw).decode()
+        self.key_id = key_id(self.public_key_b64)
+
+    @classmethod
+    def generate(cls) -> CommandSigner:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> CommandSigner:
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError("signing key is not an Ed25519 private key")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def sign(self, cmd: Command) -> SignedCommand:
+        payload = codec.encode(cmd)
+        return SignedCommand(payload=payload, signature=self._key.sign(payload), key_id=self.key_id)
+
+
+class CommandVerifier:
+    """Verifies signature, expiry and uniqueness of commands before anything runs.
+
+    The replay cache remembers every accepted command id until its TTL has passed. It is
+    bounded: when it is full of live ids, new commands are refused (fail closed) rather
+    than forgetting ids that could then be replayed.
+    """
+
+    def __init__(
+        self,
+        public_keys: Iterable[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        clock_skew: float = DEFAULT_CLOCK_SKEW,
+        max_ttl: float = MAX_TTL,
+        cache_size: int = 200_000,
+    ) -> None:
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        for pk in public_keys:
+            self._keys[key_id(pk)] = load_public_key(pk)
+        if not self._keys:
+            raise ValueError("a verifier needs at least one controller public key")
+        self._clock = clock
+        self._skew = clock_skew
+        self._max_ttl = max_ttl
+        self._cache_size = cache_size
+        self._seen: dict[str, float] = {}  # command id -> forget after (epoch seconds)
+        self._next_prune = 0.0
+
+    @property
+    def cached_ids(self) -> int:
+        return len(self._seen)
+
+    def verify(self, signed: SignedCommand) -> Command:
+        """Return the command if it may run; raise ``CommandRejected`` (or ProtocolError)."""
+        keys = (
+            [self._keys[signed.key_id]]
+            if signed.key_id in self._keys
+            else list(self._keys.values())
+        )
+        for key in keys:
+            try:
+                key.verify(signed.signature, signed.payload)
+                break
+            except InvalidSignature:
+                continue
+        else:
+            raise BadSignature("signature does not match any trusted controller key")
+        try:
+            cmd = codec.decode(signed.payload, Command)
+        except ProtocolError as exc:
+            raise CommandRejected(f"signed payload is not a command: {exc.reason}") from None
+        now = self._clock()
+        if not (0 < cmd.ttl <= self._max_ttl):
+            raise CommandRejected(
+                f"ttl {cmd.ttl}s outside (0, {self._max_ttl}]", command_id=cmd.id
+            )
+        if cmd.issued_at > now + self._skew:
+            raise CommandExpired(
+                f"issued {cmd.issued_at - now:.1f}s in the future (clock skew?)",
+                command_id=cmd.id,
+            )
+        expires = cmd.issued_at + cmd.ttl
+        if expires + self._skew < now:
+            raise CommandExpired(
+                f"expired {now - expires:.1f}s ago (ttl {cmd.ttl}s)", command_id=cmd.id
+            )
+        self._prune(now)
+        if cmd.id in self._seen:
+            raise CommandReplayed(f"command id {cmd.id} was already accepted", command_id=cmd.id)
+        if len(self._seen) >= self._cache_size:
+            raise CommandRejected(
+                "replay cache is full of live command ids; refusing until they expire",
+                command_id=cmd.id,
+            )
+        self._seen[cmd.id] = expires + self._skew
+        return cmd
+
+    def _prune(self, now: float) -> None:
+        if now < self._next_prune and len(self._seen) < self._cache_size:
+            return
+        self._next_prune = now + 1.0
+        dead = [cid for cid, until in self._seen.items() if until < now]
+        for cid in dead:
+            del self._seen[cid]

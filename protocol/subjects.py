@@ -1,0 +1,119 @@
+"""Every NATS subject barista uses is built here and nowhere else."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from protocol.errors import InvalidName
+
+# A subject token: no dots, no wildcards, no whitespace. Node ids and network names
+# become tokens, so they are checked before they are ever put into a subject.
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}$")
+
+DEFAULT_PREFIX = "barista"
+
+
+def check_token(value: str, what: str = "name") -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise InvalidName(
+            f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Subject names under one configurable prefix (default ``barista``)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.prefix):
+            raise InvalidName(f"subject prefix {self.prefix!r} is not a valid NATS subject prefix")
+
+    # agent -> controller
+    @property
+    def enroll(self) -> str:
+        return f"{self.prefix}.enroll"
+
+    def heartbeat(self, node_id: str) -> str:
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.hb"
+
+    def metrics(self, node_id: str) -> str:
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.metrics"
+
+    def events(self, node_id: str) -> str:
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.events"
+
+    def node_all(self, node_id: str) -> str:
+        """Everything a node may publish (used for its NATS permissions)."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.>"
+
+    # controller -> agents
+    @property
+    def cmd_all(self) -> str:
+        return f"{self.prefix}.cmd.all"
+
+    def cmd_node(self, node_id: str) -> str:
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.cmd"
+
+    def mesh_delta(self, network: str) -> str:
+        return f"{self.prefix}.mesh.{check_token(network, 'network name')}.delta"
+
+    @property
+    def mesh_all(self) -> str:
+        return f"{self.prefix}.mesh.>"
+
+    # wildcards the controller subscribes to
+    @property
+    def heartbeat_any(self) -> str:
+        return f"{self.prefix}.node.*.hb"
+
+    @property
+    def metrics_any(self) -> str:
+        return f"{self.prefix}.node.*.metrics"
+
+    @property
+    def events_any(self) -> str:
+        return f"{self.prefix}.node.*.events"
+
+    @property
+    def app_sync(self) -> str:
+        """Agent asks the controller for the app releases it should run (request/reply)."""
+        return f"{self.prefix}.apps.sync"
+
+    @property
+    def agent_requests(self) -> list[str]:
+        """Request subjects an enrolled agent may publish to, beyond its own node subjects."""
+        return [self.app_sync]
+
+    @property
+    def controller_events(self) -> str:
+        """Fleet events the controller itself emits (liveness transitions, enrollments)."""
+        return f"{self.prefix}.fleet.events"
+
+    def node_id_of(self, subject: str) -> str | None:
+        """The node id in a ``<prefix>.node.<id>.<leaf>`` subject, or None."""
+        head = f"{self.prefix}.node."
+        if not subject.startswith(head):
+            return None
+        rest = subject[len(head) :]
+        node_id, sep, _ = rest.partition(".")
+        if not sep or not _TOKEN.match(node_id):
+            return None
+        return node_id
+
+    def inbox_prefix(self, node_id: str) -> str:
+        """Each node gets its own reply inbox space so it cannot read other nodes' replies."""
+        return f"_INBOX_{check_token(node_id, 'node id')}"
+
+    # JetStream names
+    @property
+    def stream_subjects_metrics(self) -> list[str]:
+        return [self.metrics_any]
+
+    @property
+    def stream_subjects_events(self) -> list[str]:
+        return [self.events_any, self.controller_events]

@@ -1,0 +1,5 @@
+"""Shared test configuration: fixtures for each real component live in tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.nats",
+]
