@@ -178,7 +178,7 @@ class NatsServer:
         if self.auth and not self.controller_password:
             raise NatsServerError("controller_password is required when auth is on")
         self.write_config()
-        log_f = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log_f = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
                 [find_binary(), "-c", str(self.conf_path)],
@@ -198,7 +198,7 @@ class NatsServer:
 
     def _monitor(self, path: str) -> dict[str, object]:
         url = f"http://{self.host}:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=2) as resp:
             data: dict[str, object] = json.loads(resp.read())
             return data
 

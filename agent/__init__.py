@@ -1,0 +1,1 @@
+"""The barista agent: one small asyncio process per machine."""

@@ -1,0 +1,82 @@
+"""``barista-agent``: run the agent until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, ConfigError
+from agent.runtime import AGENT_VERSION, EnrollmentError, run_agent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="barista-agent", description="barista node agent")
+    p.add_argument("--config", type=Path, help="TOML config file (default /etc/barista/agent.toml)")
+    p.add_argument("--nats-url", action="append", dest="nats_urls", help="NATS server URL (repeat)")
+    p.add_argument("--token", help="one-time join token (only needed to enroll)")
+    p.add_argument("--state-dir", type=Path, help="where the identity key and state live")
+    p.add_argument("--label", action="append", default=[], help="k=v label (repeat)")
+    p.add_argument("--controller-key", action="append", dest="controller_keys",
+                   help="base64 Ed25519 key that signs commands (repeat)")
+    p.add_argument("--hostname")
+    p.add_argument("--metrics-interval", type=float)
+    p.add_argument("--heartbeat-interval", type=float)
+    p.add_argument("--log-level")
+    p.add_argument("--version", action="version", version=f"barista-agent {AGENT_VERSION}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides: dict[str, Any] = {
+        "nats_urls": args.nats_urls,
+        "token": args.token,
+        "state_dir": args.state_dir,
+        "controller_keys": args.controller_keys,
+        "hostname": args.hostname,
+        "metrics_interval": args.metrics_interval,
+        "heartbeat_interval": args.heartbeat_interval,
+        "log_level": args.log_level,
+    }
+    labels: dict[str, str] = {}
+    for item in args.label:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            print(f"barista-agent: --label {item!r} must be key=value", file=sys.stderr)
+            return 2
+        labels[k] = v
+    overrides["labels"] = labels
+    try:
+        config = AgentConfig.load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"barista-agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_run(config))
+    except EnrollmentError as exc:
+        print(f"barista-agent: enrollment refused: {exc.message}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _run(config: AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_agent(config, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The agent's identity key (a NATS user nkey, kept 0600) and its enrollment state."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nkeys
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Identity:
+    """Ed25519 nkey seed generated on first start; the private part never leaves the machine."""
+
+    def __init__(self, seed_path: Path) -> None:
+        self.seed_path = seed_path
+        seed = self._load_or_create()
+        kp = nkeys.from_seed(seed)
+        self.public_key: str = kp.public_key.decode()
+        kp.wipe()
+
+    def _load_or_create(self) -> bytearray:
+        try:
+            data = self.seed_path.read_bytes().strip()
+            if self.seed_path.stat().st_mode & 0o077:
+                os.chmod(self.seed_path, 0o600)
+            return bytearray(data)
+        except FileNotFoundError:
+            pass
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        _write_private(self.seed_path, bytes(seed))
+        return bytearray(seed)
+
+
+@dataclass
+class EnrollState:
+    node_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    auth: str = "none"
+    inbox_prefix: str = ""
+    command_keys: list[str] = field(default_factory=list)
+    heartbeat_interval: float = 5.0
+    metrics_interval: float = 10.0
+
+    @classmethod
+    def load(cls, path: Path) -> EnrollState | None:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        state = cls(**known)
+        return state if state.node_id else None
+
+    def save(self, path: Path) -> None:
+        _write_private(path, json.dumps(asdict(self), indent=2).encode())

@@ -1,0 +1,535 @@
+"""The agent runtime: enrollment, heartbeats, metric batches with an offline buffer, commands.
+
+No module-level state: many agents can run in one event loop (tests, the broadcast bench).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from agent.collectors.base import Collector
+from agent.collectors.scheduler import CollectorSet, build_collectors
+from agent.config import AgentConfig
+from agent.facts import collect_facts
+from agent.identity import EnrollState, Identity
+from protocol import codec
+from protocol.errors import CommandRejected, ProtocolError
+from protocol.messages import (
+    Command,
+    CommandResult,
+    EnrollReply,
+    EnrollRequest,
+    ErrorReply,
+    Event,
+    Heartbeat,
+    MetricBatch,
+    SignedCommand,
+)
+from protocol.selectors import Selector
+from protocol.signing import CommandVerifier
+from protocol.subjects import Subjects
+
+AGENT_VERSION = "0.1.0"
+# Labels copied into every metric as tags; all have a small, bounded set of values.
+TAG_LABELS = ("infra", "group", "provider", "region", "zone")
+ENROLL_INBOX = "_INBOX_enroll"
+
+
+class EnrollmentError(Exception):
+    """Enrollment was refused for good (bad, used or expired token): retrying cannot help."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+
+
+def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)
+
+
+class Agent:
+    """One agent. ``async with Agent(config=cfg) as a: await a.wait_closed()``."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        collectors: list[Collector] | None = None,
+        version: str = AGENT_VERSION,
+        executor_factory: Callable[[Agent], Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.version = version
+        self.subjects = Subjects(config.subject_prefix)
+        self.log = logging.getLogger("barista.agent")
+        self.hostname = config.hostname or socket.gethostname()
+        self._collectors = collectors
+        self._executor_factory = executor_factory
+        self.identity: Identity | None = None
+        self.state: EnrollState | None = None
+        self.nc: NATS | None = None
+        self.collector_set: CollectorSet | None = None
+        self.verifier: CommandVerifier | None = None
+        self.executor: Any = None
+        self.buffer: collections.deque[tuple[str, bytes]] = collections.deque(
+            maxlen=config.buffer_batches
+        )
+        self.dropped_total = 0
+        self._drops_since_batch = 0
+        self._drops_since_connect = 0
+        self.published_batches = 0
+        self.rejected_commands = 0
+        self._seq = 0
+        self._hb_seq = 0
+        self._boot = f"{os.getpid():x}{random.getrandbits(32):08x}"
+        self._started = time.monotonic()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._cmd_tasks: set[asyncio.Task[Any]] = set()
+        self._have_data = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._facts: dict[str, Any] = {}
+        self._stopping = False
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self.state.node_id if self.state else ""
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.state.labels) if self.state else {}
+
+    @property
+    def metrics_interval(self) -> float:
+        assert self.state is not None
+        return self.config.metrics_interval or self.state.metrics_interval
+
+    @property
+    def heartbeat_interval(self) -> float:
+        assert self.state is not None
+        return self.config.heartbeat_interval or self.state.heartbeat_interval
+
+    @property
+    def state_path(self) -> Any:
+        return self.config.state_dir / "state.json"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.state_dir, 0o700)
+        self.identity = await asyncio.to_thread(Identity, cfg.state_dir / "identity.nk")
+        self._facts = await asyncio.to_thread(collect_facts, self.version)
+        self.state = EnrollState.load(self.state_path)
+        if self.state is None:
+            self.state = await self._enroll()
+            self.state.save(self.state_path)
+        else:
+            self.log.info("node %s: already enrolled", self.state.node_id)
+        self.log = logging.getLogger(f"barista.agent.{self.state.node_id}")
+        keys = cfg.controller_keys or self.state.command_keys
+        self.verifier = CommandVerifier(keys) if keys else None
+        if self.verifier is None:
+            self.log.warning("no controller key configured: every command will be refused")
+        self.collector_set = CollectorSet(
+            self._collectors
+            if self._collectors is not None
+            else build_collectors(cfg.collectors or None)
+        )
+        if self._executor_factory is not None:
+            self.executor = self._executor_factory(self)
+        else:
+            from agent.executor import Executor
+
+            self.executor = Executor(
+                max_concurrency=cfg.max_concurrency,
+                facts=lambda: dict(self._facts),
+                labels=lambda: self.labels,
+                node_id=lambda: self.node_id,
+                allow_users=cfg.allow_run_as_user,
+            )
+        await self._connect()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._collect_loop(), name="collect"),
+            asyncio.create_task(self._publish_loop(), name="publish"),
+        ]
+        self.log.info("node %s: agent started (labels %s)", self.node_id, self.labels)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._tasks) + list(self._cmd_tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        if self.executor is not None and hasattr(self.executor, "aclose"):
+            await self.executor.aclose()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 3)
+            except Exception:
+                await self.nc.close()
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # -- enrollment ------------------------------------------------------------------
+
+    async def _enroll(self) -> EnrollState:
+        cfg = self.config
+        assert self.identity is not None
+        if not cfg.token:
+            raise EnrollmentError(
+                "no_token",
+                "this agent is not enrolled and has no join token: create one with "
+                "`barista token create` and pass it with --token",
+            )
+        req = EnrollRequest(
+            token=cfg.token,
+            identity=self.identity.public_key,
+            hostname=self.hostname,
+            agent_version=self.version,
+            facts={k: str(v) for k, v in self._facts.items()},
+            labels=cfg.labels,
+        )
+        payload = codec.encode(req)
+        attempt = 0
+        while True:
+            try:
+                reply = await self._enroll_once(payload)
+            except EnrollmentError:
+                raise
+            except Exception as exc:  # transient: NATS down, no controller, timeout
+                delay = _backoff(attempt)
+                self.log.warning(
+                    "enrollment attempt %d failed (%s); retrying in %.1fs",
+                    attempt + 1, exc or type(exc).__name__, delay,
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            self.log.info("enrolled as node %s", reply.node_id)
+            return EnrollState(
+                node_id=reply.node_id,
+                labels=reply.labels,
+                auth=reply.auth,
+                inbox_prefix=reply.inbox_prefix,
+                command_keys=reply.command_keys,
+                heartbeat_interval=reply.heartbeat_interval,
+                metrics_interval=reply.metrics_interval,
+            )
+
+    async def _enroll_once(self, payload: bytes) -> EnrollReply:
+        cfg = self.config
+        nc = await nats.connect(
+            servers=cfg.nats_urls,
+            user=cfg.enroll_user,
+            password=cfg.enroll_password,
+            inbox_prefix=ENROLL_INBOX.encode(),
+            allow_reconnect=False,
+            connect_timeout=cfg.enroll_timeout,
+            max_reconnect_attempts=0,
+            name=f"barista-agent-enroll {self.hostname}",
+        )
+        try:
+            msg = await nc.request(self.subjects.enroll, payload, timeout=cfg.enroll_timeout)
+        finally:
+            await nc.close()
+        try:
+            reply = codec.decode(msg.data)
+        except ProtocolError as exc:
+            raise ConnectionError(f"bad enrollment reply: {exc.reason}") from None
+        if isinstance(reply, ErrorReply):
+            if reply.code in ("internal",):
+                raise ConnectionError(reply.message)
+            raise EnrollmentError(reply.code, reply.message)
+        if not isinstance(reply, EnrollReply):
+            raise ConnectionError(f"unexpected enrollment reply {type(reply).__name__}")
+        if not reply.ok:
+            raise EnrollmentError(reply.error_code or "refused", reply.error or "enrollment refused")
+        return reply
+
+    # -- connection ------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        cfg, st = self.config, self.state
+        assert st is not None and self.identity is not None
+        opts: dict[str, Any] = {
+            "servers": cfg.nats_urls,
+            "name": f"barista-agent {st.node_id}",
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 1.0,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "error_cb": self._on_error,
+        }
+        if st.inbox_prefix:
+            opts["inbox_prefix"] = st.inbox_prefix.encode()
+        if st.auth == "nkey":
+            opts["nkeys_seed"] = str(self.identity.seed_path)
+        attempt = 0
+        while True:
+            try:
+                self.nc = await nats.connect(**opts)
+                break
+            except Exception as exc:
+                delay = _backoff(attempt)
+                self.log.warning("cannot connect to NATS (%s); retrying in %.1fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        self._connected.set()
+        await self.nc.subscribe(self.subjects.cmd_all, cb=self._on_command)
+        await self.nc.subscribe(self.subjects.cmd_node(st.node_id), cb=self._on_command)
+        await self.nc.flush()
+
+    async def _on_disconnected(self) -> None:
+        self._connected.clear()
+        if self._stopping:
+            return
+        self.log.warning("disconnected from NATS; buffering metrics (up to %d batches)",
+                         self.config.buffer_batches)
+
+    async def _on_reconnected(self) -> None:
+        self._connected.set()
+        self.log.info("reconnected to NATS; %d batches buffered", len(self.buffer))
+        if self._drops_since_connect:
+            dropped, self._drops_since_connect = self._drops_since_connect, 0
+            await self.emit("metrics.dropped", f"dropped {dropped} metric batches while offline",
+                            severity="warning", data={"dropped": dropped})
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.log.warning("nats: %s", exc)
+
+    async def emit(
+        self, type_: str, message: str = "", *, severity: str = "info",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish an event on this node's events subject (best effort)."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        ev = Event(ts=time.time(), type=type_, node_id=self.node_id, message=message,
+                   severity=severity, data=data or {})  # type: ignore[arg-type]
+        try:
+            await self.nc.publish(self.subjects.events(self.node_id), codec.encode(ev))
+        except Exception as exc:
+            self.log.debug("event %s not published: %s", type_, exc)
+
+    # -- loops -----------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        subject = self.subjects.heartbeat(self.node_id)
+        while True:
+            if self.nc is not None and self.nc.is_connected:
+                self._hb_seq += 1
+                hb = Heartbeat(
+                    node_id=self.node_id,
+                    seq=self._hb_seq,
+                    ts=time.time(),
+                    uptime=time.monotonic() - self._started,
+                    agent_version=self.version,
+                    buffered_batches=len(self.buffer),
+                    dropped_batches=self.dropped_total,
+                    running_jobs=getattr(self.executor, "running", 0),
+                )
+                try:
+                    await self.nc.publish(subject, codec.encode(hb))
+                except Exception as exc:
+                    self.log.debug("heartbeat not sent: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    def _base_tags(self) -> dict[str, str]:
+        tags = {"node": self.node_id}
+        for key in TAG_LABELS:
+            if key in self.labels:
+                tags[key] = self.labels[key]
+        return tags
+
+    async def collect_once(self) -> None:
+        assert self.collector_set is not None
+        points, errors = await self.collector_set.collect_async()
+        self._seq += 1
+        batch = MetricBatch(
+            node_id=self.node_id,
+            seq=self._seq,
+            ts=time.time_ns(),
+            points=points,
+            tags=self._base_tags(),
+            dropped=self._drops_since_batch,
+            errors=errors,
+        )
+        self._drops_since_batch = 0
+        self.enqueue(f"{self.node_id}:{self._boot}:{self._seq}", codec.encode(batch))
+
+    def enqueue(self, msg_id: str, data: bytes) -> None:
+        if len(self.buffer) == self.buffer.maxlen:
+            self.dropped_total += 1
+            self._drops_since_batch += 1
+            self._drops_since_connect += 1
+        self.buffer.append((msg_id, data))  # a full deque drops its oldest
+        self._have_data.set()
+
+    async def _collect_loop(self) -> None:
+        interval = self.metrics_interval
+        next_at = time.monotonic()
+        while True:
+            try:
+                await self.collect_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("metric collection failed")
+            next_at += interval
+            now = time.monotonic()
+            if next_at < now:  # we fell behind (suspend, overload): skip, do not burst
+                next_at = now + interval
+            await asyncio.sleep(next_at - now)
+
+    async def _publish_loop(self) -> None:
+        """Sends buffered batches oldest first; a batch leaves the buffer once JetStream
+        acknowledged it, so a lost connection or ack means a resend, not a loss (the
+        Nats-Msg-Id header lets JetStream drop the duplicate)."""
+        subject = self.subjects.metrics(self.node_id)
+        attempt = 0
+        while True:
+            if not self.buffer:
+                self._have_data.clear()
+                await self._have_data.wait()
+                continue
+            if self.nc is None or not self.nc.is_connected:
+                await self._connected.wait()
+                continue
+            msg_id, data = self.buffer[0]
+            try:
+                js = self.nc.jetstream()
+                await js.publish(subject, data, timeout=5.0, headers={"Nats-Msg-Id": msg_id})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = _backoff(attempt, base=0.2, cap=5.0)
+                attempt += 1
+                if attempt in (1, 10) or attempt % 100 == 0:
+                    self.log.warning("metric batch not acknowledged (%s); retrying in %.1fs",
+                                     exc or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            # The buffer may have dropped its oldest while we awaited; pop only ours.
+            if self.buffer and self.buffer[0][0] == msg_id:
+                self.buffer.popleft()
+            self.published_batches += 1
+
+    # -- commands --------------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        """Verify before anything runs; run in a task so a long command blocks nothing."""
+        try:
+            signed = codec.decode(msg.data, SignedCommand)
+        except ProtocolError as exc:
+            self.rejected_commands += 1
+            self.log.warning("undecodable command on %s: %s", msg.subject, exc.reason)
+            await self._reply(msg, CommandResult(job_id="", command_id="", node_id=self.node_id,
+                                                 status="rejected", reason=exc.reason))
+            return
+        if self.verifier is None:
+            self.rejected_commands += 1
+            await self._reply(msg, CommandResult(
+                job_id="", command_id="", node_id=self.node_id, status="rejected",
+                reason="agent has no controller key configured"))
+            return
+        try:
+            cmd = self.verifier.verify(signed)
+        except (CommandRejected, ProtocolError) as exc:
+            self.rejected_commands += 1
+            reason = getattr(exc, "reason", str(exc))
+            self.log.warning("command refused: %s", reason)
+            job_id, cmd_id = _ids_of(signed)
+            await self._reply(msg, CommandResult(job_id=job_id, command_id=cmd_id,
+                                                 node_id=self.node_id, status="rejected",
+                                                 reason=reason))
+            return
+        if cmd.targets and self.node_id not in cmd.targets:
+            return
+        if not cmd.targets and cmd.selector:
+            try:
+                if not Selector.parse(cmd.selector).matches(self.labels):
+                    return
+            except ValueError as exc:
+                await self._reply(msg, CommandResult(job_id=cmd.job_id, command_id=cmd.id,
+                                                     node_id=self.node_id, status="rejected",
+                                                     reason=f"bad selector: {exc}"))
+                return
+        task = asyncio.create_task(self._run_command(msg, cmd))
+        self._cmd_tasks.add(task)
+        task.add_done_callback(self._cmd_tasks.discard)
+
+    async def _run_command(self, msg: Msg, cmd: Command) -> None:
+        async def on_event(kind: str, data: dict[str, Any]) -> None:
+            await self.emit(f"job.{kind}", data={"job_id": cmd.job_id, **data})
+
+        try:
+            result = await self.executor.run(cmd, on_event=on_event)
+        except Exception as exc:
+            self.log.exception("command %s failed inside the agent", cmd.id)
+            result = CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self.node_id,
+                                   status="error", reason=str(exc))
+        await self._reply(msg, result)
+
+    async def _reply(self, msg: Msg, result: CommandResult) -> None:
+        if not msg.reply or self.nc is None:
+            return
+        try:
+            await self.nc.publish(msg.reply, codec.encode(result))
+        except Exception as exc:
+            self.log.warning("reply to %s not sent: %s", msg.subject, exc)
+
+
+def _ids_of(signed: SignedCommand) -> tuple[str, str]:
+    """Best-effort ids of a refused command, so the controller can file the refusal."""
+    try:
+        cmd = codec.decode(signed.payload, Command)
+        return cmd.job_id, cmd.id
+    except ProtocolError:
+        return "", ""
+
+
+async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
+    async with Agent(config=config) as agent:
+        await stop.wait()
+        agent.log.info("stopping")
+
+
+__all__ = ["AGENT_VERSION", "Agent", "EnrollmentError", "run_agent"]

@@ -1,0 +1,1 @@
+"""REST API v1 (aiohttp) and server-sent event streams."""

@@ -1,0 +1,322 @@
+"""The controller process: NATS (embedded or external), state, enrollment, fleet, API wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
+
+from controller.auth import NatsAuth
+from controller.config import ControllerConfig, Secrets
+from controller.enroll import Enrollment, TokenService
+from controller.fleet import Fleet
+from controller.live import MetricsHub
+from controller.models import NodeRecord, NodeStatus, TokenRecord
+from controller.natsd import NatsServer, NodeAccess
+from controller.state import Table, open_bucket
+from protocol import codec
+from protocol.errors import ProtocolError
+from protocol.messages import EnrollRequest, ErrorReply, Event, Heartbeat, MetricBatch
+from protocol.subjects import Subjects
+
+log = logging.getLogger("barista.controller")
+
+
+@dataclass
+class Stats:
+    """Counters the API exposes at /v1/status."""
+
+    rejected: Counter[str] = field(default_factory=Counter)
+    last_rejection: str = ""
+    enrollments: int = 0
+    enrollments_refused: int = 0
+    heartbeats: int = 0
+    metric_batches: int = 0
+
+    def reject(self, where: str, reason: str) -> None:
+        self.rejected[where] += 1
+        self.last_rejection = f"{where}: {reason}"[:300]
+
+
+class Controller:
+    """Owns every background task; use as ``async with Controller(config) as c``."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.subjects = Subjects(config.subject_prefix)
+        self.stats = Stats()
+        self.secrets: Secrets | None = None
+        self.natsd: NatsServer | None = None
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.nodes: Table[NodeRecord] | None = None
+        self.tokens_table: Table[TokenRecord] | None = None
+        self.tokens: TokenService | None = None
+        self.fleet: Fleet | None = None
+        self.enrollment: Enrollment | None = None
+        self.auth: NatsAuth | None = None
+        self.hub = MetricsHub(self._labels_of)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subs: list[Any] = []
+        self._log_budget: dict[str, float] = {}
+        self.ready = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def nats_url(self) -> str:
+        if self.config.nats_url:
+            return self.config.nats_url
+        assert self.natsd is not None
+        return self.natsd.url
+
+    @property
+    def agent_nats_url(self) -> str:
+        return self.config.agent_nats_url or self.nats_url
+
+    async def __aenter__(self) -> Controller:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.secrets = Secrets.load_or_create(cfg.data_dir)
+        creds: dict[str, str] = {}
+        if not cfg.nats_url:
+            self.natsd = NatsServer(
+                data_dir=cfg.data_dir / "nats",
+                port=cfg.nats_port,
+                controller_password=self.secrets.nats_password,
+                subjects=self.subjects,
+                max_payload=cfg.max_payload,
+            )
+            self.natsd.set_nodes(NatsAuth.load_cache(cfg.data_dir / "nats-nodes.json"))
+            await asyncio.to_thread(self.natsd.start)
+            creds = self.natsd.controller_credentials()
+        elif cfg.nats_user:
+            creds = {"user": cfg.nats_user, "password": cfg.nats_password}
+        self.nc = await nats.connect(
+            self.nats_url,
+            name="barista-controller",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=self._nats_error,
+            disconnected_cb=self._nats_disconnected,
+            reconnected_cb=self._nats_reconnected,
+            **creds,
+        )
+        self.js = self.nc.jetstream()
+        await self._ensure_streams()
+        self.nodes = Table(await open_bucket(self.js, "nodes"), NodeRecord, name="nodes")
+        self.tokens_table = Table(await open_bucket(self.js, "tokens"), TokenRecord, name="tokens")
+        await self.nodes.start()
+        await self.tokens_table.start()
+        self.auth = NatsAuth(self.natsd, cfg.data_dir / "nats-nodes.json")
+        await self.auth.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
+        self.tokens = TokenService(self.tokens_table, default_ttl=cfg.token_ttl)
+        self.fleet = Fleet(
+            self.nodes,
+            stale_after=cfg.stale_after,
+            offline_after=cfg.offline_after,
+            on_transition=self._on_transition,
+        )
+        self.enrollment = Enrollment(
+            tokens=self.tokens,
+            nodes=self.nodes,
+            auth=self.auth,
+            inbox_prefix=self.subjects.inbox_prefix,
+            heartbeat_interval=cfg.heartbeat_interval,
+            metrics_interval=cfg.metrics_interval,
+            command_keys=[self.secrets.signer.public_key_b64],
+        )
+        s = self.subjects
+        # Queue groups: with several controllers, one of them answers each enrollment.
+        self._subs.append(await self.nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll))
+        self._subs.append(await self.nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
+        self._subs.append(await self.nc.subscribe(s.metrics_any, cb=self._on_metrics))
+        self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
+        await self.nc.flush()
+        self.ready = True
+        log.info("controller ready (nats %s, data dir %s)", self.nats_url, cfg.data_dir)
+
+    async def stop(self) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        for table in (self.nodes, self.tokens_table):
+            if table is not None:
+                await table.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:
+                await self.nc.close()
+        if self.natsd is not None:
+            await asyncio.to_thread(self.natsd.stop)
+
+    async def _ensure_streams(self) -> None:
+        assert self.js is not None
+        cfg, s = self.config, self.subjects
+        wanted = [
+            StreamConfig(
+                name="METRICS",
+                subjects=s.stream_subjects_metrics,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=cfg.metrics_max_age,
+                max_bytes=cfg.metrics_max_bytes,
+                max_msg_size=cfg.max_payload,
+                duplicate_window=120,
+            ),
+            StreamConfig(
+                name="EVENTS",
+                subjects=s.stream_subjects_events,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=7 * 24 * 3600,
+                max_bytes=256 << 20,
+            ),
+        ]
+        for sc in wanted:
+            try:
+                await self.js.add_stream(sc)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(sc)
+
+    # -- NATS callbacks --------------------------------------------------------------
+
+    async def _nats_error(self, exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def _nats_disconnected(self) -> None:
+        if not self.ready:
+            return
+        log.warning("disconnected from nats; reconnecting")
+
+    async def _nats_reconnected(self) -> None:
+        log.info("reconnected to nats")
+
+    def _rate_limited(self, key: str, every: float = 10.0) -> bool:
+        now = time.monotonic()
+        if now < self._log_budget.get(key, 0.0):
+            return False
+        self._log_budget[key] = now + every
+        return True
+
+    def _reject(self, where: str, subject: str, exc: Exception) -> None:
+        reason = getattr(exc, "reason", None) or str(exc)
+        self.stats.reject(where, reason)
+        if self._rate_limited(where):
+            log.warning("rejected message on %s: %s (count %d)", subject, reason,
+                        self.stats.rejected[where])
+
+    async def _on_enroll(self, msg: Msg) -> None:
+        try:
+            req = codec.decode(msg.data, EnrollRequest, max_size=64 * 1024)
+        except ProtocolError as exc:
+            self._reject("enroll", msg.subject, exc)
+            if msg.reply:
+                await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
+            return
+        assert self.enrollment is not None
+        try:
+            reply = await self.enrollment.enroll(req)
+        except Exception as exc:
+            log.exception("enrollment failed")
+            if msg.reply:
+                await msg.respond(
+                    codec.encode(ErrorReply(code="internal", message=f"enrollment failed: {exc}"))
+                )
+            return
+        if reply.ok:
+            self.stats.enrollments += 1
+            await self._publish_event(Event(
+                ts=time.time(), type="node.enrolled", node_id=reply.node_id,
+                message=f"node {reply.node_id} enrolled", data={"labels": reply.labels},
+            ))
+        else:
+            self.stats.enrollments_refused += 1
+        if msg.reply:
+            await msg.respond(codec.encode(reply))
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = codec.decode(msg.data, Heartbeat, max_size=16 * 1024)
+            if hb.node_id != self.subjects.node_id_of(msg.subject):
+                raise ProtocolError("heartbeat node_id does not match its subject")
+        except ProtocolError as exc:
+            self._reject("heartbeat", msg.subject, exc)
+            return
+        assert self.fleet is not None
+        if self.fleet.beat(hb):
+            self.stats.heartbeats += 1
+        else:
+            self._reject("heartbeat", msg.subject, ProtocolError(f"unknown node {hb.node_id}"))
+
+    async def _on_metrics(self, msg: Msg) -> None:
+        try:
+            batch = codec.decode(msg.data, MetricBatch, max_size=self.config.max_payload)
+            if batch.node_id != self.subjects.node_id_of(msg.subject):
+                raise ProtocolError("metric batch node_id does not match its subject")
+        except ProtocolError as exc:
+            self._reject("metrics", msg.subject, exc)
+            return
+        self.stats.metric_batches += 1
+        self.hub.publish(batch)
+
+    async def _on_transition(self, node: NodeRecord, old: NodeStatus, new: NodeStatus) -> None:
+        await self._publish_event(Event(
+            ts=time.time(), type="node.status", node_id=node.id,
+            severity="warning" if new != "online" else "info",
+            message=f"node {node.id} is {new} (was {old})",
+            data={"from": old, "to": new},
+        ))
+
+    async def _publish_event(self, event: Event) -> None:
+        if self.nc is None or self.nc.is_closed:
+            return
+        try:
+            await self.nc.publish(self.subjects.controller_events, codec.encode(event))
+        except Exception as exc:
+            log.warning("could not publish event %s: %s", event.type, exc)
+
+    def _labels_of(self, node_id: str) -> dict[str, str] | None:
+        node = self.nodes.get(node_id) if self.nodes else None
+        return node.labels if node else None
+
+    def status(self) -> dict[str, object]:
+        return {
+            "ready": self.ready,
+            "nats": {"url": self.nats_url, "embedded": self.natsd is not None,
+                     "connected": bool(self.nc and self.nc.is_connected)},
+            "nodes": self.fleet.counts() if self.fleet else {},
+            "rejected": dict(self.stats.rejected),
+            "last_rejection": self.stats.last_rejection,
+            "enrollments": self.stats.enrollments,
+            "enrollments_refused": self.stats.enrollments_refused,
+            "heartbeats": self.stats.heartbeats,
+            "metric_batches": self.stats.metric_batches,
+            "stream_subscribers": self.hub.subscribers,
+        }

@@ -1,0 +1,168 @@
+"""Controller configuration (TOML file, environment, flags) and the secrets in its data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from controller.errors import BadRequest
+from protocol.signing import CommandSigner
+
+ENV_PREFIX = "BARISTA_"
+
+
+@dataclass
+class ControllerConfig:
+    data_dir: Path = field(default_factory=lambda: Path(".barista"))
+    # Empty: start the embedded nats-server in data_dir/nats.
+    nats_url: str = ""
+    nats_user: str = ""
+    nats_password: str = ""
+    # URL agents use to reach NATS (defaults to the controller's own).
+    agent_nats_url: str = ""
+    nats_port: int = 0
+    subject_prefix: str = "barista"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8640
+    heartbeat_interval: float = 5.0
+    metrics_interval: float = 10.0
+    stale_after: float = 15.0
+    offline_after: float = 60.0
+    token_ttl: float = 24 * 3600.0
+    max_payload: int = 1024 * 1024
+    # Where `barista server` writes the CLI's URL and token (env BARISTA_CONFIG overrides).
+    client_config: Path | None = None
+    metrics_max_age: float = 24 * 3600.0
+    metrics_max_bytes: int = 1 << 30
+
+    @classmethod
+    def load(
+        cls, path: Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> ControllerConfig:
+        """File, then BARISTA_* environment, then explicit overrides (flags), later wins."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    values.update(tomllib.load(f).get("controller", {}))
+            except FileNotFoundError:
+                raise BadRequest(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise BadRequest(f"config file {path} is not valid TOML: {exc}") from None
+        names = {f.name: f for f in fields(cls)}
+        for name in names:
+            env = os.environ.get(ENV_PREFIX + name.upper())
+            if env is not None:
+                values[name] = env
+        for k, v in (overrides or {}).items():
+            if v is not None:
+                values[k] = v
+        unknown = set(values) - set(names)
+        if unknown:
+            raise BadRequest(f"unknown controller setting(s): {', '.join(sorted(unknown))}")
+        cfg = cls()
+        for name, raw in values.items():
+            default = getattr(cfg, name)
+            try:
+                if isinstance(default, bool):
+                    value: Any = raw if isinstance(raw, bool) else str(raw).lower() in (
+                        "1", "true", "yes", "on")
+                elif isinstance(default, int):
+                    value = int(raw)
+                elif isinstance(default, float):
+                    value = float(raw)
+                elif name in ("data_dir", "client_config"):
+                    value = Path(raw) if raw not in ("", None) else None
+                else:
+                    value = str(raw)
+            except (TypeError, ValueError):
+                raise BadRequest(f"setting {name}={raw!r} is not a valid {type(default).__name__}")
+            setattr(cfg, name, value)
+        if cfg.data_dir is None:
+            cfg.data_dir = Path(".barista")
+        if not (0 < cfg.stale_after < cfg.offline_after):
+            raise BadRequest("stale_after must be > 0 and < offline_after")
+        return cfg
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_or_create(path: Path, make: Any) -> bytes:
+    try:
+        data = path.read_bytes()
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return data
+    except FileNotFoundError:
+        data = make()
+        _write_secret(path, data)
+        return data
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The controller's secrets, each kept in its own 0600 file in the data dir."""
+
+    api_token: str
+    nats_password: str
+    signer: CommandSigner
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path) -> Secrets:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)
+        api = _read_or_create(data_dir / "api-token", lambda: secrets.token_urlsafe(32).encode())
+        natspw = _read_or_create(
+            data_dir / "nats-controller-password", lambda: secrets.token_urlsafe(24).encode()
+        )
+        key = _read_or_create(data_dir / "signing-key.pem", lambda: CommandSigner.generate().to_pem())
+        return cls(
+            api_token=api.decode().strip(),
+            nats_password=natspw.decode().strip(),
+            signer=CommandSigner.from_pem(key),
+        )
+
+
+def default_client_config_path() -> Path:
+    env = os.environ.get("BARISTA_CONFIG")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "barista" / "client.toml"
+
+
+def write_client_config(path: Path, *, url: str, token: str) -> None:
+    """The CLI's config: API URL and token (0600), like a kubeconfig."""
+    # json.dumps gives a valid TOML basic string for these ASCII values.
+    text = f"url = {json.dumps(url)}\ntoken = {json.dumps(token)}\n"
+    _write_secret(path, text.encode())
+
+
+def read_client_config(path: Path | None = None) -> dict[str, str]:
+    path = path or default_client_config_path()
+    out: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        out = {k: str(v) for k, v in data.items() if k in ("url", "token")}
+    except FileNotFoundError:
+        pass
+    except tomllib.TOMLDecodeError as exc:
+        raise BadRequest(f"client config {path} is not valid TOML: {exc}") from None
+    if os.environ.get("BARISTA_URL"):
+        out["url"] = os.environ["BARISTA_URL"]
+    if os.environ.get("BARISTA_TOKEN"):
+        out["token"] = os.environ["BARISTA_TOKEN"]
+    return out

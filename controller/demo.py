@@ -1,0 +1,215 @@
+"""`barista demo`: the controller on its embedded defaults and three local agents, live."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table as RichTable
+
+from controller.app import Controller
+from controller.config import ControllerConfig
+from controller.serve import running_controller
+from protocol.messages import MetricBatch
+
+DEMO_NODES: tuple[dict[str, str], ...] = (
+    {"provider": "aws", "region": "us-east-1", "zone": "us-east-1a"},
+    {"provider": "gcp", "region": "europe-west1", "zone": "europe-west1-b"},
+    {"provider": "azure", "region": "koreacentral", "zone": "koreacentral-1"},
+)
+
+
+@dataclass
+class DemoAgent:
+    name: str
+    labels: dict[str, str]
+    state_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class DemoResult:
+    all_online_after: float | None = None
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def metric(batch: MetricBatch | None, measurement: str, fieldname: str,
+           tags: dict[str, str] | None = None) -> float | None:
+    if batch is None:
+        return None
+    for p in batch.points:
+        if p.measurement != measurement or fieldname not in p.fields:
+            continue
+        if tags and any(p.tags.get(k) != v for k, v in tags.items()):
+            continue
+        value = p.fields[fieldname]
+        return float(value) if isinstance(value, int | float) else None
+    return None
+
+
+def fleet_table(controller: Controller, title: str) -> RichTable:
+    table = RichTable(title=title, expand=False)
+    for col in ("node", "provider", "region", "status", "cpu %", "mem %", "load1", "net rx"):
+        table.add_column(col, justify="right" if col.endswith(("%", "1", "rx")) else "left")
+    assert controller.fleet is not None
+    for node in controller.fleet.select():
+        b = controller.hub.latest(node.id)
+        cpu = metric(b, "cpu", "usage_active", {"cpu": "cpu-total"})
+        mem = metric(b, "mem", "used_percent")
+        load = metric(b, "system", "load1")
+        rx = sum(float(p.fields.get("bytes_recv", 0)) for p in (b.points if b else [])
+                 if p.measurement == "net")
+        style = {"online": "green", "stale": "yellow", "offline": "red"}.get(node.status, "")
+        table.add_row(
+            node.id, node.labels.get("provider", "-"), node.labels.get("region", "-"),
+            f"[{style}]{node.status}[/{style}]",
+            "-" if cpu is None else f"{cpu:5.1f}",
+            "-" if mem is None else f"{mem:5.1f}",
+            "-" if load is None else f"{load:4.2f}",
+            "-" if b is None else f"{rx / 1e6:.1f} MB",
+        )
+    return table
+
+
+def start_agent(agent: DemoAgent, nats_url: str, token: str, controller_key: str) -> None:
+    agent.state_dir.mkdir(parents=True, exist_ok=True)
+    log_f = open(agent.log_path, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        agent.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--nats-url", nats_url, "--token", token,
+             "--state-dir", str(agent.state_dir), "--hostname", agent.name,
+             "--controller-key", controller_key],
+            stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        log_f.close()
+
+
+def stop_agents(agents: list[DemoAgent], timeout: float = 10.0) -> None:
+    for a in agents:
+        if a.proc and a.proc.poll() is None:
+            a.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for a in agents:
+        if a.proc is None:
+            continue
+        try:
+            a.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            a.proc.kill()
+            a.proc.wait(5)
+
+
+async def run_demo(
+    *, duration: float | None, data_dir: Path | None, agents: int, console: Console,
+    client_config: Path | None = None,
+) -> DemoResult:
+    base = data_dir or Path(tempfile.mkdtemp(prefix="barista-demo-"))
+    config = ControllerConfig(
+        data_dir=base / "controller", api_port=0, heartbeat_interval=1.0,
+        metrics_interval=2.0, stale_after=5.0, offline_after=15.0,
+        client_config=client_config,
+    )
+    result = DemoResult()
+    demo_agents: list[DemoAgent] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    t0 = time.monotonic()
+    console.print(f"[bold]barista demo[/bold]: data in {base}")
+    async with running_controller(config) as run:
+        c = run.controller
+        assert c.tokens is not None and c.secrets is not None and c.fleet is not None
+        console.print(f"controller up: API {run.api.url}, embedded NATS {c.nats_url} "
+                      f"({time.monotonic() - t0:.1f}s)")
+        console.print("try, in another terminal: [cyan]barista nodes ls -o json[/cyan]")
+        for i in range(agents):
+            labels = {**DEMO_NODES[i % len(DEMO_NODES)], "infra": "demo", "group": "web"}
+            name = f"demo-{labels['provider']}-{i + 1}"
+            issued = await c.tokens.create(labels=labels, ttl=600, description=f"demo {name}")
+            a = DemoAgent(name, labels, base / "agents" / name, base / "agents" / f"{name}.log")
+            start_agent(a, c.agent_nats_url, issued.token, c.secrets.signer.public_key_b64)
+            demo_agents.append(a)
+            console.print(f"started agent {name} ({labels['provider']}/{labels['region']}), "
+                          f"pid {a.proc.pid if a.proc else '?'}")
+        try:
+            await _watch(c, demo_agents, result, stop, duration, t0, console)
+        finally:
+            console.print("stopping agents ...")
+            await asyncio.to_thread(stop_agents, demo_agents)
+            result.nodes = [c.fleet.view(n) for n in c.fleet.select()]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    console.print("demo stopped cleanly")
+    return result
+
+
+async def _watch(c: Controller, agents: list[DemoAgent], result: DemoResult, stop: asyncio.Event,
+                 duration: float | None, t0: float, console: Console) -> None:
+    assert c.fleet is not None
+    deadline = None if duration is None else t0 + duration
+    interactive = console.is_terminal
+    live = Live(fleet_table(c, "fleet"), console=console, refresh_per_second=2) \
+        if interactive else None
+    last_plain = 0.0
+    if live:
+        live.start()
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            for a in agents:
+                if a.proc and a.proc.poll() is not None:
+                    tail = a.log_path.read_text(errors="replace").splitlines()[-5:]
+                    raise RuntimeError(f"agent {a.name} exited with {a.proc.returncode}:\n"
+                                       + "\n".join(tail))
+            nodes = c.fleet.select("infra=demo")
+            ready = [n for n in nodes if n.status == "online" and c.hub.latest(n.id)]
+            if result.all_online_after is None and len(ready) >= len(agents):
+                result.all_online_after = now - t0
+                msg = (f"all {len(agents)} nodes online with metrics after "
+                       f"{result.all_online_after:.1f}s")
+                (live.console if live else console).print(f"[bold green]{msg}[/bold green]")
+            if live:
+                live.update(fleet_table(c, f"fleet  ({now - t0:.0f}s, Ctrl-C to stop)"))
+            elif now - last_plain >= 5:
+                last_plain = now
+                console.print(fleet_table(c, f"fleet at {now - t0:.0f}s"))
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+    finally:
+        if live:
+            live.stop()
+        console.print(fleet_table(c, "fleet"))
+
+
+def demo_main(duration: float | None, data_dir: Path | None, agents: int,
+              output: str = "table") -> int:
+    console = Console(stderr=output == "json", width=None if sys.stdout.isatty() else 110)
+    result = asyncio.run(run_demo(duration=duration, data_dir=data_dir, agents=agents,
+                                  console=console))
+    if output == "json":
+        print(json.dumps({"all_online_after": result.all_online_after, "nodes": result.nodes},
+                         indent=2))
+    if result.all_online_after is None:
+        console.print("[red]not every node came online with metrics; see the agent logs[/red]")
+        return 1
+    return 0
+
+

@@ -1,0 +1,194 @@
+"""Join tokens (one-time, expiring, carrying labels) and the enrollment handler."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from controller.auth import NatsAuth
+from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
+from controller.models import NodeRecord, TokenRecord
+from controller.natsd import NodeAccess
+from controller.state import Table
+from protocol.messages import EnrollReply, EnrollRequest
+from protocol.selectors import parse_labels
+
+log = logging.getLogger("barista.controller.enroll")
+
+TOKEN_PREFIX = "bt1"
+_TOKEN_RE = re.compile(r"^bt1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{20,100})$")
+_NKEY_RE = re.compile(r"^U[A-Z2-7]{55}$")
+MAX_TOKEN_TTL = 365 * 24 * 3600.0
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str  # shown once; only its hash is stored
+    record: TokenRecord
+
+
+class TokenService:
+    def __init__(self, tokens: Table[TokenRecord], *, default_ttl: float) -> None:
+        self._tokens = tokens
+        self._default_ttl = default_ttl
+
+    async def create(
+        self,
+        *,
+        labels: dict[str, str] | None = None,
+        ttl: float | None = None,
+        description: str = "",
+    ) -> IssuedToken:
+        ttl = self._default_ttl if ttl is None else float(ttl)
+        if not (0 < ttl <= MAX_TOKEN_TTL):
+            raise BadRequest(f"token ttl must be between 1 second and {int(MAX_TOKEN_TTL)} s")
+        labels = dict(labels or {})
+        # Same key/value rules as selectors, so every label can be selected on.
+        parse_labels([f"{k}={v}" for k, v in labels.items()])
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        now = time.time()
+        record = TokenRecord(
+            id=token_id,
+            secret_sha256=_sha256(secret),
+            labels=labels,
+            created_at=now,
+            expires_at=now + ttl,
+            description=description[:200],
+        )
+        await self._tokens.create(token_id, record)
+        log.info("join token %s created (ttl %.0fs, labels %s)", token_id, ttl, labels)
+        return IssuedToken(token=f"{TOKEN_PREFIX}.{token_id}.{secret}", record=record)
+
+    async def consume(self, token: str, *, node_id: str, identity: str) -> TokenRecord:
+        """Mark the token used by ``node_id``; refuse bad, expired or used tokens.
+
+        Compare-and-set on the token's revision makes it one-time even with several
+        controllers. A retry by the same identity (its reply was lost) gets the same node.
+        """
+        m = _TOKEN_RE.match(token or "")
+        if not m:
+            raise TokenRefused("bad_token", "join token is malformed; check that it was copied whole")
+        token_id, secret = m.groups()
+        try:
+            record, rev = await self._tokens.fetch(token_id)
+        except NotFound:
+            raise TokenRefused("bad_token", "join token is unknown or was revoked") from None
+        if not hmac.compare_digest(record.secret_sha256, _sha256(secret)):
+            raise TokenRefused("bad_token", "join token is unknown or was revoked")
+        if record.used_by:
+            if record.used_by_identity == identity:
+                return record  # idempotent retry of the same machine
+            raise TokenRefused(
+                "token_used",
+                "join token was already used by another node; create a new one with "
+                "`barista token create`",
+            )
+        if record.expires_at < time.time():
+            raise TokenRefused(
+                "token_expired", "join token has expired; create a new one with `barista token create`"
+            )
+        used = TokenRecord(
+            **{
+                **{f: getattr(record, f) for f in record.__struct_fields__},
+                "used_at": time.time(),
+                "used_by": node_id,
+                "used_by_identity": identity,
+            }
+        )
+        try:
+            await self._tokens.update(token_id, used, revision=rev)
+        except Conflict:
+            raise TokenRefused("token_used", "join token was used concurrently by another node") from None
+        return used
+
+
+def make_node_id(hostname: str) -> str:
+    base = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")[:40] or "node"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+class Enrollment:
+    """Turns an EnrollRequest into a node record, a NATS identity and a reply."""
+
+    def __init__(
+        self,
+        *,
+        tokens: TokenService,
+        nodes: Table[NodeRecord],
+        auth: NatsAuth,
+        inbox_prefix: Callable[[str], str],
+        heartbeat_interval: float,
+        metrics_interval: float,
+        command_keys: list[str],
+    ) -> None:
+        self._tokens = tokens
+        self._nodes = nodes
+        self._auth = auth
+        self._inbox_prefix = inbox_prefix
+        self._hb = heartbeat_interval
+        self._mi = metrics_interval
+        self._command_keys = command_keys
+
+    async def enroll(self, req: EnrollRequest) -> EnrollReply:
+        if not _NKEY_RE.match(req.identity):
+            return self._refuse("bad_request", "identity must be a NATS user nkey (U...)")
+        try:
+            agent_labels = parse_labels([f"{k}={v}" for k, v in req.labels.items()])
+        except ValueError as exc:
+            return self._refuse("bad_request", f"invalid agent label: {exc}")
+        node_id = make_node_id(req.hostname)
+        try:
+            token = await self._tokens.consume(req.token, node_id=node_id, identity=req.identity)
+        except TokenRefused as exc:
+            log.warning("enrollment of %r refused: %s", req.hostname[:64], exc.code)
+            return self._refuse(exc.code, exc.message)
+        node_id = token.used_by  # the same node on an idempotent retry
+        existing = self._nodes.get(node_id)
+        if existing is None:
+            now = time.time()
+            record = NodeRecord(
+                id=node_id,
+                hostname=req.hostname[:255],
+                identity=req.identity,
+                labels={**agent_labels, **token.labels},
+                facts={k[:64]: str(v)[:256] for k, v in list(req.facts.items())[:64]},
+                status="online",
+                enrolled_at=now,
+                last_seen=now,
+                status_changed_at=now,
+                agent_version=req.agent_version[:64],
+                wg_public_key=req.wg_public_key[:64],
+                token_id=token.id,
+            )
+            await self._auth.add(NodeAccess(node_id=node_id, nkey=req.identity))
+            try:
+                await self._nodes.create(node_id, record)
+            except Conflict:
+                record = self._nodes.get(node_id) or record
+            existing = record
+            log.info("node %s enrolled (token %s, labels %s)", node_id, token.id, record.labels)
+        return EnrollReply(
+            ok=True,
+            node_id=node_id,
+            labels=existing.labels,
+            auth="nkey" if self._auth.managed else "none",
+            inbox_prefix=self._inbox_prefix(node_id),
+            heartbeat_interval=self._hb,
+            metrics_interval=self._mi,
+            command_keys=self._command_keys,
+        )
+
+    @staticmethod
+    def _refuse(code: str, message: str) -> EnrollReply:
+        return EnrollReply(ok=False, error_code=code, error=message)

@@ -1,0 +1,61 @@
+"""The controller's own records (what it keeps in KV), separate from the wire messages."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+NodeStatus = Literal["pending", "online", "stale", "offline"]
+
+
+class NodeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    hostname: str
+    identity: str  # the node's NATS nkey public key
+    labels: dict[str, str] = {}
+    facts: dict[str, str] = {}
+    status: NodeStatus = "online"
+    enrolled_at: float = 0.0
+    last_seen: float = 0.0
+    status_changed_at: float = 0.0
+    agent_version: str = ""
+    wg_public_key: str = ""
+    token_id: str = ""
+
+    def public(self) -> dict[str, object]:
+        """The API's view of a node."""
+        return {
+            "id": self.id,
+            "hostname": self.hostname,
+            "status": self.status,
+            "labels": self.labels,
+            "facts": self.facts,
+            "enrolled_at": self.enrolled_at,
+            "last_seen": self.last_seen,
+            "status_changed_at": self.status_changed_at,
+            "agent_version": self.agent_version,
+        }
+
+
+class TokenRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    secret_sha256: str  # the secret itself is shown once, at creation, and never stored
+    labels: dict[str, str] = {}
+    created_at: float
+    expires_at: float
+    description: str = ""
+    used_at: float = 0.0
+    used_by: str = ""  # node id
+    used_by_identity: str = ""
+
+    def public(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "labels": self.labels,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "description": self.description,
+            "used_at": self.used_at or None,
+            "used_by": self.used_by or None,
+        }
