@@ -21,8 +21,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token", help="one-time join token (only needed to enroll)")
     p.add_argument("--state-dir", type=Path, help="where the identity key and state live")
     p.add_argument("--label", action="append", default=[], help="k=v label (repeat)")
-    p.add_argument("--controller-key", action="append", dest="controller_keys",
-                   help="base64 Ed25519 key that signs commands (repeat)")
+    p.add_argument(
+        "--controller-key",
+        action="append",
+        dest="controller_keys",
+        help="base64 Ed25519 key that signs commands (repeat)",
+    )
     p.add_argument("--hostname")
     p.add_argument("--metrics-interval", type=float)
     p.add_argument("--heartbeat-interval", type=float)

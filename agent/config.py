@@ -27,6 +27,11 @@ class AgentConfig:
     controller_keys: list[str] = field(default_factory=list)
     hostname: str = ""
     subject_prefix: str = "barista"
+    # Credentials for a NATS that the controller does not manage (auth "none" at
+    # enrollment): a .creds file (JWT) or user/password.
+    nats_creds: str = ""
+    nats_user: str = ""
+    nats_password: str = ""
     enroll_user: str = "enroll"
     enroll_password: str = "enroll"
     # 0 = use what the controller says at enrollment.
@@ -75,7 +80,9 @@ class AgentConfig:
             raise ConfigError("nats_urls is empty: give at least one NATS server URL")
         for url in self.nats_urls:
             if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
-                raise ConfigError(f"nats url {url!r} must start with nats://, tls://, ws:// or wss://")
+                raise ConfigError(
+                    f"nats url {url!r} must start with nats://, tls://, ws:// or wss://"
+                )
         if self.buffer_batches < 1:
             raise ConfigError("buffer_batches must be at least 1")
         if self.heartbeat_interval < 0 or self.metrics_interval < 0:

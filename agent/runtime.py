@@ -237,7 +237,9 @@ class Agent:
                 delay = _backoff(attempt)
                 self.log.warning(
                     "enrollment attempt %d failed (%s); retrying in %.1fs",
-                    attempt + 1, exc or type(exc).__name__, delay,
+                    attempt + 1,
+                    exc or type(exc).__name__,
+                    delay,
                 )
                 attempt += 1
                 await asyncio.sleep(delay)
@@ -280,7 +282,9 @@ class Agent:
         if not isinstance(reply, EnrollReply):
             raise ConnectionError(f"unexpected enrollment reply {type(reply).__name__}")
         if not reply.ok:
-            raise EnrollmentError(reply.error_code or "refused", reply.error or "enrollment refused")
+            raise EnrollmentError(
+                reply.error_code or "refused", reply.error or "enrollment refused"
+            )
         return reply
 
     # -- connection ------------------------------------------------------------------
@@ -301,6 +305,10 @@ class Agent:
             opts["inbox_prefix"] = st.inbox_prefix.encode()
         if st.auth == "nkey":
             opts["nkeys_seed"] = str(self.identity.seed_path)
+        elif cfg.nats_creds:
+            opts["user_credentials"] = cfg.nats_creds
+        elif cfg.nats_user:
+            opts["user"], opts["password"] = cfg.nats_user, cfg.nats_password
         attempt = 0
         while True:
             try:
@@ -320,29 +328,45 @@ class Agent:
         self._connected.clear()
         if self._stopping:
             return
-        self.log.warning("disconnected from NATS; buffering metrics (up to %d batches)",
-                         self.config.buffer_batches)
+        self.log.warning(
+            "disconnected from NATS; buffering metrics (up to %d batches)",
+            self.config.buffer_batches,
+        )
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
         self.log.info("reconnected to NATS; %d batches buffered", len(self.buffer))
         if self._drops_since_connect:
             dropped, self._drops_since_connect = self._drops_since_connect, 0
-            await self.emit("metrics.dropped", f"dropped {dropped} metric batches while offline",
-                            severity="warning", data={"dropped": dropped})
+            await self.emit(
+                "metrics.dropped",
+                f"dropped {dropped} metric batches while offline",
+                severity="warning",
+                data={"dropped": dropped},
+            )
 
     async def _on_error(self, exc: Exception) -> None:
         self.log.warning("nats: %s", exc)
 
     async def emit(
-        self, type_: str, message: str = "", *, severity: str = "info",
+        self,
+        type_: str,
+        message: str = "",
+        *,
+        severity: str = "info",
         data: dict[str, Any] | None = None,
     ) -> None:
         """Publish an event on this node's events subject (best effort)."""
         if self.nc is None or not self.nc.is_connected:
             return
-        ev = Event(ts=time.time(), type=type_, node_id=self.node_id, message=message,
-                   severity=severity, data=data or {})  # type: ignore[arg-type]
+        ev = Event(
+            ts=time.time(),
+            type=type_,
+            node_id=self.node_id,
+            message=message,
+            severity=severity,
+            data=data or {},
+        )  # type: ignore[arg-type]
         try:
             await self.nc.publish(self.subjects.events(self.node_id), codec.encode(ev))
         except Exception as exc:
@@ -442,8 +466,11 @@ class Agent:
                 delay = _backoff(attempt, base=0.2, cap=5.0)
                 attempt += 1
                 if attempt in (1, 10) or attempt % 100 == 0:
-                    self.log.warning("metric batch not acknowledged (%s); retrying in %.1fs",
-                                     exc or type(exc).__name__, delay)
+                    self.log.warning(
+                        "metric batch not acknowledged (%s); retrying in %.1fs",
+                        exc or type(exc).__name__,
+                        delay,
+                    )
                 await asyncio.sleep(delay)
                 continue
             attempt = 0
@@ -461,14 +488,29 @@ class Agent:
         except ProtocolError as exc:
             self.rejected_commands += 1
             self.log.warning("undecodable command on %s: %s", msg.subject, exc.reason)
-            await self._reply(msg, CommandResult(job_id="", command_id="", node_id=self.node_id,
-                                                 status="rejected", reason=exc.reason))
+            await self._reply(
+                msg,
+                CommandResult(
+                    job_id="",
+                    command_id="",
+                    node_id=self.node_id,
+                    status="rejected",
+                    reason=exc.reason,
+                ),
+            )
             return
         if self.verifier is None:
             self.rejected_commands += 1
-            await self._reply(msg, CommandResult(
-                job_id="", command_id="", node_id=self.node_id, status="rejected",
-                reason="agent has no controller key configured"))
+            await self._reply(
+                msg,
+                CommandResult(
+                    job_id="",
+                    command_id="",
+                    node_id=self.node_id,
+                    status="rejected",
+                    reason="agent has no controller key configured",
+                ),
+            )
             return
         try:
             cmd = self.verifier.verify(signed)
@@ -477,9 +519,16 @@ class Agent:
             reason = getattr(exc, "reason", str(exc))
             self.log.warning("command refused: %s", reason)
             job_id, cmd_id = _ids_of(signed)
-            await self._reply(msg, CommandResult(job_id=job_id, command_id=cmd_id,
-                                                 node_id=self.node_id, status="rejected",
-                                                 reason=reason))
+            await self._reply(
+                msg,
+                CommandResult(
+                    job_id=job_id,
+                    command_id=cmd_id,
+                    node_id=self.node_id,
+                    status="rejected",
+                    reason=reason,
+                ),
+            )
             return
         if cmd.targets and self.node_id not in cmd.targets:
             return
@@ -488,9 +537,16 @@ class Agent:
                 if not Selector.parse(cmd.selector).matches(self.labels):
                     return
             except ValueError as exc:
-                await self._reply(msg, CommandResult(job_id=cmd.job_id, command_id=cmd.id,
-                                                     node_id=self.node_id, status="rejected",
-                                                     reason=f"bad selector: {exc}"))
+                await self._reply(
+                    msg,
+                    CommandResult(
+                        job_id=cmd.job_id,
+                        command_id=cmd.id,
+                        node_id=self.node_id,
+                        status="rejected",
+                        reason=f"bad selector: {exc}",
+                    ),
+                )
                 return
         task = asyncio.create_task(self._run_command(msg, cmd))
         self._cmd_tasks.add(task)
@@ -504,8 +560,13 @@ class Agent:
             result = await self.executor.run(cmd, on_event=on_event)
         except Exception as exc:
             self.log.exception("command %s failed inside the agent", cmd.id)
-            result = CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self.node_id,
-                                   status="error", reason=str(exc))
+            result = CommandResult(
+                job_id=cmd.job_id,
+                command_id=cmd.id,
+                node_id=self.node_id,
+                status="error",
+                reason=str(exc),
+            )
         await self._reply(msg, result)
 
     async def _reply(self, msg: Msg, result: CommandResult) -> None:

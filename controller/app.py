@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -45,6 +47,27 @@ class Stats:
     def reject(self, where: str, reason: str) -> None:
         self.rejected[where] += 1
         self.last_rejection = f"{where}: {reason}"[:300]
+
+
+def _remembered_port(path: Path) -> int:
+    """The embedded NATS port of the last run, if it is still free; else 0 (pick one)."""
+    try:
+        port = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like nats-server's own listener: connections of the last run in TIME_WAIT are fine.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            log.warning(
+                "embedded NATS port %d of the last run is taken; picking another "
+                "(agents configured with the old port must be updated)",
+                port,
+            )
+            return 0
+    return port
 
 
 class Controller:
@@ -101,13 +124,15 @@ class Controller:
         if not cfg.nats_url:
             self.natsd = NatsServer(
                 data_dir=cfg.data_dir / "nats",
-                port=cfg.nats_port,
+                port=cfg.nats_port or _remembered_port(cfg.data_dir / "nats" / "port"),
                 controller_password=self.secrets.nats_password,
                 subjects=self.subjects,
                 max_payload=cfg.max_payload,
             )
             self.natsd.set_nodes(NatsAuth.load_cache(cfg.data_dir / "nats-nodes.json"))
             await asyncio.to_thread(self.natsd.start)
+            # Agents hold this URL in their config: keep the same port across restarts.
+            (cfg.data_dir / "nats" / "port").write_text(str(self.natsd.port))
             creds = self.natsd.controller_credentials()
         elif cfg.nats_user:
             creds = {"user": cfg.nats_user, "password": cfg.nats_password}
@@ -147,7 +172,9 @@ class Controller:
         )
         s = self.subjects
         # Queue groups: with several controllers, one of them answers each enrollment.
-        self._subs.append(await self.nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll))
+        self._subs.append(
+            await self.nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll)
+        )
         self._subs.append(await self.nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await self.nc.subscribe(s.metrics_any, cb=self._on_metrics))
         self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
@@ -229,8 +256,9 @@ class Controller:
         reason = getattr(exc, "reason", None) or str(exc)
         self.stats.reject(where, reason)
         if self._rate_limited(where):
-            log.warning("rejected message on %s: %s (count %d)", subject, reason,
-                        self.stats.rejected[where])
+            log.warning(
+                "rejected message on %s: %s (count %d)", subject, reason, self.stats.rejected[where]
+            )
 
     async def _on_enroll(self, msg: Msg) -> None:
         try:
@@ -252,10 +280,15 @@ class Controller:
             return
         if reply.ok:
             self.stats.enrollments += 1
-            await self._publish_event(Event(
-                ts=time.time(), type="node.enrolled", node_id=reply.node_id,
-                message=f"node {reply.node_id} enrolled", data={"labels": reply.labels},
-            ))
+            await self._publish_event(
+                Event(
+                    ts=time.time(),
+                    type="node.enrolled",
+                    node_id=reply.node_id,
+                    message=f"node {reply.node_id} enrolled",
+                    data={"labels": reply.labels},
+                )
+            )
         else:
             self.stats.enrollments_refused += 1
         if msg.reply:
@@ -287,12 +320,16 @@ class Controller:
         self.hub.publish(batch)
 
     async def _on_transition(self, node: NodeRecord, old: NodeStatus, new: NodeStatus) -> None:
-        await self._publish_event(Event(
-            ts=time.time(), type="node.status", node_id=node.id,
-            severity="warning" if new != "online" else "info",
-            message=f"node {node.id} is {new} (was {old})",
-            data={"from": old, "to": new},
-        ))
+        await self._publish_event(
+            Event(
+                ts=time.time(),
+                type="node.status",
+                node_id=node.id,
+                severity="warning" if new != "online" else "info",
+                message=f"node {node.id} is {new} (was {old})",
+                data={"from": old, "to": new},
+            )
+        )
 
     async def _publish_event(self, event: Event) -> None:
         if self.nc is None or self.nc.is_closed:
@@ -309,8 +346,11 @@ class Controller:
     def status(self) -> dict[str, object]:
         return {
             "ready": self.ready,
-            "nats": {"url": self.nats_url, "embedded": self.natsd is not None,
-                     "connected": bool(self.nc and self.nc.is_connected)},
+            "nats": {
+                "url": self.nats_url,
+                "embedded": self.natsd is not None,
+                "connected": bool(self.nc and self.nc.is_connected),
+            },
             "nodes": self.fleet.counts() if self.fleet else {},
             "rejected": dict(self.stats.rejected),
             "last_rejection": self.stats.last_rejection,

@@ -59,8 +59,14 @@ def ago(ts: float | None) -> str:
     return f"{d / 3600:.1f}h ago"
 
 
-output_option = click.option("-o", "--output", type=click.Choice(["table", "json"]),
-                             default="table", show_default=True, help="output format")
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="output format",
+)
 
 
 @click.group()
@@ -68,23 +74,34 @@ output_option = click.option("-o", "--output", type=click.Choice(["table", "json
 def main(verbose: int) -> None:
     """barista: a multi-cloud control plane (controller, fleet, metrics, overlay)."""
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(logging.DEBUG, level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(logging.DEBUG, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 # -- server -------------------------------------------------------------------------------
 
 
 @main.command()
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="TOML file with a [controller] table")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="TOML file with a [controller] table",
+)
 @click.option("--data-dir", type=click.Path(path_type=Path), help="state, keys, embedded NATS")
 @click.option("--nats-url", help="use this NATS instead of starting the embedded one")
 @click.option("--nats-port", type=int, help="port for the embedded NATS (default: free port)")
 @click.option("--api-host", help="API listen address (default 127.0.0.1)")
 @click.option("--api-port", type=int, help="API port (default 8640; 0 = any free port)")
-def server(config_file: Path | None, data_dir: Path | None, nats_url: str | None,
-           nats_port: int | None, api_host: str | None, api_port: int | None) -> None:
+def server(
+    config_file: Path | None,
+    data_dir: Path | None,
+    nats_url: str | None,
+    nats_port: int | None,
+    api_host: str | None,
+    api_port: int | None,
+) -> None:
     """Run the controller (embedded NATS unless --nats-url is given)."""
     from controller.config import ControllerConfig
     from controller.errors import ControllerError
@@ -93,10 +110,16 @@ def server(config_file: Path | None, data_dir: Path | None, nats_url: str | None
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     try:
-        cfg = ControllerConfig.load(config_file, {
-            "data_dir": data_dir, "nats_url": nats_url, "nats_port": nats_port,
-            "api_host": api_host, "api_port": api_port,
-        })
+        cfg = ControllerConfig.load(
+            config_file,
+            {
+                "data_dir": data_dir,
+                "nats_url": nats_url,
+                "nats_port": nats_port,
+                "api_host": api_host,
+                "api_port": api_port,
+            },
+        )
         asyncio.run(serve_forever(cfg))
     except ControllerError as exc:
         raise click.ClickException(exc.message) from None
@@ -112,8 +135,10 @@ def status(output: str) -> None:
     if output == "json":
         emit_json(data)
         return
-    console.print(f"ready: {data['ready']}   nats: {data['nats']['url']} "
-                  f"({'embedded' if data['nats']['embedded'] else 'external'})")
+    console.print(
+        f"ready: {data['ready']}   nats: {data['nats']['url']} "
+        f"({'embedded' if data['nats']['embedded'] else 'external'})"
+    )
     console.print("nodes: " + ", ".join(f"{k} {v}" for k, v in data["nodes"].items()))
     if data["rejected"]:
         console.print(f"rejected messages: {data['rejected']} (last: {data['last_rejection']})")
@@ -143,9 +168,14 @@ def nodes_ls(selector: str, status_: str | None, output: str) -> None:
     for n in data["nodes"]:
         labels = n["labels"]
         style = {"online": "green", "stale": "yellow", "offline": "red"}.get(n["status"], "")
-        table.add_row(n["id"], f"[{style}]{n['status']}[/{style}]", labels.get("provider", "-"),
-                      labels.get("region", "-"), ago(n.get("last_seen")),
-                      ",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+        table.add_row(
+            n["id"],
+            f"[{style}]{n['status']}[/{style}]",
+            labels.get("provider", "-"),
+            labels.get("region", "-"),
+            ago(n.get("last_seen")),
+            ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+        )
     console.print(table)
     console.print(f"{len(data['nodes'])} node(s)")
 
@@ -163,8 +193,9 @@ def nodes_show(node_id: str, output: str) -> None:
         console.print(f"[bold]{key}[/bold]: {n.get(key)}")
     console.print(f"[bold]last seen[/bold]: {ago(n.get('last_seen'))}")
     console.print(f"[bold]enrolled[/bold]: {time.ctime(n['enrolled_at'])}")
-    console.print("[bold]labels[/bold]: " + ", ".join(f"{k}={v}" for k, v in
-                                                      sorted(n["labels"].items())))
+    console.print(
+        "[bold]labels[/bold]: " + ", ".join(f"{k}={v}" for k, v in sorted(n["labels"].items()))
+    )
     console.print("[bold]facts[/bold]:")
     for k, v in sorted(n.get("facts", {}).items()):
         console.print(f"  {k}: {v}")
@@ -192,16 +223,22 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, output: st
         label_map = parse_labels(list(labels))
     except SelectorError as exc:
         raise click.BadParameter(exc.reason, param_hint="--label") from None
-    data = call(client().post, "/v1/tokens", {"labels": label_map, "ttl": parse_duration(ttl),
-                                              "description": description})
+    data = call(
+        client().post,
+        "/v1/tokens",
+        {"labels": label_map, "ttl": parse_duration(ttl), "description": description},
+    )
     if output == "json":
         emit_json(data)
         return
     console.print(f"[bold]token[/bold] (shown once): {data['token']}")
     console.print(f"expires: {time.ctime(data['expires_at'])}   labels: {data['labels']}")
     console.print("start an agent with:")
-    console.print(f"  barista-agent --nats-url {data['nats_url']} --token {data['token']} "
-                  f"--controller-key {data['controller_key']}", soft_wrap=True)
+    console.print(
+        f"  barista-agent --nats-url {data['nats_url']} --token {data['token']} "
+        f"--controller-key {data['controller_key']}",
+        soft_wrap=True,
+    )
 
 
 @token.command("ls")
@@ -216,8 +253,13 @@ def token_ls(output: str) -> None:
     for col in ("ID", "STATE", "EXPIRES", "USED BY", "LABELS"):
         table.add_column(col)
     for t in data["tokens"]:
-        table.add_row(t["id"], t["state"], time.ctime(t["expires_at"]), t["used_by"] or "-",
-                      ",".join(f"{k}={v}" for k, v in sorted(t["labels"].items())))
+        table.add_row(
+            t["id"],
+            t["state"],
+            time.ctime(t["expires_at"]),
+            t["used_by"] or "-",
+            ",".join(f"{k}={v}" for k, v in sorted(t["labels"].items())),
+        )
     console.print(table)
 
 

@@ -27,7 +27,8 @@ class ApiClient:
         self.token = token or conf.get("token") or ""
         if not self.url:
             raise ApiError(
-                0, "no_config",
+                0,
+                "no_config",
                 "no controller configured: start one with `barista server` (it writes the CLI "
                 "config), or set BARISTA_URL and BARISTA_TOKEN",
             )
@@ -45,19 +46,24 @@ class ApiClient:
         except urllib.error.HTTPError as exc:
             try:
                 err = json.loads(exc.read())
-                raise ApiError(exc.code, err.get("error", "error"), err.get("message", "")) from None
+                raise ApiError(
+                    exc.code, err.get("error", "error"), err.get("message", "")
+                ) from None
             except (ValueError, AttributeError):
                 raise ApiError(exc.code, "http_error", f"HTTP {exc.code} {exc.reason}") from None
         except urllib.error.URLError as exc:
             raise ApiError(
-                0, "unreachable",
+                0,
+                "unreachable",
                 f"cannot reach the controller at {self.url} ({exc.reason}); is `barista server` "
                 "running? (BARISTA_URL overrides the address)",
             ) from None
 
     def get(self, path: str, **params: Any) -> Any:
         q = {k: v for k, v in params.items() if v not in (None, "")}
-        return self._request("GET", path + ("?" + urllib.parse.urlencode(q, doseq=True) if q else ""))
+        return self._request(
+            "GET", path + ("?" + urllib.parse.urlencode(q, doseq=True) if q else "")
+        )
 
     def post(self, path: str, body: Any = None, timeout: float = 30) -> Any:
         return self._request("POST", path, body if body is not None else {}, timeout=timeout)
@@ -69,19 +75,23 @@ class ApiClient:
         """Server-sent events as (event, parsed data) pairs."""
         q = {k: v for k, v in params.items() if v not in (None, "")}
         url = self.url + path + ("?" + urllib.parse.urlencode(q, doseq=True) if q else "")
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}",
-                                                   "Accept": "text/event-stream"})
+        req = urllib.request.Request(
+            url, headers={"Authorization": f"Bearer {self.token}", "Accept": "text/event-stream"}
+        )
         try:
             resp = urllib.request.urlopen(req, timeout=60)
         except urllib.error.HTTPError as exc:
             try:
                 err = json.loads(exc.read())
-                raise ApiError(exc.code, err.get("error", "error"), err.get("message", "")) from None
+                raise ApiError(
+                    exc.code, err.get("error", "error"), err.get("message", "")
+                ) from None
             except (ValueError, AttributeError):
                 raise ApiError(exc.code, "http_error", f"HTTP {exc.code}") from None
         except urllib.error.URLError as exc:
-            raise ApiError(0, "unreachable", f"cannot reach the controller at {self.url} "
-                           f"({exc.reason})") from None
+            raise ApiError(
+                0, "unreachable", f"cannot reach the controller at {self.url} ({exc.reason})"
+            ) from None
         with resp:
             event, data = "message", []
             for raw in resp:

@@ -70,8 +70,11 @@ class ControllerConfig:
             default = getattr(cfg, name)
             try:
                 if isinstance(default, bool):
-                    value: Any = raw if isinstance(raw, bool) else str(raw).lower() in (
-                        "1", "true", "yes", "on")
+                    value: Any = (
+                        raw
+                        if isinstance(raw, bool)
+                        else str(raw).lower() in ("1", "true", "yes", "on")
+                    )
                 elif isinstance(default, int):
                     value = int(raw)
                 elif isinstance(default, float):
@@ -81,7 +84,9 @@ class ControllerConfig:
                 else:
                     value = str(raw)
             except (TypeError, ValueError):
-                raise BadRequest(f"setting {name}={raw!r} is not a valid {type(default).__name__}")
+                raise BadRequest(
+                    f"setting {name}={raw!r} is not a valid {type(default).__name__}"
+                ) from None
             setattr(cfg, name, value)
         if cfg.data_dir is None:
             cfg.data_dir = Path(".barista")
@@ -127,7 +132,9 @@ class Secrets:
         natspw = _read_or_create(
             data_dir / "nats-controller-password", lambda: secrets.token_urlsafe(24).encode()
         )
-        key = _read_or_create(data_dir / "signing-key.pem", lambda: CommandSigner.generate().to_pem())
+        key = _read_or_create(
+            data_dir / "signing-key.pem", lambda: CommandSigner.generate().to_pem()
+        )
         return cls(
             api_token=api.decode().strip(),
             nats_password=natspw.decode().strip(),

@@ -44,8 +44,9 @@ class DemoResult:
     nodes: list[dict[str, Any]] = field(default_factory=list)
 
 
-def metric(batch: MetricBatch | None, measurement: str, fieldname: str,
-           tags: dict[str, str] | None = None) -> float | None:
+def metric(
+    batch: MetricBatch | None, measurement: str, fieldname: str, tags: dict[str, str] | None = None
+) -> float | None:
     if batch is None:
         return None
     for p in batch.points:
@@ -68,11 +69,16 @@ def fleet_table(controller: Controller, title: str) -> RichTable:
         cpu = metric(b, "cpu", "usage_active", {"cpu": "cpu-total"})
         mem = metric(b, "mem", "used_percent")
         load = metric(b, "system", "load1")
-        rx = sum(float(p.fields.get("bytes_recv", 0)) for p in (b.points if b else [])
-                 if p.measurement == "net")
+        rx = sum(
+            float(p.fields.get("bytes_recv", 0))
+            for p in (b.points if b else [])
+            if p.measurement == "net"
+        )
         style = {"online": "green", "stale": "yellow", "offline": "red"}.get(node.status, "")
         table.add_row(
-            node.id, node.labels.get("provider", "-"), node.labels.get("region", "-"),
+            node.id,
+            node.labels.get("provider", "-"),
+            node.labels.get("region", "-"),
             f"[{style}]{node.status}[/{style}]",
             "-" if cpu is None else f"{cpu:5.1f}",
             "-" if mem is None else f"{mem:5.1f}",
@@ -84,13 +90,27 @@ def fleet_table(controller: Controller, title: str) -> RichTable:
 
 def start_agent(agent: DemoAgent, nats_url: str, token: str, controller_key: str) -> None:
     agent.state_dir.mkdir(parents=True, exist_ok=True)
-    log_f = open(agent.log_path, "ab")  # noqa: SIM115 - handed to the child
+    log_f = open(agent.log_path, "ab")
     try:
         agent.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--nats-url", nats_url, "--token", token,
-             "--state-dir", str(agent.state_dir), "--hostname", agent.name,
-             "--controller-key", controller_key],
-            stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "--nats-url",
+                nats_url,
+                "--token",
+                token,
+                "--state-dir",
+                str(agent.state_dir),
+                "--hostname",
+                agent.name,
+                "--controller-key",
+                controller_key,
+            ],
+            stdout=log_f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     finally:
@@ -113,13 +133,21 @@ def stop_agents(agents: list[DemoAgent], timeout: float = 10.0) -> None:
 
 
 async def run_demo(
-    *, duration: float | None, data_dir: Path | None, agents: int, console: Console,
+    *,
+    duration: float | None,
+    data_dir: Path | None,
+    agents: int,
+    console: Console,
     client_config: Path | None = None,
 ) -> DemoResult:
     base = data_dir or Path(tempfile.mkdtemp(prefix="barista-demo-"))
     config = ControllerConfig(
-        data_dir=base / "controller", api_port=0, heartbeat_interval=1.0,
-        metrics_interval=2.0, stale_after=5.0, offline_after=15.0,
+        data_dir=base / "controller",
+        api_port=0,
+        heartbeat_interval=1.0,
+        metrics_interval=2.0,
+        stale_after=5.0,
+        offline_after=15.0,
         client_config=client_config,
     )
     result = DemoResult()
@@ -133,8 +161,10 @@ async def run_demo(
     async with running_controller(config) as run:
         c = run.controller
         assert c.tokens is not None and c.secrets is not None and c.fleet is not None
-        console.print(f"controller up: API {run.api.url}, embedded NATS {c.nats_url} "
-                      f"({time.monotonic() - t0:.1f}s)")
+        console.print(
+            f"controller up: API {run.api.url}, embedded NATS {c.nats_url} "
+            f"({time.monotonic() - t0:.1f}s)"
+        )
         console.print("try, in another terminal: [cyan]barista nodes ls -o json[/cyan]")
         for i in range(agents):
             labels = {**DEMO_NODES[i % len(DEMO_NODES)], "infra": "demo", "group": "web"}
@@ -143,8 +173,10 @@ async def run_demo(
             a = DemoAgent(name, labels, base / "agents" / name, base / "agents" / f"{name}.log")
             start_agent(a, c.agent_nats_url, issued.token, c.secrets.signer.public_key_b64)
             demo_agents.append(a)
-            console.print(f"started agent {name} ({labels['provider']}/{labels['region']}), "
-                          f"pid {a.proc.pid if a.proc else '?'}")
+            console.print(
+                f"started agent {name} ({labels['provider']}/{labels['region']}), "
+                f"pid {a.proc.pid if a.proc else '?'}"
+            )
         try:
             await _watch(c, demo_agents, result, stop, duration, t0, console)
         finally:
@@ -157,13 +189,23 @@ async def run_demo(
     return result
 
 
-async def _watch(c: Controller, agents: list[DemoAgent], result: DemoResult, stop: asyncio.Event,
-                 duration: float | None, t0: float, console: Console) -> None:
+async def _watch(
+    c: Controller,
+    agents: list[DemoAgent],
+    result: DemoResult,
+    stop: asyncio.Event,
+    duration: float | None,
+    t0: float,
+    console: Console,
+) -> None:
     assert c.fleet is not None
     deadline = None if duration is None else t0 + duration
     interactive = console.is_terminal
-    live = Live(fleet_table(c, "fleet"), console=console, refresh_per_second=2) \
-        if interactive else None
+    live = (
+        Live(fleet_table(c, "fleet"), console=console, refresh_per_second=2)
+        if interactive
+        else None
+    )
     last_plain = 0.0
     if live:
         live.start()
@@ -175,14 +217,17 @@ async def _watch(c: Controller, agents: list[DemoAgent], result: DemoResult, sto
             for a in agents:
                 if a.proc and a.proc.poll() is not None:
                     tail = a.log_path.read_text(errors="replace").splitlines()[-5:]
-                    raise RuntimeError(f"agent {a.name} exited with {a.proc.returncode}:\n"
-                                       + "\n".join(tail))
+                    raise RuntimeError(
+                        f"agent {a.name} exited with {a.proc.returncode}:\n" + "\n".join(tail)
+                    )
             nodes = c.fleet.select("infra=demo")
             ready = [n for n in nodes if n.status == "online" and c.hub.latest(n.id)]
             if result.all_online_after is None and len(ready) >= len(agents):
                 result.all_online_after = now - t0
-                msg = (f"all {len(agents)} nodes online with metrics after "
-                       f"{result.all_online_after:.1f}s")
+                msg = (
+                    f"all {len(agents)} nodes online with metrics after "
+                    f"{result.all_online_after:.1f}s"
+                )
                 (live.console if live else console).print(f"[bold green]{msg}[/bold green]")
             if live:
                 live.update(fleet_table(c, f"fleet  ({now - t0:.0f}s, Ctrl-C to stop)"))
@@ -199,17 +244,20 @@ async def _watch(c: Controller, agents: list[DemoAgent], result: DemoResult, sto
         console.print(fleet_table(c, "fleet"))
 
 
-def demo_main(duration: float | None, data_dir: Path | None, agents: int,
-              output: str = "table") -> int:
+def demo_main(
+    duration: float | None, data_dir: Path | None, agents: int, output: str = "table"
+) -> int:
     console = Console(stderr=output == "json", width=None if sys.stdout.isatty() else 110)
-    result = asyncio.run(run_demo(duration=duration, data_dir=data_dir, agents=agents,
-                                  console=console))
+    result = asyncio.run(
+        run_demo(duration=duration, data_dir=data_dir, agents=agents, console=console)
+    )
     if output == "json":
-        print(json.dumps({"all_online_after": result.all_online_after, "nodes": result.nodes},
-                         indent=2))
+        print(
+            json.dumps(
+                {"all_online_after": result.all_online_after, "nodes": result.nodes}, indent=2
+            )
+        )
     if result.all_online_after is None:
         console.print("[red]not every node came online with metrics; see the agent logs[/red]")
         return 1
     return 0
-
-

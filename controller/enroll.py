@@ -78,7 +78,9 @@ class TokenService:
         """
         m = _TOKEN_RE.match(token or "")
         if not m:
-            raise TokenRefused("bad_token", "join token is malformed; check that it was copied whole")
+            raise TokenRefused(
+                "bad_token", "join token is malformed; check that it was copied whole"
+            )
         token_id, secret = m.groups()
         try:
             record, rev = await self._tokens.fetch(token_id)
@@ -96,7 +98,8 @@ class TokenService:
             )
         if record.expires_at < time.time():
             raise TokenRefused(
-                "token_expired", "join token has expired; create a new one with `barista token create`"
+                "token_expired",
+                "join token has expired; create a new one with `barista token create`",
             )
         used = TokenRecord(
             **{
@@ -109,7 +112,9 @@ class TokenService:
         try:
             await self._tokens.update(token_id, used, revision=rev)
         except Conflict:
-            raise TokenRefused("token_used", "join token was used concurrently by another node") from None
+            raise TokenRefused(
+                "token_used", "join token was used concurrently by another node"
+            ) from None
         return used
 
 

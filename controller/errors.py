@@ -44,3 +44,8 @@ class TokenRefused(ControllerError):
 
 class NatsServerError(ControllerError):
     code = "nats_server_error"
+
+
+class BodyTooLarge(ControllerError):
+    code = "payload_too_large"
+    status = 413

@@ -127,7 +127,9 @@ class Fleet:
             old = node.status
             seen = self.last_seen(node.id)
 
-            def apply(cur: NodeRecord, new: NodeStatus = new, seen: float = seen) -> NodeRecord | None:
+            def apply(
+                cur: NodeRecord, new: NodeStatus = new, seen: float = seen
+            ) -> NodeRecord | None:
                 if cur.status == new:
                     return None  # another controller got there first
                 return msgspec.structs.replace(
@@ -168,5 +170,3 @@ class Fleet:
         for n in self.nodes:
             out[n.status] = out.get(n.status, 0) + 1
         return out
-
-

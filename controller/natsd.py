@@ -154,7 +154,10 @@ class NatsServer:
             ]
             for node in sorted(self._nodes.values(), key=lambda n: n.node_id):
                 users.append(
-                    {"nkey": node.nkey, "permissions": node_permissions(self.subjects, node.node_id)}
+                    {
+                        "nkey": node.nkey,
+                        "permissions": node_permissions(self.subjects, node.node_id),
+                    }
                 )
             conf["authorization"] = {"users": users}
         # nats-server's config format accepts JSON.

@@ -42,7 +42,8 @@ async def serve_forever(config: ControllerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with running_controller(config) as run:
-        log.info("barista controller serving API on %s, NATS on %s", run.api.url,
-                 run.controller.nats_url)
+        log.info(
+            "barista controller serving API on %s, NATS on %s", run.api.url, run.controller.nats_url
+        )
         await stop.wait()
         log.info("shutting down")

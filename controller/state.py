@@ -205,7 +205,5 @@ async def open_bucket(
     except nats.js.errors.BucketNotFoundError:
         pass
     return await js.create_key_value(
-        KeyValueConfig(
-            bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas
-        )
+        KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
     )

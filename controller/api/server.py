@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from controller.app import Controller
-from controller.errors import BadRequest, ControllerError, NotFound
+from controller.errors import BadRequest, BodyTooLarge, ControllerError, NotFound
 from protocol.errors import BaristaError, SelectorError
 from protocol.selectors import Selector, parse_labels
 
@@ -83,7 +83,7 @@ def _selector(request: web.Request) -> Selector:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if request.content_length and request.content_length > MAX_BODY:
-        raise BadRequest(f"request body over {MAX_BODY} bytes")
+        raise BodyTooLarge(f"request body over {MAX_BODY} bytes")
     try:
         raw = await request.read()
         data = json.loads(raw) if raw else {}
@@ -178,8 +178,11 @@ async def metrics_stream(request: web.Request) -> web.StreamResponse:
     measurements = frozenset(m for m in request.query.getall("measurement", []) if m)
     sub, unsubscribe = c.hub.subscribe(selector, measurements)
     resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                 "X-Accel-Buffering": "no"}
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
     )
     await resp.prepare(request)
     try:
@@ -200,8 +203,7 @@ async def metrics_stream(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(controller: Controller, api_token: str) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
-                          client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[CONTROLLER] = controller
     app[API_TOKEN] = api_token
     app.router.add_get("/healthz", healthz)

@@ -1,0 +1,227 @@
+"""Liveness, metric batches, hostile payloads and controller restarts, with real NATS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+
+from agent.runtime import Agent
+from controller.app import Controller
+from protocol import codec
+from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch
+from tests.fixtures.controller import AgentFactory, controller_config, wait_for
+
+
+def spawn_agent(controller: Controller, token: str, state_dir: Path, log: Path):
+    log_f = open(log, "wb")
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "--nats-url",
+                controller.agent_nats_url,
+                "--token",
+                token,
+                "--state-dir",
+                str(state_dir),
+                "--hostname",
+                "proc",
+                "--heartbeat-interval",
+                "0.2",
+                "--metrics-interval",
+                "0.5",
+            ],
+            stdout=log_f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        log_f.close()
+
+
+async def test_killed_agent_goes_stale_then_offline(controller: Controller, tmp_path: Path):
+    events: list[Event] = []
+
+    async def on_event(msg):
+        events.append(codec.decode(msg.data, Event))
+
+    await controller.nc.subscribe(controller.subjects.controller_events, cb=on_event)
+    tok = await controller.tokens.create(labels={"provider": "aws"})
+    proc = spawn_agent(controller, tok.token, tmp_path / "a", tmp_path / "a.log")
+    try:
+        node = await wait_for(
+            lambda: next(iter(controller.fleet.select()), None), 20, "the agent to enroll"
+        )
+        await wait_for(lambda: controller.fleet._live.get(node.id), 10, "a heartbeat")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        await wait_for(lambda: controller.fleet.get(node.id).status == "stale", 10, "stale")
+        await wait_for(lambda: controller.fleet.get(node.id).status == "offline", 10, "offline")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    # the transition is persisted, not only in memory
+    stored, _ = await controller.nodes.fetch(node.id)
+    assert stored.status == "offline"
+    await wait_for(lambda: len([e for e in events if e.type == "node.status"]) >= 2, 5)
+    moves = [(e.data["from"], e.data["to"]) for e in events if e.type == "node.status"]
+    assert moves[:2] == [("online", "stale"), ("stale", "offline")]
+
+
+async def test_sigterm_stops_agent_cleanly(controller: Controller, tmp_path: Path):
+    tok = await controller.tokens.create()
+    proc = spawn_agent(controller, tok.token, tmp_path / "a", tmp_path / "a.log")
+    try:
+        await wait_for(lambda: len(controller.fleet.nodes) == 1, 20, "enrollment")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "Traceback" not in (tmp_path / "a.log").read_text()
+
+
+async def test_offline_node_comes_back_online(controller: Controller, agents: AgentFactory):
+    agent = await agents.start()
+    await agent.stop()
+    await wait_for(lambda: controller.fleet.get(agent.node_id).status == "offline", 10)
+    again = Agent(config=agent.config)  # same state dir: no re-enrollment, same identity
+    async with again:
+        assert again.node_id == agent.node_id
+        await wait_for(lambda: controller.fleet.get(agent.node_id).status == "online", 10)
+
+
+async def test_metric_batches_arrive_and_decode(controller: Controller, agents: AgentFactory):
+    batches: list[MetricBatch] = []
+
+    async def on_batch(msg):
+        batches.append(codec.decode(msg.data, MetricBatch))
+
+    agent = await agents.start(labels={"provider": "gcp", "region": "europe-west1", "role": "web"})
+    await controller.nc.subscribe(controller.subjects.metrics(agent.node_id), cb=on_batch)
+    await wait_for(lambda: len(batches) >= 2, 10, "two metric batches")
+    b = batches[-1]
+    assert b.node_id == agent.node_id
+    assert b.tags == {"node": agent.node_id, "provider": "gcp", "region": "europe-west1"}
+    measurements = {p.measurement for p in b.points}
+    assert {"cpu", "mem", "system"} <= measurements
+    mem = next(p for p in b.points if p.measurement == "mem")
+    assert 0 < mem.fields["used_percent"] <= 100
+    assert batches[-1].seq > batches[0].seq
+    # also stored durably in the METRICS stream, and the API's latest view has it
+    info = await controller.js.stream_info("METRICS")
+    assert info.state.messages >= 2
+    assert controller.hub.latest(agent.node_id) is not None
+
+
+async def test_garbage_on_every_subject_is_rejected_and_counted(
+    controller: Controller, agents: AgentFactory
+):
+    nc, s = controller.nc, controller.subjects
+    agent = await agents.start()
+    garbage = [
+        b"",
+        b"\x00\xff garbage",
+        msgspec.msgpack.encode({"kind": "hb"}),
+        msgspec.msgpack.encode({"kind": "from-the-future", "v": 1}),
+        msgspec.msgpack.encode({"kind": "hb", "v": 99, "node_id": "x", "seq": 1, "ts": 1.0}),
+        msgspec.msgpack.encode([1, 2, 3]),
+    ]
+    for data in garbage:
+        reply = await nc.request(s.enroll, data, timeout=5)
+        assert type(codec.decode(reply.data)).__name__ == "ErrorReply"  # an answer, not silence
+        await nc.publish(s.heartbeat(agent.node_id), data)
+        await nc.publish(s.metrics(agent.node_id), data)
+    # oversized for the heartbeat and enrollment limits
+    big = b"\x81" + b"x" * (200 * 1024)
+    await nc.publish(s.heartbeat(agent.node_id), big)
+    await nc.request(s.enroll, big, timeout=5)
+    # valid message under another node's subject (impersonation)
+    hb = Heartbeat(node_id="someone-else", seq=1, ts=1.0)
+    await nc.publish(s.heartbeat(agent.node_id), codec.encode(hb))
+    await nc.flush()
+    n = len(garbage)
+    await wait_for(
+        lambda: (
+            controller.stats.rejected["heartbeat"] >= n + 2
+            and controller.stats.rejected["metrics"] >= n
+            and controller.stats.rejected["enroll"] >= n + 1
+        ),
+        10,
+        "rejections counted",
+    )
+    # still serving: a new agent enrolls and heartbeats are still counted
+    beats = controller.stats.heartbeats
+    second = await agents.start()
+    assert controller.fleet.get(second.node_id)
+    await wait_for(lambda: controller.stats.heartbeats > beats + 2, 10)
+    assert controller.status()["rejected"]["heartbeat"] >= n + 2
+
+
+async def test_enroll_garbage_gets_a_clear_error_reply(controller: Controller):
+    reply = await controller.nc.request(controller.subjects.enroll, b"\x00junk", timeout=5)
+    err = codec.decode(reply.data, ErrorReply)
+    assert err.code == "protocol_error"
+    assert "msgpack" in err.message or "undecodable" in err.message
+
+
+async def test_restarted_controller_still_knows_its_nodes(tmp_path: Path):
+    cfg = controller_config(tmp_path / "ctl", offline_after=30.0, stale_after=10.0)
+    async with Controller(cfg) as c:
+        tok = await c.tokens.create(labels={"provider": "azure"})
+        agent = Agent(config=_agent_cfg(c, tok.token, tmp_path / "a"))
+        await agent.start()
+        node_id = agent.node_id
+    # the controller and its embedded NATS are gone; the agent keeps retrying
+    try:
+        async with Controller(cfg) as c2:
+            node = c2.fleet.get(node_id)
+            assert node.labels == {"provider": "azure"}
+            # the embedded NATS admits the node's identity again after the restart
+            await wait_for(lambda: c2.fleet._live.get(node_id), 15, "heartbeat after restart")
+            assert c2.fleet.get(node_id).status == "online"
+            # the used token stays used
+            assert next(iter(c2.tokens_table)).used_by == node_id
+    finally:
+        await agent.stop()
+
+
+def _agent_cfg(c: Controller, token: str, state_dir: Path):
+    from agent.config import AgentConfig
+
+    return AgentConfig(
+        nats_urls=[c.agent_nats_url],
+        token=token,
+        state_dir=state_dir,
+        hostname="restart",
+        collectors=["load"],
+        heartbeat_interval=0.2,
+    )
+
+
+async def test_two_controllers_share_state(tmp_path: Path, nats_server_noauth):
+    """Controllers are stateless apart from NATS: a second one sees the first one's nodes."""
+    cfg1 = controller_config(tmp_path / "c1", nats_url=nats_server_noauth.url)
+    cfg2 = controller_config(tmp_path / "c2", nats_url=nats_server_noauth.url)
+    async with Controller(cfg1) as c1, Controller(cfg2) as c2:
+        tok = await c1.tokens.create(labels={"provider": "onprem"})
+        async with Agent(config=_agent_cfg(c1, tok.token, tmp_path / "a")) as agent:
+            await wait_for(lambda: c2.nodes.get(agent.node_id), 10, "watch to propagate")
+            await wait_for(lambda: c2.fleet._live.get(agent.node_id), 10)
+        # one-time tokens hold across controllers: c2 refuses the token c1 consumed
+        from controller.errors import TokenRefused
+
+        try:
+            await c2.tokens.consume(tok.token, node_id="x", identity="U" + "A" * 55)
+            raise AssertionError("a used token was accepted by the second controller")
+        except TokenRefused as exc:
+            assert exc.code == "token_used"
