@@ -45,6 +45,9 @@ class EnrollReply(Message, tag="enroll_rep"):
     inbox_prefix: str = ""
     heartbeat_interval: float = 5.0
     metrics_interval: float = 10.0
+    # Controller public keys (base64 Ed25519) that sign commands; the bootstrap config's
+    # key, when present, takes precedence.
+    command_keys: list[str] = []
     # Set when ok is False; error_code is stable ("bad_token", "token_used", ...).
     error_code: str = ""
     error: str = ""

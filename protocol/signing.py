@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -128,6 +129,9 @@ class CommandVerifier:
         except ProtocolError as exc:
             raise CommandRejected(f"signed payload is not a command: {exc.reason}") from None
         now = self._clock()
+        # A NaN issued_at would pass every comparison below and stay in the cache forever.
+        if not math.isfinite(cmd.issued_at):
+            raise CommandRejected(f"issued_at {cmd.issued_at} is not a time", command_id=cmd.id)
         if not (0 < cmd.ttl <= self._max_ttl):
             raise CommandRejected(
                 f"ttl {cmd.ttl}s outside (0, {self._max_ttl}]", command_id=cmd.id

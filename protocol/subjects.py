@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from protocol.errors import InvalidName
 
 # A subject token: no dots, no wildcards, no whitespace. Node ids and network names
-# become tokens, so they are checked before they are ever put into a subject.
+# become tokens, so they are checked before they are ever put into a subject. Checked
+# with fullmatch: ``$`` alone would let a trailing newline into the NATS protocol line.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}$")
 
@@ -16,7 +17,7 @@ DEFAULT_PREFIX = "barista"
 
 
 def check_token(value: str, what: str = "name") -> str:
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
         raise InvalidName(
             f"{what} {value!r} must be 1-64 characters of letters, digits, '_' or '-'"
         )
@@ -30,7 +31,7 @@ class Subjects:
     prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        if not _PREFIX.match(self.prefix):
+        if not isinstance(self.prefix, str) or not _PREFIX.fullmatch(self.prefix):
             raise InvalidName(f"subject prefix {self.prefix!r} is not a valid NATS subject prefix")
 
     # agent -> controller
@@ -101,7 +102,7 @@ class Subjects:
             return None
         rest = subject[len(head) :]
         node_id, sep, _ = rest.partition(".")
-        if not sep or not _TOKEN.match(node_id):
+        if not sep or not _TOKEN.fullmatch(node_id):
             return None
         return node_id
 

@@ -1,0 +1,369 @@
+"""Codec round trips for every message type, and the ProtocolError given for each bad input."""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import msgspec
+import pytest
+
+from protocol import PROTOCOL_VERSION
+from protocol.codec import DEFAULT_MAX_PAYLOAD, decode, encode
+from protocol.errors import PayloadTooLarge, ProtocolError, UnsupportedVersion
+from protocol.messages import (
+    ALL_MESSAGES,
+    Command,
+    CommandResult,
+    EnrollReply,
+    EnrollRequest,
+    ErrorReply,
+    Event,
+    Heartbeat,
+    Message,
+    MetricBatch,
+    MetricPoint,
+    SignedCommand,
+)
+from protocol.signing import CommandSigner
+
+T0 = 1_700_000_000.0
+T0_NS = 1_700_000_000_123_456_789
+
+
+def _command() -> Command:
+    return Command(
+        id="c-0001",
+        job_id="j-42",
+        issued_at=T0,
+        ttl=120.0,
+        action="exec",
+        selector="provider=aws,region in (us-east-1,eu-west-1),!spot",
+        targets=["node-a", "node-b"],
+        argv=["/bin/sh", "-c", "echo 'héllo' && uname -a"],
+        env={"LANG": "C.UTF-8", "EMPTY": ""},
+        cwd="/tmp",
+        user="barista",
+        timeout=30.0,
+        output_cap=4096,
+        stream_output=True,
+    )
+
+
+def _samples() -> dict[type[Message], Message]:
+    """One realistic instance per message type, with non-default values wherever possible."""
+    signer = CommandSigner.generate()
+    return {
+        EnrollRequest: EnrollRequest(
+            token="tok_abcdef",
+            identity="UAXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",
+            hostname="vm-1.internal",
+            agent_version="0.1.0",
+            facts={"os": "linux", "arch": "x86_64"},
+            labels={"provider": "aws", "region": "us-east-1"},
+            wg_public_key="q0nG0cV0sRJ3nEwFA3bgl/+T6VaVUqP7cU1A1c6pHXo=",
+        ),
+        EnrollReply: EnrollReply(
+            ok=True,
+            node_id="n-0001",
+            labels={"provider": "aws"},
+            auth="nkey",
+            inbox_prefix="_INBOX_n-0001",
+            heartbeat_interval=2.5,
+            metrics_interval=15.0,
+        ),
+        Heartbeat: Heartbeat(
+            node_id="n-0001",
+            seq=7,
+            ts=T0,
+            uptime=3600.5,
+            agent_version="0.1.0",
+            buffered_batches=3,
+            dropped_batches=1,
+            running_jobs=2,
+        ),
+        MetricBatch: MetricBatch(
+            node_id="n-0001",
+            seq=99,
+            ts=T0_NS,
+            points=[
+                MetricPoint("cpu", {"usage": 12.5, "cores": 4, "throttled": False}),
+                MetricPoint(
+                    "disk",
+                    {"used": 1 << 40, "free_pct": 0.25, "fs": "ext4", "ro": True},
+                    tags={"device": "/dev/nvme0n1p1", "mount": "/"},
+                    ts=T0_NS + 1,
+                ),
+                MetricPoint("net", {"bytes_recv": 0, "err": -1, "iface": ""}, tags={"nic": "eth0"}),
+            ],
+            tags={"node": "n-0001", "provider": "aws", "region": "us-east-1"},
+            dropped=5,
+            errors={"diskio": "permission denied"},
+        ),
+        Command: _command(),
+        SignedCommand: signer.sign(_command()),
+        CommandResult: CommandResult(
+            job_id="j-42",
+            command_id="c-0001",
+            node_id="n-0001",
+            status="failed",
+            exit_code=2,
+            stdout="partial output…",
+            stderr="boom",
+            stdout_truncated=True,
+            duration=1.25,
+            reason="exit status 2",
+            data={
+                "facts": {"os": "linux", "cpus": 4},
+                "list": [1, 2.5, "x", None, True],
+                "raw": b"\x00\xff",
+            },
+        ),
+        Event: Event(
+            ts=T0,
+            type="node.online",
+            node_id="n-0001",
+            severity="warning",
+            message="back after 30s",
+            data={"previous": "offline", "gap": 30.0},
+        ),
+        ErrorReply: ErrorReply(code="bad_token", message="join token expired"),
+    }
+
+
+SAMPLES = _samples()
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert set(SAMPLES) == set(ALL_MESSAGES)
+
+
+@pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.__name__)
+def test_round_trip_typed_and_untyped(cls: type[Message]) -> None:
+    msg = SAMPLES[cls]
+    data = encode(msg)
+    assert isinstance(data, bytes)
+    typed = decode(data, cls)
+    untyped = decode(data)
+    assert typed == msg
+    assert untyped == msg
+    assert type(untyped) is cls
+    assert untyped.v == PROTOCOL_VERSION
+    # bytearray and memoryview are accepted as well (what NATS clients may hand us)
+    assert decode(bytearray(data), cls) == msg
+    assert decode(memoryview(data)) == msg
+
+
+def test_default_only_message_round_trips() -> None:
+    msg = EnrollReply(ok=False, error_code="token_used", error="token already used")
+    assert decode(encode(msg), EnrollReply) == msg
+
+
+def test_metric_field_value_types_survive() -> None:
+    batch = decode(encode(SAMPLES[MetricBatch]), MetricBatch)
+    fields = batch.points[1].fields
+    assert type(fields["used"]) is int
+    assert type(fields["free_pct"]) is float
+    assert type(fields["fs"]) is str
+    assert type(fields["ro"]) is bool
+    assert type(batch.points[0].fields["throttled"]) is bool
+    assert batch.points[0].ts == 0 and batch.points[1].ts == T0_NS + 1
+
+
+def test_signed_command_payload_decodes_to_the_command() -> None:
+    signed = decode(encode(SAMPLES[SignedCommand]), SignedCommand)
+    assert decode(signed.payload, Command) == _command()
+
+
+def test_kind_tag_is_on_the_wire() -> None:
+    raw = msgspec.msgpack.decode(encode(SAMPLES[Heartbeat]))
+    assert raw["kind"] == "hb"
+    assert raw["node_id"] == "n-0001"
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def _mp(obj: Any) -> bytes:
+    return msgspec.msgpack.encode(obj)
+
+
+_DROP = object()  # marks a field to leave out
+
+
+def _hb(**overrides: Any) -> dict[str, Any]:
+    """A raw heartbeat map with some fields replaced (or dropped with ``_DROP``)."""
+    base: dict[str, Any] = {"kind": "hb", "v": 1, "node_id": "n-1", "seq": 1, "ts": T0}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not _DROP}
+
+
+BAD_INPUTS: list[tuple[bytes, type[Message] | None, str]] = [
+    (b"", None, "empty payload"),
+    (b"", Heartbeat, "empty payload"),
+    (b"\xc1\xc1\xc1garbage", None, "not a msgpack map"),
+    (b"\xff\x00\x13\x37", Heartbeat, "not a msgpack map"),
+    (b'{"kind": "hb"}', None, "not a msgpack map"),  # JSON is not msgpack
+    (_mp([1, 2, 3]), None, "not a msgpack map"),
+    (_mp("hb"), Heartbeat, "not a msgpack map"),
+    (_mp(42), None, "not a msgpack map"),
+    (_mp(None), None, "not a msgpack map"),
+    (_mp({1: 2}), None, "not a msgpack map"),
+    (_mp(_hb(kind=_DROP)), None, "no 'kind' field"),
+    (_mp(_hb(kind=_DROP)), Heartbeat, "no 'kind' field"),
+    (_mp({}), None, "no 'kind' field"),
+    (_mp(_hb(kind=7)), None, "'kind' must be a string"),
+    (_mp(_hb(kind="teleport")), None, "unknown message kind 'teleport'"),
+    (_mp(_hb(kind="teleport")), Heartbeat, "unknown message kind 'teleport'"),
+    (encode(SAMPLES[Event]), Heartbeat, "expected a 'hb' message, got 'event'"),
+    (encode(SAMPLES[Command]), SignedCommand, "expected a 'signed_cmd' message, got 'cmd'"),
+    (_mp(_hb(seq=_DROP)), Heartbeat, "missing required field `seq`"),
+    (_mp(_hb(node_id=_DROP)), None, "missing required field `node_id`"),
+    (_mp(_hb(seq="one")), Heartbeat, "Expected `int`, got `str` - at `$.seq`"),
+    (_mp(_hb(ts="now")), None, "Expected `float`, got `str` - at `$.ts`"),
+    (_mp(_hb(v="1")), None, "Expected `int`, got `str` - at `$.v`"),
+    (_mp(_hb(v=True)), Heartbeat, "Expected `int`, got `bool` - at `$.v`"),
+    (_mp(_hb(uptime=[1])), None, "at `$.uptime`"),
+    (_mp(_hb(seq=1.5)), None, "at `$.seq`"),
+    (
+        _mp(
+            {
+                "kind": "cmd",
+                "id": "c",
+                "job_id": "j",
+                "issued_at": T0,
+                "ttl": 1.0,
+                "action": "format-disk",
+            }
+        ),
+        Command,
+        "at `$.action`",
+    ),
+    (
+        _mp(
+            {
+                "kind": "metrics",
+                "node_id": "n",
+                "seq": 1,
+                "ts": 1,
+                "points": [["cpu", {"usage": [1, 2]}]],
+            }
+        ),
+        MetricBatch,
+        "at `$.points[0][1][...]`",
+    ),
+    (encode(SAMPLES[Heartbeat]) + b"\x00", None, "not a msgpack map"),  # trailing bytes
+    (encode(SAMPLES[Heartbeat])[:-3], Heartbeat, "not a msgpack map"),  # truncated
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "expect", "reason"),
+    [pytest.param(*case, id=f"{case[1] and case[1].__name__}:{case[2]}") for case in BAD_INPUTS],
+)
+def test_bad_input_is_a_protocol_error_with_reason(
+    data: bytes, expect: type[Message] | None, reason: str
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(data, expect)
+    assert type(info.value) is ProtocolError
+    assert reason in info.value.reason
+    assert str(info.value) == info.value.reason
+
+
+def test_protocol_error_carries_kind_and_size() -> None:
+    data = _mp(_hb(kind="teleport"))
+    with pytest.raises(ProtocolError) as info:
+        decode(data)
+    assert info.value.kind == "teleport"
+    assert info.value.size == len(data)
+    assert "newer peer" in info.value.reason
+    with pytest.raises(ProtocolError) as info:
+        decode(encode(SAMPLES[Event]), Heartbeat)
+    assert info.value.kind == "event"
+
+
+def test_protocol_error_is_a_value_error() -> None:
+    # callers that only know ValueError still catch it
+    with pytest.raises(ValueError, match="empty payload"):
+        decode(b"")
+
+
+@pytest.mark.parametrize("value", ["text", 42, None, ["list"], {"kind": "hb"}, 3.5])
+def test_non_bytes_input(value: Any) -> None:
+    with pytest.raises(ProtocolError, match="payload must be bytes") as info:
+        decode(value)
+    assert type(info.value) is ProtocolError
+
+
+@pytest.mark.parametrize("expect", [MetricPoint, dict, int, Message, [Heartbeat]])
+def test_expect_must_be_a_message_type(expect: Any) -> None:
+    with pytest.raises(ProtocolError, match="not a protocol message type"):
+        decode(encode(SAMPLES[Heartbeat]), expect)
+
+
+def test_oversized_payload_is_refused_before_decoding() -> None:
+    # 2 MiB of garbage: if it were parsed we would get "not a msgpack map", not PayloadTooLarge
+    data = b"\xc1" * (2 * 1024 * 1024)
+    with pytest.raises(PayloadTooLarge) as info:
+        decode(data)
+    assert info.value.size == len(data)
+    assert info.value.limit == DEFAULT_MAX_PAYLOAD == 1024 * 1024
+    assert "exceeds the limit of 1048576 bytes" in info.value.reason
+    assert info.value.code == "payload_too_large"
+
+
+def test_custom_max_size() -> None:
+    data = encode(SAMPLES[MetricBatch])
+    assert decode(data, MetricBatch, max_size=len(data)) == SAMPLES[MetricBatch]
+    with pytest.raises(PayloadTooLarge) as info:
+        decode(data, MetricBatch, max_size=len(data) - 1)
+    assert info.value.size == len(data)
+    assert info.value.limit == len(data) - 1
+    # the limit also applies to untyped decoding and to tiny limits
+    with pytest.raises(PayloadTooLarge):
+        decode(data, max_size=16)
+
+
+def test_payload_exactly_at_default_limit_is_decoded_not_refused() -> None:
+    # a real message padded to exactly the limit passes the size check and then decodes
+    overhead = len(encode(Event(ts=T0, type="pad", message="x" * 70_000))) - 70_000
+    padded = Event(ts=T0, type="pad", message="x" * (DEFAULT_MAX_PAYLOAD - overhead))
+    data = encode(padded)
+    assert len(data) == DEFAULT_MAX_PAYLOAD
+    assert decode(data, Event).message == padded.message
+
+
+@pytest.mark.parametrize("version", [0, 2, -1, 1000])
+@pytest.mark.parametrize("expect", [None, Heartbeat])
+def test_unsupported_version(version: int, expect: type[Message] | None) -> None:
+    with pytest.raises(UnsupportedVersion) as info:
+        decode(_mp(_hb(v=version)), expect)
+    assert info.value.version == version
+    assert info.value.kind == "hb"
+    assert f"protocol version {version} is not supported" in info.value.reason
+    assert "speaks 1" in info.value.reason
+
+
+def test_unsupported_version_wins_over_schema_errors() -> None:
+    # a v2 peer may have changed the schema: say "version", not "missing field"
+    with pytest.raises(UnsupportedVersion) as info:
+        decode(_mp({"kind": "hb", "v": 2, "node": "renamed"}), Heartbeat)
+    assert info.value.version == 2
+    with pytest.raises(UnsupportedVersion):
+        decode(_mp({"kind": "hyperdrive", "v": 2}))
+
+
+def test_unsupported_version_on_encode_side_object() -> None:
+    data = encode(Heartbeat(node_id="n-1", seq=1, ts=T0, v=2))
+    with pytest.raises(UnsupportedVersion):
+        decode(data, Heartbeat)
+
+
+def test_memoryview_size_is_counted_in_bytes() -> None:
+    # 300,000 four-byte items: len() says 300,000, the payload is 1.2 MB
+    view = memoryview(array("I", bytes(4 * 300_000)))
+    assert len(view) < DEFAULT_MAX_PAYLOAD < view.nbytes
+    with pytest.raises(PayloadTooLarge) as info:
+        decode(view)
+    assert info.value.size == view.nbytes
