@@ -21,6 +21,7 @@ from controller.auth import NatsAuth
 from controller.config import ControllerConfig, Secrets
 from controller.enroll import Enrollment, TokenService
 from controller.fleet import Fleet
+from controller.jobs import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.natsd import NatsServer, NodeAccess
@@ -87,7 +88,10 @@ class Controller:
         self.fleet: Fleet | None = None
         self.enrollment: Enrollment | None = None
         self.auth: NatsAuth | None = None
+        self.jobs: JobEngine | None = None
         self.hub = MetricsHub(self._labels_of)
+        # Called with every valid node event (app status, job progress, ...).
+        self.event_listeners: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
         self._log_budget: dict[str, float] = {}
@@ -150,8 +154,15 @@ class Controller:
         await self._ensure_streams()
         self.nodes = Table(await open_bucket(self.js, "nodes"), NodeRecord, name="nodes")
         self.tokens_table = Table(await open_bucket(self.js, "tokens"), TokenRecord, name="tokens")
+        self.jobs_table = Table(
+            await open_bucket(self.js, "jobs", history=1, ttl=cfg.job_retention),
+            JobRecord, name="jobs",
+        )
         await self.nodes.start()
         await self.tokens_table.start()
+        await self.jobs_table.start()
+        self.jobs = JobEngine(self, self.jobs_table)
+        await self.jobs.start()
         self.auth = NatsAuth(self.natsd, cfg.data_dir / "nats-nodes.json")
         await self.auth.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
         self.tokens = TokenService(self.tokens_table, default_ttl=cfg.token_ttl)
@@ -177,6 +188,7 @@ class Controller:
         )
         self._subs.append(await self.nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await self.nc.subscribe(s.metrics_any, cb=self._on_metrics))
+        self._subs.append(await self.nc.subscribe(s.events_any, cb=self._on_node_event))
         self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
         await self.nc.flush()
         self.ready = True
@@ -192,7 +204,9 @@ class Controller:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
-        for table in (self.nodes, self.tokens_table):
+        if self.jobs is not None:
+            await self.jobs.stop()
+        for table in (self.nodes, self.tokens_table, getattr(self, "jobs_table", None)):
             if table is not None:
                 await table.stop()
         if self.nc is not None and not self.nc.is_closed:
@@ -216,6 +230,15 @@ class Controller:
                 max_bytes=cfg.metrics_max_bytes,
                 max_msg_size=cfg.max_payload,
                 duplicate_window=120,
+            ),
+            StreamConfig(
+                name="JOBS",
+                subjects=[s.jobs_all],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=cfg.job_retention,
+                max_bytes=cfg.jobs_max_bytes,
+                max_msg_size=cfg.max_payload,
             ),
             StreamConfig(
                 name="EVENTS",
@@ -318,6 +341,22 @@ class Controller:
             return
         self.stats.metric_batches += 1
         self.hub.publish(batch)
+
+    async def _on_node_event(self, msg: Msg) -> None:
+        try:
+            event = codec.decode(msg.data, Event, max_size=self.config.max_payload)
+            if event.node_id != self.subjects.node_id_of(msg.subject):
+                raise ProtocolError("event node_id does not match its subject")
+        except ProtocolError as exc:
+            self._reject("events", msg.subject, exc)
+            return
+        if self.jobs is not None and event.type.startswith("job."):
+            self.jobs.on_node_event(event)
+        for fn in list(self.event_listeners):
+            try:
+                fn(event)
+            except Exception:
+                log.exception("event listener failed")
 
     async def _on_transition(self, node: NodeRecord, old: NodeStatus, new: NodeStatus) -> None:
         await self._publish_event(

@@ -37,6 +37,8 @@ class ControllerConfig:
     max_payload: int = 1024 * 1024
     # Where `barista server` writes the CLI's URL and token (env BARISTA_CONFIG overrides).
     client_config: Path | None = None
+    job_retention: float = 30 * 24 * 3600.0
+    jobs_max_bytes: int = 1 << 30
     metrics_max_age: float = 24 * 3600.0
     metrics_max_bytes: int = 1 << 30
 

@@ -197,7 +197,12 @@ class Table(Generic[T]):
 
 
 async def open_bucket(
-    js: JetStreamContext, bucket: str, *, history: int = 5, replicas: int = 1
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    history: int = 5,
+    replicas: int = 1,
+    ttl: float | None = None,
 ) -> KeyValue:
     """Open a KV bucket, creating it (file storage) when missing."""
     try:

@@ -93,7 +93,8 @@ class MetricBatch(Message, tag="metrics"):
 
 # --- commands ---------------------------------------------------------------------------
 
-CommandAction = Literal["ping", "facts", "exec"]
+# "reconcile": converge to the desired app releases now (see agent/apps.py).
+CommandAction = Literal["ping", "facts", "exec", "reconcile"]
 
 
 class Command(Message, tag="cmd"):

@@ -80,6 +80,14 @@ class Subjects:
     def events_any(self) -> str:
         return f"{self.prefix}.node.*.events"
 
+    def job_results(self, job_id: str) -> str:
+        """Per-node results of one job, kept in the JOBS stream."""
+        return f"{self.prefix}.jobs.{check_token(job_id, 'job id')}.results"
+
+    @property
+    def jobs_all(self) -> str:
+        return f"{self.prefix}.jobs.>"
+
     @property
     def app_sync(self) -> str:
         """Agent asks the controller for the app releases it should run (request/reply)."""

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from controller.app import Controller
 from controller.errors import BadRequest, BodyTooLarge, ControllerError, NotFound
+from controller.jobs import JobSpec
 from protocol.errors import BaristaError, SelectorError
 from protocol.selectors import Selector, parse_labels
 
@@ -202,6 +203,86 @@ async def metrics_stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def create_job(request: web.Request) -> web.Response:
+    c = _controller(request)
+    assert c.jobs is not None
+    body = await _json_body(request)
+    try:
+        spec = msgspec.convert(body, JobSpec)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid job: {exc}") from None
+    record = await c.jobs.submit(spec, created_by=f"api@{request.remote or '-'}")
+    if request.query.get("wait") in ("1", "true", "yes"):
+        record = await c.jobs.wait(record.id)
+        return web.json_response(await _job_view(c, record.id), status=200)
+    out = record.summary()
+    out["expected_nodes"] = record.expected
+    return web.json_response(out, status=202)
+
+
+async def _job_view(c: Controller, job_id: str) -> dict[str, Any]:
+    assert c.jobs is not None
+    job = c.jobs.get(job_id)
+    out = job.summary()
+    out["spec"] = msgspec.to_builtins(job.spec)
+    out["expected_nodes"] = job.expected
+    out["results"] = [msgspec.to_builtins(r) for r in await c.jobs.results(job_id)]
+    return out
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    c = _controller(request)
+    assert c.jobs is not None
+    try:
+        limit = max(1, min(1000, int(request.query.get("limit", "50"))))
+    except ValueError:
+        raise BadRequest("limit must be a number") from None
+    return web.json_response({"jobs": [j.summary() for j in c.jobs.list(limit)]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(await _job_view(_controller(request), request.match_info["id"]))
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """SSE: ``result`` per node as it arrives, ``output`` for streamed output, then ``done``."""
+    c = _controller(request)
+    assert c.jobs is not None
+    job_id = request.match_info["id"]
+    c.jobs.get(job_id)  # 404 before the stream starts
+    queue, stop = c.jobs.listen(job_id)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    async def send(event: str, data: Any) -> None:
+        await resp.write(f"event: {event}\ndata: ".encode() + msgspec.json.encode(data) + b"\n\n")
+
+    try:
+        for r in await c.jobs.results(job_id):
+            await send("result", msgspec.to_builtins(r))
+        if queue is not None:
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(queue.get(), 15)
+                except TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+                    continue
+                if kind == "result":
+                    await send("result", msgspec.to_builtins(payload))
+                elif kind == "event":
+                    await send("output" if payload.type == "job.output" else "progress",
+                               msgspec.to_builtins(payload))
+                elif kind == "done":
+                    break
+        await send("done", c.jobs.get(job_id).summary())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        stop()
+    return resp
+
+
 def make_app(controller: Controller, api_token: str) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[CONTROLLER] = controller
@@ -215,6 +296,10 @@ def make_app(controller: Controller, api_token: str) -> web.Application:
     app.router.add_get("/v1/metrics/stream", metrics_stream)
     app.router.add_post("/v1/tokens", create_token)
     app.router.add_get("/v1/tokens", list_tokens)
+    app.router.add_post("/v1/jobs", create_job)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{id}", get_job)
+    app.router.add_get("/v1/jobs/{id}/events", job_events)
     return app
 
 

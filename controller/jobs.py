@@ -1,0 +1,505 @@
+"""Fleet commands: scatter-gather over NATS, rolling batches, and a job history in JetStream.
+
+A job computes the expected node set from the inventory and a selector, publishes one signed
+command (broadcast) or one per node (direct, for small sets and batches), gathers replies on
+an inbox, finishes as soon as every expected node answered, and accounts for every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+from nats.aio.msg import Msg
+
+from controller.errors import BadRequest, NotFound
+from controller.models import NodeRecord
+from controller.state import Table
+from protocol import codec
+from protocol.errors import ProtocolError
+from protocol.messages import Command, CommandResult, Event
+from protocol.selectors import Selector
+
+log = logging.getLogger("barista.controller.jobs")
+
+NodeStatus = Literal["ok", "failed", "timeout", "no-response", "rejected", "error", "skipped"]
+JobStatus = Literal["running", "done", "stopped", "interrupted"]
+FAILURES: frozenset[str] = frozenset({"failed", "timeout", "no-response", "rejected", "error"})
+ACTIONS = ("ping", "facts", "exec", "reconcile")
+# Up to this many targets a job publishes per node; above it, one broadcast.
+DIRECT_MAX = 16
+# Time a node gets beyond the command's own timeout to deliver its reply.
+REPLY_GRACE = 2.0
+MAX_TIMEOUT = 24 * 3600.0
+_BATCH = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
+
+
+class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    action: str = "exec"
+    selector: str = ""
+    targets: list[str] = []
+    argv: list[str] = []
+    shell: str = ""
+    env: dict[str, str] = {}
+    cwd: str = ""
+    user: str = ""
+    timeout: float = 60.0
+    output_cap: int = 64 * 1024
+    stream_output: bool = False
+    batch: str = ""  # "10" nodes or "25%" of the expected set; empty = all at once
+    pause: float = 0.0  # seconds between batches
+    max_failures: str = ""  # "3" or "10%": stop the rollout when exceeded
+    mode: Literal["auto", "broadcast", "direct"] = "auto"
+
+
+class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
+    node_id: str
+    status: NodeStatus
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration: float = 0.0
+    reason: str = ""
+    data: dict[str, Any] = {}
+    expected: bool = True
+    batch: int = 0
+    at: float = 0.0
+
+
+class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    id: str
+    spec: JobSpec
+    created_at: float
+    created_by: str = ""
+    expected: list[str] = []
+    status: JobStatus = "running"
+    finished_at: float = 0.0
+    counts: dict[str, int] = {}
+    stop_reason: str = ""
+    batches: int = 1
+    unexpected: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "action": self.spec.action,
+            "command": self.spec.shell or " ".join(self.spec.argv) or self.spec.action,
+            "selector": self.spec.selector,
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "finished_at": self.finished_at or None,
+            "expected": len(self.expected),
+            "counts": self.counts,
+            "stop_reason": self.stop_reason,
+            "batches": self.batches,
+            "unexpected": self.unexpected,
+        }
+
+
+def parse_count(text: str, total: int, what: str) -> int | None:
+    """'10' -> 10, '25%' -> ceil(25% of total); '' -> None."""
+    if not text:
+        return None
+    m = _BATCH.match(text)
+    if not m:
+        raise BadRequest(f"{what} {text!r} must be a number or a percentage like 25%")
+    n = int(m.group(1))
+    if m.group(2):
+        if not 0 <= n <= 100:
+            raise BadRequest(f"{what} {text!r}: a percentage must be between 0% and 100%")
+        return math.ceil(total * n / 100)
+    return n
+
+
+def validate(spec: JobSpec) -> Selector:
+    if spec.action not in ACTIONS:
+        raise BadRequest(f"unknown action {spec.action!r}; expected one of {', '.join(ACTIONS)}")
+    if spec.action == "exec" and not (spec.argv or spec.shell):
+        raise BadRequest("an exec job needs a command: argv or shell")
+    if spec.argv and spec.shell:
+        raise BadRequest("give argv or shell, not both")
+    if not (0 < spec.timeout <= MAX_TIMEOUT):
+        raise BadRequest(f"timeout must be between 0 and {int(MAX_TIMEOUT)} seconds")
+    if spec.output_cap < 0 or spec.output_cap > 1024 * 1024:
+        raise BadRequest("output_cap must be between 0 and 1 MiB")
+    if spec.pause < 0 or spec.pause > 3600:
+        raise BadRequest("pause must be between 0 and 3600 seconds")
+    parse_count(spec.batch, 100, "batch")
+    parse_count(spec.max_failures, 100, "max_failures")
+    if spec.batch and parse_count(spec.batch, 100, "batch") == 0:
+        raise BadRequest("batch must be at least 1 node (or 1%)")
+    return Selector.parse(spec.selector)
+
+
+class _Run:
+    """The state of one running job (memory only; results are persisted as they come)."""
+
+    def __init__(self, record: JobRecord) -> None:
+        self.record = record
+        self.results: dict[str, NodeResult] = {}
+        self.waiting: set[str] = set()
+        self.batch = 0
+        self.batch_done = asyncio.Event()
+        self.listeners: list[asyncio.Queue[tuple[str, Any]]] = []
+        self.done = asyncio.Event()
+
+    def notify(self, kind: str, payload: Any) -> None:
+        for q in list(self.listeners):
+            try:
+                q.put_nowait((kind, payload))
+            except asyncio.QueueFull:
+                pass  # a slow reader misses live items; it can fetch the job afterwards
+
+
+class JobEngine:
+    """Runs jobs for one controller; job records live in KV, results in the JOBS stream."""
+
+    def __init__(self, controller: Any, jobs: Table[JobRecord]) -> None:
+        self.c = controller
+        self.jobs = jobs
+        self._runs: dict[str, _Run] = {}
+        self._recent: dict[str, list[NodeResult]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stats = {"replies": 0, "bad_replies": 0}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._mark_interrupted()
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _mark_interrupted(self) -> None:
+        """Jobs left 'running' by a controller that is gone, past any possible end."""
+        now = time.time()
+        for job in self.jobs:
+            if job.status != "running" or job.id in self._runs:
+                continue
+            longest = (job.spec.timeout + REPLY_GRACE + job.spec.pause) * max(1, job.batches)
+            if now > job.created_at + longest + 60:
+
+                def mark(cur: JobRecord) -> JobRecord | None:
+                    if cur.status != "running":
+                        return None
+                    return msgspec.structs.replace(
+                        cur, status="interrupted", finished_at=now,
+                        stop_reason="the controller running it stopped before it finished",
+                    )
+
+                try:
+                    await self.jobs.mutate(job.id, mark)
+                except Exception as exc:
+                    log.warning("could not mark job %s interrupted: %s", job.id, exc)
+
+    # -- submit ----------------------------------------------------------------------
+
+    def expected_nodes(self, spec: JobSpec, selector: Selector) -> list[NodeRecord]:
+        fleet = self.c.fleet
+        if spec.targets:
+            nodes = []
+            for node_id in spec.targets:
+                node = fleet.nodes.get(node_id)
+                if node is None:
+                    raise NotFound(f"target node {node_id!r} not found")
+                nodes.append(node)
+            return [n for n in nodes if selector.matches(n.labels)]
+        return list(fleet.select(selector))
+
+    async def submit(self, spec: JobSpec, *, created_by: str = "") -> JobRecord:
+        selector = validate(spec)
+        nodes = self.expected_nodes(spec, selector)
+        job_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+        size = parse_count(spec.batch, len(nodes), "batch") or len(nodes) or 1
+        record = JobRecord(
+            id=job_id,
+            spec=spec,
+            created_at=time.time(),
+            created_by=created_by,
+            expected=[n.id for n in nodes],
+            batches=max(1, math.ceil(len(nodes) / max(1, size))),
+        )
+        await self.jobs.create(job_id, record)
+        run = _Run(record)
+        self._runs[job_id] = run
+        task = asyncio.create_task(self._run(run, nodes, size), name=f"job-{job_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("job %s: %s on %d node(s) (selector %r, by %s)", job_id, spec.action,
+                 len(nodes), spec.selector, created_by or "-")
+        return record
+
+    async def run(self, spec: JobSpec, *, created_by: str = "") -> JobRecord:
+        record = await self.submit(spec, created_by=created_by)
+        return await self.wait(record.id)
+
+    async def wait(self, job_id: str) -> JobRecord:
+        run = self._runs.get(job_id)
+        if run is not None:
+            await run.done.wait()
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return job
+
+    # -- running ---------------------------------------------------------------------
+
+    async def _run(self, run: _Run, nodes: list[NodeRecord], size: int) -> None:
+        job = run.record
+        spec = job.spec
+        nc = self.c.nc
+        inbox = nc.new_inbox()
+
+        async def on_reply(msg: Msg) -> None:
+            await self._on_reply(run, msg)
+
+        sub = await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=1_000_000)
+        stop_reason = ""
+        try:
+            threshold = parse_count(spec.max_failures, len(nodes), "max_failures")
+            batches = [nodes[i : i + size] for i in range(0, len(nodes), size)] or [[]]
+            for i, batch in enumerate(batches):
+                run.batch = i
+                await self._run_batch(run, batch, inbox, broadcast=self._broadcast(spec, batches))
+                failures = sum(1 for r in run.results.values() if r.status in FAILURES
+                               and r.expected)
+                if threshold is not None and failures > threshold and i < len(batches) - 1:
+                    stop_reason = (f"stopped after batch {i + 1}/{len(batches)}: {failures} "
+                                   f"failure(s) exceed max_failures {spec.max_failures}")
+                    for rest in batches[i + 1 :]:
+                        for node in rest:
+                            self._record(run, NodeResult(node_id=node.id, status="skipped",
+                                                         reason="rollout stopped",
+                                                         batch=i + 1, at=time.time()))
+                    break
+                if spec.pause and i < len(batches) - 1:
+                    await asyncio.sleep(spec.pause)
+        except asyncio.CancelledError:
+            stop_reason = "controller shutting down"
+            raise
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            stop_reason = f"internal error: {exc}"
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+            await self._finish(run, stop_reason)
+
+    @staticmethod
+    def _broadcast(spec: JobSpec, batches: list[list[NodeRecord]]) -> bool:
+        if spec.mode != "auto":
+            return spec.mode == "broadcast"
+        return len(batches) == 1 and not spec.targets and len(batches[0]) > DIRECT_MAX
+
+    def _command(self, run: _Run, *, targets: list[str], selector: str) -> bytes:
+        spec = run.record.spec
+        cmd = Command(
+            id=secrets.token_hex(12),
+            job_id=run.record.id,
+            issued_at=time.time(),
+            ttl=spec.timeout + REPLY_GRACE + 30,
+            action=spec.action,  # type: ignore[arg-type]
+            selector=selector,
+            targets=targets,
+            argv=spec.argv,
+            shell=spec.shell,
+            env=spec.env,
+            cwd=spec.cwd,
+            user=spec.user,
+            timeout=spec.timeout,
+            output_cap=spec.output_cap,
+            stream_output=spec.stream_output,
+        )
+        return codec.encode(self.c.secrets.signer.sign(cmd))
+
+    async def _run_batch(self, run: _Run, batch: list[NodeRecord], inbox: str,
+                         *, broadcast: bool) -> None:
+        spec = run.record.spec
+        nc, subjects = self.c.nc, self.c.subjects
+        now = time.time()
+        reachable = []
+        for node in batch:
+            if node.status == "offline":
+                # Not waited for; a real reply, should one come, replaces this.
+                self._record(run, NodeResult(node_id=node.id, status="no-response",
+                                             reason="node is offline", batch=run.batch, at=now))
+            else:
+                reachable.append(node)
+        run.waiting = {n.id for n in reachable} - set(run.results)
+        run.batch_done.clear()
+        if not run.waiting:
+            return
+        if broadcast:
+            await nc.publish(subjects.cmd_all, self._command(run, targets=[],
+                                                             selector=spec.selector),
+                             reply=inbox)
+        else:
+            for node in reachable:
+                await nc.publish(subjects.cmd_node(node.id),
+                                 self._command(run, targets=[node.id], selector=""),
+                                 reply=inbox)
+        await nc.flush()
+        try:
+            await asyncio.wait_for(run.batch_done.wait(), spec.timeout + REPLY_GRACE)
+        except TimeoutError:
+            pass
+        at = time.time()
+        for node_id in sorted(run.waiting):
+            self._record(run, NodeResult(
+                node_id=node_id, status="no-response", batch=run.batch, at=at,
+                reason=f"no reply within {spec.timeout + REPLY_GRACE:.0f}s (lost or went away)"))
+        run.waiting = set()
+
+    async def _on_reply(self, run: _Run, msg: Msg) -> None:
+        try:
+            res = codec.decode(msg.data, CommandResult)
+        except ProtocolError as exc:
+            self.stats["bad_replies"] += 1
+            log.warning("job %s: undecodable reply: %s", run.record.id, exc.reason)
+            return
+        self.stats["replies"] += 1
+        if res.job_id and res.job_id != run.record.id:
+            return
+        node_id = res.node_id
+        prior = run.results.get(node_id)
+        if prior is not None and prior.reason != "node is offline":
+            return  # first answer wins
+        status: NodeStatus = res.status if res.status in ("ok", "failed", "timeout", "rejected",
+                                                          "error") else "error"
+        self._record(run, NodeResult(
+            node_id=node_id, status=status, exit_code=res.exit_code, stdout=res.stdout,
+            stderr=res.stderr, stdout_truncated=res.stdout_truncated,
+            stderr_truncated=res.stderr_truncated, duration=res.duration, reason=res.reason,
+            data=res.data, expected=node_id in run.record.expected or False,
+            batch=run.batch, at=time.time(),
+        ))
+        run.waiting.discard(node_id)
+        if not run.waiting:
+            run.batch_done.set()
+
+    def _record(self, run: _Run, result: NodeResult) -> None:
+        if result.node_id not in run.record.expected:
+            result = msgspec.structs.replace(result, expected=False)
+        run.results[result.node_id] = result
+        run.notify("result", result)
+        nc = self.c.nc
+        if nc is not None and nc.is_connected:
+            # Core publish into the JOBS stream: no round trip per node on the hot path.
+            task = asyncio.ensure_future(nc.publish(self.c.subjects.job_results(run.record.id),
+                                                    msgspec.msgpack.encode(result)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _finish(self, run: _Run, stop_reason: str) -> None:
+        counts: dict[str, int] = {}
+        for r in run.results.values():
+            if r.expected:
+                counts[r.status] = counts.get(r.status, 0) + 1
+        unexpected = sum(1 for r in run.results.values() if not r.expected)
+        status: JobStatus = "stopped" if stop_reason else "done"
+        final = msgspec.structs.replace(run.record, status=status, finished_at=time.time(),
+                                        counts=counts, stop_reason=stop_reason,
+                                        unexpected=unexpected)
+        try:
+            if self.c.nc is not None and self.c.nc.is_connected:
+                await self.c.nc.flush()
+            await self.jobs.put(final.id, final)
+        except Exception as exc:
+            log.error("job %s: result not saved: %s", final.id, exc)
+        run.record = final
+        self._recent[final.id] = list(run.results.values())
+        while len(self._recent) > 50:
+            self._recent.pop(next(iter(self._recent)))
+        run.notify("done", final)
+        run.done.set()
+        self._runs.pop(final.id, None)
+        log.info("job %s %s: %s%s", final.id, status, counts,
+                 f" ({stop_reason})" if stop_reason else "")
+
+    def on_node_event(self, event: Event) -> None:
+        """Relay an agent's job progress event (streamed output) to the job's listeners."""
+        job_id = event.data.get("job_id") if isinstance(event.data, dict) else None
+        run = self._runs.get(job_id) if isinstance(job_id, str) else None
+        if run is not None:
+            run.notify("event", event)
+
+    # -- reads -----------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        run = self._runs.get(job_id)
+        return run.record if run is not None else job
+
+    def list(self, limit: int = 50) -> list[JobRecord]:
+        jobs = sorted(self.jobs, key=lambda j: j.created_at, reverse=True)
+        return [self._runs[j.id].record if j.id in self._runs else j for j in jobs[:limit]]
+
+    async def results(self, job_id: str) -> list[NodeResult]:
+        self.get(job_id)
+        run = self._runs.get(job_id)
+        if run is not None:
+            return sorted(run.results.values(), key=lambda r: r.node_id)
+        if job_id in self._recent:
+            return sorted(self._recent[job_id], key=lambda r: r.node_id)
+        return await self._load_results(job_id)
+
+    async def _load_results(self, job_id: str) -> list[NodeResult]:
+        """Read a finished job's results back from the JOBS stream (after a restart)."""
+        js = self.c.js
+        subject = self.c.subjects.job_results(job_id)
+        out: dict[str, NodeResult] = {}
+        decoder = msgspec.msgpack.Decoder(NodeResult)
+        sub = await js.subscribe(subject, stream="JOBS", ordered_consumer=True)
+        try:
+            info = await sub.consumer_info()
+            remaining = info.num_pending
+            while remaining > 0:
+                try:
+                    msg = await sub.next_msg(timeout=5)
+                except Exception:
+                    break
+                remaining = msg.metadata.num_pending
+                try:
+                    r = decoder.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                prior = out.get(r.node_id)
+                if prior is None or prior.reason == "node is offline":
+                    out[r.node_id] = r
+        finally:
+            await sub.unsubscribe()
+        return sorted(out.values(), key=lambda r: r.node_id)
+
+    def listen(self, job_id: str) -> tuple[asyncio.Queue[tuple[str, Any]] | None,
+                                           Callable[[], None]]:
+        run = self._runs.get(job_id)
+        if run is None:
+            return None, lambda: None
+        q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=10_000)
+        run.listeners.append(q)
+
+        def stop() -> None:
+            if q in run.listeners:
+                run.listeners.remove(q)
+
+        return q, stop
