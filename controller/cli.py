@@ -263,6 +263,192 @@ def token_ls(output: str) -> None:
     console.print(table)
 
 
+# -- jobs ---------------------------------------------------------------------------------
+
+STATUS_STYLE = {"ok": "green", "failed": "red", "timeout": "red", "no-response": "yellow",
+                "rejected": "magenta", "error": "red", "skipped": "dim"}
+
+
+def results_table(job: dict[str, Any], *, full: bool = False) -> Table:
+    table = Table(title=f"job {job['id']}")
+    for col in ("NODE", "STATUS", "EXIT", "TIME", "OUTPUT"):
+        table.add_column(col, overflow="fold")
+    for r in job["results"]:
+        out = (r.get("stdout") or "").rstrip()
+        err = (r.get("stderr") or "").rstrip()
+        text = out if full else (out.splitlines() or [""])[-1][:80]
+        if r.get("stdout_truncated"):
+            text += " [truncated]"
+        if r["status"] != "ok":
+            extra = r.get("reason") or (err.splitlines() or [""])[-1][:80]
+            text = f"{text} {extra}".strip()
+        if r["status"] == "ok" and job["spec"].get("action") in ("ping", "facts"):
+            data = r.get("data") or {}
+            text = json.dumps(data.get("facts", data), sort_keys=True)[:80]
+        style = STATUS_STYLE.get(r["status"], "")
+        name = r["node_id"] + ("" if r.get("expected", True) else " (unexpected)")
+        table.add_row(name, f"[{style}]{r['status']}[/{style}]",
+                      "" if r.get("exit_code") is None else str(r["exit_code"]),
+                      f"{r.get('duration', 0):.2f}s", text)
+    return table
+
+
+def job_exit_code(job: dict[str, Any]) -> int:
+    counts = job["counts"]
+    bad = sum(v for k, v in counts.items() if k != "ok")
+    return 0 if bad == 0 and job["status"] == "done" else 1
+
+
+def follow_job(api: ApiClient, job_id: str, expected: int, *, stream_output: bool,
+               quiet: bool) -> dict[str, Any]:
+    """Follow a job's events with a progress bar; return the finished job."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[summary]}"),
+                        TimeElapsedColumn(), console=err_console, transient=True,
+                        disable=quiet)
+    counts: dict[str, int] = {}
+    with progress:
+        task = progress.add_task(f"job {job_id}", total=max(expected, 1), summary="")
+        try:
+            for event, data in api.stream(f"/v1/jobs/{job_id}/events"):
+                if event == "result":
+                    counts[data["status"]] = counts.get(data["status"], 0) + 1
+                    progress.update(task, completed=sum(counts.values()),
+                                    summary=" ".join(f"{k}:{v}" for k, v in
+                                                     sorted(counts.items())))
+                elif event == "output" and stream_output:
+                    d = data.get("data", {})
+                    progress.console.print(f"[cyan]{data.get('node_id')}[/cyan] "
+                                           f"{str(d.get('data', '')).rstrip()}")
+                elif event == "done":
+                    break
+        except ApiError as exc:
+            raise click.ClickException(exc.message) from None
+    result: dict[str, Any] = call(api.get, f"/v1/jobs/{job_id}")
+    return result
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-l", "--selector", default="", help="label selector of the target nodes")
+@click.option("--node", "targets", multiple=True, help="target node id (repeat)")
+@click.option("--action", type=click.Choice(["exec", "ping", "facts"]), default="exec",
+              show_default=True)
+@click.option("--shell/--no-shell", default=None,
+              help="run through /bin/sh -c (default: when CMD is one word with spaces)")
+@click.option("--timeout", default="60s", show_default=True, help="per-node command timeout")
+@click.option("--batch", default="", help="rolling batches: N nodes or P% of them")
+@click.option("--pause", default="0", help="pause between batches (e.g. 10s)")
+@click.option("--max-failures", default="", help="stop the rollout above N or P% failures")
+@click.option("--env", "envs", multiple=True, help="KEY=VALUE for the command (repeat)")
+@click.option("--cwd", default="")
+@click.option("--user", default="", help="run as this user (agent must allow it)")
+@click.option("--stream", is_flag=True, help="stream output lines as they come")
+@click.option("--async", "async_", is_flag=True, help="print the job id and return at once")
+@output_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(selector: str, targets: tuple[str, ...], action: str, shell: bool | None, timeout: str,
+        batch: str, pause: str, max_failures: str, envs: tuple[str, ...], cwd: str, user: str,
+        stream: bool, async_: bool, output: str, command: tuple[str, ...]) -> None:
+    """Run a command on every node the selector matches:  barista run -l role=web -- uptime"""
+    if action == "exec" and not command:
+        raise click.UsageError("give a command after --, e.g. barista run -l role=web -- uptime")
+    env: dict[str, str] = {}
+    for item in envs:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{item!r} must be KEY=VALUE", param_hint="--env")
+        env[k] = v
+    use_shell = shell if shell is not None else (len(command) == 1 and " " in command[0])
+    spec: dict[str, Any] = {
+        "action": action, "selector": selector, "targets": list(targets),
+        "timeout": parse_duration(timeout), "batch": batch, "pause": parse_duration(pause),
+        "max_failures": max_failures, "env": env, "cwd": cwd, "user": user,
+        "stream_output": stream,
+    }
+    if action == "exec":
+        if use_shell:
+            spec["shell"] = " ".join(command)
+        else:
+            spec["argv"] = list(command)
+    api = client()
+    job = call(api.post, "/v1/jobs", spec)
+    if async_:
+        if output == "json":
+            emit_json(job)
+        else:
+            console.print(f"job {job['id']} started on {job['expected']} node(s); follow it with "
+                          f"`barista jobs show {job['id']} --follow`")
+        return
+    if job["expected"] == 0 and output != "json":
+        err_console.print(f"[yellow]no node matches selector {selector!r}[/yellow]")
+    final = follow_job(api, job["id"], job["expected"], stream_output=stream,
+                       quiet=output == "json")
+    if output == "json":
+        emit_json(final)
+    else:
+        console.print(results_table(final))
+        console.print(_job_line(final))
+    sys.exit(job_exit_code(final))
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(job["counts"].items())) or "no nodes"
+    took = (job["finished_at"] or time.time()) - job["created_at"]
+    line = f"{job['status']}: {counts} ({job['expected']} expected, {took:.2f}s)"
+    if job.get("unexpected"):
+        line += f", {job['unexpected']} unexpected repl(ies)"
+    if job.get("stop_reason"):
+        line += f"\n{job['stop_reason']}"
+    return line
+
+
+@main.group()
+def jobs() -> None:
+    """Job history: list, show and follow jobs."""
+
+
+@jobs.command("ls")
+@click.option("--limit", default=20, show_default=True)
+@output_option
+def jobs_ls(limit: int, output: str) -> None:
+    """List recent jobs."""
+    data = call(client().get, "/v1/jobs", limit=limit)
+    if output == "json":
+        emit_json(data["jobs"])
+        return
+    table = Table()
+    table.add_column("ID", no_wrap=True)
+    for col in ("STATUS", "COMMAND", "SELECTOR", "NODES", "RESULT", "WHEN"):
+        table.add_column(col)
+    for j in data["jobs"]:
+        table.add_row(j["id"], j["status"], j["command"][:40], j["selector"] or "*",
+                      str(j["expected"]),
+                      " ".join(f"{k}:{v}" for k, v in sorted(j["counts"].items())),
+                      ago(j["created_at"]))
+    console.print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--follow", is_flag=True, help="wait for a running job, with progress")
+@click.option("--full", is_flag=True, help="whole output, not the last line")
+@output_option
+def jobs_show(job_id: str, follow: bool, full: bool, output: str) -> None:
+    """Show a job and every node's result."""
+    api = client()
+    job = call(api.get, f"/v1/jobs/{job_id}")
+    if follow and job["status"] == "running":
+        job = follow_job(api, job_id, job["expected"], stream_output=False,
+                         quiet=output == "json")
+    if output == "json":
+        emit_json(job)
+        return
+    console.print(results_table(job, full=full))
+    console.print(_job_line(job))
+
+
 # -- demo ---------------------------------------------------------------------------------
 
 

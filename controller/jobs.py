@@ -469,23 +469,26 @@ class JobEngine:
         subject = self.c.subjects.job_results(job_id)
         out: dict[str, NodeResult] = {}
         decoder = msgspec.msgpack.Decoder(NodeResult)
+        info = await js.stream_info("JOBS", subjects_filter=subject)
+        if not (info.state.subjects or {}).get(subject):
+            return []
         sub = await js.subscribe(subject, stream="JOBS", ordered_consumer=True)
         try:
-            info = await sub.consumer_info()
-            remaining = info.num_pending
-            while remaining > 0:
+            while True:
                 try:
                     msg = await sub.next_msg(timeout=5)
                 except Exception:
                     break
-                remaining = msg.metadata.num_pending
                 try:
                     r = decoder.decode(msg.data)
                 except msgspec.DecodeError:
-                    continue
-                prior = out.get(r.node_id)
-                if prior is None or prior.reason == "node is offline":
-                    out[r.node_id] = r
+                    r = None
+                if r is not None:
+                    prior = out.get(r.node_id)
+                    if prior is None or prior.reason == "node is offline":
+                        out[r.node_id] = r
+                if msg.metadata.num_pending == 0:
+                    break
         finally:
             await sub.unsubscribe()
         return sorted(out.values(), key=lambda r: r.node_id)
