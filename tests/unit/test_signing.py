@@ -273,7 +273,7 @@ def test_from_pem_refuses_other_key_types_and_garbage() -> None:
 def test_signed_non_command_is_rejected_not_a_crash(clock: Clock) -> None:
     # sign arbitrary bytes with the trusted key, as a buggy controller might
     key = Ed25519PrivateKey.generate()
-    verifier = CommandVerifier([CommandSigner(key).public_key_b64], clock=clock)
+    verifier = CommandVerifier([CommandSigner(key.private_bytes_raw()).public_key_b64], clock=clock)
     payload = encode(Heartbeat(node_id="n-1", seq=1, ts=T0))
     signed = SignedCommand(payload=payload, signature=key.sign(payload))
     with pytest.raises(CommandRejected, match="not a command") as info:

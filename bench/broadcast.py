@@ -1,0 +1,246 @@
+"""Broadcast benchmark: ping N real agents and gather every reply; baseline raw NATS.
+
+Agents run the real agent runtime (verify signature, TTL, replay cache, selector, executor),
+many per process, each with its own NATS connection and its own nkey identity, against the
+controller's embedded nats-server. The baseline uses the same server, the same N
+identities and connections, and responders that answer with no work.
+
+    python bench/broadcast.py --n 1000 --n 5000 [--rounds 20]
+
+Prints one JSON line per N: {"bench": "broadcast", "n", "p50_ms", "p99_ms",
+"baseline_p50_ms", "ratio", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+log = logging.getLogger("barista.bench")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+# -- worker processes -----------------------------------------------------------------
+
+
+async def worker_agents(args: argparse.Namespace) -> None:
+    from agent.config import AgentConfig
+    from agent.runtime import Agent
+
+    tokens = json.loads(Path(args.tokens).read_text())
+    agents: list[Agent] = []
+    sem = asyncio.Semaphore(64)
+
+    async def start(i: int, token: str) -> None:
+        cfg = AgentConfig(nats_urls=[args.nats_url], token=token,
+                          state_dir=Path(args.state) / f"a{i}", hostname=f"bench-{i}",
+                          metrics_interval=3600.0, buffer_batches=4)
+        agent = Agent(config=cfg, collectors=[])
+        async with sem:
+            await agent.start()
+        agents.append(agent)
+
+    await asyncio.gather(*(start(i, t) for i, t in enumerate(tokens)))
+    print("READY", len(agents), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
+
+
+async def worker_raw(args: argparse.Namespace) -> None:
+    import nats
+
+    from agent.identity import EnrollState
+
+    conns = []
+    sem = asyncio.Semaphore(64)
+    subject = "barista.cmd.all"
+
+    async def start(state_dir: Path) -> None:
+        st = EnrollState.load(state_dir / "state.json")
+        assert st is not None
+        async with sem:
+            nc = await nats.connect(args.nats_url, nkeys_seed=str(state_dir / "identity.nk"),
+                                    inbox_prefix=st.inbox_prefix.encode())
+
+        async def respond(msg) -> None:  # no work: the floor NATS itself sets
+            await nc.publish(msg.reply, b"")
+
+        await nc.subscribe(subject, cb=respond)
+        await nc.flush()
+        conns.append(nc)
+
+    dirs = sorted(p for p in Path(args.state).iterdir() if p.is_dir())
+    await asyncio.gather(*(start(d) for d in dirs))
+    print("READY", len(conns), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await asyncio.gather(*(nc.close() for nc in conns), return_exceptions=True)
+
+
+def spawn(mode: str, nats_url: str, state: Path, tokens: Path | None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, __file__, "--worker", mode, "--nats-url", nats_url,
+           "--state", str(state)]
+    if tokens is not None:
+        cmd += ["--tokens", str(tokens)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen[str], n: int, timeout: float) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited with {proc.poll()}")
+        if line.startswith("READY"):
+            got = int(line.split()[1])
+            if got != n:
+                raise RuntimeError(f"worker started {got} of {n}")
+            return
+    raise RuntimeError("worker not ready in time")
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    try:
+        if proc.stdin:
+            proc.stdin.close()
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+# -- the measurement ------------------------------------------------------------------
+
+
+async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
+    import nats
+
+    from controller.app import Controller
+    from controller.config import ControllerConfig
+    from controller.jobs import JobSpec
+
+    cfg = ControllerConfig(data_dir=base / "controller", api_port=0, stale_after=600.0,
+                           offline_after=1200.0)
+    result: dict[str, object] = {"bench": "broadcast", "n": n}
+    async with Controller(cfg) as c:
+        assert c.tokens is not None and c.jobs is not None and c.fleet is not None
+        t0 = time.monotonic()
+        tokens = [(await c.tokens.create(ttl=3600)).token for _ in range(n)]
+        tok_file = base / "tokens.json"
+        tok_file.write_text(json.dumps(tokens))
+        state = base / "agents"
+        proc = spawn("agents", c.nats_url, state, tok_file)
+        try:
+            await asyncio.to_thread(wait_ready, proc, n, 900)
+            result["enroll_s"] = round(time.monotonic() - t0, 1)
+            while len(c.fleet.select()) < n:
+                await asyncio.sleep(0.1)
+            await c.jobs.run(JobSpec(action="ping", timeout=30))  # warm-up
+            ours = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                job = await c.jobs.run(JobSpec(action="ping", timeout=30))
+                ours.append((time.perf_counter() - t) * 1000)
+                if job.counts.get("ok") != n:
+                    raise RuntimeError(f"round incomplete: {job.counts}")
+        finally:
+            await asyncio.to_thread(stop, proc)
+        # Baseline: raw scatter-gather, same server, same identities and connections.
+        proc = spawn("raw", c.nats_url, state, None)
+        try:
+            await asyncio.to_thread(wait_ready, proc, n, 600)
+            nc = await nats.connect(c.nats_url, **c.natsd.controller_credentials())  # type: ignore[union-attr]
+            base_ms = []
+            try:
+                for r in range(rounds + 1):
+                    inbox = nc.new_inbox()
+                    got = 0
+                    done = asyncio.Event()
+
+                    async def on_reply(msg) -> None:
+                        nonlocal got
+                        got += 1
+                        if got == n:
+                            done.set()
+
+                    sub = await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=1_000_000)
+                    t = time.perf_counter()
+                    await nc.publish("barista.cmd.all", b"ping", reply=inbox)
+                    await asyncio.wait_for(done.wait(), 60)
+                    if r:  # round 0 warms up
+                        base_ms.append((time.perf_counter() - t) * 1000)
+                    await sub.unsubscribe()
+            finally:
+                await nc.close()
+        finally:
+            await asyncio.to_thread(stop, proc)
+    p50, p99 = statistics.median(ours), percentile(ours, 0.99)
+    b50 = statistics.median(base_ms)
+    result.update({
+        "rounds": rounds,
+        "p50_ms": round(p50, 1),
+        "p99_ms": round(p99, 1),
+        "baseline_p50_ms": round(b50, 1),
+        "baseline_p99_ms": round(percentile(base_ms, 0.99), 1),
+        "ratio": round(p50 / b50, 2),
+        "replies_per_s": round(n / (p50 / 1000)),
+    })
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, action="append", help="agents (repeat; default 1000, 5000)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--worker", choices=["agents", "raw"])
+    p.add_argument("--nats-url")
+    p.add_argument("--state")
+    p.add_argument("--tokens")
+    args = p.parse_args()
+    raise_nofile()
+    logging.basicConfig(level=logging.ERROR)
+    if args.worker == "agents":
+        if os.environ.get("BENCH_PROFILE"):  # where the agents' time goes
+            import cProfile
+
+            cProfile.runctx("asyncio.run(worker_agents(args))", globals(), locals(),
+                            os.environ["BENCH_PROFILE"])
+        else:
+            asyncio.run(worker_agents(args))
+        return
+    if args.worker == "raw":
+        asyncio.run(worker_raw(args))
+        return
+    for n in args.n or [1000, 5000]:
+        with tempfile.TemporaryDirectory(prefix="barista-bench-") as tmp:
+            print(json.dumps(asyncio.run(measure(n, args.rounds, Path(tmp)))), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
