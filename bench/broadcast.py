@@ -158,7 +158,7 @@ async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
         try:
             await asyncio.to_thread(wait_ready, proc, n, 900)
             result["enroll_s"] = round(time.monotonic() - t0, 1)
-            while len(c.fleet.select()) < n:
+            while len(c.fleet.select()) < n:  # noqa: ASYNC110 - inventory has no event
                 await asyncio.sleep(0.1)
             await c.jobs.run(JobSpec(action="ping", timeout=30))  # warm-up
             ours = []
@@ -179,13 +179,12 @@ async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
             try:
                 for r in range(rounds + 1):
                     inbox = nc.new_inbox()
-                    got = 0
                     done = asyncio.Event()
+                    got = [0]
 
-                    async def on_reply(msg) -> None:
-                        nonlocal got
-                        got += 1
-                        if got == n:
+                    async def on_reply(msg, got=got, done=done) -> None:
+                        got[0] += 1
+                        if got[0] == n:
                             done.set()
 
                     sub = await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=1_000_000)
