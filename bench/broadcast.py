@@ -51,13 +51,14 @@ async def worker_agents(args: argparse.Namespace) -> None:
     from agent.config import AgentConfig
     from agent.runtime import Agent
 
-    tokens = json.loads(Path(args.tokens).read_text())
+    tokens = json.loads(Path(args.tokens).read_text())[args.part :: args.parts]
     agents: list[Agent] = []
     sem = asyncio.Semaphore(64)
 
     async def start(i: int, token: str) -> None:
         cfg = AgentConfig(nats_urls=[args.nats_url], token=token,
-                          state_dir=Path(args.state) / f"a{i}", hostname=f"bench-{i}",
+                          state_dir=Path(args.state) / f"a{args.part}-{i}",
+                          hostname=f"bench-{args.part}-{i}",
                           metrics_interval=3600.0, buffer_batches=4)
         agent = Agent(config=cfg, collectors=[])
         async with sem:
@@ -93,20 +94,26 @@ async def worker_raw(args: argparse.Namespace) -> None:
         await nc.flush()
         conns.append(nc)
 
-    dirs = sorted(p for p in Path(args.state).iterdir() if p.is_dir())
+    dirs = sorted(p for p in Path(args.state).iterdir() if p.is_dir())[args.part :: args.parts]
     await asyncio.gather(*(start(d) for d in dirs))
     print("READY", len(conns), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.gather(*(nc.close() for nc in conns), return_exceptions=True)
 
 
-def spawn(mode: str, nats_url: str, state: Path, tokens: Path | None) -> subprocess.Popen[str]:
+def spawn(mode: str, nats_url: str, state: Path, tokens: Path | None, part: int = 0,
+          parts: int = 1) -> subprocess.Popen[str]:
     cmd = [sys.executable, __file__, "--worker", mode, "--nats-url", nats_url,
-           "--state", str(state)]
+           "--state", str(state), "--part", str(part), "--parts", str(parts)]
     if tokens is not None:
         cmd += ["--tokens", str(tokens)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return proc
+
+
+def wait_ready_all(procs: list[subprocess.Popen[str]], n: int, timeout: float) -> None:
+    for i, proc in enumerate(procs):
+        wait_ready(proc, len(range(i, n, len(procs))), timeout)
 
 
 def wait_ready(proc: subprocess.Popen[str], n: int, timeout: float) -> None:
@@ -137,7 +144,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 # -- the measurement ------------------------------------------------------------------
 
 
-async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
+async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, object]:
     import nats
 
     from controller.app import Controller
@@ -146,7 +153,7 @@ async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
 
     cfg = ControllerConfig(data_dir=base / "controller", api_port=0, stale_after=600.0,
                            offline_after=1200.0)
-    result: dict[str, object] = {"bench": "broadcast", "n": n}
+    result: dict[str, object] = {"bench": "broadcast", "n": n, "agent_processes": procs}
     async with Controller(cfg) as c:
         assert c.tokens is not None and c.jobs is not None and c.fleet is not None
         t0 = time.monotonic()
@@ -154,9 +161,9 @@ async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
         tok_file = base / "tokens.json"
         tok_file.write_text(json.dumps(tokens))
         state = base / "agents"
-        proc = spawn("agents", c.nats_url, state, tok_file)
+        workers = [spawn("agents", c.nats_url, state, tok_file, i, procs) for i in range(procs)]
         try:
-            await asyncio.to_thread(wait_ready, proc, n, 900)
+            await asyncio.to_thread(wait_ready_all, workers, n, 900)
             result["enroll_s"] = round(time.monotonic() - t0, 1)
             while len(c.fleet.select()) < n:  # noqa: ASYNC110 - inventory has no event
                 await asyncio.sleep(0.1)
@@ -169,11 +176,12 @@ async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
                 if job.counts.get("ok") != n:
                     raise RuntimeError(f"round incomplete: {job.counts}")
         finally:
-            await asyncio.to_thread(stop, proc)
+            for w in workers:
+                await asyncio.to_thread(stop, w)
         # Baseline: raw scatter-gather, same server, same identities and connections.
-        proc = spawn("raw", c.nats_url, state, None)
+        workers = [spawn("raw", c.nats_url, state, None, i, procs) for i in range(procs)]
         try:
-            await asyncio.to_thread(wait_ready, proc, n, 600)
+            await asyncio.to_thread(wait_ready_all, workers, n, 600)
             nc = await nats.connect(c.nats_url, **c.natsd.controller_credentials())  # type: ignore[union-attr]
             base_ms = []
             try:
@@ -197,7 +205,8 @@ async def measure(n: int, rounds: int, base: Path) -> dict[str, object]:
             finally:
                 await nc.close()
         finally:
-            await asyncio.to_thread(stop, proc)
+            for w in workers:
+                await asyncio.to_thread(stop, w)
     p50, p99 = statistics.median(ours), percentile(ours, 0.99)
     b50 = statistics.median(base_ms)
     result.update({
@@ -220,6 +229,10 @@ def main() -> None:
     p.add_argument("--nats-url")
     p.add_argument("--state")
     p.add_argument("--tokens")
+    p.add_argument("--procs", type=int, default=2,
+                   help="processes hosting the agents (and the raw responders)")
+    p.add_argument("--part", type=int, default=0)
+    p.add_argument("--parts", type=int, default=1)
     args = p.parse_args()
     raise_nofile()
     logging.basicConfig(level=logging.ERROR)
@@ -237,7 +250,8 @@ def main() -> None:
         return
     for n in args.n or [1000, 5000]:
         with tempfile.TemporaryDirectory(prefix="barista-bench-") as tmp:
-            print(json.dumps(asyncio.run(measure(n, args.rounds, Path(tmp)))), flush=True)
+            result = asyncio.run(measure(n, args.rounds, Path(tmp), args.procs))
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

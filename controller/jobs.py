@@ -152,6 +152,8 @@ class _Run:
         self.batch_done = asyncio.Event()
         self.listeners: list[asyncio.Queue[tuple[str, Any]]] = []
         self.done = asyncio.Event()
+        self.expected = frozenset(record.expected)
+        self.unpublished: list[bytes] = []
 
     def notify(self, kind: str, payload: Any) -> None:
         for q in list(self.listeners):
@@ -171,6 +173,7 @@ class JobEngine:
         self._recent: dict[str, list[NodeResult]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"replies": 0, "bad_replies": 0}
+        self._result_encoder = msgspec.msgpack.Encoder()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -277,6 +280,7 @@ class JobEngine:
             for i, batch in enumerate(batches):
                 run.batch = i
                 await self._run_batch(run, batch, inbox, broadcast=self._broadcast(spec, batches))
+                await self._persist(run)
                 failures = sum(1 for r in run.results.values() if r.status in FAILURES
                                and r.expected)
                 if threshold is not None and failures > threshold and i < len(batches) - 1:
@@ -388,7 +392,7 @@ class JobEngine:
             node_id=node_id, status=status, exit_code=res.exit_code, stdout=res.stdout,
             stderr=res.stderr, stdout_truncated=res.stdout_truncated,
             stderr_truncated=res.stderr_truncated, duration=res.duration, reason=res.reason,
-            data=res.data, expected=node_id in run.record.expected or False,
+            data=res.data, expected=node_id in run.expected,
             batch=run.batch, at=time.time(),
         ))
         run.waiting.discard(node_id)
@@ -396,17 +400,23 @@ class JobEngine:
             run.batch_done.set()
 
     def _record(self, run: _Run, result: NodeResult) -> None:
-        if result.node_id not in run.record.expected:
+        if result.expected and result.node_id not in run.expected:
             result = msgspec.structs.replace(result, expected=False)
         run.results[result.node_id] = result
-        run.notify("result", result)
+        if run.listeners:
+            run.notify("result", result)
+        run.unpublished.append(self._result_encoder.encode(result))
+
+    async def _persist(self, run: _Run) -> None:
+        """Results into the JOBS stream, in one go per batch: core publishes, no round trip
+        per node on the hot path; the flush in _finish makes sure they left."""
+        pending, run.unpublished = run.unpublished, []
         nc = self.c.nc
-        if nc is not None and nc.is_connected:
-            # Core publish into the JOBS stream: no round trip per node on the hot path.
-            task = asyncio.ensure_future(nc.publish(self.c.subjects.job_results(run.record.id),
-                                                    msgspec.msgpack.encode(result)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not pending or nc is None or not nc.is_connected:
+            return
+        subject = self.c.subjects.job_results(run.record.id)
+        for data in pending:
+            await nc.publish(subject, data)
 
     async def _finish(self, run: _Run, stop_reason: str) -> None:
         counts: dict[str, int] = {}
@@ -419,6 +429,7 @@ class JobEngine:
                                         counts=counts, stop_reason=stop_reason,
                                         unexpected=unexpected)
         try:
+            await self._persist(run)
             if self.c.nc is not None and self.c.nc.is_connected:
                 await self.c.nc.flush()
             await self.jobs.put(final.id, final)
