@@ -11,7 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig, ConfigError
-from agent.runtime import AGENT_VERSION, EnrollmentError, run_agent
+
+# agent.runtime (and with it nats) is imported only once the config is known: see
+# _skip_unused_transports.
+
+
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from agent.runtime import AGENT_VERSION
+
+        print(f"barista-agent {AGENT_VERSION}")
+        parser.exit()
+
+
+def _skip_unused_transports(config: AgentConfig) -> None:
+    """nats-py imports aiohttp, when installed, only for ws:// URLs; it costs ~10 MB RSS
+    (a third of the agent), so keep it out unless a websocket URL is configured."""
+    if "aiohttp" in sys.modules:
+        return
+    if not any(url.startswith(("ws://", "wss://")) for url in config.nats_urls):
+        sys.modules["aiohttp"] = None  # type: ignore[assignment]  # import -> ImportError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics-interval", type=float)
     p.add_argument("--heartbeat-interval", type=float)
     p.add_argument("--log-level")
-    p.add_argument("--version", action="version", version=f"barista-agent {AGENT_VERSION}")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     return p.parse_args(argv)
 
 
@@ -64,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _skip_unused_transports(config)
+    from agent.runtime import EnrollmentError
+
     try:
         asyncio.run(_run(config))
     except EnrollmentError as exc:
@@ -75,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(config: AgentConfig) -> None:
+    from agent.runtime import run_agent
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

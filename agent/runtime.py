@@ -13,7 +13,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import nats
 import nats.errors
@@ -21,6 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from agent.apps import AppReconciler, SyncError
 from agent.collectors.base import Collector
 from agent.collectors.scheduler import CollectorSet, build_collectors
 from agent.config import AgentConfig
@@ -44,6 +45,7 @@ from protocol.signing import CommandVerifier
 from protocol.subjects import Subjects
 
 AGENT_VERSION = "0.1.0"
+Severity = Literal["debug", "info", "warning", "error"]
 # Labels copied into every metric as tags; all have a small, bounded set of values.
 TAG_LABELS = ("infra", "group", "provider", "region", "zone")
 ENROLL_INBOX = "_INBOX_enroll"
@@ -59,7 +61,7 @@ class EnrollmentError(Exception):
 
 
 def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
-    return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)
+    return float(min(cap, base * 2.0 ** min(attempt, 30)) * (0.5 + random.random() / 2))
 
 
 class Agent:
@@ -86,11 +88,11 @@ class Agent:
         self.collector_set: CollectorSet | None = None
         self.verifier: CommandVerifier | None = None
         self.executor: Any = None
+        self.apps: AppReconciler | None = None
         self.buffer: collections.deque[tuple[str, bytes]] = collections.deque(
             maxlen=config.buffer_batches
         )
         self.dropped_total = 0
-        self._drops_since_batch = 0
         self._drops_since_connect = 0
         self.published_batches = 0
         self.rejected_commands = 0
@@ -105,6 +107,7 @@ class Agent:
         self._closed = asyncio.Event()
         self._facts: dict[str, Any] = {}
         self._stopping = False
+        self._selectors: dict[str, Selector] = {}
 
     # -- properties ------------------------------------------------------------------
 
@@ -177,7 +180,15 @@ class Agent:
                 node_id=lambda: self.node_id,
                 allow_users=cfg.allow_run_as_user,
             )
+        self.apps = AppReconciler(
+            state_dir=cfg.state_dir / "apps",
+            request=self._app_sync_request,
+            emit=self.emit,
+            node_id=lambda: self.node_id,
+            log=logging.getLogger(f"barista.agent.{self.node_id}.apps"),
+        )
         await self._connect()
+        self.apps.trigger()  # converge to the desired apps, also after a restart
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._collect_loop(), name="collect"),
@@ -195,6 +206,8 @@ class Agent:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
+        if self.apps is not None:
+            await self.apps.close()
         if self.executor is not None and hasattr(self.executor, "aclose"):
             await self.executor.aclose()
         if self.nc is not None and not self.nc.is_closed:
@@ -335,6 +348,8 @@ class Agent:
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
+        if self.apps is not None:
+            self.apps.trigger()  # assignments may have changed while we were away
         self.log.info("reconnected to NATS; %d batches buffered", len(self.buffer))
         if self._drops_since_connect:
             dropped, self._drops_since_connect = self._drops_since_connect, 0
@@ -353,7 +368,7 @@ class Agent:
         type_: str,
         message: str = "",
         *,
-        severity: str = "info",
+        severity: Severity = "info",
         data: dict[str, Any] | None = None,
     ) -> None:
         """Publish an event on this node's events subject (best effort)."""
@@ -366,7 +381,7 @@ class Agent:
             message=message,
             severity=severity,
             data=data or {},
-        )  # type: ignore[arg-type]
+        )
         try:
             await self.nc.publish(self.subjects.events(self.node_id), codec.encode(ev))
         except Exception as exc:
@@ -406,23 +421,30 @@ class Agent:
         assert self.collector_set is not None
         points, errors = await self.collector_set.collect_async()
         self._seq += 1
+        # Count the drop this batch causes before building it, so the batch itself
+        # carries the count (the cumulative total, which later batches carry too).
+        self._make_room()
         batch = MetricBatch(
             node_id=self.node_id,
             seq=self._seq,
             ts=time.time_ns(),
             points=points,
             tags=self._base_tags(),
-            dropped=self._drops_since_batch,
+            dropped=self.dropped_total,
             errors=errors,
         )
-        self._drops_since_batch = 0
-        self.enqueue(f"{self.node_id}:{self._boot}:{self._seq}", codec.encode(batch))
+        self._append(f"{self.node_id}:{self._boot}:{self._seq}", codec.encode(batch))
 
     def enqueue(self, msg_id: str, data: bytes) -> None:
+        self._make_room()
+        self._append(msg_id, data)
+
+    def _make_room(self) -> None:
         if len(self.buffer) == self.buffer.maxlen:
             self.dropped_total += 1
-            self._drops_since_batch += 1
             self._drops_since_connect += 1
+
+    def _append(self, msg_id: str, data: bytes) -> None:
         self.buffer.append((msg_id, data))  # a full deque drops its oldest
         self._have_data.set()
 
@@ -534,7 +556,7 @@ class Agent:
             return
         if not cmd.targets and cmd.selector:
             try:
-                if not Selector.parse(cmd.selector).matches(self.labels):
+                if not self._selector(cmd.selector).matches(self.labels):
                     return
             except ValueError as exc:
                 await self._reply(
@@ -548,16 +570,36 @@ class Agent:
                     ),
                 )
                 return
+        if cmd.action in ("ping", "facts"):
+            # Instant built-ins run inline: a task per broadcast costs more than the answer.
+            await self._run_command(msg, cmd)
+            return
         task = asyncio.create_task(self._run_command(msg, cmd))
         self._cmd_tasks.add(task)
         task.add_done_callback(self._cmd_tasks.discard)
+
+    def _selector(self, text: str) -> Selector:
+        """Parsed selectors, cached: a broadcast repeats the same few selectors."""
+        sel = self._selectors.get(text)
+        if sel is None:
+            sel = Selector.parse(text)
+            if len(self._selectors) >= 64:
+                self._selectors.clear()
+            self._selectors[text] = sel
+        return sel
 
     async def _run_command(self, msg: Msg, cmd: Command) -> None:
         async def on_event(kind: str, data: dict[str, Any]) -> None:
             await self.emit(f"job.{kind}", data={"job_id": cmd.job_id, **data})
 
         try:
-            result = await self.executor.run(cmd, on_event=on_event)
+            if cmd.action == "reconcile":
+                result = await self._reconcile_apps(cmd)
+            else:
+                # Built-ins answer at once: progress events would only double their traffic.
+                result = await self.executor.run(
+                    cmd, on_event=on_event if cmd.action == "exec" else None
+                )
         except Exception as exc:
             self.log.exception("command %s failed inside the agent", cmd.id)
             result = CommandResult(
@@ -568,6 +610,28 @@ class Agent:
                 reason=str(exc),
             )
         await self._reply(msg, result)
+
+    async def _reconcile_apps(self, cmd: Command) -> CommandResult:
+        """The "reconcile" action: one app pass now; data = per-app status."""
+        assert self.apps is not None
+        try:
+            # Shielded: a slow pass keeps going (steps are not killed half way).
+            data = await asyncio.wait_for(asyncio.shield(self.apps.reconcile()), cmd.timeout)
+        except SyncError as exc:
+            return CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self.node_id,
+                                 status="error", reason=f"app sync failed: {exc}")
+        except TimeoutError:
+            return CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self.node_id,
+                                 status="timeout", data=self.apps.view(),
+                                 reason=f"app reconcile still running after {cmd.timeout:g}s")
+        return CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self.node_id,
+                             status="ok", data=data)
+
+    async def _app_sync_request(self, payload: bytes) -> bytes:
+        if self.nc is None or not self.nc.is_connected:
+            raise ConnectionError("not connected to NATS")
+        msg = await self.nc.request(self.subjects.app_sync, payload, timeout=5.0)
+        return msg.data
 
     async def _reply(self, msg: Msg, result: CommandResult) -> None:
         if not msg.reply or self.nc is None:

@@ -1,5 +1,6 @@
 """Ingest throughput: points/s through NATS -> JetStream -> IngestWorker -> InfluxDB 1.x,
-against direct bulk line-protocol writes of the same points to the same influxd.
+against direct bulk line-protocol writes of the same points to the same influxd. Batches
+are what the real collectors produce on this host, widened to a server's core/disk count.
 
 Prints one JSON line. Also reports batch_to_lines lines/s, and the v1 (/write, aiohttp)
 against the v2 (influxdb-client async) sink on VictoriaMetrics. Loopback only.
@@ -31,39 +32,52 @@ from tests.fixtures.influx import InfluxDB1, Victoria
 BASE_TS = 1_700_000_000_000_000_000
 
 
-def make_batch(node: str, seq: int, cores: int = 4) -> MetricBatch:
-    """What one agent sends per interval (~20 points, ~120 fields): Telegraf-like schema."""
-    pts = [
-        MetricPoint(
-            "cpu",
-            {f: 1.5 + i + seq % 7 for i, f in enumerate(
-                ["usage_user", "usage_system", "usage_idle", "usage_iowait", "usage_irq",
-                 "usage_softirq", "usage_steal", "usage_active"])},
-            {"cpu": c},
-        )
-        for c in ["cpu-total", *(f"cpu{i}" for i in range(cores))]
-    ]
-    pts.append(MetricPoint("mem", {
-        "total": 8 << 30, "available": 4 << 30, "used": 3 << 30, "free": 1 << 30,
-        "used_percent": 37.5, "available_percent": 50.0, "cached": 123456, "buffers": 1234}))
-    pts.append(MetricPoint("swap", {"total": 1000, "used": 0, "free": 1000, "used_percent": 0.0}))
-    for path in ["/", "/boot"]:
-        pts.append(MetricPoint("disk", {
-            "total": 100, "used": 50 + seq, "free": 50, "used_percent": 50.0,
-            "inodes_total": 10, "inodes_used": 5},
-            {"path": path, "device": "sda1", "fstype": "ext4"}))
-    for dev in ["sda", "sdb"]:
-        pts.append(MetricPoint("diskio", {
-            "reads": seq, "writes": 2, "read_bytes": 3, "write_bytes": 4, "read_time": 5,
-            "write_time": 6, "io_time": 7}, {"name": dev}))
-    for iface in ["eth0", "lo"]:
-        pts.append(MetricPoint("net", {
-            "bytes_sent": seq, "bytes_recv": 2 * seq, "packets_sent": 3, "packets_recv": 4,
-            "err_in": 0, "err_out": 0, "drop_in": 0, "drop_out": 0}, {"interface": iface}))
-    pts.append(MetricPoint("system", {
-        "load1": 0.5, "load5": 0.4, "load15": 0.3, "n_cpus": cores, "uptime": 1000 + seq,
-        "n_users": 1}))
-    pts.append(MetricPoint("processes", {"total": 100, "running": 2, "sleeping": 98, "zombies": 0}))
+def real_points() -> list[MetricPoint]:
+    """One batch of this host's real collectors (default set), as the agent sends it."""
+    from agent.collectors.scheduler import CollectorSet, build_collectors
+
+    cs = CollectorSet(build_collectors())
+    cs.collect_all()  # the cpu collector reports deltas: the second call has usage_*
+    time.sleep(0.2)
+    points, errors = cs.collect_all()
+    if errors:
+        print(f"collector errors (ignored): {errors}", file=sys.stderr)
+    return points
+
+
+def server_template(points: list[MetricPoint], cores: int, disks: int, ifaces: int
+                    ) -> list[MetricPoint]:
+    """The real batch widened to a bigger server: per-core cpu, disk, diskio and net
+    points copied from the real ones under new tag values (same fields and types)."""
+    out = [p for p in points if p.measurement not in ("cpu", "disk", "diskio", "net")]
+    by = {m: [p for p in points if p.measurement == m] for m in ("cpu", "disk", "diskio", "net")}
+    cpu_total = [p for p in by["cpu"] if p.tags.get("cpu") == "cpu-total"]
+    per_core = [p for p in by["cpu"] if p.tags.get("cpu") != "cpu-total"] or cpu_total
+    out += cpu_total
+    out += [MetricPoint("cpu", dict(per_core[i % len(per_core)].fields), {"cpu": f"cpu{i}"})
+            for i in range(cores)]
+    if by["disk"]:
+        out += [MetricPoint("disk", dict(by["disk"][0].fields),
+                            {**by["disk"][0].tags, "path": f"/data{i}", "device": f"sd{i}1"})
+                for i in range(disks)]
+    if by["diskio"]:
+        out += [MetricPoint("diskio", dict(by["diskio"][0].fields), {"name": f"sd{i}"})
+                for i in range(disks)]
+    if by["net"]:
+        out += [MetricPoint("net", dict(by["net"][0].fields), {"interface": f"eth{i}"})
+                for i in range(ifaces)]
+    return out
+
+
+def make_batch(node: str, seq: int, template: list[MetricPoint]) -> MetricBatch:
+    """The template with its numbers moved a little per interval (counters grow)."""
+    pts = []
+    for p in template:
+        fields = {
+            k: (v + seq if type(v) is int else v * (1 + seq % 7 / 100) if type(v) is float else v)
+            for k, v in p.fields.items()
+        }
+        pts.append(MetricPoint(p.measurement, fields, p.tags))
     return MetricBatch(
         node_id=node, seq=seq, ts=BASE_TS + seq * 10_000_000_000, points=pts,
         tags={"node": node, "infra": "inf1", "group": "g1", "provider": "aws",
@@ -155,12 +169,25 @@ async def main() -> None:
     parser.add_argument("--intervals", type=int, default=60)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-victoria", action="store_true")
+    parser.add_argument("--cores", type=int, default=64, help="per-core cpu points per batch")
+    parser.add_argument("--disks", type=int, default=16, help="disk and diskio points per batch")
+    parser.add_argument("--ifaces", type=int, default=8, help="net points per batch")
+    parser.add_argument("--host-only", action="store_true",
+                        help="this host's real batch as it is, not widened to a server")
     args = parser.parse_args()
 
-    batches = [make_batch(f"n{n}", s) for s in range(args.intervals) for n in range(args.nodes)]
+    real = real_points()
+    template = real if args.host_only else server_template(
+        real, args.cores, args.disks, args.ifaces)
+    batches = [make_batch(f"n{n}", s, template)
+               for s in range(args.intervals) for n in range(args.nodes)]
     data = chunks(batches, 5000)
     total = sum(n for _, n in data)
-    result: dict[str, object] = {"bench": "ingest", "points": total, "batches": len(batches)}
+    result: dict[str, object] = {
+        "bench": "ingest", "points": total, "batches": len(batches),
+        "points_per_batch": len(template), "workers": args.workers,
+        "msg_bytes": len(encode(batches[0])),
+    }
     result["encode_lines_per_s"] = round(bench_encode(batches))
 
     with tempfile.TemporaryDirectory(prefix="barista-bench-ingest-") as tmp:

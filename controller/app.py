@@ -19,8 +19,10 @@ from nats.js.client import JetStreamContext
 
 from controller.auth import NatsAuth
 from controller.config import ControllerConfig, Secrets
+from controller.deploy import Deployer
 from controller.enroll import Enrollment, TokenService
 from controller.fleet import Fleet
+from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
@@ -89,9 +91,14 @@ class Controller:
         self.enrollment: Enrollment | None = None
         self.auth: NatsAuth | None = None
         self.jobs: JobEngine | None = None
+        self.deployer: Deployer | None = None
         self.hub = MetricsHub(self._labels_of)
+        # Ingest workers into InfluxDB; None when no sink is configured (influx_kind "").
+        self.ingest: IngestService | None = None
         # Called with every valid node event (app status, job progress, ...).
         self.event_listeners: list[Any] = []
+        self._enroll_slots = asyncio.Semaphore(256)
+        self._enroll_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Any] = []
         self._log_budget: dict[str, float] = {}
@@ -152,6 +159,15 @@ class Controller:
         )
         self.js = self.nc.jetstream()
         await self._ensure_streams()
+        sink_config = sink_config_of(cfg)
+        if sink_config is not None:
+            self.ingest = IngestService(
+                js=self.js,
+                sink_config=sink_config,
+                workers=cfg.ingest_workers,
+                subjects=self.subjects,
+            )
+            await self.ingest.start()
         self.nodes = Table(await open_bucket(self.js, "nodes"), NodeRecord, name="nodes")
         self.tokens_table = Table(await open_bucket(self.js, "tokens"), TokenRecord, name="tokens")
         self.jobs_table = Table(
@@ -163,6 +179,9 @@ class Controller:
         await self.jobs_table.start()
         self.jobs = JobEngine(self, self.jobs_table)
         await self.jobs.start()
+        self.deployer = deployer = Deployer(self)
+        await deployer.start()
+        self.event_listeners.append(deployer.on_event)
         self.auth = NatsAuth(self.natsd, cfg.data_dir / "nats-nodes.json")
         await self.auth.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
         self.tokens = TokenService(self.tokens_table, default_ttl=cfg.token_ttl)
@@ -186,6 +205,9 @@ class Controller:
         self._subs.append(
             await self.nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll)
         )
+        self._subs.append(
+            await self.nc.subscribe(s.app_sync, queue="controllers", cb=deployer.handle_sync)
+        )
         self._subs.append(await self.nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await self.nc.subscribe(s.metrics_any, cb=self._on_metrics))
         self._subs.append(await self.nc.subscribe(s.events_any, cb=self._on_node_event))
@@ -204,8 +226,12 @@ class Controller:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
+        if self.deployer is not None:
+            await self.deployer.stop()
         if self.jobs is not None:
             await self.jobs.stop()
+        if self.ingest is not None:
+            await self.ingest.stop()
         for table in (self.nodes, self.tokens_table, getattr(self, "jobs_table", None)):
             if table is not None:
                 await table.stop()
@@ -284,6 +310,19 @@ class Controller:
             )
 
     async def _on_enroll(self, msg: Msg) -> None:
+        # nats-py runs a subscription's callbacks one at a time; enrollments wait on KV
+        # writes and a batched server reload, so each gets its own task (bounded).
+        await self._enroll_slots.acquire()
+        task = asyncio.create_task(self._enroll_one(msg))
+        self._enroll_tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._enroll_tasks.discard(t)
+            self._enroll_slots.release()
+
+        task.add_done_callback(done)
+
+    async def _enroll_one(self, msg: Msg) -> None:
         try:
             req = codec.decode(msg.data, EnrollRequest, max_size=64 * 1024)
         except ProtocolError as exc:
@@ -398,4 +437,5 @@ class Controller:
             "heartbeats": self.stats.heartbeats,
             "metric_batches": self.stats.metric_batches,
             "stream_subscribers": self.hub.subscribers,
+            "ingest": self.ingest.status() if self.ingest is not None else None,
         }

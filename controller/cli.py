@@ -15,6 +15,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_apps import app_group
+from controller.cli_metrics import influx_options, ingest, top
 from controller.client import ApiClient, ApiError
 
 console = Console()
@@ -94,6 +96,7 @@ def main(verbose: int) -> None:
 @click.option("--nats-port", type=int, help="port for the embedded NATS (default: free port)")
 @click.option("--api-host", help="API listen address (default 127.0.0.1)")
 @click.option("--api-port", type=int, help="API port (default 8640; 0 = any free port)")
+@influx_options
 def server(
     config_file: Path | None,
     data_dir: Path | None,
@@ -101,6 +104,7 @@ def server(
     nats_port: int | None,
     api_host: str | None,
     api_port: int | None,
+    influx: dict[str, Any],
 ) -> None:
     """Run the controller (embedded NATS unless --nats-url is given)."""
     from controller.config import ControllerConfig
@@ -118,6 +122,7 @@ def server(
                 "nats_port": nats_port,
                 "api_host": api_host,
                 "api_port": api_port,
+                **influx,
             },
         )
         asyncio.run(serve_forever(cfg))
@@ -464,6 +469,10 @@ def demo(duration: str | None, agents: int, data_dir: Path | None, output: str) 
     seconds = parse_duration(duration) if duration else None
     sys.exit(demo_main(seconds, data_dir, agents, output))
 
+
+main.add_command(top)
+main.add_command(ingest)
+main.add_command(app_group)
 
 if __name__ == "__main__":
     main()

@@ -41,6 +41,18 @@ class ControllerConfig:
     jobs_max_bytes: int = 1 << 30
     metrics_max_age: float = 24 * 3600.0
     metrics_max_bytes: int = 1 << 30
+    # Metrics sink for the built-in ingest workers; influx_kind "" = no ingest here
+    # (batches stay in the METRICS stream, or a separate `barista ingest` writes them).
+    influx_kind: str = ""  # "influx1" (/write) or "influx2" (v2 write API: 2.x, 3.x)
+    influx_url: str = ""
+    influx_db: str = "barista"
+    influx_rp: str = ""
+    influx_user: str = ""
+    influx_password: str = field(default="", repr=False)  # kept out of logs
+    influx_token: str = field(default="", repr=False)  # kept out of logs
+    influx_org: str = ""
+    influx_bucket: str = "barista"
+    ingest_workers: int = 1
 
     @classmethod
     def load(
@@ -94,6 +106,14 @@ class ControllerConfig:
             cfg.data_dir = Path(".barista")
         if not (0 < cfg.stale_after < cfg.offline_after):
             raise BadRequest("stale_after must be > 0 and < offline_after")
+        if cfg.influx_kind not in ("", "influx1", "influx2"):
+            raise BadRequest(
+                f"influx_kind {cfg.influx_kind!r} must be influx1, influx2 or empty (no ingest)"
+            )
+        if cfg.influx_kind and not cfg.influx_url:
+            raise BadRequest(f"influx_kind {cfg.influx_kind} needs influx_url")
+        if cfg.ingest_workers < 1:
+            raise BadRequest("ingest_workers must be at least 1")
         return cfg
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,18 @@ def fleet_table(controller: Controller, title: str) -> RichTable:
     return table
 
 
+def influx_from_env() -> dict[str, Any]:
+    """The sink settings from BARISTA_INFLUX_* (a URL alone means InfluxDB 1.x); {} if none."""
+    env = ControllerConfig.load()
+    if not env.influx_url:
+        return {}
+    return {
+        f.name: getattr(env, f.name)
+        for f in fields(ControllerConfig)
+        if f.name.startswith("influx_") or f.name == "ingest_workers"
+    } | {"influx_kind": env.influx_kind or "influx1"}
+
+
 def start_agent(agent: DemoAgent, nats_url: str, token: str, controller_key: str) -> None:
     agent.state_dir.mkdir(parents=True, exist_ok=True)
     log_f = open(agent.log_path, "ab")
@@ -149,6 +161,7 @@ async def run_demo(
         stale_after=5.0,
         offline_after=15.0,
         client_config=client_config,
+        **influx_from_env(),
     )
     result = DemoResult()
     demo_agents: list[DemoAgent] = []
@@ -166,6 +179,15 @@ async def run_demo(
             f"({time.monotonic() - t0:.1f}s)"
         )
         console.print("try, in another terminal: [cyan]barista nodes ls -o json[/cyan]")
+        if config.influx_kind:
+            console.print(f"metrics → InfluxDB at {config.influx_url} ({config.influx_kind})")
+        else:
+            console.print(
+                "no InfluxDB configured: metrics stay in the NATS METRICS stream "
+                "(set BARISTA_INFLUX_URL, and BARISTA_INFLUX_KIND=influx2 with "
+                "BARISTA_INFLUX_TOKEN/_ORG/_BUCKET for a v2 API, to store them)",
+                highlight=False,
+            )
         for i in range(agents):
             labels = {**DEMO_NODES[i % len(DEMO_NODES)], "infra": "demo", "group": "web"}
             name = f"demo-{labels['provider']}-{i + 1}"
@@ -207,6 +229,7 @@ async def _watch(
         else None
     )
     last_plain = 0.0
+    showcase: asyncio.Task[None] | None = None
     if live:
         live.start()
     try:
@@ -229,6 +252,7 @@ async def _watch(
                     f"{result.all_online_after:.1f}s"
                 )
                 (live.console if live else console).print(f"[bold green]{msg}[/bold green]")
+                showcase = asyncio.create_task(_showcase(c, live.console if live else console))
             if live:
                 live.update(fleet_table(c, f"fleet  ({now - t0:.0f}s, Ctrl-C to stop)"))
             elif now - last_plain >= 5:
@@ -239,9 +263,37 @@ async def _watch(
             except TimeoutError:
                 pass
     finally:
+        if showcase is not None and not showcase.done():
+            showcase.cancel()
         if live:
             live.stop()
         console.print(fleet_table(c, "fleet"))
+
+
+async def _showcase(c: Controller, console: Console) -> None:
+    """What the fleet is for: one signed broadcast to every node, every answer back."""
+    from controller.jobs import JobSpec
+
+    assert c.jobs is not None
+    try:
+        t = time.perf_counter()
+        job = await c.jobs.run(
+            JobSpec(shell='echo "$(uname -sr) up $(cut -d. -f1 /proc/uptime)s"', timeout=10),
+            created_by="demo",
+        )
+        took = (time.perf_counter() - t) * 1000
+        table = RichTable(title=f"broadcast: uname + uptime on every node ({took:.0f} ms)")
+        for col in ("node", "status", "output"):
+            table.add_column(col)
+        for r in await c.jobs.results(job.id):
+            table.add_row(r.node_id, r.status, (r.stdout or r.reason).strip()[:60])
+        console.print(table)
+        console.print(f"job {job.id}: {job.counts} — see it again with "
+                      f"`barista jobs show {job.id}`")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        console.print(f"[red]broadcast failed: {exc}[/red]")
 
 
 def demo_main(

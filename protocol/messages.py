@@ -86,7 +86,8 @@ class MetricBatch(Message, tag="metrics"):
     points: list[MetricPoint]
     # Tags common to every point (node, infra, group, provider, region, zone).
     tags: dict[str, str] = {}
-    # Batches this agent dropped from its offline buffer since it last reported drops.
+    # Batches this agent has dropped from its offline buffer since it started (cumulative,
+    # so the count survives the loss of the very batches that would have reported it).
     dropped: int = 0
     errors: dict[str, str] = {}  # collector name -> last error, when a collector failed
 
@@ -156,6 +157,45 @@ class ErrorReply(Message, tag="error"):
     message: str
 
 
+# --- app deploys (desired state; see agent/apps.py and controller/deploy.py) ---------------
+
+
+class AppArtifact(msgspec.Struct, kw_only=True, omit_defaults=True):
+    url: str  # http(s):// or file://
+    sha256: str  # 64 hex digits; a mismatch aborts the install
+    dest: str = ""  # file name inside the release dir; default: the URL's last segment
+
+
+class HealthCheck(msgspec.Struct, kw_only=True, omit_defaults=True):
+    cmd: str = ""  # run with /bin/sh -c in the release dir; exit 0 = healthy
+    http: str = ""  # GET on a loopback URL; 2xx/3xx = healthy
+    retries: int = 10
+    interval: float = 1.0
+    timeout: float = 5.0
+
+
+class AppRelease(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One version of one app as a node should run it; steps run with /bin/sh -c."""
+
+    name: str
+    version: str
+    artifacts: list[AppArtifact] = []
+    install: list[str] = []
+    start: list[str] = []
+    stop: list[str] = []
+    env: dict[str, str] = {}
+    health: HealthCheck | None = None
+    step_timeout: float = 300.0
+
+
+class AppSyncRequest(Message, tag="app_sync_req"):
+    node_id: str
+
+
+class AppSyncReply(Message, tag="app_sync_rep"):
+    releases: list[AppRelease] = []
+
+
 AnyMessage = (
     EnrollRequest
     | EnrollReply
@@ -166,6 +206,8 @@ AnyMessage = (
     | CommandResult
     | Event
     | ErrorReply
+    | AppSyncRequest
+    | AppSyncReply
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -178,4 +220,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     CommandResult,
     Event,
     ErrorReply,
+    AppSyncRequest,
+    AppSyncReply,
 )

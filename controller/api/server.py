@@ -300,6 +300,9 @@ def make_app(controller: Controller, api_token: str) -> web.Application:
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_get("/v1/jobs/{id}/events", job_events)
+    from controller.api.apps import add_app_routes  # imports this module: import here
+
+    add_app_routes(app)
     return app
 
 

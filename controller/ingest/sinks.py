@@ -89,6 +89,7 @@ class InfluxV1Sink:
         self.name = f"influx1 {self.url} db={db}"
         # Basic auth, not u=/p= query parameters: query strings end up in access logs.
         self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        self._has_auth = bool(user)
         if user:
             self._headers["Authorization"] = aiohttp.encode_basic_auth(user, password or "")
         self._params = {"db": db, "precision": "ns"}
@@ -124,6 +125,20 @@ class InfluxV1Sink:
                 retryable=True,
             ) from None
         raise classify_status(resp.status, text, what=self.name)
+
+    async def create_database(self) -> str | None:
+        """``CREATE DATABASE`` (a no-op if it exists); None on success, else the reason."""
+        q = 'CREATE DATABASE "' + self.db.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        headers = {"Authorization": self._headers["Authorization"]} if self._has_auth else {}
+        try:
+            async with self._client().post(
+                f"{self.url}/query", data={"q": q}, headers=headers
+            ) as resp:
+                if resp.status == 200:
+                    return None
+                return f"HTTP {resp.status}: {(await resp.text(errors='replace'))[:200]}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}"
 
     async def ping(self) -> bool:
         try:

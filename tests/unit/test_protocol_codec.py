@@ -13,12 +13,17 @@ from protocol.codec import DEFAULT_MAX_PAYLOAD, decode, encode
 from protocol.errors import PayloadTooLarge, ProtocolError, UnsupportedVersion
 from protocol.messages import (
     ALL_MESSAGES,
+    AppArtifact,
+    AppRelease,
+    AppSyncReply,
+    AppSyncRequest,
     Command,
     CommandResult,
     EnrollReply,
     EnrollRequest,
     ErrorReply,
     Event,
+    HealthCheck,
     Heartbeat,
     Message,
     MetricBatch,
@@ -54,6 +59,23 @@ def _samples() -> dict[type[Message], Message]:
     """One realistic instance per message type, with non-default values wherever possible."""
     signer = CommandSigner.generate()
     return {
+        AppSyncRequest: AppSyncRequest(node_id="n-0001"),
+        AppSyncReply: AppSyncReply(
+            releases=[
+                AppRelease(
+                    name="web",
+                    version="1.2.0",
+                    artifacts=[
+                        AppArtifact(url="file:///srv/web.tgz", sha256="ab" * 32, dest="web.tgz")
+                    ],
+                    install=["tar xzf web.tgz"],
+                    start=["./web &"],
+                    stop=["pkill web"],
+                    env={"PORT": "8080"},
+                    health=HealthCheck(http="http://127.0.0.1:8080/healthz", retries=3),
+                )
+            ]
+        ),
         EnrollRequest: EnrollRequest(
             token="tok_abcdef",
             identity="UAXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX",

@@ -27,12 +27,17 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "CommandResult": ("cmd_result", frozenset({"job_id", "command_id", "node_id", "status"})),
     "Event": ("event", frozenset({"ts", "type"})),
     "ErrorReply": ("error", frozenset({"code", "message"})),
+    "AppSyncRequest": ("app_sync_req", frozenset({"node_id"})),
+    "AppSyncReply": ("app_sync_rep", frozenset()),
 }
 
 # Structs nested inside messages: class name -> v1 required fields. Array-like structs are
 # positional on the wire, so their v1 field order is frozen too (new fields go at the end).
 V1_NESTED: dict[str, frozenset[str]] = {
     "MetricPoint": frozenset({"measurement", "fields"}),
+    "AppRelease": frozenset({"name", "version"}),
+    "AppArtifact": frozenset({"url", "sha256"}),
+    "HealthCheck": frozenset(),
 }
 V1_ARRAY_ORDER: dict[str, tuple[str, ...]] = {
     "MetricPoint": ("measurement", "fields", "tags", "ts"),

@@ -1,0 +1,663 @@
+"""App deploys as desired state: specs, the ``apps``/``app_status`` buckets, rolling rollouts.
+
+A rollout assigns the new version batch by batch, asks the batch to reconcile, gates on the
+nodes' reported health and rolls back to the previous version when failures exceed the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shlex
+import time
+import urllib.parse
+from typing import Any, Literal
+
+import msgspec
+from nats.aio.msg import Msg
+
+from controller.errors import BadRequest, Conflict, NotFound
+from controller.jobs import JobSpec, parse_count
+from controller.models import NodeRecord
+from controller.state import Table, open_bucket
+from protocol import codec
+from protocol.errors import ProtocolError, SelectorError
+from protocol.messages import (
+    AppArtifact,
+    AppRelease,
+    AppSyncReply,
+    AppSyncRequest,
+    ErrorReply,
+    Event,
+    HealthCheck,
+)
+from protocol.selectors import Selector
+
+log = logging.getLogger("barista.controller.deploy")
+
+_NAME = re.compile(r"^[a-z0-9-]{1,40}$")
+_VERSION = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_SPEC_BYTES = 256 * 1024
+NodeState = Literal["installing", "running", "failed", "unhealthy", "removed"]
+RolloutStatus = Literal["rolling", "done", "failed", "rolled-back"]
+TERMINAL = frozenset({"running", "failed", "unhealthy"})
+
+
+# --- the spec -----------------------------------------------------------------------
+
+
+class ArtifactSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    url: str
+    sha256: str
+    dest: str = ""
+
+
+class HealthSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    cmd: str = ""
+    http: str = ""
+    retries: int = 10
+    interval: float = 1.0
+    timeout: float = 5.0
+
+
+class AppSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    name: str
+    version: str
+    artifacts: list[ArtifactSpec] = []
+    install: list[str] = []
+    start: list[str] = []
+    stop: list[str] = []
+    env: dict[str, str] = {}
+    unit: str = ""  # systemd unit text: becomes install/start/stop steps
+    health: HealthSpec | None = None
+    selector: str = ""
+    batch: str = ""  # "1" node or "25%"; empty = all at once
+    max_failures: str = "0"
+    health_timeout: float = 300.0
+    step_timeout: float = 300.0
+
+    def release(self) -> AppRelease:
+        """What a node gets over the wire (the unit expanded into steps)."""
+        install, start, stop = list(self.install), list(self.start), list(self.stop)
+        if self.unit:
+            path = f"/etc/systemd/system/barista-{self.name}.service"
+            install.append(f"printf '%s\\n' {shlex.quote(self.unit)} > {path}")
+            install.append("systemctl daemon-reload")
+            start.append(f"systemctl restart barista-{self.name}.service")
+            stop.insert(0, f"systemctl stop barista-{self.name}.service || true")
+        health = None
+        if self.health is not None:
+            h = self.health
+            health = HealthCheck(cmd=h.cmd, http=h.http, retries=h.retries,
+                                 interval=h.interval, timeout=h.timeout)
+        return AppRelease(
+            name=self.name, version=self.version,
+            artifacts=[AppArtifact(url=a.url, sha256=a.sha256.lower(), dest=a.dest)
+                       for a in self.artifacts],
+            install=install, start=start, stop=stop, env=dict(self.env), health=health,
+            step_timeout=self.step_timeout,
+        )
+
+
+def parse_spec(data: bytes | str | dict[str, Any], *, yaml_text: bool = False) -> AppSpec:
+    """An AppSpec from a dict, JSON or YAML text; ``BadRequest`` names the bad field."""
+    if isinstance(data, bytes | str):
+        if len(data) > MAX_SPEC_BYTES:
+            raise BadRequest(f"app spec is larger than {MAX_SPEC_BYTES} bytes")
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        try:
+            if yaml_text:
+                import yaml
+
+                raw = yaml.safe_load(text)
+            else:
+                raw = json.loads(text)
+        except Exception as exc:
+            kind = "YAML" if yaml_text else "JSON"
+            raise BadRequest(f"app spec is not valid {kind}: {exc}") from None
+    else:
+        raw = data
+    if not isinstance(raw, dict):
+        raise BadRequest("app spec must be a mapping (name, version, artifacts, steps, ...)")
+    for key in ("name", "version"):
+        if key not in raw or raw[key] in (None, ""):
+            raise BadRequest(f"app spec: field '{key}' is required")
+    # YAML turns `version: 1.0` into a float; a version is text.
+    if isinstance(raw.get("version"), int | float) and not isinstance(raw["version"], bool):
+        raw = {**raw, "version": str(raw["version"])}
+    for key in ("install", "start", "stop"):
+        if isinstance(raw.get(key), str):
+            raw = {**raw, key: [raw[key]]}
+    try:
+        spec = msgspec.convert(raw, AppSpec)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"app spec: {_field_message(exc)}") from None
+    validate_spec(spec)
+    return spec
+
+
+def _field_message(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    # msgspec says "... - at `$.health.http`"; say "field 'health.http': ..." instead.
+    m = re.match(r"^(.*) - at `\$\.?(.*)`$", text)
+    if m:
+        where = m.group(2) or "(top level)"
+        return f"field '{where}': {m.group(1)}"
+    return text
+
+
+def validate_spec(spec: AppSpec) -> None:
+    if not _NAME.fullmatch(spec.name):
+        raise BadRequest(f"app spec: field 'name' {spec.name!r} must be 1-40 characters of "
+                         "a-z, 0-9 or '-'")
+    if not _VERSION.fullmatch(spec.version):
+        raise BadRequest(f"app spec: field 'version' {spec.version!r} must be 1-64 characters "
+                         "of letters, digits, '.', '_', '+' or '-'")
+    for i, art in enumerate(spec.artifacts):
+        where = f"artifacts[{i}]"
+        scheme = urllib.parse.urlsplit(art.url).scheme.lower()
+        if scheme not in ("http", "https", "file"):
+            raise BadRequest(f"app spec: field '{where}.url' {art.url!r} must be an http://, "
+                             "https:// or file:// URL")
+        if not _SHA256.fullmatch(art.sha256):
+            raise BadRequest(f"app spec: field '{where}.sha256' must be 64 hex digits "
+                             f"(got {art.sha256!r})")
+        dest = art.dest or urllib.parse.urlsplit(art.url).path.rsplit("/", 1)[-1]
+        if not dest or "/" in dest or dest in (".", "..") or "\0" in dest:
+            raise BadRequest(f"app spec: field '{where}.dest' {dest!r} must be a plain file "
+                             "name inside the release directory")
+    for key in ("install", "start", "stop"):
+        for j, step in enumerate(getattr(spec, key)):
+            if not step.strip() or "\0" in step:
+                raise BadRequest(f"app spec: field '{key}[{j}]' must be a non-empty command")
+    for k, v in spec.env.items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise BadRequest(f"app spec: field 'env' has an invalid variable {k!r}")
+    if spec.health is not None:
+        h = spec.health
+        if h.http:
+            u = urllib.parse.urlsplit(h.http)
+            if u.scheme not in ("http", "https") or (u.hostname or "") not in LOOPBACK:
+                raise BadRequest(f"app spec: field 'health.http' {h.http!r} must be an http "
+                                 "URL on 127.0.0.1, localhost or [::1]")
+        if not h.cmd and not h.http:
+            raise BadRequest("app spec: field 'health' needs 'cmd' or 'http'")
+        if not 1 <= h.retries <= 1000:
+            raise BadRequest("app spec: field 'health.retries' must be between 1 and 1000")
+        if not 0 <= h.interval <= 600 or not 0 < h.timeout <= 600:
+            raise BadRequest("app spec: fields 'health.interval'/'health.timeout' must be "
+                             "between 0 and 600 seconds")
+    try:
+        Selector.parse(spec.selector)
+    except (SelectorError, ValueError) as exc:
+        raise BadRequest(f"app spec: field 'selector' {spec.selector!r} is invalid: {exc}"
+                         ) from None
+    for key in ("batch", "max_failures"):
+        try:
+            parse_count(getattr(spec, key), 100, key)
+        except BadRequest as exc:
+            raise BadRequest(f"app spec: field '{key}': {exc.message}") from None
+    if spec.batch and parse_count(spec.batch, 100, "batch") == 0:
+        raise BadRequest("app spec: field 'batch' must be at least 1 node (or 1%)")
+    if not 0 < spec.health_timeout <= 24 * 3600:
+        raise BadRequest("app spec: field 'health_timeout' must be between 0 and 86400 s")
+    if not 0 < spec.step_timeout <= 24 * 3600:
+        raise BadRequest("app spec: field 'step_timeout' must be between 0 and 86400 s")
+
+
+# --- records ------------------------------------------------------------------------
+
+
+class Rollout(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: RolloutStatus = "rolling"
+    version: str = ""
+    batch: int = 0
+    batches: int = 1
+    message: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    failed: dict[str, str] = {}  # node id -> error
+    pending: list[str] = []  # assigned while offline; they converge when they return
+
+
+class AppRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str
+    current: AppSpec
+    previous: AppSpec | None = None
+    assignments: dict[str, str] = {}  # node id -> version it should run now
+    rollout: Rollout = msgspec.field(default_factory=Rollout)
+
+    def spec_for(self, version: str) -> AppSpec | None:
+        if self.current.version == version:
+            return self.current
+        if self.previous is not None and self.previous.version == version:
+            return self.previous
+        return None
+
+
+class NodeAppStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
+    app: str
+    node_id: str
+    version: str
+    state: NodeState
+    error: str = ""
+    at: float = 0.0
+
+
+def status_key(app: str, node_id: str) -> str:
+    return f"{app}.{node_id}"
+
+
+# --- the deployer -------------------------------------------------------------------
+
+
+class Deployer:
+    """Runs app rollouts for one controller; records in KV ``apps``, node states in
+    ``app_status``."""
+
+    def __init__(self, controller: Any) -> None:
+        self.c = controller
+        self.apps: Table[AppRecord] | None = None
+        self.statuses: Table[NodeAppStatus] | None = None
+        self._rollouts: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writes: asyncio.Queue[NodeAppStatus] = asyncio.Queue(maxsize=100_000)
+        self._waiters: set[asyncio.Event] = set()
+        self.stats = {"syncs": 0, "syncs_refused": 0, "status_events": 0, "bad_events": 0}
+
+    async def start(self) -> None:
+        js = self.c.js
+        self.apps = Table(await open_bucket(js, "apps"), AppRecord, name="apps")
+        self.statuses = Table(await open_bucket(js, "app_status", history=1),
+                              NodeAppStatus, name="app_status")
+        await self.apps.start()
+        await self.statuses.start()
+        self._spawn(self._writer(), "app-status-writer")
+
+    async def stop(self) -> None:
+        tasks = list(self._rollouts.values()) + list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        for table in (self.apps, self.statuses):
+            if table is not None:
+                await table.stop()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- reads -----------------------------------------------------------------------
+
+    def get(self, name: str) -> AppRecord:
+        assert self.apps is not None
+        rec = self.apps.get(name)
+        if rec is None:
+            raise NotFound(f"app {name!r} not found")
+        return rec
+
+    def all(self) -> list[AppRecord]:
+        assert self.apps is not None
+        return sorted(self.apps, key=lambda r: r.name)
+
+    def node_statuses(self, name: str) -> dict[str, NodeAppStatus]:
+        assert self.statuses is not None
+        return {s.node_id: s for s in self.statuses if s.app == name}
+
+    def status(self, name: str) -> dict[str, Any]:
+        rec = self.get(name)
+        out: dict[str, Any] = msgspec.to_builtins(rec)
+        # omit_defaults drops empty fields; the API shows them all.
+        out["assignments"] = dict(rec.assignments)
+        out.setdefault("previous", None)
+        out["running"] = name in self._rollouts
+        nodes: dict[str, Any] = {}
+        statuses = self.node_statuses(name)
+        fleet = self.c.fleet
+        for node_id in sorted(set(rec.assignments) | set(statuses)):
+            st = statuses.get(node_id)
+            node = fleet.nodes.get(node_id) if fleet is not None else None
+            nodes[node_id] = {
+                "assigned": rec.assignments.get(node_id),
+                "version": st.version if st else None,
+                "state": st.state if st else "pending",
+                "error": st.error if st else "",
+                "at": st.at if st else None,
+                "node_status": node.status if node else "unknown",
+            }
+        out["nodes"] = nodes
+        return out
+
+    # -- writes ----------------------------------------------------------------------
+
+    async def deploy(self, spec: AppSpec, *, message: str = "") -> AppRecord:
+        """Store the spec and start its rollout in the background; returns at once."""
+        assert self.apps is not None
+        validate_spec(spec)
+        if spec.name in self._rollouts:
+            raise Conflict(f"app {spec.name!r} has a rollout in progress; wait for it to end")
+        try:
+            selector = Selector.parse(spec.selector)
+        except (SelectorError, ValueError) as exc:
+            raise BadRequest(f"bad selector {spec.selector!r}: {exc}") from None
+        targets = [n.id for n in self.c.fleet.select(selector)]
+        size = parse_count(spec.batch, len(targets), "batch") or len(targets) or 1
+        batches = max(1, -(-len(targets) // size))
+        rollout = Rollout(status="rolling", version=spec.version, batches=batches,
+                          started_at=time.time(),
+                          message=message or f"deploying {spec.version} to {len(targets)} node(s)")
+
+        def update(cur: AppRecord) -> AppRecord:
+            prev = cur.previous if cur.current.version == spec.version else cur.current
+            return msgspec.structs.replace(cur, current=spec, previous=prev, rollout=rollout)
+
+        record: AppRecord | None = None
+        if self.apps.get(spec.name) is None:
+            try:
+                record = AppRecord(name=spec.name, current=spec, rollout=rollout)
+                await self.apps.create(spec.name, record)
+            except Conflict:  # another controller created it just now
+                record = None
+        if record is None:
+            record = await self.apps.mutate(spec.name, update)
+            assert record is not None
+        task = asyncio.create_task(self._rollout(spec, targets, size),
+                                   name=f"rollout-{spec.name}")
+        self._rollouts[spec.name] = task
+        task.add_done_callback(lambda _t: self._forget_rollout(spec.name, task))
+        log.info("app %s: rollout of %s to %d node(s) in %d batch(es)", spec.name,
+                 spec.version, len(targets), batches)
+        return record
+
+    def _forget_rollout(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._rollouts.get(name) is task:
+            del self._rollouts[name]
+
+    async def wait(self, name: str) -> AppRecord:
+        task = self._rollouts.get(name)
+        if task is not None:
+            await asyncio.shield(task)
+        return self.get(name)
+
+    async def rollback(self, name: str) -> AppRecord:
+        rec = self.get(name)
+        if rec.previous is None:
+            raise Conflict(f"app {name!r} has no previous version to roll back to")
+        return await self.deploy(rec.previous, message=f"rollback to {rec.previous.version}")
+
+    async def remove(self, name: str) -> dict[str, Any]:
+        """Forget the app; its nodes stop it (now, or when they come back)."""
+        assert self.apps is not None
+        rec = self.get(name)
+        task = self._rollouts.get(name)
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.apps.delete(name)
+        nodes = self._reachable(sorted(rec.assignments))
+        if nodes:
+            self._spawn(self._reconcile(nodes, rec.current), f"remove-{name}")
+        log.info("app %s removed from %d node(s)", name, len(rec.assignments))
+        return {"name": name, "removed_from": sorted(rec.assignments)}
+
+    # -- rollout ---------------------------------------------------------------------
+
+    def _reachable(self, node_ids: list[str]) -> list[str]:
+        fleet = self.c.fleet
+        out = []
+        for node_id in node_ids:
+            node: NodeRecord | None = fleet.nodes.get(node_id)
+            if node is not None and node.status != "offline":
+                out.append(node_id)
+        return out
+
+    async def _assign(self, name: str, versions: dict[str, str | None],
+                      **rollout_changes: Any) -> AppRecord:
+        """CAS update: node -> version (None = unassign) and rollout fields."""
+        assert self.apps is not None
+
+        def update(cur: AppRecord) -> AppRecord:
+            assignments = dict(cur.assignments)
+            for node_id, version in versions.items():
+                if version is None:
+                    assignments.pop(node_id, None)
+                else:
+                    assignments[node_id] = version
+            rollout = msgspec.structs.replace(cur.rollout, **rollout_changes)
+            return msgspec.structs.replace(cur, assignments=assignments, rollout=rollout)
+
+        rec = await self.apps.mutate(name, update)
+        assert rec is not None
+        return rec
+
+    async def _reconcile(self, node_ids: list[str], spec: AppSpec) -> dict[str, Any]:
+        """A "reconcile" job on these nodes; node id -> CommandResult data (or reason)."""
+        if not node_ids:
+            return {}
+        timeout = spec.health_timeout + spec.step_timeout
+        job = await self.c.jobs.run(
+            JobSpec(action="reconcile", targets=node_ids, timeout=timeout),
+            created_by=f"deploy:{spec.name}",
+        )
+        out: dict[str, Any] = {}
+        for r in await self.c.jobs.results(job.id):
+            out[r.node_id] = r
+        return out
+
+    async def _outcomes(self, spec: AppSpec, node_ids: list[str], results: dict[str, Any],
+                        since: float) -> tuple[dict[str, str], list[str]]:
+        """Wait for each node's verdict on spec.version: (failed node -> error, pending)."""
+        deadline = time.monotonic() + spec.health_timeout
+        failed: dict[str, str] = {}
+        pending: list[str] = []
+        waiting = set(node_ids)
+        for node_id in node_ids:
+            res = results.get(node_id)
+            if res is None:
+                continue
+            if res.status == "no-response" and res.reason == "node is offline":
+                pending.append(node_id)
+                waiting.discard(node_id)
+            elif res.status in ("rejected", "error", "failed"):
+                failed[node_id] = f"reconcile {res.status}: {res.reason}"
+                waiting.discard(node_id)
+        while waiting:
+            for node_id in sorted(waiting):
+                verdict = self._verdict(spec, node_id, results.get(node_id), since)
+                if verdict is None:
+                    continue
+                waiting.discard(node_id)
+                if verdict[0] != "running":
+                    failed[node_id] = f"{verdict[0]}: {verdict[1]}" if verdict[1] else verdict[0]
+            if not waiting:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for node_id in sorted(waiting):
+                    failed[node_id] = (f"no healthy status for {spec.version} within "
+                                       f"{spec.health_timeout:g}s")
+                break
+            ev = asyncio.Event()
+            self._waiters.add(ev)
+            try:
+                await asyncio.wait_for(ev.wait(), min(left, 1.0))
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(ev)
+        return failed, pending
+
+    def _verdict(self, spec: AppSpec, node_id: str, res: Any,
+                 since: float) -> tuple[str, str] | None:
+        data = getattr(res, "data", None)
+        if isinstance(data, dict):
+            st = data.get(spec.name)
+            if (isinstance(st, dict) and st.get("version") == spec.version
+                    and st.get("state") in TERMINAL):
+                return str(st["state"]), str(st.get("error", ""))
+        assert self.statuses is not None
+        rec = self.statuses.get(status_key(spec.name, node_id))
+        if rec is not None and rec.version == spec.version and rec.state in TERMINAL \
+                and rec.at >= since:
+            return rec.state, rec.error
+        return None
+
+    async def _rollout(self, spec: AppSpec, targets: list[str], size: int) -> None:
+        name = spec.name
+        started = time.time()
+        rec = self.get(name)
+        previous = rec.previous
+        threshold = parse_count(spec.max_failures, len(targets), "max_failures") or 0
+        batches = [targets[i:i + size] for i in range(0, len(targets), size)]
+        # Nodes that no longer match the selector drop the app with the first batch.
+        dropped = [n for n in rec.assignments if n not in set(targets)]
+        touched: list[str] = []
+        failed: dict[str, str] = {}
+        pending: list[str] = []
+        try:
+            for i, batch in enumerate(batches):
+                changes: dict[str, str | None] = dict.fromkeys(batch, spec.version)
+                if i == 0:
+                    changes.update(dict.fromkeys(dropped))
+                await self._assign(name, changes, batch=i + 1)
+                touched.extend(batch)
+                live = self._reachable(batch + (dropped if i == 0 else []))
+                since = time.time() - 1.0
+                results = await self._reconcile(live, spec)
+                offline = [n for n in batch if n not in live]
+                f, p = await self._outcomes(spec, [n for n in batch if n in live], results,
+                                            since)
+                failed.update(f)
+                pending.extend(offline + p)
+                if len(failed) > threshold:
+                    await self._roll_back(spec, previous, touched, failed, i + 1, len(batches))
+                    return
+            msg = f"{spec.version} on {len(targets) - len(pending)} node(s)"
+            if pending:
+                msg += f"; {len(pending)} offline node(s) pending: {', '.join(pending)}"
+            if failed:
+                msg += f"; {len(failed)} failure(s) within max_failures: " + _describe(failed)
+            await self._assign(name, {}, status="done", message=msg, failed=failed,
+                               pending=pending, finished_at=time.time())
+            log.info("app %s: rollout of %s done in %.1fs (%s)", name, spec.version,
+                     time.time() - started, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("app %s: rollout of %s failed", name, spec.version)
+            try:
+                await self._assign(name, {}, status="failed", message=f"internal error: {exc}",
+                                   finished_at=time.time())
+            except Exception:
+                log.exception("app %s: could not record the failed rollout", name)
+
+    async def _roll_back(self, spec: AppSpec, previous: AppSpec | None, touched: list[str],
+                         failed: dict[str, str], batch: int, batches: int) -> None:
+        name = spec.name
+        back = previous.version if previous is not None else None
+        msg = (f"rolled back {'to ' + back if back else '(removed)'} after batch "
+               f"{batch}/{batches}: {len(failed)} failure(s) exceed max_failures "
+               f"{spec.max_failures}: " + _describe(failed))
+        log.warning("app %s: %s", name, msg)
+        await self._assign(name, dict.fromkeys(touched, back), message=msg, failed=failed)
+        target = previous if previous is not None else spec
+        live = self._reachable(touched)
+        await self._reconcile(live, target)
+        await self._assign(name, {}, status="rolled-back", finished_at=time.time())
+
+    # -- agent side --------------------------------------------------------------------
+
+    def releases_for(self, node: NodeRecord) -> list[AppRelease]:
+        assert self.apps is not None
+        out = []
+        for rec in self.apps:
+            version = rec.assignments.get(node.id)
+            if version is None and rec.rollout.status == "done":
+                # A node that joined (or started matching) after the rollout.
+                try:
+                    if Selector.parse(rec.current.selector).matches(node.labels):
+                        version = rec.current.version
+                except (SelectorError, ValueError):
+                    version = None
+            spec = rec.spec_for(version) if version else None
+            if spec is not None:
+                out.append(spec.release())
+        return out
+
+    async def handle_sync(self, msg: Msg) -> None:
+        """Answer an agent's AppSyncRequest with the releases assigned to it."""
+        try:
+            req = codec.decode(msg.data, AppSyncRequest, max_size=16 * 1024)
+            subjects = self.c.subjects
+            # A node reads replies only in its own inbox space (its NATS permissions), so
+            # the reply subject proves who asks.
+            if not msg.reply.startswith(subjects.inbox_prefix(req.node_id) + "."):
+                raise ProtocolError(f"sync for node {req.node_id!r} must be asked from that "
+                                    "node's inbox")
+        except (ProtocolError, ValueError) as exc:
+            self.stats["syncs_refused"] += 1
+            reason = getattr(exc, "reason", None) or str(exc)
+            log.warning("app sync refused: %s", reason)
+            if msg.reply:
+                await msg.respond(codec.encode(ErrorReply(code="bad_request", message=reason)))
+            return
+        node = self.c.fleet.nodes.get(req.node_id) if self.c.fleet is not None else None
+        if node is None:
+            self.stats["syncs_refused"] += 1
+            await msg.respond(codec.encode(ErrorReply(code="not_found",
+                                                      message=f"unknown node {req.node_id}")))
+            return
+        self.stats["syncs"] += 1
+        await msg.respond(codec.encode(AppSyncReply(releases=self.releases_for(node))))
+
+    def on_event(self, event: Event) -> None:
+        """Node events: keep "app.status" reports in ``app_status`` (via one writer)."""
+        if event.type != "app.status":
+            return
+        d = event.data
+        try:
+            st = msgspec.convert({"app": d.get("app"), "node_id": event.node_id,
+                                  "version": d.get("version"), "state": d.get("state"),
+                                  "error": d.get("error") or "", "at": event.ts},
+                                 NodeAppStatus)
+            if not _NAME.fullmatch(st.app):
+                raise ValueError(f"bad app name {st.app!r}")
+        except (msgspec.ValidationError, ValueError, AttributeError) as exc:
+            self.stats["bad_events"] += 1
+            log.warning("bad app.status event from node %s: %s", event.node_id, exc)
+            return
+        self.stats["status_events"] += 1
+        try:
+            self._writes.put_nowait(st)
+        except asyncio.QueueFull:
+            log.warning("app status queue full; dropped a status of node %s", st.node_id)
+
+    async def _writer(self) -> None:
+        assert self.statuses is not None
+        while True:
+            st = await self._writes.get()
+            try:
+                await self.statuses.put(status_key(st.app, st.node_id), st)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("app status of node %s not stored: %s", st.node_id, exc)
+            for ev in list(self._waiters):
+                ev.set()
+
+
+def _describe(failed: dict[str, str]) -> str:
+    return "; ".join(f"{node}: {err}" for node, err in sorted(failed.items()))
