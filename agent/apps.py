@@ -157,7 +157,8 @@ class AppReconciler:
     async def _converge_all(self, releases: list[AppRelease]) -> None:
         desired: dict[str, AppRelease] = {}
         for r in releases:
-            if not _NAME.fullmatch(r.name) or not _VERSION.fullmatch(r.version):
+            if (not _NAME.fullmatch(r.name) or not _VERSION.fullmatch(r.version)
+                    or r.version.startswith(".")):
                 self.log.warning("ignoring release with a bad name/version %r %r",
                                  r.name, r.version)
                 continue
@@ -332,6 +333,12 @@ class AppReconciler:
     # -- files -----------------------------------------------------------------------
 
     def _release_dir(self, name: str, version: str) -> Path:
+        # Names and versions were checked against _NAME/_VERSION; this also refuses "."
+        # and ".." so a release directory can never be the app's or the state's own.
+        if version.startswith(".") or not _VERSION.fullmatch(version) or not _NAME.fullmatch(
+            name
+        ):
+            raise StepFailed(f"invalid app name or version {name!r} {version!r}")
         return self.state_dir / name / version
 
     def _prepare_dir(self, rdir: Path) -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -108,6 +109,7 @@ class Agent:
         self._facts: dict[str, Any] = {}
         self._stopping = False
         self._selectors: dict[str, Selector] = {}
+        self._cmd_subs: list[Any] = []
 
     # -- properties ------------------------------------------------------------------
 
@@ -197,19 +199,27 @@ class Agent:
         self.log.info("node %s: agent started (labels %s)", self.node_id, self.labels)
 
     async def stop(self) -> None:
+        """Stop taking commands, kill running ones, flush what can be sent, disconnect."""
         self._stopping = True
+        for sub in self._cmd_subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        self._cmd_subs.clear()
         for task in self._tasks:
             task.cancel()
+        # Kill running commands first: waiting for them would wait for their timeouts.
+        if self.executor is not None and hasattr(self.executor, "aclose"):
+            await self.executor.aclose()
+        if self.apps is not None:
+            await self.apps.close()
         for task in list(self._tasks) + list(self._cmd_tasks):
             try:
-                await task
+                await asyncio.wait_for(task, 10)
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
-        if self.apps is not None:
-            await self.apps.close()
-        if self.executor is not None and hasattr(self.executor, "aclose"):
-            await self.executor.aclose()
         if self.nc is not None and not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.drain(), 3)
@@ -333,8 +343,10 @@ class Agent:
                 attempt += 1
                 await asyncio.sleep(delay)
         self._connected.set()
-        await self.nc.subscribe(self.subjects.cmd_all, cb=self._on_command)
-        await self.nc.subscribe(self.subjects.cmd_node(st.node_id), cb=self._on_command)
+        self._cmd_subs = [
+            await self.nc.subscribe(self.subjects.cmd_all, cb=self._on_command),
+            await self.nc.subscribe(self.subjects.cmd_node(st.node_id), cb=self._on_command),
+        ]
         await self.nc.flush()
 
     async def _on_disconnected(self) -> None:
@@ -616,7 +628,12 @@ class Agent:
         assert self.apps is not None
         try:
             # Shielded: a slow pass keeps going (steps are not killed half way).
-            data = await asyncio.wait_for(asyncio.shield(self.apps.reconcile()), cmd.timeout)
+            # Shielded so a timeout does not kill steps half way; tracked so stop() ends it.
+            pass_task = asyncio.ensure_future(self.apps.reconcile())
+            self._cmd_tasks.add(pass_task)
+            pass_task.add_done_callback(self._cmd_tasks.discard)
+            pass_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            data = await asyncio.wait_for(asyncio.shield(pass_task), cmd.timeout)
         except SyncError as exc:
             return CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self.node_id,
                                  status="error", reason=f"app sync failed: {exc}")
@@ -634,12 +651,54 @@ class Agent:
         return msg.data
 
     async def _reply(self, msg: Msg, result: CommandResult) -> None:
-        if not msg.reply or self.nc is None:
+        """Publish a result on this node's results subject (never to a reply subject that
+        every node of a broadcast shares: the subject is what proves who answered)."""
+        if self.nc is None or not result.job_id:
             return
+        data = fit_result(result, self.nc.max_payload or codec.DEFAULT_MAX_PAYLOAD)
         try:
-            await self.nc.publish(msg.reply, codec.encode(result))
+            await self.nc.publish(self.subjects.results(self.node_id), data)
         except Exception as exc:
-            self.log.warning("reply to %s not sent: %s", msg.subject, exc)
+            self.log.warning("result of job %s not sent: %s", result.job_id, exc)
+
+
+def fit_result(result: CommandResult, limit: int) -> bytes:
+    """Encode ``result`` within ``limit`` bytes, cutting output (marked truncated) if needed.
+
+    Output caps are per stream and counted before decoding; two full streams, or invalid
+    UTF-8 that grows when replaced, could otherwise exceed the NATS payload limit, and a
+    result that cannot be published is a node reported as not answering.
+    """
+    data = codec.encode(result)
+    budget = limit - 4096  # headers and protocol overhead
+    if len(data) <= budget:
+        return data
+    # 256: the truncation flags and longer headers that the cut result may add
+    overhead = len(data) - len(result.stdout.encode()) - len(result.stderr.encode()) + 256
+    room = max(0, budget - overhead)
+    half = room // 2
+    out = msgspec.structs.replace(
+        result,
+        stdout=_cut(result.stdout, half),
+        stderr=_cut(result.stderr, room - min(half, len(result.stdout.encode()))),
+        stdout_truncated=result.stdout_truncated or len(result.stdout.encode()) > half,
+        stderr_truncated=result.stderr_truncated
+        or len(result.stderr.encode()) > room - min(half, len(result.stdout.encode())),
+    )
+    data = codec.encode(out)
+    if len(data) <= budget:
+        return data
+    return codec.encode(msgspec.structs.replace(
+        out, stdout="", stderr="", data={}, stdout_truncated=True, stderr_truncated=True,
+        reason=(out.reason + "; " if out.reason else "") + "result too large for NATS",
+    ))
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    raw = text.encode()
+    if len(raw) <= max_bytes:
+        return text
+    return raw[: max(0, max_bytes)].decode("utf-8", "ignore")
 
 
 def _ids_of(signed: SignedCommand) -> tuple[str, str]:

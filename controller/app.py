@@ -226,6 +226,10 @@ class Controller:
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
+        for task in list(self._enroll_tasks):
+            task.cancel()
+        if self._enroll_tasks:
+            await asyncio.gather(*self._enroll_tasks, return_exceptions=True)
         if self.deployer is not None:
             await self.deployer.stop()
         if self.jobs is not None:
@@ -333,12 +337,13 @@ class Controller:
         assert self.enrollment is not None
         try:
             reply = await self.enrollment.enroll(req)
-        except Exception as exc:
+        except Exception:
             log.exception("enrollment failed")
             if msg.reply:
-                await msg.respond(
-                    codec.encode(ErrorReply(code="internal", message=f"enrollment failed: {exc}"))
-                )
+                # The enroll user is unauthenticated: no internal details in the answer.
+                await msg.respond(codec.encode(ErrorReply(
+                    code="internal", message="enrollment failed inside the controller; retry "
+                    "later (the controller log has the cause)")))
             return
         if reply.ok:
             self.stats.enrollments += 1

@@ -294,6 +294,45 @@ async def _showcase(c: Controller, console: Console) -> None:
         raise
     except Exception as exc:
         console.print(f"[red]broadcast failed: {exc}[/red]")
+    try:
+        await _deploy_app(c, console)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        console.print(f"[red]app deploy failed: {exc}[/red]")
+
+
+async def _deploy_app(c: Controller, console: Console) -> None:
+    """A small app as desired state: artifact with sha256, steps, health gate, batches."""
+    import hashlib
+
+    from controller.deploy import parse_spec
+
+    deployer = c.deployer
+    assert deployer is not None
+    artifact = c.config.data_dir / "demo-app" / "hello.sh"
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    artifact.write_text('#!/bin/sh\necho "hello from $(hostname) v$1" > hello.txt\n')
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    spec = parse_spec({
+        "name": "hello", "version": "1.0.0", "selector": "infra=demo", "batch": "1",
+        "max_failures": "0", "health_timeout": 30,
+        "artifacts": [{"url": artifact.as_uri(), "sha256": digest}],
+        "install": ["chmod +x hello.sh"], "start": ["./hello.sh 1.0.0"],
+        "health": {"cmd": "grep -q v1.0.0 hello.txt", "retries": 5, "interval": 0.2},
+    })
+    t = time.perf_counter()
+    await deployer.deploy(spec, message="barista demo")
+    record = await deployer.wait("hello")
+    status = deployer.status("hello")
+    table = RichTable(title=f"app hello {record.rollout.status} in "
+                            f"{time.perf_counter() - t:.1f}s (batches of 1, health-gated)")
+    for col in ("node", "version", "state"):
+        table.add_column(col)
+    for node_id, st in status["nodes"].items():
+        table.add_row(node_id, str(st["version"]), st["state"])
+    console.print(table)
+    console.print("see it with `barista app status hello`")
 
 
 def demo_main(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import shlex
 import time
@@ -19,7 +20,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from controller.errors import BadRequest, Conflict, NotFound
-from controller.jobs import JobSpec, parse_count
+from controller.jobs import MAX_TIMEOUT, JobSpec, parse_count
 from controller.models import NodeRecord
 from controller.state import Table, open_bucket
 from protocol import codec
@@ -154,9 +155,9 @@ def validate_spec(spec: AppSpec) -> None:
     if not _NAME.fullmatch(spec.name):
         raise BadRequest(f"app spec: field 'name' {spec.name!r} must be 1-40 characters of "
                          "a-z, 0-9 or '-'")
-    if not _VERSION.fullmatch(spec.version):
+    if not _VERSION.fullmatch(spec.version) or spec.version.startswith("."):
         raise BadRequest(f"app spec: field 'version' {spec.version!r} must be 1-64 characters "
-                         "of letters, digits, '.', '_', '+' or '-'")
+                         "of letters, digits, '.', '_', '+' or '-', not starting with '.'")
     for i, art in enumerate(spec.artifacts):
         where = f"artifacts[{i}]"
         scheme = urllib.parse.urlsplit(art.url).scheme.lower()
@@ -203,10 +204,15 @@ def validate_spec(spec: AppSpec) -> None:
             raise BadRequest(f"app spec: field '{key}': {exc.message}") from None
     if spec.batch and parse_count(spec.batch, 100, "batch") == 0:
         raise BadRequest("app spec: field 'batch' must be at least 1 node (or 1%)")
-    if not 0 < spec.health_timeout <= 24 * 3600:
-        raise BadRequest("app spec: field 'health_timeout' must be between 0 and 86400 s")
-    if not 0 < spec.step_timeout <= 24 * 3600:
-        raise BadRequest("app spec: field 'step_timeout' must be between 0 and 86400 s")
+    limit = MAX_TIMEOUT / 2  # a reconcile job waits for both, within one command TTL
+    for key in ("health_timeout", "step_timeout"):
+        value = getattr(spec, key)
+        if not math.isfinite(value) or not 0 < value <= limit:
+            raise BadRequest(f"app spec: field '{key}' must be between 0 and {limit:g} s")
+    if spec.health is not None and not all(
+        math.isfinite(v) for v in (spec.health.interval, spec.health.timeout)
+    ):
+        raise BadRequest("app spec: fields 'health.interval'/'health.timeout' must be numbers")
 
 
 # --- records ------------------------------------------------------------------------
@@ -264,6 +270,7 @@ class Deployer:
         self.apps: Table[AppRecord] | None = None
         self.statuses: Table[NodeAppStatus] | None = None
         self._rollouts: dict[str, asyncio.Task[None]] = {}
+        self._starting: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writes: asyncio.Queue[NodeAppStatus] = asyncio.Queue(maxsize=100_000)
         self._waiters: set[asyncio.Event] = set()
@@ -344,8 +351,17 @@ class Deployer:
         """Store the spec and start its rollout in the background; returns at once."""
         assert self.apps is not None
         validate_spec(spec)
-        if spec.name in self._rollouts:
+        if spec.name in self._rollouts or spec.name in self._starting:
             raise Conflict(f"app {spec.name!r} has a rollout in progress; wait for it to end")
+        # Reserved before the first await, so two concurrent deploys cannot both start.
+        self._starting.add(spec.name)
+        try:
+            return await self._deploy(spec, message)
+        finally:
+            self._starting.discard(spec.name)
+
+    async def _deploy(self, spec: AppSpec, message: str) -> AppRecord:
+        assert self.apps is not None
         try:
             selector = Selector.parse(spec.selector)
         except (SelectorError, ValueError) as exc:
@@ -635,6 +651,13 @@ class Deployer:
                                  NodeAppStatus)
             if not _NAME.fullmatch(st.app):
                 raise ValueError(f"bad app name {st.app!r}")
+            # Only apps that exist and were ever assigned to this node: a node cannot grow
+            # the status bucket with made-up names.
+            rec = self.apps.get(st.app) if self.apps is not None else None
+            known = self.statuses is not None and self.statuses.get(
+                status_key(st.app, event.node_id)) is not None
+            if not known and (rec is None or event.node_id not in rec.assignments):
+                raise ValueError(f"app {st.app!r} is not assigned to this node")
         except (msgspec.ValidationError, ValueError, AttributeError) as exc:
             self.stats["bad_events"] += 1
             log.warning("bad app.status event from node %s: %s", event.node_id, exc)

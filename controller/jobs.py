@@ -37,7 +37,8 @@ ACTIONS = ("ping", "facts", "exec", "reconcile")
 DIRECT_MAX = 16
 # Time a node gets beyond the command's own timeout to deliver its reply.
 REPLY_GRACE = 2.0
-MAX_TIMEOUT = 24 * 3600.0
+# Agents refuse commands whose TTL (timeout + grace + 30 s) exceeds a day; keep below it.
+MAX_TIMEOUT = 23 * 3600.0
 _BATCH = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
 
 
@@ -128,6 +129,8 @@ def validate(spec: JobSpec) -> Selector:
         raise BadRequest("an exec job needs a command: argv or shell")
     if spec.argv and spec.shell:
         raise BadRequest("give argv or shell, not both")
+    if not math.isfinite(spec.timeout) or not math.isfinite(spec.pause):
+        raise BadRequest("timeout and pause must be numbers of seconds")
     if not (0 < spec.timeout <= MAX_TIMEOUT):
         raise BadRequest(f"timeout must be between 0 and {int(MAX_TIMEOUT)} seconds")
     if spec.output_cap < 0 or spec.output_cap > 1024 * 1024:
@@ -174,13 +177,22 @@ class JobEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"replies": 0, "bad_replies": 0}
         self._result_encoder = msgspec.msgpack.Encoder()
+        self._sub: Any = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._mark_interrupted()
+        self._sub = await self.c.nc.subscribe(self.c.subjects.results_any, cb=self._on_result,
+                                              pending_msgs_limit=1_000_000)
 
     async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+            self._sub = None
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -228,6 +240,11 @@ class JobEngine:
     async def submit(self, spec: JobSpec, *, created_by: str = "") -> JobRecord:
         selector = validate(spec)
         nodes = self.expected_nodes(spec, selector)
+        if spec.mode == "broadcast" and (spec.targets or (spec.batch and parse_count(
+                spec.batch, len(nodes), "batch") not in (None, len(nodes)))):
+            raise BadRequest("mode broadcast sends one message to every node the selector "
+                             "matches; it cannot target a node list or run batches (use mode "
+                             "direct or auto)")
         job_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
         size = parse_count(spec.batch, len(nodes), "batch") or len(nodes) or 1
         record = JobRecord(
@@ -266,20 +283,13 @@ class JobEngine:
     async def _run(self, run: _Run, nodes: list[NodeRecord], size: int) -> None:
         job = run.record
         spec = job.spec
-        nc = self.c.nc
-        inbox = nc.new_inbox()
-
-        async def on_reply(msg: Msg) -> None:
-            await self._on_reply(run, msg)
-
-        sub = await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=1_000_000)
         stop_reason = ""
         try:
             threshold = parse_count(spec.max_failures, len(nodes), "max_failures")
             batches = [nodes[i : i + size] for i in range(0, len(nodes), size)] or [[]]
             for i, batch in enumerate(batches):
                 run.batch = i
-                await self._run_batch(run, batch, inbox, broadcast=self._broadcast(spec, batches))
+                await self._run_batch(run, batch, broadcast=self._broadcast(spec, batches))
                 await self._persist(run)
                 failures = sum(1 for r in run.results.values() if r.status in FAILURES
                                and r.expected)
@@ -301,10 +311,6 @@ class JobEngine:
             log.exception("job %s failed", job.id)
             stop_reason = f"internal error: {exc}"
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
             await self._finish(run, stop_reason)
 
     @staticmethod
@@ -334,8 +340,7 @@ class JobEngine:
         )
         return codec.encode(self.c.secrets.signer.sign(cmd))
 
-    async def _run_batch(self, run: _Run, batch: list[NodeRecord], inbox: str,
-                         *, broadcast: bool) -> None:
+    async def _run_batch(self, run: _Run, batch: list[NodeRecord], *, broadcast: bool) -> None:
         spec = run.record.spec
         nc, subjects = self.c.nc, self.c.subjects
         now = time.time()
@@ -353,13 +358,11 @@ class JobEngine:
             return
         if broadcast:
             await nc.publish(subjects.cmd_all, self._command(run, targets=[],
-                                                             selector=spec.selector),
-                             reply=inbox)
+                                                             selector=spec.selector))
         else:
             for node in reachable:
                 await nc.publish(subjects.cmd_node(node.id),
-                                 self._command(run, targets=[node.id], selector=""),
-                                 reply=inbox)
+                                 self._command(run, targets=[node.id], selector=""))
         await nc.flush()
         try:
             await asyncio.wait_for(run.batch_done.wait(), spec.timeout + REPLY_GRACE)
@@ -372,16 +375,24 @@ class JobEngine:
                 reason=f"no reply within {spec.timeout + REPLY_GRACE:.0f}s (lost or went away)"))
         run.waiting = set()
 
-    async def _on_reply(self, run: _Run, msg: Msg) -> None:
+    async def _on_result(self, msg: Msg) -> None:
+        """Every node's results arrive here; the subject names the node that sent it (NATS
+        permissions let a node publish only under its own id), the body must agree."""
         try:
             res = codec.decode(msg.data, CommandResult)
+            if res.node_id != self.c.subjects.node_id_of(msg.subject):
+                raise ProtocolError(f"result for node {res.node_id!r} sent by another node")
         except ProtocolError as exc:
             self.stats["bad_replies"] += 1
-            log.warning("job %s: undecodable reply: %s", run.record.id, exc.reason)
+            self.c._reject("results", msg.subject, exc)
             return
         self.stats["replies"] += 1
-        if res.job_id and res.job_id != run.record.id:
-            return
+        run = self._runs.get(res.job_id)
+        if run is None:
+            return  # a late answer to a finished job, or to a job of another controller
+        self._accept(run, res)
+
+    def _accept(self, run: _Run, res: CommandResult) -> None:
         node_id = res.node_id
         prior = run.results.get(node_id)
         if prior is not None and prior.reason != "node is offline":

@@ -62,7 +62,8 @@ class NodeAccess:
 
 def node_permissions(subjects: Subjects, node_id: str) -> dict[str, object]:
     """Least privilege: a node publishes only under its own subjects and reads only its own
-    commands, broadcasts and mesh deltas; it may answer the requests it receives."""
+    commands, broadcasts and mesh deltas. It answers nothing directly: command results go
+    to its own results subject, which is what authenticates them."""
     return {
         "publish": {
             "allow": [
@@ -79,7 +80,6 @@ def node_permissions(subjects: Subjects, node_id: str) -> dict[str, object]:
                 f"{subjects.inbox_prefix(node_id)}.>",
             ]
         },
-        "allow_responses": {"max": 1, "expires": "10m"},
     }
 
 

@@ -84,7 +84,10 @@ class Table(Generic[T]):
             return  # we already know a newer one (our own write)
         if entry.operation in ("DEL", "PURGE") or not entry.value:
             self._items.pop(key, None)
-            self._revisions.pop(key, None)
+            # Keep the delete's revision (a tombstone): an older put that the watch
+            # delivers late must not bring the record back.
+            if rev:
+                self._revisions[key] = rev
             self._notify(key, None)
             return
         try:
@@ -186,7 +189,6 @@ class Table(Generic[T]):
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
         self._items.pop(key, None)
-        self._revisions.pop(key, None)
         self._notify(key, None)
 
     def _remember(self, key: str, record: T, rev: int) -> None:

@@ -48,6 +48,15 @@ class Subjects:
     def events(self, node_id: str) -> str:
         return f"{self.prefix}.node.{check_token(node_id, 'node id')}.events"
 
+    def results(self, node_id: str) -> str:
+        """Where a node publishes its command results: only that node may publish here, so
+        the subject itself proves which node a result comes from."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.results"
+
+    @property
+    def results_any(self) -> str:
+        return f"{self.prefix}.node.*.results"
+
     def node_all(self, node_id: str) -> str:
         """Everything a node may publish (used for its NATS permissions)."""
         return f"{self.prefix}.node.{check_token(node_id, 'node id')}.>"

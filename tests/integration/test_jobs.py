@@ -23,15 +23,17 @@ def runs(marker_dir: Path) -> list[str]:
     return sorted(p.name for p in marker_dir.iterdir()) if marker_dir.exists() else []
 
 
-async def test_selector_targets_only_matching_nodes(controller: Controller,
-                                                    agents: AgentFactory, tmp_path: Path):
+async def test_selector_targets_only_matching_nodes(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
     aws1 = await agents.start(labels={"provider": "aws"})
     await agents.start(labels={"provider": "gcp"})
     aws2 = await agents.start(labels={"provider": "aws"})
     marks = tmp_path / "marks"
     marks.mkdir()
-    job = await controller.jobs.run(JobSpec(shell=f"mktemp -p {marks}; echo done",
-                                            selector="provider=aws", timeout=10))
+    job = await controller.jobs.run(
+        JobSpec(shell=f"mktemp -p {marks}; echo done", selector="provider=aws", timeout=10)
+    )
     results = await controller.jobs.results(job.id)
     assert sorted(r.node_id for r in results) == sorted([aws1.node_id, aws2.node_id])
     assert all(r.status == "ok" and r.stdout.endswith("done\n") for r in results)
@@ -40,20 +42,23 @@ async def test_selector_targets_only_matching_nodes(controller: Controller,
 
 
 @pytest.mark.parametrize("mode", ["broadcast", "direct"])
-async def test_finishes_early_when_all_replied(controller: Controller, agents: AgentFactory,
-                                               mode: str):
+async def test_finishes_early_when_all_replied(
+    controller: Controller, agents: AgentFactory, mode: str
+):
     for _ in range(3):
         await agents.start(labels={"role": "web"})
-    job = await controller.jobs.run(JobSpec(action="ping", selector="role=web", timeout=30,
-                                            mode=mode))
+    job = await controller.jobs.run(
+        JobSpec(action="ping", selector="role=web", timeout=30, mode=mode)
+    )
     assert job.counts == {"ok": 3}
     assert job.finished_at - job.created_at < 10  # far below the 30 s timeout
     results = await controller.jobs.results(job.id)
     assert all(r.data["labels"] == {"role": "web"} for r in results)
 
 
-async def test_dead_agent_is_no_response_and_job_ends_at_timeout(controller: Controller,
-                                                                 agents: AgentFactory):
+async def test_dead_agent_is_no_response_and_job_ends_at_timeout(
+    controller: Controller, agents: AgentFactory
+):
     alive = await agents.start(labels={"g": "1"})
     dead = await agents.start(labels={"g": "1"})
     # Kill without a goodbye: the controller still believes it is online.
@@ -61,8 +66,9 @@ async def test_dead_agent_is_no_response_and_job_ends_at_timeout(controller: Con
         t.cancel()
     await dead.nc.close()
     t0 = time.monotonic()
-    job = await controller.jobs.run(JobSpec(shell="echo ok", selector="g=1", timeout=1.0,
-                                            mode="direct"))
+    job = await controller.jobs.run(
+        JobSpec(shell="echo ok", selector="g=1", timeout=1.0, mode="direct")
+    )
     took = time.monotonic() - t0
     by_node = {r.node_id: r for r in await controller.jobs.results(job.id)}
     assert by_node[alive.node_id].status == "ok"
@@ -72,8 +78,9 @@ async def test_dead_agent_is_no_response_and_job_ends_at_timeout(controller: Con
     assert took >= 1.0  # it waited for the straggler up to the timeout
 
 
-async def test_offline_node_is_reported_without_waiting(controller: Controller,
-                                                        agents: AgentFactory):
+async def test_offline_node_is_reported_without_waiting(
+    controller: Controller, agents: AgentFactory
+):
     a = await agents.start(labels={"g": "2"})
     b = await agents.start(labels={"g": "2"})
     await b.stop()
@@ -86,12 +93,14 @@ async def test_offline_node_is_reported_without_waiting(controller: Controller,
     assert job.finished_at - job.created_at < 10
 
 
-async def test_timeout_kills_command_and_children(controller: Controller,
-                                                  agents: AgentFactory, tmp_path: Path):
+async def test_timeout_kills_command_and_children(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
     await agents.start()
     pidfile = tmp_path / "child.pid"
-    job = await controller.jobs.run(JobSpec(
-        shell=f"sleep 60 & echo $! > {pidfile}; sleep 60", timeout=1.0))
+    job = await controller.jobs.run(
+        JobSpec(shell=f"sleep 60 & echo $! > {pidfile}; sleep 60", timeout=1.0)
+    )
     (r,) = await controller.jobs.results(job.id)
     assert r.status == "timeout"
     child = int(pidfile.read_text())
@@ -107,29 +116,47 @@ async def test_timeout_kills_command_and_children(controller: Controller,
     await wait_for(gone, 10, "the background child to be killed")
 
 
-async def test_output_over_cap_is_truncated_and_marked(controller: Controller,
-                                                       agents: AgentFactory):
+async def test_output_over_cap_is_truncated_and_marked(
+    controller: Controller, agents: AgentFactory
+):
     await agents.start()
-    job = await controller.jobs.run(JobSpec(shell="head -c 100000 /dev/zero | tr '\\0' x",
-                                            output_cap=1000, timeout=10))
+    job = await controller.jobs.run(
+        JobSpec(shell="head -c 100000 /dev/zero | tr '\\0' x", output_cap=1000, timeout=10)
+    )
     (r,) = await controller.jobs.results(job.id)
     assert r.status == "ok" and len(r.stdout) == 1000 and r.stdout_truncated
 
 
 async def _send(controller: Controller, node_id: str, payload: bytes) -> CommandResult:
-    msg = await controller.nc.request(controller.subjects.cmd_node(node_id), payload, timeout=10)
+    """Publish a command to one node and wait for its result on the node's results subject."""
+    nc = controller.nc
+    sub = await nc.subscribe(controller.subjects.results(node_id))
+    try:
+        await nc.flush()
+        await nc.publish(controller.subjects.cmd_node(node_id), payload)
+        msg = await sub.next_msg(timeout=10)
+    finally:
+        await sub.unsubscribe()
     return codec.decode(msg.data, CommandResult)
 
 
 def _cmd(marks: Path, **kw) -> Command:
-    values = {"id": os.urandom(8).hex(), "job_id": "manual", "issued_at": time.time(),
-              "ttl": 60.0, "action": "exec", "shell": f"mktemp -p {marks}", "timeout": 10.0}
+    values = {
+        "id": os.urandom(8).hex(),
+        "job_id": "manual-" + os.urandom(4).hex(),
+        "issued_at": time.time(),
+        "ttl": 60.0,
+        "action": "exec",
+        "shell": f"mktemp -p {marks}",
+        "timeout": 10.0,
+    }
     values.update(kw)
     return Command(**values)
 
 
-async def test_forged_command_is_rejected_and_not_run(controller: Controller,
-                                                      agents: AgentFactory, tmp_path: Path):
+async def test_forged_command_is_rejected_and_not_run(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
     agent = await agents.start()
     marks = tmp_path / "m"
     marks.mkdir()
@@ -144,8 +171,9 @@ async def test_forged_command_is_rejected_and_not_run(controller: Controller,
     assert runs(marks) == [] and agent.rejected_commands == 2
 
 
-async def test_replayed_command_is_rejected_and_not_run(controller: Controller,
-                                                        agents: AgentFactory, tmp_path: Path):
+async def test_replayed_command_is_rejected_and_not_run(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
     agent = await agents.start()
     marks = tmp_path / "m"
     marks.mkdir()
@@ -157,8 +185,9 @@ async def test_replayed_command_is_rejected_and_not_run(controller: Controller,
     assert len(runs(marks)) == 1
 
 
-async def test_expired_command_is_rejected_and_not_run(controller: Controller,
-                                                       agents: AgentFactory, tmp_path: Path):
+async def test_expired_command_is_rejected_and_not_run(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
     agent = await agents.start()
     marks = tmp_path / "m"
     marks.mkdir()
@@ -166,16 +195,18 @@ async def test_expired_command_is_rejected_and_not_run(controller: Controller,
     res = await _send(controller, agent.node_id, codec.encode(controller.secrets.signer.sign(old)))
     assert res.status == "rejected" and "expired" in res.reason
     future = _cmd(marks, issued_at=time.time() + 3600)
-    res = await _send(controller, agent.node_id,
-                      codec.encode(controller.secrets.signer.sign(future)))
+    res = await _send(
+        controller, agent.node_id, codec.encode(controller.secrets.signer.sign(future))
+    )
     assert res.status == "rejected" and "future" in res.reason
-    garbage = await _send(controller, agent.node_id, b"\x00not a command")
-    assert garbage.status == "rejected"
+    await controller.nc.publish(controller.subjects.cmd_node(agent.node_id), b"\x00garbage")
+    await wait_for(lambda: agent.rejected_commands == 3, 5, "the garbage to be refused")
     assert runs(marks) == []
 
 
-async def test_rejections_are_reported_in_the_job(controller: Controller, agents: AgentFactory,
-                                                  tmp_path: Path):
+async def test_rejections_are_reported_in_the_job(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
     """An agent that does not trust this controller's key answers 'rejected'."""
     other = CommandSigner.generate()
     tok = await controller.tokens.create(labels={"g": "r"})
@@ -187,42 +218,52 @@ async def test_rejections_are_reported_in_the_job(controller: Controller, agents
         assert job.counts == {"rejected": 1}
 
 
-async def test_batch_rollout_stops_at_failure_threshold(controller: Controller,
-                                                        agents: AgentFactory, tmp_path: Path):
+async def test_batch_rollout_stops_at_failure_threshold(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
     for _ in range(4):
         await agents.start(labels={"tier": "app"})
     marks = tmp_path / "m"
     marks.mkdir()
-    job = await controller.jobs.run(JobSpec(shell=f"mktemp -p {marks}; exit 1",
-                                            selector="tier=app", batch="1", max_failures="1",
-                                            timeout=10))
+    job = await controller.jobs.run(
+        JobSpec(
+            shell=f"mktemp -p {marks}; exit 1",
+            selector="tier=app",
+            batch="1",
+            max_failures="1",
+            timeout=10,
+        )
+    )
     assert job.status == "stopped" and "exceed max_failures 1" in job.stop_reason
     assert job.counts == {"failed": 2, "skipped": 2}
     assert len(runs(marks)) == 2  # batches 3 and 4 never ran
     results = await controller.jobs.results(job.id)
     assert [r.batch for r in results if r.status == "failed"] == sorted(
-        r.batch for r in results if r.status == "failed")
+        r.batch for r in results if r.status == "failed"
+    )
 
 
 async def test_percent_batches_all_succeed(controller: Controller, agents: AgentFactory):
     for _ in range(4):
         await agents.start(labels={"tier": "p"})
-    job = await controller.jobs.run(JobSpec(shell="true", selector="tier=p", batch="50%",
-                                            max_failures="10%", timeout=10))
+    job = await controller.jobs.run(
+        JobSpec(shell="true", selector="tier=p", batch="50%", max_failures="10%", timeout=10)
+    )
     assert job.status == "done" and job.batches == 2 and job.counts == {"ok": 4}
     assert {r.batch for r in await controller.jobs.results(job.id)} == {0, 1}
 
 
-async def test_reply_from_unexpected_node_is_recorded(controller: Controller,
-                                                      agents: AgentFactory):
+async def test_reply_from_unexpected_node_is_recorded(controller: Controller, agents: AgentFactory):
     """Label drift: the agent still believes in a label the inventory no longer has."""
     a = await agents.start(labels={"role": "db"})
     b = await agents.start(labels={"role": "db"})
     await controller.nodes.mutate(
-        b.node_id, lambda n: msgspec.structs.replace(n, labels={"role": "web"}))
+        b.node_id, lambda n: msgspec.structs.replace(n, labels={"role": "web"})
+    )
     await wait_for(lambda: controller.fleet.get(b.node_id).labels == {"role": "web"}, 5)
-    job = await controller.jobs.run(JobSpec(action="ping", selector="role=db", timeout=2,
-                                            mode="broadcast"))
+    job = await controller.jobs.run(
+        JobSpec(action="ping", selector="role=db", timeout=2, mode="broadcast")
+    )
     by_node = {r.node_id: r for r in await controller.jobs.results(job.id)}
     assert by_node[a.node_id].expected and by_node[a.node_id].status == "ok"
     assert not by_node[b.node_id].expected and by_node[b.node_id].status == "ok"
@@ -232,10 +273,16 @@ async def test_reply_from_unexpected_node_is_recorded(controller: Controller,
 async def test_bad_job_specs_are_refused(controller: Controller):
     from controller.errors import BadRequest
 
-    bad = [JobSpec(action="rm-rf"), JobSpec(), JobSpec(argv=["a"], shell="b"),
-           JobSpec(shell="x", timeout=0), JobSpec(shell="x", batch="lots"),
-           JobSpec(shell="x", batch="0"), JobSpec(shell="x", max_failures="200%"),
-           JobSpec(shell="x", selector="a in (")]
+    bad = [
+        JobSpec(action="rm-rf"),
+        JobSpec(),
+        JobSpec(argv=["a"], shell="b"),
+        JobSpec(shell="x", timeout=0),
+        JobSpec(shell="x", batch="lots"),
+        JobSpec(shell="x", batch="0"),
+        JobSpec(shell="x", max_failures="200%"),
+        JobSpec(shell="x", selector="a in ("),
+    ]
     for spec in bad:
         with pytest.raises((BadRequest, ValueError)):
             await controller.jobs.submit(spec)
@@ -265,9 +312,11 @@ async def test_jobs_api_and_sse(api, http, controller: Controller, agents: Agent
     h = {"Authorization": f"Bearer {token}"}
     for _ in range(2):
         await agents.start(labels={"x": "y"})
-    async with http.post(url + "/v1/jobs", headers=h,
-                         json={"shell": "sleep 0.3; echo hi", "selector": "x=y",
-                               "stream_output": True}) as r:
+    async with http.post(
+        url + "/v1/jobs",
+        headers=h,
+        json={"shell": "sleep 0.3; echo hi", "selector": "x=y", "stream_output": True},
+    ) as r:
         assert r.status == 202
         job = await r.json()
         assert job["expected"] == 2 and job["status"] == "running"
@@ -297,13 +346,23 @@ async def test_cli_run_exit_codes_and_async(api, controller: Controller, agents:
 
     url, token = api
     await agents.start(labels={"c": "1"})
-    env = {**os.environ, "BARISTA_URL": url, "BARISTA_TOKEN": token,
-           "BARISTA_CONFIG": "/nonexistent/barista-test.toml"}
+    env = {
+        **os.environ,
+        "BARISTA_URL": url,
+        "BARISTA_TOKEN": token,
+        "BARISTA_CONFIG": "/nonexistent/barista-test.toml",
+    }
 
     async def cli(*args: str) -> tuple[int, str]:
         p = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller.cli", *args, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "controller.cli",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, _ = await asyncio.wait_for(p.communicate(), 60)
         assert p.returncode is not None
         return p.returncode, out.decode()
@@ -320,3 +379,62 @@ async def test_cli_run_exit_codes_and_async(api, controller: Controller, agents:
     assert code == 0 and json.loads(out)["counts"] == {"ok": 1}
     code, out = await cli("jobs", "ls", "-o", "json")
     assert code == 0 and len(json.loads(out)) == 3
+
+
+async def test_a_node_cannot_answer_for_another(
+    controller: Controller, agents: AgentFactory, tmp_path: Path
+):
+    """Results are authenticated by subject: node A cannot file a result as node B."""
+    import nats
+
+    a = await agents.start(labels={"f": "1"})
+    b = await agents.start(labels={"f": "1"})
+    errors: list[Exception] = []
+
+    async def err_cb(exc: Exception) -> None:
+        errors.append(exc)
+
+    mallory = await nats.connect(
+        controller.nats_url,
+        nkeys_seed=str(a.identity.seed_path),
+        inbox_prefix=a.state.inbox_prefix.encode(),
+        error_cb=err_cb,
+    )
+    try:
+        job = await controller.jobs.submit(
+            JobSpec(shell="sleep 0.5; exit 3", selector="f=1", timeout=10)
+        )
+        forged = CommandResult(
+            job_id=job.id, command_id="x", node_id=b.node_id, status="ok", stdout="FORGED"
+        )
+        # under B's subject: refused by NATS permissions
+        await mallory.publish(controller.subjects.results(b.node_id), codec.encode(forged))
+        # under A's own subject, naming B: refused by the controller
+        await mallory.publish(controller.subjects.results(a.node_id), codec.encode(forged))
+        await mallory.flush()
+        done = await controller.jobs.wait(job.id)
+    finally:
+        await mallory.close()
+    by_node = {r.node_id: r for r in await controller.jobs.results(done.id)}
+    assert by_node[b.node_id].status == "failed" and by_node[b.node_id].exit_code == 3
+    assert by_node[b.node_id].stdout == ""
+    assert any("permissions violation" in str(e).lower() for e in errors)
+    assert controller.stats.rejected["results"] >= 1
+
+
+async def test_results_over_the_payload_limit_are_cut_not_lost(
+    controller: Controller, agents: AgentFactory
+):
+    await agents.start()
+    # two streams at a 1 MiB cap each, the second of invalid UTF-8 that grows when decoded
+    job = await controller.jobs.run(
+        JobSpec(
+            shell="head -c 900000 /dev/zero | tr '\\0' a; head -c 600000 /dev/urandom >&2",
+            output_cap=1024 * 1024,
+            timeout=20,
+        )
+    )
+    (r,) = await controller.jobs.results(job.id)
+    assert r.status == "ok", r.reason
+    assert r.stdout_truncated and r.stderr_truncated
+    assert 0 < len(r.stdout) < 900000
