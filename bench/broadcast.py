@@ -3,7 +3,8 @@
 Agents run the real agent runtime (verify signature, TTL, replay cache, selector, executor),
 many per process, each with its own NATS connection and its own nkey identity, against the
 controller's embedded nats-server. The baseline uses the same server, the same N
-identities and connections, and responders that answer with no work.
+identities and connections, and responders that answer with no work on the same subjects
+(a broadcast out, each answer on the node's own results subject).
 
     python bench/broadcast.py --n 1000 --n 5000 [--rounds 20]
 
@@ -87,8 +88,10 @@ async def worker_raw(args: argparse.Namespace) -> None:
             nc = await nats.connect(args.nats_url, nkeys_seed=str(state_dir / "identity.nk"),
                                     inbox_prefix=st.inbox_prefix.encode())
 
+        results = f"barista.node.{st.node_id}.results"
+
         async def respond(msg) -> None:  # no work: the floor NATS itself sets
-            await nc.publish(msg.reply, b"")
+            await nc.publish(results, b"")
 
         await nc.subscribe(subject, cb=respond)
         await nc.flush()
@@ -186,7 +189,6 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
             base_ms = []
             try:
                 for r in range(rounds + 1):
-                    inbox = nc.new_inbox()
                     done = asyncio.Event()
                     got = [0]
 
@@ -195,9 +197,12 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
                         if got[0] == n:
                             done.set()
 
-                    sub = await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=1_000_000)
+                    # Gathered the way jobs gather: every node answers on its own subject.
+                    sub = await nc.subscribe("barista.node.*.results", cb=on_reply,
+                                             pending_msgs_limit=1_000_000)
+                    await nc.flush()
                     t = time.perf_counter()
-                    await nc.publish("barista.cmd.all", b"ping", reply=inbox)
+                    await nc.publish("barista.cmd.all", b"ping")
                     await asyncio.wait_for(done.wait(), 60)
                     if r:  # round 0 warms up
                         base_ms.append((time.perf_counter() - t) * 1000)

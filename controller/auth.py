@@ -86,7 +86,10 @@ class NatsAuth:
             try:
                 assert self._server is not None
                 self._save_cache()
-                await asyncio.to_thread(self._server.reload)
+                # Rendered here, on the loop: enrollments keep changing the node list
+                # while the reload runs in its thread.
+                text = self._server.render_config()
+                await asyncio.to_thread(self._server.reload, config_text=text)
                 log.debug("nats-server reloaded for %d change(s)", len(waiting))
             except Exception as exc:
                 for fut in waiting:

@@ -160,6 +160,9 @@ class Enrollment:
             return self._refuse(exc.code, exc.message)
         node_id = token.used_by  # the same node on an idempotent retry
         existing = self._nodes.get(node_id)
+        if existing is not None:
+            # A retry after a failed reply: make sure the identity really is admitted.
+            await self._auth.add(NodeAccess(node_id=node_id, nkey=req.identity))
         if existing is None:
             now = time.time()
             record = NodeRecord(

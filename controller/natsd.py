@@ -163,12 +163,12 @@ class NatsServer:
         # nats-server's config format accepts JSON.
         return json.dumps(conf, indent=2)
 
-    def write_config(self) -> None:
+    def write_config(self, text: str | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.conf_path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(self.render_config())
+            f.write(self.render_config() if text is None else text)
         os.replace(tmp, self.conf_path)
 
     def start(self, timeout: float = 20.0) -> None:
@@ -226,12 +226,16 @@ class NatsServer:
             f"nats-server not ready after {timeout}s ({last_err}); see {self.log_path}"
         )
 
-    def reload(self, timeout: float = 10.0) -> None:
-        """Rewrite the config and have the server load it; returns once it has."""
+    def reload(self, timeout: float = 10.0, *, config_text: str | None = None) -> None:
+        """Rewrite the config and have the server load it; returns once it has.
+
+        ``config_text``: a config rendered beforehand, so that a caller running this in a
+        thread renders from a consistent snapshot of the node list.
+        """
         if self.proc is None or self.proc.poll() is not None:
             raise NatsServerError("nats-server is not running")
         before = self._monitor("/varz").get("config_load_time")
-        self.write_config()
+        self.write_config(config_text)
         os.kill(self.proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
