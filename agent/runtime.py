@@ -289,6 +289,7 @@ class Agent:
             connect_timeout=cfg.enroll_timeout,
             max_reconnect_attempts=0,
             name=f"barista-agent-enroll {self.hostname}",
+            error_cb=self._on_enroll_error,
         )
         try:
             msg = await nc.request(self.subjects.enroll, payload, timeout=cfg.enroll_timeout)
@@ -371,6 +372,10 @@ class Agent:
                 severity="warning",
                 data={"dropped": dropped},
             )
+
+    async def _on_enroll_error(self, exc: Exception) -> None:
+        # The failed attempt itself is logged once by _enroll with its retry delay.
+        self.log.debug("enrollment connection: %s", exc)
 
     async def _on_error(self, exc: Exception) -> None:
         self.log.warning("nats: %s", exc)
