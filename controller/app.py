@@ -217,6 +217,15 @@ class Controller:
         log.info("controller ready (nats %s, data dir %s)", self.nats_url, cfg.data_dir)
 
     async def stop(self) -> None:
+        """Stop everything this controller started; the embedded nats-server always goes,
+        even when an earlier step fails."""
+        try:
+            await self._stop_components()
+        finally:
+            if self.natsd is not None:
+                await asyncio.to_thread(self.natsd.stop)
+
+    async def _stop_components(self) -> None:
         self.ready = False
         for task in self._tasks:
             task.cancel()
@@ -230,12 +239,13 @@ class Controller:
             task.cancel()
         if self._enroll_tasks:
             await asyncio.gather(*self._enroll_tasks, return_exceptions=True)
-        if self.deployer is not None:
-            await self.deployer.stop()
-        if self.jobs is not None:
-            await self.jobs.stop()
-        if self.ingest is not None:
-            await self.ingest.stop()
+        for name, component in (("deployer", self.deployer), ("jobs", self.jobs),
+                                ("ingest", self.ingest)):
+            if component is not None:
+                try:
+                    await component.stop()
+                except Exception:
+                    log.exception("stopping %s failed", name)
         for table in (self.nodes, self.tokens_table, getattr(self, "jobs_table", None)):
             if table is not None:
                 await table.stop()
@@ -244,8 +254,6 @@ class Controller:
                 await asyncio.wait_for(self.nc.drain(), 5)
             except Exception:
                 await self.nc.close()
-        if self.natsd is not None:
-            await asyncio.to_thread(self.natsd.stop)
 
     async def _ensure_streams(self) -> None:
         assert self.js is not None

@@ -42,6 +42,10 @@ MAX_TIMEOUT = 23 * 3600.0
 _BATCH = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
 
 
+def _status(status: str) -> NodeStatus:
+    return status if status in ("ok", "failed", "timeout", "rejected", "error") else "error"  # type: ignore[return-value]
+
+
 class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     action: str = "exec"
     selector: str = ""
@@ -389,16 +393,36 @@ class JobEngine:
         self.stats["replies"] += 1
         run = self._runs.get(res.job_id)
         if run is None:
-            return  # a late answer to a finished job, or to a job of another controller
+            self._late(res)
+            return
         self._accept(run, res)
+
+    def _late(self, res: CommandResult) -> None:
+        """An answer after the job finished (early finish does not wait for nodes outside
+        the expected set): still recorded, never silently dropped."""
+        recent = self._recent.get(res.job_id)
+        if recent is None or any(r.node_id == res.node_id for r in recent):
+            return  # another controller's job, or this node already has its result
+        late = NodeResult(node_id=res.node_id, status=_status(res.status),
+                          exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr,
+                          stdout_truncated=res.stdout_truncated,
+                          stderr_truncated=res.stderr_truncated, duration=res.duration,
+                          reason=res.reason or "answered after the job finished",
+                          data=res.data, expected=False, at=time.time())
+        recent.append(late)
+        nc = self.c.nc
+        if nc is not None and nc.is_connected:
+            task = asyncio.ensure_future(nc.publish(self.c.subjects.job_results(res.job_id),
+                                                    self._result_encoder.encode(late)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _accept(self, run: _Run, res: CommandResult) -> None:
         node_id = res.node_id
         prior = run.results.get(node_id)
         if prior is not None and prior.reason != "node is offline":
             return  # first answer wins
-        status: NodeStatus = res.status if res.status in ("ok", "failed", "timeout", "rejected",
-                                                          "error") else "error"
+        status = _status(res.status)
         self._record(run, NodeResult(
             node_id=node_id, status=status, exit_code=res.exit_code, stdout=res.stdout,
             stderr=res.stderr, stdout_truncated=res.stdout_truncated,
