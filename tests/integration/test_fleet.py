@@ -141,6 +141,10 @@ async def test_garbage_on_every_subject_is_rejected_and_counted(
         assert type(codec.decode(reply.data)).__name__ == "ErrorReply"  # an answer, not silence
         await nc.publish(s.heartbeat(agent.node_id), data)
         await nc.publish(s.metrics(agent.node_id), data)
+        await nc.publish(s.events(agent.node_id), data)
+        await nc.publish(s.results(agent.node_id), data)
+        sync = await nc.request(s.app_sync, data, timeout=5)
+        assert type(codec.decode(sync.data)).__name__ == "ErrorReply"
     # oversized for the heartbeat and enrollment limits
     big = b"\x81" + b"x" * (200 * 1024)
     await nc.publish(s.heartbeat(agent.node_id), big)
@@ -155,6 +159,8 @@ async def test_garbage_on_every_subject_is_rejected_and_counted(
             controller.stats.rejected["heartbeat"] >= n + 2
             and controller.stats.rejected["metrics"] >= n
             and controller.stats.rejected["enroll"] >= n + 1
+            and controller.stats.rejected["events"] >= n
+            and controller.stats.rejected["results"] >= n
         ),
         10,
         "rejections counted",
