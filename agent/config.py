@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,8 @@ class AgentConfig:
         values: dict[str, Any] = {}
         file = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         if file is not None:
+            import tomllib  # only with a config file: ~0.5 MB of RSS otherwise saved
+
             try:
                 with open(file, "rb") as f:
                     data = tomllib.load(f)
