@@ -33,6 +33,35 @@ def _skip_unused_transports(config: AgentConfig) -> None:
         sys.modules["aiohttp"] = None  # type: ignore[assignment]  # import -> ImportError
 
 
+def _import_nats_lightly() -> None:
+    """Import nats-py without importlib.metadata (and the email and zipfile packages it
+    pulls in, ~1.2 MB of RSS, 4 % of the agent), which nats-py loads only to report its
+    own version. The version is read from its dist-info directory name instead; the real
+    importlib.metadata stays importable for anything that needs it later."""
+    if "nats.aio.client" in sys.modules or "importlib.metadata" in sys.modules:
+        return
+    import importlib.util
+    import types
+
+    def version(dist: str) -> str:
+        spec = importlib.util.find_spec("nats")
+        if spec is None or spec.origin is None:
+            raise LookupError(dist)
+        site = Path(spec.origin).parent.parent
+        for info in site.glob(dist.replace("-", "_") + "-*.dist-info"):
+            return info.name[len(dist) + 1 : -len(".dist-info")]
+        raise LookupError(dist)
+
+    stub = types.ModuleType("importlib.metadata")
+    stub.version = version  # type: ignore[attr-defined]
+    sys.modules["importlib.metadata"] = stub
+    try:
+        import nats.aio.client  # noqa: F401
+    finally:
+        if sys.modules.get("importlib.metadata") is stub:
+            del sys.modules["importlib.metadata"]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="barista-agent", description="barista node agent")
     p.add_argument("--config", type=Path, help="TOML config file (default /etc/barista/agent.toml)")
@@ -84,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _skip_unused_transports(config)
+    _import_nats_lightly()
     from agent.runtime import EnrollmentError
 
     try:

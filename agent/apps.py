@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
 import time
 import urllib.parse
@@ -370,6 +369,8 @@ class AppReconciler:
 
     def _forget(self, name: str) -> None:
         self._record_state(name, None)
+        import shutil  # lazy: it loads bz2 and lzma, RSS the agent rarely needs
+
         shutil.rmtree(self.state_dir / name, ignore_errors=True)
 
     def _load_release(self, name: str, version: str) -> AppRelease | None:
