@@ -146,6 +146,62 @@ async def pipeline(
         await nc.close()
 
 
+async def pipeline_procs(nats_url: str, influx_url: str, db: str, batches: list[MetricBatch],
+                         total: int, procs: int) -> float:
+    """The same, with the workers as `barista ingest` processes (one worker each) sharing
+    the durable consumer: how ingest scales past one core."""
+    import subprocess
+    import sys
+
+    nc = await nats.connect(nats_url)
+    children = [
+        subprocess.Popen(  # noqa: ASYNC220 - started once, before the measured part
+            [sys.executable, "-m", "controller.cli", "ingest", "--nats-url", nats_url,
+             "--influx-kind", "influx1", "--influx-url", influx_url, "--influx-db", db,
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(procs)
+    ]
+    try:
+        js = nc.jetstream()
+        subjects = Subjects()
+        await ensure_metrics_stream(js, subjects=subjects.stream_subjects_metrics)
+        payloads = [(subjects.metrics(b.node_id), encode(b)) for b in batches]
+        deadline = time.monotonic() + 30
+        while True:  # the workers create the durable consumer when they start
+            try:
+                await js.consumer_info("METRICS", "ingest")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # every process subscribed
+        start = time.perf_counter()
+        for i in range(0, len(payloads), 500):
+            for subject, data in payloads[i : i + 500]:
+                await js.publish_async(subject, data)
+            await js.publish_async_completed()
+        last = (await js.stream_info("METRICS")).state.last_seq
+        while True:  # acked only after InfluxDB took the write
+            info = await js.consumer_info("METRICS", "ingest")
+            if info.ack_floor.stream_seq >= last:
+                break
+            await asyncio.sleep(0.01)
+        return total / (time.perf_counter() - start)
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(5)
+        await nc.close()
+
+
 class _workers:
     def __init__(self, js: object, sink: Sink, n: int) -> None:
         self.ws = [
@@ -169,6 +225,8 @@ async def main() -> None:
     parser.add_argument("--intervals", type=int, default=60)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-victoria", action="store_true")
+    parser.add_argument("--procs", type=int, default=0,
+                        help="also measure N `barista ingest` processes (0: skip)")
     parser.add_argument("--cores", type=int, default=64, help="per-core cpu points per batch")
     parser.add_argument("--disks", type=int, default=16, help="disk and diskio points per batch")
     parser.add_argument("--ifaces", type=int, default=8, help="net points per batch")
@@ -211,6 +269,12 @@ async def main() -> None:
                 await v1p.close()
             result.update(value=round(value), baseline=round(baseline),
                           ratio=round(value / baseline, 3))
+            if args.procs:
+                influx.create_db("procs")
+                pv = await pipeline_procs(natsd.url, influx.url, "procs", batches, total,
+                                          args.procs)
+                result.update(procs=args.procs, procs_value=round(pv),
+                              procs_ratio=round(pv / baseline, 3))
             if not args.no_victoria:
                 result.update(await sinks_on_victoria(root / "vm", data))
         finally:
