@@ -525,49 +525,15 @@ class Agent:
         try:
             signed = codec.decode(msg.data, SignedCommand)
         except ProtocolError as exc:
-            self.rejected_commands += 1
-            self.log.warning("undecodable command on %s: %s", msg.subject, exc.reason)
-            await self._reply(
-                msg,
-                CommandResult(
-                    job_id="",
-                    command_id="",
-                    node_id=self.node_id,
-                    status="rejected",
-                    reason=exc.reason,
-                ),
-            )
+            await self._refuse(f"undecodable command on {msg.subject}: {exc.reason}")
             return
         if self.verifier is None:
-            self.rejected_commands += 1
-            await self._reply(
-                msg,
-                CommandResult(
-                    job_id="",
-                    command_id="",
-                    node_id=self.node_id,
-                    status="rejected",
-                    reason="agent has no controller key configured",
-                ),
-            )
+            await self._refuse("agent has no controller key configured", *_ids_of(signed))
             return
         try:
             cmd = self.verifier.verify(signed)
         except (CommandRejected, ProtocolError) as exc:
-            self.rejected_commands += 1
-            reason = getattr(exc, "reason", str(exc))
-            self.log.warning("command refused: %s", reason)
-            job_id, cmd_id = _ids_of(signed)
-            await self._reply(
-                msg,
-                CommandResult(
-                    job_id=job_id,
-                    command_id=cmd_id,
-                    node_id=self.node_id,
-                    status="rejected",
-                    reason=reason,
-                ),
-            )
+            await self._refuse(getattr(exc, "reason", str(exc)), *_ids_of(signed))
             return
         if cmd.targets and self.node_id not in cmd.targets:
             return
@@ -576,16 +542,7 @@ class Agent:
                 if not self._selector(cmd.selector).matches(self.labels):
                     return
             except ValueError as exc:
-                await self._reply(
-                    msg,
-                    CommandResult(
-                        job_id=cmd.job_id,
-                        command_id=cmd.id,
-                        node_id=self.node_id,
-                        status="rejected",
-                        reason=f"bad selector: {exc}",
-                    ),
-                )
+                await self._refuse(f"bad selector: {exc}", cmd.job_id, cmd.id)
                 return
         if cmd.action in ("ping", "facts"):
             # Instant built-ins run inline: a task per broadcast costs more than the answer.
@@ -594,6 +551,13 @@ class Agent:
         task = asyncio.create_task(self._run_command(msg, cmd))
         self._cmd_tasks.add(task)
         task.add_done_callback(self._cmd_tasks.discard)
+
+    async def _refuse(self, reason: str, job_id: str = "", command_id: str = "") -> None:
+        """Count and log a refused command and, when it names its job, answer 'rejected'."""
+        self.rejected_commands += 1
+        self.log.warning("command refused: %s", reason)
+        await self._reply(CommandResult(job_id=job_id, command_id=command_id,
+                                        node_id=self.node_id, status="rejected", reason=reason))
 
     def _selector(self, text: str) -> Selector:
         """Parsed selectors, cached: a broadcast repeats the same few selectors."""
@@ -626,7 +590,7 @@ class Agent:
                 status="error",
                 reason=str(exc),
             )
-        await self._reply(msg, result)
+        await self._reply(result)
 
     async def _reconcile_apps(self, cmd: Command) -> CommandResult:
         """The "reconcile" action: one app pass now; data = per-app status."""
@@ -655,7 +619,7 @@ class Agent:
         msg = await self.nc.request(self.subjects.app_sync, payload, timeout=5.0)
         return msg.data
 
-    async def _reply(self, msg: Msg, result: CommandResult) -> None:
+    async def _reply(self, result: CommandResult) -> None:
         """Publish a result on this node's results subject (never to a reply subject that
         every node of a broadcast shares: the subject is what proves who answered)."""
         if self.nc is None or not result.job_id:

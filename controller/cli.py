@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli_apps import app_group
+from controller.cli_common import call, client, emit_json
 from controller.cli_metrics import influx_options, ingest, top
 from controller.client import ApiClient, ApiError
 
@@ -32,22 +33,6 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
-def client() -> ApiClient:
-    try:
-        return ApiClient()
-    except ApiError as exc:
-        raise click.ClickException(exc.message) from None
-
-
-def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except ApiError as exc:
-        raise click.ClickException(f"{exc.message} [{exc.code}]") from None
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 def ago(ts: float | None) -> str:

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from controller.client import ApiClient, ApiError
+from controller.cli_common import call, client, emit_json
+from controller.client import ApiClient
 
 POLL_INTERVAL = 0.5
 FINAL = ("done", "failed", "rolled-back")
@@ -23,22 +24,6 @@ output_option = click.option("-o", "--output", type=click.Choice(["table", "json
                              default="table", show_default=True, help="output format")
 
 
-def _client() -> ApiClient:
-    try:
-        return ApiClient()
-    except ApiError as exc:
-        raise click.ClickException(exc.message) from None
-
-
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except ApiError as exc:
-        raise click.ClickException(f"{exc.message} [{exc.code}]") from None
-
-
-def _json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _load_spec(path: Path) -> dict[str, Any]:
@@ -77,23 +62,23 @@ def status_table(app: dict[str, Any]) -> Table:
 
 def _follow(c: ApiClient, name: str, output: str) -> dict[str, Any]:
     """Poll until the rollout ends, showing it live (tables) or quietly (json)."""
-    app: dict[str, Any] = _call(c.get, f"/v1/apps/{name}")
+    app: dict[str, Any] = call(c.get, f"/v1/apps/{name}")
     if output == "json":
         while app.get("running") or app["rollout"]["status"] not in FINAL:
             time.sleep(POLL_INTERVAL)
-            app = _call(c.get, f"/v1/apps/{name}")
+            app = call(c.get, f"/v1/apps/{name}")
         return app
     with Live(status_table(app), refresh_per_second=4, transient=False) as live:
         while app.get("running") or app["rollout"]["status"] not in FINAL:
             time.sleep(POLL_INTERVAL)
-            app = _call(c.get, f"/v1/apps/{name}")
+            app = call(c.get, f"/v1/apps/{name}")
             live.update(status_table(app))
     return app
 
 
 def _finish(app: dict[str, Any], output: str) -> None:
     if output == "json":
-        _json(app)
+        emit_json(app)
     status = app["rollout"]["status"]
     if status in ("failed", "rolled-back"):
         raise click.ClickException(f"rollout {status}: {app['rollout'].get('message', '')}")
@@ -113,13 +98,13 @@ def app_group() -> None:
 @output_option
 def app_deploy(file: Path, wait: bool, output: str) -> None:
     """Deploy (or update) an app from a spec file."""
-    c = _client()
+    c = client()
     spec = _load_spec(file)
-    app = _call(c.post, "/v1/apps", spec)
+    app = call(c.post, "/v1/apps", spec)
     if wait:
         _finish(_follow(c, app["name"], output), output)
     elif output == "json":
-        _json(app)
+        emit_json(app)
     else:
         Console().print(f"rollout of {app['name']} {app['current']['version']} started "
                         f"({len(app.get('nodes', {}))} node(s)); "
@@ -131,9 +116,9 @@ def app_deploy(file: Path, wait: bool, output: str) -> None:
 @output_option
 def app_status(name: str, output: str) -> None:
     """One app: rollout and per-node state."""
-    app = _call(_client().get, f"/v1/apps/{name}")
+    app = call(client().get, f"/v1/apps/{name}")
     if output == "json":
-        _json(app)
+        emit_json(app)
     else:
         Console().print(status_table(app))
 
@@ -142,9 +127,9 @@ def app_status(name: str, output: str) -> None:
 @output_option
 def app_ls(output: str) -> None:
     """All apps."""
-    apps = _call(_client().get, "/v1/apps")["apps"]
+    apps = call(client().get, "/v1/apps")["apps"]
     if output == "json":
-        _json(apps)
+        emit_json(apps)
         return
     t = Table()
     for col in ("name", "version", "previous", "selector", "nodes", "rollout", "message"):
@@ -162,12 +147,12 @@ def app_ls(output: str) -> None:
 @output_option
 def app_rollback(name: str, wait: bool, output: str) -> None:
     """Roll an app back to its previous version."""
-    c = _client()
-    app = _call(c.post, f"/v1/apps/{name}/rollback")
+    c = client()
+    app = call(c.post, f"/v1/apps/{name}/rollback")
     if wait:
         _finish(_follow(c, name, output), output)
     elif output == "json":
-        _json(app)
+        emit_json(app)
     else:
         Console().print(f"rollback of {name} to {app['current']['version']} started")
 
@@ -177,8 +162,8 @@ def app_rollback(name: str, wait: bool, output: str) -> None:
 @output_option
 def app_rm(name: str, output: str) -> None:
     """Remove an app: its nodes stop it and delete its files."""
-    out = _call(_client().delete, f"/v1/apps/{name}")
+    out = call(client().delete, f"/v1/apps/{name}")
     if output == "json":
-        _json(out)
+        emit_json(out)
     else:
         Console().print(f"removed {name} from {len(out['removed_from'])} node(s)")

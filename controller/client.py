@@ -33,24 +33,22 @@ class ApiClient:
                 "config), or set BARISTA_URL and BARISTA_TOKEN",
             )
 
-    def _request(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+    def _url(self, path: str, params: dict[str, Any]) -> str:
+        q = {k: v for k, v in params.items() if v not in (None, "")}
+        return self.url + path + ("?" + urllib.parse.urlencode(q, doseq=True) if q else "")
+
+    def _open(self, req: urllib.request.Request, timeout: float) -> Any:
+        """Send ``req``; HTTP and connection failures become one ``ApiError``."""
         req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw = resp.read()
-                return json.loads(raw) if raw else None
+            return urllib.request.urlopen(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             try:
                 err = json.loads(exc.read())
-                raise ApiError(
-                    exc.code, err.get("error", "error"), err.get("message", "")
-                ) from None
+                code, message = err.get("error", "error"), err.get("message", "")
             except (ValueError, AttributeError):
-                raise ApiError(exc.code, "http_error", f"HTTP {exc.code} {exc.reason}") from None
+                code, message = "http_error", f"HTTP {exc.code} {exc.reason}"
+            raise ApiError(exc.code, code, message) from None
         except urllib.error.URLError as exc:
             raise ApiError(
                 0,
@@ -59,39 +57,30 @@ class ApiClient:
                 "running? (BARISTA_URL overrides the address)",
             ) from None
 
+    def _request(self, method: str, url: str, body: Any = None, timeout: float = 30) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with self._open(req, timeout) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+
     def get(self, path: str, **params: Any) -> Any:
-        q = {k: v for k, v in params.items() if v not in (None, "")}
-        return self._request(
-            "GET", path + ("?" + urllib.parse.urlencode(q, doseq=True) if q else "")
-        )
+        return self._request("GET", self._url(path, params))
 
     def post(self, path: str, body: Any = None, timeout: float = 30) -> Any:
-        return self._request("POST", path, body if body is not None else {}, timeout=timeout)
+        return self._request("POST", self.url + path, body if body is not None else {},
+                             timeout=timeout)
 
     def delete(self, path: str) -> Any:
-        return self._request("DELETE", path)
+        return self._request("DELETE", self.url + path)
 
     def stream(self, path: str, **params: Any) -> Iterator[tuple[str, Any]]:
         """Server-sent events as (event, parsed data) pairs."""
-        q = {k: v for k, v in params.items() if v not in (None, "")}
-        url = self.url + path + ("?" + urllib.parse.urlencode(q, doseq=True) if q else "")
-        req = urllib.request.Request(
-            url, headers={"Authorization": f"Bearer {self.token}", "Accept": "text/event-stream"}
-        )
-        try:
-            resp = urllib.request.urlopen(req, timeout=60)
-        except urllib.error.HTTPError as exc:
-            try:
-                err = json.loads(exc.read())
-                raise ApiError(
-                    exc.code, err.get("error", "error"), err.get("message", "")
-                ) from None
-            except (ValueError, AttributeError):
-                raise ApiError(exc.code, "http_error", f"HTTP {exc.code}") from None
-        except urllib.error.URLError as exc:
-            raise ApiError(
-                0, "unreachable", f"cannot reach the controller at {self.url} ({exc.reason})"
-            ) from None
+        req = urllib.request.Request(self._url(path, params),
+                                     headers={"Accept": "text/event-stream"})
+        resp = self._open(req, 60)
         with resp:
             event, data = "message", []
             for raw in resp:

@@ -79,6 +79,16 @@ class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     batch: int = 0
     at: float = 0.0
 
+    @classmethod
+    def of(cls, res: CommandResult, *, expected: bool, batch: int) -> NodeResult:
+        """The job's record of a node's wire result (the one place they are converted)."""
+        return cls(
+            node_id=res.node_id, status=_status(res.status), exit_code=res.exit_code,
+            stdout=res.stdout, stderr=res.stderr, stdout_truncated=res.stdout_truncated,
+            stderr_truncated=res.stderr_truncated, duration=res.duration, reason=res.reason,
+            data=res.data, expected=expected, batch=batch, at=time.time(),
+        )
+
 
 class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
@@ -403,12 +413,9 @@ class JobEngine:
         recent = self._recent.get(res.job_id)
         if recent is None or any(r.node_id == res.node_id for r in recent):
             return  # another controller's job, or this node already has its result
-        late = NodeResult(node_id=res.node_id, status=_status(res.status),
-                          exit_code=res.exit_code, stdout=res.stdout, stderr=res.stderr,
-                          stdout_truncated=res.stdout_truncated,
-                          stderr_truncated=res.stderr_truncated, duration=res.duration,
-                          reason=res.reason or "answered after the job finished",
-                          data=res.data, expected=False, at=time.time())
+        late = NodeResult.of(res, expected=False, batch=0)
+        if not late.reason:
+            late.reason = "answered after the job finished"
         recent.append(late)
         nc = self.c.nc
         if nc is not None and nc.is_connected:
@@ -422,14 +429,8 @@ class JobEngine:
         prior = run.results.get(node_id)
         if prior is not None and prior.reason != "node is offline":
             return  # first answer wins
-        status = _status(res.status)
-        self._record(run, NodeResult(
-            node_id=node_id, status=status, exit_code=res.exit_code, stdout=res.stdout,
-            stderr=res.stderr, stdout_truncated=res.stdout_truncated,
-            stderr_truncated=res.stderr_truncated, duration=res.duration, reason=res.reason,
-            data=res.data, expected=node_id in run.expected,
-            batch=run.batch, at=time.time(),
-        ))
+        self._record(run, NodeResult.of(res, expected=node_id in run.expected,
+                                        batch=run.batch))
         run.waiting.discard(node_id)
         if not run.waiting:
             run.batch_done.set()

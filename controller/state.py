@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 import msgspec
@@ -164,19 +164,6 @@ class Table(Generic[T]):
         for _ in range(CAS_RETRIES):
             current, rev = await self.fetch(key)
             new = fn(current)
-            if new is None:
-                return current
-            try:
-                await self.update(key, new, revision=rev)
-                return new
-            except Conflict:
-                continue
-        raise Conflict(f"{self.name} {key!r}: too many concurrent writers")
-
-    async def amutate(self, key: str, fn: Callable[[T], Awaitable[T | None]]) -> T | None:
-        for _ in range(CAS_RETRIES):
-            current, rev = await self.fetch(key)
-            new = await fn(current)
             if new is None:
                 return current
             try:
