@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import os
-import sys
 
 import aiohttp
 
 from controller.app import Controller
-from tests.fixtures.controller import AgentFactory
+from tests.fixtures.controller import AgentFactory, run_cli
 
 
 async def test_requests_without_or_with_wrong_token_get_401(api, http: aiohttp.ClientSession):
@@ -107,24 +104,7 @@ async def test_api_token_file_is_private(controller: Controller):
 
 
 async def _cli(*args: str, url: str, token: str) -> tuple[int, str, str]:
-    env = {
-        **os.environ,
-        "BARISTA_URL": url,
-        "BARISTA_TOKEN": token,
-        "BARISTA_CONFIG": "/nonexistent/barista-test.toml",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "controller.cli",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, url=url, token=token)
 
 
 async def test_cli_nodes_ls_json_and_token_create(

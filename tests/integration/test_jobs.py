@@ -16,7 +16,7 @@ from controller.jobs import JobSpec
 from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
-from tests.fixtures.controller import AgentFactory, controller_config, wait_for
+from tests.fixtures.controller import AgentFactory, controller_config, run_cli, wait_for
 
 
 def runs(marker_dir: Path) -> list[str]:
@@ -352,30 +352,12 @@ async def test_jobs_api_and_sse(api, http, controller: Controller, agents: Agent
 
 async def test_cli_run_exit_codes_and_async(api, controller: Controller, agents: AgentFactory):
     import json
-    import sys
 
     url, token = api
     await agents.start(labels={"c": "1"})
-    env = {
-        **os.environ,
-        "BARISTA_URL": url,
-        "BARISTA_TOKEN": token,
-        "BARISTA_CONFIG": "/nonexistent/barista-test.toml",
-    }
-
     async def cli(*args: str) -> tuple[int, str]:
-        p = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "controller.cli",
-            *args,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, _ = await asyncio.wait_for(p.communicate(), 60)
-        assert p.returncode is not None
-        return p.returncode, out.decode()
+        code, out, _ = await run_cli(*args, url=url, token=token)
+        return code, out
 
     code, out = await cli("run", "-l", "c=1", "-o", "json", "--", "echo", "hello")
     assert code == 0 and json.loads(out)["results"][0]["stdout"] == "hello\n"

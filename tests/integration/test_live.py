@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from agent.identity import Identity
 from controller.app import Controller
 from protocol import codec
 from protocol.messages import EnrollReply, EnrollRequest
-from tests.fixtures.controller import AgentFactory
+from tests.fixtures.controller import AgentFactory, run_cli
 
 COLLECTORS = ["cpu", "mem", "net", "load"]
 
@@ -160,23 +158,9 @@ async def test_top_once_json_subprocess(api, agents: AgentFactory, tmp_path: Pat
                              collectors=COLLECTORS)
     gcp = await agents.start(labels={"provider": "gcp", "region": "europe-west1"},
                              collectors=COLLECTORS)
-    env = {
-        **os.environ,
-        "BARISTA_URL": url,
-        "BARISTA_TOKEN": token,
-        "BARISTA_CONFIG": str(tmp_path / "does-not-exist.toml"),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.cli", "top", "--once", "-o", "json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()
+    code, out, err = await run_cli("top", "--once", "-o", "json", url=url, token=token,
+                                   timeout=30)
+    assert code == 0, err
     rows = {r["node"]: r for r in json.loads(out)}
     assert set(rows) == {aws.node_id, gcp.node_id}
     assert rows[aws.node_id]["provider"] == "aws"
@@ -186,28 +170,12 @@ async def test_top_once_json_subprocess(api, agents: AgentFactory, tmp_path: Pat
         assert row["load1"] is not None and row["load1"] >= 0
 
     # a selector narrows it to one node; a bad one is a clear error, not a traceback
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.cli", "top", "--once", "-o", "json",
-        "-l", "provider=gcp", stdout=asyncio.subprocess.PIPE, env=env,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    code, out, _ = await run_cli("top", "--once", "-o", "json", "-l", "provider=gcp",
+                                 url=url, token=token, timeout=30)
     assert [r["node"] for r in json.loads(out)] == [gcp.node_id]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.cli", "top", "--once", "-l", "provider in (aws",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1 and b"Error:" in err and b"Traceback" not in err
+    code, _, err = await run_cli("top", "--once", "-l", "provider in (aws", url=url,
+                                 token=token, timeout=30)
+    assert code == 1 and "Error:" in err and "Traceback" not in err
 
 
 def test_top_net_rate_from_two_batches():
