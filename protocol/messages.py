@@ -6,13 +6,16 @@ message still decodes; tests/unit/test_protocol_evolution.py enforces it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from protocol.version import PROTOCOL_VERSION
 
-FieldValue = float | int | bool | str
+# Integer fields are InfluxDB's int64: a value outside it makes the batch malformed (the
+# agent never sends one; a uint64 counter is sent as a float by whoever produces it).
+Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+FieldValue = float | Int64 | bool | str
 
 
 class Message(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):

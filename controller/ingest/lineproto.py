@@ -1,13 +1,36 @@
 """MetricBatch -> InfluxDB line protocol, the hot path of ingest.
 
-Escaping follows the line protocol reference; escaped tag sets are cached per encoder
-because the same few hundred series repeat in every batch of a fleet.
+Two paths, one output. A fleet sends the same batch *shape* every interval (the same
+points, tags, field names and value types; only the numbers move), so the encoder turns a
+shape into a plan once and then formats a whole batch with a handful of C-level calls:
+
+1. the batch's values, in order, go into one flat list;
+2. an ``itemgetter`` built for the shape interleaves them with pre-rendered text pieces
+   (``msgspec.Raw``: series keys, ``,field=``, `` ``/``i``, the timestamp, ``\\n``);
+3. ``msgspec.json`` encodes that sequence: numbers get the shortest round-trip repr and
+   booleans ``true``/``false``, the text pieces are copied verbatim; a non-finite float
+   comes out as ``null``, which sends the batch down the exact path;
+4. one ``bytes.translate`` deletes the JSON separators (text pieces carry their own commas
+   as ``\\x01``, translated back in the same pass).
+
+The exact path formats point by point and handles everything (strings, NaN, odd names).
+Both produce the same bytes; tests/unit/test_lineproto.py holds them to it.
+
+Series keys are ``measurement,<point tags sorted>,<common tags sorted>``: the common part
+(node, infra, group, provider, region, zone) is per node and the rest is per shape, so the
+caches stay small for big fleets. InfluxDB sorts tags itself; sorted input is only a hint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import chain
 from math import isfinite
+from operator import itemgetter
+from typing import Any
+
+import msgspec
 
 from protocol.messages import MetricBatch
 
@@ -19,9 +42,19 @@ _MEASUREMENT_SPECIAL = frozenset(",\n\r \\")
 _TAG_SPECIAL = frozenset(",=\n\r \\")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
+# Text pieces stand in "\x01" for their commas; the JSON array's own commas are deleted.
+_COMMA_MARK = "\x01"
+_FROM_JSON = bytes.maketrans(b"\x01", b",")
+_JSON_NULL = b",null,"  # a value is always between two pieces, so always between commas
+
 # Above this many cached entries a cache is simply dropped and rebuilt: series churn is
 # rare (new nodes, new disks), and a clear is cheaper than LRU bookkeeping per point.
 DEFAULT_CACHE_SIZE = 50_000
+# A plan holds references to ~5 entries per field value (~70 kB for a 64-core server's
+# batch); a fleet has a few shapes per hardware and collector set.
+DEFAULT_MAX_SHAPES = 512
+
+_json = msgspec.json.Encoder()
 
 
 def escape_measurement(name: str) -> str:
@@ -42,6 +75,11 @@ def escape_field_string(text: str) -> str:
     return text.translate(_FIELD_STR)
 
 
+def format_float(value: float) -> str:
+    """The shortest round-trip repr, spelled as msgspec spells it (``1e-7``, ``3.0``)."""
+    return _json.encode(value).decode()
+
+
 def _format_fields(fields: Mapping[str, object], keys: dict[str, str]) -> str:
     """``k=v,k=v`` for the representable fields; "" when none is left."""
     parts = []
@@ -55,12 +93,12 @@ def _format_fields(fields: Mapping[str, object], keys: dict[str, str]) -> str:
         # Exact type checks: bool is a subclass of int and must not become "1i".
         if kind is float:
             if isfinite(value):  # type: ignore[arg-type]
-                parts.append(f"{ekey}={value!r}")
+                parts.append(f"{ekey}={format_float(value)}")  # type: ignore[arg-type]
         elif kind is int:
             if _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
                 parts.append(f"{ekey}={value}i")
-            else:
-                parts.append(f"{ekey}={float(value)!r}")  # type: ignore[arg-type]
+            else:  # the protocol refuses these; kept for batches built in code
+                parts.append(f"{ekey}={format_float(float(value))}")  # type: ignore[arg-type]
         elif kind is bool:
             parts.append(f"{ekey}={'true' if value else 'false'}")
         elif kind is str:
@@ -68,24 +106,64 @@ def _format_fields(fields: Mapping[str, object], keys: dict[str, str]) -> str:
     return ",".join(parts)
 
 
-class LineEncoder:
-    """Converts batches to line protocol, caching escaped series keys between batches.
+@dataclass(frozen=True, slots=True)
+class _Common:
+    """A node's tags common to all its points, rendered once."""
 
-    One encoder per ingest worker; not shared between threads.
+    keys: frozenset[str]  # escaped tag keys: a point tag with one of these is dropped
+    text: str  # ",k=v,k=v" (sorted), "" when none
+    raw: msgspec.Raw | None  # text for the fast path; None when it cannot take it
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    getter: Any  # itemgetter over [values..., ts, common raw, pieces...]; None: no line
+    pieces: list[msgspec.Raw]
+
+
+_ShapeKey = tuple[Any, ...]
+
+
+class LineEncoder:
+    """Converts batches to line protocol, caching per-node tags and per-shape plans.
+
+    One encoder per ingest worker; not shared between threads. ``fast_batches`` and
+    ``exact_batches`` count which path each batch took.
     """
 
-    __slots__ = ("_field_keys", "_max_cache", "_series", "_tagsets", "extra_tags")
+    __slots__ = (
+        "_commons",
+        "_field_keys",
+        "_max_cache",
+        "_max_shapes",
+        "_pieces",
+        "_series",
+        "_shapes",
+        "exact_batches",
+        "extra_tags",
+        "fast_batches",
+    )
 
     def __init__(
-        self, *, extra_tags: Mapping[str, str] | None = None, max_cache: int = DEFAULT_CACHE_SIZE
+        self,
+        *,
+        extra_tags: Mapping[str, str] | None = None,
+        max_cache: int = DEFAULT_CACHE_SIZE,
+        max_shapes: int = DEFAULT_MAX_SHAPES,
     ) -> None:
         self.extra_tags = dict(extra_tags or {})
         self._max_cache = max_cache
-        # (batch tags, node) -> merged common tags
-        self._tagsets: dict[tuple[object, ...], dict[str, str]] = {}
-        # (common tag key, measurement, point tags) -> "measurement,k=v,k=v"
+        self._max_shapes = max_shapes
+        # (batch tags, node, node_id) -> the node's common tags
+        self._commons: dict[tuple[object, ...], _Common] = {}
+        # (measurement, point tags, common keys) -> "measurement,k=v" ("" = not writable)
         self._series: dict[tuple[object, ...], str] = {}
         self._field_keys: dict[str, str] = {}
+        # shape key -> plan (None: this shape always takes the exact path)
+        self._shapes: dict[_ShapeKey, _Shape | None] = {}
+        self._pieces: dict[str, msgspec.Raw] = {}  # text pieces shared between plans
+        self.fast_batches = 0
+        self.exact_batches = 0
 
     def encode(self, batch: MetricBatch, *, node: str | None = None) -> bytes:
         """Lines for ``batch``, each ending in ``\\n``; b"" when no point is representable.
@@ -94,22 +172,56 @@ class LineEncoder:
         node_id, used only if the batch has no node tag), the encoder's extra tags. The
         ingest worker passes the node id from the NATS subject, which NATS authenticated.
         """
-        common_key = (tuple(batch.tags.items()), node, batch.node_id)
-        common = self._tagsets.get(common_key)
-        if common is None:
-            common = dict(batch.tags)
-            if node is not None:
-                common["node"] = node
-            elif "node" not in common and batch.node_id:
-                common["node"] = batch.node_id
-            common.update(self.extra_tags)
-            if len(self._tagsets) >= self._max_cache:
-                self._tagsets.clear()
-            self._tagsets[common_key] = common
+        common = self._common(batch, node)
+        out = self._encode_fast(batch, common)
+        if out is None:
+            self.exact_batches += 1
+            return self._encode_exact(batch, common)
+        self.fast_batches += 1
+        return out
 
-        series_cache = self._series
-        if len(series_cache) >= self._max_cache:
-            series_cache.clear()
+    # --- tags -----------------------------------------------------------------------
+
+    def _common(self, batch: MetricBatch, node: str | None) -> _Common:
+        key = (tuple(batch.tags.items()), node, batch.node_id)
+        common = self._commons.get(key)
+        if common is None:
+            tags = dict(batch.tags)
+            if node is not None:
+                tags["node"] = node
+            elif "node" not in tags and batch.node_id:
+                tags["node"] = batch.node_id
+            tags.update(self.extra_tags)
+            pairs = _escaped_pairs(tags)
+            text = "".join(f",{k}={v}" for k, v in pairs)
+            raw = None if _COMMA_MARK in text else msgspec.Raw(_marked(text))
+            common = _Common(frozenset(k for k, _ in pairs), text, raw)
+            if len(self._commons) >= self._max_cache:
+                self._commons.clear()
+            self._commons[key] = common
+        return common
+
+    def _series_key(
+        self, measurement: str, ptags: tuple[tuple[str, str], ...], common: frozenset[str]
+    ) -> str:
+        """``measurement,k=v`` for the point's own tags; "" when not writable."""
+        key = (measurement, ptags, common)
+        series = self._series.get(key)
+        if series is None:
+            name = escape_measurement(measurement)
+            if not name:
+                series = ""  # not writable; the caller drops the point
+            else:
+                own = [(k, v) for k, v in _escaped_pairs(dict(ptags)) if k not in common]
+                series = name + "".join(f",{k}={v}" for k, v in own)
+            if len(self._series) >= self._max_cache:
+                self._series.clear()
+            self._series[key] = series
+        return series
+
+    # --- the exact path -------------------------------------------------------------
+
+    def _encode_exact(self, batch: MetricBatch, common: _Common) -> bytes:
         field_keys = self._field_keys
         if len(field_keys) >= self._max_cache:
             field_keys.clear()
@@ -119,33 +231,121 @@ class LineEncoder:
             fields = _format_fields(point.fields, field_keys)
             if not fields:
                 continue
-            ptags = point.tags
-            skey = (common_key, point.measurement, tuple(ptags.items()) if ptags else ())
-            series = series_cache.get(skey)
-            if series is None:
-                series = series_cache[skey] = self._series_key(point.measurement, ptags, common)
+            ptags = tuple(point.tags.items()) if point.tags else ()
+            series = self._series_key(point.measurement, ptags, common.keys)
             if not series:
                 continue
             ts = point.ts or batch_ts
             if ts:
-                out.append(f"{series} {fields} {ts}\n")
+                out.append(f"{series}{common.text} {fields} {ts}\n")
             else:
-                out.append(f"{series} {fields}\n")
+                out.append(f"{series}{common.text} {fields}\n")
         return "".join(out).encode()
 
-    @staticmethod
-    def _series_key(measurement: str, ptags: Mapping[str, str], common: Mapping[str, str]) -> str:
-        name = escape_measurement(measurement)
-        if not name:
-            return ""  # not writable; the caller drops the point
-        merged = {**ptags, **common} if ptags else common
-        parts = [name]
-        for key in sorted(merged):
-            ekey, evalue = escape_tag(key), escape_tag(merged[key])
-            # InfluxDB rejects empty tag keys and values; an absent tag is the same thing.
-            if ekey and evalue:
-                parts.append(f"{ekey}={evalue}")
-        return ",".join(parts)
+    # --- the fast path --------------------------------------------------------------
+
+    def _encode_fast(self, batch: MetricBatch, common: _Common) -> bytes | None:
+        """The batch through its shape's plan; None when the exact path must take it."""
+        batch_ts = batch.ts
+        points = batch.points
+        if not batch_ts or not points or common.raw is None:
+            return None
+        if any([p.ts for p in points]):  # per-point timestamps: the agent never sends them
+            return None
+        fields = [p.fields for p in points]
+        values: list[Any] = list(chain.from_iterable(map(dict.values, fields)))
+        types = tuple(map(type, values))
+        key = (
+            common.keys,
+            tuple([p.measurement for p in points]),
+            tuple([tuple(p.tags.items()) if p.tags else () for p in points]),
+            tuple(map(len, fields)),
+            tuple(chain.from_iterable(fields)),
+            types,
+        )
+        try:
+            shape = self._shapes[key]
+        except KeyError:
+            shape = self._plan(key)
+        if shape is None:
+            return None
+        if shape.getter is None:
+            return b""
+        values.append(batch_ts)
+        values.append(common.raw)
+        values.extend(shape.pieces)
+        blob = _json.encode(shape.getter(values))
+        if _JSON_NULL in blob:  # NaN or infinity: the exact path drops those values
+            return None
+        return blob[1:-1].translate(_FROM_JSON, b",")
+
+    def _plan(self, key: _ShapeKey) -> _Shape | None:
+        shape = self._build_plan(key)
+        if len(self._shapes) >= self._max_shapes:
+            self._shapes.clear()
+            self._pieces.clear()
+        self._shapes[key] = shape
+        return shape
+
+    def _build_plan(self, key: _ShapeKey) -> _Shape | None:
+        """The pieces and the interleaving for one shape; None if the fast path cannot
+        write it (string values, a comma mark in a name)."""
+        common_keys, measurements, ptags, lens, names, types = key
+        nvalues = len(types)
+        ts_at, common_at, pieces_at = nvalues, nvalues + 1, nvalues + 2
+        texts: list[str] = []
+        index: list[int] = []  # into [values..., ts, common raw, pieces...]
+
+        def piece(text: str) -> None:
+            texts.append(text)
+            index.append(pieces_at + len(texts) - 1)
+
+        start = 0
+        for measurement, tags, n in zip(measurements, ptags, lens, strict=True):
+            first, start = start, start + n
+            if not all(t is float or t is int or t is bool for t in types[first:start]):
+                return None  # strings need escaping
+            fields = [(escape_tag(names[i]), i) for i in range(first, start)]
+            fields = [(ekey, i) for ekey, i in fields if ekey]
+            series = self._series_key(measurement, tags, common_keys)
+            if not series or not fields:
+                continue  # the exact path drops this point too
+            piece(("\n" if texts else "") + series)
+            index.append(common_at)
+            sep, after_int = " ", False
+            for ekey, i in fields:
+                piece(("i" if after_int else "") + sep + ekey + "=")
+                index.append(i)
+                sep, after_int = ",", types[i] is int
+            piece("i " if after_int else " ")
+            index.append(ts_at)
+        if not texts:
+            return _Shape(None, [])
+        if any(_COMMA_MARK in t for t in texts):
+            return None
+        piece("\n")
+        return _Shape(itemgetter(*index), [self._piece(t) for t in texts])
+
+    def _piece(self, text: str) -> msgspec.Raw:
+        piece = self._pieces.get(text)
+        if piece is None:
+            piece = self._pieces[text] = msgspec.Raw(_marked(text))
+        return piece
+
+
+def _marked(text: str) -> bytes:
+    return text.replace(",", _COMMA_MARK).encode()
+
+
+def _escaped_pairs(tags: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Escaped (key, value) pairs sorted by key; empty keys or values left out (InfluxDB
+    rejects them, and an absent tag means the same)."""
+    pairs = {}
+    for key, value in tags.items():
+        ekey, evalue = escape_tag(key), escape_tag(value)
+        if ekey and evalue:
+            pairs[ekey] = evalue
+    return sorted(pairs.items())
 
 
 def batch_to_lines(

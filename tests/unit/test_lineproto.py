@@ -1,10 +1,13 @@
-"""MetricBatch -> line protocol: escaping, value types, dropped values, tag merging."""
+"""MetricBatch -> line protocol: escaping, value types, dropped values, tag merging, and the
+fast (shape plan) path giving exactly the bytes of the exact path."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controller.ingest.lineproto import (
     LineEncoder,
@@ -12,7 +15,10 @@ from controller.ingest.lineproto import (
     escape_field_string,
     escape_measurement,
     escape_tag,
+    format_float,
 )
+from protocol.codec import decode, encode
+from protocol.errors import ProtocolError
 from protocol.messages import MetricBatch, MetricPoint
 
 TS = 1_700_000_000_000_000_000
@@ -43,7 +49,8 @@ def test_value_types_and_timestamp() -> None:
     [line] = one(
         [MetricPoint("m", {"f": 1.5, "i": 3, "b": True, "nb": False, "s": "x", "big": 1 << 70})]
     )
-    assert line == f'm,node=n1 f=1.5,i=3i,b=true,nb=false,s="x",big={float(1 << 70)!r} {TS}'
+    big = format_float(float(1 << 70))  # the protocol refuses such ints; code may not
+    assert line == f'm,node=n1 f=1.5,i=3i,b=true,nb=false,s="x",big={big} {TS}'
 
 
 def test_nan_and_inf_are_dropped_and_empty_points_too() -> None:
@@ -63,6 +70,14 @@ def test_tags_merged_sorted_and_escaped() -> None:
         tags={"zone": "z1", "region": "r1", "provider": "aws"},
     )
     assert line == f"net,interface=eth\\ 0,node=n1,provider=aws,region=r1,zone=z1 v=1i {TS + 5}"
+
+
+def test_point_tags_come_before_the_common_tags_each_part_sorted() -> None:
+    [line] = one(
+        [MetricPoint("disk", {"v": 1}, {"path": "/", "device": "sda1"})],
+        tags={"zone": "z1", "group": "g1"},
+    )
+    assert line == f"disk,device=sda1,path=/,group=g1,node=n1,zone=z1 v=1i {TS}"
 
 
 def test_subject_node_wins_over_claimed_node_and_extra_tags_win_over_all() -> None:
@@ -93,8 +108,163 @@ def test_cache_gives_same_output_and_stays_bounded() -> None:
         expected = f"m,k={i},node=n{i} v={i}i {TS}\n".encode()
         assert enc.encode(batch) == expected
         assert enc.encode(batch) == expected  # from the cache
-    assert len(enc._series) <= 4 and len(enc._tagsets) <= 4
+    assert len(enc._series) <= 4 and len(enc._commons) <= 4
 
 
 def test_empty_batch_is_empty_bytes() -> None:
     assert batch_to_lines(MetricBatch(node_id="n1", seq=1, ts=TS, points=[])) == b""
+
+
+# --- the fast path -------------------------------------------------------------------
+
+
+def _exact(batch: MetricBatch, node: str | None = None) -> bytes:
+    enc = LineEncoder()
+    return enc._encode_exact(batch, enc._common(batch, node))
+
+
+def server_batch(seq: int, node: str = "n1") -> MetricBatch:
+    points = [
+        MetricPoint("mem", {"total": 8 << 30, "used_percent": 12.5 + seq, "cached": 1 << 20}),
+        MetricPoint("system", {"load1": 0.25 * seq, "n_cpus": 4, "uptime": 3600 + seq}),
+        *(
+            MetricPoint(
+                "cpu", {"usage_user": 1 / (seq + i + 1), "usage_idle": 99.0 - i}, {"cpu": f"cpu{i}"}
+            )
+            for i in range(4)
+        ),
+        MetricPoint(
+            "net", {"bytes_recv": 10**12 + seq, "err_in": 0, "up": True}, {"interface": "eth0"}
+        ),
+        MetricPoint("tiny", {"v": 1e-7, "w": 1e22, "x": -0.0, "y": 5e-324}),
+    ]
+    return MetricBatch(
+        node_id=node,
+        seq=seq,
+        ts=TS + seq,
+        points=points,
+        tags={"infra": "i1", "provider": "aws", "region": "eu-west-1"},
+    )
+
+
+def test_fast_path_gives_the_exact_bytes_and_is_taken_for_repeated_shapes() -> None:
+    enc = LineEncoder()
+    for seq in range(5):
+        batch = decode(encode(server_batch(seq)), MetricBatch)  # as the worker sees it
+        assert enc.encode(batch, node="n1") == _exact(batch, "n1")
+    assert enc.fast_batches == 5 and enc.exact_batches == 0
+    first = enc.encode(server_batch(0), node="n1").decode().splitlines()[0]
+    assert first == (
+        f"mem,infra=i1,node=n1,provider=aws,region=eu-west-1 "
+        f"total={8 << 30}i,used_percent=12.5,cached={1 << 20}i {TS}"
+    )
+
+
+def test_one_plan_serves_every_node_with_the_same_shape() -> None:
+    enc = LineEncoder()
+    for n in range(20):
+        batch = server_batch(n, node=f"node-{n}")
+        assert enc.encode(batch, node=f"node-{n}") == _exact(batch, f"node-{n}")
+    assert len(enc._shapes) == 1
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        MetricPoint("m", {"ok": 1.0, "bad": math.nan}),  # NaN: dropped by the exact path
+        MetricPoint("m", {"ok": 1.0, "bad": -math.inf}),
+        MetricPoint("m", {"s": 'quote " and, comma'}),  # strings: exact path
+        MetricPoint("m", {"v": 1}, {"t": "a\x01b"}),  # the comma mark itself in a name
+    ],
+)
+def test_batches_the_fast_path_cannot_take_fall_back_to_the_exact_one(
+    point: MetricPoint,
+) -> None:
+    batch = MetricBatch(node_id="n1", seq=1, ts=TS, points=[server_batch(1).points[0], point])
+    enc = LineEncoder()
+    assert enc.encode(batch) == _exact(batch)
+    assert enc.exact_batches == 1 and enc.fast_batches == 0
+
+
+def test_escaped_names_and_dropped_points_on_the_fast_path() -> None:
+    batch = MetricBatch(
+        node_id="n1",
+        seq=1,
+        ts=TS,
+        points=[
+            MetricPoint("", {"v": 1}),  # not writable
+            MetricPoint("my net", {"bytes, in": 5, "\\": 1.5}, {"if": "eth 0,x", "node": "no"}),
+            MetricPoint("empty", {}),
+            MetricPoint("m", {"v": 2.5}),
+        ],
+        tags={"region": "us=1"},
+    )
+    enc = LineEncoder()
+    out = enc.encode(batch)
+    assert enc.fast_batches == 1
+    assert out == _exact(batch)
+    assert out.decode().splitlines() == [
+        f"my\\ net,if=eth\\ 0\\,x,node=n1,region=us\\=1 bytes\\,\\ in=5i {TS}",
+        f"m,node=n1,region=us\\=1 v=2.5 {TS}",
+    ]
+
+
+def test_a_shape_change_makes_a_new_plan() -> None:
+    enc = LineEncoder()
+    batch = server_batch(1)
+    enc.encode(batch)
+    changed = server_batch(2)
+    changed.points[0].fields["used_percent"] = 12  # int now: a different shape
+    assert enc.encode(changed) == _exact(changed)
+    assert b"used_percent=12i" in enc.encode(changed)
+    assert len(enc._shapes) == 2 and enc.fast_batches == 3
+
+
+def test_shape_cache_stays_bounded() -> None:
+    enc = LineEncoder(max_shapes=3)
+    for i in range(10):
+        batch = MetricBatch(node_id="n1", seq=i, ts=TS, points=[MetricPoint(f"m{i}", {"v": i})])
+        assert enc.encode(batch) == f"m{i},node=n1 v={i}i {TS}\n".encode()
+    assert len(enc._shapes) <= 3
+
+
+def test_an_int_outside_int64_makes_the_batch_malformed() -> None:
+    batch = MetricBatch(node_id="n1", seq=1, ts=TS, points=[MetricPoint("m", {"v": 1 << 63})])
+    with pytest.raises(ProtocolError):
+        decode(encode(batch), MetricBatch)
+
+
+_names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=6)
+_values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),  # mostly what the fast path takes
+    st.floats(),
+    st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1),
+    st.booleans(),
+    st.text(max_size=4),
+)
+_points = st.builds(
+    MetricPoint,
+    st.sampled_from(["cpu", "mem", "m m", "", "a,b"]) | _names,
+    st.dictionaries(
+        st.sampled_from(["v", "w", "x y", "", "\\", "z="]) | _names, _values, max_size=4
+    ),
+    st.dictionaries(st.sampled_from(["cpu", "node", "path", ""]) | _names, _names, max_size=3),
+)
+
+
+@settings(
+    max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    points=st.lists(_points, max_size=6),
+    tags=st.dictionaries(st.sampled_from(["infra", "zone", "cpu", "node"]), _names, max_size=3),
+    ts=st.sampled_from([TS, 0, 1]),
+)
+def test_fast_and_exact_paths_agree_on_anything(
+    points: list[MetricPoint], tags: dict[str, str], ts: int
+) -> None:
+    batch = MetricBatch(node_id="n1", seq=1, ts=ts, points=points, tags=tags)
+    enc = LineEncoder()
+    expected = _exact(batch, "n1")
+    assert enc.encode(batch, node="n1") == expected
+    assert enc.encode(batch, node="n1") == expected  # again, through the cached plan
