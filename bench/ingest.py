@@ -2,7 +2,18 @@
 against direct bulk line-protocol writes of the same points to the same influxd. Batches
 are what the real collectors produce on this host, widened to a server's core/disk count.
 
-Prints one JSON line. Also reports batch_to_lines lines/s, and the v1 (/write, aiohttp)
+Each round runs every variant once, in a rotating order, each into a database of its own,
+and waits for influxd to go quiet in between (it compacts in the background); the figures
+are medians over the rounds. Variants:
+
+- ``live``: the batches are published while the workers ingest (publisher in this
+  process, as agents would be on their own machines) - the headline ``value``;
+- ``drain``: the stream is filled first, then the workers drain it (the backlog after an
+  InfluxDB outage);
+- ``direct``: bulk writes of the same points, pre-encoded, 1 and 2 writes in flight (the
+  workers keep up to 2); the better median is the ``baseline``.
+
+Prints one JSON line. Also reports the encoder's lines/s, and the v1 (/write, aiohttp)
 against the v2 (influxdb-client async) sink on VictoriaMetrics. Loopback only.
 """
 
@@ -11,12 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nats
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -30,6 +43,7 @@ from protocol.subjects import Subjects
 from tests.fixtures.influx import InfluxDB1, Victoria
 
 BASE_TS = 1_700_000_000_000_000_000
+VARIANTS = ["direct1", "direct2", "live", "drain"]
 
 
 def real_points() -> list[MetricPoint]:
@@ -45,8 +59,9 @@ def real_points() -> list[MetricPoint]:
     return points
 
 
-def server_template(points: list[MetricPoint], cores: int, disks: int, ifaces: int
-                    ) -> list[MetricPoint]:
+def server_template(
+    points: list[MetricPoint], cores: int, disks: int, ifaces: int
+) -> list[MetricPoint]:
     """The real batch widened to a bigger server: per-core cpu, disk, diskio and net
     points copied from the real ones under new tag values (same fields and types)."""
     out = [p for p in points if p.measurement not in ("cpu", "disk", "diskio", "net")]
@@ -54,18 +69,29 @@ def server_template(points: list[MetricPoint], cores: int, disks: int, ifaces: i
     cpu_total = [p for p in by["cpu"] if p.tags.get("cpu") == "cpu-total"]
     per_core = [p for p in by["cpu"] if p.tags.get("cpu") != "cpu-total"] or cpu_total
     out += cpu_total
-    out += [MetricPoint("cpu", dict(per_core[i % len(per_core)].fields), {"cpu": f"cpu{i}"})
-            for i in range(cores)]
+    out += [
+        MetricPoint("cpu", dict(per_core[i % len(per_core)].fields), {"cpu": f"cpu{i}"})
+        for i in range(cores)
+    ]
     if by["disk"]:
-        out += [MetricPoint("disk", dict(by["disk"][0].fields),
-                            {**by["disk"][0].tags, "path": f"/data{i}", "device": f"sd{i}1"})
-                for i in range(disks)]
+        out += [
+            MetricPoint(
+                "disk",
+                dict(by["disk"][0].fields),
+                {**by["disk"][0].tags, "path": f"/data{i}", "device": f"sd{i}1"},
+            )
+            for i in range(disks)
+        ]
     if by["diskio"]:
-        out += [MetricPoint("diskio", dict(by["diskio"][0].fields), {"name": f"sd{i}"})
-                for i in range(disks)]
+        out += [
+            MetricPoint("diskio", dict(by["diskio"][0].fields), {"name": f"sd{i}"})
+            for i in range(disks)
+        ]
     if by["net"]:
-        out += [MetricPoint("net", dict(by["net"][0].fields), {"interface": f"eth{i}"})
-                for i in range(ifaces)]
+        out += [
+            MetricPoint("net", dict(by["net"][0].fields), {"interface": f"eth{i}"})
+            for i in range(ifaces)
+        ]
     return out
 
 
@@ -79,9 +105,18 @@ def make_batch(node: str, seq: int, template: list[MetricPoint]) -> MetricBatch:
         }
         pts.append(MetricPoint(p.measurement, fields, p.tags))
     return MetricBatch(
-        node_id=node, seq=seq, ts=BASE_TS + seq * 10_000_000_000, points=pts,
-        tags={"node": node, "infra": "inf1", "group": "g1", "provider": "aws",
-              "region": "us-east-1", "zone": "us-east-1a"},
+        node_id=node,
+        seq=seq,
+        ts=BASE_TS + seq * 10_000_000_000,
+        points=pts,
+        tags={
+            "node": node,
+            "infra": "inf1",
+            "group": "g1",
+            "provider": "aws",
+            "region": "us-east-1",
+            "zone": "us-east-1a",
+        },
     )
 
 
@@ -124,20 +159,33 @@ async def direct(sink: Sink, data: list[tuple[bytes, int]], concurrency: int = 1
 
 
 async def pipeline(
-    nats_url: str, sink: Sink, batches: list[MetricBatch], total: int, workers: int
+    nats_url: str,
+    sink: Sink,
+    payloads: list[tuple[str, bytes]],
+    total: int,
+    workers: int,
+    *,
+    drain: bool = False,
 ) -> float:
+    """Points/s through the workers; ``drain``: the stream is filled before they start."""
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        subjects = Subjects()
-        await ensure_metrics_stream(js, subjects=subjects.stream_subjects_metrics)
-        payloads = [(subjects.metrics(b.node_id), encode(b)) for b in batches]
-        async with _workers(js, sink, workers) as ws:
-            start = time.perf_counter()
+        await ensure_metrics_stream(js, subjects=Subjects().stream_subjects_metrics)
+        await js.purge_stream("METRICS")
+
+        async def publish() -> None:
             for i in range(0, len(payloads), 500):
                 for subject, data in payloads[i : i + 500]:
                     await js.publish_async(subject, data)
                 await js.publish_async_completed()
+
+        if drain:
+            await publish()
+        async with _workers(js, sink, workers) as ws:
+            start = time.perf_counter()
+            if not drain:
+                await publish()
             # the workers' counters are plain ints, there is no event to await
             while sum(w.stats.points for w in ws) < total:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
@@ -146,8 +194,20 @@ async def pipeline(
         await nc.close()
 
 
-async def pipeline_procs(nats_url: str, influx_url: str, db: str, batches: list[MetricBatch],
-                         total: int, procs: int) -> float:
+async def settle(pid: int, *, quiet: float = 10.0, limit: float = 20.0) -> None:
+    """Wait until influxd uses under ``quiet`` % of a core (background compactions done)."""
+    proc = psutil.Process(pid)
+    proc.cpu_percent(None)
+    deadline = time.monotonic() + limit
+    calm = 0
+    while time.monotonic() < deadline and calm < 2:
+        await asyncio.sleep(0.5)
+        calm = calm + 1 if proc.cpu_percent(None) < quiet else 0
+
+
+async def pipeline_procs(
+    nats_url: str, influx_url: str, db: str, batches: list[MetricBatch], total: int, procs: int
+) -> float:
     """The same, with the workers as `barista ingest` processes (one worker each) sharing
     the durable consumer: how ingest scales past one core."""
     import subprocess
@@ -156,10 +216,24 @@ async def pipeline_procs(nats_url: str, influx_url: str, db: str, batches: list[
     nc = await nats.connect(nats_url)
     children = [
         subprocess.Popen(  # noqa: ASYNC220 - started once, before the measured part
-            [sys.executable, "-m", "controller.cli", "ingest", "--nats-url", nats_url,
-             "--influx-kind", "influx1", "--influx-url", influx_url, "--influx-db", db,
-             "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "controller.cli",
+                "ingest",
+                "--nats-url",
+                nats_url,
+                "--influx-kind",
+                "influx1",
+                "--influx-url",
+                influx_url,
+                "--influx-db",
+                db,
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for _ in range(procs)
     ]
@@ -224,26 +298,36 @@ async def main() -> None:
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--intervals", type=int, default=60)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="each variant this many times")
     parser.add_argument("--no-victoria", action="store_true")
-    parser.add_argument("--procs", type=int, default=0,
-                        help="also measure N `barista ingest` processes (0: skip)")
+    parser.add_argument(
+        "--procs", type=int, default=0, help="also measure N `barista ingest` processes (0: skip)"
+    )
     parser.add_argument("--cores", type=int, default=64, help="per-core cpu points per batch")
     parser.add_argument("--disks", type=int, default=16, help="disk and diskio points per batch")
     parser.add_argument("--ifaces", type=int, default=8, help="net points per batch")
-    parser.add_argument("--host-only", action="store_true",
-                        help="this host's real batch as it is, not widened to a server")
+    parser.add_argument(
+        "--host-only",
+        action="store_true",
+        help="this host's real batch as it is, not widened to a server",
+    )
     args = parser.parse_args()
 
     real = real_points()
-    template = real if args.host_only else server_template(
-        real, args.cores, args.disks, args.ifaces)
-    batches = [make_batch(f"n{n}", s, template)
-               for s in range(args.intervals) for n in range(args.nodes)]
+    template = (
+        real if args.host_only else server_template(real, args.cores, args.disks, args.ifaces)
+    )
+    batches = [
+        make_batch(f"n{n}", s, template) for s in range(args.intervals) for n in range(args.nodes)
+    ]
     data = chunks(batches, 5000)
     total = sum(n for _, n in data)
     result: dict[str, object] = {
-        "bench": "ingest", "points": total, "batches": len(batches),
-        "points_per_batch": len(template), "workers": args.workers,
+        "bench": "ingest",
+        "points": total,
+        "batches": len(batches),
+        "points_per_batch": len(template),
+        "workers": args.workers,
         "msg_bytes": len(encode(batches[0])),
     }
     result["encode_lines_per_s"] = round(bench_encode(batches))
@@ -255,26 +339,53 @@ async def main() -> None:
         natsd.start()
         try:
             influx.start()
-            influx.create_db("direct")
-            influx.create_db("pipeline")
-            v1 = InfluxV1Sink(influx.url, "direct")
-            v1p = InfluxV1Sink(influx.url, "pipeline")
-            try:
-                # The best of 1 and 2 writes in flight: the workers keep up to 2
-                # (max_inflight), so the baseline may use as much concurrency.
-                baseline = max(await direct(v1, data), await direct(v1, data, 2))
-                value = await pipeline(natsd.url, v1p, batches, total, args.workers)
-            finally:
-                await v1.close()
-                await v1p.close()
-            result.update(value=round(value), baseline=round(baseline),
-                          ratio=round(value / baseline, 3))
+            assert influx.proc is not None
+            runs: dict[str, list[float]] = {k: [] for k in VARIANTS}
+            payloads = [(Subjects().metrics(b.node_id), encode(b)) for b in batches]
+            for r in range(args.rounds):
+                order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+                for kind in order:
+                    db = f"{kind}_{r}"
+                    influx.create_db(db)
+                    sink = InfluxV1Sink(influx.url, db)
+                    try:
+                        if kind.startswith("direct"):
+                            pps = await direct(sink, data, int(kind[-1]))
+                        else:
+                            pps = await pipeline(
+                                natsd.url,
+                                sink,
+                                payloads,
+                                total,
+                                args.workers,
+                                drain=kind == "drain",
+                            )
+                    finally:
+                        await sink.close()
+                    runs[kind].append(pps)
+                    print(
+                        f"round {r + 1}/{args.rounds} {kind}: {pps:,.0f} points/s", file=sys.stderr
+                    )
+                    await settle(influx.proc.pid)
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            baseline = max(med["direct1"], med["direct2"])
+            result.update(
+                value=round(med["live"]),
+                baseline=round(baseline),
+                ratio=round(med["live"] / baseline, 3),
+                drain_value=round(med["drain"]),
+                drain_ratio=round(med["drain"] / baseline, 3),
+                rounds=args.rounds,
+                runs={k: [round(x) for x in v] for k, v in runs.items()},
+            )
             if args.procs:
                 influx.create_db("procs")
-                pv = await pipeline_procs(natsd.url, influx.url, "procs", batches, total,
-                                          args.procs)
-                result.update(procs=args.procs, procs_value=round(pv),
-                              procs_ratio=round(pv / baseline, 3))
+                pv = await pipeline_procs(
+                    natsd.url, influx.url, "procs", batches, total, args.procs
+                )
+                result.update(
+                    procs=args.procs, procs_value=round(pv), procs_ratio=round(pv / baseline, 3)
+                )
             if not args.no_victoria:
                 result.update(await sinks_on_victoria(root / "vm", data))
         finally:

@@ -73,7 +73,7 @@ class Heartbeat(Message, tag="hb"):
 # --- metrics ----------------------------------------------------------------------------
 
 
-class MetricPoint(msgspec.Struct, array_like=True, omit_defaults=True):
+class MetricPoint(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One sample: compact on the wire (an array, not a map)."""
 
     measurement: str

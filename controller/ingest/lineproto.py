@@ -107,18 +107,28 @@ def _format_fields(fields: Mapping[str, object], keys: dict[str, str]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Shape:
+    """What a batch shape turns into. Its own lists are kept to recognise the next batch
+    of a node by comparing (C-level) instead of building and hashing a key."""
+
+    getter: Any  # itemgetter over [values..., ts, common raw, pieces...]; None: no line
+    pieces: list[msgspec.Raw]
+    fast: bool  # False: batches of this shape take the exact path
+    measurements: list[str]
+    tags: list[dict[str, str]]
+    lens: list[int]
+    names: list[str]
+    types: tuple[type, ...]
+
+
+@dataclass(slots=True)
 class _Common:
-    """A node's tags common to all its points, rendered once."""
+    """A node's tags common to all its points, rendered once, and its last shape."""
 
     keys: frozenset[str]  # escaped tag keys: a point tag with one of these is dropped
     text: str  # ",k=v,k=v" (sorted), "" when none
     raw: msgspec.Raw | None  # text for the fast path; None when it cannot take it
-
-
-@dataclass(frozen=True, slots=True)
-class _Shape:
-    getter: Any  # itemgetter over [values..., ts, common raw, pieces...]; None: no line
-    pieces: list[msgspec.Raw]
+    last: _Shape | None = None
 
 
 _ShapeKey = tuple[Any, ...]
@@ -159,8 +169,8 @@ class LineEncoder:
         # (measurement, point tags, common keys) -> "measurement,k=v" ("" = not writable)
         self._series: dict[tuple[object, ...], str] = {}
         self._field_keys: dict[str, str] = {}
-        # shape key -> plan (None: this shape always takes the exact path)
-        self._shapes: dict[_ShapeKey, _Shape | None] = {}
+        # shape key -> plan, shared by every node that sends that shape
+        self._shapes: dict[_ShapeKey, _Shape] = {}
         self._pieces: dict[str, msgspec.Raw] = {}  # text pieces shared between plans
         self.fast_batches = 0
         self.exact_batches = 0
@@ -255,19 +265,21 @@ class LineEncoder:
         fields = [p.fields for p in points]
         values: list[Any] = list(chain.from_iterable(map(dict.values, fields)))
         types = tuple(map(type, values))
-        key = (
-            common.keys,
-            tuple([p.measurement for p in points]),
-            tuple([tuple(p.tags.items()) if p.tags else () for p in points]),
-            tuple(map(len, fields)),
-            tuple(chain.from_iterable(fields)),
-            types,
-        )
-        try:
-            shape = self._shapes[key]
-        except KeyError:
-            shape = self._plan(key)
-        if shape is None:
+        names = list(chain.from_iterable(fields))
+        lens = list(map(len, fields))
+        measurements = [p.measurement for p in points]
+        tags = [p.tags for p in points]
+        shape = common.last
+        if (
+            shape is None
+            or shape.types != types
+            or shape.names != names
+            or shape.lens != lens
+            or shape.measurements != measurements
+            or shape.tags != tags
+        ):
+            shape = common.last = self._shape(common.keys, measurements, tags, lens, names, types)
+        if not shape.fast:
             return None
         if shape.getter is None:
             return b""
@@ -279,17 +291,38 @@ class LineEncoder:
             return None
         return blob[1:-1].translate(_FROM_JSON, b",")
 
-    def _plan(self, key: _ShapeKey) -> _Shape | None:
-        shape = self._build_plan(key)
-        if len(self._shapes) >= self._max_shapes:
-            self._shapes.clear()
-            self._pieces.clear()
-        self._shapes[key] = shape
+    def _shape(
+        self,
+        common_keys: frozenset[str],
+        measurements: list[str],
+        tags: list[dict[str, str]],
+        lens: list[int],
+        names: list[str],
+        types: tuple[type, ...],
+    ) -> _Shape:
+        """The shared plan for a shape, made on first sight."""
+        ptags = tuple(tuple(t.items()) if t else () for t in tags)
+        key = (common_keys, tuple(measurements), ptags, tuple(lens), tuple(names), types)
+        shape = self._shapes.get(key)
+        if shape is None:
+            getter, pieces = self._build_plan(key)
+            tag_copies = [dict(t) for t in tags]
+            shape = _Shape(
+                getter, pieces, getter is not False, measurements, tag_copies, lens, names, types
+            )
+            if len(self._shapes) >= self._max_shapes:
+                # Nodes remember their last plan: drop those references too, so that
+                # the bound holds.
+                self._shapes.clear()
+                self._pieces.clear()
+                self._commons.clear()
+            self._shapes[key] = shape
         return shape
 
-    def _build_plan(self, key: _ShapeKey) -> _Shape | None:
-        """The pieces and the interleaving for one shape; None if the fast path cannot
-        write it (string values, a comma mark in a name)."""
+    def _build_plan(self, key: _ShapeKey) -> tuple[Any, list[msgspec.Raw]]:
+        """The interleaving getter and text pieces for one shape: (None, []) when it
+        writes no line, (False, []) when the fast path cannot write it (string values, a
+        comma mark in a name)."""
         common_keys, measurements, ptags, lens, names, types = key
         nvalues = len(types)
         ts_at, common_at, pieces_at = nvalues, nvalues + 1, nvalues + 2
@@ -304,7 +337,7 @@ class LineEncoder:
         for measurement, tags, n in zip(measurements, ptags, lens, strict=True):
             first, start = start, start + n
             if not all(t is float or t is int or t is bool for t in types[first:start]):
-                return None  # strings need escaping
+                return False, []  # strings need escaping
             fields = [(escape_tag(names[i]), i) for i in range(first, start)]
             fields = [(ekey, i) for ekey, i in fields if ekey]
             series = self._series_key(measurement, tags, common_keys)
@@ -320,11 +353,11 @@ class LineEncoder:
             piece("i " if after_int else " ")
             index.append(ts_at)
         if not texts:
-            return _Shape(None, [])
+            return None, []
         if any(_COMMA_MARK in t for t in texts):
-            return None
+            return False, []
         piece("\n")
-        return _Shape(itemgetter(*index), [self._piece(t) for t in texts])
+        return itemgetter(*index), [self._piece(t) for t in texts]
 
     def _piece(self, text: str) -> msgspec.Raw:
         piece = self._pieces.get(text)

@@ -124,14 +124,54 @@ async def test_points_arrive_in_influxdb1(
         DB,
     )
     assert rows[0]["values"][0] == [
-        BASE_TS, 10.0, "cpu0", "n1", "inf-1", "aws", "us-east-1", "us-east-1a"
+        BASE_TS,
+        10.0,
+        "cpu0",
+        "n1",
+        "inf-1",
+        "aws",
+        "us-east-1",
+        "us-east-1a",
     ]
     mem = influxdb1.query("SELECT total, ok, used_percent FROM mem WHERE node = 'n2' LIMIT 1", DB)
     assert mem[0]["values"][0][1:] == [8 << 30, True, 42.5]
-    net = influxdb1.query('SELECT bytes_recv, note, interface FROM net WHERE node = \'n1\'', DB)
+    net = influxdb1.query("SELECT bytes_recv, note, interface FROM net WHERE node = 'n1'", DB)
     values = net[0]["values"]
     assert len(values) == 10
     assert values[3][1:] == [3, 'say "hi"\\', "eth 0,x=y"]
+
+
+@pytest.mark.influx
+async def test_fast_path_values_read_back_exactly(
+    js: JetStreamContext, influxdb1: InfluxDB1, influx_sink: InfluxV1Sink
+) -> None:
+    """Numbers spelled by the fast path (msgspec's shortest repr: 1e-7, 1e22, 5e-324) and
+    its tag order (point tags, then the node's) are what InfluxDB 1.x stores."""
+    odd = [1e-7, 1e22, 5e-324, -0.0, 0.1 + 0.2, 1.7976931348623157e308, 123456789.125]
+    for seq in range(3):
+        fields: dict[str, float | int | bool] = {
+            f"f{i}": v * (seq + 1) if v < 1e300 else v for i, v in enumerate(odd)
+        }
+        fields |= {"i_max": (1 << 63) - 1, "i_min": -(1 << 63), "flag": seq % 2 == 0}
+        b = MetricBatch(
+            node_id="n1",
+            seq=seq,
+            ts=BASE_TS + seq,
+            tags={"zone": "z", "infra": "i"},
+            points=[MetricPoint("odd", fields, {"device": "sda", "path": "/"})],
+        )
+        await js.publish(SUBJECTS.metrics("n1"), encode(b))
+    async with IngestWorker(js=js, sink=influx_sink, **FAST) as worker:  # type: ignore[arg-type]
+        await wait_for(lambda: worker.stats.batches == 3, what="3 batches")
+        assert worker.encoder.fast_batches == 3 and worker.encoder.exact_batches == 0
+    cols = [f"f{i}" for i in range(len(odd))] + ["i_max", "i_min", "flag", "device", "node"]
+    rows = influxdb1.query(f"SELECT {', '.join(cols)} FROM odd ORDER BY time", DB)
+    values = rows[0]["values"]
+    assert len(values) == 3
+    for seq, row in enumerate(values):
+        assert row[0] == BASE_TS + seq
+        assert row[1 : len(odd) + 1] == [v * (seq + 1) if v < 1e300 else v for v in odd]
+        assert row[len(odd) + 1 :] == [(1 << 63) - 1, -(1 << 63), seq % 2 == 0, "sda", "n1"]
 
 
 @pytest.mark.influx
@@ -214,7 +254,10 @@ async def test_refused_batch_is_terminated_and_the_rest_written(
     await js.publish(SUBJECTS.metrics("n1"), encode(bad))
     await publish(js, "n1", range(3, 6))
     async with IngestWorker(
-        js=js, sink=influx_sink, batch_lines=100_000, **FAST  # type: ignore[arg-type]
+        js=js,
+        sink=influx_sink,
+        batch_lines=100_000,
+        **FAST,  # type: ignore[arg-type]
     ) as worker:
         await wait_for(lambda: worker.stats.batches + worker.stats.rejected == 7, what="all 7")
         assert worker.stats.rejected == 1
@@ -278,8 +321,16 @@ async def test_unreachable_sink_is_retryable() -> None:
 
 @pytest.mark.parametrize(
     ("status", "retryable", "auth"),
-    [(400, False, False), (413, False, False), (401, True, True), (403, True, True),
-     (404, True, False), (429, True, False), (500, True, False), (503, True, False)],
+    [
+        (400, False, False),
+        (413, False, False),
+        (401, True, True),
+        (403, True, True),
+        (404, True, False),
+        (429, True, False),
+        (500, True, False),
+        (503, True, False),
+    ],
 )
 def test_status_classification(status: int, retryable: bool, auth: bool) -> None:
     err = classify_status(status, "body", what="sink")
