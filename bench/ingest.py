@@ -6,8 +6,8 @@ Each round runs every variant once, in a rotating order, each into a database of
 and waits for influxd to go quiet in between (it compacts in the background); the figures
 are medians over the rounds. Variants:
 
-- ``live``: the batches are published while the workers ingest (publisher in this
-  process, as agents would be on their own machines) - the headline ``value``;
+- ``live``: the batches are published while the workers ingest, by a child process (as
+  agents would, from their own machines) - the headline ``value``;
 - ``drain``: the stream is filled first, then the workers drain it (the backlog after an
   InfluxDB outage);
 - ``direct``: bulk writes of the same points, pre-encoded, 1 and 2 writes in flight (the
@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import nats
 import psutil
 
@@ -167,31 +169,64 @@ async def pipeline(
     *,
     drain: bool = False,
 ) -> float:
-    """Points/s through the workers; ``drain``: the stream is filled before they start."""
+    """Points/s through the workers. ``drain``: the stream is filled before they start;
+    otherwise a child process publishes while they ingest (bench/_publish.py)."""
     nc = await nats.connect(nats_url)
+    publisher = None
     try:
         js = nc.jetstream()
         await ensure_metrics_stream(js, subjects=Subjects().stream_subjects_metrics)
         await js.purge_stream("METRICS")
-
-        async def publish() -> None:
+        if drain:
             for i in range(0, len(payloads), 500):
                 for subject, data in payloads[i : i + 500]:
                     await js.publish_async(subject, data)
                 await js.publish_async_completed()
-
-        if drain:
-            await publish()
+        else:
+            publisher = await _publisher(nats_url, payloads)
         async with _workers(js, sink, workers) as ws:
             start = time.perf_counter()
-            if not drain:
-                await publish()
+            if publisher is not None:
+                assert publisher.stdin is not None
+                publisher.stdin.write(b"go\n")
+                await publisher.stdin.drain()
             # the workers' counters are plain ints, there is no event to await
             while sum(w.stats.points for w in ws) < total:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             return total / (time.perf_counter() - start)
     finally:
+        if publisher is not None:
+            if publisher.returncode is None:
+                publisher.kill()
+            await publisher.wait()
         await nc.close()
+
+
+async def _publisher(
+    nats_url: str, payloads: list[tuple[str, bytes]]
+) -> asyncio.subprocess.Process:
+    """The publishing child, connected and waiting for its start line."""
+    path = Path(tempfile.gettempdir()) / f"barista-bench-payloads-{os.getpid()}.msgpack"
+    path.write_bytes(msgspec.msgpack.encode(payloads))
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("_publish.py")),
+            nats_url,
+            str(path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            child.kill()
+            await child.wait()
+            raise RuntimeError(f"publisher did not start: {line!r}")
+        return child
+    finally:
+        # the child has read it (it says ready only after): the file can go now
+        path.unlink(missing_ok=True)
 
 
 async def settle(pid: int, *, quiet: float = 10.0, limit: float = 20.0) -> None:
@@ -298,7 +333,9 @@ async def main() -> None:
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--intervals", type=int, default=60)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="each variant this many times")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="each variant this many times (4: once per position)"
+    )
     parser.add_argument("--no-victoria", action="store_true")
     parser.add_argument(
         "--procs", type=int, default=0, help="also measure N `barista ingest` processes (0: skip)"
