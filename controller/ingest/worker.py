@@ -217,6 +217,9 @@ class IngestWorker:
             "running": self._task is not None and not self._task.done(),
             "backing_off": self.backing_off,
             **asdict(self.stats),
+            # batches line-encoded through a shape plan / point by point (lineproto.py)
+            "encoded_fast": self.encoder.fast_batches,
+            "encoded_exact": self.encoder.exact_batches,
         }
 
     async def _ensure_consumer(self) -> None:

@@ -113,6 +113,10 @@ async def test_agent_metrics_land_in_influxdb(tmp_path: Path, influxdb1: InfluxD
         assert status["points"] > 0 and status["batches"] > 0
         assert status["write_errors"] == 0 and status["workers"][0]["running"]
         assert "influx1" in status["sink"]
+        # Real agents' batches are what the encoder's shape plans are for: a node's first
+        # batch plans its shape, and it does not change between intervals.
+        worker = status["workers"][0]
+        assert worker["encoded_fast"] > 0 and worker["encoded_exact"] == 0, worker
 
 
 async def stream_counts(controller: Controller, nodes: set[str]) -> dict[str, int]:
