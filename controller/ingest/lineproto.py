@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import chain
 from math import isfinite
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import msgspec
@@ -50,11 +50,25 @@ _JSON_NULL = b",null,"  # a value is always between two pieces, so always betwee
 # Above this many cached entries a cache is simply dropped and rebuilt: series churn is
 # rare (new nodes, new disks), and a clear is cheaper than LRU bookkeeping per point.
 DEFAULT_CACHE_SIZE = 50_000
-# A plan holds references to ~5 entries per field value (~70 kB for a 64-core server's
-# batch); a fleet has a few shapes per hardware and collector set.
+# A plan costs ~85 kB for a 64-core server's batch (110 points, 1,121 values); a fleet has
+# a few shapes per hardware and collector set. Nodes of one shape share its plan.
 DEFAULT_MAX_SHAPES = 512
 
 _json = msgspec.json.Encoder()
+_TS, _FIELDS, _TAGS = attrgetter("ts"), attrgetter("fields"), attrgetter("tags")
+_MEASUREMENT_OF = attrgetter("measurement")
+_NO_TAGS: dict[str, str] = {}
+# Index ints shared by every plan's getter (Python caches only -5..256): a plan then holds
+# a tuple of references, not thousands of int objects of its own.
+_INTS: list[int] = []
+
+
+def _int(i: int) -> int:
+    if i >= 1 << 16:  # bounded: a huge batch's plan keeps its own
+        return i
+    if i >= len(_INTS):
+        _INTS.extend(range(len(_INTS), i + 1024))
+    return _INTS[i]
 
 
 def escape_measurement(name: str) -> str:
@@ -114,10 +128,10 @@ class _Shape:
     getter: Any  # itemgetter over [values..., ts, common raw, pieces...]; None: no line
     pieces: list[msgspec.Raw]
     fast: bool  # False: batches of this shape take the exact path
-    measurements: list[str]
+    measurements: tuple[str, ...]
     tags: list[dict[str, str]]
-    lens: list[int]
-    names: list[str]
+    lens: tuple[int, ...]
+    names: tuple[str, ...]
     types: tuple[type, ...]
 
 
@@ -260,15 +274,15 @@ class LineEncoder:
         points = batch.points
         if not batch_ts or not points or common.raw is None:
             return None
-        if any([p.ts for p in points]):  # per-point timestamps: the agent never sends them
+        if any(map(_TS, points)):  # per-point timestamps: the agent never sends them
             return None
-        fields = [p.fields for p in points]
+        fields = list(map(_FIELDS, points))
         values: list[Any] = list(chain.from_iterable(map(dict.values, fields)))
         types = tuple(map(type, values))
-        names = list(chain.from_iterable(fields))
-        lens = list(map(len, fields))
-        measurements = [p.measurement for p in points]
-        tags = [p.tags for p in points]
+        names = tuple(chain.from_iterable(fields))
+        lens = tuple(map(len, fields))
+        measurements = tuple(map(_MEASUREMENT_OF, points))
+        tags = list(map(_TAGS, points))
         shape = common.last
         if (
             shape is None
@@ -294,19 +308,20 @@ class LineEncoder:
     def _shape(
         self,
         common_keys: frozenset[str],
-        measurements: list[str],
+        measurements: tuple[str, ...],
         tags: list[dict[str, str]],
-        lens: list[int],
-        names: list[str],
+        lens: tuple[int, ...],
+        names: tuple[str, ...],
         types: tuple[type, ...],
     ) -> _Shape:
-        """The shared plan for a shape, made on first sight."""
+        """The shared plan for a shape, made on first sight. The plan keeps the tuples of
+        its key (no second copy) and copies of the tag dicts, which are small."""
         ptags = tuple(tuple(t.items()) if t else () for t in tags)
-        key = (common_keys, tuple(measurements), ptags, tuple(lens), tuple(names), types)
+        key = (common_keys, measurements, ptags, lens, names, types)
         shape = self._shapes.get(key)
         if shape is None:
             getter, pieces = self._build_plan(key)
-            tag_copies = [dict(t) for t in tags]
+            tag_copies = [dict(t) if t else _NO_TAGS for t in tags]
             shape = _Shape(
                 getter, pieces, getter is not False, measurements, tag_copies, lens, names, types
             )
@@ -357,7 +372,7 @@ class LineEncoder:
         if any(_COMMA_MARK in t for t in texts):
             return False, []
         piece("\n")
-        return itemgetter(*index), [self._piece(t) for t in texts]
+        return itemgetter(*map(_int, index)), [self._piece(t) for t in texts]
 
     def _piece(self, text: str) -> msgspec.Raw:
         piece = self._pieces.get(text)
