@@ -23,6 +23,7 @@ caches stay small for big fleets. InfluxDB sorts tags itself; sorted input is on
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import chain
@@ -35,11 +36,18 @@ import msgspec
 from protocol.messages import MetricBatch
 
 # str.translate tables: one C-level pass per string instead of chained replaces.
-_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", "\n": "\\n", "\r": "\\r"})
-_TAG = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\r": "\\r"})
+_CONTROL = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f"}
+_MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ ", **_CONTROL})
+_TAG = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", **_CONTROL})
 _FIELD_STR = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
-_MEASUREMENT_SPECIAL = frozenset(",\n\r \\")
-_TAG_SPECIAL = frozenset(",=\n\r \\")
+_MEASUREMENT_SPECIAL = frozenset(",\n\r\t\f \\")
+_TAG_SPECIAL = frozenset(",=\n\r\t\f \\")
+# A backslash before a character that gets escaped (or at the end) would be read with it:
+# "a\\,b" must not become "a\\\\,b", which parsers disagree on (VictoriaMetrics splits the
+# tag there, InfluxDB 3 refuses the line). Such backslashes are dropped: the name loses
+# them but can never change the structure of the line.
+_MEASUREMENT_DANGLING = re.compile(r"\\+(?=[, \n\r\t\f]|$)")
+_TAG_DANGLING = re.compile(r"\\+(?=[,= \n\r\t\f]|$)")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 # Text pieces stand in "\x01" for their commas; the JSON array's own commas are deleted.
@@ -47,12 +55,22 @@ _COMMA_MARK = "\x01"
 _FROM_JSON = bytes.maketrans(b"\x01", b",")
 _JSON_NULL = b",null,"  # a value is always between two pieces, so always between commas
 
-# Above this many cached entries a cache is simply dropped and rebuilt: series churn is
-# rare (new nodes, new disks), and a clear is cheaper than LRU bookkeeping per point.
+# The caches are bounded in entries and in bytes, against any input (a payload may be
+# 1 MB of tag value). Past a bound every cache is dropped and rebuilt: churn is rare (new
+# nodes, new disks), and a clear is cheaper than LRU bookkeeping per point. An entry whose
+# text is longer than _MAX_CACHED_TEXT is not cached at all (no real name is that long).
 DEFAULT_CACHE_SIZE = 50_000
-# A plan costs ~85 kB for a 64-core server's batch (110 points, 1,121 values); a fleet has
-# a few shapes per hardware and collector set. Nodes of one shape share its plan.
+DEFAULT_CACHE_BYTES = 16 << 20
+_MAX_CACHED_TEXT = 4096
+_MAX_CACHED_FIELD_KEY = 128
+# A plan costs ~85 kB for a 64-core server's batch (110 points, 1,121 values: ~80 bytes a
+# value, counted with its text); a fleet has a few shapes per hardware and collector set,
+# and nodes of one shape share its plan. A shape whose plan would cost more than
+# _MAX_PLAN_BYTES is not planned: such batches take the exact path.
 DEFAULT_MAX_SHAPES = 512
+DEFAULT_PLAN_BYTES = 64 << 20
+_MAX_PLAN_BYTES = 4 << 20
+_PLAN_BYTES_PER_VALUE = 80
 
 _json = msgspec.json.Encoder()
 _TS, _FIELDS, _TAGS = attrgetter("ts"), attrgetter("fields"), attrgetter("tags")
@@ -74,15 +92,18 @@ def _int(i: int) -> int:
 def escape_measurement(name: str) -> str:
     if _MEASUREMENT_SPECIAL.isdisjoint(name):
         return name
-    # A trailing backslash would escape the separator that follows it.
-    return name.rstrip("\\").translate(_MEASUREMENT)
+    if "\\" in name:
+        name = _MEASUREMENT_DANGLING.sub("", name)
+    return name.translate(_MEASUREMENT)
 
 
 def escape_tag(text: str) -> str:
     """Escape a tag key, tag value or field key."""
     if _TAG_SPECIAL.isdisjoint(text):
         return text
-    return text.rstrip("\\").translate(_TAG)
+    if "\\" in text:
+        text = _TAG_DANGLING.sub("", text)
+    return text.translate(_TAG)
 
 
 def escape_field_string(text: str) -> str:
@@ -100,7 +121,9 @@ def _format_fields(fields: Mapping[str, object], keys: dict[str, str]) -> str:
     for key, value in fields.items():
         ekey = keys.get(key)
         if ekey is None:
-            ekey = keys[key] = escape_tag(key)
+            ekey = escape_tag(key)
+            if len(key) <= _MAX_CACHED_FIELD_KEY:
+                keys[key] = ekey
         if not ekey:
             continue
         kind = type(value)
@@ -146,25 +169,34 @@ class _Common:
 
 
 _ShapeKey = tuple[Any, ...]
+# What a shape too big to plan gets: the exact path. It matches no batch (a batch with
+# points has lens), so the next batch is looked at afresh.
+_UNPLANNED = _Shape(False, [], False, (), [], (), (), ())
 
 
 class LineEncoder:
     """Converts batches to line protocol, caching per-node tags and per-shape plans.
 
     One encoder per ingest worker; not shared between threads. ``fast_batches`` and
-    ``exact_batches`` count which path each batch took.
+    ``exact_batches`` count which path each batch took. Batches are expected to be valid
+    protocol messages (``protocol.codec.decode`` makes sure): an int field outside int64,
+    which decode refuses, would be written as an int by the fast path.
     """
 
     __slots__ = (
+        "_cache_bytes",
         "_commons",
+        "_extra_tags",
         "_field_keys",
         "_max_cache",
+        "_max_cache_bytes",
+        "_max_plan_bytes",
         "_max_shapes",
         "_pieces",
+        "_plan_bytes",
         "_series",
         "_shapes",
         "exact_batches",
-        "extra_tags",
         "fast_batches",
     )
 
@@ -173,12 +205,16 @@ class LineEncoder:
         *,
         extra_tags: Mapping[str, str] | None = None,
         max_cache: int = DEFAULT_CACHE_SIZE,
+        max_cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_shapes: int = DEFAULT_MAX_SHAPES,
+        max_plan_bytes: int = DEFAULT_PLAN_BYTES,
     ) -> None:
-        self.extra_tags = dict(extra_tags or {})
+        self._extra_tags = dict(extra_tags or {})
         self._max_cache = max_cache
+        self._max_cache_bytes = max_cache_bytes
         self._max_shapes = max_shapes
-        # (batch tags, node, node_id) -> the node's common tags
+        self._max_plan_bytes = max_plan_bytes
+        # (batch tags, node) or (batch tags, None, node_id) -> the node's common tags
         self._commons: dict[tuple[object, ...], _Common] = {}
         # (measurement, point tags, common keys) -> "measurement,k=v" ("" = not writable)
         self._series: dict[tuple[object, ...], str] = {}
@@ -186,8 +222,15 @@ class LineEncoder:
         # shape key -> plan, shared by every node that sends that shape
         self._shapes: dict[_ShapeKey, _Shape] = {}
         self._pieces: dict[str, msgspec.Raw] = {}  # text pieces shared between plans
+        self._cache_bytes = 0  # text held by _commons and _series (keys and values)
+        self._plan_bytes = 0  # estimated size of the plans in _shapes
         self.fast_batches = 0
         self.exact_batches = 0
+
+    @property
+    def extra_tags(self) -> dict[str, str]:
+        """Tags added to every point (a copy: they are fixed when the encoder is made)."""
+        return dict(self._extra_tags)
 
     def encode(self, batch: MetricBatch, *, node: str | None = None) -> bytes:
         """Lines for ``batch``, each ending in ``\\n``; b"" when no point is representable.
@@ -204,10 +247,32 @@ class LineEncoder:
         self.fast_batches += 1
         return out
 
+    # --- caches ---------------------------------------------------------------------
+
+    def _drop_caches(self) -> None:
+        self._commons.clear()  # nodes hold their last plan: they go with the plans
+        self._series.clear()
+        self._field_keys.clear()
+        self._shapes.clear()
+        self._pieces.clear()
+        self._cache_bytes = self._plan_bytes = 0
+
+    def _room_for_text(self, cache: dict[Any, Any], cost: int) -> bool:
+        """Whether an entry of ``cost`` characters may be cached (making room if needed)."""
+        if cost > _MAX_CACHED_TEXT:
+            return False
+        if len(cache) >= self._max_cache or self._cache_bytes + cost > self._max_cache_bytes:
+            self._drop_caches()
+        self._cache_bytes += cost
+        return True
+
     # --- tags -----------------------------------------------------------------------
 
     def _common(self, batch: MetricBatch, node: str | None) -> _Common:
-        key = (tuple(batch.tags.items()), node, batch.node_id)
+        items = tuple(batch.tags.items())
+        # The batch's node_id matters only when no node is given (it cannot then spread
+        # one node's batches over many entries).
+        key = (items, node) if node is not None else (items, None, batch.node_id)
         common = self._commons.get(key)
         if common is None:
             tags = dict(batch.tags)
@@ -215,14 +280,14 @@ class LineEncoder:
                 tags["node"] = node
             elif "node" not in tags and batch.node_id:
                 tags["node"] = batch.node_id
-            tags.update(self.extra_tags)
+            tags.update(self._extra_tags)
             pairs = _escaped_pairs(tags)
             text = "".join(f",{k}={v}" for k, v in pairs)
             raw = None if _COMMA_MARK in text else msgspec.Raw(_marked(text))
             common = _Common(frozenset(k for k, _ in pairs), text, raw)
-            if len(self._commons) >= self._max_cache:
-                self._commons.clear()
-            self._commons[key] = common
+            cost = 2 * len(text) + len(node or batch.node_id)
+            if self._room_for_text(self._commons, cost):
+                self._commons[key] = common
         return common
 
     def _series_key(
@@ -238,9 +303,9 @@ class LineEncoder:
             else:
                 own = [(k, v) for k, v in _escaped_pairs(dict(ptags)) if k not in common]
                 series = name + "".join(f",{k}={v}" for k, v in own)
-            if len(self._series) >= self._max_cache:
-                self._series.clear()
-            self._series[key] = series
+            cost = len(measurement) + sum(len(k) + len(v) for k, v in ptags) + len(series)
+            if self._room_for_text(self._series, cost):
+                self._series[key] = series
         return series
 
     # --- the exact path -------------------------------------------------------------
@@ -248,7 +313,7 @@ class LineEncoder:
     def _encode_exact(self, batch: MetricBatch, common: _Common) -> bytes:
         field_keys = self._field_keys
         if len(field_keys) >= self._max_cache:
-            field_keys.clear()
+            field_keys.clear()  # entries are short (_MAX_CACHED_FIELD_KEY)
         batch_ts = batch.ts
         out = []
         for point in batch.points:
@@ -320,18 +385,26 @@ class LineEncoder:
         key = (common_keys, measurements, ptags, lens, names, types)
         shape = self._shapes.get(key)
         if shape is None:
+            cost = (
+                _PLAN_BYTES_PER_VALUE * len(types)
+                + sum(map(len, names))
+                + 2 * sum(map(len, measurements))
+                + 2 * sum(len(k) + len(v) for t in ptags for k, v in t)
+            )
+            if cost > _MAX_PLAN_BYTES:
+                return _UNPLANNED
+            if (
+                len(self._shapes) >= self._max_shapes
+                or self._plan_bytes + cost > self._max_plan_bytes
+            ):
+                self._drop_caches()
             getter, pieces = self._build_plan(key)
             tag_copies = [dict(t) if t else _NO_TAGS for t in tags]
             shape = _Shape(
                 getter, pieces, getter is not False, measurements, tag_copies, lens, names, types
             )
-            if len(self._shapes) >= self._max_shapes:
-                # Nodes remember their last plan: drop those references too, so that
-                # the bound holds.
-                self._shapes.clear()
-                self._pieces.clear()
-                self._commons.clear()
             self._shapes[key] = shape
+            self._plan_bytes += cost
         return shape
 
     def _build_plan(self, key: _ShapeKey) -> tuple[Any, list[msgspec.Raw]]:
@@ -387,9 +460,11 @@ def _marked(text: str) -> bytes:
 
 def _escaped_pairs(tags: Mapping[str, str]) -> list[tuple[str, str]]:
     """Escaped (key, value) pairs sorted by key; empty keys or values left out (InfluxDB
-    rejects them, and an absent tag means the same)."""
+    rejects them, and an absent tag means the same). Keys that escape alike ("k", "k\\")
+    resolve the same way whatever order they came in: the fast path recognises a node's
+    tags by dict equality, which ignores order."""
     pairs = {}
-    for key, value in tags.items():
+    for key, value in sorted(tags.items()):
         ekey, evalue = escape_tag(key), escape_tag(value)
         if ekey and evalue:
             pairs[ekey] = evalue

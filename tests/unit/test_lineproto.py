@@ -268,3 +268,80 @@ def test_fast_and_exact_paths_agree_on_anything(
     expected = _exact(batch, "n1")
     assert enc.encode(batch, node="n1") == expected
     assert enc.encode(batch, node="n1") == expected  # again, through the cached plan
+
+
+def test_tag_keys_that_escape_alike_give_one_answer_in_any_order() -> None:
+    """A node's tags are recognised by dict equality (order ignored), so which of two
+    colliding keys wins must not depend on their order either (review finding)."""
+    enc = LineEncoder()
+    first = MetricBatch(
+        node_id="n1", seq=1, ts=TS, points=[MetricPoint("m", {"v": 1}, {"k": "1", "k\\": "2"})]
+    )
+    second = MetricBatch(
+        node_id="n1", seq=2, ts=TS, points=[MetricPoint("m", {"v": 1}, {"k\\": "2", "k": "1"})]
+    )
+    assert enc.encode(first, node="n1") == _exact(first, "n1")
+    assert enc.encode(second, node="n1") == _exact(second, "n1") == _exact(first, "n1")
+
+
+@pytest.mark.parametrize(
+    ("tags", "fields", "line"),
+    [
+        # A backslash before an escaped character is dropped: "x\,evil\=1" must stay one
+        # tag value, not become "x\\,evil\\=1" (VictoriaMetrics would read two tags).
+        ({"host": "x\\,evil\\=1"}, {"v": 1}, "m,host=x\\,evil\\=1,node=n1 v=1i"),
+        ({}, {"usage\\=5\\,g": 1.0}, "m,node=n1 usage\\=5\\,g=1.0"),
+        ({"path": "C:\\\\"}, {"v": 1}, "m,path=C:,node=n1 v=1i"),
+        ({"t": "a\tb\\ c"}, {"v": 1}, "m,t=a\\tb\\ c,node=n1 v=1i"),
+        ({"t": "a\\b"}, {"v": 1}, "m,t=a\\b,node=n1 v=1i"),  # harmless backslash kept
+    ],
+)
+def test_backslashes_cannot_change_the_structure_of_a_line(
+    tags: dict[str, str], fields: dict[str, float | int], line: str
+) -> None:
+    batch = MetricBatch(node_id="n1", seq=1, ts=TS, points=[MetricPoint("m", fields, tags)])
+    assert LineEncoder().encode(batch, node="n1") == f"{line} {TS}\n".encode()
+    assert _exact(batch, "n1") == f"{line} {TS}\n".encode()
+
+
+def test_caches_are_bounded_in_bytes_and_skip_huge_names() -> None:
+    enc = LineEncoder(max_cache_bytes=20_000)
+    for i in range(200):  # one node sending new batch tags every time
+        batch = MetricBatch(
+            node_id="n1",
+            seq=i,
+            ts=TS,
+            points=[MetricPoint("m", {"v": i}, {"d": "x" * 100})],
+            tags={"t": f"{i}-" + "y" * 300},
+        )
+        assert enc.encode(batch, node="n1") == _exact(batch, "n1")
+        assert enc._cache_bytes <= 20_000
+    huge = MetricBatch(
+        node_id="n1", seq=1, ts=TS, points=[MetricPoint("m", {"v": 1})], tags={"t": "z" * 100_000}
+    )
+    enc = LineEncoder()
+    assert enc.encode(huge, node="n1") == _exact(huge, "n1")
+    assert not enc._commons and enc._cache_bytes < 100  # only the tiny series "m"
+
+
+def test_plans_are_bounded_in_bytes_and_a_giant_shape_is_not_planned() -> None:
+    enc = LineEncoder(max_plan_bytes=100_000)
+    for i in range(30):  # 30 shapes of ~20 kB each
+        batch = MetricBatch(
+            node_id="n1",
+            seq=i,
+            ts=TS,
+            points=[MetricPoint("m", {f"f{j}": float(j) for j in range(200 + i)})],
+        )
+        assert enc.encode(batch, node="n1") == _exact(batch, "n1")
+        assert enc._plan_bytes <= 100_000
+    assert enc.fast_batches == 30
+    giant = MetricBatch(
+        node_id="n1",
+        seq=1,
+        ts=TS,
+        points=[MetricPoint("m", {c * 1_000_000: 1.0 for c in "abcde"})],
+    )
+    enc = LineEncoder()
+    assert enc.encode(giant, node="n1") == _exact(giant, "n1")
+    assert enc.exact_batches == 1 and not enc._shapes
