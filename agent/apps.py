@@ -414,6 +414,10 @@ def _download(url: str, dest: Path, cap: int) -> str:
     except StepFailed:
         raise
     except Exception as exc:
+        from urllib.error import HTTPError
+
+        if isinstance(exc, HTTPError):
+            exc.close()  # it holds the response's socket
         raise StepFailed(f"cannot download {url}: {exc}") from None
     return h.hexdigest()
 
@@ -433,14 +437,18 @@ def _http_ok(url: str, timeout: float) -> None:
     host = urllib.parse.urlsplit(url).hostname or ""
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise StepFailed(f"health URL {url} is not on loopback")
-    try:
-        from urllib.request import urlopen
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
 
+    try:
         with urlopen(url, timeout=timeout) as resp:
             if resp.status >= 400:
                 raise StepFailed(f"GET {url}: HTTP {resp.status}")
     except StepFailed:
         raise
+    except HTTPError as exc:
+        exc.close()  # it holds the response's socket
+        raise StepFailed(f"GET {url}: HTTP {exc.code} {exc.reason}") from None
     except Exception as exc:
         raise StepFailed(f"GET {url}: {exc}") from None
 

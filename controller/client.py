@@ -43,11 +43,12 @@ class ApiClient:
         try:
             return urllib.request.urlopen(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
-            try:
-                err = json.loads(exc.read())
-                code, message = err.get("error", "error"), err.get("message", "")
-            except (ValueError, AttributeError):
-                code, message = "http_error", f"HTTP {exc.code} {exc.reason}"
+            with exc:  # it holds the response's socket
+                try:
+                    err = json.loads(exc.read())
+                    code, message = err.get("error", "error"), err.get("message", "")
+                except (ValueError, AttributeError):
+                    code, message = "http_error", f"HTTP {exc.code} {exc.reason}"
             raise ApiError(exc.code, code, message) from None
         except urllib.error.URLError as exc:
             raise ApiError(

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -201,9 +202,16 @@ class NatsServer:
 
     def _monitor(self, path: str) -> dict[str, object]:
         url = f"http://{self.host}:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            data: dict[str, object] = json.loads(resp.read())
-            return data
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                data: dict[str, object] = json.loads(resp.read())
+                return data
+        except urllib.error.HTTPError as exc:
+            # An HTTPError holds the response and its socket: close it here, or whoever
+            # keeps the error (a retry loop's last_err) leaks the socket until GC.
+            with exc:
+                body = exc.read(300).decode(errors="replace").strip()
+            raise NatsServerError(f"{path}: HTTP {exc.code}: {body}") from None
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
