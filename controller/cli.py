@@ -445,14 +445,21 @@ def jobs_show(job_id: str, follow: bool, full: bool, output: str) -> None:
 @main.command()
 @click.option("--duration", default=None, help="stop after this long (default: until Ctrl-C)")
 @click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50))
-@click.option("--data-dir", type=click.Path(path_type=Path), help="default: a new temp dir")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="default: a new temp dir, removed after a good run",
+)
+@click.option("--keep", is_flag=True, help="keep the temp dir (logs, state) after a good run")
 @output_option
-def demo(duration: str | None, agents: int, data_dir: Path | None, output: str) -> None:
+def demo(
+    duration: str | None, agents: int, data_dir: Path | None, keep: bool, output: str
+) -> None:
     """Controller + embedded NATS + local agents labelled as three clouds, live."""
     from controller.demo import demo_main
 
     seconds = parse_duration(duration) if duration else None
-    sys.exit(demo_main(seconds, data_dir, agents, output))
+    sys.exit(demo_main(seconds, data_dir, agents, output, keep=keep))
 
 
 main.add_command(top)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -336,19 +337,37 @@ async def _deploy_app(c: Controller, console: Console) -> None:
 
 
 def demo_main(
-    duration: float | None, data_dir: Path | None, agents: int, output: str = "table"
+    duration: float | None,
+    data_dir: Path | None,
+    agents: int,
+    output: str = "table",
+    keep: bool = False,
 ) -> int:
+    """Run the demo; a temp data dir is removed after a good run (unless ``keep``) and
+    kept, with its logs, after a bad one."""
     console = Console(stderr=output == "json", width=None if sys.stdout.isatty() else 110)
-    result = asyncio.run(
-        run_demo(duration=duration, data_dir=data_dir, agents=agents, console=console)
-    )
-    if output == "json":
-        print(
-            json.dumps(
-                {"all_online_after": result.all_online_after, "nodes": result.nodes}, indent=2
-            )
+    temp = data_dir is None
+    base = data_dir or Path(tempfile.mkdtemp(prefix="barista-demo-"))
+    ok = False
+    try:
+        result = asyncio.run(
+            run_demo(duration=duration, data_dir=base, agents=agents, console=console)
         )
-    if result.all_online_after is None:
-        console.print("[red]not every node came online with metrics; see the agent logs[/red]")
-        return 1
-    return 0
+        if output == "json":
+            print(
+                json.dumps(
+                    {"all_online_after": result.all_online_after, "nodes": result.nodes},
+                    indent=2,
+                )
+            )
+        ok = result.all_online_after is not None
+        if not ok:
+            console.print("[red]not every node came online with metrics; see the agent logs[/red]")
+            return 1
+        return 0
+    finally:
+        if temp and ok and not keep:
+            shutil.rmtree(base, ignore_errors=True)
+            console.print(f"removed {base} (--keep keeps the logs and data)")
+        else:
+            console.print(f"logs and data are in {base}")
