@@ -1,0 +1,51 @@
+"""`barista demo` as a user runs it: a real subprocess with embedded NATS and local agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def demo(tmp_path: Path, *args: str) -> tuple[int, dict[str, object], str]:
+    # TMPDIR: the demo's temp data dir lands in this test's own directory.
+    env = {**os.environ, "TMPDIR": str(tmp_path), "BARISTA_CONFIG": "/nonexistent/x.toml"}
+    env.pop("BARISTA_INFLUX_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "demo", "--duration", "3s", "--agents", "2",
+         "-o", "json", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the demo then stops its own nats-server and agents
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    return proc.returncode, json.loads(out or b"{}"), err.decode()
+
+
+def test_demo_brings_the_fleet_online_and_removes_its_temp_dir(tmp_path: Path) -> None:
+    code, result, err = demo(tmp_path)
+    assert code == 0, err[-2000:]
+    assert result["all_online_after"] is not None
+    assert len(result["nodes"]) == 2  # type: ignore[arg-type]
+    assert "removed" in err
+    assert not list(tmp_path.glob("barista-demo-*"))
+
+
+@pytest.mark.slow
+def test_demo_keep_leaves_logs_and_state(tmp_path: Path) -> None:
+    code, _, err = demo(tmp_path, "--keep")
+    assert code == 0, err[-2000:]
+    [kept] = tmp_path.glob("barista-demo-*")
+    assert (kept / "controller" / "nats" / "nats-server.log").exists()
+    assert list((kept / "agents").glob("*.log"))
