@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -16,9 +17,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
-import nats
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -280,21 +278,24 @@ class Agent:
 
     async def _enroll_once(self, payload: bytes) -> EnrollReply:
         cfg = self.config
-        nc = await nats.connect(
-            servers=cfg.nats_urls,
-            user=cfg.enroll_user,
-            password=cfg.enroll_password,
-            inbox_prefix=ENROLL_INBOX.encode(),
-            allow_reconnect=False,
-            connect_timeout=cfg.enroll_timeout,
-            max_reconnect_attempts=0,
-            name=f"barista-agent-enroll {self.hostname}",
-            error_cb=self._on_enroll_error,
-        )
+        nc = NATS()
         try:
+            await nc.connect(
+                servers=cfg.nats_urls,
+                user=cfg.enroll_user,
+                password=cfg.enroll_password,
+                inbox_prefix=ENROLL_INBOX.encode(),
+                allow_reconnect=False,
+                connect_timeout=cfg.enroll_timeout,  # type: ignore[arg-type]  # float works
+                max_reconnect_attempts=0,
+                name=f"barista-agent-enroll {self.hostname}",
+                error_cb=self._on_enroll_error,
+            )
             msg = await nc.request(self.subjects.enroll, payload, timeout=cfg.enroll_timeout)
         finally:
-            await nc.close()
+            # also after a refused connect: nats-py would leave its socket open
+            with contextlib.suppress(Exception):
+                await nc.close()
         try:
             reply = codec.decode(msg.data)
         except ProtocolError as exc:
@@ -335,10 +336,16 @@ class Agent:
             opts["user"], opts["password"] = cfg.nats_user, cfg.nats_password
         attempt = 0
         while True:
+            nc = NATS()
             try:
-                self.nc = await nats.connect(**opts)
+                await nc.connect(**opts)
+                self.nc = nc
                 break
             except Exception as exc:
+                # nats-py leaves a refused connection's socket open; close it now rather
+                # than at the next garbage collection (retries go on for as long as it takes).
+                with contextlib.suppress(Exception):
+                    await nc.close()
                 delay = _backoff(attempt)
                 self.log.warning("cannot connect to NATS (%s); retrying in %.1fs", exc, delay)
                 attempt += 1
