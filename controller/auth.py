@@ -1,6 +1,8 @@
 """Keeps the embedded nats-server's list of node identities in step with enrollment.
 
-Reloads are batched: many nodes enrolling at once cost one config reload.
+Reloads are batched: many nodes enrolling at once cost one config reload. A reload drops
+every client caught in its CONNECT handshake (nats-server checks all clients against the
+new users, and one mid-handshake has not authenticated yet); such clients retry.
 """
 
 from __future__ import annotations
@@ -86,10 +88,14 @@ class NatsAuth:
             try:
                 assert self._server is not None
                 self._save_cache()
-                # Rendered here, on the loop: enrollments keep changing the node list
-                # while the reload runs in its thread.
-                text = self._server.render_config()
-                await asyncio.to_thread(self._server.reload, config_text=text)
+                # A snapshot taken on the loop (enrollments keep changing the node list),
+                # rendered and loaded in a thread: with thousands of nodes rendering alone
+                # takes tens of milliseconds.
+                nodes = list(self._server._nodes.values())
+                server = self._server
+                await asyncio.to_thread(
+                    lambda: server.reload(config_text=server.render_config(nodes))
+                )
                 log.debug("nats-server reloaded for %d change(s)", len(waiting))
             except Exception as exc:
                 for fut in waiting:

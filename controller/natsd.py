@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from controller.errors import NatsServerError
 from protocol.subjects import Subjects
 
@@ -131,7 +133,10 @@ class NatsServer:
     def remove_node(self, nkey: str) -> None:
         self._nodes.pop(nkey, None)
 
-    def render_config(self) -> str:
+    def render_config(self, nodes: Iterable[NodeAccess] | None = None) -> str:
+        """The server's config (JSON, which nats-server reads). ``nodes``: a snapshot of the
+        node list to render from (default: the current one), so that rendering can run in
+        a thread while enrollments go on."""
         js_dir = self.data_dir / "jetstream"
         conf: dict[str, object] = {
             "server_name": self.name,
@@ -153,7 +158,8 @@ class NatsServer:
                     },
                 },
             ]
-            for node in sorted(self._nodes.values(), key=lambda n: n.node_id):
+            listed = self._nodes.values() if nodes is None else nodes
+            for node in sorted(listed, key=lambda n: n.node_id):
                 users.append(
                     {
                         "nkey": node.nkey,
@@ -161,8 +167,9 @@ class NatsServer:
                     }
                 )
             conf["authorization"] = {"users": users}
-        # nats-server's config format accepts JSON.
-        return json.dumps(conf, indent=2)
+        # nats-server's config format accepts JSON. msgspec: ~10x json.dumps, which matters
+        # with thousands of nodes (a reload per enrollment batch).
+        return msgspec.json.format(msgspec.json.encode(conf), indent=2).decode()
 
     def write_config(self, text: str | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
