@@ -12,11 +12,12 @@ import pytest
 
 
 def demo(tmp_path: Path, *args: str) -> tuple[int, dict[str, object], str]:
-    # TMPDIR: the demo's temp data dir lands in this test's own directory.
+    # TMPDIR: the demo's temp data dir lands in this test's own directory. 8 s: time for a
+    # loaded machine to start the controller and bring both agents online with metrics.
     env = {**os.environ, "TMPDIR": str(tmp_path), "BARISTA_CONFIG": "/nonexistent/x.toml"}
     env.pop("BARISTA_INFLUX_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "demo", "--duration", "3s", "--agents", "2",
+        [sys.executable, "-m", "controller.cli", "demo", "--duration", "8s", "--agents", "2",
          "-o", "json", *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
