@@ -89,21 +89,23 @@ def _int(i: int) -> int:
     return _INTS[i]
 
 
+def _escape(
+    text: str, special: frozenset[str], dangling: re.Pattern[str], table: dict[int, str]
+) -> str:
+    if special.isdisjoint(text):
+        return text
+    if "\\" in text:
+        text = dangling.sub("", text)
+    return text.translate(table)
+
+
 def escape_measurement(name: str) -> str:
-    if _MEASUREMENT_SPECIAL.isdisjoint(name):
-        return name
-    if "\\" in name:
-        name = _MEASUREMENT_DANGLING.sub("", name)
-    return name.translate(_MEASUREMENT)
+    return _escape(name, _MEASUREMENT_SPECIAL, _MEASUREMENT_DANGLING, _MEASUREMENT)
 
 
 def escape_tag(text: str) -> str:
     """Escape a tag key, tag value or field key."""
-    if _TAG_SPECIAL.isdisjoint(text):
-        return text
-    if "\\" in text:
-        text = _TAG_DANGLING.sub("", text)
-    return text.translate(_TAG)
+    return _escape(text, _TAG_SPECIAL, _TAG_DANGLING, _TAG)
 
 
 def escape_field_string(text: str) -> str:
