@@ -59,6 +59,20 @@ class EnrollmentError(Exception):
         self.message = message
 
 
+async def _connect(**opts: Any) -> NATS:
+    """``nats.connect``, but a refused connection's socket is closed now: nats-py leaves it
+    open until the next garbage collection, and connects are retried for as long as it
+    takes."""
+    nc = NATS()
+    try:
+        await nc.connect(**opts)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise
+    return nc
+
+
 def _backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     return float(min(cap, base * 2.0 ** min(attempt, 30)) * (0.5 + random.random() / 2))
 
@@ -278,24 +292,21 @@ class Agent:
 
     async def _enroll_once(self, payload: bytes) -> EnrollReply:
         cfg = self.config
-        nc = NATS()
+        nc = await _connect(
+            servers=cfg.nats_urls,
+            user=cfg.enroll_user,
+            password=cfg.enroll_password,
+            inbox_prefix=ENROLL_INBOX.encode(),
+            allow_reconnect=False,
+            connect_timeout=cfg.enroll_timeout,
+            max_reconnect_attempts=0,
+            name=f"barista-agent-enroll {self.hostname}",
+            error_cb=self._on_enroll_error,
+        )
         try:
-            await nc.connect(
-                servers=cfg.nats_urls,
-                user=cfg.enroll_user,
-                password=cfg.enroll_password,
-                inbox_prefix=ENROLL_INBOX.encode(),
-                allow_reconnect=False,
-                connect_timeout=cfg.enroll_timeout,  # type: ignore[arg-type]  # float works
-                max_reconnect_attempts=0,
-                name=f"barista-agent-enroll {self.hostname}",
-                error_cb=self._on_enroll_error,
-            )
             msg = await nc.request(self.subjects.enroll, payload, timeout=cfg.enroll_timeout)
         finally:
-            # also after a refused connect: nats-py would leave its socket open
-            with contextlib.suppress(Exception):
-                await nc.close()
+            await nc.close()
         try:
             reply = codec.decode(msg.data)
         except ProtocolError as exc:
@@ -336,16 +347,10 @@ class Agent:
             opts["user"], opts["password"] = cfg.nats_user, cfg.nats_password
         attempt = 0
         while True:
-            nc = NATS()
             try:
-                await nc.connect(**opts)
-                self.nc = nc
+                self.nc = await _connect(**opts)
                 break
             except Exception as exc:
-                # nats-py leaves a refused connection's socket open; close it now rather
-                # than at the next garbage collection (retries go on for as long as it takes).
-                with contextlib.suppress(Exception):
-                    await nc.close()
                 delay = _backoff(attempt)
                 self.log.warning("cannot connect to NATS (%s); retrying in %.1fs", exc, delay)
                 attempt += 1

@@ -9,7 +9,9 @@ the first behaviour and the admission itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import warnings
 from pathlib import Path
 
 import nats
@@ -87,3 +89,18 @@ async def test_a_node_is_admitted_by_the_reload_and_not_before(
     await asyncio.to_thread(nats_server.reload)
     nc = await nats.connect(nats_server.url, nkeys_seed=seed, allow_reconnect=False)
     await nc.close()
+
+
+async def test_the_agents_refused_connect_leaves_no_socket_open(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """nats-py keeps a refused connection's socket until GC; the agent's connect closes it
+    (the suite runs with -W error, so a leaked socket collected here fails the test)."""
+    from agent.runtime import _connect
+
+    seed, _ = identity(tmp_path, "stranger")
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await _connect(servers=[nats_server.url], nkeys_seed=seed, allow_reconnect=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        gc.collect()
