@@ -400,18 +400,19 @@ class LineEncoder:
                 or self._plan_bytes + cost > self._max_plan_bytes
             ):
                 self._drop_caches()
-            getter, pieces = self._build_plan(key)
+            plan = self._build_plan(key)
+            getter, pieces = plan or (None, [])
             tag_copies = [dict(t) if t else _NO_TAGS for t in tags]
             shape = _Shape(
-                getter, pieces, getter is not False, measurements, tag_copies, lens, names, types
+                getter, pieces, plan is not None, measurements, tag_copies, lens, names, types
             )
             self._shapes[key] = shape
             self._plan_bytes += cost
         return shape
 
-    def _build_plan(self, key: _ShapeKey) -> tuple[Any, list[msgspec.Raw]]:
+    def _build_plan(self, key: _ShapeKey) -> tuple[Any, list[msgspec.Raw]] | None:
         """The interleaving getter and text pieces for one shape: (None, []) when it
-        writes no line, (False, []) when the fast path cannot write it (string values, a
+        writes no line, None when the fast path cannot write it (string values, a
         comma mark in a name)."""
         common_keys, measurements, ptags, lens, names, types = key
         nvalues = len(types)
@@ -427,7 +428,7 @@ class LineEncoder:
         for measurement, tags, n in zip(measurements, ptags, lens, strict=True):
             first, start = start, start + n
             if not all(t is float or t is int or t is bool for t in types[first:start]):
-                return False, []  # strings need escaping
+                return None  # strings need escaping
             fields = [(escape_tag(names[i]), i) for i in range(first, start)]
             fields = [(ekey, i) for ekey, i in fields if ekey]
             series = self._series_key(measurement, tags, common_keys)
@@ -445,7 +446,7 @@ class LineEncoder:
         if not texts:
             return None, []
         if any(_COMMA_MARK in t for t in texts):
-            return False, []
+            return None
         piece("\n")
         return itemgetter(*map(_int, index)), [self._piece(t) for t in texts]
 
