@@ -195,15 +195,15 @@ class Enrollment:
     async def enroll(self, req: EnrollRequest) -> EnrollReply:
         if not _NKEY_RE.match(req.identity):
             return self._refuse("bad_request", "identity must be a NATS user nkey (U...)")
-        if len(req.reply_key) != 32:
-            return self._refuse(
-                "bad_request", "enroll request has no 32-byte reply_key to seal the answer "
-                "to (an agent older than the controller? upgrade it)")
         try:
             verify_enroll(req)
         except BadIdentityProof as exc:
             log.warning("enrollment of %r refused: %s", req.hostname[:64], exc.reason)
             return self._refuse(exc.code, exc.reason)
+        if len(req.reply_key) != 32:
+            return self._refuse(
+                "bad_request", "enroll request has no 32-byte reply_key to seal the answer "
+                "to (an agent older than the controller? upgrade it)")
         try:
             agent_labels = parse_labels([f"{k}={v}" for k, v in req.labels.items()])
         except ValueError as exc:
