@@ -9,6 +9,9 @@ from pathlib import Path
 
 import nkeys
 
+from protocol.messages import EnrollRequest
+from protocol.signing import sign_enroll
+
 
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +33,15 @@ class Identity:
         kp = nkeys.from_seed(seed)
         self.public_key: str = kp.public_key.decode()
         kp.wipe()
+
+    def sign_enroll(self, req: EnrollRequest) -> EnrollRequest:
+        """``req`` signed with this identity (the proof of possession the controller
+        checks). The seed is read for this and not kept in memory."""
+        seed = bytearray(self.seed_path.read_bytes().strip())
+        try:
+            return sign_enroll(req, seed)
+        finally:
+            seed[:] = bytes(len(seed))
 
     def _load_or_create(self) -> bytearray:
         try:

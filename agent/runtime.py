@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
+import nacl.public
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -37,17 +38,19 @@ from protocol.messages import (
     Event,
     Heartbeat,
     MetricBatch,
+    SealedReply,
     SignedCommand,
 )
 from protocol.selectors import Selector
-from protocol.signing import CommandVerifier
-from protocol.subjects import Subjects
+from protocol.signing import CommandVerifier, open_reply
+from protocol.subjects import ENROLL_INBOX, Subjects
 
 AGENT_VERSION = "0.1.0"
 Severity = Literal["debug", "info", "warning", "error"]
 # Labels copied into every metric as tags; all have a small, bounded set of values.
 TAG_LABELS = ("infra", "group", "provider", "region", "zone")
-ENROLL_INBOX = "_INBOX_enroll"
+# Refusals that a later attempt (a new request) can overcome: the clock was off.
+_TRANSIENT_REFUSALS = ("clock_skew",)
 
 
 class EnrollmentError(Exception):
@@ -253,19 +256,10 @@ class Agent:
                 "this agent is not enrolled and has no join token: create one with "
                 "`barista token create` and pass it with --token",
             )
-        req = EnrollRequest(
-            token=cfg.token,
-            identity=self.identity.public_key,
-            hostname=self.hostname,
-            agent_version=self.version,
-            facts={k: str(v) for k, v in self._facts.items()},
-            labels=cfg.labels,
-        )
-        payload = codec.encode(req)
         attempt = 0
         while True:
             try:
-                reply = await self._enroll_once(payload)
+                reply = await self._enroll_once(self._enroll_request())
             except EnrollmentError:
                 raise
             except Exception as exc:  # transient: NATS down, no controller, timeout
@@ -290,8 +284,29 @@ class Agent:
                 metrics_interval=reply.metrics_interval,
             )
 
-    async def _enroll_once(self, payload: bytes) -> EnrollReply:
+    def _enroll_request(self) -> tuple[EnrollRequest, nacl.public.PrivateKey]:
+        """A fresh request per attempt: its own time, a new ephemeral key for the sealed
+        reply, signed with the identity key (the controller checks all three)."""
         cfg = self.config
+        assert self.identity is not None
+        reply_key = nacl.public.PrivateKey.generate()
+        req = EnrollRequest(
+            token=cfg.token,
+            identity=self.identity.public_key,
+            hostname=self.hostname,
+            agent_version=self.version,
+            facts={k: str(v) for k, v in self._facts.items()},
+            labels=cfg.labels,
+            ts=time.time(),
+            reply_key=bytes(reply_key.public_key),
+        )
+        return self.identity.sign_enroll(req), reply_key
+
+    async def _enroll_once(
+        self, request: tuple[EnrollRequest, nacl.public.PrivateKey]
+    ) -> EnrollReply:
+        cfg = self.config
+        req, reply_key = request
         nc = await _connect(
             servers=cfg.nats_urls,
             user=cfg.enroll_user,
@@ -304,11 +319,16 @@ class Agent:
             error_cb=self._on_enroll_error,
         )
         try:
-            msg = await nc.request(self.subjects.enroll, payload, timeout=cfg.enroll_timeout)
+            msg = await nc.request(
+                self.subjects.enroll, codec.encode(req), timeout=cfg.enroll_timeout
+            )
         finally:
             await nc.close()
         try:
             reply = codec.decode(msg.data)
+            if isinstance(reply, SealedReply):
+                # Sealed to our ephemeral key: nobody else on the enroll inbox can read it.
+                reply = codec.decode(open_reply(reply_key, reply))
         except ProtocolError as exc:
             raise ConnectionError(f"bad enrollment reply: {exc.reason}") from None
         if isinstance(reply, ErrorReply):
@@ -318,6 +338,8 @@ class Agent:
         if not isinstance(reply, EnrollReply):
             raise ConnectionError(f"unexpected enrollment reply {type(reply).__name__}")
         if not reply.ok:
+            if reply.error_code in _TRANSIENT_REFUSALS:
+                raise ConnectionError(f"{reply.error} [{reply.error_code}]")
             raise EnrollmentError(
                 reply.error_code or "refused", reply.error or "enrollment refused"
             )
@@ -628,7 +650,7 @@ class Agent:
     async def _app_sync_request(self, payload: bytes) -> bytes:
         if self.nc is None or not self.nc.is_connected:
             raise ConnectionError("not connected to NATS")
-        msg = await self.nc.request(self.subjects.app_sync, payload, timeout=5.0)
+        msg = await self.nc.request(self.subjects.app_sync(self.node_id), payload, timeout=5.0)
         return msg.data
 
     async def _reply(self, result: CommandResult) -> None:

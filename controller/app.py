@@ -26,14 +26,25 @@ from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
-from controller.natsd import NatsServer, NodeAccess
+from controller.natsd import CONTROLLER_INBOX, NatsServer, NodeAccess
 from controller.state import Table, open_bucket
 from protocol import codec
 from protocol.errors import ProtocolError
-from protocol.messages import EnrollRequest, ErrorReply, Event, Heartbeat, MetricBatch
+from protocol.messages import (
+    EnrollReply,
+    EnrollRequest,
+    ErrorReply,
+    Event,
+    Heartbeat,
+    Message,
+    MetricBatch,
+)
+from protocol.signing import seal_reply
 from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller")
+# Enrollment refusals that mean an attack or a broken agent: counted in Stats.rejected.
+_COUNTED_REFUSALS = ("bad_signature", "identity_collision")
 
 
 @dataclass
@@ -82,7 +93,9 @@ class Controller:
         self.stats = Stats()
         self.secrets: Secrets | None = None
         self.natsd: NatsServer | None = None
+        # Peer-facing connection (subscriptions, replies, commands) and the JetStream one.
         self.nc: NATS | None = None
+        self.state_nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.nodes: Table[NodeRecord] | None = None
         self.tokens_table: Table[TokenRecord] | None = None
@@ -131,7 +144,9 @@ class Controller:
     async def start(self) -> None:
         cfg = self.config
         self.secrets = Secrets.load_or_create(cfg.data_dir)
-        creds: dict[str, str] = {}
+        state_creds: dict[str, str] = {}
+        peer_creds: dict[str, str] = {}
+        state_inbox: dict[str, bytes] = {}
         if not cfg.nats_url:
             self.natsd = NatsServer(
                 data_dir=cfg.data_dir / "nats",
@@ -144,20 +159,20 @@ class Controller:
             await asyncio.to_thread(self.natsd.start)
             # Agents hold this URL in their config: keep the same port across restarts.
             (cfg.data_dir / "nats" / "port").write_text(str(self.natsd.port))
-            creds = self.natsd.controller_credentials()
+            state_creds = self.natsd.controller_credentials()
+            peer_creds = self.natsd.peer_credentials()
+            if state_creds:
+                state_inbox = {"inbox_prefix": CONTROLLER_INBOX.encode()}
         elif cfg.nats_user:
-            creds = {"user": cfg.nats_user, "password": cfg.nats_password}
-        self.nc = await nats.connect(
-            self.nats_url,
-            name="barista-controller",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=self._nats_error,
-            disconnected_cb=self._nats_disconnected,
-            reconnected_cb=self._nats_reconnected,
-            **creds,
+            # One set of credentials: the reply-subject checks are then the only guard.
+            state_creds = peer_creds = {"user": cfg.nats_user, "password": cfg.nats_password}
+        # Two connections: self.nc talks to peers (and can reach no JetStream API on the
+        # embedded server), self.state_nc holds state and streams and answers no peer.
+        self.nc = await self._connect_nats("barista-controller", peer_creds)
+        self.state_nc = await self._connect_nats(
+            "barista-controller-state", {**state_creds, **state_inbox}
         )
-        self.js = self.nc.jetstream()
+        self.js = self.state_nc.jetstream()
         await self._ensure_streams()
         sink_config = sink_config_of(cfg)
         if sink_config is not None:
@@ -206,7 +221,7 @@ class Controller:
             await self.nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll)
         )
         self._subs.append(
-            await self.nc.subscribe(s.app_sync, queue="controllers", cb=deployer.handle_sync)
+            await self.nc.subscribe(s.app_sync_any, queue="controllers", cb=deployer.handle_sync)
         )
         self._subs.append(await self.nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await self.nc.subscribe(s.metrics_any, cb=self._on_metrics))
@@ -215,6 +230,18 @@ class Controller:
         await self.nc.flush()
         self.ready = True
         log.info("controller ready (nats %s, data dir %s)", self.nats_url, cfg.data_dir)
+
+    async def _connect_nats(self, name: str, opts: dict[str, Any]) -> NATS:
+        return await nats.connect(
+            self.nats_url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=self._nats_error,
+            disconnected_cb=self._nats_disconnected,
+            reconnected_cb=self._nats_reconnected,
+            **opts,
+        )
 
     async def stop(self) -> None:
         """Stop everything this controller started; the embedded nats-server always goes,
@@ -249,11 +276,14 @@ class Controller:
         for table in (self.nodes, self.tokens_table, getattr(self, "jobs_table", None)):
             if table is not None:
                 await table.stop()
-        if self.nc is not None and not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.drain(), 5)
-            except Exception:
-                await self.nc.close()
+        if self.enrollment is not None:
+            self.enrollment.close()
+        for nc in (self.nc, self.state_nc):
+            if nc is not None and not nc.is_closed:
+                try:
+                    await asyncio.wait_for(nc.drain(), 5)
+                except Exception:
+                    await nc.close()
 
     async def _ensure_streams(self) -> None:
         assert self.js is not None
@@ -334,26 +364,37 @@ class Controller:
 
         task.add_done_callback(done)
 
+    def refuse_reply(self, msg: Msg) -> None:
+        """Count and log a request whose reply subject is not the requester's own inbox;
+        it gets no answer at all (any answer would go where the peer chose)."""
+        reply = msg.reply or ""
+        self._reject("reply_subject", msg.subject, ProtocolError(
+            f"reply subject {reply[:80]!r} is not the requester's own inbox; not answered"))
+
     async def _enroll_one(self, msg: Msg) -> None:
+        # Enrolling machines read only their inbox space: answer there and nowhere else.
+        if not self.subjects.is_enroll_reply(msg.reply):
+            self.refuse_reply(msg)
+            return
         try:
             req = codec.decode(msg.data, EnrollRequest, max_size=64 * 1024)
         except ProtocolError as exc:
             self._reject("enroll", msg.subject, exc)
-            if msg.reply:
-                await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
+            await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
             return
         assert self.enrollment is not None
+        answer: Message
+        reply: EnrollReply | None
         try:
-            reply = await self.enrollment.enroll(req)
+            answer = reply = await self.enrollment.enroll(req)
         except Exception:
             log.exception("enrollment failed")
-            if msg.reply:
-                # The enroll user is unauthenticated: no internal details in the answer.
-                await msg.respond(codec.encode(ErrorReply(
-                    code="internal", message="enrollment failed inside the controller; retry "
-                    "later (the controller log has the cause)")))
-            return
-        if reply.ok:
+            # The enroll user is unauthenticated: no internal details in the answer.
+            answer = ErrorReply(
+                code="internal", message="enrollment failed inside the controller; retry "
+                "later (the controller log has the cause)")
+            reply = None
+        if reply is not None and reply.ok:
             self.stats.enrollments += 1
             await self._publish_event(
                 Event(
@@ -364,10 +405,23 @@ class Controller:
                     data={"labels": reply.labels},
                 )
             )
-        else:
+        elif reply is not None:
             self.stats.enrollments_refused += 1
-        if msg.reply:
-            await msg.respond(codec.encode(reply))
+            if reply.error_code in _COUNTED_REFUSALS:
+                self._reject(reply.error_code, msg.subject, ProtocolError(reply.error))
+        await msg.respond(codec.encode(self._sealed(req, answer)))
+
+    @staticmethod
+    def _sealed(req: EnrollRequest, answer: Message) -> Message:
+        """The answer sealed to the request's reply key: every enrolling machine shares the
+        enroll user and may read every enrollment reply, only the requester can open it.
+        A request without a valid key (refused for it) gets its refusal in the clear."""
+        if len(req.reply_key) != 32:
+            return answer
+        try:
+            return seal_reply(req.reply_key, answer)
+        except ValueError:
+            return answer
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
@@ -441,6 +495,7 @@ class Controller:
                 "url": self.nats_url,
                 "embedded": self.natsd is not None,
                 "connected": bool(self.nc and self.nc.is_connected),
+                "state_connected": bool(self.state_nc and self.state_nc.is_connected),
             },
             "nodes": self.fleet.counts() if self.fleet else {},
             "rejected": dict(self.stats.rejected),

@@ -614,27 +614,33 @@ class Deployer:
         return out
 
     async def handle_sync(self, msg: Msg) -> None:
-        """Answer an agent's AppSyncRequest with the releases assigned to it."""
+        """Answer an agent's AppSyncRequest with the releases assigned to it.
+
+        The subject (``<prefix>.node.<id>.apps.sync``, which only that node may publish
+        on) proves who asks; the answer goes only to that node's own inbox space, never to
+        another subject the request names."""
+        subjects = self.c.subjects
+        node_id = subjects.node_id_of(msg.subject)
+        if node_id is None or not subjects.is_node_reply(node_id, msg.reply):
+            self.c.refuse_reply(msg)
+            return
         try:
             req = codec.decode(msg.data, AppSyncRequest, max_size=16 * 1024)
-            subjects = self.c.subjects
-            # A node reads replies only in its own inbox space (its NATS permissions), so
-            # the reply subject proves who asks.
-            if not msg.reply.startswith(subjects.inbox_prefix(req.node_id) + "."):
-                raise ProtocolError(f"sync for node {req.node_id!r} must be asked from that "
-                                    "node's inbox")
-        except (ProtocolError, ValueError) as exc:
+            if req.node_id != node_id:
+                raise ProtocolError(f"sync for node {req.node_id!r} asked on node "
+                                    f"{node_id!r}'s subject")
+        except ProtocolError as exc:
             self.stats["syncs_refused"] += 1
-            reason = getattr(exc, "reason", None) or str(exc)
-            log.warning("app sync refused: %s", reason)
-            if msg.reply:
-                await msg.respond(codec.encode(ErrorReply(code="bad_request", message=reason)))
+            if self.c._rate_limited("app_sync"):
+                log.warning("app sync refused: %s (count %d)", exc.reason,
+                            self.stats["syncs_refused"])
+            await msg.respond(codec.encode(ErrorReply(code="bad_request", message=exc.reason)))
             return
-        node = self.c.fleet.nodes.get(req.node_id) if self.c.fleet is not None else None
+        node = self.c.fleet.nodes.get(node_id) if self.c.fleet is not None else None
         if node is None:
             self.stats["syncs_refused"] += 1
             await msg.respond(codec.encode(ErrorReply(code="not_found",
-                                                      message=f"unknown node {req.node_id}")))
+                                                      message=f"unknown node {node_id}")))
             return
         self.stats["syncs"] += 1
         await msg.respond(codec.encode(AppSyncReply(releases=self.releases_for(node))))

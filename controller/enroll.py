@@ -16,8 +16,10 @@ from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
 from controller.models import NodeRecord, TokenRecord
 from controller.natsd import NodeAccess
 from controller.state import Table
+from protocol.errors import BadIdentityProof, SelectorError
 from protocol.messages import EnrollReply, EnrollRequest
 from protocol.selectors import parse_labels
+from protocol.signing import verify_enroll
 
 log = logging.getLogger("barista.controller.enroll")
 
@@ -52,9 +54,7 @@ class TokenService:
         ttl = self._default_ttl if ttl is None else float(ttl)
         if not (0 < ttl <= MAX_TOKEN_TTL):
             raise BadRequest(f"token ttl must be between 1 second and {int(MAX_TOKEN_TTL)} s")
-        labels = dict(labels or {})
-        # Same key/value rules as selectors, so every label can be selected on.
-        parse_labels([f"{k}={v}" for k, v in labels.items()])
+        labels = clean_labels(labels or {})
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         now = time.time()
@@ -118,13 +118,41 @@ class TokenService:
         return used
 
 
+def clean_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Labels as stored: checked with the selectors' key/value rules (so every label can be
+    selected on) and kept exactly as checked, i.e. trimmed; ``BadRequest`` otherwise."""
+    out: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise BadRequest("labels must be strings")
+        try:
+            ((k, v),) = parse_labels([f"{key}={value}"]).items()
+        except SelectorError as exc:
+            raise BadRequest(f"invalid label {key!r}: {exc.reason}") from None
+        if k != key.strip():  # an "=" inside the key would silently become another label
+            raise BadRequest(f"invalid label key {key!r}")
+        if k in out:
+            raise BadRequest(f"label {k!r} is given twice (after trimming whitespace)")
+        out[k] = v
+    return out
+
+
+def token_id_of(token: str) -> str | None:
+    m = _TOKEN_RE.match(token or "")
+    return m.group(1) if m else None
+
+
 def make_node_id(hostname: str) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")[:40] or "node"
     return f"{base}-{secrets.token_hex(3)}"
 
 
 class Enrollment:
-    """Turns an EnrollRequest into a node record, a NATS identity and a reply."""
+    """Turns an EnrollRequest into a node record, a NATS identity and a reply.
+
+    An identity (nkey) is bound to one node: a request must prove it holds the key (its
+    signature), and an nkey that belongs to an enrolled node is only accepted again for
+    that node's own retry (the token it enrolled with)."""
 
     def __init__(
         self,
@@ -144,14 +172,66 @@ class Enrollment:
         self._hb = heartbeat_interval
         self._mi = metrics_interval
         self._command_keys = command_keys
+        # nkey -> node id, fed by the nodes table (every controller's enrollments, removals)
+        self._by_identity: dict[str, str] = {}
+        self._identity_of: dict[str, str] = {}
+        # nkey -> token id of an enrollment in flight here (the table learns of it later)
+        self._claims: dict[str, str] = {}
+        for node in nodes:
+            self._index(node.id, node)
+        self._unsubscribe = nodes.subscribe(self._index)
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    def _index(self, node_id: str, node: NodeRecord | None) -> None:
+        old = self._identity_of.pop(node_id, None)
+        if old is not None and self._by_identity.get(old) == node_id:
+            del self._by_identity[old]
+        if node is not None and node.identity:
+            self._identity_of[node_id] = node.identity
+            self._by_identity[node.identity] = node_id
 
     async def enroll(self, req: EnrollRequest) -> EnrollReply:
         if not _NKEY_RE.match(req.identity):
             return self._refuse("bad_request", "identity must be a NATS user nkey (U...)")
         try:
+            verify_enroll(req)
+        except BadIdentityProof as exc:
+            log.warning("enrollment of %r refused: %s", req.hostname[:64], exc.reason)
+            return self._refuse(exc.code, exc.reason)
+        if len(req.reply_key) != 32:
+            return self._refuse(
+                "bad_request", "enroll request has no 32-byte reply_key to seal the answer "
+                "to (an agent older than the controller? upgrade it)")
+        try:
             agent_labels = parse_labels([f"{k}={v}" for k, v in req.labels.items()])
         except ValueError as exc:
             return self._refuse("bad_request", f"invalid agent label: {exc}")
+        token_id = token_id_of(req.token)
+        owner = self._by_identity.get(req.identity)
+        owner_rec = self._nodes.get(owner) if owner is not None else None
+        claim = self._claims.get(req.identity)
+        if (owner_rec is not None and owner_rec.token_id != token_id) or (
+            claim is not None and claim != token_id
+        ):
+            log.warning("enrollment of %r refused: its identity belongs to node %s",
+                        req.hostname[:64], owner or "(enrolling)")
+            return self._refuse(
+                "identity_collision",
+                "this identity key already belongs to an enrolled node; a machine that "
+                "enrolls again with a new token needs a new identity (remove the agent's "
+                "state dir) or the old node removed first",
+            )
+        if claim is None:
+            self._claims[req.identity] = token_id or ""
+        try:
+            return await self._enroll(req, agent_labels)
+        finally:
+            if claim is None:
+                self._claims.pop(req.identity, None)
+
+    async def _enroll(self, req: EnrollRequest, agent_labels: dict[str, str]) -> EnrollReply:
         node_id = make_node_id(req.hostname)
         try:
             token = await self._tokens.consume(req.token, node_id=node_id, identity=req.identity)

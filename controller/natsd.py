@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 
 from controller.errors import NatsServerError
-from protocol.subjects import Subjects
+from protocol.subjects import ENROLL_INBOX, Subjects
 
 log = logging.getLogger("barista.controller.natsd")
 
@@ -32,7 +32,17 @@ ENROLL_USER = "enroll"
 # The enroll user can only ask to enroll; a join token is what authorises a node, so this
 # password is not a secret (it is in every bootstrap script).
 ENROLL_PASSWORD = "enroll"
-ENROLL_INBOX = "_INBOX_enroll"
+# The controller's two users (least privilege for the controller too): CONTROLLER_USER has
+# JetStream rights and holds state and streams, and answers no peer; PEERS_USER subscribes
+# to and answers peers (enrollment, app sync, heartbeats, events, results, commands) and
+# cannot reach the JetStream, KV, object store or system APIs at all, so no reply subject
+# a peer slips past the controller can touch state.
+CONTROLLER_USER = "controller"
+PEERS_USER = "controller-peers"
+# The inbox space of the JetStream connection: PEERS_USER may not publish into it (a forged
+# JetStream API answer), nor read it.
+CONTROLLER_INBOX = "_INBOX_controller"
+_PEERS_DENIED = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", f"{CONTROLLER_INBOX}.>"]
 
 
 def find_binary() -> str:
@@ -70,9 +80,8 @@ def node_permissions(subjects: Subjects, node_id: str) -> dict[str, object]:
     return {
         "publish": {
             "allow": [
-                subjects.node_all(node_id),
+                subjects.node_all(node_id),  # also its app-sync requests
                 subjects.enroll,
-                *subjects.agent_requests,
             ]
         },
         "subscribe": {
@@ -120,9 +129,16 @@ class NatsServer:
         return self.proc.pid if self.proc else None
 
     def controller_credentials(self) -> dict[str, str]:
+        """The controller's JetStream user: state and streams, never answers peers."""
         if not self.auth:
             return {}
-        return {"user": "controller", "password": self.controller_password}
+        return {"user": CONTROLLER_USER, "password": self.controller_password}
+
+    def peer_credentials(self) -> dict[str, str]:
+        """The controller's peer-facing user: no JetStream/KV/system API (see PEERS_USER)."""
+        if not self.auth:
+            return {}
+        return {"user": PEERS_USER, "password": self.controller_password}
 
     def set_nodes(self, nodes: Iterable[NodeAccess]) -> None:
         self._nodes = {n.nkey: n for n in nodes}
@@ -148,7 +164,15 @@ class NatsServer:
         }
         if self.auth:
             users: list[dict[str, object]] = [
-                {"user": "controller", "password": self.controller_password},
+                {"user": CONTROLLER_USER, "password": self.controller_password},
+                {
+                    "user": PEERS_USER,
+                    "password": self.controller_password,
+                    "permissions": {
+                        "publish": {"deny": _PEERS_DENIED},
+                        "subscribe": {"deny": _PEERS_DENIED},
+                    },
+                },
                 {
                     "user": ENROLL_USER,
                     "password": ENROLL_PASSWORD,

@@ -41,6 +41,19 @@ class UnsupportedVersion(ProtocolError):
         self.version = version
 
 
+class BadIdentityProof(ProtocolError):
+    """An enroll request is not signed by the identity key it names (or not signed)."""
+
+    code = "bad_signature"
+
+
+class StaleEnrollRequest(BadIdentityProof):
+    """An enroll request's time is too far from the controller's clock (retry once the
+    machine's clock is right: the agent makes a new request per attempt)."""
+
+    code = "clock_skew"
+
+
 class CommandRejected(BaristaError):
     """A signed command failed verification; ``reason`` says which check refused it."""
 

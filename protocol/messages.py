@@ -16,6 +16,8 @@ from protocol.version import PROTOCOL_VERSION
 # agent never sends one; a uint64 counter is sent as a float by whoever produces it).
 Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 FieldValue = float | Int64 | bool | str
+# Domain separation: a signature over an enroll request can never pass for anything else.
+ENROLL_SIGNING_CONTEXT = "barista-enroll-v1"
 
 
 class Message(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):
@@ -37,6 +39,40 @@ class EnrollRequest(Message, tag="enroll_req"):
     # Labels the agent declares about itself; the token's labels win on conflict.
     labels: dict[str, str] = {}
     wg_public_key: str = ""
+    # Added after v1 (defaults keep older peers decoding; a controller that checks them
+    # refuses a request without them). ``ts``: when the request was made (seconds since
+    # the epoch). ``reply_key``: an ephemeral X25519 public key (32 bytes); the controller
+    # seals its answer to it (a SealedReply), so other enrolling machines, which share the
+    # enroll user and its inbox space, cannot read it. ``signature``: Ed25519 by the
+    # identity nkey over signing_payload(), the proof that the sender holds the key.
+    ts: float = 0.0
+    reply_key: bytes = b""
+    signature: bytes = b""
+
+    def signing_payload(self) -> bytes:
+        """The canonical bytes the identity signs: every field but the signature, in a fixed
+        order, dicts sorted (so a re-encoding by either side cannot change them)."""
+        return msgspec.msgpack.encode(
+            [
+                ENROLL_SIGNING_CONTEXT,
+                self.token,
+                self.identity,
+                self.hostname,
+                self.agent_version,
+                sorted(self.facts.items()),
+                sorted(self.labels.items()),
+                self.wg_public_key,
+                float(self.ts),
+                bytes(self.reply_key),
+            ]
+        )
+
+
+class SealedReply(Message, tag="sealed"):
+    """A reply readable only by the holder of the request's ``reply_key``:
+    ``box`` is nacl.public.SealedBox(reply_key).encrypt(<an encoded message>)."""
+
+    box: bytes
 
 
 class EnrollReply(Message, tag="enroll_rep"):
@@ -211,6 +247,7 @@ AnyMessage = (
     | ErrorReply
     | AppSyncRequest
     | AppSyncReply
+    | SealedReply
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -225,4 +262,5 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     ErrorReply,
     AppSyncRequest,
     AppSyncReply,
+    SealedReply,
 )

@@ -1,4 +1,8 @@
-"""Ed25519 signing of commands, and the agent-side verifier with TTL and replay checks."""
+"""Ed25519 signing of commands, and the agent-side verifier with TTL and replay checks.
+
+Also the enrollment's proof of possession (the agent signs its EnrollRequest with its nkey
+seed; the controller verifies with the public nkey it names) and the sealed enrollment
+reply (X25519 sealed box to a key the request carries)."""
 
 from __future__ import annotations
 
@@ -8,18 +12,23 @@ import math
 import time
 from collections.abc import Callable, Iterable
 
+import msgspec
 import nacl.exceptions
+import nacl.public
 import nacl.signing
+import nkeys
 
 from protocol import codec
 from protocol.errors import (
+    BadIdentityProof,
     BadSignature,
     CommandExpired,
     CommandRejected,
     CommandReplayed,
     ProtocolError,
+    StaleEnrollRequest,
 )
-from protocol.messages import Command, SignedCommand
+from protocol.messages import Command, EnrollRequest, Message, SealedReply, SignedCommand
 
 # Ed25519 through libsodium (PyNaCl): verification is the agent's hot path on a broadcast,
 # and libsodium verifies about 1.6x faster than OpenSSL through `cryptography` here.
@@ -177,3 +186,80 @@ class CommandVerifier:
         dead = [cid for cid, until in self._seen.items() if until < now]
         for cid in dead:
             del self._seen[cid]
+
+
+# --- enrollment: proof of possession and sealed replies ----------------------------------
+
+# How far an enroll request's ts may be from the controller's clock. Generous: a freshly
+# booted VM may not have synced its clock yet, and a sealed reply is useless to whoever
+# replays a request anyway; the window only bounds how long a captured request stays valid.
+ENROLL_MAX_SKEW = 900.0
+
+
+def nkey_public_bytes(public_key: str) -> bytes:
+    """The raw Ed25519 key inside a NATS user nkey ("U..."): base32 of prefix byte, 32 key
+    bytes and a CRC16; ``ValueError`` if it is not one."""
+    try:
+        raw = base64.b32decode(public_key.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError(f"not a base32 nkey: {exc}") from None
+    if len(raw) != 35 or raw[0] != nkeys.PREFIX_BYTE_USER:
+        raise ValueError("not a NATS user nkey (U...)")
+    if nkeys.crc16(bytearray(raw[:33])) != int.from_bytes(raw[33:], "little"):
+        raise ValueError("nkey checksum does not match")
+    return raw[1:33]
+
+
+def sign_enroll(req: EnrollRequest, seed: bytes | bytearray) -> EnrollRequest:
+    """``req`` with its signature: the identity nkey (from ``seed``) over its fields."""
+    kp = nkeys.from_seed(bytearray(seed))
+    try:
+        if kp.public_key.decode() != req.identity:
+            raise ValueError("the seed does not belong to the request's identity")
+        signature = bytes(kp.sign(req.signing_payload()))
+    finally:
+        kp.wipe()
+    return msgspec.structs.replace(req, signature=signature)
+
+
+def verify_enroll(
+    req: EnrollRequest, *, now: float | None = None, max_skew: float = ENROLL_MAX_SKEW
+) -> None:
+    """Raise ``BadIdentityProof`` unless ``req`` is signed by the nkey it names, recently."""
+    if not req.signature:
+        raise BadIdentityProof(
+            "enroll request is not signed by its identity key (an agent older than the "
+            "controller? upgrade it)"
+        )
+    try:
+        key = nacl.signing.VerifyKey(nkey_public_bytes(req.identity))
+        key.verify(req.signing_payload(), req.signature)
+    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
+        raise BadIdentityProof(
+            "enroll request signature does not match its identity key"
+        ) from None
+    now = time.time() if now is None else now
+    # NaN fails every comparison: refuse what is not a finite, recent time.
+    if not (math.isfinite(req.ts) and abs(req.ts - now) <= max_skew):
+        raise StaleEnrollRequest(
+            f"enroll request time is more than {max_skew:.0f}s off the controller's clock "
+            "(check the machine's clock)"
+        )
+
+
+def seal_reply(reply_key: bytes, reply: Message) -> SealedReply:
+    """``reply`` encoded and sealed to ``reply_key`` (32-byte X25519); ``ValueError`` if
+    the key is not one."""
+    if len(reply_key) != nacl.public.PublicKey.SIZE:
+        raise ValueError(f"reply_key must be {nacl.public.PublicKey.SIZE} bytes")
+    box = nacl.public.SealedBox(nacl.public.PublicKey(bytes(reply_key)))
+    return SealedReply(box=box.encrypt(codec.encode(reply)))
+
+
+def open_reply(private_key: nacl.public.PrivateKey, sealed: SealedReply) -> bytes:
+    """The encoded message inside ``sealed``; ``ProtocolError`` if it was not sealed to
+    ``private_key`` or was altered."""
+    try:
+        return bytes(nacl.public.SealedBox(private_key).decrypt(sealed.box))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise ProtocolError("sealed reply cannot be opened with this request's key") from None

@@ -14,6 +14,11 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}$")
 
 DEFAULT_PREFIX = "barista"
+# The inbox space of enrolling machines (the shared enroll user may read only this).
+ENROLL_INBOX = "_INBOX_enroll"
+# A reply subject inside an inbox space: the space, then 1-3 tokens (nats-py's requests use
+# two: a per-connection id and a per-request token).
+_REPLY_TAIL = r"(\.[A-Za-z0-9_-]{1,64}){1,3}"
 
 
 def check_token(value: str, what: str = "name") -> str:
@@ -97,15 +102,15 @@ class Subjects:
     def jobs_all(self) -> str:
         return f"{self.prefix}.jobs.>"
 
-    @property
-    def app_sync(self) -> str:
-        """Agent asks the controller for the app releases it should run (request/reply)."""
-        return f"{self.prefix}.apps.sync"
+    def app_sync(self, node_id: str) -> str:
+        """Agent asks the controller for the app releases it should run (request/reply).
+        Under the node's own subjects: only that node may publish here, so the subject
+        proves who asks."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.apps.sync"
 
     @property
-    def agent_requests(self) -> list[str]:
-        """Request subjects an enrolled agent may publish to, beyond its own node subjects."""
-        return [self.app_sync]
+    def app_sync_any(self) -> str:
+        return f"{self.prefix}.node.*.apps.sync"
 
     @property
     def controller_events(self) -> str:
@@ -126,6 +131,22 @@ class Subjects:
     def inbox_prefix(self, node_id: str) -> str:
         """Each node gets its own reply inbox space so it cannot read other nodes' replies."""
         return f"_INBOX_{check_token(node_id, 'node id')}"
+
+    # Reply subjects a peer names are checked before the controller publishes to them: a
+    # peer must never be able to make the controller publish anywhere else (a JetStream
+    # API subject, a KV key, another node's subjects).
+    @staticmethod
+    def is_enroll_reply(subject: str) -> bool:
+        """Whether ``subject`` is a reply subject in the enrolling machines' inbox space."""
+        return isinstance(subject, str) and bool(
+            re.fullmatch(re.escape(ENROLL_INBOX) + _REPLY_TAIL, subject)
+        )
+
+    def is_node_reply(self, node_id: str, subject: str) -> bool:
+        """Whether ``subject`` is a reply subject in node ``node_id``'s own inbox space."""
+        return isinstance(subject, str) and bool(
+            re.fullmatch(re.escape(self.inbox_prefix(node_id)) + _REPLY_TAIL, subject)
+        )
 
     # JetStream names
     @property

@@ -16,8 +16,9 @@ from agent.identity import EnrollState
 from agent.runtime import Agent, EnrollmentError
 from controller.app import Controller
 from protocol import codec
-from protocol.messages import EnrollReply, EnrollRequest, Heartbeat
+from protocol.messages import EnrollReply, Heartbeat
 from tests.fixtures.controller import AgentFactory, wait_for
+from tests.fixtures.enroll import enroll_raw, signed_request
 
 
 async def test_agent_enrolls_with_valid_token(controller: Controller, agents: AgentFactory):
@@ -108,17 +109,9 @@ async def test_same_machine_retry_is_idempotent(controller: Controller, agents: 
     """A lost enrollment reply: the same identity retrying the used token gets its node."""
     tok = await controller.tokens.create(labels={"k": "v"})
     agent = await agents.start(token=tok.token)
-    nc = await nats.connect(
-        controller.nats_url, user="enroll", password="enroll", inbox_prefix=b"_INBOX_enroll"
-    )
-    try:
-        req = EnrollRequest(
-            token=tok.token, identity=agent.identity.public_key, hostname="again", agent_version="t"
-        )
-        msg = await nc.request(controller.subjects.enroll, codec.encode(req), timeout=5)
-    finally:
-        await nc.close()
-    reply = codec.decode(msg.data, EnrollReply)
+    req, key = signed_request(tok.token, agent.identity, hostname="again")
+    reply = await enroll_raw(controller.nats_url, req, key)
+    assert isinstance(reply, EnrollReply)
     assert reply.ok and reply.node_id == agent.node_id
     assert len(controller.fleet.nodes) == 1
 

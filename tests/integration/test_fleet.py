@@ -6,14 +6,20 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
 
 from agent.runtime import Agent
 from controller.app import Controller
+from controller.natsd import ENROLL_PASSWORD, ENROLL_USER
 from protocol import codec
 from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch
+from protocol.subjects import ENROLL_INBOX
 from tests.fixtures.controller import AgentFactory, controller_config, wait_for
 
 
@@ -123,11 +129,25 @@ async def test_metric_batches_arrive_and_decode(controller: Controller, agents: 
     assert controller.hub.latest(agent.node_id) is not None
 
 
+@pytest.fixture
+async def enroll_nc(controller: Controller) -> AsyncIterator[NATS]:
+    """A client with the enroll credentials, asking from the enroll inbox as agents do."""
+    client = await nats.connect(controller.nats_url, user=ENROLL_USER,
+                                password=ENROLL_PASSWORD, inbox_prefix=ENROLL_INBOX.encode())
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 async def test_garbage_on_every_subject_is_rejected_and_counted(
-    controller: Controller, agents: AgentFactory
+    controller: Controller, agents: AgentFactory, enroll_nc: NATS
 ):
     nc, s = controller.nc, controller.subjects
     agent = await agents.start()
+    # Requests come as peers ask them: enrollment from the enroll inbox, app sync from the
+    # node's own connection on its own subject (other reply subjects get no answer).
+    assert agent.nc is not None
     garbage = [
         b"",
         b"\x00\xff garbage",
@@ -137,18 +157,18 @@ async def test_garbage_on_every_subject_is_rejected_and_counted(
         msgspec.msgpack.encode([1, 2, 3]),
     ]
     for data in garbage:
-        reply = await nc.request(s.enroll, data, timeout=5)
+        reply = await enroll_nc.request(s.enroll, data, timeout=5)
         assert type(codec.decode(reply.data)).__name__ == "ErrorReply"  # an answer, not silence
         await nc.publish(s.heartbeat(agent.node_id), data)
         await nc.publish(s.metrics(agent.node_id), data)
         await nc.publish(s.events(agent.node_id), data)
         await nc.publish(s.results(agent.node_id), data)
-        sync = await nc.request(s.app_sync, data, timeout=5)
+        sync = await agent.nc.request(s.app_sync(agent.node_id), data, timeout=5)
         assert type(codec.decode(sync.data)).__name__ == "ErrorReply"
     # oversized for the heartbeat and enrollment limits
     big = b"\x81" + b"x" * (200 * 1024)
     await nc.publish(s.heartbeat(agent.node_id), big)
-    await nc.request(s.enroll, big, timeout=5)
+    await enroll_nc.request(s.enroll, big, timeout=5)
     # valid message under another node's subject (impersonation)
     hb = Heartbeat(node_id="someone-else", seq=1, ts=1.0)
     await nc.publish(s.heartbeat(agent.node_id), codec.encode(hb))
@@ -173,8 +193,8 @@ async def test_garbage_on_every_subject_is_rejected_and_counted(
     assert controller.status()["rejected"]["heartbeat"] >= n + 2
 
 
-async def test_enroll_garbage_gets_a_clear_error_reply(controller: Controller):
-    reply = await controller.nc.request(controller.subjects.enroll, b"\x00junk", timeout=5)
+async def test_enroll_garbage_gets_a_clear_error_reply(controller: Controller, enroll_nc: NATS):
+    reply = await enroll_nc.request(controller.subjects.enroll, b"\x00junk", timeout=5)
     err = codec.decode(reply.data, ErrorReply)
     assert err.code == "protocol_error"
     assert "msgpack" in err.message or "undecodable" in err.message

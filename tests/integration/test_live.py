@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats
 
 from agent.identity import Identity
 from controller.app import Controller
-from protocol import codec
-from protocol.messages import EnrollReply, EnrollRequest
+from protocol.messages import EnrollReply
 from tests.fixtures.controller import AgentFactory, run_cli
+from tests.fixtures.enroll import enroll_raw, signed_request
 
 COLLECTORS = ["cpu", "mem", "net", "load"]
 
@@ -114,17 +113,9 @@ async def _enroll_silent_node(controller: Controller, tmp_path: Path) -> str:
     assert controller.tokens is not None
     tok = await controller.tokens.create(labels={"provider": "onprem"})
     ident = Identity(tmp_path / "silent.nk")
-    nc = await nats.connect(
-        controller.nats_url, user="enroll", password="enroll", inbox_prefix=b"_INBOX_enroll"
-    )
-    try:
-        req = EnrollRequest(
-            token=tok.token, identity=ident.public_key, hostname="silent", agent_version="t"
-        )
-        msg = await nc.request(controller.subjects.enroll, codec.encode(req), timeout=5)
-    finally:
-        await nc.close()
-    reply = codec.decode(msg.data, EnrollReply)
+    req, key = signed_request(tok.token, ident, hostname="silent")
+    reply = await enroll_raw(controller.nats_url, req, key)
+    assert isinstance(reply, EnrollReply)
     assert reply.ok, reply
     return reply.node_id
 

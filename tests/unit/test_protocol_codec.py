@@ -28,6 +28,7 @@ from protocol.messages import (
     Message,
     MetricBatch,
     MetricPoint,
+    SealedReply,
     SignedCommand,
 )
 from protocol.signing import CommandSigner
@@ -84,6 +85,9 @@ def _samples() -> dict[type[Message], Message]:
             facts={"os": "linux", "arch": "x86_64"},
             labels={"provider": "aws", "region": "us-east-1"},
             wg_public_key="q0nG0cV0sRJ3nEwFA3bgl/+T6VaVUqP7cU1A1c6pHXo=",
+            ts=T0,
+            reply_key=b"\x01" * 32,
+            signature=b"\x02" * 64,
         ),
         EnrollReply: EnrollReply(
             ok=True,
@@ -150,6 +154,7 @@ def _samples() -> dict[type[Message], Message]:
             data={"previous": "offline", "gap": 30.0},
         ),
         ErrorReply: ErrorReply(code="bad_token", message="join token expired"),
+        SealedReply: SealedReply(box=b"\x00\xffsealed"),
     }
 
 

@@ -29,6 +29,8 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "ErrorReply": ("error", frozenset({"code", "message"})),
     "AppSyncRequest": ("app_sync_req", frozenset({"node_id"})),
     "AppSyncReply": ("app_sync_rep", frozenset()),
+    # Added with sealed enrollment replies (issue 8, finding 10): a new message class.
+    "SealedReply": ("sealed", frozenset({"box"})),
 }
 
 # Structs nested inside messages: class name -> v1 required fields. Array-like structs are

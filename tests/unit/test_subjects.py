@@ -30,8 +30,8 @@ def test_wildcards_and_other_subjects() -> None:
     assert S.events_any == "barista.node.*.events"
     assert S.node_all("n-1") == "barista.node.n-1.>"
     assert S.mesh_all == "barista.mesh.>"
-    assert S.app_sync == "barista.apps.sync"
-    assert S.agent_requests == ["barista.apps.sync"]
+    assert S.app_sync("n-1") == "barista.node.n-1.apps.sync"
+    assert S.app_sync_any == "barista.node.*.apps.sync"
     assert S.controller_events == "barista.fleet.events"
     assert S.inbox_prefix("n-1") == "_INBOX_n-1"
     assert S.stream_subjects_metrics == ["barista.node.*.metrics"]
@@ -49,14 +49,17 @@ def test_wildcards_cover_the_concrete_subjects() -> None:
     assert covers(S.heartbeat_any, S.heartbeat(node))
     assert covers(S.metrics_any, S.metrics(node))
     assert covers(S.events_any, S.events(node))
-    for subject in (S.heartbeat(node), S.metrics(node), S.events(node), S.cmd_node(node)):
+    assert covers(S.app_sync_any, S.app_sync(node))
+    for subject in (S.heartbeat(node), S.metrics(node), S.events(node), S.cmd_node(node),
+                    S.app_sync(node)):
         assert covers(S.node_all(node), subject)
         assert not covers(S.node_all("other"), subject)
     assert covers(S.mesh_all, S.mesh_delta("net1"))
 
 
 BAD_TOKENS = ["a.b", "*", ">", "", "a b", "x" * 65, "a\n", "\na", "a\tb", "é", "a*", "a>", "a/b"]
-BUILDERS = ["heartbeat", "metrics", "events", "node_all", "cmd_node", "inbox_prefix"]
+BUILDERS = ["heartbeat", "metrics", "events", "node_all", "cmd_node", "inbox_prefix",
+            "app_sync"]
 
 
 @pytest.mark.parametrize("bad", BAD_TOKENS, ids=repr)
@@ -91,7 +94,7 @@ def test_check_token_names_what_was_wrong() -> None:
         check_token("a.b", "widget")
 
 
-@pytest.mark.parametrize("builder", ["heartbeat", "metrics", "events", "cmd_node"])
+@pytest.mark.parametrize("builder", ["heartbeat", "metrics", "events", "cmd_node", "app_sync"])
 @pytest.mark.parametrize("prefix", ["barista", "acme", "acme.prod", "a.b.c.d"])
 def test_node_id_of_parses_back(builder: str, prefix: str) -> None:
     subjects = Subjects(prefix)
@@ -163,3 +166,32 @@ def test_subjects_is_immutable_and_comparable() -> None:
     assert Subjects() == Subjects("barista")
     with pytest.raises(AttributeError):
         S.prefix = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["_INBOX_enroll.abc", "_INBOX_enroll.Z3n8QvH1x2.17", "_INBOX_enroll.a_b-c.d.e"],
+)
+def test_enroll_replies_inside_the_enroll_inbox_are_accepted(reply: str) -> None:
+    assert S.is_enroll_reply(reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "", "_INBOX_enroll", "_INBOX_enroll.", "_INBOX_enroll.*", "_INBOX_enroll.>",
+        "_INBOX_enroll.a.b.c.d", "_INBOX_enrollx.a", "_INBOX.abc.1", "_INBOX_n-1.abc",
+        "$JS.API.STREAM.PURGE.KV_nodes", "$KV.nodes.n-1", "barista.node.n-1.cmd",
+        "_INBOX_enroll.a\n", "_INBOX_enroll.a b", "_INBOX_enroll.a.$JS",
+    ],
+    ids=repr,
+)
+def test_other_reply_subjects_are_not_enroll_replies(reply: str) -> None:
+    assert not S.is_enroll_reply(reply)
+
+
+def test_node_replies_only_inside_that_nodes_inbox() -> None:
+    assert S.is_node_reply("n-1", "_INBOX_n-1.Z3n8QvH1x2.17")
+    for reply in ("_INBOX_n-2.x.1", "_INBOX_n-1", "_INBOX_n-10.x", "$KV.jobs.j1",
+                  "_INBOX_enroll.x.1", "_INBOX_n-1.*", ""):
+        assert not S.is_node_reply("n-1", reply), reply
