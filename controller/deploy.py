@@ -278,9 +278,10 @@ class Deployer:
 
     async def start(self) -> None:
         js = self.c.js
-        self.apps = Table(await open_bucket(js, "apps"), AppRecord, name="apps")
+        bad = self.c.on_bad_record
+        self.apps = Table(await open_bucket(js, "apps"), AppRecord, name="apps", on_bad_record=bad)
         self.statuses = Table(await open_bucket(js, "app_status", history=1),
-                              NodeAppStatus, name="app_status")
+                              NodeAppStatus, name="app_status", on_bad_record=bad)
         await self.apps.start()
         await self.statuses.start()
         self._spawn(self._writer(), "app-status-writer")

@@ -82,14 +82,33 @@ def _selector(request: web.Request) -> Selector:
     return Selector.parse(request.query.get("selector", ""))
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def read_body(request: web.Request) -> bytes:
+    """The request body, refused with 413 over MAX_BODY (every route reads through here)."""
     if request.content_length and request.content_length > MAX_BODY:
         raise BodyTooLarge(f"request body over {MAX_BODY} bytes")
+    return await request.read()
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which are not JSON and no valid setting.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes | str, what: str = "request body") -> Any:
+    """JSON text -> value; anything malformed is ``BadRequest`` (400), never a 500."""
     try:
-        raw = await request.read()
-        data = json.loads(raw) if raw else {}
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        # The C decoder recurses per nesting level: `[[[[...` 100,000 deep is a client
+        # error like any other malformed body.
+        raise BadRequest(f"{what} is not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await read_body(request)
+    data = parse_json(raw) if raw else {}
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     return data
