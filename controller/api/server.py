@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from controller import jsontext
 from controller.app import Controller
 from controller.errors import BadRequest, BodyTooLarge, ControllerError, NotFound
 from controller.jobs import JobSpec
@@ -89,26 +89,9 @@ async def read_body(request: web.Request) -> bytes:
     return await request.read()
 
 
-def _no_constant(name: str) -> Any:
-    # Python's json accepts NaN and Infinity, which are not JSON and no valid setting.
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_json(raw: bytes | str, what: str = "request body") -> Any:
-    """JSON text -> value; anything malformed is ``BadRequest`` (400), never a 500."""
-    try:
-        return json.loads(raw, parse_constant=_no_constant)
-    except RecursionError:
-        # The C decoder recurses per nesting level: `[[[[...` 100,000 deep is a client
-        # error like any other malformed body.
-        raise BadRequest(f"{what} is not valid JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
-
-
 async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await read_body(request)
-    data = parse_json(raw) if raw else {}
+    data = jsontext.loads(raw) if raw else {}
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     return data
