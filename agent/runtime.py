@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 import nacl.public
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -110,6 +111,8 @@ class Agent:
         )
         self.dropped_total = 0
         self._drops_since_connect = 0
+        # Metric points dropped because even alone they exceed the stream's batch cap.
+        self.oversized_points = 0
         self.published_batches = 0
         self.rejected_commands = 0
         self._seq = 0
@@ -484,7 +487,19 @@ class Agent:
             dropped=self.dropped_total,
             errors=errors,
         )
-        self._append(f"{self.node_id}:{self._boot}:{self._seq}", codec.encode(batch))
+        parts, lost = fit_batch(batch, codec.METRIC_BATCH_MAX)
+        if lost:
+            self.oversized_points += lost
+            self.log.warning(
+                "%d metric points of batch %d do not fit in %d bytes and were dropped "
+                "(%d so far)", lost, self._seq, codec.METRIC_BATCH_MAX, self.oversized_points,
+            )
+        msg_id = f"{self.node_id}:{self._boot}:{self._seq}"
+        for i, data in enumerate(parts):
+            if i:
+                self._make_room()
+            # The first part keeps the plain id, so a batch that fits is sent as before.
+            self._append(f"{msg_id}.{i}" if i else msg_id, data)
 
     def enqueue(self, msg_id: str, data: bytes) -> None:
         self._make_room()
@@ -535,6 +550,15 @@ class Agent:
                 await js.publish(subject, data, timeout=5.0, headers={"Nats-Msg-Id": msg_id})
             except asyncio.CancelledError:
                 raise
+            except nats.js.errors.BadRequestError as exc:
+                # The stream refuses this batch for good (e.g. over its max_msg_size):
+                # resending it would block every later batch, so drop it and count it.
+                self.dropped_total += 1
+                self.log.warning("metric batch %s refused by the stream (%s); dropped",
+                                 msg_id, exc.description or exc)
+                if self.buffer and self.buffer[0][0] == msg_id:
+                    self.buffer.popleft()
+                continue
             except Exception as exc:
                 delay = _backoff(attempt, base=0.2, cap=5.0)
                 attempt += 1
@@ -665,6 +689,26 @@ class Agent:
             self.log.warning("result of job %s not sent: %s", result.job_id, exc)
 
 
+def fit_batch(batch: MetricBatch, limit: int) -> tuple[list[bytes], int]:
+    """Encode ``batch`` as parts of at most ``limit`` bytes each (the METRICS stream refuses
+    bigger ones), halving the points until they fit. Returns (parts, points dropped): a
+    point that does not fit even alone is dropped and counted, never sent to be refused.
+    """
+    data = codec.encode(batch)
+    if len(data) <= limit:
+        return [data], 0
+    if len(batch.points) <= 1:
+        return [], len(batch.points)
+    mid = len(batch.points) // 2
+    parts: list[bytes] = []
+    lost = 0
+    for half in (batch.points[:mid], batch.points[mid:]):
+        more, dropped = fit_batch(msgspec.structs.replace(batch, points=half), limit)
+        parts += more
+        lost += dropped
+    return parts, lost
+
+
 def fit_result(result: CommandResult, limit: int) -> bytes:
     """Encode ``result`` within ``limit`` bytes, cutting output (marked truncated) if needed.
 
@@ -719,4 +763,4 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
         agent.log.info("stopping")
 
 
-__all__ = ["AGENT_VERSION", "Agent", "EnrollmentError", "run_agent"]
+__all__ = ["AGENT_VERSION", "Agent", "EnrollmentError", "fit_batch", "run_agent"]

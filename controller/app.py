@@ -21,6 +21,7 @@ from controller.auth import NatsAuth
 from controller.config import ControllerConfig, Secrets
 from controller.deploy import Deployer
 from controller.enroll import Enrollment, TokenService
+from controller.errors import BadRecord
 from controller.fleet import Fleet
 from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs import JobEngine, JobRecord
@@ -28,6 +29,7 @@ from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.natsd import CONTROLLER_INBOX, NatsServer, NodeAccess
 from controller.state import Table, open_bucket
+from controller.streams import ensure_stream, metrics_stream_config, per_node_batches
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -57,10 +59,16 @@ class Stats:
     enrollments_refused: int = 0
     heartbeats: int = 0
     metric_batches: int = 0
+    # Stored KV records that did not decode, per bucket (also in rejected["bad_record"]).
+    bad_records: Counter[str] = field(default_factory=Counter)
 
     def reject(self, where: str, reason: str) -> None:
         self.rejected[where] += 1
         self.last_rejection = f"{where}: {reason}"[:300]
+
+    def bad_record(self, bucket: str, reason: str) -> None:
+        self.bad_records[bucket] += 1
+        self.reject("bad_record", reason)
 
 
 def _remembered_port(path: Path) -> int:
@@ -183,11 +191,16 @@ class Controller:
                 subjects=self.subjects,
             )
             await self.ingest.start()
-        self.nodes = Table(await open_bucket(self.js, "nodes"), NodeRecord, name="nodes")
-        self.tokens_table = Table(await open_bucket(self.js, "tokens"), TokenRecord, name="tokens")
+        bad = self.on_bad_record
+        self.nodes = Table(
+            await open_bucket(self.js, "nodes"), NodeRecord, name="nodes", on_bad_record=bad
+        )
+        self.tokens_table = Table(
+            await open_bucket(self.js, "tokens"), TokenRecord, name="tokens", on_bad_record=bad
+        )
         self.jobs_table = Table(
             await open_bucket(self.js, "jobs", history=1, ttl=cfg.job_retention),
-            JobRecord, name="jobs",
+            JobRecord, name="jobs", on_bad_record=bad,
         )
         await self.nodes.start()
         await self.tokens_table.start()
@@ -288,17 +301,19 @@ class Controller:
     async def _ensure_streams(self) -> None:
         assert self.js is not None
         cfg, s = self.config, self.subjects
+        metrics = metrics_stream_config(
+            subjects=s.stream_subjects_metrics,
+            max_age=cfg.metrics_max_age,
+            max_bytes=cfg.metrics_max_bytes,
+            max_batch=cfg.metrics_max_batch,
+            interval=cfg.metrics_interval,
+        )
+        log.info(
+            "METRICS: a node keeps at most %d batches of at most %d bytes (stream: %d bytes)",
+            metrics.max_msgs_per_subject, metrics.max_msg_size, metrics.max_bytes,
+        )
         wanted = [
-            StreamConfig(
-                name="METRICS",
-                subjects=s.stream_subjects_metrics,
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=cfg.metrics_max_age,
-                max_bytes=cfg.metrics_max_bytes,
-                max_msg_size=cfg.max_payload,
-                duplicate_window=120,
-            ),
+            metrics,
             StreamConfig(
                 name="JOBS",
                 subjects=[s.jobs_all],
@@ -318,10 +333,7 @@ class Controller:
             ),
         ]
         for sc in wanted:
-            try:
-                await self.js.add_stream(sc)
-            except nats.js.errors.BadRequestError:
-                await self.js.update_stream(sc)
+            await ensure_stream(self.js, sc)
 
     # -- NATS callbacks --------------------------------------------------------------
 
@@ -342,6 +354,13 @@ class Controller:
             return False
         self._log_budget[key] = now + every
         return True
+
+    def on_bad_record(self, bad: BadRecord) -> None:
+        """A Table found a stored record that does not decode: count it, log it (limited)."""
+        self.stats.bad_record(bad.bucket, f"{bad.bucket} {bad.key!r}: {bad.reason}")
+        if self._rate_limited(f"bad_record.{bad.bucket}"):
+            log.error("%s (bad records in %s so far: %d)", bad, bad.bucket,
+                      self.stats.bad_records[bad.bucket])
 
     def _reject(self, where: str, subject: str, exc: Exception) -> None:
         reason = getattr(exc, "reason", None) or str(exc)
@@ -438,8 +457,14 @@ class Controller:
             self._reject("heartbeat", msg.subject, ProtocolError(f"unknown node {hb.node_id}"))
 
     async def _on_metrics(self, msg: Msg) -> None:
+        if len(msg.data) > self.config.metrics_max_batch:
+            # The METRICS stream refused to store it (max_msg_size); count who sent it.
+            self._reject("oversized_batch", msg.subject, ProtocolError(
+                f"metric batch of {len(msg.data)} bytes exceeds metrics_max_batch "
+                f"({self.config.metrics_max_batch})", size=len(msg.data)))
+            return
         try:
-            batch = codec.decode(msg.data, MetricBatch, max_size=self.config.max_payload)
+            batch = codec.decode(msg.data, MetricBatch, max_size=self.config.metrics_max_batch)
             if batch.node_id != self.subjects.node_id_of(msg.subject):
                 raise ProtocolError("metric batch node_id does not match its subject")
         except ProtocolError as exc:
@@ -457,7 +482,10 @@ class Controller:
             self._reject("events", msg.subject, exc)
             return
         if self.jobs is not None and event.type.startswith("job."):
-            self.jobs.on_node_event(event)
+            refusal = self.jobs.on_node_event(event)
+            if refusal:
+                self._reject("job_event", msg.subject, ProtocolError(refusal))
+                return
         for fn in list(self.event_listeners):
             try:
                 fn(event)
@@ -488,6 +516,13 @@ class Controller:
         node = self.nodes.get(node_id) if self.nodes else None
         return node.labels if node else None
 
+    def _tables(self) -> list[Table[Any]]:
+        tables: list[Table[Any] | None] = [
+            self.nodes, self.tokens_table, getattr(self, "jobs_table", None)]
+        if self.deployer is not None:
+            tables += [self.deployer.apps, self.deployer.statuses]
+        return [t for t in tables if t is not None]
+
     def status(self) -> dict[str, object]:
         return {
             "ready": self.ready,
@@ -504,6 +539,22 @@ class Controller:
             "enrollments_refused": self.stats.enrollments_refused,
             "heartbeats": self.stats.heartbeats,
             "metric_batches": self.stats.metric_batches,
+            # Also in "rejected" (bad_record, oversized_batch), here with their details.
+            "bad_records": {
+                "total": self.stats.rejected["bad_record"],
+                "by_bucket": dict(self.stats.bad_records),
+                "keys": {t.name: t.bad_keys()[:20] for t in self._tables() if t.bad_keys()},
+            },
+            "oversized_batches": self.stats.rejected["oversized_batch"],
+            "metrics_limits": {
+                "max_batch": self.config.metrics_max_batch,
+                "batches_per_node": per_node_batches(
+                    max_age=self.config.metrics_max_age,
+                    max_bytes=self.config.metrics_max_bytes,
+                    max_batch=self.config.metrics_max_batch,
+                    interval=self.config.metrics_interval,
+                ),
+            },
             "stream_subscribers": self.hub.subscribers,
             "ingest": self.ingest.status() if self.ingest is not None else None,
         }

@@ -132,6 +132,11 @@ def status(output: str) -> None:
     console.print("nodes: " + ", ".join(f"{k} {v}" for k, v in data["nodes"].items()))
     if data["rejected"]:
         console.print(f"rejected messages: {data['rejected']} (last: {data['last_rejection']})")
+    bad = data.get("bad_records") or {}
+    if bad.get("total"):
+        console.print(f"bad stored records: {bad['by_bucket']} (keys: {bad.get('keys', {})})")
+    if data.get("oversized_batches"):
+        console.print(f"oversized metric batches refused: {data['oversized_batches']}")
 
 
 # -- nodes --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.errors import BadRequest
+from protocol.codec import METRIC_BATCH_MAX
 from protocol.signing import CommandSigner
 
 ENV_PREFIX = "BARISTA_"
@@ -41,6 +42,9 @@ class ControllerConfig:
     jobs_max_bytes: int = 1 << 30
     metrics_max_age: float = 24 * 3600.0
     metrics_max_bytes: int = 1 << 30
+    # The largest metric batch the METRICS stream stores (bytes, encoded); see
+    # controller/streams.py for how it bounds what one node can hold.
+    metrics_max_batch: int = METRIC_BATCH_MAX
     # Metrics sink for the built-in ingest workers; influx_kind "" = no ingest here
     # (batches stay in the METRICS stream, or a separate `barista ingest` writes them).
     influx_kind: str = ""  # "influx1" (/write) or "influx2" (v2 write API: 2.x, 3.x)
@@ -104,6 +108,8 @@ class ControllerConfig:
             setattr(cfg, name, value)
         if cfg.data_dir is None:
             cfg.data_dir = Path(".barista")
+        if not (cfg.heartbeat_interval > 0 and cfg.metrics_interval > 0):
+            raise BadRequest("heartbeat_interval and metrics_interval must be > 0")
         if not (0 < cfg.stale_after < cfg.offline_after):
             raise BadRequest("stale_after must be > 0 and < offline_after")
         if cfg.influx_kind not in ("", "influx1", "influx2"):
@@ -112,6 +118,10 @@ class ControllerConfig:
             )
         if cfg.influx_kind and not cfg.influx_url:
             raise BadRequest(f"influx_kind {cfg.influx_kind} needs influx_url")
+        if not (1024 <= cfg.metrics_max_batch <= cfg.max_payload):
+            raise BadRequest(
+                f"metrics_max_batch must be between 1024 and max_payload ({cfg.max_payload})"
+            )
         if cfg.ingest_workers < 1:
             raise BadRequest("ingest_workers must be at least 1")
         return cfg

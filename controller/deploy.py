@@ -7,7 +7,6 @@ nodes' reported health and rolls back to the previous version when failures exce
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -19,6 +18,7 @@ from typing import Any, Literal
 import msgspec
 from nats.aio.msg import Msg
 
+from controller import jsontext
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.jobs import MAX_TIMEOUT, JobSpec, parse_count
 from controller.models import NodeRecord
@@ -116,7 +116,9 @@ def parse_spec(data: bytes | str | dict[str, Any], *, yaml_text: bool = False) -
 
                 raw = yaml.safe_load(text)
             else:
-                raw = json.loads(text)
+                raw = jsontext.loads(text, "app spec")
+        except BadRequest:
+            raise
         except Exception as exc:
             kind = "YAML" if yaml_text else "JSON"
             raise BadRequest(f"app spec is not valid {kind}: {exc}") from None
@@ -278,9 +280,10 @@ class Deployer:
 
     async def start(self) -> None:
         js = self.c.js
-        self.apps = Table(await open_bucket(js, "apps"), AppRecord, name="apps")
+        bad = self.c.on_bad_record
+        self.apps = Table(await open_bucket(js, "apps"), AppRecord, name="apps", on_bad_record=bad)
         self.statuses = Table(await open_bucket(js, "app_status", history=1),
-                              NodeAppStatus, name="app_status")
+                              NodeAppStatus, name="app_status", on_bad_record=bad)
         await self.apps.start()
         await self.statuses.start()
         self._spawn(self._writer(), "app-status-writer")

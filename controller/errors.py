@@ -49,3 +49,19 @@ class NatsServerError(ControllerError):
 class BodyTooLarge(ControllerError):
     code = "payload_too_large"
     status = 413
+
+
+class BadRecord(ControllerError):
+    """A stored KV record does not decode as its type: skipped, counted, never fatal."""
+
+    code = "bad_record"
+
+    def __init__(self, bucket: str, key: str, revision: int, reason: str) -> None:
+        super().__init__(
+            f"{bucket} {key!r} (revision {revision}) holds an undecodable record: {reason}",
+            details={"bucket": bucket, "key": key, "revision": revision},
+        )
+        self.bucket = bucket
+        self.key = key
+        self.revision = revision
+        self.reason = reason

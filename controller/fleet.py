@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from controller.errors import Conflict, NotFound
+from controller.errors import BadRecord, Conflict, NotFound
 from controller.models import NodeRecord, NodeStatus
 from controller.state import Table
 from protocol.messages import Heartbeat
@@ -51,6 +51,9 @@ class Fleet:
         self._live: dict[str, Live] = {}
         self._started = clock()
         self._wake = asyncio.Event()
+        # node id -> the last reason its transition could not be made; logged only when it
+        # changes, so a node that fails every sweep does not flood the log.
+        self._stuck: dict[str, str] = {}
 
     # -- queries ---------------------------------------------------------------------
 
@@ -117,38 +120,64 @@ class Fleet:
         return "offline"
 
     async def sweep(self) -> int:
-        """Apply every due transition; returns how many were made."""
+        """Apply every due transition; returns how many were made.
+
+        One node's failure (a bad stored record, a conflict, an error) skips that node only:
+        the sweep goes on with every other node.
+        """
         now = self._clock()
         changed = 0
+        for gone in [k for k in self._stuck if self.nodes.get(k) is None]:
+            del self._stuck[gone]
         for node in self.nodes:
             new = self.status_for(node, now)
             if new == node.status:
+                self._stuck.pop(node.id, None)
                 continue
-            old = node.status
-            seen = self.last_seen(node.id)
-
-            def apply(
-                cur: NodeRecord, new: NodeStatus = new, seen: float = seen
-            ) -> NodeRecord | None:
-                if cur.status == new:
-                    return None  # another controller got there first
-                return msgspec.structs.replace(
-                    cur, status=new, status_changed_at=now, last_seen=max(cur.last_seen, seen)
-                )
-
             try:
-                updated = await self.nodes.mutate(node.id, apply)
+                if await self._transition(node, new, now):
+                    changed += 1
+                self._stuck.pop(node.id, None)
+            except asyncio.CancelledError:
+                raise
+            except BadRecord as exc:
+                # Counted and reported by the table; the node keeps its cached status.
+                self._skip(node.id, exc.message, exc_info=False)
             except (NotFound, Conflict) as exc:
-                log.warning("status of node %s not updated: %s", node.id, exc)
-                continue
-            if updated is not None and updated.status == new and old != new:
-                changed += 1
-                log.info("node %s: %s -> %s", node.id, old, new)
-                try:
-                    await self._on_transition(updated, old, new)
-                except Exception:
-                    log.exception("publishing the transition of node %s failed", node.id)
+                self._skip(node.id, str(exc), exc_info=False)
+            except Exception as exc:
+                self._skip(node.id, f"{type(exc).__name__}: {exc}", exc_info=True)
         return changed
+
+    def _skip(self, node_id: str, reason: str, *, exc_info: bool) -> None:
+        if self._stuck.get(node_id) != reason:
+            self._stuck[node_id] = reason
+            log.warning("status of node %s not updated: %s", node_id, reason, exc_info=exc_info)
+
+    async def _transition(self, node: NodeRecord, new: NodeStatus, now: float) -> bool:
+        old = node.status
+        seen = self.last_seen(node.id)
+
+        def apply(cur: NodeRecord) -> NodeRecord | None:
+            if cur.status == new:
+                return None  # another controller got there first
+            return msgspec.structs.replace(
+                cur, status=new, status_changed_at=now, last_seen=max(cur.last_seen, seen)
+            )
+
+        updated = await self.nodes.mutate(node.id, apply)
+        if updated is None or updated.status != new or old == new:
+            return False
+        log.info("node %s: %s -> %s", node.id, old, new)
+        try:
+            await self._on_transition(updated, old, new)
+        except Exception:
+            log.exception("publishing the transition of node %s failed", node.id)
+        return True
+
+    def stuck(self) -> dict[str, str]:
+        """Nodes whose due transition could not be made, with the reason."""
+        return dict(self._stuck)
 
     async def run(self) -> None:
         period = max(0.05, min(1.0, self.stale_after / 4))

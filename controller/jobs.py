@@ -481,12 +481,26 @@ class JobEngine:
         log.info("job %s %s: %s%s", final.id, status, counts,
                  f" ({stop_reason})" if stop_reason else "")
 
-    def on_node_event(self, event: Event) -> None:
-        """Relay an agent's job progress event (streamed output) to the job's listeners."""
+    def on_node_event(self, event: Event) -> str | None:
+        """Relay an agent's job progress event (streamed output) to the job's listeners.
+
+        Only a node the job targets speaks about it: returns why an event is refused (the
+        caller counts it), None when it was relayed or concerns no running job.
+        """
         job_id = event.data.get("job_id") if isinstance(event.data, dict) else None
-        run = self._runs.get(job_id) if isinstance(job_id, str) else None
+        if not isinstance(job_id, str):
+            return None
+        run = self._runs.get(job_id)
+        record = run.record if run is not None else self.jobs.get(job_id)
+        if record is None:
+            return None  # no such job: nothing to relay it to
+        expected = run.expected if run is not None else frozenset(record.expected)
+        if event.node_id not in expected:
+            return (f"node {event.node_id} sent {event.type} for job {job_id}, "
+                    "which does not target it")
         if run is not None:
             run.notify("event", event)
+        return None
 
     # -- reads -----------------------------------------------------------------------
 

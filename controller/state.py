@@ -1,6 +1,7 @@
 """Durable state in JetStream KV, with in-memory indexes fed by watches (informer-style).
 
 Writes go through revision compare-and-set so two controllers never clobber each other.
+A record that does not decode is skipped and reported (``BadRecord``), never fatal.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from controller.errors import Conflict, NotFound
+from controller.errors import BadRecord, Conflict, NotFound
 
 log = logging.getLogger("barista.controller.state")
 
@@ -28,7 +29,14 @@ CAS_RETRIES = 10
 class Table(Generic[T]):
     """One KV bucket of typed records, mirrored in memory by a watch."""
 
-    def __init__(self, kv: KeyValue, record_type: type[T], *, name: str) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        record_type: type[T],
+        *,
+        name: str,
+        on_bad_record: Callable[[BadRecord], None] | None = None,
+    ) -> None:
         self._kv = kv
         self._type = record_type
         self._decoder = msgspec.msgpack.Decoder(record_type)
@@ -39,6 +47,10 @@ class Table(Generic[T]):
         self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._listeners: list[Callable[[str, T | None], None]] = []
+        self._on_bad_record = on_bad_record
+        # key -> the bad record it holds now (cleared by a good write or a delete). Each
+        # bad revision is reported once, however often a sweep or a fetch trips over it.
+        self._bad: dict[str, BadRecord] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -48,7 +60,7 @@ class Table(Generic[T]):
         async for entry in watcher:
             if entry is None:
                 break
-            self._apply(entry)
+            self._apply_safely(entry)
         self._ready.set()
         self._watch_task = asyncio.create_task(self._follow(watcher), name=f"watch-{self.name}")
 
@@ -75,7 +87,13 @@ class Table(Generic[T]):
                 await asyncio.sleep(1)
                 continue
             if entry is not None:
-                self._apply(entry)
+                self._apply_safely(entry)
+
+    def _apply_safely(self, entry: KeyValue.Entry) -> None:
+        try:
+            self._apply(entry)
+        except Exception:  # the informer outlives any one entry
+            log.exception("bucket %s: applying key %s failed", self.name, entry.key)
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         key = entry.key
@@ -83,6 +101,7 @@ class Table(Generic[T]):
         if rev and rev <= self._revisions.get(key, 0):
             return  # we already know a newer one (our own write)
         if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._bad.pop(key, None)
             self._items.pop(key, None)
             # Keep the delete's revision (a tombstone): an older put that the watch
             # delivers late must not bring the record back.
@@ -91,13 +110,43 @@ class Table(Generic[T]):
             self._notify(key, None)
             return
         try:
-            record = self._decoder.decode(entry.value)
-        except msgspec.DecodeError as exc:
-            log.error("bucket %s key %s holds an undecodable record: %s", self.name, key, exc)
+            record = self._decode(key, rev, entry.value)
+        except BadRecord:
+            # Keep the last good record in memory (nothing is lost, the node stays known);
+            # the revision moves on so a late older put cannot win, and a later good write
+            # or a compare-and-set against this revision repairs the key.
+            if rev:
+                self._revisions[key] = rev
             return
+        self._bad.pop(key, None)
         self._items[key] = record
         self._revisions[key] = rev
         self._notify(key, record)
+
+    def _decode(self, key: str, rev: int, value: bytes) -> T:
+        """Decode one stored value; raises ``BadRecord`` (reported once per revision)."""
+        try:
+            return self._decoder.decode(value)
+        except Exception as exc:  # DecodeError, and RecursionError on deep nesting
+            bad = BadRecord(self.name, key, rev, str(exc)[:200] or type(exc).__name__)
+        known = self._bad.get(key)
+        if known is None or known.revision != rev:
+            self._bad[key] = bad
+            self._report(bad)
+        raise bad
+
+    def _report(self, bad: BadRecord) -> None:
+        if self._on_bad_record is None:
+            log.error("%s", bad)
+            return
+        try:
+            self._on_bad_record(bad)
+        except Exception:
+            log.exception("bad-record handler of bucket %s failed", self.name)
+
+    def bad_keys(self) -> list[str]:
+        """Keys whose stored record does not decode right now."""
+        return sorted(self._bad)
 
     def subscribe(self, fn: Callable[[str, T | None], None]) -> Callable[[], None]:
         """Call ``fn(key, record_or_None)`` on every change; returns an unsubscribe function."""
@@ -135,7 +184,8 @@ class Table(Generic[T]):
             raise NotFound(f"{self.name} {key!r} not found") from None
         if entry.value is None or entry.operation in ("DEL", "PURGE"):
             raise NotFound(f"{self.name} {key!r} not found")
-        return self._decoder.decode(entry.value), entry.revision or 0
+        rev = entry.revision or 0
+        return self._decode(key, rev, entry.value), rev
 
     async def create(self, key: str, record: T) -> int:
         try:
@@ -175,11 +225,13 @@ class Table(Generic[T]):
 
     async def delete(self, key: str) -> None:
         await self._kv.delete(key)
+        self._bad.pop(key, None)
         self._items.pop(key, None)
         self._notify(key, None)
 
     def _remember(self, key: str, record: T, rev: int) -> None:
         if rev >= self._revisions.get(key, 0):
+            self._bad.pop(key, None)
             self._items[key] = record
             self._revisions[key] = rev
             self._notify(key, record)

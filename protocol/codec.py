@@ -6,6 +6,7 @@ Anything that is not a valid message of the expected type comes out as one
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -15,6 +16,9 @@ from protocol.messages import ALL_MESSAGES, AnyMessage, Message
 from protocol.version import SUPPORTED_VERSIONS
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # NATS' default max_payload
+# The largest encoded MetricBatch the METRICS stream stores (a real 64-core batch is about
+# 25 kB): the agent splits a bigger one, the stream refuses it, the controller counts it.
+METRIC_BATCH_MAX = 256 * 1024
 
 M = TypeVar("M", bound=Message)
 # What NATS clients hand over; decode accepts any of them without copying.
@@ -29,6 +33,9 @@ class _Header(msgspec.Struct):
     kind: Any = None
     v: Any = None
 
+
+# How msgspec spells the bound of protocol.messages.Finite in its error messages.
+_FLOAT_BOUND = repr(sys.float_info.max)
 
 _encoder = msgspec.msgpack.Encoder()
 _any_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyMessage)
@@ -108,4 +115,8 @@ def _explain(data: Payload, expect: type[Message] | None, exc: Exception) -> Pro
         want = str(expect.__struct_config__.tag)
         if kind != want:
             return ProtocolError(f"expected a {want!r} message, got {kind!r}", kind=kind, size=size)
-    return ProtocolError(f"invalid {kind!r} message: {exc}", kind=kind, size=size)
+    reason = str(exc)
+    if _FLOAT_BOUND in reason:  # the Finite/Duration bounds: say what they mean
+        where = reason.rpartition(" - at ")[2] or "a field"
+        reason = f"{where} must be a finite number (not NaN or infinity)"
+    return ProtocolError(f"invalid {kind!r} message: {reason}", kind=kind, size=size)

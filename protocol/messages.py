@@ -6,6 +6,7 @@ message still decodes; tests/unit/test_protocol_evolution.py enforces it.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -15,9 +16,18 @@ from protocol.version import PROTOCOL_VERSION
 # Integer fields are InfluxDB's int64: a value outside it makes the batch malformed (the
 # agent never sends one; a uint64 counter is sent as a float by whoever produces it).
 Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
-FieldValue = float | Int64 | bool | str
 # Domain separation: a signature over an enroll request can never pass for anything else.
 ENROLL_SIGNING_CONTEXT = "barista-enroll-v1"
+
+FieldValue = float | Int64 | bool | str  # a metric value may be NaN (ingest drops it)
+
+# Times and durations must be finite: NaN compares false with everything, so a heartbeat
+# stamped NaN would never age, and an infinite TTL never expires. The bounds refuse NaN
+# and both infinities (codec.decode names the field "must be a finite number").
+_FLOAT_MAX = sys.float_info.max
+Finite = Annotated[float, msgspec.Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+Duration = Annotated[float, msgspec.Meta(ge=0.0, le=_FLOAT_MAX)]  # seconds, finite, >= 0
+Interval = Annotated[float, msgspec.Meta(gt=0.0, le=_FLOAT_MAX)]  # seconds, finite, > 0
 
 
 class Message(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):
@@ -45,7 +55,7 @@ class EnrollRequest(Message, tag="enroll_req"):
     # seals its answer to it (a SealedReply), so other enrolling machines, which share the
     # enroll user and its inbox space, cannot read it. ``signature``: Ed25519 by the
     # identity nkey over signing_payload(), the proof that the sender holds the key.
-    ts: float = 0.0
+    ts: Finite = 0.0
     reply_key: bytes = b""
     signature: bytes = b""
 
@@ -82,8 +92,8 @@ class EnrollReply(Message, tag="enroll_rep"):
     # "nkey": reconnect with the identity seed; "none": keep the current credentials.
     auth: Literal["nkey", "none"] = "none"
     inbox_prefix: str = ""
-    heartbeat_interval: float = 5.0
-    metrics_interval: float = 10.0
+    heartbeat_interval: Interval = 5.0
+    metrics_interval: Interval = 10.0
     # Controller public keys (base64 Ed25519) that sign commands; the bootstrap config's
     # key, when present, takes precedence.
     command_keys: list[str] = []
@@ -98,8 +108,8 @@ class EnrollReply(Message, tag="enroll_rep"):
 class Heartbeat(Message, tag="hb"):
     node_id: str
     seq: int
-    ts: float
-    uptime: float = 0.0
+    ts: Finite
+    uptime: Duration = 0.0
     agent_version: str = ""
     buffered_batches: int = 0
     dropped_batches: int = 0
@@ -140,8 +150,8 @@ CommandAction = Literal["ping", "facts", "exec", "reconcile"]
 class Command(Message, tag="cmd"):
     id: str  # unique per message; the replay cache keys on it
     job_id: str
-    issued_at: float
-    ttl: float
+    issued_at: Finite
+    ttl: float  # range-checked by the verifier (0 < ttl <= max: NaN and inf refused as "ttl")
     action: CommandAction
     selector: str = ""
     targets: list[str] = []  # explicit node ids (direct or batch); empty = by selector
@@ -150,7 +160,7 @@ class Command(Message, tag="cmd"):
     env: dict[str, str] = {}
     cwd: str = ""
     user: str = ""
-    timeout: float = 60.0
+    timeout: Duration = 60.0
     output_cap: int = 64 * 1024
     stream_output: bool = False
 
@@ -174,7 +184,7 @@ class CommandResult(Message, tag="cmd_result"):
     stderr: str = ""
     stdout_truncated: bool = False
     stderr_truncated: bool = False
-    duration: float = 0.0
+    duration: Duration = 0.0
     reason: str = ""
     data: dict[str, Any] = {}
 
@@ -183,7 +193,7 @@ class CommandResult(Message, tag="cmd_result"):
 
 
 class Event(Message, tag="event"):
-    ts: float
+    ts: Finite
     type: str
     node_id: str = ""
     severity: Literal["debug", "info", "warning", "error"] = "info"
@@ -209,8 +219,8 @@ class HealthCheck(msgspec.Struct, kw_only=True, omit_defaults=True):
     cmd: str = ""  # run with /bin/sh -c in the release dir; exit 0 = healthy
     http: str = ""  # GET on a loopback URL; 2xx/3xx = healthy
     retries: int = 10
-    interval: float = 1.0
-    timeout: float = 5.0
+    interval: Duration = 1.0
+    timeout: Duration = 5.0
 
 
 class AppRelease(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -224,7 +234,7 @@ class AppRelease(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop: list[str] = []
     env: dict[str, str] = {}
     health: HealthCheck | None = None
-    step_timeout: float = 300.0
+    step_timeout: Duration = 300.0
 
 
 class AppSyncRequest(Message, tag="app_sync_req"):

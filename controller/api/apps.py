@@ -7,9 +7,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from controller.api.server import CONTROLLER, MAX_BODY
+from controller.api.server import CONTROLLER, read_body
 from controller.deploy import AppRecord, Deployer, parse_spec
-from controller.errors import BodyTooLarge, ControllerError
+from controller.errors import ControllerError
 
 
 class DeployerMissing(ControllerError):
@@ -41,9 +41,7 @@ def _summary(rec: AppRecord) -> dict[str, Any]:
 
 async def deploy_app(request: web.Request) -> web.Response:
     d = _deployer(request)
-    if request.content_length and request.content_length > MAX_BODY:
-        raise BodyTooLarge(f"request body over {MAX_BODY} bytes")
-    raw = await request.read()
+    raw = await read_body(request)
     ctype = request.content_type.lower()
     spec = parse_spec(raw, yaml_text="yaml" in ctype)
     await d.deploy(spec)

@@ -17,19 +17,13 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from controller.ingest.errors import SinkError
 from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import Sink
-from protocol.codec import decode
+from controller.streams import ensure_stream, metrics_stream_config
+from protocol.codec import METRIC_BATCH_MAX, decode
 from protocol.errors import ProtocolError
 from protocol.messages import MetricBatch
 from protocol.subjects import Subjects
@@ -43,33 +37,20 @@ async def ensure_metrics_stream(
     subjects: list[str],
     max_age: float = 24 * 3600,
     max_bytes: int = 1 << 30,
+    max_batch: int = METRIC_BATCH_MAX,
+    interval: float = 10.0,
     name: str = "METRICS",
     replicas: int = 1,
 ) -> None:
     """Create the metrics stream (limits retention, file storage), or update its config.
 
-    Idempotent; safe to run from several controllers at once.
+    The one definition is controller.streams.metrics_stream_config. Idempotent; safe to
+    run from several controllers at once.
     """
-    config = StreamConfig(
-        name=name,
-        subjects=subjects,
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=max_age,
-        max_bytes=max_bytes,
-        num_replicas=replicas,
-        description="metric batches from agents, the durable buffer in front of InfluxDB",
-    )
-    try:
-        await js.stream_info(name)
-    except nats.js.errors.NotFoundError:
-        try:
-            await js.add_stream(config)
-            log.info("created stream %s for %s", name, subjects)
-            return
-        except nats.js.errors.BadRequestError:
-            pass  # another controller created it in between: update below
-    await js.update_stream(config)
+    await ensure_stream(js, metrics_stream_config(
+        subjects=subjects, max_age=max_age, max_bytes=max_bytes, max_batch=max_batch,
+        interval=interval, name=name, replicas=replicas,
+    ))
 
 
 @dataclass

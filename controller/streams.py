@@ -1,0 +1,89 @@
+"""The METRICS stream's limits, defined once (controller, ingest, benchmarks all use this).
+
+What one node may store is bounded: a batch is at most ``max_batch`` bytes (larger ones
+are refused by the stream) and a node's subject keeps at most ``per_node_batches(...)``
+batches, so a noisy node's surplus evicts only its own oldest batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from protocol.codec import METRIC_BATCH_MAX
+
+log = logging.getLogger("barista.controller.streams")
+
+METRICS = "METRICS"
+# A node may hold at most this fraction of the stream's bytes even when every one of its
+# batches is as large as allowed; see per_node_batches.
+NODE_SHARE = 4
+# Batches per retention window: jitter, and an agent flushing its offline buffer, can put
+# a few more than max_age / interval on a subject.
+WINDOW_SLACK = 1.25
+
+
+def per_node_batches(
+    *, max_age: float, max_bytes: int, max_batch: int, interval: float
+) -> int:
+    """How many batches one node's subject keeps (the stream's max_msgs_per_subject).
+
+    Enough for the retention window (max_age / interval, with slack), but never so many
+    that one node's worst case (that count x max_batch) exceeds 1/NODE_SHARE of
+    max_bytes: the stream evicts its oldest messages of *any* node when max_bytes is
+    reached, so a per-subject count alone would let full-size batches push others out.
+    """
+    window = math.ceil(max_age / interval * WINDOW_SLACK) if interval > 0 else 1 << 30
+    by_bytes = max_bytes // (NODE_SHARE * max_batch)
+    return max(1, min(window, by_bytes))
+
+
+def metrics_stream_config(
+    *,
+    subjects: list[str],
+    max_age: float = 24 * 3600,
+    max_bytes: int = 1 << 30,
+    max_batch: int = METRIC_BATCH_MAX,
+    interval: float = 10.0,
+    name: str = METRICS,
+    replicas: int = 1,
+) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        subjects=subjects,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        max_msg_size=max_batch,
+        max_msgs_per_subject=per_node_batches(
+            max_age=max_age, max_bytes=max_bytes, max_batch=max_batch, interval=interval
+        ),
+        # The agent sets Nats-Msg-Id: a resend after a lost ack is dropped as a duplicate.
+        duplicate_window=120,
+        num_replicas=replicas,
+        description="metric batches from agents, the durable buffer in front of InfluxDB",
+    )
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or bring an existing store's config up to ``config``.
+
+    Idempotent; safe to run from several controllers at once.
+    """
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("created stream %s for %s", config.name, config.subjects)
+            return
+        except nats.js.errors.BadRequestError:
+            pass  # another controller created it in between: update below
+    await js.update_stream(config)
