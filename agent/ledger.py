@@ -60,9 +60,9 @@ class _Seen(msgspec.Struct, array_like=True):
 class SeenLog:
     """An append-only log of (command id, forget-after) lines, fsynced per record.
 
-    Bounded: expired ids are dropped, and once the log holds more dead lines than
-    ``_COMPACT_SLACK`` beyond the live ones it is rewritten atomically with the live ones
-    only. A torn last line (power loss mid-write) is skipped on load. Thread-safe:
+    Bounded: once the log holds twice the live ids of its last rewrite plus
+    ``_COMPACT_SLACK`` lines, expired ids are dropped and it is rewritten atomically with
+    the live ones only. A torn last line (power loss mid-write) is skipped on load. Thread-safe:
     ``record`` runs in a worker thread so the fsync does not stall the event loop.
     """
 
@@ -74,6 +74,7 @@ class SeenLog:
         self._clock = clock
         self._live: dict[str, float] = {}
         self._lines = 0
+        self._compact_at = _COMPACT_SLACK
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
@@ -111,11 +112,10 @@ class SeenLog:
             os.fdatasync(self._fd)
             self._live[command_id] = until
             self._lines += 1
-            if self._lines > len(self._live) + _COMPACT_SLACK:
+            if self._lines > self._compact_at:
                 now = self._clock()
                 self._live = {k: v for k, v in self._live.items() if v >= now}
-                if self._lines > len(self._live) + _COMPACT_SLACK // 2:
-                    self._compact()
+                self._compact()
 
     def close(self) -> None:
         with self._lock:
@@ -136,6 +136,8 @@ class SeenLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(self._fd, 0o600)
         self._lines = len(self._live)
+        # Twice the live ids: the rewrite costs as much as the appends since the last one.
+        self._compact_at = 2 * self._lines + _COMPACT_SLACK
 
 
 # -- running commands ---------------------------------------------------------------------

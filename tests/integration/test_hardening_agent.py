@@ -197,8 +197,6 @@ async def test_f07_captured_command_is_refused_after_agent_restart(
             first = await asyncio.wait_for(results.get(), 10)
         node_id = agent.node_id
     assert first.status == "ok" and len(list(marks.iterdir())) == 1
-    log = cfg.state_dir / "seen-commands.log"
-    assert log.stat().st_mode & 0o777 == 0o600
     # The same state dir, a new agent: the captured bytes published again, within the TTL.
     async with Agent(config=agents.config("", state_dir=cfg.state_dir)) as again:
         assert again.node_id == node_id
@@ -208,6 +206,7 @@ async def test_f07_captured_command_is_refused_after_agent_restart(
         await asyncio.sleep(0.3)
     assert second.status == "rejected" and "already accepted" in second.reason, second
     assert len(list(marks.iterdir())) == 1, "the replayed command ran again"
+    assert (cfg.state_dir / "seen-commands.log").stat().st_mode & 0o777 == 0o600
 
 
 # -- #8 commands left running by a killed agent -------------------------------------------
@@ -242,9 +241,9 @@ async def test_f08_restarted_agent_kills_what_a_killed_agent_left_running(
     tok = await controller.tokens.create(labels={"role": "orphan"})
     state = tmp_path / "agent"
     args = ["--nats-url", controller.agent_nats_url, "--state-dir", str(state),
-            "--hostname", "orphan", "--heartbeat-interval", "0.2", "--metrics-interval", "1",
-            "--token-file", str(_token_file(tmp_path / "token", tok.token))]
-    processes.append(_spawn(args, tmp_path / "agent.log"))
+            "--hostname", "orphan", "--heartbeat-interval", "0.2", "--metrics-interval", "1"]
+    # The token through the environment (BARISTA_AGENT_TOKEN): the same on main and here.
+    processes.append(_spawn(args, tmp_path / "agent.log", BARISTA_AGENT_TOKEN=tok.token))
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")
     await wait_for(lambda: controller.fleet._live.get(node.id), 10, "a heartbeat")
     pidfile = tmp_path / "sleep.pid"
@@ -406,3 +405,36 @@ async def test_f16_start_survives_a_server_that_stalls_the_subscribe_flush(
                 await nc.close()
         finally:
             await agent.stop()
+
+
+async def test_f06_api_refuses_broadcast_env_with_400(controller: Controller, api, http):
+    url, token = api
+    async with http.post(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {token}"},
+                         json={"shell": "true", "env": {"K": "v"}, "mode": "broadcast"}) as r:
+        body = await r.json()
+    assert r.status == 400, body
+    assert "broadcast" in body["message"] and "env" in body["message"]
+    async with http.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {token}"}) as r:
+        status = await r.json()
+    assert status["rejected"]["job_broadcast_env"] == 1
+
+
+def test_f08_a_reused_pid_is_never_killed(tmp_path: Path):
+    """A record whose pid now names another process (other start time) is dropped, and that
+    process lives; a record of a group that is gone is reported as not killed."""
+    from agent.ledger import RunLedger
+
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        ledger = RunLedger(tmp_path / "running")
+        ledger.started(job_id="j1", command_id="c1", pid=other.pid)
+        rec = next((tmp_path / "running").glob("*.run"))
+        rec.write_bytes(rec.read_bytes().replace(b'"start":', b'"start":1'))  # not this one
+        ledger.started(job_id="j2", command_id="c2", pid=2**22 + 17)  # no such process
+        orphans = sorted(ledger.reap(), key=lambda o: o.job_id)
+        assert [(o.job_id, o.killed) for o in orphans] == [("j1", False), ("j2", False)]
+        assert other.poll() is None, "a process that is not ours was killed"
+        assert not list((tmp_path / "running").iterdir())
+    finally:
+        other.kill()
+        other.wait(5)
