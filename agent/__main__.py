@@ -66,7 +66,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="barista-agent", description="barista node agent")
     p.add_argument("--config", type=Path, help="TOML config file (default /etc/barista/agent.toml)")
     p.add_argument("--nats-url", action="append", dest="nats_urls", help="NATS server URL (repeat)")
-    p.add_argument("--token", help="one-time join token (only needed to enroll)")
+    p.add_argument(
+        "--token-file",
+        help="file (mode 0600) holding the one-time join token; only needed to enroll "
+        "(or set BARISTA_AGENT_TOKEN)",
+    )
+    # Refused with an explanation: a command line is readable by every local user.
+    p.add_argument("--token", help=argparse.SUPPRESS)
     p.add_argument("--state-dir", type=Path, help="where the identity key and state live")
     p.add_argument("--label", action="append", default=[], help="k=v label (repeat)")
     p.add_argument(
@@ -85,9 +91,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.token is not None:
+        print(
+            "barista-agent: --token is refused: a command line is readable by every local "
+            "user for the agent's whole life. Write the token to a file only you can read "
+            "(umask 077; printf %s TOKEN > FILE) and pass --token-file FILE, or set "
+            "BARISTA_AGENT_TOKEN.",
+            file=sys.stderr,
+        )
+        return 2
     overrides: dict[str, Any] = {
         "nats_urls": args.nats_urls,
-        "token": args.token,
+        "token_file": args.token_file,
         "state_dir": args.state_dir,
         "controller_keys": args.controller_keys,
         "hostname": args.hostname,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,8 +19,10 @@ class ConfigError(ValueError):
 @dataclass
 class AgentConfig:
     nats_urls: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    # One-time join token; only needed until the agent has enrolled.
+    # One-time join token; only needed until the agent has enrolled. Give it as a file
+    # (token_file, mode 0600) or in BARISTA_AGENT_TOKEN, never on the command line.
     token: str = ""
+    token_file: str = ""
     state_dir: Path = field(default_factory=lambda: Path("/var/lib/barista-agent"))
     labels: dict[str, str] = field(default_factory=dict)
     # Base64 Ed25519 keys of the controller; commands signed by other keys are refused.
@@ -75,6 +78,26 @@ class AgentConfig:
             setattr(cfg, name, _coerce(name, raw, getattr(cfg, name)))
         cfg.validate()
         return cfg
+
+    def join_token(self) -> str:
+        """The join token: ``token`` if set, else the content of ``token_file`` (read only
+        now, when enrollment needs it, so an enrolled agent runs without the file)."""
+        if self.token or not self.token_file:
+            return self.token.strip()
+        path = Path(self.token_file)
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"token_file {path}: {exc.strerror or exc}") from None
+        if mode & 0o077:
+            logging.getLogger("barista.agent.config").warning(
+                "token_file %s is readable by other users (mode %o); make it 0600",
+                path, mode & 0o777,
+            )
+        if not text:
+            raise ConfigError(f"token_file {path} is empty")
+        return text
 
     def validate(self) -> None:
         if not self.nats_urls:

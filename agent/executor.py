@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.ledger import RunLedger
 from protocol.messages import Command, CommandResult, ResultStatus
 
 log = logging.getLogger("barista.agent.executor")
@@ -125,6 +126,7 @@ class Executor:
         max_output_cap: int = 1024 * 1024,
         kill_grace: float = 2.0,
         allow_users: bool = False,
+        ledger: RunLedger | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -140,6 +142,8 @@ class Executor:
         self._max_output_cap = max_output_cap
         self._kill_grace = kill_grace
         self._allow_users = allow_users
+        # Records each running command's process group, so a restarted agent can end it.
+        self._ledger = ledger
         self._slots = asyncio.Semaphore(max_concurrency)
         self._running: set[_Running] = set()
         # Reapers of commands whose run() was cancelled; aclose() waits for them.
@@ -345,6 +349,8 @@ class Executor:
         deadline = loop.time() + cmd.timeout
         run = _Running(proc=proc, cmd=cmd, exited=exited)
         self._running.add(run)
+        if self._ledger is not None:
+            self._ledger.started(job_id=cmd.job_id, command_id=cmd.id, pid=proc.pid)
         self._idle.clear()
         if self._closed:  # aclose() ran while we were spawning
             self._stop(run, _STOP_SHUTDOWN)
@@ -383,6 +389,8 @@ class Executor:
                     log.warning("reading output of command %s failed: %r", cmd.id, res)
         finally:
             self._running.discard(run)
+            if self._ledger is not None:
+                self._ledger.ended(cmd.id)
             if not self._running:
                 self._idle.set()
             if proc.returncode is None or not all(t.done() for t in readers):

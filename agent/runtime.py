@@ -25,9 +25,10 @@ from nats.aio.msg import Msg
 from agent.apps import AppReconciler, SyncError
 from agent.collectors.base import Collector
 from agent.collectors.scheduler import CollectorSet, build_collectors
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.facts import collect_facts
 from agent.identity import EnrollState, Identity
+from agent.ledger import Orphan, RunLedger, SeenLog
 from protocol import codec
 from protocol.errors import CommandRejected, ProtocolError
 from protocol.messages import (
@@ -43,7 +44,7 @@ from protocol.messages import (
     SignedCommand,
 )
 from protocol.selectors import Selector
-from protocol.signing import CommandVerifier, open_reply
+from protocol.signing import DEFAULT_CLOCK_SKEW, CommandVerifier, open_reply
 from protocol.subjects import ENROLL_INBOX, Subjects
 
 AGENT_VERSION = "0.1.0"
@@ -52,6 +53,14 @@ Severity = Literal["debug", "info", "warning", "error"]
 TAG_LABELS = ("infra", "group", "provider", "region", "zone")
 # Refusals that a later attempt (a new request) can overcome: the clock was off.
 _TRANSIENT_REFUSALS = ("clock_skew",)
+# Built-ins that only read and answer: their ids are kept in memory only, since a replay
+# after a restart changes nothing, and an fsync per node would slow every fleet-wide ping.
+READ_ONLY_ACTIONS = frozenset({"ping", "facts"})
+# How often start() reports that the server has not yet confirmed the command subscriptions
+# (it keeps waiting), and the flush timeout handed to nats-py, which must never expire first:
+# see _confirm_subscriptions.
+FLUSH_REPORT = 5.0
+FLUSH_ABANDON = 3600
 
 
 class EnrollmentError(Exception):
@@ -104,6 +113,8 @@ class Agent:
         self.nc: NATS | None = None
         self.collector_set: CollectorSet | None = None
         self.verifier: CommandVerifier | None = None
+        self.seen_log: SeenLog | None = None
+        self.ledger: RunLedger | None = None
         self.executor: Any = None
         self.apps: AppReconciler | None = None
         self.buffer: collections.deque[tuple[str, bytes]] = collections.deque(
@@ -174,7 +185,7 @@ class Agent:
         self._facts = await asyncio.to_thread(collect_facts, self.version)
         self.state = EnrollState.load(self.state_path)
         if self.state is None:
-            self.state = await self._enroll()
+            self.state = await self._enroll_with_token()
             self.state.save(self.state_path)
         else:
             self.log.info("node %s: already enrolled", self.state.node_id)
@@ -183,6 +194,15 @@ class Agent:
         self.verifier = CommandVerifier(keys) if keys else None
         if self.verifier is None:
             self.log.warning("no controller key configured: every command will be refused")
+        # Ids accepted before a restart stay refused for their TTL (replay protection).
+        self.seen_log = SeenLog(cfg.state_dir / "seen-commands.log")
+        remembered = await asyncio.to_thread(self.seen_log.load)
+        if self.verifier is not None and remembered:
+            self.verifier.remember(remembered)
+        # Commands a previous agent left running (kill -9, crash) are ended before any new
+        # one starts; their jobs hear about it once we are connected.
+        self.ledger = RunLedger(cfg.state_dir / "running")
+        orphans = await asyncio.to_thread(self.ledger.reap)
         self.collector_set = CollectorSet(
             self._collectors
             if self._collectors is not None
@@ -199,6 +219,7 @@ class Agent:
                 labels=lambda: self.labels,
                 node_id=lambda: self.node_id,
                 allow_users=cfg.allow_run_as_user,
+                ledger=self.ledger,
             )
         self.apps = AppReconciler(
             state_dir=cfg.state_dir / "apps",
@@ -208,6 +229,7 @@ class Agent:
             log=logging.getLogger(f"barista.agent.{self.node_id}.apps"),
         )
         await self._connect()
+        await self._report_orphans(orphans)
         self.apps.trigger()  # converge to the desired apps, also after a restart
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -243,12 +265,36 @@ class Agent:
                 await asyncio.wait_for(self.nc.drain(), 3)
             except Exception:
                 await self.nc.close()
+        if self.seen_log is not None:
+            self.seen_log.close()
         self._closed.set()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
     # -- enrollment ------------------------------------------------------------------
+
+    async def _enroll_with_token(self) -> EnrollState:
+        """Enroll with the join token from the config, a file or the environment; the token
+        is held only for the enrollment itself."""
+        cfg = self.config
+        try:
+            token = cfg.join_token()
+        except ConfigError as exc:
+            raise EnrollmentError("no_token", str(exc)) from None
+        if not token:
+            raise EnrollmentError(
+                "no_token",
+                "this agent is not enrolled and has no join token: create one with "
+                "`barista token create`, write it to a 0600 file and pass --token-file FILE "
+                "(or set BARISTA_AGENT_TOKEN)",
+            )
+        given = cfg.token
+        cfg.token = token
+        try:
+            return await self._enroll()
+        finally:
+            cfg.token = given  # a token read from a file is not kept past enrollment
 
     async def _enroll(self) -> EnrollState:
         cfg = self.config
@@ -257,7 +303,8 @@ class Agent:
             raise EnrollmentError(
                 "no_token",
                 "this agent is not enrolled and has no join token: create one with "
-                "`barista token create` and pass it with --token",
+                "`barista token create` and pass it with --token-file FILE "
+                "(or BARISTA_AGENT_TOKEN)",
             )
         attempt = 0
         while True:
@@ -381,11 +428,78 @@ class Agent:
                 attempt += 1
                 await asyncio.sleep(delay)
         self._connected.set()
-        self._cmd_subs = [
-            await self.nc.subscribe(self.subjects.cmd_all, cb=self._on_command),
-            await self.nc.subscribe(self.subjects.cmd_node(st.node_id), cb=self._on_command),
-        ]
-        await self.nc.flush()
+        await self._subscribe_commands(st.node_id)
+
+    async def _subscribe_commands(self, node_id: str) -> None:
+        """Subscribe to the command subjects and wait until the server confirmed them,
+        retried with backoff: a slow or paused server (a thousand agents enrolling) must
+        never end the agent. Each subject is subscribed once; nats-py re-sends
+        subscriptions itself after a reconnect."""
+        assert self.nc is not None
+        subjects = [self.subjects.cmd_all, self.subjects.cmd_node(node_id)]
+        attempt = 0
+        while True:
+            try:
+                while len(self._cmd_subs) < len(subjects):
+                    subject = subjects[len(self._cmd_subs)]
+                    self._cmd_subs.append(await self.nc.subscribe(subject, cb=self._on_command))
+                await self._confirm_subscriptions()
+                return
+            except Exception as exc:
+                delay = _backoff(attempt)
+                self.log.warning(
+                    "command subscriptions not confirmed by NATS (%s); retrying in %.1fs",
+                    exc or type(exc).__name__,
+                    delay,
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _confirm_subscriptions(self) -> None:
+        """A flush (PING/PONG) that is waited for as long as its PONG can still come.
+
+        nats-py's flush(timeout) cancels its PONG future on timeout but leaves it queued;
+        the late PONG then raises inside the client's read loop, which ends for good (the
+        connection reads nothing more and never reconnects). So the flush is never left to
+        time out: we report every FLUSH_REPORT seconds and keep waiting, and send a new one
+        only after a reconnect, which drops the queued PONG futures (and so this one's).
+        """
+        assert self.nc is not None
+        nc = self.nc
+        reconnects = nc.stats["reconnects"]
+        flush = asyncio.ensure_future(nc.flush(timeout=FLUSH_ABANDON))
+        waited = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({flush}, timeout=FLUSH_REPORT)
+                if done:
+                    flush.result()
+                    return
+                waited += FLUSH_REPORT
+                if nc.stats["reconnects"] != reconnects or nc.is_closed:
+                    flush.cancel()  # its PONG future is gone with the old connection
+                    raise ConnectionError("reconnected before the server confirmed")
+                self.log.warning(
+                    "command subscriptions not confirmed by NATS after %.0fs; still waiting",
+                    waited,
+                )
+        except asyncio.CancelledError:
+            flush.cancel()  # we are stopping: the connection is closed next
+            raise
+
+    async def _report_orphans(self, orphans: list[Orphan]) -> None:
+        """Tell each job whose command a previous agent left running what became of it."""
+        for o in orphans:
+            if o.killed:
+                reason = ("agent restarted: command killed (it was still running when the "
+                          f"previous agent stopped; process group {o.pgid})")
+            else:
+                reason = ("agent restarted: the command ended while the agent was down; "
+                          "its output and exit code are lost")
+            self.log.warning("job %s: %s", o.job_id, reason)
+            await self._reply(CommandResult(job_id=o.job_id, command_id=o.command_id,
+                                            node_id=self.node_id, status="error",
+                                            reason=reason))
 
     async def _on_disconnected(self) -> None:
         self._connected.clear()
@@ -602,13 +716,39 @@ class Agent:
             except ValueError as exc:
                 await self._refuse(f"bad selector: {exc}", cmd.job_id, cmd.id)
                 return
-        if cmd.action in ("ping", "facts"):
+        if cmd.env and msg.subject == self.subjects.cmd_all:
+            # Every node reads the broadcast subject: env values (secrets, often) travel
+            # only on a node's own subject. The controller never sends this; refuse it.
+            await self._refuse(
+                "a command with env values arrived on the broadcast subject, which every node "
+                "can read; env is accepted only on the node's own command subject",
+                cmd.job_id, cmd.id,
+            )
+            return
+        if cmd.action in READ_ONLY_ACTIONS:
             # Instant built-ins run inline: a task per broadcast costs more than the answer.
             await self._run_command(msg, cmd)
+            return
+        if not await self._remember(cmd):
             return
         task = asyncio.create_task(self._run_command(msg, cmd))
         self._cmd_tasks.add(task)
         task.add_done_callback(self._cmd_tasks.discard)
+
+    async def _remember(self, cmd: Command) -> bool:
+        """Write the command's id to disk (fsynced) before it runs, so that a restarted
+        agent still refuses a replay of it; a command that cannot be recorded is refused."""
+        assert self.verifier is not None and self.seen_log is not None
+        until = self.verifier.forget_after(cmd.id)
+        if until is None:
+            until = cmd.issued_at + cmd.ttl + DEFAULT_CLOCK_SKEW
+        try:
+            await asyncio.to_thread(self.seen_log.record, cmd.id, until)
+        except OSError as exc:
+            await self._refuse(f"cannot record the command id (replay protection): {exc}",
+                               cmd.job_id, cmd.id)
+            return False
+        return True
 
     async def _refuse(self, reason: str, job_id: str = "", command_id: str = "") -> None:
         """Count and log a refused command and, when it names its job, answer 'rejected'."""

@@ -99,9 +99,13 @@ async def run(seconds: float, interval: float, warmup: float, root: Path) -> dic
         assert controller.tokens is not None and controller.secrets is not None
         assert controller.fleet is not None
         token = (await controller.tokens.create(labels={"provider": "bench"})).token
+        token_file = root / "join-token"  # 0600, never on the agent's command line
+        token_file.write_text(token)
+        token_file.chmod(0o600)
         agent_args = [
             sys.executable, "-m", "agent", "--nats-url", controller.agent_nats_url,
-            "--token", token, "--state-dir", str(root / "agent"), "--hostname", "bench",
+            "--token-file", str(token_file), "--state-dir", str(root / "agent"),
+            "--hostname", "bench",
             "--controller-key", controller.secrets.signer.public_key_b64,
             "--log-level", "warning",
         ]

@@ -228,9 +228,10 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, output: st
         return
     console.print(f"[bold]token[/bold] (shown once): {data['token']}")
     console.print(f"expires: {time.ctime(data['expires_at'])}   labels: {data['labels']}")
-    console.print("start an agent with:")
+    console.print("start an agent with (the token in a 0600 file, never on a command line):")
     console.print(
-        f"  barista-agent --nats-url {data['nats_url']} --token {data['token']} "
+        f"  (umask 077; printf %s '{data['token']}' > join-token)\n"
+        f"  barista-agent --nats-url {data['nats_url']} --token-file join-token "
         f"--controller-key {data['controller_key']}",
         soft_wrap=True,
     )

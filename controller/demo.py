@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -102,7 +103,12 @@ def influx_from_env() -> dict[str, Any]:
 
 
 def start_agent(agent: DemoAgent, nats_url: str, token: str, controller_key: str) -> None:
-    agent.state_dir.mkdir(parents=True, exist_ok=True)
+    agent.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The token goes to a 0600 file, never onto the command line (readable by every user).
+    token_file = agent.state_dir / "join-token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
     log_f = open(agent.log_path, "ab")
     try:
         agent.proc = subprocess.Popen(
@@ -112,8 +118,8 @@ def start_agent(agent: DemoAgent, nats_url: str, token: str, controller_key: str
                 "agent",
                 "--nats-url",
                 nats_url,
-                "--token",
-                token,
+                "--token-file",
+                str(token_file),
                 "--state-dir",
                 str(agent.state_dir),
                 "--hostname",

@@ -1,8 +1,9 @@
 """Fleet commands: scatter-gather over NATS, rolling batches, and a job history in JetStream.
 
 A job computes the expected node set from the inventory and a selector, publishes one signed
-command (broadcast) or one per node (direct, for small sets and batches), gathers replies on
-an inbox, finishes as soon as every expected node answered, and accounts for every node.
+command (broadcast) or one per node (direct, for small sets, batches and any env values),
+gathers replies on an inbox, finishes as soon as every expected node answered, and accounts
+for every node.
 """
 
 from __future__ import annotations
@@ -254,6 +255,13 @@ class JobEngine:
     async def submit(self, spec: JobSpec, *, created_by: str = "") -> JobRecord:
         selector = validate(spec)
         nodes = self.expected_nodes(spec, selector)
+        if spec.mode == "broadcast" and spec.env:
+            reason = ("mode broadcast with env is refused: every node reads the broadcast "
+                      "subject, so the env values would reach nodes the job does not target; "
+                      "a job with env is sent to each node on its own subject (mode auto or "
+                      "direct)")
+            self.c.stats.reject("job_broadcast_env", reason)
+            raise BadRequest(reason)
         if spec.mode == "broadcast" and (spec.targets or (spec.batch and parse_count(
                 spec.batch, len(nodes), "batch") not in (None, len(nodes)))):
             raise BadRequest("mode broadcast sends one message to every node the selector "
@@ -329,6 +337,9 @@ class JobEngine:
 
     @staticmethod
     def _broadcast(spec: JobSpec, batches: list[list[NodeRecord]]) -> bool:
+        if spec.env:
+            # Env values may be secrets; the broadcast subject is read by every node.
+            return False
         if spec.mode != "auto":
             return spec.mode == "broadcast"
         return len(batches) == 1 and not spec.targets and len(batches[0]) > DIRECT_MAX

@@ -131,6 +131,23 @@ class CommandVerifier:
     def cached_ids(self) -> int:
         return len(self._seen)
 
+    def remember(self, entries: Iterable[tuple[str, float]]) -> int:
+        """Preload ids accepted before a restart (id, forget-after epoch seconds); expired
+        ones are skipped. Returns how many were taken, at most the cache size."""
+        now = self._clock()
+        taken = 0
+        for cid, until in entries:
+            if len(self._seen) >= self._cache_size:
+                break
+            if math.isfinite(until) and until >= now and cid not in self._seen:
+                self._seen[cid] = until
+                taken += 1
+        return taken
+
+    def forget_after(self, command_id: str) -> float | None:
+        """When the cache forgets an accepted id (epoch seconds), or None if not cached."""
+        return self._seen.get(command_id)
+
     def verify(self, signed: SignedCommand) -> Command:
         """Return the command if it may run; raise ``CommandRejected`` (or ProtocolError)."""
         keys = (

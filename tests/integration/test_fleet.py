@@ -24,6 +24,9 @@ from tests.fixtures.controller import AgentFactory, controller_config, wait_for
 
 
 def spawn_agent(controller: Controller, token: str, state_dir: Path, log: Path):
+    token_file = state_dir.parent / f"{state_dir.name}.token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
     log_f = open(log, "wb")
     try:
         return subprocess.Popen(
@@ -33,8 +36,8 @@ def spawn_agent(controller: Controller, token: str, state_dir: Path, log: Path):
                 "agent",
                 "--nats-url",
                 controller.agent_nats_url,
-                "--token",
-                token,
+                "--token-file",
+                str(token_file),
                 "--state-dir",
                 str(state_dir),
                 "--hostname",

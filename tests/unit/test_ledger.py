@@ -1,0 +1,40 @@
+"""SeenLog (issue 8 #7): what survives a restart, bounded, torn lines skipped, 0600."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent import ledger
+from agent.ledger import SeenLog
+
+
+def test_f07_seen_log_keeps_live_ids_across_reopen(tmp_path: Path):
+    now = [1000.0]
+    path = tmp_path / "seen"
+    log = SeenLog(path, clock=lambda: now[0])
+    assert log.load() == []
+    log.record("a", 1100.0)
+    log.record("b", 1010.0)
+    log.close()
+    with open(path, "ab") as f:
+        f.write(b'["torn", 12')  # power lost mid-write
+    now[0] = 1050.0
+    log = SeenLog(path, clock=lambda: now[0])
+    assert log.load() == [("a", 1100.0)]  # b expired, the torn line skipped
+    assert path.stat().st_mode & 0o777 == 0o600
+    log.close()
+
+
+def test_f07_seen_log_is_bounded_by_the_live_ids(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(ledger, "_COMPACT_SLACK", 10)
+    now = [0.0]
+    path = tmp_path / "seen"
+    log = SeenLog(path, clock=lambda: now[0])
+    log.load()
+    for i in range(200):
+        now[0] = float(i)
+        log.record(f"id{i}", i + 5.0)  # each id lives 5 s
+    lines = path.read_bytes().count(b"\n")
+    assert lines <= 2 * 6 + 10 + 1, lines  # twice the live ids plus the slack, not 200
+    log.close()
+    assert {cid for cid, _ in SeenLog(path, clock=lambda: now[0]).load()} >= {"id199", "id195"}
