@@ -28,6 +28,7 @@ from controller.jobs import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.natsd import CONTROLLER_INBOX, NatsServer, NodeAccess
+from controller.natsio import Flusher
 from controller.state import Table, open_bucket
 from controller.streams import ensure_stream, metrics_stream_config, per_node_batches
 from protocol import codec
@@ -124,6 +125,7 @@ class Controller:
         self._subs: list[Any] = []
         self._log_budget: dict[str, float] = {}
         self.ready = False
+        self._flusher = Flusher()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -240,7 +242,9 @@ class Controller:
         self._subs.append(await self.nc.subscribe(s.metrics_any, cb=self._on_metrics))
         self._subs.append(await self.nc.subscribe(s.events_any, cb=self._on_node_event))
         self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
-        await self.nc.flush()
+        # Confirms the subscriptions; a slow server must not fail the start (nor, through
+        # nats-py's flush-timeout bug, silently stop the connection from reading).
+        await self._flusher.flush(self.nc)
         self.ready = True
         log.info("controller ready (nats %s, data dir %s)", self.nats_url, cfg.data_dir)
 

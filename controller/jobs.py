@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from controller.errors import BadRequest, NotFound
 from controller.models import NodeRecord
+from controller.natsio import Flusher
 from controller.state import Table
 from protocol import codec
 from protocol.errors import ProtocolError
@@ -191,6 +192,7 @@ class JobEngine:
         self._recent: dict[str, list[NodeResult]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"replies": 0, "bad_replies": 0}
+        self._flusher = Flusher()
         self._result_encoder = msgspec.msgpack.Encoder()
         self._sub: Any = None
 
@@ -202,6 +204,7 @@ class JobEngine:
                                               pending_msgs_limit=1_000_000)
 
     async def stop(self) -> None:
+        self._flusher.close()
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
@@ -388,7 +391,7 @@ class JobEngine:
             for node in reachable:
                 await nc.publish(subjects.cmd_node(node.id),
                                  self._command(run, targets=[node.id], selector=""))
-        await nc.flush()
+        await self._flusher.flush(nc)
         try:
             await asyncio.wait_for(run.batch_done.wait(), spec.timeout + REPLY_GRACE)
         except TimeoutError:
@@ -477,8 +480,8 @@ class JobEngine:
                                         unexpected=unexpected)
         try:
             await self._persist(run)
-            if self.c.nc is not None and self.c.nc.is_connected:
-                await self.c.nc.flush()
+            if self.c.nc is not None:
+                await self._flusher.flush(self.c.nc)
             await self.jobs.put(final.id, final)
         except Exception as exc:
             log.error("job %s: result not saved: %s", final.id, exc)
