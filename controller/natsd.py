@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -460,7 +461,7 @@ class NatsServer:
             try:
                 # Servers of an older controller that took no lock: the store is ours now.
                 for pid in _servers_of(self.conf_path):
-                    self._stop_orphan(pid, lambda pid=pid: not _serves_conf(pid, self.conf_path))
+                    self._stop_orphan(pid, functools.partial(self._let_go, pid))
             except BaseException:
                 self._release()
                 raise
@@ -495,6 +496,9 @@ class NatsServer:
         except BaseException:
             os.close(fd)
             raise
+
+    def _let_go(self, pid: int) -> bool:
+        return not _serves_conf(pid, self.conf_path)
 
     def _stop_orphan(self, pid: int, gone: Callable[[], bool], controller_pid: int = 0) -> None:
         """SIGTERM, then SIGKILL after orphan_timeout, to a nats-server of this data dir
