@@ -3,7 +3,8 @@
 Used by the controller when no NATS URL is configured, and by the tests as the real
 server they run against. Processes are started and stopped by their own pid only. There is
 no HTTP monitoring listener: readiness and reload checks go over NATS, as a system-account
-user whose random password is only in the 0600 config file.
+user whose random password is only in the 0600 config file (anonymously, to JetStream's
+API, on a server without auth).
 """
 
 from __future__ import annotations
