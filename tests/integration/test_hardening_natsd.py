@@ -265,6 +265,8 @@ async def test_f02_second_controller_on_the_same_data_dir_refuses(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        for stray in set(servers_of(data_dir)) - {pid}:  # what a second controller started
+            os.kill(stray, signal.SIGKILL)
     assert proc.returncode != 0
     assert "in use by another barista controller" in err.decode()
     assert "--data-dir" in err.decode()
