@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -27,7 +25,7 @@ from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
-from controller.natsd import CONTROLLER_INBOX, NatsServer, NodeAccess
+from controller.natsd import CONTROLLER_INBOX, NatsServer, NatsSupervisor, NodeAccess
 from controller.natsio import Flusher
 from controller.state import Table, open_bucket
 from controller.streams import ensure_stream, metrics_stream_config, per_node_batches
@@ -72,27 +70,6 @@ class Stats:
         self.reject("bad_record", reason)
 
 
-def _remembered_port(path: Path) -> int:
-    """The embedded NATS port of the last run, if it is still free; else 0 (pick one)."""
-    try:
-        port = int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return 0
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # Like nats-server's own listener: connections of the last run in TIME_WAIT are fine.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            log.warning(
-                "embedded NATS port %d of the last run is taken; picking another "
-                "(agents configured with the old port must be updated)",
-                port,
-            )
-            return 0
-    return port
-
-
 class Controller:
     """Owns every background task; use as ``async with Controller(config) as c``."""
 
@@ -102,6 +79,7 @@ class Controller:
         self.stats = Stats()
         self.secrets: Secrets | None = None
         self.natsd: NatsServer | None = None
+        self.nats_supervisor: NatsSupervisor | None = None
         # Peer-facing connection (subscriptions, replies, commands) and the JetStream one.
         self.nc: NATS | None = None
         self.state_nc: NATS | None = None
@@ -158,17 +136,25 @@ class Controller:
         peer_creds: dict[str, str] = {}
         state_inbox: dict[str, bytes] = {}
         if not cfg.nats_url:
+            # Port 0: the port of the last run (agents hold that URL), else a free one.
             self.natsd = NatsServer(
                 data_dir=cfg.data_dir / "nats",
-                port=cfg.nats_port or _remembered_port(cfg.data_dir / "nats" / "port"),
+                port=cfg.nats_port,
                 controller_password=self.secrets.nats_password,
                 subjects=self.subjects,
                 max_payload=cfg.max_payload,
             )
             self.natsd.set_nodes(NatsAuth.load_cache(cfg.data_dir / "nats-nodes.json"))
-            await asyncio.to_thread(self.natsd.start)
-            # Agents hold this URL in their config: keep the same port across restarts.
-            (cfg.data_dir / "nats" / "port").write_text(str(self.natsd.port))
+            # Locks the store, stopping an orphan of a killed controller: may wait.
+            await asyncio.to_thread(self.natsd.prepare)
+            # Forked from the loop's thread: the server's parent-death signal follows the
+            # forking thread, and this one lives as long as the controller.
+            self.natsd.launch()
+            await asyncio.to_thread(self.natsd.wait_ready)
+            self.nats_supervisor = NatsSupervisor(self.natsd)
+            self._tasks.append(
+                asyncio.create_task(self.nats_supervisor.run(), name="natsd-supervisor")
+            )
             state_creds = self.natsd.controller_credentials()
             peer_creds = self.natsd.peer_credentials()
             if state_creds:
@@ -535,6 +521,7 @@ class Controller:
                 "embedded": self.natsd is not None,
                 "connected": bool(self.nc and self.nc.is_connected),
                 "state_connected": bool(self.state_nc and self.state_nc.is_connected),
+                **(self.nats_supervisor.status() if self.nats_supervisor else {}),
             },
             "nodes": self.fleet.counts() if self.fleet else {},
             "rejected": dict(self.stats.rejected),

@@ -46,6 +46,18 @@ class NatsServerError(ControllerError):
     code = "nats_server_error"
 
 
+class StoreInUse(NatsServerError):
+    """The embedded NATS store is locked by another live controller (``holder_pid``, 0 if
+    unknown): one nats-server per data dir, ever."""
+
+    code = "store_in_use"
+
+    def __init__(self, message: str, *, lock_path: str, holder_pid: int) -> None:
+        super().__init__(message, details={"lock": lock_path, "holder_pid": holder_pid})
+        self.lock_path = lock_path
+        self.holder_pid = holder_pid
+
+
 class BodyTooLarge(ControllerError):
     code = "payload_too_large"
     status = 413

@@ -1,29 +1,38 @@
-"""The embedded nats-server: config rendering, start with readiness wait, reload, stop.
+"""The embedded nats-server: config, one server per data dir (a lock), start, reload, restart.
 
 Used by the controller when no NATS URL is configured, and by the tests as the real
-server they run against. Processes are started and stopped by their own pid only.
+server they run against. Processes are started and stopped by their own pid only. There is
+no HTTP monitoring listener: readiness and reload checks go over NATS, as a system-account
+user whose random password is only in the 0600 config file (anonymously, to JetStream's
+API, on a server without auth).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import functools
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from controller.errors import NatsServerError
+from controller.errors import NatsServerError, StoreInUse
 from protocol.subjects import ENROLL_INBOX, Subjects
 
 log = logging.getLogger("barista.controller.natsd")
@@ -43,6 +52,10 @@ PEERS_USER = "controller-peers"
 # JetStream API answer), nor read it.
 CONTROLLER_INBOX = "_INBOX_controller"
 _PEERS_DENIED = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", f"{CONTROLLER_INBOX}.>"]
+# The system account answers $SYS.REQ.SERVER.<id>.HEALTHZ / .VARZ; only NatsServer itself
+# connects as its user (a random password per process, written only to the 0600 config).
+SYS_ACCOUNT = "SYS"
+SYS_USER = "barista-sys"
 
 
 def find_binary() -> str:
@@ -95,13 +108,190 @@ def node_permissions(subjects: Subjects, node_id: str) -> dict[str, object]:
     }
 
 
+
+# -- processes of this data dir ------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> list[str]:
+    """A process's argv ([] if it is gone or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _serves_conf(pid: int, conf: Path) -> bool:
+    """Whether ``pid`` is a nats-server running on the config file ``conf`` (checked before
+    any signal: a pid in a file may have been reused by an unrelated process)."""
+    argv = _cmdline(pid)
+    if len(argv) != 3 or Path(argv[0]).name != "nats-server" or argv[1] != "-c":
+        return False
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    # An older controller passed a path relative to its own working directory.
+    return os.path.realpath(os.path.join(cwd, argv[2])) == os.path.realpath(conf)
+
+
+def _servers_of(conf: Path) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and _serves_conf(int(entry.name), conf):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send the child SIGTERM when its parent dies, so a
+    controller killed with -9 takes its nats-server along. Linux only (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class _Probe:
+    """A minimal blocking NATS client for the checks readiness and reload need (the system
+    account's HEALTHZ and VARZ), from a plain thread and without an HTTP listener.
+    ``password`` None: an anonymous connection (a server without auth)."""
+
+    def __init__(self, host: str, port: int, password: str | None, timeout: float) -> None:
+        self._buf = b""
+        self._seq = 0
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            line = self._line()
+            if not line.startswith(b"INFO "):
+                raise NatsServerError(f"not a NATS server at {host}:{port}: {line[:80]!r}")
+            self.server_id: str = json.loads(line[5:])["server_id"]
+            self._inbox = f"_INBOX.{secrets.token_hex(8)}"
+            connect: dict[str, object] = {
+                "verbose": False, "pedantic": False, "protocol": 1, "headers": False,
+                "name": "barista-natsd-check",
+            }
+            if password is not None:
+                connect.update(user=SYS_USER, **{"pass": password})
+            self._send(
+                b"CONNECT " + json.dumps(connect).encode() + b"\r\n"
+                + f"SUB {self._inbox}.* 1\r\nPING\r\n".encode()
+            )
+            while (line := self._line()) != b"PONG":
+                self._check(line)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def __enter__(self) -> _Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def server_request(
+        self, endpoint: str, options: dict[str, object] | None = None
+    ) -> dict[str, Any]:
+        """The ``data`` of ``$SYS.REQ.SERVER.<id>.<endpoint>``'s reply (system account)."""
+        answer = self.request(f"$SYS.REQ.SERVER.{self.server_id}.{endpoint}", options)
+        if answer.get("error"):
+            raise NatsServerError(f"{endpoint}: {answer['error']}")
+        data: dict[str, Any] = answer.get("data") or {}
+        return data
+
+    def request(self, subject: str, options: dict[str, object] | None = None) -> dict[str, Any]:
+        """The JSON answer to a request on ``subject``."""
+        self._seq += 1
+        reply = f"{self._inbox}.{self._seq}"
+        body = json.dumps(options).encode() if options else b""
+        self._send(f"PUB {subject} {reply} {len(body)}\r\n".encode() + body + b"\r\n")
+        while True:
+            line = self._line()
+            if not line.startswith(b"MSG "):
+                self._check(line)
+                continue
+            parts = line.split()
+            payload = self._exactly(int(parts[-1]) + 2)[:-2]
+            if parts[1].decode() != reply:
+                continue  # a late answer to an earlier request
+            answer: dict[str, Any] = json.loads(payload)
+            return answer
+
+    def _check(self, line: bytes) -> None:
+        if line == b"PING":
+            self._send(b"PONG\r\n")
+        elif line.startswith(b"-ERR"):
+            raise NatsServerError(f"system account connection refused: {line.decode()}")
+        # +OK, PONG, INFO updates: nothing to do
+
+    def _send(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise NatsServerError("nats-server closed the system account connection")
+        self._buf += chunk
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            if len(self._buf) > 1 << 20:
+                raise NatsServerError("nats-server sent an over-long protocol line")
+            self._fill()
+        line, self._buf = self._buf[:end], self._buf[end + 2 :]
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._fill()
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+
 @dataclass
 class NatsServer:
-    """One nats-server process with JetStream, listening on loopback."""
+    """One nats-server process with JetStream, listening on loopback; at most one per data
+    dir (a lock file the controller holds and the server inherits, so that it is held while
+    either lives)."""
 
     data_dir: Path
     port: int = 0
-    http_port: int = 0
     host: str = "127.0.0.1"
     auth: bool = True
     subjects: Subjects = field(default_factory=Subjects)
@@ -109,8 +299,19 @@ class NatsServer:
     max_payload: int = 1024 * 1024
     jetstream_max_file: str = "4G"
     name: str = "barista"
+    # How long an orphaned server of this data dir gets to exit on SIGTERM before SIGKILL.
+    orphan_timeout: float = 10.0
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    orphans_stopped: int = field(default=0, init=False)
+    sys_password: str = field(
+        default_factory=lambda: secrets.token_urlsafe(32), init=False, repr=False
+    )
     _nodes: dict[str, NodeAccess] = field(default_factory=dict, init=False)
+    _lock_fd: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        # Absolute: the server's command line names the config, and orphans are found by it.
+        self.data_dir = Path(self.data_dir).resolve()
 
     @property
     def url(self) -> str:
@@ -125,8 +326,24 @@ class NatsServer:
         return self.data_dir / "nats-server.log"
 
     @property
+    def lock_path(self) -> Path:
+        return self.data_dir / "nats.lock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "nats-server.pid"
+
+    @property
+    def port_path(self) -> Path:
+        return self.data_dir / "port"
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def controller_credentials(self) -> dict[str, str]:
         """The controller's JetStream user: state and streams, never answers peers."""
@@ -158,7 +375,6 @@ class NatsServer:
             "server_name": self.name,
             "host": self.host,
             "port": self.port,
-            "http": f"{self.host}:{self.http_port}",
             "max_payload": self.max_payload,
             "jetstream": {"store_dir": str(js_dir), "max_file_store": self.jetstream_max_file},
         }
@@ -191,27 +407,160 @@ class NatsServer:
                     }
                 )
             conf["authorization"] = {"users": users}
+            # Only with auth: a system-account user would make the server check the
+            # credentials every client sends (agents always send the enroll user's).
+            conf.update(self._system_account())
         # nats-server's config format accepts JSON. msgspec: ~10x json.dumps, which matters
         # with thousands of nodes (a reload per enrollment batch).
         return msgspec.json.format(msgspec.json.encode(conf), indent=2).decode()
 
+    def _system_account(self) -> dict[str, object]:
+        """The system account and its one user, apart from the global account where every
+        other user lives and JetStream is enabled: server state (connz, varz, ...) is
+        reachable only through this account, and no longer over HTTP."""
+        return {
+            "accounts": {
+                SYS_ACCOUNT: {"users": [{"user": SYS_USER, "password": self.sys_password}]}
+            },
+            "system_account": SYS_ACCOUNT,
+        }
+
     def write_config(self, text: str | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.conf_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.render_config() if text is None else text)
-        os.replace(tmp, self.conf_path)
+        # A temp file of its own: a restart and a reload may write the config at once.
+        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".nats-server.conf.")  # 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.render_config() if text is None else text)
+            os.replace(tmp, self.conf_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------
 
     def start(self, timeout: float = 20.0) -> None:
-        if self.proc is not None:
-            raise NatsServerError("nats-server already started")
-        if self.port == 0:
-            self.port = free_port(self.host)
-        if self.http_port == 0:
-            self.http_port = free_port(self.host)
+        """prepare(), launch() and wait_ready() in one, for callers without an event loop."""
+        self.prepare()
+        self.launch()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def prepare(self) -> None:
+        """Take the store's lock and choose the port. An orphaned nats-server of this data
+        dir (its controller is gone) is stopped first; a live controller holding the lock is
+        a StoreInUse error. Blocking (up to orphan_timeout and then some): run in a thread."""
         if self.auth and not self.controller_password:
             raise NatsServerError("controller_password is required when auth is on")
+        if self._lock_fd is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = self._take_lock()
+            try:
+                # Servers of an older controller that took no lock: the store is ours now.
+                for pid in _servers_of(self.conf_path):
+                    self._stop_orphan(pid, functools.partial(self._let_go, pid))
+            except BaseException:
+                self._release()
+                raise
+        if self.port == 0:
+            self.port = self._remembered_port() or free_port(self.host)
+
+    def _take_lock(self) -> int:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if _try_lock(fd):
+                return fd
+            holder = self._read_pid_file()
+            server_pid = int(holder.get("server_pid", 0))
+            controller_pid = int(holder.get("controller_pid", 0))
+            if server_pid and _serves_conf(server_pid, self.conf_path):
+                if _ppid(server_pid) != controller_pid:
+                    # Reparented, so its controller is gone: an orphan of a killed controller.
+                    self._stop_orphan(server_pid, lambda: _try_lock(fd), controller_pid)
+                    return fd
+                raise StoreInUse(
+                    f"the NATS store {self.data_dir} is in use by another barista controller "
+                    f"(pid {controller_pid}, its nats-server pid {server_pid}); stop that "
+                    "controller first, or give this one another --data-dir",
+                    lock_path=str(self.lock_path), holder_pid=controller_pid,
+                )
+            raise StoreInUse(
+                f"the NATS store {self.data_dir} is locked by another process (probably a "
+                f"barista controller starting up); `fuser {self.lock_path}` shows which. Stop "
+                "it first, or give this controller another --data-dir",
+                lock_path=str(self.lock_path), holder_pid=0,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _let_go(self, pid: int) -> bool:
+        return not _serves_conf(pid, self.conf_path)
+
+    def _stop_orphan(self, pid: int, gone: Callable[[], bool], controller_pid: int = 0) -> None:
+        """SIGTERM, then SIGKILL after orphan_timeout, to a nats-server of this data dir
+        that no live controller owns; returns once ``gone()`` says it has let go."""
+        log.warning(
+            "stopping orphaned nats-server pid %d of %s (its controller%s is gone)",
+            pid, self.data_dir, f", pid {controller_pid}," if controller_pid else "",
+        )
+        for sig, wait in ((signal.SIGTERM, self.orphan_timeout), (signal.SIGKILL, 5.0)):
+            if not _serves_conf(pid, self.conf_path):
+                break  # exited (or a zombie) on its own
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if gone():
+                    self.orphans_stopped += 1
+                    return
+                time.sleep(0.05)
+        if gone():
+            self.orphans_stopped += 1
+            return
+        raise NatsServerError(
+            f"orphaned nats-server pid {pid} of {self.data_dir} did not exit after SIGKILL"
+        )
+
+    def _read_pid_file(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.pid_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _remembered_port(self) -> int:
+        """The port of the last run, if it is still free (agents hold this URL); else 0."""
+        try:
+            port = int(self.port_path.read_text().strip())
+        except (OSError, ValueError):
+            return 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # Like nats-server's own listener: connections of the last run in TIME_WAIT are fine.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.host, port))
+            except OSError:
+                log.warning(
+                    "embedded NATS port %d of the last run is taken by another program; picking"
+                    " another (agents configured with the old port must be updated)", port,
+                )
+                return 0
+        return port
+
+    def launch(self) -> None:
+        """Start the process; quick, no waiting (see wait_ready). The server gets SIGTERM
+        when the *thread* calling this exits (the parent-death signal follows the forking
+        thread): call it from a thread that lives as long as the controller, such as the
+        event loop's, never from a worker thread."""
+        if self._lock_fd is None:
+            raise NatsServerError("nats-server store is not locked: call prepare() first")
+        if self.running:
+            raise NatsServerError("nats-server already started")
         self.write_config()
         log_f = open(self.log_path, "ab")
         try:
@@ -221,49 +570,53 @@ class NatsServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                # The server holds the store lock too: the next controller finds it locked
+                # while an orphaned server lives on.
+                pass_fds=(self._lock_fd,),
+                preexec_fn=_die_with_parent(),
             )
         finally:
             log_f.close()
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        log.info("nats-server ready at %s (pid %s, log %s)", self.url, self.pid, self.log_path)
+        pid_info = {"server_pid": self.proc.pid, "controller_pid": os.getpid(), "port": self.port}
+        self._write_atomic(self.pid_path, json.dumps(pid_info))
 
-    def _monitor(self, path: str) -> dict[str, object]:
-        url = f"http://{self.host}:{self.http_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                data: dict[str, object] = json.loads(resp.read())
-                return data
-        except urllib.error.HTTPError as exc:
-            # An HTTPError holds the response and its socket: close it here, or whoever
-            # keeps the error (a retry loop's last_err) leaks the socket until GC.
-            with exc:
-                body = exc.read(300).decode(errors="replace").strip()
-            raise NatsServerError(f"{path}: HTTP {exc.code}: {body}") from None
-
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Block until the server answers a JetStream health check (blocking: a thread)."""
+        proc = self.proc
         deadline = time.monotonic() + timeout
         last_err: Exception | None = None
         while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
+            if proc is None or proc.poll() is not None:
+                code = "none" if proc is None else proc.returncode
                 raise NatsServerError(
-                    f"nats-server exited with code {self.proc.returncode}; "
+                    f"nats-server exited with code {code}; "
                     f"see {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                health = self._monitor("/healthz?js-enabled-only=true")
-                if health.get("status") == "ok":
-                    return
-            except Exception as exc:
+                with self._probe() as probe:
+                    if self._healthy(probe):
+                        break
+            except (OSError, NatsServerError, ValueError, KeyError) as exc:
                 last_err = exc
             time.sleep(0.05)
-        raise NatsServerError(
-            f"nats-server not ready after {timeout}s ({last_err}); see {self.log_path}"
-        )
+        else:
+            raise NatsServerError(
+                f"nats-server not ready after {timeout}s ({last_err}); see {self.log_path}"
+            )
+        # Agents hold this URL in their config: keep the same port across restarts.
+        self._write_atomic(self.port_path, str(self.port))
+        log.info("nats-server ready at %s (pid %s, log %s)", self.url, proc.pid, self.log_path)
+
+    def _probe(self, timeout: float = 2.0) -> _Probe:
+        return _Probe(self.host, self.port, self.sys_password if self.auth else None, timeout)
+
+    def _healthy(self, probe: _Probe) -> bool:
+        if self.auth:
+            health = probe.server_request("HEALTHZ", {"js-enabled-only": True})
+            return health.get("status") == "ok"
+        # No auth, so no system account (see render_config): JetStream answering in the
+        # global account is the readiness there.
+        return "error" not in probe.request("$JS.API.INFO")
 
     def reload(self, timeout: float = 10.0, *, config_text: str | None = None) -> None:
         """Rewrite the config and have the server load it; returns once it has.
@@ -271,16 +624,20 @@ class NatsServer:
         ``config_text``: a config rendered beforehand, so that a caller running this in a
         thread renders from a consistent snapshot of the node list.
         """
-        if self.proc is None or self.proc.poll() is not None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
             raise NatsServerError("nats-server is not running")
-        before = self._monitor("/varz").get("config_load_time")
-        self.write_config(config_text)
-        os.kill(self.proc.pid, signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._monitor("/varz").get("config_load_time") != before:
-                return
-            time.sleep(0.02)
+        if not self.auth:
+            raise NatsServerError("a nats-server without auth has no users to reload")
+        with self._probe() as sysc:
+            before = sysc.server_request("VARZ").get("config_load_time")
+            self.write_config(config_text)
+            proc.send_signal(signal.SIGHUP)  # a no-op if it has died (and been reaped)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if sysc.server_request("VARZ").get("config_load_time") != before:
+                    return
+                time.sleep(0.02)
         raise NatsServerError(f"nats-server did not reload its config within {timeout}s")
 
     def log_tail(self, lines: int = 20) -> str:
@@ -290,16 +647,35 @@ class NatsServer:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server and let go of the store (its lock and pid file)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.info("nats-server (pid %s) stopped", proc.pid)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+                log.info("nats-server (pid %s) stopped", proc.pid)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        # Only the lock's holder touches the pid file: a refused second controller must not.
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.pid_path.unlink()
+        fd, self._lock_fd = self._lock_fd, None
+        os.close(fd)
+
+    def _write_atomic(self, path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
 
     def __enter__(self) -> NatsServer:
         self.start()
@@ -307,3 +683,83 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NatsSupervisor:
+    """Restarts the embedded nats-server when it dies: same port, same store and config.
+
+    Backoff between restarts: ``first_delay`` doubling up to ``max_delay``, back to
+    ``first_delay`` once the server has stayed up ``stable_after`` seconds. Each death is a
+    warning with the tail of the server's log.
+    """
+
+    def __init__(
+        self,
+        server: NatsServer,
+        *,
+        first_delay: float = 0.5,
+        max_delay: float = 30.0,
+        stable_after: float = 60.0,
+        poll_interval: float = 0.2,
+        ready_timeout: float = 20.0,
+    ) -> None:
+        self._server = server
+        self._first = first_delay
+        self._max = max_delay
+        self._stable_after = stable_after
+        self._poll = poll_interval
+        self._ready_timeout = ready_timeout
+        self.restarts = 0
+        self.last_exit = ""
+
+    def status(self) -> dict[str, object]:
+        return {
+            "server_pid": self._server.pid,
+            "running": self._server.running,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "orphans_stopped": self._server.orphans_stopped,
+        }
+
+    async def run(self) -> None:
+        server = self._server
+        delay = self._first
+        up_since = time.monotonic()
+        while True:
+            await asyncio.sleep(self._poll)
+            proc = server.proc
+            if proc is None:
+                continue  # stopped on purpose
+            code = proc.poll()
+            if code is None:
+                if time.monotonic() - up_since >= self._stable_after:
+                    delay = self._first
+                continue
+            self.last_exit = _describe_exit(code)
+            log.warning(
+                "embedded nats-server (pid %d, port %d) %s; restarting it in %.1fs. "
+                "Last lines of %s:\n%s",
+                proc.pid, server.port, self.last_exit, delay, server.log_path, server.log_tail(),
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max)
+            if server.proc is not proc:
+                continue  # stopped or replaced meanwhile
+            try:
+                server.launch()  # on the loop's thread, see launch()
+            except (OSError, NatsServerError) as exc:
+                log.warning("could not restart the embedded nats-server: %s", exc)
+                continue
+            self.restarts += 1
+            up_since = time.monotonic()
+            try:
+                await asyncio.to_thread(server.wait_ready, self._ready_timeout)
+            except NatsServerError as exc:
+                # Still starting (a large store takes a while) or dead again: the next
+                # rounds of this loop tell which.
+                log.warning("restarted nats-server is not ready yet: %s", exc)
+                continue
+            log.warning(
+                "embedded nats-server restarted at %s (pid %s, restart %d)",
+                server.url, server.pid, self.restarts,
+            )

@@ -103,7 +103,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     c = _controller(request)
-    ok = c.ready and c.nc is not None and c.nc.is_connected
+    # Both connections: after an embedded nats-server restart each reconnects on its own.
+    ok = (c.ready and c.nc is not None and c.nc.is_connected
+          and (c.state_nc is None or c.state_nc.is_connected))
     return web.json_response({"ready": ok}, status=200 if ok else 503)
 
 
