@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.app import Controller
 from controller.config import ControllerConfig
-from controller.natsd import free_port
+from controller.nats.server import free_port
+from controller.service import Controller
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

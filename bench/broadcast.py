@@ -150,9 +150,9 @@ def stop(proc: subprocess.Popen[str]) -> None:
 async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, object]:
     import nats
 
-    from controller.app import Controller
     from controller.config import ControllerConfig
-    from controller.jobs import JobSpec
+    from controller.jobs.engine import JobSpec
+    from controller.service import Controller
 
     cfg = ControllerConfig(data_dir=base / "controller", api_port=0, stale_after=600.0,
                            offline_after=1200.0)

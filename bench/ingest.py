@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import InfluxV1Sink, InfluxV2Sink, Sink
 from controller.ingest.worker import IngestWorker, ensure_metrics_stream
-from controller.natsd import NatsServer
+from controller.nats.server import NatsServer
 from protocol.codec import encode
 from protocol.messages import MetricBatch, MetricPoint
 from protocol.subjects import Subjects

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from controller.auth import NatsAuth
 from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
 from controller.models import NodeRecord, TokenRecord
-from controller.natsd import NodeAccess
-from controller.state import Table
+from controller.nats.admission import NatsAuth
+from controller.nats.server import NodeAccess
+from controller.state.table import Table
 from protocol.errors import BadIdentityProof, SelectorError
 from protocol.messages import EnrollReply, EnrollRequest
 from protocol.selectors import parse_labels

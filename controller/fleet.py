@@ -12,7 +12,7 @@ import msgspec
 
 from controller.errors import BadRecord, Conflict, NotFound
 from controller.models import NodeRecord, NodeStatus
-from controller.state import Table
+from controller.state.table import Table
 from protocol.messages import Heartbeat
 from protocol.selectors import Selector
 

@@ -22,7 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from controller.ingest.errors import SinkError
 from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import Sink
-from controller.streams import ensure_stream, metrics_stream_config
+from controller.state.streams import ensure_stream, metrics_stream_config
 from protocol.codec import METRIC_BATCH_MAX, decode
 from protocol.errors import ProtocolError
 from protocol.messages import MetricBatch

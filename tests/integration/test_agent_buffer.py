@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.runtime import Agent
-from controller.app import Controller
+from controller.service import Controller
 from protocol import codec
 from protocol.messages import Event, MetricBatch
 from tests.fixtures.controller import controller_config, wait_for

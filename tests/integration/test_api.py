@@ -7,7 +7,7 @@ import json
 
 import aiohttp
 
-from controller.app import Controller
+from controller.service import Controller
 from tests.fixtures.controller import AgentFactory, run_cli
 
 

@@ -12,9 +12,9 @@ import aiohttp
 from click.testing import CliRunner
 
 from agent.runtime import Agent
-from controller.app import Controller
-from controller.cli import main as cli_main
-from controller.deploy import Deployer, parse_spec
+from controller.apps.deployer import Deployer, parse_spec
+from controller.cli.main import main as cli_main
+from controller.service import Controller
 from tests.fixtures.controller import AgentFactory, wait_for
 
 APP = "web"

@@ -14,7 +14,7 @@ import pytest
 
 from agent.identity import EnrollState
 from agent.runtime import Agent, EnrollmentError
-from controller.app import Controller
+from controller.service import Controller
 from protocol import codec
 from protocol.messages import EnrollReply, Heartbeat
 from tests.fixtures.controller import AgentFactory, wait_for

@@ -15,8 +15,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.runtime import Agent
-from controller.app import Controller
-from controller.natsd import ENROLL_PASSWORD, ENROLL_USER
+from controller.nats.server import ENROLL_PASSWORD, ENROLL_USER
+from controller.service import Controller
 from protocol import codec
 from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch
 from protocol.subjects import ENROLL_INBOX

@@ -24,10 +24,10 @@ import pytest
 from agent.config import AgentConfig
 from agent.identity import EnrollState
 from agent.runtime import Agent
-from controller.app import Controller
 from controller.errors import BadRequest
-from controller.jobs import JobSpec
-from controller.natsd import NatsServer
+from controller.jobs.engine import JobSpec
+from controller.nats.server import NatsServer
+from controller.service import Controller
 from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
@@ -134,7 +134,7 @@ async def test_f06_env_never_reaches_nodes_a_job_does_not_target(
     """A role=a node reading the broadcast subject with its own nkey never sees the env of
     a job for role=b: auto mode sends it per node even above DIRECT_MAX nodes, and an
     explicit broadcast with env is refused, saying why."""
-    from controller.jobs import DIRECT_MAX
+    from controller.jobs.engine import DIRECT_MAX
 
     node_a = await agents.start(labels={"role": "a"})
     role_b = [await agents.start(labels={"role": "b"}) for _ in range(DIRECT_MAX + 1)]

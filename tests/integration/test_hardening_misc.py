@@ -23,9 +23,9 @@ from nats.aio.client import Client as NATS
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
 from agent.runtime import Agent
-from controller.app import Controller
 from controller.models import NodeRecord
-from controller.natsd import NatsServer
+from controller.nats.server import NatsServer
+from controller.service import Controller
 from protocol import codec
 from protocol.messages import Event, Heartbeat
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli, wait_for
@@ -227,7 +227,7 @@ async def test_f09_existing_metrics_stream_gets_the_bounds(
 
 
 def controller_status_cap(cfg: Any) -> int:
-    from controller.streams import per_node_batches
+    from controller.state.streams import per_node_batches
 
     return per_node_batches(max_age=cfg.metrics_max_age, max_bytes=cfg.metrics_max_bytes,
                             max_batch=cfg.metrics_max_batch, interval=cfg.metrics_interval)
@@ -297,7 +297,7 @@ async def test_f12_nan_heartbeat_is_rejected_and_does_not_keep_a_node_alive(
 async def test_f13_job_events_only_from_targeted_nodes(
     controller: Controller, agents: AgentFactory
 ) -> None:
-    from controller.jobs import JobSpec
+    from controller.jobs.engine import JobSpec
 
     assert controller.jobs is not None
     a = await agents.start(labels={"role": "a"})

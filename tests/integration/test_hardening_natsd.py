@@ -28,10 +28,10 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.runtime import Agent
-from controller.app import Controller
 from controller.errors import NatsServerError
 from controller.models import NodeRecord
-from controller.natsd import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
+from controller.nats.server import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
+from controller.service import Controller
 from tests.fixtures.controller import AgentFactory, controller_config, wait_for
 
 FAST_ENV = {

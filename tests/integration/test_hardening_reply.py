@@ -24,9 +24,9 @@ from nats.aio.client import Client as NATS
 
 from agent.identity import Identity
 from agent.runtime import Agent
-from controller.app import Controller
-from controller.deploy import parse_spec
-from controller.jobs import JobSpec
+from controller.apps.deployer import parse_spec
+from controller.jobs.engine import JobSpec
+from controller.service import Controller
 from protocol import codec
 from protocol.messages import AppSyncRequest, EnrollReply, EnrollRequest
 from tests.fixtures.controller import AgentFactory, wait_for
@@ -194,7 +194,7 @@ async def test_f01_peer_facing_controller_user_cannot_reach_jetstream(
         await controller.nc.request("$JS.API.STREAM.PURGE.KV_nodes", b"{}", timeout=1)
     _assert_intact(before, await _stream_counts(controller))
 
-    from controller.natsd import PEERS_USER
+    from controller.nats.server import PEERS_USER
 
     assert controller.natsd is not None
     creds = controller.natsd.peer_credentials()

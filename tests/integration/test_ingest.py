@@ -23,7 +23,7 @@ from controller.ingest.sinks import (
     make_sink,
 )
 from controller.ingest.worker import IngestWorker, ensure_metrics_stream
-from controller.natsd import NatsServer
+from controller.nats.server import NatsServer
 from protocol.codec import encode
 from protocol.messages import Heartbeat, MetricBatch, MetricPoint
 from protocol.subjects import Subjects
@@ -306,7 +306,7 @@ async def test_ensure_metrics_stream_is_idempotent(js: JetStreamContext) -> None
 
 
 async def test_unreachable_sink_is_retryable() -> None:
-    from controller.natsd import free_port
+    from controller.nats.server import free_port
 
     sink = InfluxV1Sink(f"http://127.0.0.1:{free_port()}", DB, user="u", password="s3cret")
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent.runtime import Agent
-from controller.app import Controller
+from controller.service import Controller
 from tests.fixtures.controller import AgentFactory, controller_config, wait_for
 from tests.fixtures.influx import InfluxDB1
 
@@ -208,7 +208,7 @@ async def test_barista_ingest_as_its_own_process(tmp_path: Path, influxdb1: Infl
 def test_barista_ingest_needs_a_sink_and_nats():
     from click.testing import CliRunner
 
-    from controller.cli import main
+    from controller.cli.main import main
 
     result = CliRunner().invoke(main, ["ingest", "--nats-url", "nats://127.0.0.1:1"],
                                 env={"BARISTA_INFLUX_KIND": None, "BARISTA_INFLUX_URL": None})

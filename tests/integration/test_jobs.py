@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from agent.runtime import Agent
-from controller.app import Controller
-from controller.jobs import JobSpec
+from controller.jobs.engine import JobSpec
+from controller.service import Controller
 from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from agent.identity import Identity
-from controller.app import Controller
+from controller.service import Controller
 from protocol.messages import EnrollReply
 from tests.fixtures.controller import AgentFactory, run_cli
 from tests.fixtures.enroll import enroll_raw, signed_request
@@ -171,7 +171,7 @@ async def test_top_once_json_subprocess(api, agents: AgentFactory, tmp_path: Pat
 
 def test_top_net_rate_from_two_batches():
     """Rates come from the difference of cumulative counters, summed over interfaces."""
-    from controller.cli_metrics import NodeRow, apply_batch
+    from controller.cli.metrics import NodeRow, apply_batch
 
     def batch(ts_s: float, rx: tuple[int, int], tx: tuple[int, int]) -> dict[str, Any]:
         return {"ts": int(ts_s * 1e9), "points": [

@@ -20,7 +20,7 @@ import nkeys
 import pytest
 from nats.aio.client import Client as NATS
 
-from controller.natsd import NatsServer, NodeAccess
+from controller.nats.server import NatsServer, NodeAccess
 
 
 def identity(tmp_path: Path, name: str) -> tuple[str, str]:

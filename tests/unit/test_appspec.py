@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from controller.deploy import parse_spec
+from controller.apps.deployer import parse_spec
 from controller.errors import BadRequest
 
 SHA = "0f" * 32

@@ -12,7 +12,7 @@ import pytest
 from agent.runtime import fit_batch
 from controller.errors import BadRequest
 from controller.jsontext import loads
-from controller.streams import NODE_SHARE, metrics_stream_config, per_node_batches
+from controller.state.streams import NODE_SHARE, metrics_stream_config, per_node_batches
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (

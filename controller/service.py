@@ -15,20 +15,20 @@ from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
-from controller.auth import NatsAuth
+from controller.apps.deployer import Deployer
 from controller.config import ControllerConfig, Secrets
-from controller.deploy import Deployer
 from controller.enroll import Enrollment, TokenService
 from controller.errors import BadRecord
 from controller.fleet import Fleet
 from controller.ingest.service import IngestService, sink_config_of
-from controller.jobs import JobEngine, JobRecord
+from controller.jobs.engine import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
-from controller.natsd import CONTROLLER_INBOX, NatsServer, NatsSupervisor, NodeAccess
-from controller.natsio import Flusher
-from controller.state import Table, open_bucket
-from controller.streams import ensure_stream, metrics_stream_config, per_node_batches
+from controller.nats.admission import NatsAuth
+from controller.nats.client import Flusher
+from controller.nats.server import CONTROLLER_INBOX, NatsServer, NatsSupervisor, NodeAccess
+from controller.state.streams import ensure_stream, metrics_stream_config, per_node_batches
+from controller.state.table import Table, open_bucket
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (

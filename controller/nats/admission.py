@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from controller.natsd import NatsServer, NodeAccess
+from controller.nats.server import NatsServer, NodeAccess
 
 log = logging.getLogger("barista.controller.auth")
 

@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table as RichTable
 
-from controller.app import Controller
+from controller.cli.serve import running_controller
 from controller.config import ControllerConfig
-from controller.serve import running_controller
+from controller.service import Controller
 from protocol.messages import MetricBatch
 
 DEMO_NODES: tuple[dict[str, str], ...] = (
@@ -279,7 +279,7 @@ async def _watch(
 
 async def _showcase(c: Controller, console: Console) -> None:
     """What the fleet is for: one signed broadcast to every node, every answer back."""
-    from controller.jobs import JobSpec
+    from controller.jobs.engine import JobSpec
 
     assert c.jobs is not None
     try:
@@ -313,7 +313,7 @@ async def _deploy_app(c: Controller, console: Console) -> None:
     """A small app as desired state: artifact with sha256, steps, health gate, batches."""
     import hashlib
 
-    from controller.deploy import parse_spec
+    from controller.apps.deployer import parse_spec
 
     deployer = c.deployer
     assert deployer is not None

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from controller.cli_common import call, client, emit_json
-from controller.client import ApiClient
+from controller.cli.client import ApiClient
+from controller.cli.common import call, client, emit_json
 
 POLL_INTERVAL = 0.5
 FINAL = ("done", "failed", "rolled-back")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from controller.client import ApiClient, ApiError
+from controller.cli.client import ApiClient, ApiError
 
 
 def client() -> ApiClient:

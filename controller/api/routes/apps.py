@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from controller.api.server import CONTROLLER, read_body
-from controller.deploy import AppRecord, Deployer, parse_spec
+from controller.api.app import CONTROLLER, read_body
+from controller.apps.deployer import AppRecord, Deployer, parse_spec
 from controller.errors import ControllerError
 
 

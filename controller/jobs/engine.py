@@ -22,8 +22,8 @@ from nats.aio.msg import Msg
 
 from controller.errors import BadRequest, NotFound
 from controller.models import NodeRecord
-from controller.natsio import Flusher
-from controller.state import Table
+from controller.nats.client import Flusher
+from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import Command, CommandResult, Event

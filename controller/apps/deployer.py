@@ -20,9 +20,9 @@ from nats.aio.msg import Msg
 
 from controller import jsontext
 from controller.errors import BadRequest, Conflict, NotFound
-from controller.jobs import MAX_TIMEOUT, JobSpec, parse_count
+from controller.jobs.engine import MAX_TIMEOUT, JobSpec, parse_count
 from controller.models import NodeRecord
-from controller.state import Table, open_bucket
+from controller.state.table import Table, open_bucket
 from protocol import codec
 from protocol.errors import ProtocolError, SelectorError
 from protocol.messages import (

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from controller.client import ApiClient, ApiError
+from controller.cli.client import ApiClient, ApiError
 
 log = logging.getLogger("barista.cli.metrics")
 

@@ -13,9 +13,9 @@ import msgspec
 from aiohttp import web
 
 from controller import jsontext
-from controller.app import Controller
 from controller.errors import BadRequest, BodyTooLarge, ControllerError, NotFound
-from controller.jobs import JobSpec
+from controller.jobs.engine import JobSpec
+from controller.service import Controller
 from protocol.errors import BaristaError, SelectorError
 from protocol.selectors import Selector, parse_labels
 
@@ -304,7 +304,7 @@ def make_app(controller: Controller, api_token: str) -> web.Application:
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_get("/v1/jobs/{id}/events", job_events)
-    from controller.api.apps import add_app_routes  # imports this module: import here
+    from controller.api.routes.apps import add_app_routes  # imports this module: import here
 
     add_app_routes(app)
     return app

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from controller.api.server import ApiServer
-from controller.app import Controller
+from controller.api.app import ApiServer
 from controller.config import ControllerConfig, default_client_config_path, write_client_config
+from controller.service import Controller
 
 log = logging.getLogger("barista.controller")
 

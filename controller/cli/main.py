@@ -15,10 +15,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli_apps import app_group
-from controller.cli_common import call, client, emit_json
-from controller.cli_metrics import influx_options, ingest, top
-from controller.client import ApiClient, ApiError
+from controller.cli.apps import app_group
+from controller.cli.client import ApiClient, ApiError
+from controller.cli.common import call, client, emit_json
+from controller.cli.metrics import influx_options, ingest, top
 
 console = Console()
 err_console = Console(stderr=True)
@@ -92,9 +92,9 @@ def server(
     influx: dict[str, Any],
 ) -> None:
     """Run the controller (embedded NATS unless --nats-url is given)."""
+    from controller.cli.serve import serve_forever
     from controller.config import ControllerConfig
     from controller.errors import ControllerError
-    from controller.serve import serve_forever
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
@@ -462,7 +462,7 @@ def demo(
     duration: str | None, agents: int, data_dir: Path | None, keep: bool, output: str
 ) -> None:
     """Controller + embedded NATS + local agents labelled as three clouds, live."""
-    from controller.demo import demo_main
+    from controller.cli.demo import demo_main
 
     seconds = parse_duration(duration) if duration else None
     sys.exit(demo_main(seconds, data_dir, agents, output, keep=keep))

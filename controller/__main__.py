@@ -1,0 +1,5 @@
+"""`python -m controller`: the barista command line."""
+
+from controller.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""App deploys: desired state, health-gated rollouts, rollback."""

@@ -1,0 +1,5 @@
+"""`python -m controller.cli`: the barista command line."""
+
+from controller.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Fleet commands: signed scatter-gather jobs and their history."""

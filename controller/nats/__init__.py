@@ -1,0 +1,1 @@
+"""NATS for the controller: the embedded server, permissions, node admission."""

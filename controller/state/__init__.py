@@ -1,0 +1,1 @@
+"""Durable state in JetStream: typed KV tables and every stream and bucket."""
