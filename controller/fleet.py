@@ -80,6 +80,11 @@ class Fleet:
             }
         return out
 
+    def last_beat(self, node_id: str) -> float | None:
+        """When this controller last received a heartbeat of the node (None: not yet)."""
+        live = self._live.get(node_id)
+        return live.last_seen if live is not None else None
+
     def last_seen(self, node_id: str) -> float:
         live = self._live.get(node_id)
         node = self.nodes.get(node_id)

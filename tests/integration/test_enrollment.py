@@ -35,7 +35,7 @@ async def test_agent_enrolls_with_valid_token(controller: Controller, agents: Ag
     saved = EnrollState.load(agent.config.state_dir / "state.json")
     assert saved is not None and saved.node_id == agent.node_id and saved.auth == "nkey"
     # it reconnected with its own nkey: heartbeats arrive
-    await wait_for(lambda: controller.fleet._live.get(agent.node_id), what="a heartbeat")
+    await wait_for(lambda: controller.fleet.last_beat(agent.node_id) is not None, what="a heartbeat")
     (token,) = list(controller.tokens_table)
     assert token.used_by == agent.node_id
     # only a hash of the token's secret is stored

@@ -68,7 +68,7 @@ async def test_killed_agent_goes_stale_then_offline(controller: Controller, tmp_
         node = await wait_for(
             lambda: next(iter(controller.fleet.select()), None), 20, "the agent to enroll"
         )
-        await wait_for(lambda: controller.fleet._live.get(node.id), 10, "a heartbeat")
+        await wait_for(lambda: controller.fleet.last_beat(node.id) is not None, 10, "a heartbeat")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         await wait_for(lambda: controller.fleet.get(node.id).status == "stale", 10, "stale")
@@ -216,7 +216,7 @@ async def test_restarted_controller_still_knows_its_nodes(tmp_path: Path):
             node = c2.fleet.get(node_id)
             assert node.labels == {"provider": "azure"}
             # the embedded NATS admits the node's identity again after the restart
-            await wait_for(lambda: c2.fleet._live.get(node_id), 15, "heartbeat after restart")
+            await wait_for(lambda: c2.fleet.last_beat(node_id) is not None, 15, "heartbeat after restart")
             assert c2.fleet.get(node_id).status == "online"
             # the used token stays used
             assert next(iter(c2.tokens_table)).used_by == node_id
@@ -245,7 +245,7 @@ async def test_two_controllers_share_state(tmp_path: Path, nats_server_noauth):
         tok = await c1.tokens.create(labels={"provider": "onprem"})
         async with Agent(config=_agent_cfg(c1, tok.token, tmp_path / "a")) as agent:
             await wait_for(lambda: c2.nodes.get(agent.node_id), 10, "watch to propagate")
-            await wait_for(lambda: c2.fleet._live.get(agent.node_id), 10)
+            await wait_for(lambda: c2.fleet.last_beat(agent.node_id) is not None, 10)
         # one-time tokens hold across controllers: c2 refuses the token c1 consumed
         from controller.errors import TokenRefused
 

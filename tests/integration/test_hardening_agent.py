@@ -245,7 +245,7 @@ async def test_f08_restarted_agent_kills_what_a_killed_agent_left_running(
     # The token through the environment (BARISTA_AGENT_TOKEN): the same on main and here.
     processes.append(_spawn(args, tmp_path / "agent.log", BARISTA_AGENT_TOKEN=tok.token))
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")
-    await wait_for(lambda: controller.fleet._live.get(node.id), 10, "a heartbeat")
+    await wait_for(lambda: controller.fleet.last_beat(node.id) is not None, 10, "a heartbeat")
     pidfile = tmp_path / "sleep.pid"
     record = await controller.jobs.submit(JobSpec(
         shell=f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile} && exec sleep 300",
@@ -290,7 +290,7 @@ async def test_f15a_token_comes_from_a_file_never_the_command_line(
                   tmp_path / "agent.log")
     processes.append(proc)
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")
-    await wait_for(lambda: controller.fleet._live.get(node.id), 10, "a heartbeat")
+    await wait_for(lambda: controller.fleet.last_beat(node.id) is not None, 10, "a heartbeat")
     secret = tok.token.encode()
     assert secret not in _proc_file(proc.pid, "cmdline")
     assert secret not in _proc_file(proc.pid, "environ")

@@ -265,7 +265,7 @@ async def test_f12_nan_heartbeat_is_rejected_and_does_not_keep_a_node_alive(
     assert fleet is not None
     agent = await start_stoppable(agents)
     node_id = agent.node_id
-    await wait_for(lambda: fleet._live.get(node_id), 10, "a heartbeat")
+    await wait_for(lambda: fleet.last_beat(node_id) is not None, 10, "a heartbeat")
     async with as_node(controller, agent) as mallory:
         await agent.__aexit__(None, None, None)  # the real agent is gone
         last = fleet.last_seen(node_id)
