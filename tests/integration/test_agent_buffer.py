@@ -12,7 +12,8 @@ from agent.runtime import Agent
 from controller.service import Controller
 from protocol import codec
 from protocol.messages import Event, MetricBatch
-from tests.fixtures.controller import controller_config, wait_for
+from tests.fixtures.controller import controller_config
+from tests.fixtures.wait import wait_for
 
 
 async def stream_batches(js, node_id: str) -> list[MetricBatch]:

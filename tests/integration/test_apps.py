@@ -15,7 +15,8 @@ from agent.runtime import Agent
 from controller.apps.deployer import Deployer, parse_spec
 from controller.cli.main import main as cli_main
 from controller.service import Controller
-from tests.fixtures.controller import AgentFactory, wait_for
+from tests.fixtures.controller import AgentFactory
+from tests.fixtures.wait import wait_for
 
 APP = "web"
 

@@ -17,8 +17,9 @@ from agent.runtime import Agent, EnrollmentError
 from controller.service import Controller
 from protocol import codec
 from protocol.messages import EnrollReply, Heartbeat
-from tests.fixtures.controller import AgentFactory, wait_for
+from tests.fixtures.controller import AgentFactory
 from tests.fixtures.enroll import enroll_raw, signed_request
+from tests.fixtures.wait import wait_for
 
 
 async def test_agent_enrolls_with_valid_token(controller: Controller, agents: AgentFactory):
@@ -35,7 +36,9 @@ async def test_agent_enrolls_with_valid_token(controller: Controller, agents: Ag
     saved = EnrollState.load(agent.config.state_dir / "state.json")
     assert saved is not None and saved.node_id == agent.node_id and saved.auth == "nkey"
     # it reconnected with its own nkey: heartbeats arrive
-    await wait_for(lambda: controller.fleet.last_beat(agent.node_id) is not None, what="a heartbeat")
+    await wait_for(
+        lambda: controller.fleet.last_beat(agent.node_id) is not None, what="a heartbeat"
+    )
     (token,) = list(controller.tokens_table)
     assert token.used_by == agent.node_id
     # only a hash of the token's secret is stored

@@ -20,7 +20,8 @@ from controller.service import Controller
 from protocol import codec
 from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch
 from protocol.subjects import ENROLL_INBOX
-from tests.fixtures.controller import AgentFactory, controller_config, wait_for
+from tests.fixtures.controller import AgentFactory, controller_config
+from tests.fixtures.wait import wait_for
 
 
 def spawn_agent(controller: Controller, token: str, state_dir: Path, log: Path):
@@ -216,7 +217,9 @@ async def test_restarted_controller_still_knows_its_nodes(tmp_path: Path):
             node = c2.fleet.get(node_id)
             assert node.labels == {"provider": "azure"}
             # the embedded NATS admits the node's identity again after the restart
-            await wait_for(lambda: c2.fleet.last_beat(node_id) is not None, 15, "heartbeat after restart")
+            await wait_for(
+                lambda: c2.fleet.last_beat(node_id) is not None, 15, "heartbeat after restart"
+            )
             assert c2.fleet.get(node_id).status == "online"
             # the used token stays used
             assert next(iter(c2.tokens_table)).used_by == node_id

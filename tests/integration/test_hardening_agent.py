@@ -31,7 +31,8 @@ from controller.service import Controller
 from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
-from tests.fixtures.controller import AgentFactory, wait_for
+from tests.fixtures.controller import AgentFactory
+from tests.fixtures.wait import wait_for
 
 # -- helpers ------------------------------------------------------------------------------
 

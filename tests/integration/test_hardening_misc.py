@@ -28,7 +28,8 @@ from controller.nats.server import NatsServer
 from controller.service import Controller
 from protocol import codec
 from protocol.messages import Event, Heartbeat
-from tests.fixtures.controller import AgentFactory, controller_config, run_cli, wait_for
+from tests.fixtures.controller import AgentFactory, controller_config, run_cli
+from tests.fixtures.wait import wait_for
 
 GARBAGE = b"\xc1 not a node record \xff"  # 0xc1 is never valid msgpack
 

@@ -32,7 +32,8 @@ from controller.errors import NatsServerError
 from controller.models import NodeRecord
 from controller.nats.server import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
 from controller.service import Controller
-from tests.fixtures.controller import AgentFactory, controller_config, wait_for
+from tests.fixtures.controller import AgentFactory, controller_config
+from tests.fixtures.wait import wait_for
 
 FAST_ENV = {
     "BARISTA_HEARTBEAT_INTERVAL": "0.3",

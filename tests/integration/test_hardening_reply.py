@@ -29,7 +29,8 @@ from controller.jobs.engine import JobSpec
 from controller.service import Controller
 from protocol import codec
 from protocol.messages import AppSyncRequest, EnrollReply, EnrollRequest
-from tests.fixtures.controller import AgentFactory, wait_for
+from tests.fixtures.controller import AgentFactory
+from tests.fixtures.wait import wait_for
 
 ENROLL = {"user": "enroll", "password": "enroll", "inbox_prefix": b"_INBOX_enroll"}
 STREAMS = ("KV_nodes", "KV_tokens", "KV_jobs", "KV_apps", "METRICS", "EVENTS", "JOBS")

@@ -17,8 +17,9 @@ import pytest
 
 from agent.runtime import Agent
 from controller.service import Controller
-from tests.fixtures.controller import AgentFactory, controller_config, wait_for
+from tests.fixtures.controller import AgentFactory, controller_config
 from tests.fixtures.influx import InfluxDB1
+from tests.fixtures.wait import wait_for
 
 pytestmark = pytest.mark.influx
 

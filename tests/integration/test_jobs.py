@@ -16,7 +16,8 @@ from controller.service import Controller
 from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
-from tests.fixtures.controller import AgentFactory, controller_config, run_cli, wait_for
+from tests.fixtures.controller import AgentFactory, controller_config, run_cli
+from tests.fixtures.wait import wait_for
 
 
 def runs(marker_dir: Path) -> list[str]:
