@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from controller.models import NodeRecord
 from controller.nats.server import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
 from controller.service import Controller
 from tests.fixtures.controller import AgentFactory, controller_config
-from tests.fixtures.wait import wait_for
+from tests.fixtures.wait import wait_for, wait_for_blocking
 
 FAST_ENV = {
     "BARISTA_HEARTBEAT_INTERVAL": "0.3",
@@ -132,11 +131,16 @@ class Controllers:
         finally:
             log.close()
         self.procs.append(proc)
-        deadline = time.monotonic() + timeout
-        while not client.exists():  # written once the controller and its API are up
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"controller did not start:\n{self.log(self.count)}")
-            time.sleep(0.05)
+
+        def up() -> bool:  # the client config is written once the controller and its API are up
+            if proc.poll() is not None:
+                raise AssertionError(f"controller exited:\n{self.log(self.count)}")
+            return client.exists()
+
+        try:
+            wait_for_blocking(up, timeout, "the controller to start")
+        except AssertionError as exc:
+            raise AssertionError(f"controller did not start:\n{self.log(self.count)}") from exc
         cfg = tomllib.loads(client.read_text())
         return Running(proc, cfg["url"], cfg["token"])
 
@@ -171,17 +175,6 @@ async def api_get(http: aiohttp.ClientSession, run: Running, path: str) -> dict[
     async with http.get(run.api_url + path, headers=headers) as resp:
         data: dict[str, object] = await resp.json()
         return data
-
-
-async def wait_async(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -246,7 +239,7 @@ async def test_f02_orphan_that_survives_is_stopped_and_its_port_reused(
             node = await api_get(http, second, f"/v1/nodes/{agent.node_id}")
             return int(s["heartbeats"]) > 2 and node.get("status") == "online"  # type: ignore[call-overload]
 
-        await wait_async(beating, 20, "the agent's heartbeats on the new controller")
+        await wait_for(beating, 20, "the agent's heartbeats on the new controller")
 
 
 async def test_f02_second_controller_on_the_same_data_dir_refuses(
@@ -316,7 +309,7 @@ async def test_f05_dead_nats_server_is_restarted_on_the_same_port(
         async with http.get(url + "/readyz") as resp:
             return resp.status == 200
 
-    await wait_async(ready, 15, "readyz 200")
+    await wait_for(ready, 15, "readyz 200")
     nats_status = controller.status()["nats"]
     assert isinstance(nats_status, dict)
     assert nats_status.get("restarts") == 1

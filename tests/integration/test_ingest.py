@@ -3,10 +3,8 @@ VictoriaMetrics (v2 write API): delivery, outage without loss, malformed input, 
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -28,6 +26,7 @@ from protocol.codec import encode
 from protocol.messages import Heartbeat, MetricBatch, MetricPoint
 from protocol.subjects import Subjects
 from tests.fixtures.influx import InfluxDB1, Victoria
+from tests.fixtures.wait import wait_for
 
 DB = "barista"
 BASE_TS = 1_700_000_000_000_000_000
@@ -57,26 +56,22 @@ def batch(node: str, seq: int) -> MetricBatch:
 POINTS_PER_BATCH = 4
 
 
-async def wait_for(cond: Callable[[], bool], within: float = 20.0, what: str = "") -> None:
-    """Poll a condition of a background worker (its stats are counters, not events)."""
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.02)
+# A worker's stats are counters, not events: tests poll them (tests/fixtures/wait.py).
+WITHIN = 20.0
 
 
 async def settled(js: JetStreamContext, within: float = 10.0) -> ConsumerInfo:
     """Consumer info once every delivered message is acked or terminated (acks are
     published asynchronously, possibly on another connection)."""
-    deadline = time.monotonic() + within
-    while True:
+
+    async def info_if_settled() -> ConsumerInfo | None:
         info: ConsumerInfo = await js.consumer_info("METRICS", "ingest")
-        if info.num_ack_pending == 0 and info.num_pending == 0:
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"consumer not settled: {info}")
-        await asyncio.sleep(0.02)
+        return info if info.num_ack_pending == 0 and info.num_pending == 0 else None
+
+    info = await wait_for(info_if_settled, within, "the ingest consumer to settle",
+                          interval=0.02)
+    assert info is not None
+    return info
 
 
 @pytest.fixture
@@ -112,7 +107,7 @@ async def test_points_arrive_in_influxdb1(
     await publish(js, "n1", range(10))
     await publish(js, "n2", range(5))
     async with IngestWorker(js=js, sink=influx_sink, **FAST) as worker:  # type: ignore[arg-type]
-        await wait_for(lambda: worker.stats.batches == 15, what="15 batches")
+        await wait_for(lambda: worker.stats.batches == 15, WITHIN, what="15 batches")
         assert worker.stats.points == 15 * POINTS_PER_BATCH
         assert worker.status()["running"] is True
 
@@ -162,7 +157,7 @@ async def test_fast_path_values_read_back_exactly(
         )
         await js.publish(SUBJECTS.metrics("n1"), encode(b))
     async with IngestWorker(js=js, sink=influx_sink, **FAST) as worker:  # type: ignore[arg-type]
-        await wait_for(lambda: worker.stats.batches == 3, what="3 batches")
+        await wait_for(lambda: worker.stats.batches == 3, WITHIN, what="3 batches")
         assert worker.encoder.fast_batches == 3 and worker.encoder.exact_batches == 0
     cols = [f"f{i}" for i in range(len(odd))] + ["i_max", "i_min", "flag", "device", "node"]
     rows = influxdb1.query(f"SELECT {', '.join(cols)} FROM odd ORDER BY time", DB)
@@ -184,7 +179,7 @@ async def test_v2_sink_into_victoria(js: JetStreamContext, victoria: Victoria) -
         assert await sink.ping()
         await publish(js, "n1", range(6))
         async with IngestWorker(js=js, sink=sink, **FAST) as worker:  # type: ignore[arg-type]
-            await wait_for(lambda: worker.stats.batches == 6, what="6 batches")
+            await wait_for(lambda: worker.stats.batches == 6, WITHIN, what="6 batches")
     finally:
         await sink.close()
 
@@ -205,11 +200,11 @@ async def test_outage_loses_nothing(
 ) -> None:
     async with IngestWorker(js=js, sink=influx_sink, **FAST) as worker:  # type: ignore[arg-type]
         await publish(js, "n1", range(5))
-        await wait_for(lambda: worker.stats.batches == 5, what="first 5 batches")
+        await wait_for(lambda: worker.stats.batches == 5, WITHIN, what="first 5 batches")
 
         influxdb1.stop()
         await publish(js, "n1", range(5, 25))
-        await wait_for(lambda: worker.stats.write_errors >= 3, what="write errors")
+        await wait_for(lambda: worker.stats.write_errors >= 3, WITHIN, what="write errors")
         assert worker.status()["backing_off"] is True
         info = await js.consumer_info("METRICS", "ingest")
         assert info.num_ack_pending + info.num_pending == 20  # nothing of it was acked
@@ -217,7 +212,7 @@ async def test_outage_loses_nothing(
         assert worker.stats.batches == 5
 
         influxdb1.start()
-        await wait_for(lambda: worker.stats.batches == 25, what="backlog drained")
+        await wait_for(lambda: worker.stats.batches == 25, WITHIN, what="backlog drained")
         info = await settled(js)
         # held and retried by the same worker, not handed round by redelivery
         assert info.num_redelivered == 0
@@ -235,7 +230,7 @@ async def test_malformed_is_dropped_and_does_not_block(
     await js.publish(SUBJECTS.metrics("bad"), encode(Heartbeat(node_id="bad", seq=1, ts=1.0)))
     await publish(js, "n1", range(5))
     async with IngestWorker(js=js, sink=influx_sink, **FAST) as worker:  # type: ignore[arg-type]
-        await wait_for(lambda: worker.stats.batches == 5, what="good batches")
+        await wait_for(lambda: worker.stats.batches == 5, WITHIN, what="good batches")
         assert worker.stats.malformed == 2
         info = await settled(js)
         assert info.num_redelivered == 0
@@ -259,7 +254,9 @@ async def test_refused_batch_is_terminated_and_the_rest_written(
         batch_lines=100_000,
         **FAST,  # type: ignore[arg-type]
     ) as worker:
-        await wait_for(lambda: worker.stats.batches + worker.stats.rejected == 7, what="all 7")
+        await wait_for(
+            lambda: worker.stats.batches + worker.stats.rejected == 7, WITHIN, what="all 7"
+        )
         assert worker.stats.rejected == 1
         assert "field type conflict" in (worker.stats.last_error or "")
         info = await settled(js)
@@ -284,7 +281,7 @@ async def test_two_workers_share_the_durable(
         ):
             await publish(js, "n1", range(100))
             await publish(js, "n2", range(100))
-            await wait_for(lambda: w1.stats.batches + w2.stats.batches >= 200, what="200")
+            await wait_for(lambda: w1.stats.batches + w2.stats.batches >= 200, WITHIN, what="200")
             assert w1.stats.batches > 0 and w2.stats.batches > 0, (w1.stats, w2.stats)
             assert w1.stats.batches + w2.stats.batches == 200
             info = await settled(js)

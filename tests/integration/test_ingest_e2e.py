@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -67,14 +66,18 @@ async def mem_counts(influx: InfluxDB1) -> dict[str, int]:
 
 async def poll(fn: Any, check: Any, within: float, what: str) -> Any:
     """Await ``fn()`` until ``check(value)``; InfluxDB has no event to wait on."""
-    deadline = time.monotonic() + within
-    while True:
+    last: list[Any] = []
+
+    async def checked() -> tuple[Any] | None:
         value = await fn()
-        if check(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
-        await asyncio.sleep(0.2)
+        last[:] = [value]
+        return (value,) if check(value) else None
+
+    try:
+        (value,) = await wait_for(checked, within, what, interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last value {last[0] if last else None!r}") from None
+    return value
 
 
 async def test_agent_metrics_land_in_influxdb(tmp_path: Path, influxdb1: InfluxDB1):

@@ -18,6 +18,7 @@ import pytest
 from agent.executor import Executor
 from agent.facts import collect_facts, parse_os_release
 from protocol.messages import Command
+from tests.fixtures.wait import wait_for
 
 GONE_WITHIN = 5.0
 
@@ -51,13 +52,12 @@ def _is_gone(pid: int) -> bool:
 
 
 async def wait_gone(pid: int) -> bool:
-    # Nothing signals the death of a process that is not our child, so poll.
-    deadline = time.monotonic() + GONE_WITHIN
-    while time.monotonic() < deadline:
-        if _is_gone(pid):
-            return True
-        await asyncio.sleep(0.05)
-    return _is_gone(pid)
+    """True once ``pid`` is gone within GONE_WITHIN (nothing signals the death of a process
+    that is not our child, so this polls)."""
+    try:
+        return await wait_for(lambda: _is_gone(pid), GONE_WITHIN, f"process {pid} to go")
+    except AssertionError:
+        return False
 
 
 @pytest.fixture
