@@ -119,7 +119,9 @@ async def test_same_machine_retry_is_idempotent(controller: Controller, agents: 
     assert len(controller.fleet.nodes) == 1
 
 
-async def test_enroll_retries_until_controller_appears(nats_server_noauth, tmp_path: Path):
+async def test_enroll_retries_until_controller_appears(
+    nats_server_noauth, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     """Transient errors (no controller answering yet) are retried with backoff."""
     from tests.fixtures.controller import controller_config
 
@@ -150,7 +152,14 @@ async def test_enroll_retries_until_controller_appears(nats_server_noauth, tmp_p
     fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(run_agent(fut))
     fut.set_result(token)
-    await asyncio.sleep(1.0)  # the agent is now retrying against a NATS with no controller
+
+    def failed_attempts() -> int:
+        return sum("enrollment attempt" in r.getMessage() and "retrying" in r.getMessage()
+                   for r in caplog.records)
+
+    # The agent is retrying against a NATS with no controller: two failed attempts logged
+    # (the second after a backoff), and it has neither given up nor enrolled.
+    await wait_for(lambda: failed_attempts() >= 2, what="two failed enrollment attempts")
     assert not task.done()
     try:
         async with Controller(cfg) as c:
@@ -192,6 +201,13 @@ async def test_node_cannot_publish_as_another_node(controller: Controller, agent
         await nc.publish(controller.subjects.heartbeat(b.node_id), codec.encode(forged))
         await nc.flush()
         await wait_for(lambda: errors, what="a permissions violation")
+        # B's own heartbeats, sent after the forgery was refused, reach the same
+        # subscription in order: once one has, the forgery would have arrived before it.
+        refused_at = time.time()
+        await wait_for(
+            lambda: any(codec.decode(d, Heartbeat).ts > refused_at for d in seen),
+            what="a heartbeat of B sent after the forgery",
+        )
         assert "permissions violation" in str(errors[0]).lower()
         # and it cannot read B's commands
         with pytest.raises(nats.errors.Error):
