@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -67,8 +67,11 @@ async def results_of(controller: Controller, node_id: str) -> AsyncIterator[asyn
 
 
 @contextlib.asynccontextmanager
-async def as_node(agent: Agent, url: str) -> AsyncIterator[tuple[nats.NATS, list[bytes]]]:
-    """A raw client with the agent's own nkey, subscribed to what that node may read."""
+async def as_node(
+    agent: Agent, url: str
+) -> AsyncIterator[tuple[Callable[[], Awaitable[None]], list[bytes]]]:
+    """A raw client with the agent's own nkey, subscribed to what that node may read: yields
+    ``delivered`` (returns once everything NATS routed to it so far is in ``seen``), ``seen``."""
     assert agent.state is not None
     seen: list[bytes] = []
 
@@ -81,10 +84,15 @@ async def as_node(agent: Agent, url: str) -> AsyncIterator[tuple[nats.NATS, list
     nc = await nats.connect(url, nkeys_seed=str(agent.config.state_dir / "identity.nk"),
                             inbox_prefix=agent.state.inbox_prefix.encode(), error_cb=quiet)
     try:
-        await nc.subscribe(agent.subjects.cmd_all, cb=on_msg)
-        await nc.subscribe(agent.subjects.cmd_node(agent.node_id), cb=on_msg)
+        subs = [await nc.subscribe(agent.subjects.cmd_all, cb=on_msg),
+                await nc.subscribe(agent.subjects.cmd_node(agent.node_id), cb=on_msg)]
         await nc.flush()
-        yield nc, seen
+
+        async def delivered() -> None:
+            await nc.flush()  # the PONG follows every message routed to us before the PING
+            await wait_for(lambda: all(s.pending_msgs == 0 for s in subs), 5, "delivery")
+
+        yield delivered, seen
     finally:
         await nc.close()
 
@@ -140,7 +148,7 @@ async def test_f06_env_never_reaches_nodes_a_job_does_not_target(
     node_a = await agents.start(labels={"role": "a"})
     role_b = [await agents.start(labels={"role": "b"}) for _ in range(DIRECT_MAX + 1)]
     secret = "s3cr3t-" + os.urandom(8).hex()
-    async with as_node(node_a, controller.agent_nats_url) as (_, seen):
+    async with as_node(node_a, controller.agent_nats_url) as (delivered, seen):
         job = await controller.jobs.run(JobSpec(
             shell='printf %s "$DB_PASSWORD" | wc -c', env={"DB_PASSWORD": secret},
             selector="role=b", timeout=20))
@@ -151,8 +159,8 @@ async def test_f06_env_never_reaches_nodes_a_job_does_not_target(
                 mode="broadcast"))
         except BadRequest as exc:
             refused = exc
-        await controller.nc.flush()
-        await asyncio.sleep(0.2)  # anything published is delivered well within this
+        await controller.nc.flush()  # the jobs' commands went out on this connection
+        await delivered()
         assert not [m for m in seen if secret.encode() in m], "env value reached role=a"
     assert job.counts == {"ok": len(role_b)}, job.counts
     results = await controller.jobs.results(job.id)
@@ -204,7 +212,7 @@ async def test_f07_captured_command_is_refused_after_agent_restart(
         async with results_of(controller, node_id) as results:
             await controller.nc.publish(controller.subjects.cmd_node(node_id), captured)
             second = await asyncio.wait_for(results.get(), 10)
-        await asyncio.sleep(0.3)
+        # "rejected" is the agent's answer instead of running it: nothing left to wait for
     assert second.status == "rejected" and "already accepted" in second.reason, second
     assert len(list(marks.iterdir())) == 1, "the replayed command ran again"
     assert (cfg.state_dir / "seen-commands.log").stat().st_mode & 0o777 == 0o600

@@ -170,7 +170,9 @@ async def test_f01_kv_key_as_reply_overwrites_no_record(
     await outsider.flush()
     await node.flush()
     await _settle(controller, before, 3)
-    await asyncio.sleep(0.3)  # anything written would be in the buckets by now
+    # A grace period for a negative, kept on purpose: a write through a forged reply subject
+    # would land in JetStream asynchronously, and nothing signals that none was made.
+    await asyncio.sleep(0.3)
 
     entry = await nodes_kv.get(victim.node_id)
     assert entry.revision == node_rev, "the node record was overwritten"
@@ -321,11 +323,14 @@ async def test_f10_other_enrolling_machines_cannot_read_the_reply(
     async def collect(msg: Any) -> None:
         seen.append(msg.data)
 
-    await spy.subscribe("_INBOX_enroll.>", cb=collect)
+    sub = await spy.subscribe("_INBOX_enroll.>", cb=collect)
     await spy.flush()
     agent = await agents.start(labels={"region": "secret-region"})
     await wait_for(lambda: seen, 5, "the enrollment reply passing by")
-    await asyncio.sleep(0.2)
+    # Every reply the agent read was routed to the spy at the same time; the PONG follows
+    # them, and an empty pending queue means each one has reached ``collect``.
+    await spy.flush()
+    await wait_for(lambda: sub.pending_msgs == 0, 5, "the spy's queue to drain")
     for data in seen:
         assert agent.node_id.encode() not in data
         assert b"secret-region" not in data and b"_INBOX_" not in data
