@@ -158,7 +158,6 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
                            offline_after=1200.0)
     result: dict[str, object] = {"bench": "broadcast", "n": n, "agent_processes": procs}
     async with Controller(cfg) as c:
-        assert c.tokens is not None and c.jobs is not None and c.fleet is not None
         t0 = time.monotonic()
         tokens = [(await c.tokens.create(ttl=3600)).token for _ in range(n)]
         tok_file = base / "tokens.json"

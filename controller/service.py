@@ -1,4 +1,5 @@
-"""The controller process: NATS (embedded or external), state, enrollment, fleet, API wiring."""
+"""The controller process: opens NATS (embedded or external) and its state, builds every
+service once (fleet, enrollment, jobs, apps, ingest) and wires them to their subjects."""
 
 from __future__ import annotations
 
@@ -6,16 +7,21 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
 
-from controller.apps.deployer import Deployer
+from controller.apps.deployer import AppRecord, Deployer, NodeAppStatus
 from controller.config import ControllerConfig, Secrets
 from controller.enroll import Enrollment, TokenService
 from controller.errors import BadRecord
@@ -46,11 +52,12 @@ from protocol.subjects import Subjects
 log = logging.getLogger("barista.controller")
 # Enrollment refusals that mean an attack or a broken agent: counted in Stats.rejected.
 _COUNTED_REFUSALS = ("bad_signature", "identity_collision")
+R = TypeVar("R", bound=msgspec.Struct)
 
 
 @dataclass
 class Stats:
-    """Counters the API exposes at /v1/status."""
+    """Counters the API exposes at /v1/status, and the rate-limited log of refusals."""
 
     rejected: Counter[str] = field(default_factory=Counter)
     last_rejection: str = ""
@@ -60,6 +67,7 @@ class Stats:
     metric_batches: int = 0
     # Stored KV records that did not decode, per bucket (also in rejected["bad_record"]).
     bad_records: Counter[str] = field(default_factory=Counter)
+    _log_budget: dict[str, float] = field(default_factory=dict, repr=False)
 
     def reject(self, where: str, reason: str) -> None:
         self.rejected[where] += 1
@@ -69,276 +77,8 @@ class Stats:
         self.bad_records[bucket] += 1
         self.reject("bad_record", reason)
 
-
-class Controller:
-    """Owns every background task; use as ``async with Controller(config) as c``."""
-
-    def __init__(self, config: ControllerConfig) -> None:
-        self.config = config
-        self.subjects = Subjects(config.subject_prefix)
-        self.stats = Stats()
-        self.secrets: Secrets | None = None
-        self.natsd: NatsServer | None = None
-        self.nats_supervisor: NatsSupervisor | None = None
-        # Peer-facing connection (subscriptions, replies, commands) and the JetStream one.
-        self.nc: NATS | None = None
-        self.state_nc: NATS | None = None
-        self.js: JetStreamContext | None = None
-        self.nodes: Table[NodeRecord] | None = None
-        self.tokens_table: Table[TokenRecord] | None = None
-        self.tokens: TokenService | None = None
-        self.fleet: Fleet | None = None
-        self.enrollment: Enrollment | None = None
-        self.auth: NatsAuth | None = None
-        self.jobs: JobEngine | None = None
-        self.deployer: Deployer | None = None
-        self.hub = MetricsHub(self._labels_of)
-        # Ingest workers into InfluxDB; None when no sink is configured (influx_kind "").
-        self.ingest: IngestService | None = None
-        # Called with every valid node event (app status, job progress, ...).
-        self.event_listeners: list[Any] = []
-        self._enroll_slots = asyncio.Semaphore(256)
-        self._enroll_tasks: set[asyncio.Task[None]] = set()
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._subs: list[Any] = []
-        self._log_budget: dict[str, float] = {}
-        self.ready = False
-        self._flusher = Flusher()
-
-    # -- lifecycle -------------------------------------------------------------------
-
-    @property
-    def nats_url(self) -> str:
-        if self.config.nats_url:
-            return self.config.nats_url
-        assert self.natsd is not None
-        return self.natsd.url
-
-    @property
-    def agent_nats_url(self) -> str:
-        return self.config.agent_nats_url or self.nats_url
-
-    async def __aenter__(self) -> Controller:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def start(self) -> None:
-        cfg = self.config
-        self.secrets = Secrets.load_or_create(cfg.data_dir)
-        state_creds: dict[str, str] = {}
-        peer_creds: dict[str, str] = {}
-        state_inbox: dict[str, bytes] = {}
-        if not cfg.nats_url:
-            # Port 0: the port of the last run (agents hold that URL), else a free one.
-            self.natsd = NatsServer(
-                data_dir=cfg.data_dir / "nats",
-                port=cfg.nats_port,
-                controller_password=self.secrets.nats_password,
-                subjects=self.subjects,
-                max_payload=cfg.max_payload,
-            )
-            self.natsd.set_nodes(NatsAuth.load_cache(cfg.data_dir / "nats-nodes.json"))
-            # Locks the store, stopping an orphan of a killed controller: may wait.
-            await asyncio.to_thread(self.natsd.prepare)
-            # Forked from the loop's thread: the server's parent-death signal follows the
-            # forking thread, and this one lives as long as the controller.
-            self.natsd.launch()
-            await asyncio.to_thread(self.natsd.wait_ready)
-            self.nats_supervisor = NatsSupervisor(self.natsd)
-            self._tasks.append(
-                asyncio.create_task(self.nats_supervisor.run(), name="natsd-supervisor")
-            )
-            state_creds = self.natsd.controller_credentials()
-            peer_creds = self.natsd.peer_credentials()
-            if state_creds:
-                state_inbox = {"inbox_prefix": CONTROLLER_INBOX.encode()}
-        elif cfg.nats_user:
-            # One set of credentials: the reply-subject checks are then the only guard.
-            state_creds = peer_creds = {"user": cfg.nats_user, "password": cfg.nats_password}
-        # Two connections: self.nc talks to peers (and can reach no JetStream API on the
-        # embedded server), self.state_nc holds state and streams and answers no peer.
-        self.nc = await self._connect_nats("barista-controller", peer_creds)
-        self.state_nc = await self._connect_nats(
-            "barista-controller-state", {**state_creds, **state_inbox}
-        )
-        self.js = self.state_nc.jetstream()
-        await self._ensure_streams()
-        sink_config = sink_config_of(cfg)
-        if sink_config is not None:
-            self.ingest = IngestService(
-                js=self.js,
-                sink_config=sink_config,
-                workers=cfg.ingest_workers,
-                subjects=self.subjects,
-            )
-            await self.ingest.start()
-        bad = self.on_bad_record
-        self.nodes = Table(
-            await open_bucket(self.js, "nodes"), NodeRecord, name="nodes", on_bad_record=bad
-        )
-        self.tokens_table = Table(
-            await open_bucket(self.js, "tokens"), TokenRecord, name="tokens", on_bad_record=bad
-        )
-        self.jobs_table = Table(
-            await open_bucket(self.js, "jobs", history=1, ttl=cfg.job_retention),
-            JobRecord, name="jobs", on_bad_record=bad,
-        )
-        await self.nodes.start()
-        await self.tokens_table.start()
-        await self.jobs_table.start()
-        self.jobs = JobEngine(self, self.jobs_table)
-        await self.jobs.start()
-        self.deployer = deployer = Deployer(self)
-        await deployer.start()
-        self.event_listeners.append(deployer.on_event)
-        self.auth = NatsAuth(self.natsd, cfg.data_dir / "nats-nodes.json")
-        await self.auth.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
-        self.tokens = TokenService(self.tokens_table, default_ttl=cfg.token_ttl)
-        self.fleet = Fleet(
-            self.nodes,
-            stale_after=cfg.stale_after,
-            offline_after=cfg.offline_after,
-            on_transition=self._on_transition,
-        )
-        self.enrollment = Enrollment(
-            tokens=self.tokens,
-            nodes=self.nodes,
-            auth=self.auth,
-            inbox_prefix=self.subjects.inbox_prefix,
-            heartbeat_interval=cfg.heartbeat_interval,
-            metrics_interval=cfg.metrics_interval,
-            command_keys=[self.secrets.signer.public_key_b64],
-        )
-        s = self.subjects
-        # Queue groups: with several controllers, one of them answers each enrollment.
-        self._subs.append(
-            await self.nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll)
-        )
-        self._subs.append(
-            await self.nc.subscribe(s.app_sync_any, queue="controllers", cb=deployer.handle_sync)
-        )
-        self._subs.append(await self.nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
-        self._subs.append(await self.nc.subscribe(s.metrics_any, cb=self._on_metrics))
-        self._subs.append(await self.nc.subscribe(s.events_any, cb=self._on_node_event))
-        self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
-        # Confirms the subscriptions; a slow server must not fail the start (nor, through
-        # nats-py's flush-timeout bug, silently stop the connection from reading).
-        await self._flusher.flush(self.nc)
-        self.ready = True
-        log.info("controller ready (nats %s, data dir %s)", self.nats_url, cfg.data_dir)
-
-    async def _connect_nats(self, name: str, opts: dict[str, Any]) -> NATS:
-        return await nats.connect(
-            self.nats_url,
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=self._nats_error,
-            disconnected_cb=self._nats_disconnected,
-            reconnected_cb=self._nats_reconnected,
-            **opts,
-        )
-
-    async def stop(self) -> None:
-        """Stop everything this controller started; the embedded nats-server always goes,
-        even when an earlier step fails."""
-        try:
-            await self._stop_components()
-        finally:
-            if self.natsd is not None:
-                await asyncio.to_thread(self.natsd.stop)
-
-    async def _stop_components(self) -> None:
-        self.ready = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._tasks.clear()
-        for task in list(self._enroll_tasks):
-            task.cancel()
-        if self._enroll_tasks:
-            await asyncio.gather(*self._enroll_tasks, return_exceptions=True)
-        for name, component in (("deployer", self.deployer), ("jobs", self.jobs),
-                                ("ingest", self.ingest)):
-            if component is not None:
-                try:
-                    await component.stop()
-                except Exception:
-                    log.exception("stopping %s failed", name)
-        for table in (self.nodes, self.tokens_table, getattr(self, "jobs_table", None)):
-            if table is not None:
-                await table.stop()
-        if self.enrollment is not None:
-            self.enrollment.close()
-        for nc in (self.nc, self.state_nc):
-            if nc is not None and not nc.is_closed:
-                try:
-                    await asyncio.wait_for(nc.drain(), 5)
-                except Exception:
-                    await nc.close()
-
-    async def _ensure_streams(self) -> None:
-        assert self.js is not None
-        cfg, s = self.config, self.subjects
-        metrics = metrics_stream_config(
-            subjects=s.stream_subjects_metrics,
-            max_age=cfg.metrics_max_age,
-            max_bytes=cfg.metrics_max_bytes,
-            max_batch=cfg.metrics_max_batch,
-            interval=cfg.metrics_interval,
-        )
-        log.info(
-            "METRICS: a node keeps at most %d batches of at most %d bytes (stream: %d bytes)",
-            metrics.max_msgs_per_subject, metrics.max_msg_size, metrics.max_bytes,
-        )
-        wanted = [
-            metrics,
-            StreamConfig(
-                name="JOBS",
-                subjects=[s.jobs_all],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=cfg.job_retention,
-                max_bytes=cfg.jobs_max_bytes,
-                max_msg_size=cfg.max_payload,
-            ),
-            StreamConfig(
-                name="EVENTS",
-                subjects=s.stream_subjects_events,
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=7 * 24 * 3600,
-                max_bytes=256 << 20,
-            ),
-        ]
-        for sc in wanted:
-            await ensure_stream(self.js, sc)
-
-    # -- NATS callbacks --------------------------------------------------------------
-
-    async def _nats_error(self, exc: Exception) -> None:
-        log.warning("nats: %s", exc)
-
-    async def _nats_disconnected(self) -> None:
-        if not self.ready:
-            return
-        log.warning("disconnected from nats; reconnecting")
-
-    async def _nats_reconnected(self) -> None:
-        log.info("reconnected to nats")
-
-    def _rate_limited(self, key: str, every: float = 10.0) -> bool:
+    def rate_limited(self, key: str, every: float = 10.0) -> bool:
+        """True at most once per ``every`` seconds per key: whether to log this time."""
         now = time.monotonic()
         if now < self._log_budget.get(key, 0.0):
             return False
@@ -347,18 +87,353 @@ class Controller:
 
     def on_bad_record(self, bad: BadRecord) -> None:
         """A Table found a stored record that does not decode: count it, log it (limited)."""
-        self.stats.bad_record(bad.bucket, f"{bad.bucket} {bad.key!r}: {bad.reason}")
-        if self._rate_limited(f"bad_record.{bad.bucket}"):
+        self.bad_record(bad.bucket, f"{bad.bucket} {bad.key!r}: {bad.reason}")
+        if self.rate_limited(f"bad_record.{bad.bucket}"):
             log.error("%s (bad records in %s so far: %d)", bad, bad.bucket,
-                      self.stats.bad_records[bad.bucket])
+                      self.bad_records[bad.bucket])
 
-    def _reject(self, where: str, subject: str, exc: Exception) -> None:
-        reason = getattr(exc, "reason", None) or str(exc)
-        self.stats.reject(where, reason)
-        if self._rate_limited(where):
+    def reject_message(self, where: str, subject: str, exc: ProtocolError) -> None:
+        """A message refused off the wire: count it, log it (limited)."""
+        reason = exc.reason or str(exc)
+        self.reject(where, reason)
+        if self.rate_limited(where):
             log.warning(
-                "rejected message on %s: %s (count %d)", subject, reason, self.stats.rejected[where]
+                "rejected message on %s: %s (count %d)", subject, reason, self.rejected[where]
             )
+
+
+@dataclass
+class _Serving:
+    """Whether the controller serves; a NATS disconnect is worth a warning only then."""
+
+    on: bool = False
+
+
+class Controller:
+    """``async with Controller(config) as c``: starts the controller process; ``c`` is the
+    running controller (every service built, none missing), and all of it stops on exit."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> RunningController:
+        return await self._stack.enter_async_context(_run(self.config))
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
+@asynccontextmanager
+async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
+    """Open NATS and the state, build the services, serve; undo it all in reverse order.
+    The embedded nats-server always goes, even when an earlier step fails."""
+    subjects = Subjects(cfg.subject_prefix)
+    stats = Stats()
+    serving = _Serving()
+    async with AsyncExitStack() as stack:
+        secrets = Secrets.load_or_create(cfg.data_dir)
+        natsd: NatsServer | None = None
+        supervisor: NatsSupervisor | None = None
+        state_creds: dict[str, str] = {}
+        peer_creds: dict[str, str] = {}
+        state_inbox: dict[str, bytes] = {}
+        url = cfg.nats_url
+        if not url:
+            # Port 0: the port of the last run (agents hold that URL), else a free one.
+            natsd = NatsServer(
+                data_dir=cfg.data_dir / "nats",
+                port=cfg.nats_port,
+                controller_password=secrets.nats_password,
+                subjects=subjects,
+                max_payload=cfg.max_payload,
+            )
+            stack.push_async_callback(asyncio.to_thread, natsd.stop)
+            natsd.set_nodes(NatsAuth.load_cache(cfg.data_dir / "nats-nodes.json"))
+            # Locks the store, stopping an orphan of a killed controller: may wait.
+            await asyncio.to_thread(natsd.prepare)
+            # Forked from the loop's thread: the server's parent-death signal follows the
+            # forking thread, and this one lives as long as the controller.
+            natsd.launch()
+            await asyncio.to_thread(natsd.wait_ready)
+            url = natsd.url
+            supervisor = NatsSupervisor(natsd)
+            stack.push_async_callback(
+                _cancel, asyncio.create_task(supervisor.run(), name="natsd-supervisor"))
+            state_creds = natsd.controller_credentials()
+            peer_creds = natsd.peer_credentials()
+            if state_creds:
+                state_inbox = {"inbox_prefix": CONTROLLER_INBOX.encode()}
+        elif cfg.nats_user:
+            # One set of credentials: the reply-subject checks are then the only guard.
+            state_creds = peer_creds = {"user": cfg.nats_user, "password": cfg.nats_password}
+        # Two connections: nc talks to peers (and can reach no JetStream API on the
+        # embedded server), state_nc holds state and streams and answers no peer.
+        connections: list[NATS] = []
+        stack.push_async_callback(_close_connections, connections)
+        nc = await _connect_nats(url, "barista-controller", peer_creds, serving)
+        connections.append(nc)
+        state_nc = await _connect_nats(
+            url, "barista-controller-state", {**state_creds, **state_inbox}, serving)
+        connections.append(state_nc)
+        js = state_nc.jetstream()
+        await _ensure_streams(js, cfg, subjects)
+        ingest: IngestService | None = None
+        sink_config = sink_config_of(cfg)
+        if sink_config is not None:
+            ingest = IngestService(
+                js=js,
+                sink_config=sink_config,
+                workers=cfg.ingest_workers,
+                subjects=subjects,
+            )
+            stack.push_async_callback(_stop_logged, "ingest", ingest.stop)
+            await ingest.start()
+
+        async def table(bucket: Awaitable[KeyValue], record_type: type[R], name: str) -> Table[R]:
+            t = Table(await bucket, record_type, name=name, on_bad_record=stats.on_bad_record)
+            await t.start()
+            stack.push_async_callback(t.stop)
+            return t
+
+        nodes: Table[NodeRecord] = await table(open_bucket(js, "nodes"), NodeRecord, "nodes")
+        tokens: Table[TokenRecord] = await table(
+            open_bucket(js, "tokens"), TokenRecord, "tokens")
+        jobs: Table[JobRecord] = await table(
+            open_bucket(js, "jobs", history=1, ttl=cfg.job_retention), JobRecord, "jobs")
+        apps: Table[AppRecord] = await table(open_bucket(js, "apps"), AppRecord, "apps")
+        app_statuses: Table[NodeAppStatus] = await table(
+            open_bucket(js, "app_status", history=1), NodeAppStatus, "app_status")
+        controller = RunningController(
+            config=cfg, subjects=subjects, stats=stats, serving=serving, secrets=secrets,
+            natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
+            js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
+            apps_table=apps, app_statuses=app_statuses,
+        )
+        stack.push_async_callback(controller.stop)
+        await controller.start()
+        yield controller
+
+
+async def _connect_nats(url: str, name: str, opts: dict[str, Any], serving: _Serving) -> NATS:
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def disconnected_cb() -> None:
+        if serving.on:
+            log.warning("disconnected from nats; reconnecting")
+
+    async def reconnected_cb() -> None:
+        log.info("reconnected to nats")
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        **opts,
+    )
+
+
+async def _close_connections(connections: list[NATS]) -> None:
+    for nc in connections:
+        if not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), 5)
+            except Exception:
+                await nc.close()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+
+
+async def _stop_logged(name: str, stop: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await stop()
+    except Exception:
+        log.exception("stopping %s failed", name)
+
+
+async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjects) -> None:
+    metrics = metrics_stream_config(
+        subjects=s.stream_subjects_metrics,
+        max_age=cfg.metrics_max_age,
+        max_bytes=cfg.metrics_max_bytes,
+        max_batch=cfg.metrics_max_batch,
+        interval=cfg.metrics_interval,
+    )
+    log.info(
+        "METRICS: a node keeps at most %d batches of at most %d bytes (stream: %d bytes)",
+        metrics.max_msgs_per_subject, metrics.max_msg_size, metrics.max_bytes,
+    )
+    wanted = [
+        metrics,
+        StreamConfig(
+            name="JOBS",
+            subjects=[s.jobs_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=cfg.job_retention,
+            max_bytes=cfg.jobs_max_bytes,
+            max_msg_size=cfg.max_payload,
+        ),
+        StreamConfig(
+            name="EVENTS",
+            subjects=s.stream_subjects_events,
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * 24 * 3600,
+            max_bytes=256 << 20,
+        ),
+    ]
+    for sc in wanted:
+        await ensure_stream(js, sc)
+
+
+class RunningController:
+    """The controller while it runs: its NATS side and state handed in open, every service
+    built here once. Made by ``Controller``; starts serving in ``start()``."""
+
+    def __init__(
+        self,
+        *,
+        config: ControllerConfig,
+        subjects: Subjects,
+        stats: Stats,
+        serving: _Serving,
+        secrets: Secrets,
+        natsd: NatsServer | None,
+        nats_supervisor: NatsSupervisor | None,
+        nats_url: str,
+        nc: NATS,
+        state_nc: NATS,
+        js: JetStreamContext,
+        ingest: IngestService | None,
+        nodes: Table[NodeRecord],
+        tokens_table: Table[TokenRecord],
+        jobs_table: Table[JobRecord],
+        apps_table: Table[AppRecord],
+        app_statuses: Table[NodeAppStatus],
+    ) -> None:
+        self.config = config
+        self.subjects = subjects
+        self.stats = stats
+        self._serving = serving
+        self.secrets = secrets
+        # None when NATS is external (config.nats_url).
+        self.natsd = natsd
+        self.nats_supervisor = nats_supervisor
+        self.nats_url = nats_url
+        self.agent_nats_url = config.agent_nats_url or nats_url
+        # Peer-facing connection (subscriptions, replies, commands) and the JetStream one.
+        self.nc = nc
+        self.state_nc = state_nc
+        self.js = js
+        # Ingest workers into InfluxDB; None when no sink is configured (influx_kind "").
+        self.ingest = ingest
+        self.nodes = nodes
+        self.tokens_table = tokens_table
+        self.jobs_table = jobs_table
+        self.hub = MetricsHub(self._labels_of)
+        self.admission = NatsAuth(natsd, config.data_dir / "nats-nodes.json")
+        self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl)
+        self.fleet = Fleet(
+            nodes,
+            stale_after=config.stale_after,
+            offline_after=config.offline_after,
+            on_transition=self._on_transition,
+        )
+        self.enrollment = Enrollment(
+            tokens=self.tokens,
+            nodes=nodes,
+            auth=self.admission,
+            inbox_prefix=subjects.inbox_prefix,
+            heartbeat_interval=config.heartbeat_interval,
+            metrics_interval=config.metrics_interval,
+            command_keys=[secrets.signer.public_key_b64],
+        )
+        self.jobs = JobEngine(
+            records=jobs_table,
+            fleet=self.fleet,
+            nc=nc,
+            js=js,
+            subjects=subjects,
+            signer=secrets.signer,
+            reject=stats.reject_message,
+            refuse=stats.reject,
+        )
+        self.deployer = Deployer(
+            apps=apps_table,
+            statuses=app_statuses,
+            fleet=self.fleet,
+            jobs=self.jobs,
+            subjects=subjects,
+            refuse_reply=self.refuse_reply,
+        )
+        # Called with every valid node event (app status, job progress, ...).
+        self.event_listeners: list[Callable[[Event], None]] = [self.deployer.on_event]
+        self._tables: list[Table[Any]] = [nodes, tokens_table, jobs_table, apps_table,
+                                          app_statuses]
+        self._enroll_slots = asyncio.Semaphore(256)
+        self._enroll_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subs: list[Subscription] = []
+        self._flusher = Flusher()
+
+    @property
+    def ready(self) -> bool:
+        return self._serving.on
+
+    def ready_to_serve(self) -> bool:
+        """Ready, with both connections up (after an embedded nats-server restart each
+        reconnects on its own)."""
+        return self.ready and self.nc.is_connected and self.state_nc.is_connected
+
+    async def start(self) -> None:
+        await self.jobs.start()
+        await self.deployer.start()
+        await self.admission.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
+        s, nc = self.subjects, self.nc
+        # Queue groups: with several controllers, one of them answers each enrollment.
+        self._subs.append(await nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll))
+        self._subs.append(
+            await nc.subscribe(s.app_sync_any, queue="controllers",
+                               cb=self.deployer.handle_sync)
+        )
+        self._subs.append(await nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
+        self._subs.append(await nc.subscribe(s.metrics_any, cb=self._on_metrics))
+        self._subs.append(await nc.subscribe(s.events_any, cb=self._on_node_event))
+        self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
+        # Confirms the subscriptions; a slow server must not fail the start (nor, through
+        # nats-py's flush-timeout bug, silently stop the connection from reading).
+        await self._flusher.flush(nc)
+        self._serving.on = True
+        log.info("controller ready (nats %s, data dir %s)", self.nats_url, self.config.data_dir)
+
+    async def stop(self) -> None:
+        """Stop what start() started and the services; the tables and connections are
+        closed after it by whoever opened them."""
+        self._serving.on = False
+        for task in self._tasks:
+            await _cancel(task)
+        self._tasks.clear()
+        for task in list(self._enroll_tasks):
+            task.cancel()
+        if self._enroll_tasks:
+            await asyncio.gather(*self._enroll_tasks, return_exceptions=True)
+        await _stop_logged("deployer", self.deployer.stop)
+        await _stop_logged("jobs", self.jobs.stop)
+        self.enrollment.close()
+
+    # -- NATS callbacks --------------------------------------------------------------
 
     async def _on_enroll(self, msg: Msg) -> None:
         # nats-py runs a subscription's callbacks one at a time; enrollments wait on KV
@@ -377,7 +452,7 @@ class Controller:
         """Count and log a request whose reply subject is not the requester's own inbox;
         it gets no answer at all (any answer would go where the peer chose)."""
         reply = msg.reply or ""
-        self._reject("reply_subject", msg.subject, ProtocolError(
+        self.stats.reject_message("reply_subject", msg.subject, ProtocolError(
             f"reply subject {reply[:80]!r} is not the requester's own inbox; not answered"))
 
     async def _enroll_one(self, msg: Msg) -> None:
@@ -388,10 +463,9 @@ class Controller:
         try:
             req = codec.decode(msg.data, EnrollRequest, max_size=64 * 1024)
         except ProtocolError as exc:
-            self._reject("enroll", msg.subject, exc)
+            self.stats.reject_message("enroll", msg.subject, exc)
             await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
             return
-        assert self.enrollment is not None
         answer: Message
         reply: EnrollReply | None
         try:
@@ -417,7 +491,7 @@ class Controller:
         elif reply is not None:
             self.stats.enrollments_refused += 1
             if reply.error_code in _COUNTED_REFUSALS:
-                self._reject(reply.error_code, msg.subject, ProtocolError(reply.error))
+                self.stats.reject_message(reply.error_code, msg.subject, ProtocolError(reply.error))
         await msg.respond(codec.encode(self._sealed(req, answer)))
 
     @staticmethod
@@ -438,18 +512,18 @@ class Controller:
             if hb.node_id != self.subjects.node_id_of(msg.subject):
                 raise ProtocolError("heartbeat node_id does not match its subject")
         except ProtocolError as exc:
-            self._reject("heartbeat", msg.subject, exc)
+            self.stats.reject_message("heartbeat", msg.subject, exc)
             return
-        assert self.fleet is not None
         if self.fleet.beat(hb):
             self.stats.heartbeats += 1
         else:
-            self._reject("heartbeat", msg.subject, ProtocolError(f"unknown node {hb.node_id}"))
+            self.stats.reject_message(
+                "heartbeat", msg.subject, ProtocolError(f"unknown node {hb.node_id}"))
 
     async def _on_metrics(self, msg: Msg) -> None:
         if len(msg.data) > self.config.metrics_max_batch:
             # The METRICS stream refused to store it (max_msg_size); count who sent it.
-            self._reject("oversized_batch", msg.subject, ProtocolError(
+            self.stats.reject_message("oversized_batch", msg.subject, ProtocolError(
                 f"metric batch of {len(msg.data)} bytes exceeds metrics_max_batch "
                 f"({self.config.metrics_max_batch})", size=len(msg.data)))
             return
@@ -458,7 +532,7 @@ class Controller:
             if batch.node_id != self.subjects.node_id_of(msg.subject):
                 raise ProtocolError("metric batch node_id does not match its subject")
         except ProtocolError as exc:
-            self._reject("metrics", msg.subject, exc)
+            self.stats.reject_message("metrics", msg.subject, exc)
             return
         self.stats.metric_batches += 1
         self.hub.publish(batch)
@@ -469,12 +543,12 @@ class Controller:
             if event.node_id != self.subjects.node_id_of(msg.subject):
                 raise ProtocolError("event node_id does not match its subject")
         except ProtocolError as exc:
-            self._reject("events", msg.subject, exc)
+            self.stats.reject_message("events", msg.subject, exc)
             return
-        if self.jobs is not None and event.type.startswith("job."):
+        if event.type.startswith("job."):
             refusal = self.jobs.on_node_event(event)
             if refusal:
-                self._reject("job_event", msg.subject, ProtocolError(refusal))
+                self.stats.reject_message("job_event", msg.subject, ProtocolError(refusal))
                 return
         for fn in list(self.event_listeners):
             try:
@@ -495,7 +569,7 @@ class Controller:
         )
 
     async def _publish_event(self, event: Event) -> None:
-        if self.nc is None or self.nc.is_closed:
+        if self.nc.is_closed:
             return
         try:
             await self.nc.publish(self.subjects.controller_events, codec.encode(event))
@@ -503,15 +577,8 @@ class Controller:
             log.warning("could not publish event %s: %s", event.type, exc)
 
     def _labels_of(self, node_id: str) -> dict[str, str] | None:
-        node = self.nodes.get(node_id) if self.nodes else None
+        node = self.nodes.get(node_id)
         return node.labels if node else None
-
-    def _tables(self) -> list[Table[Any]]:
-        tables: list[Table[Any] | None] = [
-            self.nodes, self.tokens_table, getattr(self, "jobs_table", None)]
-        if self.deployer is not None:
-            tables += [self.deployer.apps, self.deployer.statuses]
-        return [t for t in tables if t is not None]
 
     def status(self) -> dict[str, object]:
         return {
@@ -519,11 +586,11 @@ class Controller:
             "nats": {
                 "url": self.nats_url,
                 "embedded": self.natsd is not None,
-                "connected": bool(self.nc and self.nc.is_connected),
-                "state_connected": bool(self.state_nc and self.state_nc.is_connected),
+                "connected": self.nc.is_connected,
+                "state_connected": self.state_nc.is_connected,
                 **(self.nats_supervisor.status() if self.nats_supervisor else {}),
             },
-            "nodes": self.fleet.counts() if self.fleet else {},
+            "nodes": self.fleet.counts(),
             "rejected": dict(self.stats.rejected),
             "last_rejection": self.stats.last_rejection,
             "enrollments": self.stats.enrollments,
@@ -534,7 +601,7 @@ class Controller:
             "bad_records": {
                 "total": self.stats.rejected["bad_record"],
                 "by_bucket": dict(self.stats.bad_records),
-                "keys": {t.name: t.bad_keys()[:20] for t in self._tables() if t.bad_keys()},
+                "keys": {t.name: t.bad_keys()[:20] for t in self._tables if t.bad_keys()},
             },
             "oversized_batches": self.stats.rejected["oversized_batch"],
             "metrics_limits": {

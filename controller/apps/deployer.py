@@ -13,6 +13,7 @@ import re
 import shlex
 import time
 import urllib.parse
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import msgspec
@@ -20,9 +21,10 @@ from nats.aio.msg import Msg
 
 from controller import jsontext
 from controller.errors import BadRequest, Conflict, NotFound
-from controller.jobs.engine import MAX_TIMEOUT, JobSpec, parse_count
+from controller.fleet import Fleet
+from controller.jobs.engine import MAX_TIMEOUT, JobEngine, JobSpec, parse_count
 from controller.models import NodeRecord
-from controller.state.table import Table, open_bucket
+from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError, SelectorError
 from protocol.messages import (
@@ -35,6 +37,7 @@ from protocol.messages import (
     HealthCheck,
 )
 from protocol.selectors import Selector
+from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.deploy")
 
@@ -43,7 +46,8 @@ _VERSION = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_SPEC_BYTES = 256 * 1024
-NodeState = Literal["installing", "running", "failed", "unhealthy", "removed"]
+# An app's state on one node, as the node reports it.
+NodeAppState = Literal["installing", "running", "failed", "unhealthy", "removed"]
 RolloutStatus = Literal["rolling", "done", "failed", "rolled-back"]
 TERMINAL = frozenset({"running", "failed", "unhealthy"})
 
@@ -251,7 +255,7 @@ class NodeAppStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     app: str
     node_id: str
     version: str
-    state: NodeState
+    state: NodeAppState
     error: str = ""
     at: float = 0.0
 
@@ -265,12 +269,30 @@ def status_key(app: str, node_id: str) -> str:
 
 class Deployer:
     """Runs app rollouts for one controller; records in KV ``apps``, node states in
-    ``app_status``."""
+    ``app_status``.
 
-    def __init__(self, controller: Any) -> None:
-        self.c = controller
-        self.apps: Table[AppRecord] | None = None
-        self.statuses: Table[NodeAppStatus] | None = None
+    Rollouts run as "reconcile" jobs through ``jobs``; agents' sync requests are answered on
+    ``subjects``' app sync subjects, and one asked with a foreign reply subject goes to
+    ``refuse_reply`` unanswered. The tables are started and stopped by their owner.
+    """
+
+    def __init__(
+        self,
+        *,
+        apps: Table[AppRecord],
+        statuses: Table[NodeAppStatus],
+        fleet: Fleet,
+        jobs: JobEngine,
+        subjects: Subjects,
+        refuse_reply: Callable[[Msg], None],
+    ) -> None:
+        self.apps = apps
+        self.statuses = statuses
+        self._fleet = fleet
+        self._jobs = jobs
+        self._subjects = subjects
+        self._refuse_reply = refuse_reply
+        self._log_after = 0.0  # rate limit for the "app sync refused" warning
         self._rollouts: dict[str, asyncio.Task[None]] = {}
         self._starting: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -279,13 +301,6 @@ class Deployer:
         self.stats = {"syncs": 0, "syncs_refused": 0, "status_events": 0, "bad_events": 0}
 
     async def start(self) -> None:
-        js = self.c.js
-        bad = self.c.on_bad_record
-        self.apps = Table(await open_bucket(js, "apps"), AppRecord, name="apps", on_bad_record=bad)
-        self.statuses = Table(await open_bucket(js, "app_status", history=1),
-                              NodeAppStatus, name="app_status", on_bad_record=bad)
-        await self.apps.start()
-        await self.statuses.start()
         self._spawn(self._writer(), "app-status-writer")
 
     async def stop(self) -> None:
@@ -297,11 +312,8 @@ class Deployer:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        for table in (self.apps, self.statuses):
-            if table is not None:
-                await table.stop()
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -310,18 +322,15 @@ class Deployer:
     # -- reads -----------------------------------------------------------------------
 
     def get(self, name: str) -> AppRecord:
-        assert self.apps is not None
         rec = self.apps.get(name)
         if rec is None:
             raise NotFound(f"app {name!r} not found")
         return rec
 
     def all(self) -> list[AppRecord]:
-        assert self.apps is not None
         return sorted(self.apps, key=lambda r: r.name)
 
     def node_statuses(self, name: str) -> dict[str, NodeAppStatus]:
-        assert self.statuses is not None
         return {s.node_id: s for s in self.statuses if s.app == name}
 
     def status(self, name: str) -> dict[str, Any]:
@@ -333,10 +342,9 @@ class Deployer:
         out["running"] = name in self._rollouts
         nodes: dict[str, Any] = {}
         statuses = self.node_statuses(name)
-        fleet = self.c.fleet
         for node_id in sorted(set(rec.assignments) | set(statuses)):
             st = statuses.get(node_id)
-            node = fleet.nodes.get(node_id) if fleet is not None else None
+            node = self._fleet.nodes.get(node_id)
             nodes[node_id] = {
                 "assigned": rec.assignments.get(node_id),
                 "version": st.version if st else None,
@@ -352,7 +360,6 @@ class Deployer:
 
     async def deploy(self, spec: AppSpec, *, message: str = "") -> AppRecord:
         """Store the spec and start its rollout in the background; returns at once."""
-        assert self.apps is not None
         validate_spec(spec)
         if spec.name in self._rollouts or spec.name in self._starting:
             raise Conflict(f"app {spec.name!r} has a rollout in progress; wait for it to end")
@@ -364,12 +371,11 @@ class Deployer:
             self._starting.discard(spec.name)
 
     async def _deploy(self, spec: AppSpec, message: str) -> AppRecord:
-        assert self.apps is not None
         try:
             selector = Selector.parse(spec.selector)
         except (SelectorError, ValueError) as exc:
             raise BadRequest(f"bad selector {spec.selector!r}: {exc}") from None
-        targets = [n.id for n in self.c.fleet.select(selector)]
+        targets = [n.id for n in self._fleet.select(selector)]
         size = parse_count(spec.batch, len(targets), "batch") or len(targets) or 1
         batches = max(1, -(-len(targets) // size))
         rollout = Rollout(status="rolling", version=spec.version, batches=batches,
@@ -416,7 +422,6 @@ class Deployer:
 
     async def remove(self, name: str) -> dict[str, Any]:
         """Forget the app; its nodes stop it (now, or when they come back)."""
-        assert self.apps is not None
         rec = self.get(name)
         task = self._rollouts.get(name)
         if task is not None:
@@ -435,10 +440,9 @@ class Deployer:
     # -- rollout ---------------------------------------------------------------------
 
     def _reachable(self, node_ids: list[str]) -> list[str]:
-        fleet = self.c.fleet
         out = []
         for node_id in node_ids:
-            node: NodeRecord | None = fleet.nodes.get(node_id)
+            node: NodeRecord | None = self._fleet.nodes.get(node_id)
             if node is not None and node.status != "offline":
                 out.append(node_id)
         return out
@@ -446,7 +450,6 @@ class Deployer:
     async def _assign(self, name: str, versions: dict[str, str | None],
                       **rollout_changes: Any) -> AppRecord:
         """CAS update: node -> version (None = unassign) and rollout fields."""
-        assert self.apps is not None
 
         def update(cur: AppRecord) -> AppRecord:
             assignments = dict(cur.assignments)
@@ -467,12 +470,12 @@ class Deployer:
         if not node_ids:
             return {}
         timeout = spec.health_timeout + spec.step_timeout
-        job = await self.c.jobs.run(
+        job = await self._jobs.run(
             JobSpec(action="reconcile", targets=node_ids, timeout=timeout),
             created_by=f"deploy:{spec.name}",
         )
         out: dict[str, Any] = {}
-        for r in await self.c.jobs.results(job.id):
+        for r in await self._jobs.results(job.id):
             out[r.node_id] = r
         return out
 
@@ -527,7 +530,6 @@ class Deployer:
             if (isinstance(st, dict) and st.get("version") == spec.version
                     and st.get("state") in TERMINAL):
                 return str(st["state"]), str(st.get("error", ""))
-        assert self.statuses is not None
         rec = self.statuses.get(status_key(spec.name, node_id))
         if rec is not None and rec.version == spec.version and rec.state in TERMINAL \
                 and rec.at >= since:
@@ -600,7 +602,6 @@ class Deployer:
     # -- agent side --------------------------------------------------------------------
 
     def releases_for(self, node: NodeRecord) -> list[AppRelease]:
-        assert self.apps is not None
         out = []
         for rec in self.apps:
             version = rec.assignments.get(node.id)
@@ -622,10 +623,10 @@ class Deployer:
         The subject (``<prefix>.node.<id>.apps.sync``, which only that node may publish
         on) proves who asks; the answer goes only to that node's own inbox space, never to
         another subject the request names."""
-        subjects = self.c.subjects
+        subjects = self._subjects
         node_id = subjects.node_id_of(msg.subject)
         if node_id is None or not subjects.is_node_reply(node_id, msg.reply):
-            self.c.refuse_reply(msg)
+            self._refuse_reply(msg)
             return
         try:
             req = codec.decode(msg.data, AppSyncRequest, max_size=16 * 1024)
@@ -634,12 +635,12 @@ class Deployer:
                                     f"{node_id!r}'s subject")
         except ProtocolError as exc:
             self.stats["syncs_refused"] += 1
-            if self.c._rate_limited("app_sync"):
+            if self._log_allowed():
                 log.warning("app sync refused: %s (count %d)", exc.reason,
                             self.stats["syncs_refused"])
             await msg.respond(codec.encode(ErrorReply(code="bad_request", message=exc.reason)))
             return
-        node = self.c.fleet.nodes.get(node_id) if self.c.fleet is not None else None
+        node = self._fleet.nodes.get(node_id)
         if node is None:
             self.stats["syncs_refused"] += 1
             await msg.respond(codec.encode(ErrorReply(code="not_found",
@@ -662,9 +663,8 @@ class Deployer:
                 raise ValueError(f"bad app name {st.app!r}")
             # Only apps that exist and were ever assigned to this node: a node cannot grow
             # the status bucket with made-up names.
-            rec = self.apps.get(st.app) if self.apps is not None else None
-            known = self.statuses is not None and self.statuses.get(
-                status_key(st.app, event.node_id)) is not None
+            rec = self.apps.get(st.app)
+            known = self.statuses.get(status_key(st.app, event.node_id)) is not None
             if not known and (rec is None or event.node_id not in rec.assignments):
                 raise ValueError(f"app {st.app!r} is not assigned to this node")
         except (msgspec.ValidationError, ValueError, AttributeError) as exc:
@@ -677,8 +677,14 @@ class Deployer:
         except asyncio.QueueFull:
             log.warning("app status queue full; dropped a status of node %s", st.node_id)
 
+    def _log_allowed(self, every: float = 10.0) -> bool:
+        now = time.monotonic()
+        if now < self._log_after:
+            return False
+        self._log_after = now + every
+        return True
+
     async def _writer(self) -> None:
-        assert self.statuses is not None
         while True:
             st = await self._writes.get()
             try:

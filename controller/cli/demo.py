@@ -21,7 +21,7 @@ from rich.table import Table as RichTable
 
 from controller.cli.serve import running_controller
 from controller.config import ControllerConfig
-from controller.service import Controller
+from controller.service import RunningController
 from protocol.messages import MetricBatch
 
 DEMO_NODES: tuple[dict[str, str], ...] = (
@@ -61,11 +61,10 @@ def metric(
     return None
 
 
-def fleet_table(controller: Controller, title: str) -> RichTable:
+def fleet_table(controller: RunningController, title: str) -> RichTable:
     table = RichTable(title=title, expand=False)
     for col in ("node", "provider", "region", "status", "cpu %", "mem %", "load1", "net rx"):
         table.add_column(col, justify="right" if col.endswith(("%", "1", "rx")) else "left")
-    assert controller.fleet is not None
     for node in controller.fleet.select():
         b = controller.hub.latest(node.id)
         cpu = metric(b, "cpu", "usage_active", {"cpu": "cpu-total"})
@@ -180,7 +179,6 @@ async def run_demo(
     console.print(f"[bold]barista demo[/bold]: data in {base}")
     async with running_controller(config) as run:
         c = run.controller
-        assert c.tokens is not None and c.secrets is not None and c.fleet is not None
         console.print(
             f"controller up: API {run.api.url}, embedded NATS {c.nats_url} "
             f"({time.monotonic() - t0:.1f}s)"
@@ -219,7 +217,7 @@ async def run_demo(
 
 
 async def _watch(
-    c: Controller,
+    c: RunningController,
     agents: list[DemoAgent],
     result: DemoResult,
     stop: asyncio.Event,
@@ -227,7 +225,6 @@ async def _watch(
     t0: float,
     console: Console,
 ) -> None:
-    assert c.fleet is not None
     deadline = None if duration is None else t0 + duration
     interactive = console.is_terminal
     live = (
@@ -277,11 +274,10 @@ async def _watch(
         console.print(fleet_table(c, "fleet"))
 
 
-async def _showcase(c: Controller, console: Console) -> None:
+async def _showcase(c: RunningController, console: Console) -> None:
     """What the fleet is for: one signed broadcast to every node, every answer back."""
     from controller.jobs.engine import JobSpec
 
-    assert c.jobs is not None
     try:
         t = time.perf_counter()
         job = await c.jobs.run(
@@ -309,14 +305,13 @@ async def _showcase(c: Controller, console: Console) -> None:
         console.print(f"[red]app deploy failed: {exc}[/red]")
 
 
-async def _deploy_app(c: Controller, console: Console) -> None:
+async def _deploy_app(c: RunningController, console: Console) -> None:
     """A small app as desired state: artifact with sha256, steps, health gate, batches."""
     import hashlib
 
     from controller.apps.deployer import parse_spec
 
     deployer = c.deployer
-    assert deployer is not None
     artifact = c.config.data_dir / "demo-app" / "hello.sh"
     artifact.parent.mkdir(parents=True, exist_ok=True)
     artifact.write_text('#!/bin/sh\necho "hello from $(hostname) v$1" > hello.txt\n')

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 from controller.api.app import ApiServer
 from controller.config import ControllerConfig, default_client_config_path, write_client_config
-from controller.service import Controller
+from controller.service import Controller, RunningController
 
 log = logging.getLogger("barista.controller")
 
 
 @dataclass
 class Running:
-    controller: Controller
+    controller: RunningController
     api: ApiServer
 
 
@@ -28,7 +28,6 @@ async def running_controller(
 ) -> AsyncIterator[Running]:
     async with Controller(config) as controller:
         async with ApiServer(controller, host=config.api_host, port=config.api_port) as api:
-            assert controller.secrets is not None
             if write_client:
                 path = config.client_config or default_client_config_path()
                 write_client_config(path, url=api.url, token=controller.secrets.api_token)

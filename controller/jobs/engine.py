@@ -18,9 +18,13 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.client import JetStreamContext
 
 from controller.errors import BadRequest, NotFound
+from controller.fleet import Fleet
 from controller.models import NodeRecord
 from controller.nats.client import Flusher
 from controller.state.table import Table
@@ -28,10 +32,13 @@ from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import Command, CommandResult, Event
 from protocol.selectors import Selector
+from protocol.signing import CommandSigner
+from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.jobs")
 
-NodeStatus = Literal["ok", "failed", "timeout", "no-response", "rejected", "error", "skipped"]
+# A node's outcome in one job (not its liveness: that is controller.models.NodeStatus).
+NodeOutcome = Literal["ok", "failed", "timeout", "no-response", "rejected", "error", "skipped"]
 JobStatus = Literal["running", "done", "stopped", "interrupted"]
 FAILURES: frozenset[str] = frozenset({"failed", "timeout", "no-response", "rejected", "error"})
 ACTIONS = ("ping", "facts", "exec", "reconcile")
@@ -44,7 +51,7 @@ MAX_TIMEOUT = 23 * 3600.0
 _BATCH = re.compile(r"^\s*(\d+)\s*(%?)\s*$")
 
 
-def _status(status: str) -> NodeStatus:
+def _outcome(status: str) -> NodeOutcome:
     return status if status in ("ok", "failed", "timeout", "rejected", "error") else "error"  # type: ignore[return-value]
 
 
@@ -68,7 +75,7 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_f
 
 class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     node_id: str
-    status: NodeStatus
+    status: NodeOutcome
     exit_code: int | None = None
     stdout: str = ""
     stderr: str = ""
@@ -85,7 +92,7 @@ class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     def of(cls, res: CommandResult, *, expected: bool, batch: int) -> NodeResult:
         """The job's record of a node's wire result (the one place they are converted)."""
         return cls(
-            node_id=res.node_id, status=_status(res.status), exit_code=res.exit_code,
+            node_id=res.node_id, status=_outcome(res.status), exit_code=res.exit_code,
             stdout=res.stdout, stderr=res.stderr, stdout_truncated=res.stdout_truncated,
             stderr_truncated=res.stderr_truncated, duration=res.duration, reason=res.reason,
             data=res.data, expected=expected, batch=batch, at=time.time(),
@@ -182,26 +189,55 @@ class _Run:
                 pass  # a slow reader misses live items; it can fetch the job afterwards
 
 
-class JobEngine:
-    """Runs jobs for one controller; job records live in KV, results in the JOBS stream."""
+# Counts and logs a message refused off the wire: (where, subject, why).
+RejectMessage = Callable[[str, str, ProtocolError], None]
+# Counts a refused request: (where, reason).
+RefuseRequest = Callable[[str, str], None]
 
-    def __init__(self, controller: Any, jobs: Table[JobRecord]) -> None:
-        self.c = controller
-        self.jobs = jobs
+
+class JobEngine:
+    """Runs jobs for one controller; job records live in KV, results in the JOBS stream.
+
+    Commands go out and results come in on ``nc`` (the peer connection); finished jobs'
+    results are read back from the JOBS stream through ``js``.
+    """
+
+    def __init__(
+        self,
+        *,
+        records: Table[JobRecord],
+        fleet: Fleet,
+        nc: NATS,
+        js: JetStreamContext,
+        subjects: Subjects,
+        signer: CommandSigner,
+        reject: RejectMessage,
+        refuse: RefuseRequest,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.records = records
+        self._fleet = fleet
+        self._nc = nc
+        self._js = js
+        self._subjects = subjects
+        self._signer = signer
+        self._reject = reject
+        self._refuse = refuse
+        self._clock = clock
         self._runs: dict[str, _Run] = {}
         self._recent: dict[str, list[NodeResult]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats = {"replies": 0, "bad_replies": 0}
         self._flusher = Flusher()
         self._result_encoder = msgspec.msgpack.Encoder()
-        self._sub: Any = None
+        self._sub: Subscription | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._mark_interrupted()
-        self._sub = await self.c.nc.subscribe(self.c.subjects.results_any, cb=self._on_result,
-                                              pending_msgs_limit=1_000_000)
+        self._sub = await self._nc.subscribe(self._subjects.results_any, cb=self._on_result,
+                                             pending_msgs_limit=1_000_000)
 
     async def stop(self) -> None:
         self._flusher.close()
@@ -221,8 +257,8 @@ class JobEngine:
 
     async def _mark_interrupted(self) -> None:
         """Jobs left 'running' by a controller that is gone, past any possible end."""
-        now = time.time()
-        for job in self.jobs:
+        now = self._clock()
+        for job in self.records:
             if job.status != "running" or job.id in self._runs:
                 continue
             longest = (job.spec.timeout + REPLY_GRACE + job.spec.pause) * max(1, job.batches)
@@ -237,14 +273,14 @@ class JobEngine:
                     )
 
                 try:
-                    await self.jobs.mutate(job.id, mark)
+                    await self.records.mutate(job.id, mark)
                 except Exception as exc:
                     log.warning("could not mark job %s interrupted: %s", job.id, exc)
 
     # -- submit ----------------------------------------------------------------------
 
     def expected_nodes(self, spec: JobSpec, selector: Selector) -> list[NodeRecord]:
-        fleet = self.c.fleet
+        fleet = self._fleet
         if spec.targets:
             nodes = []
             for node_id in spec.targets:
@@ -263,24 +299,25 @@ class JobEngine:
                       "subject, so the env values would reach nodes the job does not target; "
                       "a job with env is sent to each node on its own subject (mode auto or "
                       "direct)")
-            self.c.stats.reject("job_broadcast_env", reason)
+            self._refuse("job_broadcast_env", reason)
             raise BadRequest(reason)
         if spec.mode == "broadcast" and (spec.targets or (spec.batch and parse_count(
                 spec.batch, len(nodes), "batch") not in (None, len(nodes)))):
             raise BadRequest("mode broadcast sends one message to every node the selector "
                              "matches; it cannot target a node list or run batches (use mode "
                              "direct or auto)")
-        job_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+        now = self._clock()
+        job_id = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(4)
         size = parse_count(spec.batch, len(nodes), "batch") or len(nodes) or 1
         record = JobRecord(
             id=job_id,
             spec=spec,
-            created_at=time.time(),
+            created_at=now,
             created_by=created_by,
             expected=[n.id for n in nodes],
             batches=max(1, math.ceil(len(nodes) / max(1, size))),
         )
-        await self.jobs.create(job_id, record)
+        await self.records.create(job_id, record)
         run = _Run(record)
         self._runs[job_id] = run
         task = asyncio.create_task(self._run(run, nodes, size), name=f"job-{job_id}")
@@ -298,7 +335,7 @@ class JobEngine:
         run = self._runs.get(job_id)
         if run is not None:
             await run.done.wait()
-        job = self.jobs.get(job_id)
+        job = self.records.get(job_id)
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
         return job
@@ -325,7 +362,7 @@ class JobEngine:
                         for node in rest:
                             self._record(run, NodeResult(node_id=node.id, status="skipped",
                                                          reason="rollout stopped",
-                                                         batch=i + 1, at=time.time()))
+                                                         batch=i + 1, at=self._clock()))
                     break
                 if spec.pause and i < len(batches) - 1:
                     await asyncio.sleep(spec.pause)
@@ -352,7 +389,7 @@ class JobEngine:
         cmd = Command(
             id=secrets.token_hex(12),
             job_id=run.record.id,
-            issued_at=time.time(),
+            issued_at=self._clock(),
             ttl=spec.timeout + REPLY_GRACE + 30,
             action=spec.action,  # type: ignore[arg-type]
             selector=selector,
@@ -366,12 +403,12 @@ class JobEngine:
             output_cap=spec.output_cap,
             stream_output=spec.stream_output,
         )
-        return codec.encode(self.c.secrets.signer.sign(cmd))
+        return codec.encode(self._signer.sign(cmd))
 
     async def _run_batch(self, run: _Run, batch: list[NodeRecord], *, broadcast: bool) -> None:
         spec = run.record.spec
-        nc, subjects = self.c.nc, self.c.subjects
-        now = time.time()
+        nc, subjects = self._nc, self._subjects
+        now = self._clock()
         reachable = []
         for node in batch:
             if node.status == "offline":
@@ -396,7 +433,7 @@ class JobEngine:
             await asyncio.wait_for(run.batch_done.wait(), spec.timeout + REPLY_GRACE)
         except TimeoutError:
             pass
-        at = time.time()
+        at = self._clock()
         for node_id in sorted(run.waiting):
             self._record(run, NodeResult(
                 node_id=node_id, status="no-response", batch=run.batch, at=at,
@@ -408,11 +445,11 @@ class JobEngine:
         permissions let a node publish only under its own id), the body must agree."""
         try:
             res = codec.decode(msg.data, CommandResult)
-            if res.node_id != self.c.subjects.node_id_of(msg.subject):
+            if res.node_id != self._subjects.node_id_of(msg.subject):
                 raise ProtocolError(f"result for node {res.node_id!r} sent by another node")
         except ProtocolError as exc:
             self.stats["bad_replies"] += 1
-            self.c._reject("results", msg.subject, exc)
+            self._reject("results", msg.subject, exc)
             return
         self.stats["replies"] += 1
         run = self._runs.get(res.job_id)
@@ -431,9 +468,9 @@ class JobEngine:
         if not late.reason:
             late.reason = "answered after the job finished"
         recent.append(late)
-        nc = self.c.nc
-        if nc is not None and nc.is_connected:
-            task = asyncio.ensure_future(nc.publish(self.c.subjects.job_results(res.job_id),
+        nc = self._nc
+        if nc.is_connected:
+            task = asyncio.ensure_future(nc.publish(self._subjects.job_results(res.job_id),
                                                     self._result_encoder.encode(late)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -461,10 +498,10 @@ class JobEngine:
         """Results into the JOBS stream, in one go per batch: core publishes, no round trip
         per node on the hot path; the flush in _finish makes sure they left."""
         pending, run.unpublished = run.unpublished, []
-        nc = self.c.nc
-        if not pending or nc is None or not nc.is_connected:
+        nc = self._nc
+        if not pending or not nc.is_connected:
             return
-        subject = self.c.subjects.job_results(run.record.id)
+        subject = self._subjects.job_results(run.record.id)
         for data in pending:
             await nc.publish(subject, data)
 
@@ -475,14 +512,13 @@ class JobEngine:
                 counts[r.status] = counts.get(r.status, 0) + 1
         unexpected = sum(1 for r in run.results.values() if not r.expected)
         status: JobStatus = "stopped" if stop_reason else "done"
-        final = msgspec.structs.replace(run.record, status=status, finished_at=time.time(),
+        final = msgspec.structs.replace(run.record, status=status, finished_at=self._clock(),
                                         counts=counts, stop_reason=stop_reason,
                                         unexpected=unexpected)
         try:
             await self._persist(run)
-            if self.c.nc is not None:
-                await self._flusher.flush(self.c.nc)
-            await self.jobs.put(final.id, final)
+            await self._flusher.flush(self._nc)
+            await self.records.put(final.id, final)
         except Exception as exc:
             log.error("job %s: result not saved: %s", final.id, exc)
         run.record = final
@@ -505,7 +541,7 @@ class JobEngine:
         if not isinstance(job_id, str):
             return None
         run = self._runs.get(job_id)
-        record = run.record if run is not None else self.jobs.get(job_id)
+        record = run.record if run is not None else self.records.get(job_id)
         if record is None:
             return None  # no such job: nothing to relay it to
         expected = run.expected if run is not None else frozenset(record.expected)
@@ -519,14 +555,15 @@ class JobEngine:
     # -- reads -----------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord:
-        job = self.jobs.get(job_id)
+        job = self.records.get(job_id)
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
         run = self._runs.get(job_id)
         return run.record if run is not None else job
 
-    def list(self, limit: int = 50) -> list[JobRecord]:
-        jobs = sorted(self.jobs, key=lambda j: j.created_at, reverse=True)
+    def recent(self, limit: int = 50) -> list[JobRecord]:
+        """The newest ``limit`` jobs, newest first (running ones as they are now)."""
+        jobs = sorted(self.records, key=lambda j: j.created_at, reverse=True)
         return [self._runs[j.id].record if j.id in self._runs else j for j in jobs[:limit]]
 
     async def results(self, job_id: str) -> list[NodeResult]:
@@ -540,8 +577,8 @@ class JobEngine:
 
     async def _load_results(self, job_id: str) -> list[NodeResult]:
         """Read a finished job's results back from the JOBS stream (after a restart)."""
-        js = self.c.js
-        subject = self.c.subjects.job_results(job_id)
+        js = self._js
+        subject = self._subjects.job_results(job_id)
         out: dict[str, NodeResult] = {}
         decoder = msgspec.msgpack.Decoder(NodeResult)
         info = await js.stream_info("JOBS", subjects_filter=subject)

@@ -150,7 +150,7 @@ async def test_f01_kv_key_as_reply_overwrites_no_record(
     assert controller.js is not None
     nodes_kv = await controller.js.key_value("nodes")
     jobs_kv = await controller.js.key_value("jobs")
-    (job,) = controller.jobs.list()
+    (job,) = controller.jobs.recent()
     node_rev = (await nodes_kv.get(victim.node_id)).revision
     job_rev = (await jobs_kv.get(job.id)).revision
     before = await _stream_counts(controller)

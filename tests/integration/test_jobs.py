@@ -312,7 +312,7 @@ async def test_job_history_survives_controller_restart(tmp_path: Path):
         assert again.spec.shell == "echo persisted"
         results = await c2.jobs.results(job.id)
         assert len(results) == 2 and all(r.stdout == "persisted\n" for r in results)
-        assert [j.id for j in c2.jobs.list()] == [job.id]
+        assert [j.id for j in c2.jobs.recent()] == [job.id]
 
 
 async def test_jobs_api_and_sse(api, http, controller: Controller, agents: AgentFactory):

@@ -7,21 +7,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from controller.api.app import CONTROLLER, read_body
-from controller.apps.deployer import AppRecord, Deployer, parse_spec
-from controller.errors import ControllerError
-
-
-class DeployerMissing(ControllerError):
-    code = "unavailable"
-    status = 503
-
-
-def _deployer(request: web.Request) -> Deployer:
-    d = request.app[CONTROLLER].deployer
-    if d is None:
-        raise DeployerMissing("the app deployer is not running")
-    return d
+from controller.api.keys import DEPLOYER
+from controller.api.middleware import read_body
+from controller.apps.deployer import AppRecord, parse_spec
 
 
 def _wait(request: web.Request) -> bool:
@@ -40,7 +28,7 @@ def _summary(rec: AppRecord) -> dict[str, Any]:
 
 
 async def deploy_app(request: web.Request) -> web.Response:
-    d = _deployer(request)
+    d = request.app[DEPLOYER]
     raw = await read_body(request)
     ctype = request.content_type.lower()
     spec = parse_spec(raw, yaml_text="yaml" in ctype)
@@ -52,15 +40,15 @@ async def deploy_app(request: web.Request) -> web.Response:
 
 
 async def list_apps(request: web.Request) -> web.Response:
-    return web.json_response({"apps": [_summary(r) for r in _deployer(request).all()]})
+    return web.json_response({"apps": [_summary(r) for r in request.app[DEPLOYER].all()]})
 
 
 async def get_app(request: web.Request) -> web.Response:
-    return web.json_response(_deployer(request).status(request.match_info["name"]))
+    return web.json_response(request.app[DEPLOYER].status(request.match_info["name"]))
 
 
 async def rollback_app(request: web.Request) -> web.Response:
-    d = _deployer(request)
+    d = request.app[DEPLOYER]
     name = request.match_info["name"]
     await d.rollback(name)
     if _wait(request):
@@ -70,12 +58,14 @@ async def rollback_app(request: web.Request) -> web.Response:
 
 
 async def delete_app(request: web.Request) -> web.Response:
-    return web.json_response(await _deployer(request).remove(request.match_info["name"]))
+    return web.json_response(await request.app[DEPLOYER].remove(request.match_info["name"]))
 
 
-def add_app_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/apps", deploy_app)
-    app.router.add_get("/v1/apps", list_apps)
-    app.router.add_get("/v1/apps/{name}", get_app)
-    app.router.add_post("/v1/apps/{name}/rollback", rollback_app)
-    app.router.add_delete("/v1/apps/{name}", delete_app)
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/apps", deploy_app),
+        web.get("/v1/apps", list_apps),
+        web.get("/v1/apps/{name}", get_app),
+        web.post("/v1/apps/{name}/rollback", rollback_app),
+        web.delete("/v1/apps/{name}", delete_app),
+    ]

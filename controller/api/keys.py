@@ -1,0 +1,44 @@
+"""One typed aiohttp ``AppKey`` per service the API's handlers use; make_app fills them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+
+from controller.apps.deployer import Deployer
+from controller.enroll import TokenService
+from controller.fleet import Fleet
+from controller.jobs.engine import JobEngine
+from controller.live import MetricsHub
+from controller.models import TokenRecord
+from controller.state.table import Table
+
+
+class ControllerStatus(Protocol):
+    """What /readyz and /v1/status read from the running controller."""
+
+    def ready_to_serve(self) -> bool: ...
+
+    def status(self) -> dict[str, object]: ...
+
+
+@dataclass(frozen=True)
+class AgentBootstrap:
+    """What a join token's holder needs besides the token: the NATS URL for agents and the
+    controller's command-signing public key."""
+
+    nats_url: str
+    controller_key: str
+
+
+API_TOKEN = web.AppKey("api_token", str)
+STATUS: web.AppKey[ControllerStatus] = web.AppKey("status")
+FLEET = web.AppKey("fleet", Fleet)
+TOKENS = web.AppKey("tokens", TokenService)
+TOKEN_RECORDS: web.AppKey[Table[TokenRecord]] = web.AppKey("token_records")
+AGENT_BOOTSTRAP = web.AppKey("agent_bootstrap", AgentBootstrap)
+METRICS_HUB = web.AppKey("metrics_hub", MetricsHub)
+JOBS = web.AppKey("jobs", JobEngine)
+DEPLOYER = web.AppKey("deployer", Deployer)

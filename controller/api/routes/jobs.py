@@ -1,0 +1,98 @@
+"""Fleet jobs: submit (optionally waiting), list, show with results, and the SSE progress."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from controller.api.keys import JOBS
+from controller.api.middleware import json_body
+from controller.errors import BadRequest
+from controller.jobs.engine import JobEngine, JobSpec
+
+
+async def create_job(request: web.Request) -> web.Response:
+    jobs = request.app[JOBS]
+    body = await json_body(request)
+    try:
+        spec = msgspec.convert(body, JobSpec)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid job: {exc}") from None
+    record = await jobs.submit(spec, created_by=f"api@{request.remote or '-'}")
+    if request.query.get("wait") in ("1", "true", "yes"):
+        record = await jobs.wait(record.id)
+        return web.json_response(await _job_view(jobs, record.id), status=200)
+    out = record.summary()
+    out["expected_nodes"] = record.expected
+    return web.json_response(out, status=202)
+
+
+async def _job_view(jobs: JobEngine, job_id: str) -> dict[str, Any]:
+    job = jobs.get(job_id)
+    out = job.summary()
+    out["spec"] = msgspec.to_builtins(job.spec)
+    out["expected_nodes"] = job.expected
+    out["results"] = [msgspec.to_builtins(r) for r in await jobs.results(job_id)]
+    return out
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    try:
+        limit = max(1, min(1000, int(request.query.get("limit", "50"))))
+    except ValueError:
+        raise BadRequest("limit must be a number") from None
+    return web.json_response({"jobs": [j.summary() for j in request.app[JOBS].recent(limit)]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(await _job_view(request.app[JOBS], request.match_info["id"]))
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """SSE: ``result`` per node as it arrives, ``output`` for streamed output, then ``done``."""
+    jobs = request.app[JOBS]
+    job_id = request.match_info["id"]
+    jobs.get(job_id)  # 404 before the stream starts
+    queue, stop = jobs.listen(job_id)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    async def send(event: str, data: Any) -> None:
+        await resp.write(f"event: {event}\ndata: ".encode() + msgspec.json.encode(data) + b"\n\n")
+
+    try:
+        for r in await jobs.results(job_id):
+            await send("result", msgspec.to_builtins(r))
+        if queue is not None:
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(queue.get(), 15)
+                except TimeoutError:
+                    await resp.write(b": keepalive\n\n")
+                    continue
+                if kind == "result":
+                    await send("result", msgspec.to_builtins(payload))
+                elif kind == "event":
+                    await send("output" if payload.type == "job.output" else "progress",
+                               msgspec.to_builtins(payload))
+                elif kind == "done":
+                    break
+        await send("done", jobs.get(job_id).summary())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        stop()
+    return resp
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/jobs", create_job),
+        web.get("/v1/jobs", list_jobs),
+        web.get("/v1/jobs/{id}", get_job),
+        web.get("/v1/jobs/{id}/events", job_events),
+    ]

@@ -1,0 +1,28 @@
+"""Health, readiness and the controller's status."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from controller.api.keys import STATUS
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ok = request.app[STATUS].ready_to_serve()
+    return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATUS].status())
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/v1/status", status),
+    ]

@@ -1,0 +1,53 @@
+"""Join tokens: create (shown once, with what an agent needs to join) and list."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from controller.api.keys import AGENT_BOOTSTRAP, TOKEN_RECORDS, TOKENS
+from controller.api.middleware import json_body
+from controller.errors import BadRequest
+from protocol.selectors import parse_labels
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    labels = body.get("labels", {})
+    if isinstance(labels, list):
+        labels = parse_labels(labels)
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise BadRequest("labels must be an object of strings or a list of 'k=v'")
+    ttl = body.get("ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
+        raise BadRequest("ttl must be a number of seconds")
+    issued = await request.app[TOKENS].create(
+        labels=labels, ttl=ttl, description=str(body.get("description", ""))
+    )
+    bootstrap = request.app[AGENT_BOOTSTRAP]
+    out = issued.record.public()
+    out["token"] = issued.token
+    out["nats_url"] = bootstrap.nats_url
+    out["controller_key"] = bootstrap.controller_key
+    return web.json_response(out, status=201)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    records = request.app[TOKEN_RECORDS]
+    now = time.time()
+    out = []
+    for t in sorted(records, key=lambda t: t.created_at):
+        item = t.public()
+        item["state"] = "used" if t.used_by else ("expired" if t.expires_at < now else "valid")
+        out.append(item)
+    return web.json_response({"tokens": out})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/tokens", create_token),
+        web.get("/v1/tokens", list_tokens),
+    ]
