@@ -26,7 +26,8 @@ from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.nats.admission import NatsAuth
 from controller.nats.client import Flusher
-from controller.nats.server import CONTROLLER_INBOX, NatsServer, NatsSupervisor, NodeAccess
+from controller.nats.permissions import CONTROLLER_INBOX
+from controller.nats.server import NatsServer, NatsSupervisor, NodeAccess
 from controller.state.streams import ensure_stream, metrics_stream_config, per_node_batches
 from controller.state.table import Table, open_bucket
 from protocol import codec

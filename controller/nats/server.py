@@ -33,29 +33,17 @@ from typing import Any
 import msgspec
 
 from controller.errors import NatsServerError, StoreInUse
-from protocol.subjects import ENROLL_INBOX, Subjects
+from controller.nats.permissions import (
+    CONTROLLER_USER,
+    PEERS_USER,
+    SYS_USER,
+    controller_users,
+    node_user,
+    system_account,
+)
+from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.natsd")
-
-ENROLL_USER = "enroll"
-# The enroll user can only ask to enroll; a join token is what authorises a node, so this
-# password is not a secret (it is in every bootstrap script).
-ENROLL_PASSWORD = "enroll"
-# The controller's two users (least privilege for the controller too): CONTROLLER_USER has
-# JetStream rights and holds state and streams, and answers no peer; PEERS_USER subscribes
-# to and answers peers (enrollment, app sync, heartbeats, events, results, commands) and
-# cannot reach the JetStream, KV, object store or system APIs at all, so no reply subject
-# a peer slips past the controller can touch state.
-CONTROLLER_USER = "controller"
-PEERS_USER = "controller-peers"
-# The inbox space of the JetStream connection: PEERS_USER may not publish into it (a forged
-# JetStream API answer), nor read it.
-CONTROLLER_INBOX = "_INBOX_controller"
-_PEERS_DENIED = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", f"{CONTROLLER_INBOX}.>"]
-# The system account answers $SYS.REQ.SERVER.<id>.HEALTHZ / .VARZ; only NatsServer itself
-# connects as its user (a random password per process, written only to the 0600 config).
-SYS_ACCOUNT = "SYS"
-SYS_USER = "barista-sys"
 
 
 def find_binary() -> str:
@@ -84,29 +72,6 @@ class NodeAccess:
 
     node_id: str
     nkey: str
-
-
-def node_permissions(subjects: Subjects, node_id: str) -> dict[str, object]:
-    """Least privilege: a node publishes only under its own subjects and reads only its own
-    commands, broadcasts and mesh deltas. It answers nothing directly: command results go
-    to its own results subject, which is what authenticates them."""
-    return {
-        "publish": {
-            "allow": [
-                subjects.node_all(node_id),  # also its app-sync requests
-                subjects.enroll,
-            ]
-        },
-        "subscribe": {
-            "allow": [
-                subjects.cmd_all,
-                subjects.cmd_node(node_id),
-                subjects.mesh_all,
-                f"{subjects.inbox_prefix(node_id)}.>",
-            ]
-        },
-    }
-
 
 
 # -- processes of this data dir ------------------------------------------------------------
@@ -379,51 +344,17 @@ class NatsServer:
             "jetstream": {"store_dir": str(js_dir), "max_file_store": self.jetstream_max_file},
         }
         if self.auth:
-            users: list[dict[str, object]] = [
-                {"user": CONTROLLER_USER, "password": self.controller_password},
-                {
-                    "user": PEERS_USER,
-                    "password": self.controller_password,
-                    "permissions": {
-                        "publish": {"deny": _PEERS_DENIED},
-                        "subscribe": {"deny": _PEERS_DENIED},
-                    },
-                },
-                {
-                    "user": ENROLL_USER,
-                    "password": ENROLL_PASSWORD,
-                    "permissions": {
-                        "publish": {"allow": [self.subjects.enroll]},
-                        "subscribe": {"allow": [f"{ENROLL_INBOX}.>"]},
-                    },
-                },
-            ]
+            users = controller_users(self.subjects, password=self.controller_password)
             listed = self._nodes.values() if nodes is None else nodes
             for node in sorted(listed, key=lambda n: n.node_id):
-                users.append(
-                    {
-                        "nkey": node.nkey,
-                        "permissions": node_permissions(self.subjects, node.node_id),
-                    }
-                )
+                users.append(node_user(self.subjects, node_id=node.node_id, nkey=node.nkey))
             conf["authorization"] = {"users": users}
             # Only with auth: a system-account user would make the server check the
             # credentials every client sends (agents always send the enroll user's).
-            conf.update(self._system_account())
+            conf.update(system_account(password=self.sys_password))
         # nats-server's config format accepts JSON. msgspec: ~10x json.dumps, which matters
         # with thousands of nodes (a reload per enrollment batch).
         return msgspec.json.format(msgspec.json.encode(conf), indent=2).decode()
-
-    def _system_account(self) -> dict[str, object]:
-        """The system account and its one user, apart from the global account where every
-        other user lives and JetStream is enabled: server state (connz, varz, ...) is
-        reachable only through this account, and no longer over HTTP."""
-        return {
-            "accounts": {
-                SYS_ACCOUNT: {"users": [{"user": SYS_USER, "password": self.sys_password}]}
-            },
-            "system_account": SYS_ACCOUNT,
-        }
 
     def write_config(self, text: str | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
