@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from agent.files import write_private
 from controller.errors import BadRequest
 from protocol.codec import METRIC_BATCH_MAX
 from protocol.signing import CommandSigner
@@ -129,11 +130,7 @@ class ControllerConfig:
 
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_private(path, data)
 
 
 def _read_or_create(path: Path, make: Any) -> bytes:

@@ -24,7 +24,7 @@ from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
-from controller.nats.admission import NatsAuth
+from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedAdmission
 from controller.nats.client import Flusher
 from controller.nats.permissions import CONTROLLER_INBOX
 from controller.nats.server import NatsServer, NatsSupervisor, NodeAccess
@@ -90,7 +90,7 @@ class Controller:
         self.tokens: TokenService | None = None
         self.fleet: Fleet | None = None
         self.enrollment: Enrollment | None = None
-        self.auth: NatsAuth | None = None
+        self.admission: NodeAdmission | None = None
         self.jobs: JobEngine | None = None
         self.deployer: Deployer | None = None
         self.hub = MetricsHub(self._labels_of)
@@ -145,7 +145,7 @@ class Controller:
                 subjects=self.subjects,
                 max_payload=cfg.max_payload,
             )
-            self.natsd.set_nodes(NatsAuth.load_cache(cfg.data_dir / "nats-nodes.json"))
+            self.natsd.set_nodes(ReloadAdmission.load_cache(cfg.data_dir / "nats-nodes.json"))
             # Locks the store, stopping an orphan of a killed controller: may wait.
             await asyncio.to_thread(self.natsd.prepare)
             # Forked from the loop's thread: the server's parent-death signal follows the
@@ -199,8 +199,11 @@ class Controller:
         self.deployer = deployer = Deployer(self)
         await deployer.start()
         self.event_listeners.append(deployer.on_event)
-        self.auth = NatsAuth(self.natsd, cfg.data_dir / "nats-nodes.json")
-        await self.auth.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
+        self.admission = (
+            ReloadAdmission(server=self.natsd, cache_path=cfg.data_dir / "nats-nodes.json")
+            if self.natsd is not None else UnmanagedAdmission()
+        )
+        await self.admission.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
         self.tokens = TokenService(self.tokens_table, default_ttl=cfg.token_ttl)
         self.fleet = Fleet(
             self.nodes,
@@ -211,7 +214,7 @@ class Controller:
         self.enrollment = Enrollment(
             tokens=self.tokens,
             nodes=self.nodes,
-            auth=self.auth,
+            admission=self.admission,
             inbox_prefix=self.subjects.inbox_prefix,
             heartbeat_interval=cfg.heartbeat_interval,
             metrics_interval=cfg.metrics_interval,

@@ -23,15 +23,16 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
 
+from agent.files import write_private
 from controller.errors import NatsServerError, StoreInUse
 from controller.nats.permissions import (
     CONTROLLER_USER,
@@ -322,6 +323,11 @@ class NatsServer:
             return {}
         return {"user": PEERS_USER, "password": self.controller_password}
 
+    @property
+    def nodes(self) -> Mapping[str, NodeAccess]:
+        """The node identities the config admits, by nkey (read-only)."""
+        return MappingProxyType(self._nodes)
+
     def set_nodes(self, nodes: Iterable[NodeAccess]) -> None:
         self._nodes = {n.nkey: n for n in nodes}
 
@@ -358,16 +364,8 @@ class NatsServer:
 
     def write_config(self, text: str | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # A temp file of its own: a restart and a reload may write the config at once.
-        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".nats-server.conf.")  # 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.render_config() if text is None else text)
-            os.replace(tmp, self.conf_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # A temp file of its own (write_private): a restart and a reload may write at once.
+        write_private(self.conf_path, (self.render_config() if text is None else text).encode())
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -509,7 +507,7 @@ class NatsServer:
         finally:
             log_f.close()
         pid_info = {"server_pid": self.proc.pid, "controller_pid": os.getpid(), "port": self.port}
-        self._write_atomic(self.pid_path, json.dumps(pid_info))
+        write_private(self.pid_path, json.dumps(pid_info).encode())
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Block until the server answers a JetStream health check (blocking: a thread)."""
@@ -535,7 +533,7 @@ class NatsServer:
                 f"nats-server not ready after {timeout}s ({last_err}); see {self.log_path}"
             )
         # Agents hold this URL in their config: keep the same port across restarts.
-        self._write_atomic(self.port_path, str(self.port))
+        write_private(self.port_path, str(self.port).encode())
         log.info("nats-server ready at %s (pid %s, log %s)", self.url, proc.pid, self.log_path)
 
     def _probe(self, timeout: float = 2.0) -> _Probe:
@@ -600,13 +598,6 @@ class NatsServer:
             self.pid_path.unlink()
         fd, self._lock_fd = self._lock_fd, None
         os.close(fd)
-
-    def _write_atomic(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
 
     def __enter__(self) -> NatsServer:
         self.start()
