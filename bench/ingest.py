@@ -39,6 +39,7 @@ from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import InfluxV1Sink, InfluxV2Sink, Sink
 from controller.ingest.worker import IngestWorker, ensure_metrics_stream
 from controller.nats.server import NatsServer
+from controller.state.streams import METRICS
 from protocol.codec import encode
 from protocol.messages import MetricBatch, MetricPoint
 from protocol.subjects import Subjects
@@ -176,7 +177,7 @@ async def pipeline(
     try:
         js = nc.jetstream()
         await ensure_metrics_stream(js, subjects=Subjects().stream_subjects_metrics)
-        await js.purge_stream("METRICS")
+        await js.purge_stream(METRICS)
         if drain:
             for i in range(0, len(payloads), 500):
                 for subject, data in payloads[i : i + 500]:
@@ -280,7 +281,7 @@ async def pipeline_procs(
         deadline = time.monotonic() + 30
         while True:  # the workers create the durable consumer when they start
             try:
-                await js.consumer_info("METRICS", "ingest")
+                await js.consumer_info(METRICS, "ingest")
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -292,9 +293,9 @@ async def pipeline_procs(
             for subject, data in payloads[i : i + 500]:
                 await js.publish_async(subject, data)
             await js.publish_async_completed()
-        last = (await js.stream_info("METRICS")).state.last_seq
+        last = (await js.stream_info(METRICS)).state.last_seq
         while True:  # acked only after InfluxDB took the write
-            info = await js.consumer_info("METRICS", "ingest")
+            info = await js.consumer_info(METRICS, "ingest")
             if info.ack_floor.stream_seq >= last:
                 break
             await asyncio.sleep(0.01)

@@ -12,7 +12,6 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
 from controller.apps.deployer import Deployer
@@ -28,8 +27,18 @@ from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedA
 from controller.nats.client import Flusher
 from controller.nats.permissions import CONTROLLER_INBOX
 from controller.nats.server import NatsServer, NatsSupervisor, NodeAccess
-from controller.state.streams import ensure_stream, metrics_stream_config, per_node_batches
-from controller.state.table import Table, open_bucket
+from controller.state.streams import (
+    JOBS_BUCKET,
+    NODES_BUCKET,
+    TOKENS_BUCKET,
+    ensure_stream,
+    events_stream_config,
+    jobs_stream_config,
+    metrics_stream_config,
+    open_bucket,
+    per_node_batches,
+)
+from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -181,16 +190,12 @@ class Controller:
             )
             await self.ingest.start()
         bad = self.on_bad_record
-        self.nodes = Table(
-            await open_bucket(self.js, "nodes"), NodeRecord, name="nodes", on_bad_record=bad
-        )
-        self.tokens_table = Table(
-            await open_bucket(self.js, "tokens"), TokenRecord, name="tokens", on_bad_record=bad
-        )
-        self.jobs_table = Table(
-            await open_bucket(self.js, "jobs", history=1, ttl=cfg.job_retention),
-            JobRecord, name="jobs", on_bad_record=bad,
-        )
+        self.nodes = Table(await open_bucket(self.js, NODES_BUCKET), NodeRecord,
+                           name=NODES_BUCKET.name, on_bad_record=bad)
+        self.tokens_table = Table(await open_bucket(self.js, TOKENS_BUCKET), TokenRecord,
+                                  name=TOKENS_BUCKET.name, on_bad_record=bad)
+        self.jobs_table = Table(await open_bucket(self.js, JOBS_BUCKET), JobRecord,
+                                name=JOBS_BUCKET.name, on_bad_record=bad)
         await self.nodes.start()
         await self.tokens_table.start()
         await self.jobs_table.start()
@@ -308,23 +313,9 @@ class Controller:
         )
         wanted = [
             metrics,
-            StreamConfig(
-                name="JOBS",
-                subjects=[s.jobs_all],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=cfg.job_retention,
-                max_bytes=cfg.jobs_max_bytes,
-                max_msg_size=cfg.max_payload,
-            ),
-            StreamConfig(
-                name="EVENTS",
-                subjects=s.stream_subjects_events,
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=7 * 24 * 3600,
-                max_bytes=256 << 20,
-            ),
+            jobs_stream_config(subjects=s, max_age=cfg.job_retention,
+                               max_bytes=cfg.jobs_max_bytes, max_msg_size=cfg.max_payload),
+            events_stream_config(subjects=s),
         ]
         for sc in wanted:
             await ensure_stream(self.js, sc)

@@ -22,7 +22,8 @@ from controller import jsontext
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.jobs.engine import MAX_TIMEOUT, JobSpec, parse_count
 from controller.models import NodeRecord
-from controller.state.table import Table, open_bucket
+from controller.state.streams import APP_STATUS_BUCKET, APPS_BUCKET, open_bucket
+from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError, SelectorError
 from protocol.messages import (
@@ -281,9 +282,10 @@ class Deployer:
     async def start(self) -> None:
         js = self.c.js
         bad = self.c.on_bad_record
-        self.apps = Table(await open_bucket(js, "apps"), AppRecord, name="apps", on_bad_record=bad)
-        self.statuses = Table(await open_bucket(js, "app_status", history=1),
-                              NodeAppStatus, name="app_status", on_bad_record=bad)
+        self.apps = Table(await open_bucket(js, APPS_BUCKET), AppRecord,
+                          name=APPS_BUCKET.name, on_bad_record=bad)
+        self.statuses = Table(await open_bucket(js, APP_STATUS_BUCKET), NodeAppStatus,
+                              name=APP_STATUS_BUCKET.name, on_bad_record=bad)
         await self.apps.start()
         await self.statuses.start()
         self._spawn(self._writer(), "app-status-writer")

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from controller.ingest.errors import SinkConfigError
 from controller.ingest.sinks import InfluxV1Sink, InfluxV2Sink, SinkConfig, make_sink
 from controller.ingest.worker import IngestWorker
+from controller.state.streams import METRICS
 from protocol.subjects import Subjects
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class IngestService:
         js: JetStreamContext,
         sink_config: SinkConfig,
         workers: int = 1,
-        stream: str = "METRICS",
+        stream: str = METRICS,
         durable: str = "ingest",
         subjects: Subjects | None = None,
         name: str = "ingest",

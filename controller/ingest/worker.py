@@ -22,7 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from controller.ingest.errors import SinkError
 from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import Sink
-from controller.state.streams import ensure_stream, metrics_stream_config
+from controller.state.streams import METRICS, ensure_stream, metrics_stream_config
 from protocol.codec import METRIC_BATCH_MAX, decode
 from protocol.errors import ProtocolError
 from protocol.messages import MetricBatch
@@ -39,7 +39,7 @@ async def ensure_metrics_stream(
     max_bytes: int = 1 << 30,
     max_batch: int = METRIC_BATCH_MAX,
     interval: float = 10.0,
-    name: str = "METRICS",
+    name: str = METRICS,
     replicas: int = 1,
 ) -> None:
     """Create the metrics stream (limits retention, file storage), or update its config.
@@ -105,7 +105,7 @@ class IngestWorker:
         *,
         js: JetStreamContext,
         sink: Sink,
-        stream: str = "METRICS",
+        stream: str = METRICS,
         durable: str = "ingest",
         batch_lines: int = 5000,
         fetch_batch: int = 256,

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from controller.errors import BadRequest, NotFound
 from controller.models import NodeRecord
 from controller.nats.client import Flusher
+from controller.state.streams import JOBS
 from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError
@@ -544,10 +545,10 @@ class JobEngine:
         subject = self.c.subjects.job_results(job_id)
         out: dict[str, NodeResult] = {}
         decoder = msgspec.msgpack.Decoder(NodeResult)
-        info = await js.stream_info("JOBS", subjects_filter=subject)
+        info = await js.stream_info(JOBS, subjects_filter=subject)
         if not (info.state.subjects or {}).get(subject):
             return []
-        sub = await js.subscribe(subject, stream="JOBS", ordered_consumer=True)
+        sub = await js.subscribe(subject, stream=JOBS, ordered_consumer=True)
         try:
             while True:
                 try:

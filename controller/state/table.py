@@ -13,8 +13,6 @@ from typing import Generic, TypeVar
 
 import msgspec
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from controller.errors import BadRecord, Conflict, NotFound
@@ -235,21 +233,3 @@ class Table(Generic[T]):
             self._items[key] = record
             self._revisions[key] = rev
             self._notify(key, record)
-
-
-async def open_bucket(
-    js: JetStreamContext,
-    bucket: str,
-    *,
-    history: int = 5,
-    replicas: int = 1,
-    ttl: float | None = None,
-) -> KeyValue:
-    """Open a KV bucket, creating it (file storage) when missing."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    return await js.create_key_value(
-        KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
-    )
