@@ -439,10 +439,11 @@ async def sinks_on_victoria(root: Path, data: list[tuple[bytes, int]]) -> dict[s
     vm.start()
     out = {}
     try:
-        for name, sink in [
+        sinks: list[tuple[str, Sink]] = [
             ("victoria_v1_sink_pps", InfluxV1Sink(vm.url, "b")),
             ("victoria_v2_sink_pps", InfluxV2Sink(vm.url, "t", "o", "b")),
-        ]:
+        ]
+        for name, sink in sinks:
             try:
                 out[name] = round(await direct(sink, data))
             finally:

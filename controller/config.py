@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def _write_secret(path: Path, data: bytes) -> None:
     write_private(path, data)
 
 
-def _read_or_create(path: Path, make: Any) -> bytes:
+def _read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     try:
         data = path.read_bytes()
         if path.stat().st_mode & 0o077:

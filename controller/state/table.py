@@ -74,11 +74,12 @@ class Table(Generic[T]):
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         while True:
             try:
-                entry = await watcher.updates(timeout=3600)
+                # nats-py leaves KeyWatcher's methods unannotated.
+                entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
             except nats.errors.TimeoutError:
                 continue
             except asyncio.CancelledError:
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
                 raise
             except Exception:
                 log.exception("watch on bucket %s failed; retrying", self.name)
