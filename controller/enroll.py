@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
 from controller.models import NodeRecord, TokenRecord
 from controller.nats.admission import NodeAdmission
-from controller.nats.server import NodeAccess
+from controller.nats.permissions import NodeAccess
 from controller.state.table import Table
 from protocol.errors import BadIdentityProof, SelectorError
 from protocol.messages import EnrollReply, EnrollRequest

@@ -25,8 +25,8 @@ from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedAdmission
 from controller.nats.client import Flusher
-from controller.nats.permissions import CONTROLLER_INBOX
-from controller.nats.server import NatsServer, NatsSupervisor, NodeAccess
+from controller.nats.permissions import CONTROLLER_INBOX, NodeAccess
+from controller.nats.server import NatsServer, NatsSupervisor
 from controller.state.streams import (
     JOBS_BUCKET,
     NODES_BUCKET,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.files import write_private
-from controller.nats.server import NatsServer, NodeAccess
+from controller.nats.permissions import NodeAccess
+from controller.nats.server import NatsServer
 
 log = logging.getLogger("barista.controller.auth")
 

@@ -6,6 +6,8 @@ without reloads (NATS operator mode) would put the same permissions into user JW
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from protocol.subjects import ENROLL_INBOX, Subjects
 
 # The enroll user can only ask to enroll; a join token is what authorises a node, so this
@@ -28,6 +30,14 @@ SYS_ACCOUNT = "SYS"
 SYS_USER = "barista-sys"
 
 Permissions = dict[str, dict[str, list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAccess:
+    """A node's NATS identity (its nkey public key) and the node id it is bound to."""
+
+    node_id: str
+    nkey: str
 
 
 def node_permissions(subjects: Subjects, node_id: str) -> Permissions:
@@ -82,9 +92,9 @@ def controller_users(subjects: Subjects, *, password: str) -> list[dict[str, obj
     ]
 
 
-def node_user(subjects: Subjects, *, node_id: str, nkey: str) -> dict[str, object]:
+def node_user(subjects: Subjects, node: NodeAccess) -> dict[str, object]:
     """A node's user entry: its nkey, with node_permissions."""
-    return {"nkey": nkey, "permissions": node_permissions(subjects, node_id)}
+    return {"nkey": node.nkey, "permissions": node_permissions(subjects, node.node_id)}
 
 
 def system_account(*, password: str) -> dict[str, object]:

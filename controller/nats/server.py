@@ -38,6 +38,7 @@ from controller.nats.permissions import (
     CONTROLLER_USER,
     PEERS_USER,
     SYS_USER,
+    NodeAccess,
     controller_users,
     node_user,
     system_account,
@@ -65,14 +66,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True, slots=True)
-class NodeAccess:
-    """A node's NATS identity (its nkey public key) and the node id it is bound to."""
-
-    node_id: str
-    nkey: str
 
 
 # -- processes of this data dir ------------------------------------------------------------
@@ -353,7 +346,7 @@ class NatsServer:
             users = controller_users(self.subjects, password=self.controller_password)
             listed = self._nodes.values() if nodes is None else nodes
             for node in sorted(listed, key=lambda n: n.node_id):
-                users.append(node_user(self.subjects, node_id=node.node_id, nkey=node.nkey))
+                users.append(node_user(self.subjects, node))
             conf["authorization"] = {"users": users}
             # Only with auth: a system-account user would make the server check the
             # credentials every client sends (agents always send the enroll user's).
