@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import InfluxV1Sink, InfluxV2Sink, Sink
-from controller.ingest.worker import IngestWorker, ensure_metrics_stream
+from controller.ingest.worker import IngestWorker
 from controller.nats.server import NatsServer
-from controller.state.streams import METRICS
+from controller.state.streams import METRICS, ensure_stream, metrics_stream_config
 from protocol.codec import encode
 from protocol.messages import MetricBatch, MetricPoint
 from protocol.subjects import Subjects
@@ -176,7 +176,7 @@ async def pipeline(
     publisher = None
     try:
         js = nc.jetstream()
-        await ensure_metrics_stream(js, subjects=Subjects().stream_subjects_metrics)
+        await ensure_stream(js, metrics_stream_config(subjects=Subjects().stream_subjects_metrics))
         await js.purge_stream(METRICS)
         if drain:
             for i in range(0, len(payloads), 500):
@@ -276,7 +276,7 @@ async def pipeline_procs(
     try:
         js = nc.jetstream()
         subjects = Subjects()
-        await ensure_metrics_stream(js, subjects=subjects.stream_subjects_metrics)
+        await ensure_stream(js, metrics_stream_config(subjects=subjects.stream_subjects_metrics))
         payloads = [(subjects.metrics(b.node_id), encode(b)) for b in batches]
         deadline = time.monotonic() + 30
         while True:  # the workers create the durable consumer when they start

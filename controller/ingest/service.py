@@ -53,8 +53,8 @@ def sink_config_of(config: ControllerConfig) -> SinkConfig | None:
 class IngestService:
     """``async with IngestService(js=js, sink_config=cfg, workers=2) as svc: ...``
 
-    The METRICS stream must exist (the controller creates it; `barista ingest` calls
-    ensure_metrics_stream first). Raises SinkConfigError for an incomplete sink config.
+    The METRICS stream must exist (the controller creates it; `barista ingest` waits for
+    it). Raises SinkConfigError for an incomplete sink config.
     """
 
     def __init__(

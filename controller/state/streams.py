@@ -90,26 +90,26 @@ def jobs_stream_config(
     *, subjects: Subjects, max_age: float, max_bytes: int, max_msg_size: int
 ) -> StreamConfig:
     """Per-node results of every job (``<prefix>.jobs.<id>.results``), kept for max_age."""
-    return StreamConfig(
-        name=JOBS,
-        subjects=[subjects.jobs_all],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=max_age,
-        max_bytes=max_bytes,
-        max_msg_size=max_msg_size,
-    )
+    return _kept_for(JOBS, [subjects.jobs_all], max_age=max_age, max_bytes=max_bytes,
+                     max_msg_size=max_msg_size)
 
 
 def events_stream_config(*, subjects: Subjects) -> StreamConfig:
     """Node events and the controller's own fleet events, kept a week."""
+    return _kept_for(EVENTS, subjects.stream_subjects_events, max_age=EVENTS_MAX_AGE,
+                     max_bytes=EVENTS_MAX_BYTES)
+
+
+def _kept_for(
+    name: str, subjects: list[str], *, max_age: float, max_bytes: int,
+    max_msg_size: int = -1,
+) -> StreamConfig:
+    """A file stream with limits retention: messages go when too old or too many bytes
+    (``max_msg_size`` -1: no limit of its own, the server's max_payload)."""
     return StreamConfig(
-        name=EVENTS,
-        subjects=subjects.stream_subjects_events,
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=EVENTS_MAX_AGE,
-        max_bytes=EVENTS_MAX_BYTES,
+        name=name, subjects=subjects, retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, max_age=max_age, max_bytes=max_bytes,
+        max_msg_size=max_msg_size,
     )
 
 
