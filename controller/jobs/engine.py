@@ -104,16 +104,16 @@ class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     @classmethod
     def of(cls, res: CommandResult, *, expected: bool, batch: int) -> NodeResult:
         """The job's record of a node's wire result (the one place they are converted):
-        every field the two share is carried over as it is, the status is mapped."""
+        the fields the two share go over as they are; status and data are converted."""
         carried = {name: getattr(res, name) for name in _CARRIED_RESULT_FIELDS}
-        return cls(**carried, status=_status(res.status), expected=expected, batch=batch,
-                   at=time.time())
+        return cls(**carried, status=_status(res.status), data=res.data, expected=expected,
+                   batch=batch, at=time.time())
 
 
 # What a node's CommandResult and the job's NodeResult share, copied by NodeResult.of.
 _CARRIED_RESULT_FIELDS = tuple(
     name for name in CommandResult.__struct_fields__
-    if name in NodeResult.__struct_fields__ and name != "status"
+    if name in NodeResult.__struct_fields__ and name not in ("status", "data")
 )
 
 
