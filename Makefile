@@ -28,9 +28,10 @@ test: $(BIN)/.installed system-deps
 test-quick: $(BIN)/.installed
 	$(BIN)/pytest -q -m "not slow"
 
+# mypy settings (strict for everything we ship) are in pyproject.toml [tool.mypy].
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/mypy protocol agent
+	$(BIN)/mypy protocol agent controller bench
 
 bench: $(BIN)/.installed system-deps
 	$(BIN)/python bench/broadcast.py

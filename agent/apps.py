@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from agent.files import write_private
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import AppArtifact, AppRelease, AppSyncReply, AppSyncRequest, ErrorReply
@@ -212,7 +213,7 @@ class AppReconciler:
             self.log.warning("app %s %s: %s", name, version, exc)
             await self._set(name, version, "failed", str(exc))
             return
-        await asyncio.to_thread(_write_private, rdir / "release.json",
+        await asyncio.to_thread(write_private, rdir / "release.json",
                                 msgspec.json.encode(rel))
         if current is not None:
             old = await asyncio.to_thread(self._load_release, name, current)
@@ -365,7 +366,7 @@ class AppReconciler:
             state[name] = version
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        _write_private(self.state_dir / "state.json", json.dumps(state, indent=1).encode())
+        write_private(self.state_dir / "state.json", json.dumps(state, indent=1).encode())
 
     def _forget(self, name: str) -> None:
         self._record_state(name, None)
@@ -459,14 +460,6 @@ def _tail(path: Path) -> str:
     except OSError:
         return ""
     return data[-ERROR_TAIL:].decode("utf-8", "replace").strip()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _kill_group(pid: int) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from agent import settings
 
 ENV_PREFIX = "BARISTA_AGENT_"
 DEFAULT_CONFIG = Path("/etc/barista/agent.toml")
@@ -62,20 +63,14 @@ class AgentConfig:
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
             values.update(data.get("agent", data))
-        names = {f.name for f in fields(cls)}
-        for name in names:
-            env = os.environ.get(ENV_PREFIX + name.upper())
-            if env is not None:
-                values[name] = env
-        for k, v in (overrides or {}).items():
-            if v is not None and v != [] and v != {}:
-                values[k] = v
-        unknown = set(values) - names
-        if unknown:
-            raise ConfigError(f"unknown agent setting(s): {', '.join(sorted(unknown))}")
-        cfg = cls()
-        for name, raw in values.items():
-            setattr(cfg, name, _coerce(name, raw, getattr(cfg, name)))
+        try:
+            values.update(settings.from_env(cls, ENV_PREFIX))
+            for k, v in (overrides or {}).items():
+                if v is not None and v != [] and v != {}:
+                    values[k] = v
+            cfg = settings.convert(cls, values, what="agent")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         cfg.validate()
         return cfg
 
@@ -114,33 +109,3 @@ class AgentConfig:
         if self.max_concurrency < 1:
             raise ConfigError("max_concurrency must be at least 1")
 
-
-def _coerce(name: str, raw: Any, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, Path):
-            return Path(raw)
-        if isinstance(default, list):
-            if isinstance(raw, str):
-                return [p.strip() for p in raw.split(",") if p.strip()]
-            return [str(x) for x in raw]
-        if isinstance(default, dict):
-            if isinstance(raw, str):
-                out: dict[str, str] = {}
-                for item in raw.split(","):
-                    if not item.strip():
-                        continue
-                    k, sep, v = item.partition("=")
-                    if not sep:
-                        raise ValueError(f"label {item!r} must be key=value")
-                    out[k.strip()] = v.strip()
-                return out
-            return {str(k): str(v) for k, v in dict(raw).items()}
-        return str(raw)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name}={raw!r} is invalid: {exc}") from None

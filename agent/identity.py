@@ -9,19 +9,9 @@ from pathlib import Path
 
 import nkeys
 
+from agent.files import write_private
 from protocol.messages import EnrollRequest
 from protocol.signing import sign_enroll
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Identity:
@@ -52,7 +42,8 @@ class Identity:
         except FileNotFoundError:
             pass
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-        _write_private(self.seed_path, bytes(seed))
+        self.seed_path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(self.seed_path, bytes(seed))
         return bytearray(seed)
 
 
@@ -79,4 +70,5 @@ class EnrollState:
         return state if state.node_id else None
 
     def save(self, path: Path) -> None:
-        _write_private(path, json.dumps(asdict(self), indent=2).encode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, json.dumps(asdict(self), indent=2).encode())

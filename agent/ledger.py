@@ -21,35 +21,14 @@ from pathlib import Path
 
 import msgspec
 
+from agent.files import write_private
+
 log = logging.getLogger("barista.agent.ledger")
 
 # Appended lines beyond the live ones before the log is rewritten with only the live ones.
 _COMPACT_SLACK = 1024
 # How long reap() waits for a killed group to be gone (init reaps the orphans).
 _REAP_WAIT = 3.0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
-    """Write a 0600 file by rename, so a reader sees the old or the new content, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
 
 
 class _Seen(msgspec.Struct, array_like=True):
@@ -130,7 +109,7 @@ class SeenLog:
     def _compact(self) -> None:
         """Rewrite the log with the live ids only (caller holds the lock)."""
         data = b"".join(self._encoder.encode(_Seen(k, v)) + b"\n" for k, v in self._live.items())
-        _write_atomic(self.path, data, durable=True)
+        write_private(self.path, data)
         if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -226,7 +205,7 @@ class RunLedger:
                        start=st.start if st is not None else -1, boot=self._boot)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_atomic(self._path(command_id), msgspec.json.encode(rec), durable=False)
+            write_private(self._path(command_id), msgspec.json.encode(rec), durable=False)
         except OSError as exc:
             log.warning("cannot record running command %s (job %s): %s; it would be left "
                         "behind if the agent died", command_id, job_id, exc)

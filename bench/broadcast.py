@@ -26,6 +26,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -90,7 +94,7 @@ async def worker_raw(args: argparse.Namespace) -> None:
 
         results = f"barista.node.{st.node_id}.results"
 
-        async def respond(msg) -> None:  # no work: the floor NATS itself sets
+        async def respond(msg: Msg) -> None:  # no work: the floor NATS itself sets
             await nc.publish(results, b"")
 
         await nc.subscribe(subject, cb=respond)
@@ -191,7 +195,9 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
                     done = asyncio.Event()
                     got = [0]
 
-                    async def on_reply(msg, got=got, done=done) -> None:
+                    async def on_reply(
+                        msg: Msg, got: list[int] = got, done: asyncio.Event = done
+                    ) -> None:
                         got[0] += 1
                         if got[0] == n:
                             done.set()

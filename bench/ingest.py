@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import InfluxV1Sink, InfluxV2Sink, Sink
-from controller.ingest.worker import IngestWorker, ensure_metrics_stream
+from controller.ingest.worker import IngestWorker
 from controller.nats.server import NatsServer
+from controller.state.streams import METRICS, ensure_stream, metrics_stream_config
 from protocol.codec import encode
 from protocol.messages import MetricBatch, MetricPoint
 from protocol.subjects import Subjects
@@ -175,8 +176,8 @@ async def pipeline(
     publisher = None
     try:
         js = nc.jetstream()
-        await ensure_metrics_stream(js, subjects=Subjects().stream_subjects_metrics)
-        await js.purge_stream("METRICS")
+        await ensure_stream(js, metrics_stream_config(subjects=Subjects().stream_subjects_metrics))
+        await js.purge_stream(METRICS)
         if drain:
             for i in range(0, len(payloads), 500):
                 for subject, data in payloads[i : i + 500]:
@@ -275,12 +276,12 @@ async def pipeline_procs(
     try:
         js = nc.jetstream()
         subjects = Subjects()
-        await ensure_metrics_stream(js, subjects=subjects.stream_subjects_metrics)
+        await ensure_stream(js, metrics_stream_config(subjects=subjects.stream_subjects_metrics))
         payloads = [(subjects.metrics(b.node_id), encode(b)) for b in batches]
         deadline = time.monotonic() + 30
         while True:  # the workers create the durable consumer when they start
             try:
-                await js.consumer_info("METRICS", "ingest")
+                await js.consumer_info(METRICS, "ingest")
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -292,9 +293,9 @@ async def pipeline_procs(
             for subject, data in payloads[i : i + 500]:
                 await js.publish_async(subject, data)
             await js.publish_async_completed()
-        last = (await js.stream_info("METRICS")).state.last_seq
+        last = (await js.stream_info(METRICS)).state.last_seq
         while True:  # acked only after InfluxDB took the write
-            info = await js.consumer_info("METRICS", "ingest")
+            info = await js.consumer_info(METRICS, "ingest")
             if info.ack_floor.stream_seq >= last:
                 break
             await asyncio.sleep(0.01)
@@ -438,10 +439,11 @@ async def sinks_on_victoria(root: Path, data: list[tuple[bytes, int]]) -> dict[s
     vm.start()
     out = {}
     try:
-        for name, sink in [
+        sinks: list[tuple[str, Sink]] = [
             ("victoria_v1_sink_pps", InfluxV1Sink(vm.url, "b")),
             ("victoria_v2_sink_pps", InfluxV2Sink(vm.url, "t", "o", "b")),
-        ]:
+        ]
+        for name, sink in sinks:
             try:
                 out[name] = round(await direct(sink, data))
             finally:

@@ -6,11 +6,14 @@ import json
 import os
 import secrets
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.errors import BadRequest
+from agent import settings
+from agent.files import write_private
+from controller.errors import ConfigError
 from protocol.codec import METRIC_BATCH_MAX
 from protocol.signing import CommandSigner
 
@@ -69,74 +72,45 @@ class ControllerConfig:
                 with open(path, "rb") as f:
                     values.update(tomllib.load(f).get("controller", {}))
             except FileNotFoundError:
-                raise BadRequest(f"config file {path} does not exist") from None
+                raise ConfigError(f"config file {path} does not exist") from None
             except tomllib.TOMLDecodeError as exc:
-                raise BadRequest(f"config file {path} is not valid TOML: {exc}") from None
-        names = {f.name: f for f in fields(cls)}
-        for name in names:
-            env = os.environ.get(ENV_PREFIX + name.upper())
-            if env is not None:
-                values[name] = env
-        for k, v in (overrides or {}).items():
-            if v is not None:
-                values[k] = v
-        unknown = set(values) - set(names)
-        if unknown:
-            raise BadRequest(f"unknown controller setting(s): {', '.join(sorted(unknown))}")
-        cfg = cls()
-        for name, raw in values.items():
-            default = getattr(cfg, name)
-            try:
-                if isinstance(default, bool):
-                    value: Any = (
-                        raw
-                        if isinstance(raw, bool)
-                        else str(raw).lower() in ("1", "true", "yes", "on")
-                    )
-                elif isinstance(default, int):
-                    value = int(raw)
-                elif isinstance(default, float):
-                    value = float(raw)
-                elif name in ("data_dir", "client_config"):
-                    value = Path(raw) if raw not in ("", None) else None
-                else:
-                    value = str(raw)
-            except (TypeError, ValueError):
-                raise BadRequest(
-                    f"setting {name}={raw!r} is not a valid {type(default).__name__}"
-                ) from None
-            setattr(cfg, name, value)
-        if cfg.data_dir is None:
-            cfg.data_dir = Path(".barista")
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        try:
+            values.update(settings.from_env(cls, ENV_PREFIX))
+            values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+            # An empty path is no path: the default data dir, no client config.
+            if values.get("data_dir") == "":
+                del values["data_dir"]
+            if values.get("client_config") == "":
+                values["client_config"] = None
+            cfg = settings.convert(cls, values, what="controller")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not (cfg.heartbeat_interval > 0 and cfg.metrics_interval > 0):
-            raise BadRequest("heartbeat_interval and metrics_interval must be > 0")
+            raise ConfigError("heartbeat_interval and metrics_interval must be > 0")
         if not (0 < cfg.stale_after < cfg.offline_after):
-            raise BadRequest("stale_after must be > 0 and < offline_after")
+            raise ConfigError("stale_after must be > 0 and < offline_after")
         if cfg.influx_kind not in ("", "influx1", "influx2"):
-            raise BadRequest(
+            raise ConfigError(
                 f"influx_kind {cfg.influx_kind!r} must be influx1, influx2 or empty (no ingest)"
             )
         if cfg.influx_kind and not cfg.influx_url:
-            raise BadRequest(f"influx_kind {cfg.influx_kind} needs influx_url")
+            raise ConfigError(f"influx_kind {cfg.influx_kind} needs influx_url")
         if not (1024 <= cfg.metrics_max_batch <= cfg.max_payload):
-            raise BadRequest(
+            raise ConfigError(
                 f"metrics_max_batch must be between 1024 and max_payload ({cfg.max_payload})"
             )
         if cfg.ingest_workers < 1:
-            raise BadRequest("ingest_workers must be at least 1")
+            raise ConfigError("ingest_workers must be at least 1")
         return cfg
 
 
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_private(path, data)
 
 
-def _read_or_create(path: Path, make: Any) -> bytes:
+def _read_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     try:
         data = path.read_bytes()
         if path.stat().st_mode & 0o077:
@@ -199,7 +173,7 @@ def read_client_config(path: Path | None = None) -> dict[str, str]:
     except FileNotFoundError:
         pass
     except tomllib.TOMLDecodeError as exc:
-        raise BadRequest(f"client config {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"client config {path} is not valid TOML: {exc}") from None
     if os.environ.get("BARISTA_URL"):
         out["url"] = os.environ["BARISTA_URL"]
     if os.environ.get("BARISTA_TOKEN"):

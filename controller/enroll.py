@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
 from controller.models import NodeRecord, TokenRecord
-from controller.nats.admission import NatsAuth
-from controller.nats.server import NodeAccess
+from controller.nats.admission import NodeAdmission
+from controller.nats.permissions import NodeAccess
 from controller.state.table import Table
 from protocol.errors import BadIdentityProof, SelectorError
 from protocol.messages import EnrollReply, EnrollRequest
@@ -159,7 +159,7 @@ class Enrollment:
         *,
         tokens: TokenService,
         nodes: Table[NodeRecord],
-        auth: NatsAuth,
+        admission: NodeAdmission,
         inbox_prefix: Callable[[str], str],
         heartbeat_interval: float,
         metrics_interval: float,
@@ -167,7 +167,7 @@ class Enrollment:
     ) -> None:
         self._tokens = tokens
         self._nodes = nodes
-        self._auth = auth
+        self._admission = admission
         self._inbox_prefix = inbox_prefix
         self._hb = heartbeat_interval
         self._mi = metrics_interval
@@ -242,7 +242,7 @@ class Enrollment:
         existing = self._nodes.get(node_id)
         if existing is not None:
             # A retry after a failed reply: make sure the identity really is admitted.
-            await self._auth.add(NodeAccess(node_id=node_id, nkey=req.identity))
+            await self._admission.admit(NodeAccess(node_id=node_id, nkey=req.identity))
         if existing is None:
             now = time.time()
             record = NodeRecord(
@@ -259,7 +259,7 @@ class Enrollment:
                 wg_public_key=req.wg_public_key[:64],
                 token_id=token.id,
             )
-            await self._auth.add(NodeAccess(node_id=node_id, nkey=req.identity))
+            await self._admission.admit(NodeAccess(node_id=node_id, nkey=req.identity))
             try:
                 await self._nodes.create(node_id, record)
             except Conflict:
@@ -270,7 +270,7 @@ class Enrollment:
             ok=True,
             node_id=node_id,
             labels=existing.labels,
-            auth="nkey" if self._auth.managed else "none",
+            auth="nkey" if self._admission.managed else "none",
             inbox_prefix=self._inbox_prefix(node_id),
             heartbeat_interval=self._hb,
             metrics_interval=self._mi,

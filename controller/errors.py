@@ -32,6 +32,13 @@ class BadRequest(ControllerError):
     status = 400
 
 
+class ConfigError(ControllerError):
+    """The controller's settings (file, environment, flags) or the CLI's config are
+    unusable; the message names the setting. A server-side fault if the API ever meets it."""
+
+    code = "config_error"
+
+
 class TokenRefused(ControllerError):
     """A join token cannot be used; ``code`` says why (bad_token, token_used, token_expired)."""
 

@@ -17,9 +17,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
-from nats.js.kv import KeyValue
 
 from controller.apps.deployer import AppRecord, Deployer, NodeAppStatus
 from controller.config import ControllerConfig, Secrets
@@ -30,11 +28,25 @@ from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
-from controller.nats.admission import NatsAuth
+from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedAdmission
 from controller.nats.client import Flusher
-from controller.nats.server import CONTROLLER_INBOX, NatsServer, NatsSupervisor, NodeAccess
-from controller.state.streams import ensure_stream, metrics_stream_config, per_node_batches
-from controller.state.table import Table, open_bucket
+from controller.nats.permissions import CONTROLLER_INBOX, NodeAccess
+from controller.nats.server import NatsServer, NatsSupervisor
+from controller.state.streams import (
+    APP_STATUS_BUCKET,
+    APPS_BUCKET,
+    JOBS_BUCKET,
+    NODES_BUCKET,
+    TOKENS_BUCKET,
+    Bucket,
+    ensure_stream,
+    events_stream_config,
+    jobs_stream_config,
+    metrics_stream_config,
+    open_bucket,
+    per_node_batches,
+)
+from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -149,7 +161,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
                 max_payload=cfg.max_payload,
             )
             stack.push_async_callback(asyncio.to_thread, natsd.stop)
-            natsd.set_nodes(NatsAuth.load_cache(cfg.data_dir / "nats-nodes.json"))
+            natsd.set_nodes(ReloadAdmission.load_cache(cfg.data_dir / "nats-nodes.json"))
             # Locks the store, stopping an orphan of a killed controller: may wait.
             await asyncio.to_thread(natsd.prepare)
             # Forked from the loop's thread: the server's parent-death signal follows the
@@ -190,20 +202,18 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             stack.push_async_callback(_stop_logged, "ingest", ingest.stop)
             await ingest.start()
 
-        async def table(bucket: Awaitable[KeyValue], record_type: type[R], name: str) -> Table[R]:
-            t = Table(await bucket, record_type, name=name, on_bad_record=stats.on_bad_record)
+        async def table(bucket: Bucket, record_type: type[R]) -> Table[R]:
+            t = Table(await open_bucket(js, bucket), record_type, name=bucket.name,
+                      on_bad_record=stats.on_bad_record)
             await t.start()
             stack.push_async_callback(t.stop)
             return t
 
-        nodes: Table[NodeRecord] = await table(open_bucket(js, "nodes"), NodeRecord, "nodes")
-        tokens: Table[TokenRecord] = await table(
-            open_bucket(js, "tokens"), TokenRecord, "tokens")
-        jobs: Table[JobRecord] = await table(
-            open_bucket(js, "jobs", history=1, ttl=cfg.job_retention), JobRecord, "jobs")
-        apps: Table[AppRecord] = await table(open_bucket(js, "apps"), AppRecord, "apps")
-        app_statuses: Table[NodeAppStatus] = await table(
-            open_bucket(js, "app_status", history=1), NodeAppStatus, "app_status")
+        nodes: Table[NodeRecord] = await table(NODES_BUCKET, NodeRecord)
+        tokens: Table[TokenRecord] = await table(TOKENS_BUCKET, TokenRecord)
+        jobs: Table[JobRecord] = await table(JOBS_BUCKET, JobRecord)
+        apps: Table[AppRecord] = await table(APPS_BUCKET, AppRecord)
+        app_statuses: Table[NodeAppStatus] = await table(APP_STATUS_BUCKET, NodeAppStatus)
         controller = RunningController(
             config=cfg, subjects=subjects, stats=stats, serving=serving, secrets=secrets,
             natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
@@ -276,23 +286,9 @@ async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjec
     )
     wanted = [
         metrics,
-        StreamConfig(
-            name="JOBS",
-            subjects=[s.jobs_all],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=cfg.job_retention,
-            max_bytes=cfg.jobs_max_bytes,
-            max_msg_size=cfg.max_payload,
-        ),
-        StreamConfig(
-            name="EVENTS",
-            subjects=s.stream_subjects_events,
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * 24 * 3600,
-            max_bytes=256 << 20,
-        ),
+        jobs_stream_config(subjects=s, max_age=cfg.job_retention,
+                           max_bytes=cfg.jobs_max_bytes, max_msg_size=cfg.max_payload),
+        events_stream_config(subjects=s),
     ]
     for sc in wanted:
         await ensure_stream(js, sc)
@@ -343,7 +339,10 @@ class RunningController:
         self.tokens_table = tokens_table
         self.jobs_table = jobs_table
         self.hub = MetricsHub(self._labels_of)
-        self.admission = NatsAuth(natsd, config.data_dir / "nats-nodes.json")
+        self.admission: NodeAdmission = (
+            ReloadAdmission(server=natsd, cache_path=config.data_dir / "nats-nodes.json")
+            if natsd is not None else UnmanagedAdmission()
+        )
         self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl)
         self.fleet = Fleet(
             nodes,
@@ -354,7 +353,7 @@ class RunningController:
         self.enrollment = Enrollment(
             tokens=self.tokens,
             nodes=nodes,
-            auth=self.admission,
+            admission=self.admission,
             inbox_prefix=subjects.inbox_prefix,
             heartbeat_interval=config.heartbeat_interval,
             metrics_interval=config.metrics_interval,

@@ -83,7 +83,8 @@ class ApiClient:
                                      headers={"Accept": "text/event-stream"})
         resp = self._open(req, 60)
         with resp:
-            event, data = "message", []
+            event = "message"
+            data: list[str] = []
             for raw in resp:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if not line:

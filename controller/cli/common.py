@@ -8,12 +8,13 @@ from typing import Any
 import click
 
 from controller.cli.client import ApiClient, ApiError
+from controller.errors import ConfigError
 
 
 def client() -> ApiClient:
     try:
         return ApiClient()
-    except ApiError as exc:
+    except (ApiError, ConfigError) as exc:
         raise click.ClickException(exc.message) from None
 
 

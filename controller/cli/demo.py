@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table as RichTable
 
+from agent.files import write_private
 from controller.cli.serve import running_controller
 from controller.config import ControllerConfig
 from controller.service import RunningController
@@ -105,9 +105,7 @@ def start_agent(agent: DemoAgent, nats_url: str, token: str, controller_key: str
     agent.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # The token goes to a 0600 file, never onto the command line (readable by every user).
     token_file = agent.state_dir / "join-token"
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+    write_private(token_file, token.encode())
     log_f = open(agent.log_path, "ab")
     try:
         agent.proc = subprocess.Popen(

@@ -87,6 +87,8 @@ def ingest(
     """
     from controller.config import ControllerConfig
     from controller.errors import ControllerError
+    from controller.ingest.process import run_ingest
+    from controller.nats.permissions import CONTROLLER_USER
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
@@ -104,7 +106,7 @@ def ingest(
             )
         if not cfg.nats_user and data_dir is not None:
             pw = (data_dir / "nats-controller-password").read_text().strip()
-            cfg.nats_user, cfg.nats_password = "controller", pw
+            cfg.nats_user, cfg.nats_password = CONTROLLER_USER, pw
         asyncio.run(run_ingest(cfg))
     except ControllerError as exc:
         raise click.ClickException(exc.message) from None
@@ -112,61 +114,6 @@ def ingest(
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
-
-
-async def run_ingest(cfg: Any, stop: asyncio.Event | None = None) -> None:
-    """Connect, wait for the METRICS stream, run the workers until ``stop`` or a signal."""
-    import signal
-
-    import nats
-    import nats.js.errors
-
-    from controller.ingest.service import IngestService, sink_config_of
-    from controller.ingest.sinks import make_sink
-    from protocol.subjects import Subjects
-
-    sink_config = sink_config_of(cfg)
-    assert sink_config is not None
-    make_sink(sink_config)  # a bad sink config fails now, not after NATS is reached
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    creds = {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_user else {}
-    nc = await nats.connect(
-        cfg.nats_url, name="barista-ingest", max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5, **creds,
-    )
-    try:
-        js = nc.jetstream()
-        # The controller owns the stream's config; this process only waits for it.
-        while not stop.is_set():
-            try:
-                await js.stream_info("METRICS")
-                break
-            except nats.js.errors.NotFoundError:
-                log.warning("ingest: no METRICS stream yet (is the controller running?)")
-                try:
-                    await asyncio.wait_for(stop.wait(), 2.0)
-                except TimeoutError:
-                    pass
-        if stop.is_set():
-            return
-        async with IngestService(
-            js=js, sink_config=sink_config, workers=cfg.ingest_workers,
-            subjects=Subjects(cfg.subject_prefix), name="ingest-proc",
-        ) as svc:
-            log.info("ingest: running %d worker(s) into %s", len(svc.workers), svc.sink.name)
-            await stop.wait()
-            log.info("ingest: stopping (%s)", json.dumps(
-                {k: svc.status()[k] for k in ("batches", "points", "write_errors")}))
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        try:
-            await asyncio.wait_for(nc.drain(), 5)
-        except Exception:
-            await nc.close()
 
 
 # -- barista top ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from controller.ingest.errors import SinkConfigError
 from controller.ingest.sinks import InfluxV1Sink, InfluxV2Sink, SinkConfig, make_sink
 from controller.ingest.worker import IngestWorker
+from controller.state.streams import METRICS
 from protocol.subjects import Subjects
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ def sink_config_of(config: ControllerConfig) -> SinkConfig | None:
 class IngestService:
     """``async with IngestService(js=js, sink_config=cfg, workers=2) as svc: ...``
 
-    The METRICS stream must exist (the controller creates it; `barista ingest` calls
-    ensure_metrics_stream first). Raises SinkConfigError for an incomplete sink config.
+    The METRICS stream must exist (the controller creates it; `barista ingest` waits for
+    it). Raises SinkConfigError for an incomplete sink config.
     """
 
     def __init__(
@@ -62,7 +63,7 @@ class IngestService:
         js: JetStreamContext,
         sink_config: SinkConfig,
         workers: int = 1,
-        stream: str = "METRICS",
+        stream: str = METRICS,
         durable: str = "ingest",
         subjects: Subjects | None = None,
         name: str = "ingest",

@@ -22,35 +22,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from controller.ingest.errors import SinkError
 from controller.ingest.lineproto import LineEncoder
 from controller.ingest.sinks import Sink
-from controller.state.streams import ensure_stream, metrics_stream_config
-from protocol.codec import METRIC_BATCH_MAX, decode
+from controller.state.streams import METRICS
+from protocol.codec import decode
 from protocol.errors import ProtocolError
 from protocol.messages import MetricBatch
 from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.ingest")
-
-
-async def ensure_metrics_stream(
-    js: JetStreamContext,
-    *,
-    subjects: list[str],
-    max_age: float = 24 * 3600,
-    max_bytes: int = 1 << 30,
-    max_batch: int = METRIC_BATCH_MAX,
-    interval: float = 10.0,
-    name: str = "METRICS",
-    replicas: int = 1,
-) -> None:
-    """Create the metrics stream (limits retention, file storage), or update its config.
-
-    The one definition is controller.streams.metrics_stream_config. Idempotent; safe to
-    run from several controllers at once.
-    """
-    await ensure_stream(js, metrics_stream_config(
-        subjects=subjects, max_age=max_age, max_bytes=max_bytes, max_batch=max_batch,
-        interval=interval, name=name, replicas=replicas,
-    ))
 
 
 @dataclass
@@ -105,7 +83,7 @@ class IngestWorker:
         *,
         js: JetStreamContext,
         sink: Sink,
-        stream: str = "METRICS",
+        stream: str = METRICS,
         durable: str = "ingest",
         batch_lines: int = 5000,
         fetch_batch: int = 256,

@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -27,10 +27,11 @@ from controller.errors import BadRequest, NotFound
 from controller.fleet import Fleet
 from controller.models import NodeRecord
 from controller.nats.client import Flusher
+from controller.state.streams import JOBS
 from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError
-from protocol.messages import Command, CommandResult, Event
+from protocol.messages import Command, CommandAction, CommandResult, Event
 from protocol.selectors import Selector
 from protocol.signing import CommandSigner
 from protocol.subjects import Subjects
@@ -72,6 +73,25 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_f
     max_failures: str = ""  # "3" or "10%": stop the rollout when exceeded
     mode: Literal["auto", "broadcast", "direct"] = "auto"
 
+    def command(
+        self, *, id: str, job_id: str, issued_at: float, ttl: float, selector: str,
+        targets: list[str],
+    ) -> Command:
+        """The signed-to-be wire command of this spec (the one place a JobSpec becomes a
+        Command): the fields they share go over as they are; validate() checked action."""
+        carried = {name: getattr(self, name) for name in _CARRIED_COMMAND_FIELDS}
+        return Command(
+            **carried, id=id, job_id=job_id, issued_at=issued_at, ttl=ttl,
+            action=cast(CommandAction, self.action), selector=selector, targets=targets,
+        )
+
+
+# What a JobSpec passes to its Command unchanged (action, selector, targets: per batch).
+_CARRIED_COMMAND_FIELDS = tuple(
+    name for name in Command.__struct_fields__
+    if name in JobSpec.__struct_fields__ and name not in ("action", "selector", "targets")
+)
+
 
 class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     node_id: str
@@ -90,13 +110,18 @@ class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     @classmethod
     def of(cls, res: CommandResult, *, expected: bool, batch: int) -> NodeResult:
-        """The job's record of a node's wire result (the one place they are converted)."""
-        return cls(
-            node_id=res.node_id, status=_outcome(res.status), exit_code=res.exit_code,
-            stdout=res.stdout, stderr=res.stderr, stdout_truncated=res.stdout_truncated,
-            stderr_truncated=res.stderr_truncated, duration=res.duration, reason=res.reason,
-            data=res.data, expected=expected, batch=batch, at=time.time(),
-        )
+        """The job's record of a node's wire result (the one place they are converted):
+        the fields the two share go over as they are; status and data are converted."""
+        carried = {name: getattr(res, name) for name in _CARRIED_RESULT_FIELDS}
+        return cls(**carried, status=_outcome(res.status), data=res.data, expected=expected,
+                   batch=batch, at=time.time())
+
+
+# What a node's CommandResult and the job's NodeResult share, copied by NodeResult.of.
+_CARRIED_RESULT_FIELDS = tuple(
+    name for name in CommandResult.__struct_fields__
+    if name in NodeResult.__struct_fields__ and name not in ("status", "data")
+)
 
 
 class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -386,22 +411,13 @@ class JobEngine:
 
     def _command(self, run: _Run, *, targets: list[str], selector: str) -> bytes:
         spec = run.record.spec
-        cmd = Command(
+        cmd = spec.command(
             id=secrets.token_hex(12),
             job_id=run.record.id,
             issued_at=self._clock(),
             ttl=spec.timeout + REPLY_GRACE + 30,
-            action=spec.action,  # type: ignore[arg-type]
             selector=selector,
             targets=targets,
-            argv=spec.argv,
-            shell=spec.shell,
-            env=spec.env,
-            cwd=spec.cwd,
-            user=spec.user,
-            timeout=spec.timeout,
-            output_cap=spec.output_cap,
-            stream_output=spec.stream_output,
         )
         return codec.encode(self._signer.sign(cmd))
 
@@ -581,10 +597,10 @@ class JobEngine:
         subject = self._subjects.job_results(job_id)
         out: dict[str, NodeResult] = {}
         decoder = msgspec.msgpack.Decoder(NodeResult)
-        info = await js.stream_info("JOBS", subjects_filter=subject)
+        info = await js.stream_info(JOBS, subjects_filter=subject)
         if not (info.state.subjects or {}).get(subject):
             return []
-        sub = await js.subscribe(subject, stream="JOBS", ordered_consumer=True)
+        sub = await js.subscribe(subject, stream=JOBS, ordered_consumer=True)
         try:
             while True:
                 try:

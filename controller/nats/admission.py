@@ -1,4 +1,5 @@
-"""Keeps the embedded nats-server's list of node identities in step with enrollment.
+"""Node admission: which node identities the NATS server lets in (the ``NodeAdmission``
+seam), and its first implementation, batched config reloads of the embedded server.
 
 Reloads are batched: many nodes enrolling at once cost one config reload. A reload drops
 every client caught in its CONNECT handshake (nats-server checks all clients against the
@@ -10,19 +11,64 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
-from controller.nats.server import NatsServer, NodeAccess
+from agent.files import write_private
+from controller.nats.permissions import NodeAccess
+from controller.nats.server import NatsServer
 
 log = logging.getLogger("barista.controller.auth")
 
 
-class NatsAuth:
-    """Node nkeys allowed on the embedded server; a no-op when NATS is external."""
+class NodeAdmission(Protocol):
+    """Admits node identities to NATS. Enrollment and the controller see only this, so a
+    reload-free implementation (operator mode, user JWTs) can replace ReloadAdmission."""
 
-    def __init__(self, server: NatsServer | None, cache_path: Path, *, debounce: float = 0.02):
+    @property
+    def managed(self) -> bool:
+        """Whether nodes are isolated by their own identity (node_permissions); False when
+        NATS is not ours to manage and nodes connect with what the operator gave them."""
+        ...
+
+    async def admit(self, access: NodeAccess) -> None:
+        """Let ``access`` in; returns once the server accepts that identity."""
+        ...
+
+    async def remove(self, nkey: str) -> None:
+        """Stop admitting ``nkey``."""
+        ...
+
+    async def sync(self, nodes: Iterable[NodeAccess]) -> None:
+        """Admit exactly ``nodes`` (after loading state at start)."""
+        ...
+
+
+class UnmanagedAdmission:
+    """An external NATS server: its operator admits nodes; nothing to do here."""
+
+    @property
+    def managed(self) -> bool:
+        return False
+
+    async def admit(self, access: NodeAccess) -> None:
+        return None
+
+    async def remove(self, nkey: str) -> None:
+        return None
+
+    async def sync(self, nodes: Iterable[NodeAccess]) -> None:
+        return None
+
+
+class ReloadAdmission:
+    """Node nkeys allowed on the embedded server, written into its config and reloaded.
+
+    The node list is also cached in ``cache_path`` (load_cache), so that a restarted
+    server admits the known nodes right away."""
+
+    def __init__(self, *, server: NatsServer, cache_path: Path, debounce: float = 0.02):
         self._server = server
         self._cache_path = cache_path
         self._debounce = debounce
@@ -32,7 +78,7 @@ class NatsAuth:
 
     @property
     def managed(self) -> bool:
-        return self._server is not None
+        return True
 
     @staticmethod
     def load_cache(path: Path) -> list[NodeAccess]:
@@ -43,33 +89,22 @@ class NatsAuth:
             return []
 
     def _save_cache(self) -> None:
-        assert self._server is not None
-        nodes = [{"node_id": n.node_id, "nkey": n.nkey} for n in self._server._nodes.values()]
-        tmp = self._cache_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(nodes, f)
-        os.replace(tmp, self._cache_path)
+        nodes = [{"node_id": n.node_id, "nkey": n.nkey} for n in self._server.nodes.values()]
+        write_private(self._cache_path, json.dumps(nodes).encode())
 
-    async def add(self, access: NodeAccess) -> None:
+    async def admit(self, access: NodeAccess) -> None:
         """Admit a node; returns once the server has loaded the new config."""
-        if self._server is None:
-            return
         self._server.add_node(access)
         await self._reload_soon()
 
     async def remove(self, nkey: str) -> None:
-        if self._server is None:
-            return
         self._server.remove_node(nkey)
         await self._reload_soon()
 
     async def sync(self, nodes: Iterable[NodeAccess]) -> None:
         """Make the server's node list exactly ``nodes`` (after loading state at start)."""
-        if self._server is None:
-            return
         wanted = {n.nkey: n for n in nodes}
-        if wanted == self._server._nodes:
+        if wanted == self._server.nodes:
             return
         self._server.set_nodes(wanted.values())
         await self._reload_soon()
@@ -86,12 +121,11 @@ class NatsAuth:
         async with self._lock:
             waiting, self._pending = self._pending, []
             try:
-                assert self._server is not None
                 self._save_cache()
                 # A snapshot taken on the loop (enrollments keep changing the node list),
                 # rendered and loaded in a thread: with thousands of nodes rendering alone
                 # takes tens of milliseconds.
-                nodes = list(self._server._nodes.values())
+                nodes = list(self._server.nodes.values())
                 server = self._server
                 await asyncio.to_thread(
                     lambda: server.reload(config_text=server.render_config(nodes))

@@ -23,39 +23,29 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
 
+from agent.files import write_private
 from controller.errors import NatsServerError, StoreInUse
-from protocol.subjects import ENROLL_INBOX, Subjects
+from controller.nats.permissions import (
+    CONTROLLER_USER,
+    PEERS_USER,
+    SYS_USER,
+    NodeAccess,
+    controller_users,
+    node_user,
+    system_account,
+)
+from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.natsd")
-
-ENROLL_USER = "enroll"
-# The enroll user can only ask to enroll; a join token is what authorises a node, so this
-# password is not a secret (it is in every bootstrap script).
-ENROLL_PASSWORD = "enroll"
-# The controller's two users (least privilege for the controller too): CONTROLLER_USER has
-# JetStream rights and holds state and streams, and answers no peer; PEERS_USER subscribes
-# to and answers peers (enrollment, app sync, heartbeats, events, results, commands) and
-# cannot reach the JetStream, KV, object store or system APIs at all, so no reply subject
-# a peer slips past the controller can touch state.
-CONTROLLER_USER = "controller"
-PEERS_USER = "controller-peers"
-# The inbox space of the JetStream connection: PEERS_USER may not publish into it (a forged
-# JetStream API answer), nor read it.
-CONTROLLER_INBOX = "_INBOX_controller"
-_PEERS_DENIED = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", f"{CONTROLLER_INBOX}.>"]
-# The system account answers $SYS.REQ.SERVER.<id>.HEALTHZ / .VARZ; only NatsServer itself
-# connects as its user (a random password per process, written only to the 0600 config).
-SYS_ACCOUNT = "SYS"
-SYS_USER = "barista-sys"
 
 
 def find_binary() -> str:
@@ -76,37 +66,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True, slots=True)
-class NodeAccess:
-    """A node's NATS identity (its nkey public key) and the node id it is bound to."""
-
-    node_id: str
-    nkey: str
-
-
-def node_permissions(subjects: Subjects, node_id: str) -> dict[str, object]:
-    """Least privilege: a node publishes only under its own subjects and reads only its own
-    commands, broadcasts and mesh deltas. It answers nothing directly: command results go
-    to its own results subject, which is what authenticates them."""
-    return {
-        "publish": {
-            "allow": [
-                subjects.node_all(node_id),  # also its app-sync requests
-                subjects.enroll,
-            ]
-        },
-        "subscribe": {
-            "allow": [
-                subjects.cmd_all,
-                subjects.cmd_node(node_id),
-                subjects.mesh_all,
-                f"{subjects.inbox_prefix(node_id)}.>",
-            ]
-        },
-    }
-
 
 
 # -- processes of this data dir ------------------------------------------------------------
@@ -357,6 +316,11 @@ class NatsServer:
             return {}
         return {"user": PEERS_USER, "password": self.controller_password}
 
+    @property
+    def nodes(self) -> Mapping[str, NodeAccess]:
+        """The node identities the config admits, by nkey (read-only)."""
+        return MappingProxyType(self._nodes)
+
     def set_nodes(self, nodes: Iterable[NodeAccess]) -> None:
         self._nodes = {n.nkey: n for n in nodes}
 
@@ -379,64 +343,22 @@ class NatsServer:
             "jetstream": {"store_dir": str(js_dir), "max_file_store": self.jetstream_max_file},
         }
         if self.auth:
-            users: list[dict[str, object]] = [
-                {"user": CONTROLLER_USER, "password": self.controller_password},
-                {
-                    "user": PEERS_USER,
-                    "password": self.controller_password,
-                    "permissions": {
-                        "publish": {"deny": _PEERS_DENIED},
-                        "subscribe": {"deny": _PEERS_DENIED},
-                    },
-                },
-                {
-                    "user": ENROLL_USER,
-                    "password": ENROLL_PASSWORD,
-                    "permissions": {
-                        "publish": {"allow": [self.subjects.enroll]},
-                        "subscribe": {"allow": [f"{ENROLL_INBOX}.>"]},
-                    },
-                },
-            ]
+            users = controller_users(self.subjects, password=self.controller_password)
             listed = self._nodes.values() if nodes is None else nodes
             for node in sorted(listed, key=lambda n: n.node_id):
-                users.append(
-                    {
-                        "nkey": node.nkey,
-                        "permissions": node_permissions(self.subjects, node.node_id),
-                    }
-                )
+                users.append(node_user(self.subjects, node))
             conf["authorization"] = {"users": users}
             # Only with auth: a system-account user would make the server check the
             # credentials every client sends (agents always send the enroll user's).
-            conf.update(self._system_account())
+            conf.update(system_account(password=self.sys_password))
         # nats-server's config format accepts JSON. msgspec: ~10x json.dumps, which matters
         # with thousands of nodes (a reload per enrollment batch).
         return msgspec.json.format(msgspec.json.encode(conf), indent=2).decode()
 
-    def _system_account(self) -> dict[str, object]:
-        """The system account and its one user, apart from the global account where every
-        other user lives and JetStream is enabled: server state (connz, varz, ...) is
-        reachable only through this account, and no longer over HTTP."""
-        return {
-            "accounts": {
-                SYS_ACCOUNT: {"users": [{"user": SYS_USER, "password": self.sys_password}]}
-            },
-            "system_account": SYS_ACCOUNT,
-        }
-
     def write_config(self, text: str | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # A temp file of its own: a restart and a reload may write the config at once.
-        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".nats-server.conf.")  # 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.render_config() if text is None else text)
-            os.replace(tmp, self.conf_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # A temp file of its own (write_private): a restart and a reload may write at once.
+        write_private(self.conf_path, (self.render_config() if text is None else text).encode())
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -578,7 +500,7 @@ class NatsServer:
         finally:
             log_f.close()
         pid_info = {"server_pid": self.proc.pid, "controller_pid": os.getpid(), "port": self.port}
-        self._write_atomic(self.pid_path, json.dumps(pid_info))
+        write_private(self.pid_path, json.dumps(pid_info).encode())
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Block until the server answers a JetStream health check (blocking: a thread)."""
@@ -604,7 +526,7 @@ class NatsServer:
                 f"nats-server not ready after {timeout}s ({last_err}); see {self.log_path}"
             )
         # Agents hold this URL in their config: keep the same port across restarts.
-        self._write_atomic(self.port_path, str(self.port))
+        write_private(self.port_path, str(self.port).encode())
         log.info("nats-server ready at %s (pid %s, log %s)", self.url, proc.pid, self.log_path)
 
     def _probe(self, timeout: float = 2.0) -> _Probe:
@@ -669,13 +591,6 @@ class NatsServer:
             self.pid_path.unlink()
         fd, self._lock_fd = self._lock_fd, None
         os.close(fd)
-
-    def _write_atomic(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
 
     def __enter__(self) -> NatsServer:
         self.start()

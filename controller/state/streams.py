@@ -1,6 +1,7 @@
-"""The METRICS stream's limits, defined once (controller, ingest, benchmarks all use this).
+"""Every JetStream stream and KV bucket barista keeps, defined once (controller, ingest,
+benchmarks and tests all use these).
 
-What one node may store is bounded: a batch is at most ``max_batch`` bytes (larger ones
+What one node may store in METRICS is bounded: a batch is at most ``max_batch`` bytes (larger ones
 are refused by the stream) and a node's subject keeps at most ``per_node_batches(...)``
 batches, so a noisy node's surplus evicts only its own oldest batches.
 """
@@ -9,16 +10,30 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
 
 from protocol.codec import METRIC_BATCH_MAX
+from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.streams")
 
+# Stream names.
 METRICS = "METRICS"
+JOBS = "JOBS"
+EVENTS = "EVENTS"
+EVENTS_MAX_AGE = 7 * 24 * 3600.0
+EVENTS_MAX_BYTES = 256 << 20
 # A node may hold at most this fraction of the stream's bytes even when every one of its
 # batches is as large as allowed; see per_node_batches.
 NODE_SHARE = 4
@@ -71,6 +86,33 @@ def metrics_stream_config(
     )
 
 
+def jobs_stream_config(
+    *, subjects: Subjects, max_age: float, max_bytes: int, max_msg_size: int
+) -> StreamConfig:
+    """Per-node results of every job (``<prefix>.jobs.<id>.results``), kept for max_age."""
+    return _kept_for(JOBS, [subjects.jobs_all], max_age=max_age, max_bytes=max_bytes,
+                     max_msg_size=max_msg_size)
+
+
+def events_stream_config(*, subjects: Subjects) -> StreamConfig:
+    """Node events and the controller's own fleet events, kept a week."""
+    return _kept_for(EVENTS, subjects.stream_subjects_events, max_age=EVENTS_MAX_AGE,
+                     max_bytes=EVENTS_MAX_BYTES)
+
+
+def _kept_for(
+    name: str, subjects: list[str], *, max_age: float, max_bytes: int,
+    max_msg_size: int = -1,
+) -> StreamConfig:
+    """A file stream with limits retention: messages go when too old or too many bytes
+    (``max_msg_size`` -1: no limit of its own, the server's max_payload)."""
+    return StreamConfig(
+        name=name, subjects=subjects, retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, max_age=max_age, max_bytes=max_bytes,
+        max_msg_size=max_msg_size,
+    )
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     """Create the stream, or bring an existing store's config up to ``config``.
 
@@ -87,3 +129,33 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         except nats.js.errors.BadRequestError:
             pass  # another controller created it in between: update below
     await js.update_stream(config)
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A KV bucket (file storage); ``history``: revisions kept per key."""
+
+    name: str
+    history: int = 5
+
+    def config(self, *, replicas: int = 1) -> KeyValueConfig:
+        return KeyValueConfig(
+            bucket=self.name, history=self.history, storage=StorageType.FILE, replicas=replicas
+        )
+
+
+NODES_BUCKET = Bucket("nodes")
+TOKENS_BUCKET = Bucket("tokens")
+# Finished jobs are pruned by the job engine (job_retention), not by the bucket.
+JOBS_BUCKET = Bucket("jobs", history=1)
+APPS_BUCKET = Bucket("apps")
+APP_STATUS_BUCKET = Bucket("app_status", history=1)
+
+
+async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:
+    """Open a KV bucket, creating it when missing."""
+    try:
+        return await js.key_value(bucket.name)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    return await js.create_key_value(bucket.config(replicas=replicas))

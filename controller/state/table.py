@@ -13,8 +13,6 @@ from typing import Generic, TypeVar
 
 import msgspec
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from controller.errors import BadRecord, Conflict, NotFound
@@ -76,11 +74,12 @@ class Table(Generic[T]):
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         while True:
             try:
-                entry = await watcher.updates(timeout=3600)
+                # nats-py leaves KeyWatcher's methods unannotated.
+                entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
             except nats.errors.TimeoutError:
                 continue
             except asyncio.CancelledError:
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
                 raise
             except Exception:
                 log.exception("watch on bucket %s failed; retrying", self.name)
@@ -235,21 +234,3 @@ class Table(Generic[T]):
             self._items[key] = record
             self._revisions[key] = rev
             self._notify(key, record)
-
-
-async def open_bucket(
-    js: JetStreamContext,
-    bucket: str,
-    *,
-    history: int = 5,
-    replicas: int = 1,
-    ttl: float | None = None,
-) -> KeyValue:
-    """Open a KV bucket, creating it (file storage) when missing."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    return await js.create_key_value(
-        KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
-    )

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.runtime import Agent
-from controller.nats.server import ENROLL_PASSWORD, ENROLL_USER
+from controller.nats.permissions import ENROLL_PASSWORD, ENROLL_USER
 from controller.service import Controller
 from protocol import codec
 from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch

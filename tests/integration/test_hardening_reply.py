@@ -199,7 +199,7 @@ async def test_f01_peer_facing_controller_user_cannot_reach_jetstream(
         await controller.nc.request("$JS.API.STREAM.PURGE.KV_nodes", b"{}", timeout=1)
     _assert_intact(before, await _stream_counts(controller))
 
-    from controller.nats.server import PEERS_USER
+    from controller.nats.permissions import PEERS_USER
 
     assert controller.natsd is not None
     creds = controller.natsd.peer_credentials()

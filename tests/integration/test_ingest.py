@@ -20,8 +20,9 @@ from controller.ingest.sinks import (
     classify_status,
     make_sink,
 )
-from controller.ingest.worker import IngestWorker, ensure_metrics_stream
+from controller.ingest.worker import IngestWorker
 from controller.nats.server import NatsServer
+from controller.state.streams import ensure_stream, metrics_stream_config
 from protocol.codec import encode
 from protocol.messages import Heartbeat, MetricBatch, MetricPoint
 from protocol.subjects import Subjects
@@ -79,7 +80,7 @@ async def js(nats_server_noauth: NatsServer) -> AsyncIterator[JetStreamContext]:
     nc = await nats.connect(nats_server_noauth.url)
     try:
         jsc = nc.jetstream()
-        await ensure_metrics_stream(jsc, subjects=SUBJECTS.stream_subjects_metrics)
+        await ensure_stream(jsc, metrics_stream_config(subjects=SUBJECTS.stream_subjects_metrics))
         yield jsc
     finally:
         await nc.close()
@@ -294,9 +295,9 @@ async def test_two_workers_share_the_durable(
 
 
 async def test_ensure_metrics_stream_is_idempotent(js: JetStreamContext) -> None:
-    await ensure_metrics_stream(
-        js, subjects=SUBJECTS.stream_subjects_metrics, max_age=3600, max_bytes=1 << 20
-    )
+    await ensure_stream(js, metrics_stream_config(
+        subjects=SUBJECTS.stream_subjects_metrics, max_age=3600, max_bytes=1 << 20
+    ))
     info = await js.stream_info("METRICS")
     assert info.config.max_age == 3600 and info.config.max_bytes == 1 << 20
     assert info.config.subjects == SUBJECTS.stream_subjects_metrics

@@ -20,7 +20,8 @@ import nkeys
 import pytest
 from nats.aio.client import Client as NATS
 
-from controller.nats.server import NatsServer, NodeAccess
+from controller.nats.permissions import NodeAccess
+from controller.nats.server import NatsServer
 
 
 def identity(tmp_path: Path, name: str) -> tuple[str, str]:
