@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import settings
 from agent.files import write_private
+from agent.settings import convert, from_env
 from controller.errors import ConfigError
 from protocol.codec import METRIC_BATCH_MAX
 from protocol.signing import CommandSigner
@@ -76,14 +76,14 @@ class ControllerConfig:
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         try:
-            values.update(settings.from_env(cls, ENV_PREFIX))
+            values.update(from_env(cls, ENV_PREFIX))
             values.update({k: v for k, v in (overrides or {}).items() if v is not None})
             # An empty path is no path: the default data dir, no client config.
             if values.get("data_dir") == "":
                 del values["data_dir"]
             if values.get("client_config") == "":
                 values["client_config"] = None
-            cfg = settings.convert(cls, values, what="controller")
+            cfg = convert(cls, values, what="controller")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if not (cfg.heartbeat_interval > 0 and cfg.metrics_interval > 0):
