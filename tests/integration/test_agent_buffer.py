@@ -61,7 +61,7 @@ async def test_nats_restart_loses_nothing_within_the_buffer(nats_server_noauth, 
             await wait_for(lambda: agent.dropped_total >= 5, 20, "the ring to overflow")
             await asyncio.to_thread(srv.start)
             await wait_for(lambda: not agent.buffer, 30, "the buffer to drain")
-            last_seq = agent._seq
+            last_seq = agent.outbox.seq
             dropped = agent.dropped_total
         stored = await stream_batches(c.js, agent.node_id)
         # The drop report is an event, kept in the EVENTS stream like every node event.

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.runtime import fit_batch
+from agent.outbox import fit_batch
 from controller.errors import BadRequest
 from controller.jsontext import loads
 from controller.state.streams import NODE_SHARE, metrics_stream_config, per_node_batches
