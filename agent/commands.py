@@ -20,7 +20,14 @@ from agent.connection import backoff
 from agent.ledger import Orphan, SeenLog
 from protocol import codec
 from protocol.errors import CommandRejected, ProtocolError
-from protocol.messages import Command, CommandResult, SignedCommand
+from protocol.messages import (
+    AnyEventPayload,
+    AppsReport,
+    Command,
+    CommandResult,
+    JobEvent,
+    SignedCommand,
+)
 from protocol.selectors import Selector
 from protocol.signing import DEFAULT_CLOCK_SKEW, CommandVerifier
 from protocol.subjects import Subjects
@@ -34,8 +41,8 @@ READ_ONLY_ACTIONS = frozenset({"ping", "facts"})
 FLUSH_REPORT = 5.0
 FLUSH_ABANDON = 3600
 
-OnJobEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
-Emit = Callable[..., Awaitable[None]]
+OnJobEvent = Callable[[JobEvent], Awaitable[None]]
+Emit = Callable[[AnyEventPayload], Awaitable[None]]
 
 
 class CommandRunner(Protocol):
@@ -239,16 +246,13 @@ class CommandIntake:
     # -- running ---------------------------------------------------------------------
 
     async def _run_command(self, cmd: Command) -> None:
-        async def on_event(kind: str, data: dict[str, Any]) -> None:
-            await self._emit(f"job.{kind}", data={"job_id": cmd.job_id, **data})
-
         try:
             if cmd.action == "reconcile":
                 result = await self._reconcile_apps(cmd)
             else:
                 # Built-ins answer at once: progress events would only double their traffic.
                 result = await self._runner.run(
-                    cmd, on_event=on_event if cmd.action == "exec" else None
+                    cmd, on_event=self._emit if cmd.action == "exec" else None
                 )
         except Exception as exc:
             self.log.exception("command %s failed inside the agent", cmd.id)
@@ -274,10 +278,10 @@ class CommandIntake:
                                  status="error", reason=f"app sync failed: {exc}")
         except TimeoutError:
             return CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self._node_id,
-                                 status="timeout", data=self._apps.view(),
+                                 status="timeout", data=AppsReport(apps=self._apps.view()),
                                  reason=f"app reconcile still running after {cmd.timeout:g}s")
         return CommandResult(job_id=cmd.job_id, command_id=cmd.id, node_id=self._node_id,
-                             status="ok", data=data)
+                             status="ok", data=AppsReport(apps=data))
 
     async def report_orphans(self, orphans: list[Orphan]) -> None:
         """Tell each job whose command a previous agent left running what became of it."""
@@ -332,7 +336,7 @@ def fit_result(result: CommandResult, limit: int) -> bytes:
     if len(data) <= budget:
         return data
     return codec.encode(msgspec.structs.replace(
-        out, stdout="", stderr="", data={}, stdout_truncated=True, stderr_truncated=True,
+        out, stdout="", stderr="", data=None, stdout_truncated=True, stderr_truncated=True,
         reason=(out.reason + "; " if out.reason else "") + "result too large for NATS",
     ))
 

@@ -16,7 +16,7 @@ from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import EnrollReply, EnrollRequest, ErrorReply, SealedReply
 from protocol.signing import open_reply
-from protocol.subjects import ENROLL_INBOX, Subjects
+from protocol.subjects import Subjects
 
 # Refusals that a later attempt (a new request) can overcome: the clock was off.
 _TRANSIENT_REFUSALS = ("clock_skew",)
@@ -120,7 +120,7 @@ class Enroller:
             servers=cfg.nats_urls,
             user=cfg.enroll_user,
             password=cfg.enroll_password,
-            inbox_prefix=ENROLL_INBOX.encode(),
+            inbox_prefix=self._subjects.enroll_inbox.encode(),
             allow_reconnect=False,
             connect_timeout=cfg.enroll_timeout,
             max_reconnect_attempts=0,

@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
@@ -30,12 +30,11 @@ from agent.identity import EnrollState, Identity
 from agent.ledger import RunLedger, SeenLog
 from agent.outbox import Outbox
 from protocol import codec
-from protocol.messages import Event, Heartbeat
+from protocol.messages import AnyEventPayload, Event, Heartbeat, MetricsDropped, Severity
 from protocol.signing import CommandVerifier
 from protocol.subjects import Subjects
 
 AGENT_VERSION = "0.1.0"
-Severity = Literal["debug", "info", "warning", "error"]
 # Labels copied into every metric as tags; all have a small, bounded set of values.
 TAG_LABELS = ("infra", "group", "provider", "region", "zone")
 
@@ -295,10 +294,9 @@ class Agent:
         dropped = self.outbox.take_drops_since_connect()
         if dropped:
             await self.emit(
-                "metrics.dropped",
+                MetricsDropped(dropped=dropped),
                 f"dropped {dropped} metric batches while offline",
-                severity="warning",
-                data={"dropped": dropped},
+                "warning",
             )
 
     async def _on_error(self, exc: Exception) -> None:
@@ -311,28 +309,22 @@ class Agent:
         return msg.data
 
     async def emit(
-        self,
-        type_: str,
-        message: str = "",
-        *,
-        severity: Severity = "info",
-        data: dict[str, Any] | None = None,
+        self, payload: AnyEventPayload, message: str = "", severity: Severity = "info"
     ) -> None:
         """Publish an event on this node's events subject (best effort)."""
         if self.nc is None or not self.nc.is_connected:
             return
         ev = Event(
             ts=time.time(),
-            type=type_,
+            payload=payload,
             node_id=self.node_id,
             message=message,
             severity=severity,
-            data=data or {},
         )
         try:
             await self.nc.publish(self.subjects.events(self.node_id), codec.encode(ev))
         except Exception as exc:
-            self.log.debug("event %s not published: %s", type_, exc)
+            self.log.debug("event %s not published: %s", ev.type, exc)
 
     # -- loops -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.nats.admission import NatsAuth
 from controller.nats.client import Flusher
-from controller.nats.server import CONTROLLER_INBOX, NatsServer, NatsSupervisor, NodeAccess
+from controller.nats.server import NatsServer, NatsSupervisor, NodeAccess
 from controller.state.streams import ensure_stream, metrics_stream_config, per_node_batches
 from controller.state.table import Table, open_bucket
 from protocol import codec
@@ -39,9 +39,11 @@ from protocol.messages import (
     Heartbeat,
     Message,
     MetricBatch,
+    NodeEnrolled,
+    NodeStatusChanged,
 )
 from protocol.signing import seal_reply
-from protocol.subjects import Subjects
+from protocol.subjects import CONTROLLER_INBOX, Subjects
 
 log = logging.getLogger("barista.controller")
 # Enrollment refusals that mean an attack or a broken agent: counted in Stats.rejected.
@@ -408,10 +410,9 @@ class Controller:
             await self._publish_event(
                 Event(
                     ts=time.time(),
-                    type="node.enrolled",
+                    payload=NodeEnrolled(labels=reply.labels),
                     node_id=reply.node_id,
                     message=f"node {reply.node_id} enrolled",
-                    data={"labels": reply.labels},
                 )
             )
         elif reply is not None:
@@ -486,11 +487,10 @@ class Controller:
         await self._publish_event(
             Event(
                 ts=time.time(),
-                type="node.status",
+                payload=NodeStatusChanged(old=old, new=new),
                 node_id=node.id,
                 severity="warning" if new != "online" else "info",
                 message=f"node {node.id} is {new} (was {old})",
-                data={"from": old, "to": new},
             )
         )
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from controller import jsontext
 from controller.errors import BadRequest, BodyTooLarge, ControllerError, NotFound
+from controller.events import event_json
 from controller.jobs.engine import JobSpec
 from controller.service import Controller
 from protocol.errors import BaristaError, SelectorError
@@ -276,7 +277,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                     await send("result", msgspec.to_builtins(payload))
                 elif kind == "event":
                     await send("output" if payload.type == "job.output" else "progress",
-                               msgspec.to_builtins(payload))
+                               event_json(payload))
                 elif kind == "done":
                     break
         await send("done", c.jobs.get(job_id).summary())

@@ -21,12 +21,13 @@ import msgspec
 from nats.aio.msg import Msg
 
 from controller.errors import BadRequest, NotFound
+from controller.events import result_data_json
 from controller.models import NodeRecord
 from controller.nats.client import Flusher
 from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError
-from protocol.messages import Command, CommandResult, Event
+from protocol.messages import Command, CommandResult, Event, JobFinished, JobOutput, JobStarted
 from protocol.selectors import Selector
 
 log = logging.getLogger("barista.controller.jobs")
@@ -88,7 +89,7 @@ class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
             node_id=res.node_id, status=_status(res.status), exit_code=res.exit_code,
             stdout=res.stdout, stderr=res.stderr, stdout_truncated=res.stdout_truncated,
             stderr_truncated=res.stderr_truncated, duration=res.duration, reason=res.reason,
-            data=res.data, expected=expected, batch=batch, at=time.time(),
+            data=result_data_json(res.data), expected=expected, batch=batch, at=time.time(),
         )
 
 
@@ -501,9 +502,9 @@ class JobEngine:
         Only a node the job targets speaks about it: returns why an event is refused (the
         caller counts it), None when it was relayed or concerns no running job.
         """
-        job_id = event.data.get("job_id") if isinstance(event.data, dict) else None
-        if not isinstance(job_id, str):
+        if not isinstance(event.payload, JobStarted | JobOutput | JobFinished):
             return None
+        job_id = event.payload.job_id
         run = self._runs.get(job_id)
         record = run.record if run is not None else self.jobs.get(job_id)
         if record is None:

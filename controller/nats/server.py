@@ -33,14 +33,12 @@ from typing import Any
 import msgspec
 
 from controller.errors import NatsServerError, StoreInUse
-from protocol.subjects import ENROLL_INBOX, Subjects
+from protocol.subjects import CONTROLLER_INBOX, ENROLL_PASSWORD, ENROLL_USER, Subjects
 
 log = logging.getLogger("barista.controller.natsd")
 
-ENROLL_USER = "enroll"
-# The enroll user can only ask to enroll; a join token is what authorises a node, so this
-# password is not a secret (it is in every bootstrap script).
-ENROLL_PASSWORD = "enroll"
+# ENROLL_USER / ENROLL_PASSWORD (protocol.subjects): the enroll user can only ask to enroll;
+# a join token is what authorises a node, so its password is no secret.
 # The controller's two users (least privilege for the controller too): CONTROLLER_USER has
 # JetStream rights and holds state and streams, and answers no peer; PEERS_USER subscribes
 # to and answers peers (enrollment, app sync, heartbeats, events, results, commands) and
@@ -48,9 +46,8 @@ ENROLL_PASSWORD = "enroll"
 # a peer slips past the controller can touch state.
 CONTROLLER_USER = "controller"
 PEERS_USER = "controller-peers"
-# The inbox space of the JetStream connection: PEERS_USER may not publish into it (a forged
-# JetStream API answer), nor read it.
-CONTROLLER_INBOX = "_INBOX_controller"
+# The inbox space of the JetStream connection (CONTROLLER_INBOX, protocol.subjects): PEERS_USER
+# may not publish into it (a forged JetStream API answer), nor read it.
 _PEERS_DENIED = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", f"{CONTROLLER_INBOX}.>"]
 # The system account answers $SYS.REQ.SERVER.<id>.HEALTHZ / .VARZ; only NatsServer itself
 # connects as its user (a random password per process, written only to the 0600 config).
@@ -102,7 +99,7 @@ def node_permissions(subjects: Subjects, node_id: str) -> dict[str, object]:
                 subjects.cmd_all,
                 subjects.cmd_node(node_id),
                 subjects.mesh_all,
-                f"{subjects.inbox_prefix(node_id)}.>",
+                subjects.inbox_any(node_id),
             ]
         },
     }
@@ -394,7 +391,7 @@ class NatsServer:
                     "password": ENROLL_PASSWORD,
                     "permissions": {
                         "publish": {"allow": [self.subjects.enroll]},
-                        "subscribe": {"allow": [f"{ENROLL_INBOX}.>"]},
+                        "subscribe": {"allow": [self.subjects.enroll_inbox_any]},
                     },
                 },
             ]
