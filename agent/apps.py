@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import re
 import signal
 import time
 import urllib.parse
@@ -26,17 +25,28 @@ import msgspec
 from agent.files import write_private
 from protocol import codec
 from protocol.errors import ProtocolError
-from protocol.messages import AppArtifact, AppRelease, AppSyncReply, AppSyncRequest, ErrorReply
+from protocol.messages import (
+    AnyEventPayload,
+    AppArtifact,
+    AppRelease,
+    AppReport,
+    AppState,
+    AppStatus,
+    AppSyncReply,
+    AppSyncRequest,
+    ErrorReply,
+    Severity,
+)
+from protocol.names import valid_app_name, valid_app_version
 
 SHELL = "/bin/sh"
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
 ERROR_TAIL = 2000  # characters of a failing step's output kept in the error
-_NAME = re.compile(r"^[a-z0-9-]{1,40}$")
-_VERSION = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 
 Request = Callable[[bytes], Awaitable[bytes]]
-Emit = Callable[..., Awaitable[None]]
+# Publishes an event: the payload, a human message and its severity.
+Emit = Callable[[AnyEventPayload, str, Severity], Awaitable[None]]
 
 
 class SyncError(Exception):
@@ -69,7 +79,7 @@ class AppReconciler:
         self.log = log or logging.getLogger("barista.agent.apps")
         self.sync_timeout = sync_timeout
         self.max_artifact_bytes = max_artifact_bytes
-        self.status: dict[str, dict[str, Any]] = {}
+        self.status: dict[str, AppReport] = {}
         self.passes = 0
         self._lock = asyncio.Lock()
         self._requested = 0
@@ -118,7 +128,7 @@ class AppReconciler:
 
     # -- one pass --------------------------------------------------------------------
 
-    async def reconcile(self) -> dict[str, Any]:
+    async def reconcile(self) -> dict[str, AppReport]:
         """Converge now (or share a pass that started after this call); per-app status."""
         self._requested += 1
         wanted = self._requested
@@ -133,8 +143,8 @@ class AppReconciler:
             self.passes += 1
             return self.view()
 
-    def view(self) -> dict[str, Any]:
-        return {name: dict(st) for name, st in sorted(self.status.items())}
+    def view(self) -> dict[str, AppReport]:
+        return dict(sorted(self.status.items()))
 
     async def _fetch(self) -> list[AppRelease]:
         payload = codec.encode(AppSyncRequest(node_id=self._node_id()))
@@ -157,8 +167,7 @@ class AppReconciler:
     async def _converge_all(self, releases: list[AppRelease]) -> None:
         desired: dict[str, AppRelease] = {}
         for r in releases:
-            if (not _NAME.fullmatch(r.name) or not _VERSION.fullmatch(r.version)
-                    or r.version.startswith(".")):
+            if not valid_app_name(r.name) or not valid_app_version(r.version):
                 self.log.warning("ignoring release with a bad name/version %r %r",
                                  r.name, r.version)
                 continue
@@ -196,7 +205,7 @@ class AppReconciler:
     async def _check(self, rel: AppRelease) -> None:
         """Installed already: re-check health unless we know it is running."""
         st = self.status.get(rel.name)
-        if st and st.get("version") == rel.version and st.get("state") == "running":
+        if st and st.version == rel.version and st.state == "running":
             return
         await self._health(rel)
 
@@ -257,18 +266,16 @@ class AppReconciler:
         await self._set(rel.name, rel.version, "unhealthy",
                         f"health check failed {max(1, hc.retries)} time(s): {last}")
 
-    async def _set(self, name: str, version: str, state: str, error: str = "") -> None:
-        new = {"version": version, "state": state, "error": error, "at": time.time()}
+    async def _set(self, name: str, version: str, state: AppState, error: str = "") -> None:
         old = self.status.get(name)
-        self.status[name] = new
-        if old and (old["version"], old["state"], old["error"]) == (version, state, error):
+        self.status[name] = AppReport(version=version, state=state, error=error, at=time.time())
+        if old and (old.version, old.state, old.error) == (version, state, error):
             return
         bad = state in ("failed", "unhealthy")
         await self._emit(
-            "app.status",
+            AppStatus(app=name, version=version, state=state, error=error),
             f"app {name} {version}: {state}" + (f": {error}" if error else ""),
-            severity="error" if bad else "info",
-            data={"app": name, "version": version, "state": state, "error": error},
+            "error" if bad else "info",
         )
 
     # -- steps -----------------------------------------------------------------------
@@ -333,11 +340,9 @@ class AppReconciler:
     # -- files -----------------------------------------------------------------------
 
     def _release_dir(self, name: str, version: str) -> Path:
-        # Names and versions were checked against _NAME/_VERSION; this also refuses "."
-        # and ".." so a release directory can never be the app's or the state's own.
-        if version.startswith(".") or not _VERSION.fullmatch(version) or not _NAME.fullmatch(
-            name
-        ):
+        # Names and versions were checked already; this also refuses "." and ".." so a
+        # release directory can never be the app's or the state's own.
+        if not valid_app_version(version) or not valid_app_name(name):
             raise StepFailed(f"invalid app name or version {name!r} {version!r}")
         return self.state_dir / name / version
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import settings
+from protocol.subjects import ENROLL_PASSWORD, ENROLL_USER
 
 ENV_PREFIX = "BARISTA_AGENT_"
 DEFAULT_CONFIG = Path("/etc/barista/agent.toml")
@@ -35,8 +36,8 @@ class AgentConfig:
     nats_creds: str = ""
     nats_user: str = ""
     nats_password: str = ""
-    enroll_user: str = "enroll"
-    enroll_password: str = "enroll"
+    enroll_user: str = ENROLL_USER
+    enroll_password: str = ENROLL_PASSWORD
     # 0 = use what the controller says at enrollment.
     heartbeat_interval: float = 0.0
     metrics_interval: float = 0.0

@@ -17,14 +17,27 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import msgspec
 
 from agent.ledger import RunLedger
-from protocol.messages import Command, CommandResult, ResultStatus
+from protocol.messages import (
+    Command,
+    CommandResult,
+    FactsReport,
+    JobEvent,
+    JobFinished,
+    JobOutput,
+    JobStarted,
+    NodeFacts,
+    Pong,
+    ResultStatus,
+)
 
 log = logging.getLogger("barista.agent.executor")
 
-OnEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
+OnEvent = Callable[[JobEvent], Awaitable[None]]
 
 # The whole environment a command gets unless the command itself adds to it: the agent's own
 # environment may hold secrets (join token, cloud credentials) and is never passed on.
@@ -203,11 +216,11 @@ class Executor:
             if self._closed:
                 raise _Refused("the executor is closed (agent shutting down)")
             if cmd.action == "ping":
-                await self._emit(on_event, cmd, "started", self._ids(cmd))
+                await self._emit(on_event, cmd, self._started(cmd))
                 result = self._ping(cmd)
             elif cmd.action == "facts":
-                await self._emit(on_event, cmd, "started", self._ids(cmd))
-                result = self._result(cmd, "ok", data=dict(self._facts()))
+                await self._emit(on_event, cmd, self._started(cmd))
+                result = self._result(cmd, "ok", data=FactsReport(facts=_facts(self._facts())))
             elif cmd.action == "exec":
                 result = await self._exec(cmd, on_event)
             else:
@@ -222,8 +235,8 @@ class Executor:
         await self._emit(
             on_event,
             cmd,
-            "finished",
-            {"status": result.status, "exit_code": result.exit_code, "duration": result.duration},
+            JobFinished(job_id=cmd.job_id, status=result.status, exit_code=result.exit_code,
+                        duration=result.duration),
         )
         level = logging.INFO if cmd.action == "exec" else logging.DEBUG
         if result.status in ("timeout", "error"):
@@ -244,11 +257,8 @@ class Executor:
 
     def _ping(self, cmd: Command) -> CommandResult:
         facts = self._facts()
-        data: dict[str, Any] = {
-            "pong": True,
-            "labels": dict(self._labels()),
-            "facts": {k: facts[k] for k in PING_FACTS if k in facts},
-        }
+        data = Pong(labels=dict(self._labels()),
+                    facts=_facts({k: facts[k] for k in PING_FACTS if k in facts}))
         return self._result(cmd, "ok", data=data)
 
     async def _exec(self, cmd: Command, on_event: OnEvent | None) -> CommandResult:
@@ -359,7 +369,7 @@ class Executor:
         readers: list[asyncio.Task[None]] = []
         lingering = False
         try:
-            await self._emit(on_event, cmd, "started", self._ids(cmd))
+            await self._emit(on_event, cmd, self._started(cmd))
             stream = on_event if cmd.stream_output else None
             readers = [
                 asyncio.create_task(self._pump(proc.stdout, "stdout", out, cmd, stream)),
@@ -435,7 +445,7 @@ class Executor:
     async def _pump(
         self,
         reader: asyncio.StreamReader | None,
-        stream: str,
+        stream: Literal["stdout", "stderr"],
         capture: _Capture,
         cmd: Command,
         on_event: OnEvent | None,
@@ -459,11 +469,13 @@ class Executor:
             if decoder is not None:
                 text = decoder.decode(chunk)
                 if text:
-                    await self._emit(on_event, cmd, "output", {"stream": stream, "data": text})
+                    await self._emit(on_event, cmd,
+                                     JobOutput(job_id=cmd.job_id, stream=stream, data=text))
         if decoder is not None:
             text = decoder.decode(b"", final=True)
             if text:
-                await self._emit(on_event, cmd, "output", {"stream": stream, "data": text})
+                await self._emit(on_event, cmd,
+                                 JobOutput(job_id=cmd.job_id, stream=stream, data=text))
 
     @staticmethod
     async def _drain(tasks: list[asyncio.Task[None]], within: float) -> list[asyncio.Task[None]]:
@@ -509,25 +521,23 @@ class Executor:
 
     # --- helpers ------------------------------------------------------------------------
 
-    async def _emit(
-        self, on_event: OnEvent | None, cmd: Command, kind: str, payload: dict[str, Any]
-    ) -> None:
+    async def _emit(self, on_event: OnEvent | None, cmd: Command, event: JobEvent) -> None:
         if on_event is None:
             return
         try:
-            await on_event(kind, payload)
+            await on_event(event)
         except Exception:
             # A broken listener must never fail or kill the command.
             log.exception(
                 "event listener failed on %r for command %s (job %s); ignored",
-                kind,
+                type(event).__struct_config__.tag,
                 cmd.id,
                 cmd.job_id,
             )
 
     @staticmethod
-    def _ids(cmd: Command) -> dict[str, Any]:
-        return {"job_id": cmd.job_id, "command_id": cmd.id}
+    def _started(cmd: Command) -> JobStarted:
+        return JobStarted(job_id=cmd.job_id, command_id=cmd.id)
 
     def _result(self, cmd: Command, status: ResultStatus, **fields: Any) -> CommandResult:
         try:
@@ -538,6 +548,11 @@ class Executor:
         return CommandResult(
             job_id=cmd.job_id, command_id=cmd.id, node_id=node_id, status=status, **fields
         )
+
+
+def _facts(facts: dict[str, Any]) -> NodeFacts:
+    """The machine's facts (agent.facts) as the wire's typed facts."""
+    return msgspec.convert(facts, NodeFacts)
 
 
 def _signal_name(signum: int) -> str:

@@ -30,7 +30,7 @@ from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedAdmission
 from controller.nats.client import Flusher
-from controller.nats.permissions import CONTROLLER_INBOX, NodeAccess
+from controller.nats.permissions import NodeAccess
 from controller.nats.server import NatsServer, NatsSupervisor
 from controller.state.streams import (
     APP_STATUS_BUCKET,
@@ -57,9 +57,11 @@ from protocol.messages import (
     Heartbeat,
     Message,
     MetricBatch,
+    NodeEnrolled,
+    NodeStatusChanged,
 )
 from protocol.signing import seal_reply
-from protocol.subjects import Subjects
+from protocol.subjects import CONTROLLER_INBOX, Subjects
 
 log = logging.getLogger("barista.controller")
 # Enrollment refusals that mean an attack or a broken agent: counted in Stats.rejected.
@@ -481,10 +483,9 @@ class RunningController:
             await self._publish_event(
                 Event(
                     ts=time.time(),
-                    type="node.enrolled",
+                    payload=NodeEnrolled(labels=reply.labels),
                     node_id=reply.node_id,
                     message=f"node {reply.node_id} enrolled",
-                    data={"labels": reply.labels},
                 )
             )
         elif reply is not None:
@@ -559,11 +560,10 @@ class RunningController:
         await self._publish_event(
             Event(
                 ts=time.time(),
-                type="node.status",
+                payload=NodeStatusChanged(old=old, new=new),
                 node_id=node.id,
                 severity="warning" if new != "online" else "info",
                 message=f"node {node.id} is {new} (was {old})",
-                data={"from": old, "to": new},
             )
         )
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 import msgspec
 
 from protocol.errors import PayloadTooLarge, ProtocolError, UnsupportedVersion
-from protocol.messages import ALL_MESSAGES, AnyMessage, Message
+from protocol.messages import ALL_MESSAGES, RETIRED_KINDS, AnyMessage, Message
 from protocol.version import SUPPORTED_VERSIONS
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # NATS' default max_payload
@@ -107,6 +107,11 @@ def _explain(data: Payload, expect: type[Message] | None, exc: Exception) -> Pro
         return ProtocolError("message has no 'kind' field", size=size)
     if not isinstance(kind, str):
         return ProtocolError("message 'kind' must be a string", size=size)
+    if kind in RETIRED_KINDS:
+        return ProtocolError(
+            f"{kind!r} is the old shape of {RETIRED_KINDS[kind]!r}, which this build speaks "
+            "(from an older peer? upgrade it)", kind=kind, size=size
+        )
     if kind not in _KNOWN_KINDS:
         return ProtocolError(
             f"unknown message kind {kind!r} (from a newer peer?)", kind=kind, size=size
@@ -116,6 +121,12 @@ def _explain(data: Payload, expect: type[Message] | None, exc: Exception) -> Pro
         if kind != want:
             return ProtocolError(f"expected a {want!r} message, got {kind!r}", kind=kind, size=size)
     reason = str(exc)
+    if reason.startswith("Invalid value") and reason.endswith((".payload.type`", ".data.type`")):
+        # A payload type this build does not know: say so, as for an unknown kind.
+        where = reason.rpartition(" - at ")[2]
+        return ProtocolError(f"unknown {where.strip('`$.')} in {kind!r} message: "
+                             f"{reason.partition(' - at ')[0]} (from a newer peer?)",
+                             kind=kind, size=size)
     if _FLOAT_BOUND in reason:  # the Finite/Duration bounds: say what they mean
         where = reason.rpartition(" - at ")[2] or "a field"
         reason = f"{where} must be a finite number (not NaN or infinity)"

@@ -1,13 +1,15 @@
 """Typed wire messages (msgspec Structs, tagged by ``kind``).
 
-Rule of evolution: a field added after protocol v1 always has a default, so an older peer's
-message still decodes; tests/unit/test_protocol_evolution.py enforces it.
+Rule of evolution: a field added after a message's version always has a default, so an older
+peer's message still decodes; tests/unit/test_protocol_evolution.py enforces it. A shape that
+changes incompatibly gets a new ``kind`` (the tag is always on the wire; ``v`` is left out
+when it is the default): RETIRED_KINDS maps the old kind to the new.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -172,9 +174,69 @@ class SignedCommand(Message, tag="signed_cmd"):
 
 
 ResultStatus = Literal["ok", "failed", "timeout", "rejected", "error"]
+# Where a deployed app stands on a node (see agent/apps.py).
+AppState = Literal["installing", "running", "failed", "unhealthy", "removed"]
 
 
-class CommandResult(Message, tag="cmd_result"):
+# --- typed payloads: CommandResult.data and Event.payload ------------------------------
+# Tagged by "type" inside the payload; an unknown type (from a newer peer) makes the whole
+# message a ProtocolError. A field added to a payload later has a default, like any field.
+
+
+class NodeFacts(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Facts about a node's machine; a fact this platform lacks is None (left out)."""
+
+    hostname: str | None = None
+    os: str | None = None
+    kernel: str | None = None
+    arch: str | None = None
+    python: str | None = None
+    cpu_count: int | None = None
+    agent_version: str | None = None
+    mem_total: int | None = None
+    boot_time: float | None = None
+    uptime: float | None = None
+    distro: str | None = None
+    distro_id: str | None = None
+    distro_version: str | None = None
+
+
+class ResultData(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Base of what a command answers beyond its status and output."""
+
+
+class Pong(ResultData, tag="pong"):
+    """The answer to "ping": the node's labels and a few of its facts."""
+
+    labels: dict[str, str] = {}
+    facts: NodeFacts = msgspec.field(default_factory=NodeFacts)
+
+
+class FactsReport(ResultData, tag="facts"):
+    """The answer to "facts"."""
+
+    facts: NodeFacts
+
+
+class AppReport(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One app on one node, as the node last saw it."""
+
+    version: str
+    state: AppState
+    error: str = ""
+    at: Finite = 0.0
+
+
+class AppsReport(ResultData, tag="apps"):
+    """The answer to "reconcile": app name -> where it stands after the pass."""
+
+    apps: dict[str, AppReport] = {}
+
+
+AnyResultData = Pong | FactsReport | AppsReport
+
+
+class CommandResult(Message, tag="cmd_result.v2"):
     job_id: str
     command_id: str
     node_id: str
@@ -186,19 +248,87 @@ class CommandResult(Message, tag="cmd_result"):
     stderr_truncated: bool = False
     duration: Duration = 0.0
     reason: str = ""
-    data: dict[str, Any] = {}
+    # Typed: the "cmd_result" kind this replaces carried a free-form map here.
+    data: AnyResultData | None = None
 
 
 # --- events -----------------------------------------------------------------------------
 
+Liveness = Literal["pending", "online", "stale", "offline"]
+Severity = Literal["debug", "info", "warning", "error"]
 
-class Event(Message, tag="event"):
+
+class EventPayload(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    """Base of what an event says; the tag is the event's type ("job.output", ...)."""
+
+
+class JobStarted(EventPayload, tag="job.started"):
+    job_id: str
+    command_id: str = ""
+
+
+class JobOutput(EventPayload, tag="job.output"):
+    """Streamed output of an exec command (only with stream_output, within the cap)."""
+
+    job_id: str
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class JobFinished(EventPayload, tag="job.finished"):
+    job_id: str
+    status: ResultStatus
+    exit_code: int | None = None
+    duration: Duration = 0.0
+
+
+class AppStatus(EventPayload, tag="app.status"):
+    """An app changed state on the node that sends it."""
+
+    app: str
+    version: str
+    state: AppState
+    error: str = ""
+
+
+class MetricsDropped(EventPayload, tag="metrics.dropped"):
+    """Metric batches the node dropped from its offline buffer while disconnected."""
+
+    dropped: int
+
+
+class NodeStatusChanged(EventPayload, tag="node.status"):
+    """Sent by the controller: a node's liveness changed."""
+
+    old: Liveness = msgspec.field(name="from")
+    new: Liveness = msgspec.field(name="to")
+
+
+class NodeEnrolled(EventPayload, tag="node.enrolled"):
+    """Sent by the controller: a node enrolled, with the labels it was given."""
+
+    labels: dict[str, str] = {}
+
+
+AnyEventPayload = (
+    JobStarted | JobOutput | JobFinished | AppStatus | MetricsDropped | NodeStatusChanged
+    | NodeEnrolled
+)
+JobEvent = JobStarted | JobOutput | JobFinished
+
+
+class Event(Message, tag="event.v2"):
     ts: Finite
-    type: str
+    # Typed: the "event" kind this replaces carried a ``type`` string and a ``data`` map.
+    payload: AnyEventPayload
     node_id: str = ""
-    severity: Literal["debug", "info", "warning", "error"] = "info"
+    severity: Severity = "info"
     message: str = ""
-    data: dict[str, Any] = {}
+
+    @property
+    def type(self) -> str:
+        """The event's type: its payload's tag ("job.output", "node.status", ...)."""
+        return str(type(self.payload).__struct_config__.tag)
 
 
 class ErrorReply(Message, tag="error"):
@@ -244,6 +374,10 @@ class AppSyncRequest(Message, tag="app_sync_req"):
 class AppSyncReply(Message, tag="app_sync_rep"):
     releases: list[AppRelease] = []
 
+
+# Kinds whose shape changed incompatibly -> the kind that replaced them. A peer still
+# sending the old kind gets a clear ProtocolError naming the new one.
+RETIRED_KINDS: dict[str, str] = {"event": "event.v2", "cmd_result": "cmd_result.v2"}
 
 AnyMessage = (
     EnrollRequest

@@ -16,6 +16,12 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}$")
 DEFAULT_PREFIX = "barista"
 # The inbox space of enrolling machines (the shared enroll user may read only this).
 ENROLL_INBOX = "_INBOX_enroll"
+# The shared NATS user of machines that are not enrolled yet: it may only ask to enroll and
+# read ENROLL_INBOX, and a join token is what authorises a node, so it is no secret.
+ENROLL_USER = "enroll"
+ENROLL_PASSWORD = "enroll"
+# The inbox space of the controller's own JetStream connection (peers may not publish there).
+CONTROLLER_INBOX = "_INBOX_controller"
 # A reply subject inside an inbox space: the space, then 1-3 tokens (nats-py's requests use
 # two: a per-connection id and a per-request token).
 _REPLY_TAIL = r"(\.[A-Za-z0-9_-]{1,64}){1,3}"
@@ -131,6 +137,28 @@ class Subjects:
     def inbox_prefix(self, node_id: str) -> str:
         """Each node gets its own reply inbox space so it cannot read other nodes' replies."""
         return f"_INBOX_{check_token(node_id, 'node id')}"
+
+    def inbox_any(self, node_id: str) -> str:
+        """Every reply subject in node ``node_id``'s inbox space."""
+        return f"{self.inbox_prefix(node_id)}.>"
+
+    @property
+    def enroll_inbox(self) -> str:
+        """The inbox prefix enrolling machines use (shared: replies are sealed)."""
+        return ENROLL_INBOX
+
+    @property
+    def enroll_inbox_any(self) -> str:
+        return f"{ENROLL_INBOX}.>"
+
+    @property
+    def controller_inbox(self) -> str:
+        """The inbox prefix of the controller's JetStream connection."""
+        return CONTROLLER_INBOX
+
+    @property
+    def controller_inbox_any(self) -> str:
+        return f"{CONTROLLER_INBOX}.>"
 
     # Reply subjects a peer names are checked before the controller publishes to them: a
     # peer must never be able to make the controller publish anywhere else (a JetStream

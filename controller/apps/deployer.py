@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from controller import jsontext
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.fleet import Fleet
-from controller.jobs.engine import MAX_TIMEOUT, JobEngine, JobSpec, parse_count
+from controller.jobs.engine import MAX_TIMEOUT, JobEngine, JobSpec, NodeResult, parse_count
 from controller.models import NodeRecord
 from controller.state.table import Table
 from protocol import codec
@@ -30,24 +30,26 @@ from protocol.errors import ProtocolError, SelectorError
 from protocol.messages import (
     AppArtifact,
     AppRelease,
+    AppReport,
+    AppState,
+    AppStatus,
     AppSyncReply,
     AppSyncRequest,
     ErrorReply,
     Event,
     HealthCheck,
 )
+from protocol.names import valid_app_name, valid_app_version
 from protocol.selectors import Selector
 from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.deploy")
 
-_NAME = re.compile(r"^[a-z0-9-]{1,40}$")
-_VERSION = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_SPEC_BYTES = 256 * 1024
-# An app's state on one node, as the node reports it.
-NodeAppState = Literal["installing", "running", "failed", "unhealthy", "removed"]
+# An app's state on one node, as the node reports it (the wire's AppState).
+NodeAppState = AppState
 RolloutStatus = Literal["rolling", "done", "failed", "rolled-back"]
 TERMINAL = frozenset({"running", "failed", "unhealthy"})
 
@@ -158,10 +160,10 @@ def _field_message(exc: msgspec.ValidationError) -> str:
 
 
 def validate_spec(spec: AppSpec) -> None:
-    if not _NAME.fullmatch(spec.name):
+    if not valid_app_name(spec.name):
         raise BadRequest(f"app spec: field 'name' {spec.name!r} must be 1-40 characters of "
                          "a-z, 0-9 or '-'")
-    if not _VERSION.fullmatch(spec.version) or spec.version.startswith("."):
+    if not valid_app_version(spec.version):
         raise BadRequest(f"app spec: field 'version' {spec.version!r} must be 1-64 characters "
                          "of letters, digits, '.', '_', '+' or '-', not starting with '.'")
     for i, art in enumerate(spec.artifacts):
@@ -465,7 +467,7 @@ class Deployer:
         assert rec is not None
         return rec
 
-    async def _reconcile(self, node_ids: list[str], spec: AppSpec) -> dict[str, Any]:
+    async def _reconcile(self, node_ids: list[str], spec: AppSpec) -> dict[str, NodeResult]:
         """A "reconcile" job on these nodes; node id -> CommandResult data (or reason)."""
         if not node_ids:
             return {}
@@ -474,12 +476,13 @@ class Deployer:
             JobSpec(action="reconcile", targets=node_ids, timeout=timeout),
             created_by=f"deploy:{spec.name}",
         )
-        out: dict[str, Any] = {}
+        out: dict[str, NodeResult] = {}
         for r in await self._jobs.results(job.id):
             out[r.node_id] = r
         return out
 
-    async def _outcomes(self, spec: AppSpec, node_ids: list[str], results: dict[str, Any],
+    async def _outcomes(self, spec: AppSpec, node_ids: list[str],
+                        results: dict[str, NodeResult],
                         since: float) -> tuple[dict[str, str], list[str]]:
         """Wait for each node's verdict on spec.version: (failed node -> error, pending)."""
         deadline = time.monotonic() + spec.health_timeout
@@ -522,14 +525,11 @@ class Deployer:
                 self._waiters.discard(ev)
         return failed, pending
 
-    def _verdict(self, spec: AppSpec, node_id: str, res: Any,
+    def _verdict(self, spec: AppSpec, node_id: str, res: NodeResult | None,
                  since: float) -> tuple[str, str] | None:
-        data = getattr(res, "data", None)
-        if isinstance(data, dict):
-            st = data.get(spec.name)
-            if (isinstance(st, dict) and st.get("version") == spec.version
-                    and st.get("state") in TERMINAL):
-                return str(st["state"]), str(st.get("error", ""))
+        st = _reported(res, spec.name)
+        if st is not None and st.version == spec.version and st.state in TERMINAL:
+            return st.state, st.error
         rec = self.statuses.get(status_key(spec.name, node_id))
         if rec is not None and rec.version == spec.version and rec.state in TERMINAL \
                 and rec.at >= since:
@@ -651,15 +651,13 @@ class Deployer:
 
     def on_event(self, event: Event) -> None:
         """Node events: keep "app.status" reports in ``app_status`` (via one writer)."""
-        if event.type != "app.status":
+        p = event.payload
+        if not isinstance(p, AppStatus):
             return
-        d = event.data
+        st = NodeAppStatus(app=p.app, node_id=event.node_id, version=p.version, state=p.state,
+                           error=p.error, at=event.ts)
         try:
-            st = msgspec.convert({"app": d.get("app"), "node_id": event.node_id,
-                                  "version": d.get("version"), "state": d.get("state"),
-                                  "error": d.get("error") or "", "at": event.ts},
-                                 NodeAppStatus)
-            if not _NAME.fullmatch(st.app):
+            if not valid_app_name(st.app):
                 raise ValueError(f"bad app name {st.app!r}")
             # Only apps that exist and were ever assigned to this node: a node cannot grow
             # the status bucket with made-up names.
@@ -667,7 +665,7 @@ class Deployer:
             known = self.statuses.get(status_key(st.app, event.node_id)) is not None
             if not known and (rec is None or event.node_id not in rec.assignments):
                 raise ValueError(f"app {st.app!r} is not assigned to this node")
-        except (msgspec.ValidationError, ValueError, AttributeError) as exc:
+        except ValueError as exc:
             self.stats["bad_events"] += 1
             log.warning("bad app.status event from node %s: %s", event.node_id, exc)
             return
@@ -695,6 +693,16 @@ class Deployer:
                 log.warning("app status of node %s not stored: %s", st.node_id, exc)
             for ev in list(self._waiters):
                 ev.set()
+
+
+def _reported(res: NodeResult | None, app: str) -> AppReport | None:
+    """What a node's reconcile result says of ``app`` (the job keeps it as JSON)."""
+    if res is None or app not in res.data:
+        return None
+    try:
+        return msgspec.convert(res.data[app], AppReport)
+    except msgspec.ValidationError:
+        return None
 
 
 def _describe(failed: dict[str, str]) -> str:

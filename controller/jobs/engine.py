@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
 from controller.errors import BadRequest, NotFound
+from controller.events import result_data_json
 from controller.fleet import Fleet
 from controller.models import NodeRecord
 from controller.nats.client import Flusher
@@ -31,7 +32,15 @@ from controller.state.streams import JOBS
 from controller.state.table import Table
 from protocol import codec
 from protocol.errors import ProtocolError
-from protocol.messages import Command, CommandAction, CommandResult, Event
+from protocol.messages import (
+    Command,
+    CommandAction,
+    CommandResult,
+    Event,
+    JobFinished,
+    JobOutput,
+    JobStarted,
+)
 from protocol.selectors import Selector
 from protocol.signing import CommandSigner
 from protocol.subjects import Subjects
@@ -113,8 +122,8 @@ class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):
         """The job's record of a node's wire result (the one place they are converted):
         the fields the two share go over as they are; status and data are converted."""
         carried = {name: getattr(res, name) for name in _CARRIED_RESULT_FIELDS}
-        return cls(**carried, status=_outcome(res.status), data=res.data, expected=expected,
-                   batch=batch, at=time.time())
+        return cls(**carried, status=_outcome(res.status), data=result_data_json(res.data),
+                   expected=expected, batch=batch, at=time.time())
 
 
 # What a node's CommandResult and the job's NodeResult share, copied by NodeResult.of.
@@ -553,9 +562,9 @@ class JobEngine:
         Only a node the job targets speaks about it: returns why an event is refused (the
         caller counts it), None when it was relayed or concerns no running job.
         """
-        job_id = event.data.get("job_id") if isinstance(event.data, dict) else None
-        if not isinstance(job_id, str):
+        if not isinstance(event.payload, JobStarted | JobOutput | JobFinished):
             return None
+        job_id = event.payload.job_id
         run = self._runs.get(job_id)
         record = run.record if run is not None else self.records.get(job_id)
         if record is None:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.subjects import ENROLL_INBOX, Subjects
+from protocol.subjects import ENROLL_PASSWORD, ENROLL_USER, Subjects
 
-# The enroll user can only ask to enroll; a join token is what authorises a node, so this
-# password is not a secret (it is in every bootstrap script).
-ENROLL_USER = "enroll"
-ENROLL_PASSWORD = "enroll"
+# ENROLL_USER / ENROLL_PASSWORD (protocol.subjects): the enroll user can only ask to enroll;
+# a join token is what authorises a node, so its password is no secret.
 # The controller's two users (least privilege for the controller too): CONTROLLER_USER has
 # JetStream rights and holds state and streams, and answers no peer; PEERS_USER subscribes
 # to and answers peers (enrollment, app sync, heartbeats, events, results, commands) and
@@ -21,9 +19,8 @@ ENROLL_PASSWORD = "enroll"
 # a peer slips past the controller can touch state.
 CONTROLLER_USER = "controller"
 PEERS_USER = "controller-peers"
-# The inbox space of the JetStream connection: PEERS_USER may not publish into it (a forged
-# JetStream API answer), nor read it.
-CONTROLLER_INBOX = "_INBOX_controller"
+# CONTROLLER_INBOX (protocol.subjects), the inbox space of the JetStream connection:
+# PEERS_USER may not publish into it (a forged JetStream API answer), nor read it.
 # The system account answers $SYS.REQ.SERVER.<id>.HEALTHZ / .VARZ; only NatsServer itself
 # connects as its user (a random password per process, written only to the 0600 config).
 SYS_ACCOUNT = "SYS"
@@ -56,7 +53,7 @@ def node_permissions(subjects: Subjects, node_id: str) -> Permissions:
                 subjects.cmd_all,
                 subjects.cmd_node(node_id),
                 subjects.mesh_all,
-                f"{subjects.inbox_prefix(node_id)}.>",
+                subjects.inbox_any(node_id),
             ]
         },
     }
@@ -66,15 +63,14 @@ def enroll_permissions(subjects: Subjects) -> Permissions:
     """The shared enroll user: ask to enroll, read the enrolling machines' inbox space."""
     return {
         "publish": {"allow": [subjects.enroll]},
-        "subscribe": {"allow": [f"{ENROLL_INBOX}.>"]},
+        "subscribe": {"allow": [subjects.enroll_inbox_any]},
     }
 
 
 def peers_permissions(subjects: Subjects) -> Permissions:
     """The controller's peer-facing user: everything but the JetStream, KV, object store
     and system APIs and the state connection's inbox space (see PEERS_USER)."""
-    del subjects  # denies only: nothing of it names a barista subject (yet)
-    denied = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", f"{CONTROLLER_INBOX}.>"]
+    denied = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", subjects.controller_inbox_any]
     return {"publish": {"deny": denied}, "subscribe": {"deny": list(denied)}}
 
 

@@ -11,7 +11,7 @@ from agent.config import AgentConfig
 from agent.runtime import Agent
 from controller.service import Controller
 from protocol import codec
-from protocol.messages import Event, MetricBatch
+from protocol.messages import Event, MetricBatch, MetricsDropped
 from tests.fixtures.controller import controller_config
 from tests.fixtures.wait import wait_for
 
@@ -62,7 +62,7 @@ async def test_nats_restart_loses_nothing_within_the_buffer(nats_server_noauth, 
             await wait_for(lambda: agent.dropped_total >= 5, 20, "the ring to overflow")
             await asyncio.to_thread(srv.start)
             await wait_for(lambda: not agent.buffer, 30, "the buffer to drain")
-            last_seq = agent._seq
+            last_seq = agent.outbox.seq
             dropped = agent.dropped_total
         stored = await stream_batches(c.js, agent.node_id)
         # The drop report is an event, kept in the EVENTS stream like every node event.
@@ -73,7 +73,8 @@ async def test_nats_restart_loses_nothing_within_the_buffer(nats_server_noauth, 
     missing = set(range(1, last_seq + 1)) - set(seqs)
     assert len(missing) == dropped
     report = next(e for e in events if e.type == "metrics.dropped")
-    assert report.data["dropped"] >= 5 and report.severity == "warning"
+    assert isinstance(report.payload, MetricsDropped)
+    assert report.payload.dropped >= 5 and report.severity == "warning"
     # batches carry the cumulative count, so the last one stored reports every drop
     assert max(b.dropped for b in stored) == dropped
 

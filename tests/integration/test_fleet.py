@@ -15,11 +15,10 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.runtime import Agent
-from controller.nats.permissions import ENROLL_PASSWORD, ENROLL_USER
 from controller.service import Controller
 from protocol import codec
-from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch
-from protocol.subjects import ENROLL_INBOX
+from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch, NodeStatusChanged
+from protocol.subjects import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
 from tests.fixtures.controller import AgentFactory, controller_config
 from tests.fixtures.wait import wait_for
 
@@ -82,7 +81,8 @@ async def test_killed_agent_goes_stale_then_offline(controller: Controller, tmp_
     stored, _ = await controller.nodes.fetch(node.id)
     assert stored.status == "offline"
     await wait_for(lambda: len([e for e in events if e.type == "node.status"]) >= 2, 5)
-    moves = [(e.data["from"], e.data["to"]) for e in events if e.type == "node.status"]
+    moves = [(e.payload.old, e.payload.new) for e in events
+             if isinstance(e.payload, NodeStatusChanged)]
     assert moves[:2] == [("online", "stale"), ("stale", "offline")]
 
 

@@ -27,7 +27,7 @@ from controller.models import NodeRecord
 from controller.nats.server import NatsServer
 from controller.service import Controller
 from protocol import codec
-from protocol.messages import Event, Heartbeat
+from protocol.messages import Event, Heartbeat, JobOutput, MetricsDropped
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
 from tests.fixtures.wait import wait_for
 
@@ -288,7 +288,7 @@ async def test_f12_nan_heartbeat_is_rejected_and_does_not_keep_a_node_alive(
         # NaN, then infinities, for as long as the node would take to go offline
         await wait_for(offline_despite_nan_beats, controller.config.offline_after * 3,
                        "offline (NaN heartbeats kept it alive)", interval=0.1)
-        ev = Event(ts=math.nan, type="node.note", node_id=node_id)
+        ev = Event(ts=math.nan, payload=MetricsDropped(dropped=1), node_id=node_id)
         events_before = controller.stats.rejected["events"]
         await mallory.publish(controller.subjects.events(node_id), codec.encode(ev))
         await mallory.flush()
@@ -317,8 +317,8 @@ async def test_f13_job_events_only_from_targeted_nodes(
     assert queue is not None
     try:
         async with as_node(controller, b) as mallory:
-            forged = Event(ts=1.0, type="job.output", node_id=b.node_id,
-                           data={"job_id": job.id, "stream": "stdout", "data": "FORGED\n"})
+            forged = Event(ts=1.0, node_id=b.node_id,
+                           payload=JobOutput(job_id=job.id, stream="stdout", data="FORGED\n"))
             for _ in range(3):
                 await mallory.publish(controller.subjects.events(b.node_id), codec.encode(forged))
             await mallory.flush()
@@ -332,6 +332,6 @@ async def test_f13_job_events_only_from_targeted_nodes(
     events = [p for kind, p in seen if kind == "event"]
     assert events, "the targeted node's own output must still be relayed"
     assert all(e.node_id == a.node_id for e in events)
-    assert not any("FORGED" in str(e.data) for e in events)
+    assert not any("FORGED" in str(e.payload) for e in events)
     await wait_for(lambda: controller.stats.rejected["job_event"] >= 3, 10, "refusals")
     assert "does not target it" in controller.stats.last_rejection

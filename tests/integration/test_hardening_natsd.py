@@ -29,9 +29,8 @@ from agent.config import AgentConfig
 from agent.runtime import Agent
 from controller.errors import NatsServerError
 from controller.models import NodeRecord
-from controller.nats.permissions import ENROLL_PASSWORD, ENROLL_USER
 from controller.service import Controller
-from protocol.subjects import ENROLL_INBOX
+from protocol.subjects import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
 from tests.fixtures.controller import AgentFactory, controller_config
 from tests.fixtures.wait import wait_for, wait_for_blocking
 

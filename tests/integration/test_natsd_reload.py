@@ -97,11 +97,11 @@ async def test_the_agents_refused_connect_leaves_no_socket_open(
 ) -> None:
     """nats-py keeps a refused connection's socket until GC; the agent's connect closes it
     (the suite runs with -W error, so a leaked socket collected here fails the test)."""
-    from agent.runtime import _connect
+    from agent.connection import connect
 
     seed, _ = identity(tmp_path, "stranger")
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-        await _connect(servers=[nats_server.url], nkeys_seed=seed, allow_reconnect=False)
+        await connect(servers=[nats_server.url], nkeys_seed=seed, allow_reconnect=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
         gc.collect()

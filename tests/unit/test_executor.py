@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from agent.executor import Executor
 from agent.facts import collect_facts, parse_os_release
-from protocol.messages import Command
+from protocol.messages import Command, FactsReport, JobEvent, Pong
 from tests.fixtures.wait import wait_for
 
 GONE_WITHIN = 5.0
@@ -93,6 +94,11 @@ def executor(make_executor: ExecutorFactory) -> Executor:
     return make_executor()
 
 
+def kind_of(event: JobEvent) -> str:
+    """"started", "output" or "finished": the event's type without its "job." prefix."""
+    return str(event.__struct_config__.tag).removeprefix("job.")
+
+
 class Recorder:
     """An on_event listener that keeps every event and can wake a test on one."""
 
@@ -100,8 +106,8 @@ class Recorder:
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.changed = asyncio.Event()
 
-    async def __call__(self, kind: str, payload: dict[str, Any]) -> None:
-        self.events.append((kind, payload))
+    async def __call__(self, event: JobEvent) -> None:
+        self.events.append((kind_of(event), msgspec.structs.asdict(event)))
         self.changed.set()
 
     def kinds(self) -> list[str]:
@@ -274,8 +280,8 @@ async def test_streaming_respects_cap_and_flag(executor: Executor) -> None:
 async def test_failing_listener_does_not_break_the_run(executor: Executor) -> None:
     calls: list[str] = []
 
-    async def broken(kind: str, payload: dict[str, Any]) -> None:
-        calls.append(kind)
+    async def broken(event: JobEvent) -> None:
+        calls.append(kind_of(event))
         raise RuntimeError("listener bug")
 
     res = await executor.run(make_cmd(shell="echo hi", stream_output=True), on_event=broken)
@@ -287,8 +293,8 @@ async def test_concurrency_limit(make_executor: ExecutorFactory, tmp_path: Path)
     ex = make_executor(max_concurrency=2)
     seen_running: list[int] = []
 
-    async def on_event(kind: str, payload: dict[str, Any]) -> None:
-        if kind == "started":
+    async def on_event(event: JobEvent) -> None:
+        if kind_of(event) == "started":
             seen_running.append(ex.running)
 
     def cmd(i: int) -> Command:
@@ -315,9 +321,9 @@ async def test_ping_and_facts(executor: Executor) -> None:
     rec = Recorder()
     pong = await executor.run(make_cmd(action="ping"), on_event=rec)
     assert pong.status == "ok"
-    assert pong.data["pong"] is True
-    assert pong.data["labels"] == {"role": "web"}
-    facts = pong.data["facts"]
+    assert isinstance(pong.data, Pong)
+    assert pong.data.labels == {"role": "web"}
+    facts = msgspec.to_builtins(pong.data.facts)
     assert set(facts) == {"hostname", "os", "agent_version", "uptime"}
     assert facts["hostname"] == socket.gethostname()
     assert facts["agent_version"] == "9.9.9"
@@ -325,10 +331,11 @@ async def test_ping_and_facts(executor: Executor) -> None:
 
     full = await executor.run(make_cmd(action="facts"))
     assert full.status == "ok"
-    assert full.data["cpu_count"] == os.cpu_count()
-    assert full.data["mem_total"] > 0
-    assert full.data["os"] == "Linux"
-    assert {"kernel", "arch", "python", "boot_time"} <= set(full.data)
+    assert isinstance(full.data, FactsReport)
+    assert full.data.facts.cpu_count == os.cpu_count()
+    assert (full.data.facts.mem_total or 0) > 0
+    assert full.data.facts.os == "Linux"
+    assert {"kernel", "arch", "python", "boot_time"} <= set(msgspec.to_builtins(full.data.facts))
 
 
 async def test_broken_facts_callable_becomes_error(make_executor: ExecutorFactory) -> None:

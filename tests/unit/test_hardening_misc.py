@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent.runtime import fit_batch
+from agent.outbox import fit_batch
 from controller.errors import BadRequest
 from controller.jsontext import loads
 from controller.state.streams import NODE_SHARE, metrics_stream_config, per_node_batches
@@ -26,6 +26,7 @@ from protocol.messages import (
     Heartbeat,
     MetricBatch,
     MetricPoint,
+    MetricsDropped,
 )
 
 NON_FINITE = [math.nan, math.inf, -math.inf]
@@ -34,7 +35,7 @@ NON_FINITE = [math.nan, math.inf, -math.inf]
 TIME_FIELDS: list[tuple[Any, tuple[str, ...]]] = [
     (Heartbeat(node_id="n", seq=1, ts=1.0), ("ts",)),
     (Heartbeat(node_id="n", seq=1, ts=1.0), ("uptime",)),
-    (Event(ts=1.0, type="x"), ("ts",)),
+    (Event(ts=1.0, payload=MetricsDropped(dropped=1)), ("ts",)),
     (Command(id="c", job_id="j", issued_at=1.0, ttl=5.0, action="ping"), ("issued_at",)),
     # Command.ttl is range-checked by the verifier instead (tests/unit/test_signing.py).
     (Command(id="c", job_id="j", issued_at=1.0, ttl=5.0, action="ping"), ("timeout",)),

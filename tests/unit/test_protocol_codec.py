@@ -15,6 +15,9 @@ from protocol.messages import (
     ALL_MESSAGES,
     AppArtifact,
     AppRelease,
+    AppReport,
+    AppsReport,
+    AppStatus,
     AppSyncReply,
     AppSyncRequest,
     Command,
@@ -23,11 +26,20 @@ from protocol.messages import (
     EnrollRequest,
     ErrorReply,
     Event,
+    FactsReport,
     HealthCheck,
     Heartbeat,
+    JobFinished,
+    JobOutput,
+    JobStarted,
     Message,
     MetricBatch,
     MetricPoint,
+    MetricsDropped,
+    NodeEnrolled,
+    NodeFacts,
+    NodeStatusChanged,
+    Pong,
     SealedReply,
     SignedCommand,
 )
@@ -139,19 +151,14 @@ def _samples() -> dict[type[Message], Message]:
             stdout_truncated=True,
             duration=1.25,
             reason="exit status 2",
-            data={
-                "facts": {"os": "linux", "cpus": 4},
-                "list": [1, 2.5, "x", None, True],
-                "raw": b"\x00\xff",
-            },
+            data=Pong(labels={"role": "web"}, facts=NodeFacts(os="linux", cpu_count=4)),
         ),
         Event: Event(
             ts=T0,
-            type="node.online",
+            payload=NodeStatusChanged(old="offline", new="online"),
             node_id="n-0001",
             severity="warning",
             message="back after 30s",
-            data={"previous": "offline", "gap": 30.0},
         ),
         ErrorReply: ErrorReply(code="bad_token", message="join token expired"),
         SealedReply: SealedReply(box=b"\x00\xffsealed"),
@@ -242,7 +249,7 @@ BAD_INPUTS: list[tuple[bytes, type[Message] | None, str]] = [
     (_mp(_hb(kind=7)), None, "'kind' must be a string"),
     (_mp(_hb(kind="teleport")), None, "unknown message kind 'teleport'"),
     (_mp(_hb(kind="teleport")), Heartbeat, "unknown message kind 'teleport'"),
-    (encode(SAMPLES[Event]), Heartbeat, "expected a 'hb' message, got 'event'"),
+    (encode(SAMPLES[Event]), Heartbeat, "expected a 'hb' message, got 'event.v2'"),
     (encode(SAMPLES[Command]), SignedCommand, "expected a 'signed_cmd' message, got 'cmd'"),
     (_mp(_hb(seq=_DROP)), Heartbeat, "missing required field `seq`"),
     (_mp(_hb(node_id=_DROP)), None, "missing required field `node_id`"),
@@ -307,7 +314,7 @@ def test_protocol_error_carries_kind_and_size() -> None:
     assert "newer peer" in info.value.reason
     with pytest.raises(ProtocolError) as info:
         decode(encode(SAMPLES[Event]), Heartbeat)
-    assert info.value.kind == "event"
+    assert info.value.kind == "event.v2"
 
 
 def test_protocol_error_is_a_value_error() -> None:
@@ -354,8 +361,9 @@ def test_custom_max_size() -> None:
 
 def test_payload_exactly_at_default_limit_is_decoded_not_refused() -> None:
     # a real message padded to exactly the limit passes the size check and then decodes
-    overhead = len(encode(Event(ts=T0, type="pad", message="x" * 70_000))) - 70_000
-    padded = Event(ts=T0, type="pad", message="x" * (DEFAULT_MAX_PAYLOAD - overhead))
+    pad = MetricsDropped(dropped=1)
+    overhead = len(encode(Event(ts=T0, payload=pad, message="x" * 70_000))) - 70_000
+    padded = Event(ts=T0, payload=pad, message="x" * (DEFAULT_MAX_PAYLOAD - overhead))
     data = encode(padded)
     assert len(data) == DEFAULT_MAX_PAYLOAD
     assert decode(data, Event).message == padded.message
@@ -394,3 +402,62 @@ def test_memoryview_size_is_counted_in_bytes() -> None:
     with pytest.raises(PayloadTooLarge) as info:
         decode(view)
     assert info.value.size == view.nbytes
+
+
+# --- typed payloads (Event.payload, CommandResult.data) -----------------------------------
+
+EVENT_PAYLOADS = [
+    JobStarted(job_id="j-1", command_id="c-1"),
+    JobOutput(job_id="j-1", stream="stderr", data="héllo\n"),
+    JobFinished(job_id="j-1", status="failed", exit_code=2, duration=0.5),
+    AppStatus(app="web", version="1.2", state="unhealthy", error="health check failed"),
+    MetricsDropped(dropped=7),
+    NodeStatusChanged(old="online", new="stale"),
+    NodeEnrolled(labels={"provider": "aws"}),
+]
+RESULT_DATA = [
+    Pong(labels={"role": "web"}, facts=NodeFacts(hostname="h", uptime=0.0)),
+    FactsReport(facts=NodeFacts(os="Linux", cpu_count=8, mem_total=1 << 34)),
+    AppsReport(apps={"web": AppReport(version="1.2", state="running", at=T0)}),
+]
+
+
+@pytest.mark.parametrize("payload", EVENT_PAYLOADS, ids=lambda p: p.__class__.__name__)
+def test_every_event_payload_round_trips(payload: Any) -> None:
+    ev = Event(ts=T0, payload=payload, node_id="n-1")
+    got = decode(encode(ev), Event)
+    assert got == ev and type(got.payload) is type(payload)
+    assert got.type == payload.__struct_config__.tag  # the event's type is its payload's tag
+
+
+@pytest.mark.parametrize("data", RESULT_DATA, ids=lambda d: d.__class__.__name__)
+def test_every_result_data_round_trips(data: Any) -> None:
+    res = CommandResult(job_id="j", command_id="c", node_id="n", status="ok", data=data)
+    assert decode(encode(res), CommandResult) == res
+
+
+def test_unknown_event_payload_type_is_a_clear_error() -> None:
+    raw = msgspec.msgpack.decode(encode(Event(ts=T0, payload=MetricsDropped(dropped=1))))
+    raw["payload"]["type"] = "mesh.delta"  # a payload kind from a newer peer
+    with pytest.raises(ProtocolError) as info:
+        decode(msgspec.msgpack.encode(raw), Event)
+    assert "unknown payload.type" in info.value.reason and "'mesh.delta'" in info.value.reason
+    assert "newer peer" in info.value.reason
+
+
+def test_unknown_result_data_type_is_a_clear_error() -> None:
+    raw = msgspec.msgpack.decode(encode(SAMPLES[CommandResult]))
+    raw["data"]["type"] = "tarball"
+    with pytest.raises(ProtocolError) as info:
+        decode(msgspec.msgpack.encode(raw))
+    assert "unknown data.type" in info.value.reason and "'tarball'" in info.value.reason
+
+
+@pytest.mark.parametrize(("old", "new"), [("event", "event.v2"), ("cmd_result", "cmd_result.v2")])
+def test_retired_kinds_are_refused_naming_their_replacement(old: str, new: str) -> None:
+    # The shapes before typed payloads: a free-form "type"/"data" event, a map of data.
+    legacy = {"kind": old, "ts": T0, "type": "job.output", "job_id": "j", "command_id": "c",
+              "node_id": "n", "status": "ok", "data": {"job_id": "j", "data": "x"}}
+    with pytest.raises(ProtocolError) as info:
+        decode(msgspec.msgpack.encode(legacy))
+    assert f"{old!r} is the old shape of {new!r}" in info.value.reason

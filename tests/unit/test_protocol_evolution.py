@@ -2,6 +2,8 @@
 
 The tables below are frozen as of protocol v1. Do not edit an entry to make a test pass: give
 the new field a default instead. A new message class gets a new entry (its own v1 fields).
+A message whose shape changed incompatibly gets a new kind (REPLACED, frozen from then on);
+its v1 kind stays below, retired (protocol.messages.RETIRED_KINDS), and is refused clearly.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ import msgspec.inspect as mi
 import pytest
 
 from protocol.codec import decode, encode
-from protocol.messages import ALL_MESSAGES, Heartbeat, Message, MetricBatch, MetricPoint
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    ALL_MESSAGES,
+    RETIRED_KINDS,
+    Heartbeat,
+    Message,
+    MetricBatch,
+    MetricPoint,
+)
 from tests.unit.test_protocol_codec import SAMPLES
 
 # class name -> (kind tag on the wire, fields required (no default) in protocol v1)
@@ -33,6 +43,18 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "SealedReply": ("sealed", frozenset({"box"})),
 }
 
+# Messages whose v1 shape changed incompatibly (typed payloads instead of free-form maps):
+# class name -> (the new kind, its required fields when introduced). Frozen like V1_MESSAGES.
+REPLACED: dict[str, tuple[str, frozenset[str]]] = {
+    "Event": ("event.v2", frozenset({"ts", "payload"})),
+    "CommandResult": ("cmd_result.v2", frozenset({"job_id", "command_id", "node_id", "status"})),
+}
+
+
+def _frozen(name: str) -> tuple[str, frozenset[str]]:
+    return REPLACED.get(name) or V1_MESSAGES[name]
+
+
 # Structs nested inside messages: class name -> v1 required fields. Array-like structs are
 # positional on the wire, so their v1 field order is frozen too (new fields go at the end).
 V1_NESTED: dict[str, frozenset[str]] = {
@@ -40,6 +62,32 @@ V1_NESTED: dict[str, frozenset[str]] = {
     "AppRelease": frozenset({"name", "version"}),
     "AppArtifact": frozenset({"url", "sha256"}),
     "HealthCheck": frozenset(),
+    # Added with typed payloads (Event.payload, CommandResult.data): their fields then.
+    "NodeFacts": frozenset(),
+    "Pong": frozenset(),
+    "FactsReport": frozenset({"facts"}),
+    "AppReport": frozenset({"version", "state"}),
+    "AppsReport": frozenset(),
+    "JobStarted": frozenset({"job_id"}),
+    "JobOutput": frozenset({"job_id", "stream", "data"}),
+    "JobFinished": frozenset({"job_id", "status"}),
+    "AppStatus": frozenset({"app", "version", "state"}),
+    "MetricsDropped": frozenset({"dropped"}),
+    "NodeStatusChanged": frozenset({"old", "new"}),
+    "NodeEnrolled": frozenset(),
+}
+# Tagged payloads: class name -> its type tag on the wire (never changes, like a kind).
+PAYLOAD_TAGS: dict[str, str] = {
+    "Pong": "pong",
+    "FactsReport": "facts",
+    "AppsReport": "apps",
+    "JobStarted": "job.started",
+    "JobOutput": "job.output",
+    "JobFinished": "job.finished",
+    "AppStatus": "app.status",
+    "MetricsDropped": "metrics.dropped",
+    "NodeStatusChanged": "node.status",
+    "NodeEnrolled": "node.enrolled",
 }
 V1_ARRAY_ORDER: dict[str, tuple[str, ...]] = {
     "MetricPoint": ("measurement", "fields", "tags", "ts"),
@@ -96,7 +144,7 @@ def test_every_nested_struct_is_registered() -> None:
 def test_no_required_field_added_after_v1(cls: type[Message]) -> None:
     if cls.__name__ not in V1_MESSAGES:
         pytest.fail(f"{cls.__name__} is not registered in V1_MESSAGES")
-    _, frozen = V1_MESSAGES[cls.__name__]
+    _, frozen = _frozen(cls.__name__)
     added = sorted(_required(cls) - frozen)
     assert not added, (
         f"{cls.__name__} has required fields {added} that v1 peers do not send: "
@@ -115,10 +163,32 @@ def test_no_required_field_added_to_nested_structs(name: str) -> None:
 def test_v1_required_fields_are_kept_required(cls: type[Message]) -> None:
     # Messages are encoded with omit_defaults: if a v1 required field got a default, a newer
     # peer would leave it out whenever it equals the default and a v1 peer would refuse it.
-    kind, frozen = V1_MESSAGES[cls.__name__]
+    kind, frozen = _frozen(cls.__name__)
     assert str(cls.__struct_config__.tag) == kind, "a message's kind must never change"
     lost = sorted(frozen - _required(cls))
     assert not lost, f"{cls.__name__} v1 required fields {lost} were removed or given a default"
+
+
+def test_a_replaced_kind_is_retired_and_refused_clearly() -> None:
+    # Only a new kind may change a shape: the old kind is kept out of use and named.
+    in_use = {str(c.__struct_config__.tag) for c in ALL_MESSAGES}
+    retired = {V1_MESSAGES[name][0]: kind for name, (kind, _) in REPLACED.items()}
+    assert RETIRED_KINDS == retired
+    assert not set(retired) & in_use
+    for old, new in retired.items():
+        with pytest.raises(ProtocolError, match=f"'{old}' is the old shape of '{new}'"):
+            decode(msgspec.msgpack.encode({"kind": old, "v": 1}))
+
+
+@pytest.mark.parametrize("name", sorted(PAYLOAD_TAGS))
+def test_payload_tags_never_change(name: str) -> None:
+    cls = _nested_structs()[name]
+    assert str(cls.__struct_config__.tag) == PAYLOAD_TAGS[name]
+
+
+def test_every_tagged_payload_is_registered() -> None:
+    tagged = {n for n, c in _nested_structs().items() if c.__struct_config__.tag is not None}
+    assert tagged == set(PAYLOAD_TAGS)
 
 
 @pytest.mark.parametrize("name", sorted(V1_ARRAY_ORDER))

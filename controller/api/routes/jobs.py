@@ -11,6 +11,7 @@ from aiohttp import web
 from controller.api.keys import JOBS
 from controller.api.middleware import json_body
 from controller.errors import BadRequest
+from controller.events import event_json
 from controller.jobs.engine import JobEngine, JobSpec
 
 
@@ -78,7 +79,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                     await send("result", msgspec.to_builtins(payload))
                 elif kind == "event":
                     await send("output" if payload.type == "job.output" else "progress",
-                               msgspec.to_builtins(payload))
+                               event_json(payload))
                 elif kind == "done":
                     break
         await send("done", jobs.get(job_id).summary())
