@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -101,7 +102,14 @@ class Outbox:
                 await self._have_data.wait()
                 continue
             if not nc.is_connected:
-                await connected.wait()
+                # The disconnected callback may not have run yet, and waiting on a set
+                # event returns at once without yielding: this loop would spin and starve
+                # the very callbacks (disconnect, reconnect) it waits for. Clear it here
+                # (the reconnected callback sets it once is_connected holds again) and
+                # look again at least every second.
+                connected.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(connected.wait(), 1.0)
                 continue
             msg_id, data = self.buffer[0]
             try:
