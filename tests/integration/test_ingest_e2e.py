@@ -29,7 +29,7 @@ COLLECTORS = ["cpu", "mem", "net"]
 @contextlib.asynccontextmanager
 async def fleet(
     tmp_path: Path, influx: InfluxDB1, **overrides: Any
-) -> AsyncIterator[tuple[Controller, AgentFactory]]:
+) -> AsyncIterator[tuple[RunningController, AgentFactory]]:
     cfg = controller_config(
         tmp_path / "controller", influx_kind="influx1", influx_url=influx.url, influx_db=DB,
         **overrides,
