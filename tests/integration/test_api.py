@@ -7,7 +7,7 @@ import json
 
 import aiohttp
 
-from controller.service import Controller
+from controller.service import RunningController
 from tests.fixtures.controller import AgentFactory, run_cli
 
 
@@ -38,7 +38,9 @@ async def test_health_endpoints_are_open(api, http: aiohttp.ClientSession):
         assert r.status == 200 and (await r.json())["ready"] is True
 
 
-async def test_nodes_list_filter_and_show(api, http, controller: Controller, agents: AgentFactory):
+async def test_nodes_list_filter_and_show(
+    api, http, controller: RunningController, agents: AgentFactory
+):
     url, token = api
     h = {"Authorization": f"Bearer {token}"}
     aws = await agents.start(labels={"provider": "aws", "region": "us-east-1"})
@@ -64,7 +66,7 @@ async def test_nodes_list_filter_and_show(api, http, controller: Controller, age
         assert body["error"] == "bad_selector" and "position" in body["details"]
 
 
-async def test_create_token_and_bad_bodies(api, http, controller: Controller):
+async def test_create_token_and_bad_bodies(api, http, controller: RunningController):
     url, token = api
     h = {"Authorization": f"Bearer {token}"}
     async with http.post(
@@ -97,7 +99,7 @@ async def test_create_token_and_bad_bodies(api, http, controller: Controller):
     assert len(controller.tokens_table) == 1  # nothing was created by the bad requests
 
 
-async def test_api_token_file_is_private(controller: Controller):
+async def test_api_token_file_is_private(controller: RunningController):
     path = controller.config.data_dir / "api-token"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert oct((controller.config.data_dir / "signing-key.pem").stat().st_mode & 0o777) == "0o600"
@@ -108,7 +110,7 @@ async def _cli(*args: str, url: str, token: str) -> tuple[int, str, str]:
 
 
 async def test_cli_nodes_ls_json_and_token_create(
-    api, controller: Controller, agents: AgentFactory
+    api, controller: RunningController, agents: AgentFactory
 ):
     url, token = api
     agent = await agents.start(labels={"provider": "azure", "region": "koreacentral"})

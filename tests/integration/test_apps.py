@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from agent.runtime import Agent
 from controller.apps.deployer import Deployer, parse_spec
 from controller.cli.main import main as cli_main
-from controller.service import Controller
+from controller.service import RunningController
 from tests.fixtures.controller import AgentFactory
 from tests.fixtures.wait import wait_for
 
@@ -59,19 +59,19 @@ def running_version(agent: Agent) -> str | None:
         return None
 
 
-def deployer(controller: Controller) -> Deployer:
+def deployer(controller: RunningController) -> Deployer:
     assert controller.deployer is not None
     return controller.deployer
 
 
-async def deploy_and_wait(controller: Controller, data: dict[str, Any]) -> dict[str, Any]:
+async def deploy_and_wait(controller: RunningController, data: dict[str, Any]) -> dict[str, Any]:
     d = deployer(controller)
     await d.deploy(parse_spec(data))
     await asyncio.wait_for(d.wait(APP), 40)
     return d.status(APP)
 
 
-async def reported(controller: Controller, agent: Agent, version: str, state: str) -> None:
+async def reported(controller: RunningController, agent: Agent, version: str, state: str) -> None:
     d = deployer(controller)
 
     def ok() -> bool:
@@ -82,7 +82,7 @@ async def reported(controller: Controller, agent: Agent, version: str, state: st
 
 
 async def test_deploy_then_failed_health_rolls_back(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ) -> None:
     a1, a2 = await agents.start(), await agents.start()
     st = await deploy_and_wait(controller, spec(tmp_path, "1.0"))
@@ -109,7 +109,7 @@ async def test_deploy_then_failed_health_rolls_back(
 
 
 async def test_bad_checksum_keeps_old_version_running(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ) -> None:
     a1 = await agents.start()
     await deploy_and_wait(controller, spec(tmp_path, "1.0"))
@@ -129,7 +129,7 @@ async def test_bad_checksum_keeps_old_version_running(
 
 
 async def test_offline_node_converges_when_it_returns(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ) -> None:
     a1, a2 = await agents.start(), await agents.start()
     state_dir, node2 = a2.config.state_dir, a2.node_id
@@ -153,7 +153,7 @@ async def test_offline_node_converges_when_it_returns(
 
 
 async def test_batch_rollout_stops_at_first_failing_node(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ) -> None:
     started = [await agents.start(), await agents.start()]
     first, second = sorted(started, key=lambda a: a.node_id)
@@ -173,7 +173,7 @@ async def test_batch_rollout_stops_at_first_failing_node(
 
 
 async def test_api_yaml_deploy_and_cli(
-    controller: Controller, agents: AgentFactory, api: tuple[str, str],
+    controller: RunningController, agents: AgentFactory, api: tuple[str, str],
     http: aiohttp.ClientSession, tmp_path: Path, monkeypatch: Any,
 ) -> None:
     import yaml

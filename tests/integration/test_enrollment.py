@@ -14,7 +14,7 @@ import pytest
 
 from agent.identity import EnrollState
 from agent.runtime import Agent, EnrollmentError
-from controller.service import Controller
+from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import EnrollReply, Heartbeat
 from tests.fixtures.controller import AgentFactory
@@ -22,7 +22,7 @@ from tests.fixtures.enroll import enroll_raw, signed_request
 from tests.fixtures.wait import wait_for
 
 
-async def test_agent_enrolls_with_valid_token(controller: Controller, agents: AgentFactory):
+async def test_agent_enrolls_with_valid_token(controller: RunningController, agents: AgentFactory):
     agent = await agents.start(labels={"provider": "aws", "region": "us-east-1"})
     node = controller.fleet.get(agent.node_id)
     assert node.labels == {"provider": "aws", "region": "us-east-1"}
@@ -45,14 +45,14 @@ async def test_agent_enrolls_with_valid_token(controller: Controller, agents: Ag
     assert agent.config.token.rsplit(".", 1)[1] not in msgspec.json.encode(token).decode()
 
 
-async def test_agent_labels_merge_token_wins(controller: Controller, agents: AgentFactory):
+async def test_agent_labels_merge_token_wins(controller: RunningController, agents: AgentFactory):
     tok = await controller.tokens.create(labels={"provider": "gcp"})
     agent = Agent(config=agents.config(tok.token, labels={"provider": "spoofed", "role": "db"}))
     async with agent:
         assert controller.fleet.get(agent.node_id).labels == {"provider": "gcp", "role": "db"}
 
 
-async def test_reused_token_is_refused(controller: Controller, agents: AgentFactory):
+async def test_reused_token_is_refused(controller: RunningController, agents: AgentFactory):
     tok = await controller.tokens.create(labels={"provider": "aws"})
     first = await agents.start(token=tok.token)
     second = Agent(config=agents.config(tok.token))
@@ -65,7 +65,7 @@ async def test_reused_token_is_refused(controller: Controller, agents: AgentFact
     assert not (second.config.state_dir / "state.json").exists()
 
 
-async def test_expired_token_is_refused(controller: Controller, agents: AgentFactory):
+async def test_expired_token_is_refused(controller: RunningController, agents: AgentFactory):
     tok = await controller.tokens.create()
     await controller.tokens_table.mutate(
         tok.record.id, lambda t: msgspec.structs.replace(t, expires_at=time.time() - 1)
@@ -86,7 +86,7 @@ async def test_expired_token_is_refused(controller: Controller, agents: AgentFac
     ],
 )
 async def test_unknown_or_malformed_token_is_refused(
-    controller: Controller, agents: AgentFactory, token: str
+    controller: RunningController, agents: AgentFactory, token: str
 ):
     with pytest.raises(EnrollmentError) as err:
         async with Agent(config=agents.config(token)):
@@ -96,7 +96,9 @@ async def test_unknown_or_malformed_token_is_refused(
     assert controller.stats.enrollments_refused == 1
 
 
-async def test_right_id_wrong_secret_is_refused(controller: Controller, agents: AgentFactory):
+async def test_right_id_wrong_secret_is_refused(
+    controller: RunningController, agents: AgentFactory
+):
     tok = await controller.tokens.create()
     forged = tok.token.rsplit(".", 1)[0] + ".A" + "b" * 42
     with pytest.raises(EnrollmentError) as err:
@@ -108,7 +110,9 @@ async def test_right_id_wrong_secret_is_refused(controller: Controller, agents: 
     assert controller.fleet.get(agent.node_id)
 
 
-async def test_same_machine_retry_is_idempotent(controller: Controller, agents: AgentFactory):
+async def test_same_machine_retry_is_idempotent(
+    controller: RunningController, agents: AgentFactory
+):
     """A lost enrollment reply: the same identity retrying the used token gets its node."""
     tok = await controller.tokens.create(labels={"k": "v"})
     agent = await agents.start(token=tok.token)
@@ -174,7 +178,9 @@ async def test_enroll_retries_until_controller_appears(
         task.cancel()
 
 
-async def test_node_cannot_publish_as_another_node(controller: Controller, agents: AgentFactory):
+async def test_node_cannot_publish_as_another_node(
+    controller: RunningController, agents: AgentFactory
+):
     a = await agents.start()
     b = await agents.start()
     seen: list[bytes] = []

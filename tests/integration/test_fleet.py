@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from agent.runtime import Agent
-from controller.service import Controller
+from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch, NodeStatusChanged
 from protocol.subjects import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
@@ -23,7 +23,7 @@ from tests.fixtures.controller import AgentFactory, controller_config
 from tests.fixtures.wait import wait_for
 
 
-def spawn_agent(controller: Controller, token: str, state_dir: Path, log: Path):
+def spawn_agent(controller: RunningController, token: str, state_dir: Path, log: Path):
     token_file = state_dir.parent / f"{state_dir.name}.token"
     token_file.write_text(token)
     token_file.chmod(0o600)
@@ -55,7 +55,7 @@ def spawn_agent(controller: Controller, token: str, state_dir: Path, log: Path):
         log_f.close()
 
 
-async def test_killed_agent_goes_stale_then_offline(controller: Controller, tmp_path: Path):
+async def test_killed_agent_goes_stale_then_offline(controller: RunningController, tmp_path: Path):
     events: list[Event] = []
 
     async def on_event(msg):
@@ -86,7 +86,7 @@ async def test_killed_agent_goes_stale_then_offline(controller: Controller, tmp_
     assert moves[:2] == [("online", "stale"), ("stale", "offline")]
 
 
-async def test_sigterm_stops_agent_cleanly(controller: Controller, tmp_path: Path):
+async def test_sigterm_stops_agent_cleanly(controller: RunningController, tmp_path: Path):
     tok = await controller.tokens.create()
     proc = spawn_agent(controller, tok.token, tmp_path / "a", tmp_path / "a.log")
     try:
@@ -100,7 +100,7 @@ async def test_sigterm_stops_agent_cleanly(controller: Controller, tmp_path: Pat
     assert "Traceback" not in (tmp_path / "a.log").read_text()
 
 
-async def test_offline_node_comes_back_online(controller: Controller, agents: AgentFactory):
+async def test_offline_node_comes_back_online(controller: RunningController, agents: AgentFactory):
     agent = await agents.start()
     await agent.stop()
     await wait_for(lambda: controller.fleet.get(agent.node_id).status == "offline", 10)
@@ -110,7 +110,9 @@ async def test_offline_node_comes_back_online(controller: Controller, agents: Ag
         await wait_for(lambda: controller.fleet.get(agent.node_id).status == "online", 10)
 
 
-async def test_metric_batches_arrive_and_decode(controller: Controller, agents: AgentFactory):
+async def test_metric_batches_arrive_and_decode(
+    controller: RunningController, agents: AgentFactory
+):
     batches: list[MetricBatch] = []
 
     async def on_batch(msg):
@@ -134,7 +136,7 @@ async def test_metric_batches_arrive_and_decode(controller: Controller, agents: 
 
 
 @pytest.fixture
-async def enroll_nc(controller: Controller) -> AsyncIterator[NATS]:
+async def enroll_nc(controller: RunningController) -> AsyncIterator[NATS]:
     """A client with the enroll credentials, asking from the enroll inbox as agents do."""
     client = await nats.connect(controller.nats_url, user=ENROLL_USER,
                                 password=ENROLL_PASSWORD, inbox_prefix=ENROLL_INBOX.encode())
@@ -145,7 +147,7 @@ async def enroll_nc(controller: Controller) -> AsyncIterator[NATS]:
 
 
 async def test_garbage_on_every_subject_is_rejected_and_counted(
-    controller: Controller, agents: AgentFactory, enroll_nc: NATS
+    controller: RunningController, agents: AgentFactory, enroll_nc: NATS
 ):
     nc, s = controller.nc, controller.subjects
     agent = await agents.start()
@@ -197,7 +199,9 @@ async def test_garbage_on_every_subject_is_rejected_and_counted(
     assert controller.status()["rejected"]["heartbeat"] >= n + 2
 
 
-async def test_enroll_garbage_gets_a_clear_error_reply(controller: Controller, enroll_nc: NATS):
+async def test_enroll_garbage_gets_a_clear_error_reply(
+    controller: RunningController, enroll_nc: NATS
+):
     reply = await enroll_nc.request(controller.subjects.enroll, b"\x00junk", timeout=5)
     err = codec.decode(reply.data, ErrorReply)
     assert err.code == "protocol_error"
@@ -227,7 +231,7 @@ async def test_restarted_controller_still_knows_its_nodes(tmp_path: Path):
         await agent.stop()
 
 
-def _agent_cfg(c: Controller, token: str, state_dir: Path):
+def _agent_cfg(c: RunningController, token: str, state_dir: Path):
     from agent.config import AgentConfig
 
     return AgentConfig(

@@ -27,7 +27,7 @@ from agent.runtime import Agent
 from controller.errors import BadRequest
 from controller.jobs.engine import JobSpec
 from controller.nats.server import NatsServer
-from controller.service import Controller
+from controller.service import RunningController
 from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
@@ -51,7 +51,7 @@ def _command(**kw) -> Command:
 
 
 @contextlib.asynccontextmanager
-async def results_of(controller: Controller, node_id: str) -> AsyncIterator[asyncio.Queue]:
+async def results_of(controller: RunningController, node_id: str) -> AsyncIterator[asyncio.Queue]:
     """Every CommandResult a node publishes, read as the controller."""
     q: asyncio.Queue[CommandResult] = asyncio.Queue()
 
@@ -138,7 +138,7 @@ def _token_file(path: Path, token: str) -> Path:
 
 
 async def test_f06_env_never_reaches_nodes_a_job_does_not_target(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     """A role=a node reading the broadcast subject with its own nkey never sees the env of
     a job for role=b: auto mode sends it per node even above DIRECT_MAX nodes, and an
@@ -171,7 +171,7 @@ async def test_f06_env_never_reaches_nodes_a_job_does_not_target(
 
 
 async def test_f06_agent_refuses_env_on_the_broadcast_subject(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     """Defence in depth: a validly signed command with env that arrives on the broadcast
     subject is answered 'rejected' and not run."""
@@ -192,7 +192,7 @@ async def test_f06_agent_refuses_env_on_the_broadcast_subject(
 
 
 async def test_f07_captured_command_is_refused_after_agent_restart(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     tok = await controller.tokens.create()
     cfg = agents.config(tok.token)
@@ -245,7 +245,7 @@ def stray_pids() -> Iterator[list[int]]:
 
 
 async def test_f08_restarted_agent_kills_what_a_killed_agent_left_running(
-    controller: Controller, tmp_path: Path, processes, stray_pids
+    controller: RunningController, tmp_path: Path, processes, stray_pids
 ):
     tok = await controller.tokens.create(labels={"role": "orphan"})
     state = tmp_path / "agent"
@@ -278,7 +278,7 @@ async def test_f08_restarted_agent_kills_what_a_killed_agent_left_running(
 
 
 async def test_f15a_token_comes_from_a_file_never_the_command_line(
-    controller: Controller, tmp_path: Path, processes
+    controller: RunningController, tmp_path: Path, processes
 ):
     tok = await controller.tokens.create()
     base = ["--nats-url", controller.agent_nats_url, "--hostname", "tok"]
@@ -416,7 +416,7 @@ async def test_f16_start_survives_a_server_that_stalls_the_subscribe_flush(
             await agent.stop()
 
 
-async def test_f06_api_refuses_broadcast_env_with_400(controller: Controller, api, http):
+async def test_f06_api_refuses_broadcast_env_with_400(controller: RunningController, api, http):
     url, token = api
     async with http.post(f"{url}/v1/jobs", headers={"Authorization": f"Bearer {token}"},
                          json={"shell": "true", "env": {"K": "v"}, "mode": "broadcast"}) as r:

@@ -25,7 +25,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from agent.runtime import Agent
 from controller.models import NodeRecord
 from controller.nats.server import NatsServer
-from controller.service import Controller
+from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import Event, Heartbeat, JobOutput, MetricsDropped
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
@@ -35,7 +35,7 @@ GARBAGE = b"\xc1 not a node record \xff"  # 0xc1 is never valid msgpack
 
 
 @contextlib.asynccontextmanager
-async def as_node(controller: Controller, agent: Agent) -> AsyncIterator[NATS]:
+async def as_node(controller: RunningController, agent: Agent) -> AsyncIterator[NATS]:
     """A raw client holding ``agent``'s own nkey: what a compromised node can send."""
     assert agent.state is not None
     nc = await nats.connect(
@@ -51,7 +51,7 @@ async def as_node(controller: Controller, agent: Agent) -> AsyncIterator[NATS]:
 
 
 @contextlib.asynccontextmanager
-async def as_controller(controller: Controller) -> AsyncIterator[NATS]:
+async def as_controller(controller: RunningController) -> AsyncIterator[NATS]:
     """A raw client with the controller's credentials (full JetStream and KV access)."""
     assert controller.natsd is not None
     nc = await nats.connect(controller.nats_url, **controller.natsd.controller_credentials())
@@ -81,7 +81,7 @@ async def start_stoppable(agents: AgentFactory, **labels: str) -> Agent:
 
 
 async def test_f03_bad_node_record_does_not_freeze_liveness(
-    controller: Controller, agents: AgentFactory, api: tuple[str, str]
+    controller: RunningController, agents: AgentFactory, api: tuple[str, str]
 ) -> None:
     fleet = controller.fleet
     assert fleet is not None and controller.nodes is not None
@@ -137,21 +137,21 @@ async def test_f03_bad_node_record_does_not_freeze_liveness(
 
 
 @pytest.fixture
-async def small_stream_controller(tmp_path: Path) -> AsyncIterator[Controller]:
+async def small_stream_controller(tmp_path: Path) -> AsyncIterator[RunningController]:
     """A controller whose METRICS stream is small (16 MiB), so eviction is quick to reach."""
     cfg = controller_config(tmp_path / "controller", metrics_max_bytes=16 << 20)
     async with Controller(cfg) as c:
         yield c
 
 
-async def _per_subject(controller: Controller) -> dict[str, int]:
+async def _per_subject(controller: RunningController) -> dict[str, int]:
     assert controller.js is not None
     info = await controller.js.stream_info("METRICS", subjects_filter=">")
     return dict(info.state.subjects or {})
 
 
 async def test_f09_one_node_cannot_evict_other_nodes_metrics(
-    small_stream_controller: Controller, tmp_path: Path
+    small_stream_controller: RunningController, tmp_path: Path
 ) -> None:
     controller = small_stream_controller
     s = controller.subjects
@@ -261,7 +261,7 @@ async def test_f11_deeply_nested_json_is_400(
 
 
 async def test_f12_nan_heartbeat_is_rejected_and_does_not_keep_a_node_alive(
-    controller: Controller, agents: AgentFactory
+    controller: RunningController, agents: AgentFactory
 ) -> None:
     fleet = controller.fleet
     assert fleet is not None
@@ -302,7 +302,7 @@ async def test_f12_nan_heartbeat_is_rejected_and_does_not_keep_a_node_alive(
 
 
 async def test_f13_job_events_only_from_targeted_nodes(
-    controller: Controller, agents: AgentFactory
+    controller: RunningController, agents: AgentFactory
 ) -> None:
     from controller.jobs.engine import JobSpec
 

@@ -29,7 +29,7 @@ from agent.config import AgentConfig
 from agent.runtime import Agent
 from controller.errors import NatsServerError
 from controller.models import NodeRecord
-from controller.service import Controller
+from controller.service import Controller, RunningController
 from protocol.subjects import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
 from tests.fixtures.controller import AgentFactory, controller_config
 from tests.fixtures.wait import wait_for, wait_for_blocking
@@ -243,7 +243,7 @@ async def test_f02_orphan_that_survives_is_stopped_and_its_port_reused(
 
 
 async def test_f02_second_controller_on_the_same_data_dir_refuses(
-    controller: Controller, tmp_path: Path
+    controller: RunningController, tmp_path: Path
 ) -> None:
     assert controller.natsd is not None
     pid, port = controller.natsd.pid, controller.natsd.port
@@ -283,7 +283,7 @@ async def test_f02_second_controller_on_the_same_data_dir_refuses(
 
 
 async def test_f05_dead_nats_server_is_restarted_on_the_same_port(
-    controller: Controller,
+    controller: RunningController,
     agents: AgentFactory,
     api: tuple[str, str],
     http: aiohttp.ClientSession,
@@ -324,7 +324,7 @@ async def test_f05_dead_nats_server_is_restarted_on_the_same_port(
 # -- #15b ----------------------------------------------------------------------------------
 
 
-async def test_f15b_nats_server_has_no_monitoring_listener(controller: Controller) -> None:
+async def test_f15b_nats_server_has_no_monitoring_listener(controller: RunningController) -> None:
     assert controller.natsd is not None and controller.natsd.pid is not None
     # The client port is all the server listens on: no /connz, /varz, ... over HTTP.
     assert listening_ports(controller.natsd.pid) == {controller.natsd.port}
@@ -352,7 +352,7 @@ async def test_f15b_nats_server_has_no_monitoring_listener(controller: Controlle
 
 
 async def test_f05_kv_informers_catch_up_right_after_a_restart(
-    controller: Controller, agents: AgentFactory
+    controller: RunningController, agents: AgentFactory
 ) -> None:
     """The KV informers keep following their buckets across a server restart (the server
     restores the watch consumers from its file store; measured here: 0.2 s)."""

@@ -27,7 +27,7 @@ from agent.identity import Identity
 from agent.runtime import Agent
 from controller.apps.deployer import parse_spec
 from controller.jobs.engine import JobSpec
-from controller.service import Controller
+from controller.service import RunningController
 from protocol import codec
 from protocol.messages import AppSyncRequest, EnrollReply, EnrollRequest
 from tests.fixtures.controller import AgentFactory
@@ -66,7 +66,7 @@ async def raw() -> AsyncIterator[Callable[..., Awaitable[NATS]]]:
                 await nc.close()
 
 
-async def _stream_counts(controller: Controller) -> dict[str, int]:
+async def _stream_counts(controller: RunningController) -> dict[str, int]:
     assert controller.js is not None
     out = {}
     for name in STREAMS:
@@ -75,7 +75,7 @@ async def _stream_counts(controller: Controller) -> dict[str, int]:
     return out
 
 
-async def _populated(controller: Controller, agents: AgentFactory) -> Agent:
+async def _populated(controller: RunningController, agents: AgentFactory) -> Agent:
     """A controller whose every stream and bucket holds something worth erasing."""
     agent = await agents.start(labels={"role": "web"})
     await controller.tokens.create(labels={"spare": "yes"})
@@ -97,7 +97,7 @@ def _assert_intact(before: dict[str, int], after: dict[str, int]) -> None:
     assert not lost, f"streams or buckets lost messages (before, after): {lost}"
 
 
-async def _settle(controller: Controller, before: dict[str, int], refused: int) -> None:
+async def _settle(controller: RunningController, before: dict[str, int], refused: int) -> None:
     """Wait until the controller counted ``refused`` refused reply subjects, or any stream
     lost messages (the attack worked), whichever comes first."""
 
@@ -115,7 +115,7 @@ async def _settle(controller: Controller, before: dict[str, int], refused: int) 
 
 
 async def test_f01_purge_as_enroll_reply_erases_nothing(
-    controller: Controller, agents: AgentFactory, raw: Any
+    controller: RunningController, agents: AgentFactory, raw: Any
 ) -> None:
     """The purge trick with only the public enroll credentials: garbage (an error reply),
     an unsigned request (a refusal) and a request with a valid token (a success), each
@@ -142,7 +142,7 @@ async def test_f01_purge_as_enroll_reply_erases_nothing(
 
 
 async def test_f01_kv_key_as_reply_overwrites_no_record(
-    controller: Controller, agents: AgentFactory, raw: Any
+    controller: RunningController, agents: AgentFactory, raw: Any
 ) -> None:
     """``$KV.nodes.<id>`` as the reply of an enrollment (enroll credentials) and
     ``$KV.jobs.<id>`` as the reply of an app sync (a real node's nkey) change nothing."""
@@ -187,7 +187,7 @@ async def test_f01_kv_key_as_reply_overwrites_no_record(
 
 
 async def test_f01_peer_facing_controller_user_cannot_reach_jetstream(
-    controller: Controller, agents: AgentFactory, raw: Any
+    controller: RunningController, agents: AgentFactory, raw: Any
 ) -> None:
     """The connection that answers peers is refused by nats-server on the JetStream, KV,
     object store and system APIs, so no reply bug can ever touch state with it."""
@@ -226,7 +226,7 @@ async def test_f01_peer_facing_controller_user_cannot_reach_jetstream(
 # --- finding 4: proof of possession -------------------------------------------------
 
 
-async def _enroll_plain(controller: Controller, req: EnrollRequest) -> Any:
+async def _enroll_plain(controller: RunningController, req: EnrollRequest) -> Any:
     nc = await _connect(controller.nats_url, **ENROLL)
     try:
         msg = await nc.request(controller.subjects.enroll, codec.encode(req), timeout=5)
@@ -236,7 +236,7 @@ async def _enroll_plain(controller: Controller, req: EnrollRequest) -> Any:
 
 
 async def test_f04_token_holder_cannot_take_over_another_nodes_identity(
-    controller: Controller, agents: AgentFactory, tmp_path: Any
+    controller: RunningController, agents: AgentFactory, tmp_path: Any
 ) -> None:
     victim = await agents.start(labels={"role": "db"})
     nkey = victim.identity.public_key
@@ -288,7 +288,7 @@ async def test_f04_token_holder_cannot_take_over_another_nodes_identity(
 
 
 async def test_f04_stale_or_tampered_requests_are_refused(
-    controller: Controller, tmp_path: Any
+    controller: RunningController, tmp_path: Any
 ) -> None:
     from tests.fixtures.enroll import enroll_raw, signed_request
 
@@ -315,7 +315,7 @@ async def test_f04_stale_or_tampered_requests_are_refused(
 
 
 async def test_f10_other_enrolling_machines_cannot_read_the_reply(
-    controller: Controller, agents: AgentFactory, raw: Any
+    controller: RunningController, agents: AgentFactory, raw: Any
 ) -> None:
     spy = await raw(controller.nats_url, **ENROLL)
     seen: list[bytes] = []
@@ -352,7 +352,7 @@ async def test_f10_other_enrolling_machines_cannot_read_the_reply(
 
 
 async def test_f14_token_labels_are_stored_trimmed_and_select(
-    controller: Controller, agents: AgentFactory, api: Any, http: Any
+    controller: RunningController, agents: AgentFactory, api: Any, http: Any
 ) -> None:
     url, api_token = api
     h = {"Authorization": f"Bearer {api_token}"}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.runtime import Agent
-from controller.service import Controller
+from controller.service import Controller, RunningController
 from tests.fixtures.controller import AgentFactory, controller_config
 from tests.fixtures.influx import InfluxDB1
 from tests.fixtures.wait import wait_for
@@ -29,7 +29,7 @@ COLLECTORS = ["cpu", "mem", "net"]
 @contextlib.asynccontextmanager
 async def fleet(
     tmp_path: Path, influx: InfluxDB1, **overrides: Any
-) -> AsyncIterator[tuple[Controller, AgentFactory]]:
+) -> AsyncIterator[tuple[RunningController, AgentFactory]]:
     cfg = controller_config(
         tmp_path / "controller", influx_kind="influx1", influx_url=influx.url, influx_db=DB,
         **overrides,
@@ -123,7 +123,7 @@ async def test_agent_metrics_land_in_influxdb(tmp_path: Path, influxdb1: InfluxD
         assert worker["encoded_fast"] > 0 and worker["encoded_exact"] == 0, worker
 
 
-async def stream_counts(controller: Controller, nodes: set[str]) -> dict[str, int]:
+async def stream_counts(controller: RunningController, nodes: set[str]) -> dict[str, int]:
     """Batches JetStream holds per node: what the agents published (duplicates dropped)."""
     assert controller.js is not None
     info = await controller.js.stream_info("METRICS", subjects_filter=">")

@@ -11,7 +11,7 @@ import pytest
 
 from agent.runtime import Agent
 from controller.jobs.engine import JobSpec
-from controller.service import Controller
+from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
@@ -24,7 +24,7 @@ def runs(marker_dir: Path) -> list[str]:
 
 
 async def test_selector_targets_only_matching_nodes(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     aws1 = await agents.start(labels={"provider": "aws"})
     await agents.start(labels={"provider": "gcp"})
@@ -43,7 +43,7 @@ async def test_selector_targets_only_matching_nodes(
 
 @pytest.mark.parametrize("mode", ["broadcast", "direct"])
 async def test_finishes_early_when_all_replied(
-    controller: Controller, agents: AgentFactory, mode: str
+    controller: RunningController, agents: AgentFactory, mode: str
 ):
     for _ in range(3):
         await agents.start(labels={"role": "web"})
@@ -57,7 +57,7 @@ async def test_finishes_early_when_all_replied(
 
 
 async def test_dead_agent_is_no_response_and_job_ends_at_timeout(
-    controller: Controller, agents: AgentFactory
+    controller: RunningController, agents: AgentFactory
 ):
     alive = await agents.start(labels={"g": "1"})
     dead = await agents.start(labels={"g": "1"})
@@ -79,7 +79,7 @@ async def test_dead_agent_is_no_response_and_job_ends_at_timeout(
 
 
 async def test_offline_node_is_reported_without_waiting(
-    controller: Controller, agents: AgentFactory
+    controller: RunningController, agents: AgentFactory
 ):
     a = await agents.start(labels={"g": "2"})
     b = await agents.start(labels={"g": "2"})
@@ -94,7 +94,7 @@ async def test_offline_node_is_reported_without_waiting(
 
 
 async def test_timeout_kills_command_and_children(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     await agents.start()
     pidfile = tmp_path / "child.pid"
@@ -117,7 +117,7 @@ async def test_timeout_kills_command_and_children(
 
 
 async def test_output_over_cap_is_truncated_and_marked(
-    controller: Controller, agents: AgentFactory
+    controller: RunningController, agents: AgentFactory
 ):
     await agents.start()
     job = await controller.jobs.run(
@@ -127,7 +127,7 @@ async def test_output_over_cap_is_truncated_and_marked(
     assert r.status == "ok" and len(r.stdout) == 1000 and r.stdout_truncated
 
 
-async def _send(controller: Controller, node_id: str, payload: bytes) -> CommandResult:
+async def _send(controller: RunningController, node_id: str, payload: bytes) -> CommandResult:
     """Publish a command to one node and wait for its result on the node's results subject."""
     nc = controller.nc
     sub = await nc.subscribe(controller.subjects.results(node_id))
@@ -155,7 +155,7 @@ def _cmd(marks: Path, **kw) -> Command:
 
 
 async def test_forged_command_is_rejected_and_not_run(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     agent = await agents.start()
     marks = tmp_path / "m"
@@ -172,7 +172,7 @@ async def test_forged_command_is_rejected_and_not_run(
 
 
 async def test_replayed_command_is_rejected_and_not_run(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     agent = await agents.start()
     marks = tmp_path / "m"
@@ -186,7 +186,7 @@ async def test_replayed_command_is_rejected_and_not_run(
 
 
 async def test_expired_command_is_rejected_and_not_run(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     agent = await agents.start()
     marks = tmp_path / "m"
@@ -205,7 +205,7 @@ async def test_expired_command_is_rejected_and_not_run(
 
 
 async def test_rejections_are_reported_in_the_job(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     """An agent that does not trust this controller's key answers 'rejected'."""
     other = CommandSigner.generate()
@@ -219,7 +219,7 @@ async def test_rejections_are_reported_in_the_job(
 
 
 async def test_batch_rollout_stops_at_failure_threshold(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     for _ in range(4):
         await agents.start(labels={"tier": "app"})
@@ -242,7 +242,7 @@ async def test_batch_rollout_stops_at_failure_threshold(
     assert [r.batch for r in results if r.status == "failed"] == [0, 1]
 
 
-async def test_percent_batches_all_succeed(controller: Controller, agents: AgentFactory):
+async def test_percent_batches_all_succeed(controller: RunningController, agents: AgentFactory):
     for _ in range(4):
         await agents.start(labels={"tier": "p"})
     job = await controller.jobs.run(
@@ -252,7 +252,9 @@ async def test_percent_batches_all_succeed(controller: Controller, agents: Agent
     assert {r.batch for r in await controller.jobs.results(job.id)} == {0, 1}
 
 
-async def test_reply_from_unexpected_node_is_recorded(controller: Controller, agents: AgentFactory):
+async def test_reply_from_unexpected_node_is_recorded(
+    controller: RunningController, agents: AgentFactory
+):
     """Label drift: the agent still believes in a label the inventory no longer has."""
     a = await agents.start(labels={"role": "db"})
     b = await agents.start(labels={"role": "db"})
@@ -278,7 +280,7 @@ async def test_reply_from_unexpected_node_is_recorded(controller: Controller, ag
     assert job.expected == [a.node_id] and job.counts == {"ok": 1}
 
 
-async def test_bad_job_specs_are_refused(controller: Controller):
+async def test_bad_job_specs_are_refused(controller: RunningController):
     from controller.errors import BadRequest
 
     bad = [
@@ -315,7 +317,7 @@ async def test_job_history_survives_controller_restart(tmp_path: Path):
         assert [j.id for j in c2.jobs.recent()] == [job.id]
 
 
-async def test_jobs_api_and_sse(api, http, controller: Controller, agents: AgentFactory):
+async def test_jobs_api_and_sse(api, http, controller: RunningController, agents: AgentFactory):
     url, token = api
     h = {"Authorization": f"Bearer {token}"}
     for _ in range(2):
@@ -348,7 +350,9 @@ async def test_jobs_api_and_sse(api, http, controller: Controller, agents: Agent
         assert r.status == 404
 
 
-async def test_cli_run_exit_codes_and_async(api, controller: Controller, agents: AgentFactory):
+async def test_cli_run_exit_codes_and_async(
+    api, controller: RunningController, agents: AgentFactory
+):
     import json
 
     url, token = api
@@ -372,7 +376,7 @@ async def test_cli_run_exit_codes_and_async(api, controller: Controller, agents:
 
 
 async def test_a_node_cannot_answer_for_another(
-    controller: Controller, agents: AgentFactory, tmp_path: Path
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     """Results are authenticated by subject: node A cannot file a result as node B."""
     import nats
@@ -413,7 +417,7 @@ async def test_a_node_cannot_answer_for_another(
 
 
 async def test_results_over_the_payload_limit_are_cut_not_lost(
-    controller: Controller, agents: AgentFactory
+    controller: RunningController, agents: AgentFactory
 ):
     await agents.start()
     # two streams at a 1 MiB cap each, the second of invalid UTF-8 that grows when decoded

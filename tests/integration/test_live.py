@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from agent.identity import Identity
-from controller.service import Controller
+from controller.service import RunningController
 from protocol.messages import EnrollReply
 from tests.fixtures.controller import AgentFactory, run_cli
 from tests.fixtures.enroll import enroll_raw, signed_request
@@ -66,7 +66,7 @@ async def take(events: AsyncIterator[dict[str, Any]], n: int, within: float = 10
 
 
 async def test_stream_filters_by_selector(
-    api, http, controller: Controller, agents: AgentFactory
+    api, http, controller: RunningController, agents: AgentFactory
 ):
     aws = await agents.start(labels={"provider": "aws", "region": "us-east-1"},
                              collectors=COLLECTORS)
@@ -108,7 +108,7 @@ async def test_stream_bad_selector_is_400_json(api, http):
     assert body["details"]["position"] == len("provider in (aws")
 
 
-async def _enroll_silent_node(controller: Controller, tmp_path: Path) -> str:
+async def _enroll_silent_node(controller: RunningController, tmp_path: Path) -> str:
     """A node enrolled over NATS that never publishes metrics."""
     assert controller.tokens is not None
     tok = await controller.tokens.create(labels={"provider": "onprem"})
@@ -121,7 +121,7 @@ async def _enroll_silent_node(controller: Controller, tmp_path: Path) -> str:
 
 
 async def test_latest_metrics_endpoint(
-    api, http, controller: Controller, agents: AgentFactory, tmp_path: Path
+    api, http, controller: RunningController, agents: AgentFactory, tmp_path: Path
 ):
     url, token = api
     h = {"Authorization": f"Bearer {token}"}
