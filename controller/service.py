@@ -118,9 +118,12 @@ class Stats:
 
 @dataclass
 class _Serving:
-    """Whether the controller serves; a NATS disconnect is worth a warning only then."""
+    """Whether the controller serves; a NATS disconnect is worth a warning only then.
+    ``state_reconnected``: what to do when the state connection is back (set once the KV
+    tables exist)."""
 
     on: bool = False
+    state_reconnected: Callable[[], None] | None = None
 
 
 class Controller:
@@ -188,7 +191,8 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         nc = await _connect_nats(url, "barista-controller", peer_creds, serving)
         connections.append(nc)
         state_nc = await _connect_nats(
-            url, "barista-controller-state", {**state_creds, **state_inbox}, serving)
+            url, "barista-controller-state", {**state_creds, **state_inbox}, serving,
+            state=True)
         connections.append(state_nc)
         js = state_nc.jetstream()
         await _ensure_streams(js, cfg, subjects)
@@ -227,7 +231,9 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         yield controller
 
 
-async def _connect_nats(url: str, name: str, opts: dict[str, Any], serving: _Serving) -> NATS:
+async def _connect_nats(
+    url: str, name: str, opts: dict[str, Any], serving: _Serving, *, state: bool = False
+) -> NATS:
     async def error_cb(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
@@ -237,6 +243,8 @@ async def _connect_nats(url: str, name: str, opts: dict[str, Any], serving: _Ser
 
     async def reconnected_cb() -> None:
         log.info("reconnected to nats")
+        if state and serving.state_reconnected is not None:
+            serving.state_reconnected()
 
     return await nats.connect(
         url,
@@ -381,6 +389,8 @@ class RunningController:
         )
         # Called with every valid node event (app status, job progress, ...).
         self.event_listeners: list[Callable[[Event], None]] = [self.deployer.on_event]
+        self._rewatch_tasks: set[asyncio.Task[None]] = set()
+        serving.state_reconnected = self._rewatch_tables
         self._tables: list[Table[Any]] = [nodes, tokens_table, jobs_table, apps_table,
                                           app_statuses]
         self._enroll_slots = asyncio.Semaphore(256)
@@ -423,6 +433,9 @@ class RunningController:
         """Stop what start() started and the services; the tables and connections are
         closed after it by whoever opened them."""
         self._serving.on = False
+        self._serving.state_reconnected = None
+        for task in list(self._rewatch_tasks):
+            await _cancel(task)
         for task in self._tasks:
             await _cancel(task)
         self._tasks.clear()
@@ -433,6 +446,15 @@ class RunningController:
         await _stop_logged("deployer", self.deployer.stop)
         await _stop_logged("jobs", self.jobs.stop)
         self.enrollment.close()
+
+    def _rewatch_tables(self) -> None:
+        """The state connection is back: a restarted server may have lost the KV watch
+        consumers, which nats-py would notice only on its idle timer (seen: 5-18 s)."""
+        log.info("state connection back; re-watching %d KV buckets", len(self._tables))
+        for table in self._tables:
+            task = asyncio.create_task(table.rewatch(), name=f"rewatch-{table.name}")
+            self._rewatch_tasks.add(task)
+            task.add_done_callback(self._rewatch_tasks.discard)
 
     # -- NATS callbacks --------------------------------------------------------------
 

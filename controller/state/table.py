@@ -62,6 +62,37 @@ class Table(Generic[T]):
         self._ready.set()
         self._watch_task = asyncio.create_task(self._follow(watcher), name=f"watch-{self.name}")
 
+    async def rewatch(self) -> None:
+        """Start the watch afresh, catching up on what changed meanwhile.
+
+        Called after a reconnect: a restarted server may have lost our watch consumer.
+        Entries we already know are skipped by revision; deletes arrive as delete markers.
+        """
+        if self._watch_task is None:
+            return
+        old, self._watch_task = self._watch_task, None
+        old.cancel()
+        try:
+            await old
+        except (asyncio.CancelledError, Exception):
+            pass
+        delay = 0.2
+        while True:
+            try:
+                watcher = await self._kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        break
+                    self._apply_safely(entry)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # JetStream may still be recovering its store
+                log.info("bucket %s: watch not back yet (%s); retrying", self.name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._watch_task = asyncio.create_task(self._follow(watcher), name=f"watch-{self.name}")
+
     async def stop(self) -> None:
         if self._watch_task:
             self._watch_task.cancel()
