@@ -24,6 +24,9 @@ log = logging.getLogger("barista.controller.audit")
 
 # A command summary in the trail is cut here: enough to recognise it.
 COMMAND_MAX = 200
+# The expected node ids a job record lists (the count is always whole): keeps one record
+# well inside NATS's max_payload for very large fleets.
+EXPECTED_MAX = 10_000
 READ_MAX = 1000
 
 
@@ -45,6 +48,7 @@ class AuditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     command: str = ""
     env_keys: list[str] = []
     expected: list[str] = []
+    expected_count: int = 0
     counts: dict[str, int] = {}
     outcome: str = ""
 

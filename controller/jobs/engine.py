@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
-from controller.audit import AuditLog, AuditRecord, command_summary
+from controller.audit import EXPECTED_MAX, AuditLog, AuditRecord, command_summary
 from controller.auth import narrow
 from controller.errors import BadRequest, NotFound
 from controller.events import result_data_json
@@ -394,7 +394,8 @@ class JobEngine:
             who=job.created_by or "-", role=job.role, scope=job.scope, job_id=job.id,
             action=spec.action, selector=spec.selector,
             command=command_summary(action=spec.action, argv=spec.argv, shell=spec.shell),
-            env_keys=sorted(spec.env), expected=list(job.expected), counts=dict(job.counts),
+            env_keys=sorted(spec.env), expected=job.expected[:EXPECTED_MAX],
+            expected_count=len(job.expected), counts=dict(job.counts),
             outcome=job.status if kind == "job.finished" else "",
         ))
 

@@ -361,7 +361,8 @@ async def test_audit_records_every_mutating_call_and_job_and_no_secret(
                and r["kind"] != "api"}
     sub, fin = by_kind["job.submitted"], by_kind["job.finished"]
     assert sub["who"] == "ci" and sub["role"] == "operator" and sub["scope"] == "env=dev"
-    assert sub["expected"] == [node.node_id] and sub["env_keys"] == ["DB_PASSWORD"]
+    assert sub["expected"] == [node.node_id] and sub["expected_count"] == 1
+    assert sub["env_keys"] == ["DB_PASSWORD"]
     assert "DB_PASSWORD" in sub["command"]
     assert fin["counts"] == {"ok": 1} and fin["outcome"] == "done"
     token_call = next(r for r in records if r["kind"] == "api")
