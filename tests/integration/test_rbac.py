@@ -271,6 +271,10 @@ async def test_scoped_operator_reaches_only_in_scope_nodes(
     assert admin_job["id"] not in {j["id"] for j in data["jobs"]} and len(data["jobs"]) == 5
     status, _ = await rest.call("GET", f"/v1/jobs/{admin_job['id']}", viewer)
     assert status == 403
+    dev_job = await rest.ok("POST", "/v1/jobs", {"action": "ping", "selector": "env=dev"},
+                            wait="1")
+    status, _ = await rest.call("GET", f"/v1/jobs/{dev_job['id']}", viewer)
+    assert status == 200  # an unscoped job whose own selector stays inside the scope
     # A join token from a scoped token enrolls only in-scope nodes.
     status, _ = await rest.call("POST", "/v1/tokens", op, {"labels": {"env": "prod"}})
     assert status == 403

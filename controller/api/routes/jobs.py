@@ -11,15 +11,20 @@ from aiohttp import web
 from controller.api.access import note, principal, requires
 from controller.api.keys import JOBS
 from controller.api.middleware import json_body
-from controller.auth import Principal
+from controller.auth import Principal, narrow
 from controller.errors import BadRequest, Forbidden
 from controller.events import event_json
 from controller.jobs.engine import JobEngine, JobRecord, JobSpec
+from protocol.selectors import Selector
 
 
 def _visible(who: Principal, job: JobRecord) -> bool:
-    """A scoped token sees only jobs confined to (at least) its own scope."""
-    return who.covers(job.scope)
+    """A scoped token sees only jobs confined to (at least) its own scope: by the scope
+    they ran under or by their own selector."""
+    if not who.scoped:
+        return True
+    reach = narrow(Selector.parse(job.spec.selector), Selector.parse(job.scope))
+    return who.covers(str(reach))
 
 
 def _job_in_scope(request: web.Request, job_id: str) -> JobRecord:
