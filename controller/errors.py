@@ -32,6 +32,20 @@ class BadRequest(ControllerError):
     status = 400
 
 
+class Unauthorized(ControllerError):
+    """No API token, or one that is unknown, expired or revoked (HTTP 401)."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(ControllerError):
+    """An authenticated API token whose role or scope does not allow the call (HTTP 403)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class ConfigError(ControllerError):
     """The controller's settings (file, environment, flags) or the CLI's config are
     unusable; the message names the setting. A server-side fault if the API ever meets it."""

@@ -20,6 +20,8 @@ from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
 from controller.apps.deployer import AppRecord, Deployer, NodeAppStatus
+from controller.audit import AuditLog
+from controller.auth import ApiToken, ApiTokens
 from controller.config import ControllerConfig, Secrets
 from controller.enroll import Enrollment, TokenService
 from controller.errors import BadRecord
@@ -33,12 +35,14 @@ from controller.nats.client import Flusher
 from controller.nats.permissions import NodeAccess
 from controller.nats.server import NatsServer, NatsSupervisor
 from controller.state.streams import (
+    API_TOKENS_BUCKET,
     APP_STATUS_BUCKET,
     APPS_BUCKET,
     JOBS_BUCKET,
     NODES_BUCKET,
     TOKENS_BUCKET,
     Bucket,
+    audit_stream_config,
     ensure_stream,
     events_stream_config,
     jobs_stream_config,
@@ -220,11 +224,12 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         jobs: Table[JobRecord] = await table(JOBS_BUCKET, JobRecord)
         apps: Table[AppRecord] = await table(APPS_BUCKET, AppRecord)
         app_statuses: Table[NodeAppStatus] = await table(APP_STATUS_BUCKET, NodeAppStatus)
+        api_tokens: Table[ApiToken] = await table(API_TOKENS_BUCKET, ApiToken)
         controller = RunningController(
             config=cfg, subjects=subjects, stats=stats, serving=serving, secrets=secrets,
             natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
             js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
-            apps_table=apps, app_statuses=app_statuses,
+            apps_table=apps, app_statuses=app_statuses, api_tokens_table=api_tokens,
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
@@ -299,6 +304,7 @@ async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjec
         jobs_stream_config(subjects=s, max_age=cfg.job_retention,
                            max_bytes=cfg.jobs_max_bytes, max_msg_size=cfg.max_payload),
         events_stream_config(subjects=s),
+        audit_stream_config(subjects=s),
     ]
     for sc in wanted:
         await ensure_stream(js, sc)
@@ -328,6 +334,7 @@ class RunningController:
         jobs_table: Table[JobRecord],
         apps_table: Table[AppRecord],
         app_statuses: Table[NodeAppStatus],
+        api_tokens_table: Table[ApiToken],
     ) -> None:
         self.config = config
         self.subjects = subjects
@@ -349,6 +356,9 @@ class RunningController:
         self.tokens_table = tokens_table
         self.jobs_table = jobs_table
         self.hub = MetricsHub(self._labels_of)
+        # Named API tokens (roles, scopes) beside the data dir's bootstrap admin token.
+        self.api_tokens = ApiTokens(api_tokens_table, bootstrap=secrets.api_token)
+        self.audit = AuditLog(js=js, subjects=subjects)
         self.admission: NodeAdmission = (
             ReloadAdmission(server=natsd, cache_path=config.data_dir / "nats-nodes.json")
             if natsd is not None else UnmanagedAdmission()
@@ -378,6 +388,7 @@ class RunningController:
             signer=secrets.signer,
             reject=stats.reject_message,
             refuse=stats.reject,
+            audit=self.audit,
         )
         self.deployer = Deployer(
             apps=apps_table,
@@ -392,7 +403,7 @@ class RunningController:
         self._rewatch_tasks: set[asyncio.Task[None]] = set()
         serving.state_reconnected = self._rewatch_tables
         self._tables: list[Table[Any]] = [nodes, tokens_table, jobs_table, apps_table,
-                                          app_statuses]
+                                          app_statuses, api_tokens_table]
         self._enroll_slots = asyncio.Semaphore(256)
         self._enroll_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[Any]] = []

@@ -123,6 +123,12 @@ class Subjects:
         """Fleet events the controller itself emits (liveness transitions, enrollments)."""
         return f"{self.prefix}.fleet.events"
 
+    @property
+    def audit(self) -> str:
+        """The audit trail (the AUDIT stream): only the controller's state connection
+        publishes here; no node's permissions name it."""
+        return f"{self.prefix}.audit"
+
     def node_id_of(self, subject: str) -> str | None:
         """The node id in a ``<prefix>.node.<id>.<leaf>`` subject, or None."""
         head = f"{self.prefix}.node."

@@ -8,8 +8,13 @@ import logging
 from aiohttp import web
 
 from controller.api import keys
-from controller.api.middleware import MAX_BODY, auth_middleware, error_middleware
-from controller.api.routes import apps, jobs, metrics, nodes, status, tokens
+from controller.api.middleware import (
+    MAX_BODY,
+    audit_middleware,
+    auth_middleware,
+    error_middleware,
+)
+from controller.api.routes import apps, audit, auth, jobs, metrics, nodes, status, tokens
 from controller.service import RunningController
 
 log = logging.getLogger("barista.controller.api")
@@ -18,9 +23,12 @@ log = logging.getLogger("barista.controller.api")
 def make_app(controller: RunningController, *, api_token: str) -> web.Application:
     """The API over a running controller. It owns no background work: the services are
     the controller's, and they outlive the API."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    # Outermost first: the audit sees the status error_middleware made of an exception.
+    app = web.Application(middlewares=[audit_middleware, error_middleware, auth_middleware],
                           client_max_size=MAX_BODY)
     app[keys.API_TOKEN] = api_token
+    app[keys.API_TOKENS] = controller.api_tokens
+    app[keys.AUDIT] = controller.audit
     app[keys.STATUS] = controller
     app[keys.FLEET] = controller.fleet
     app[keys.TOKENS] = controller.tokens
@@ -32,7 +40,7 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.METRICS_HUB] = controller.hub
     app[keys.JOBS] = controller.jobs
     app[keys.DEPLOYER] = controller.deployer
-    for module in (status, nodes, metrics, tokens, jobs, apps):
+    for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit):
         app.add_routes(module.routes())
     return app
 

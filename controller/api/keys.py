@@ -8,6 +8,8 @@ from typing import Protocol
 from aiohttp import web
 
 from controller.apps.deployer import Deployer
+from controller.audit import AuditLog
+from controller.auth import ApiTokens
 from controller.enroll import TokenService
 from controller.fleet import Fleet
 from controller.jobs.engine import JobEngine
@@ -34,6 +36,8 @@ class AgentBootstrap:
 
 
 API_TOKEN = web.AppKey("api_token", str)
+API_TOKENS = web.AppKey("api_tokens", ApiTokens)
+AUDIT = web.AppKey("audit", AuditLog)
 STATUS: web.AppKey[ControllerStatus] = web.AppKey("status")
 FLEET = web.AppKey("fleet", Fleet)
 TOKENS = web.AppKey("tokens", TokenService)

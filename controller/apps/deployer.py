@@ -20,6 +20,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from controller import jsontext
+from controller.auth import check_covers, narrow
 from controller.errors import BadRequest, Conflict, NotFound
 from controller.fleet import Fleet
 from controller.jobs.engine import MAX_TIMEOUT, JobEngine, JobSpec, NodeResult, parse_count
@@ -360,9 +361,20 @@ class Deployer:
 
     # -- writes ----------------------------------------------------------------------
 
-    async def deploy(self, spec: AppSpec, *, message: str = "") -> AppRecord:
-        """Store the spec and start its rollout in the background; returns at once."""
+    async def deploy(self, spec: AppSpec, *, message: str = "",
+                     scope: Selector | None = None) -> AppRecord:
+        """Store the spec and start its rollout in the background; returns at once.
+
+        ``scope`` (a scoped API token's selector) is ANDed into the stored selector, so
+        the app never lands on a node outside it, now or when nodes join later; an
+        existing app whose selector the scope does not cover is refused (Forbidden)."""
         validate_spec(spec)
+        if scope is not None and not scope.is_empty:
+            existing = self.apps.get(spec.name)
+            if existing is not None:
+                check_covers(scope, existing.current.selector, f"app {spec.name!r}")
+            spec = msgspec.structs.replace(
+                spec, selector=str(narrow(Selector.parse(spec.selector), scope)))
         if spec.name in self._rollouts or spec.name in self._starting:
             raise Conflict(f"app {spec.name!r} has a rollout in progress; wait for it to end")
         # Reserved before the first await, so two concurrent deploys cannot both start.
@@ -416,15 +428,18 @@ class Deployer:
             await asyncio.shield(task)
         return self.get(name)
 
-    async def rollback(self, name: str) -> AppRecord:
+    async def rollback(self, name: str, *, scope: Selector | None = None) -> AppRecord:
         rec = self.get(name)
         if rec.previous is None:
             raise Conflict(f"app {name!r} has no previous version to roll back to")
-        return await self.deploy(rec.previous, message=f"rollback to {rec.previous.version}")
+        return await self.deploy(rec.previous, message=f"rollback to {rec.previous.version}",
+                                 scope=scope)
 
-    async def remove(self, name: str) -> dict[str, Any]:
+    async def remove(self, name: str, *, scope: Selector | None = None) -> dict[str, Any]:
         """Forget the app; its nodes stop it (now, or when they come back)."""
         rec = self.get(name)
+        if scope is not None:
+            check_covers(scope, rec.current.selector, f"app {name!r}")
         task = self._rollouts.get(name)
         if task is not None:
             task.cancel()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -16,21 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli.apps import app_group
+from controller.cli.auth import audit_group, auth_group
 from controller.cli.client import ApiClient, ApiError
-from controller.cli.common import call, client, emit_json
+from controller.cli.common import call, client, emit_json, parse_duration
 from controller.cli.metrics import influx_options, ingest, top
 
 console = Console()
 err_console = Console(stderr=True)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-
-
-def parse_duration(text: str) -> float:
-    m = _DURATION.match(text)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a duration (e.g. 90, 30s, 15m, 2h, 7d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 
@@ -471,6 +463,8 @@ def demo(
 main.add_command(top)
 main.add_command(ingest)
 main.add_command(app_group)
+main.add_command(auth_group)
+main.add_command(audit_group)
 
 if __name__ == "__main__":
     main()

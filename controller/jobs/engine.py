@@ -23,6 +23,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
+from controller.audit import EXPECTED_MAX, AuditLog, AuditRecord, command_summary
+from controller.auth import narrow
 from controller.errors import BadRequest, NotFound
 from controller.events import result_data_json
 from controller.fleet import Fleet
@@ -138,6 +140,10 @@ class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     spec: JobSpec
     created_at: float
     created_by: str = ""
+    # The submitter's role and scope (a selector ANDed with spec.selector: the nodes the
+    # job may reach); empty for unscoped submitters and the controller's own jobs.
+    role: str = ""
+    scope: str = ""
     expected: list[str] = []
     status: JobStatus = "running"
     finished_at: float = 0.0
@@ -155,6 +161,7 @@ class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
             "selector": self.spec.selector,
             "created_at": self.created_at,
             "created_by": self.created_by,
+            "scope": self.scope,
             "finished_at": self.finished_at or None,
             "expected": len(self.expected),
             "counts": self.counts,
@@ -247,6 +254,7 @@ class JobEngine:
         signer: CommandSigner,
         reject: RejectMessage,
         refuse: RefuseRequest,
+        audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.records = records
@@ -257,6 +265,7 @@ class JobEngine:
         self._signer = signer
         self._reject = reject
         self._refuse = refuse
+        self._audit = audit
         self._clock = clock
         self._runs: dict[str, _Run] = {}
         self._recent: dict[str, list[NodeResult]] = {}
@@ -325,8 +334,14 @@ class JobEngine:
             return [n for n in nodes if selector.matches(n.labels)]
         return list(fleet.select(selector))
 
-    async def submit(self, spec: JobSpec, *, created_by: str = "") -> JobRecord:
-        selector = validate(spec)
+    async def submit(self, spec: JobSpec, *, created_by: str = "", role: str = "",
+                     scope: Selector | None = None) -> JobRecord:
+        """Start a job. ``scope`` (a scoped API token's selector) is ANDed with the job's
+        selector before the expected set is computed and anything is signed: a node
+        outside it is never targeted, even when named in ``targets`` (then it is left
+        out of the expected set, as a target the selector does not match is)."""
+        scope = scope or Selector()
+        selector = narrow(validate(spec), scope)
         nodes = self.expected_nodes(spec, selector)
         if spec.mode == "broadcast" and spec.env:
             reason = ("mode broadcast with env is refused: every node reads the broadcast "
@@ -348,10 +363,13 @@ class JobEngine:
             spec=spec,
             created_at=now,
             created_by=created_by,
+            role=role,
+            scope=str(scope),
             expected=[n.id for n in nodes],
             batches=max(1, math.ceil(len(nodes) / max(1, size))),
         )
         await self.records.create(job_id, record)
+        await self._audit_job(record, "job.submitted")
         run = _Run(record)
         self._runs[job_id] = run
         task = asyncio.create_task(self._run(run, nodes, size), name=f"job-{job_id}")
@@ -364,6 +382,22 @@ class JobEngine:
     async def run(self, spec: JobSpec, *, created_by: str = "") -> JobRecord:
         record = await self.submit(spec, created_by=created_by)
         return await self.wait(record.id)
+
+    async def _audit_job(self, job: JobRecord, kind: str) -> None:
+        """The job's audit record: who, what (a command summary and env *names*, never env
+        values), where (selector, scope, expected nodes) and, once done, the counts."""
+        if self._audit is None:
+            return
+        spec = job.spec
+        await self._audit.append(AuditRecord(
+            at=self._clock(), kind="job.finished" if kind == "job.finished" else "job.submitted",
+            who=job.created_by or "-", role=job.role, scope=job.scope, job_id=job.id,
+            action=spec.action, selector=spec.selector,
+            command=command_summary(action=spec.action, argv=spec.argv, shell=spec.shell),
+            env_keys=sorted(spec.env), expected=job.expected[:EXPECTED_MAX],
+            expected_count=len(job.expected), counts=dict(job.counts),
+            outcome=job.status if kind == "job.finished" else "",
+        ))
 
     async def wait(self, job_id: str) -> JobRecord:
         run = self._runs.get(job_id)
@@ -447,8 +481,11 @@ class JobEngine:
         if not run.waiting:
             return
         if broadcast:
+            # The agents match the selector themselves: it carries the scope too.
+            selector = str(narrow(Selector.parse(spec.selector),
+                                   Selector.parse(run.record.scope)))
             await nc.publish(subjects.cmd_all, self._command(run, targets=[],
-                                                             selector=spec.selector))
+                                                             selector=selector))
         else:
             for node in reachable:
                 await nc.publish(subjects.cmd_node(node.id),
@@ -550,6 +587,7 @@ class JobEngine:
         self._recent[final.id] = list(run.results.values())
         while len(self._recent) > 50:
             self._recent.pop(next(iter(self._recent)))
+        await self._audit_job(final, "job.finished")
         run.notify("done", final)
         run.done.set()
         self._runs.pop(final.id, None)

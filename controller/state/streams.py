@@ -34,6 +34,9 @@ JOBS = "JOBS"
 EVENTS = "EVENTS"
 EVENTS_MAX_AGE = 7 * 24 * 3600.0
 EVENTS_MAX_BYTES = 256 << 20
+AUDIT = "AUDIT"
+AUDIT_MAX_AGE = 90 * 24 * 3600.0
+AUDIT_MAX_BYTES = 1 << 30
 # A node may hold at most this fraction of the stream's bytes even when every one of its
 # batches is as large as allowed; see per_node_batches.
 NODE_SHARE = 4
@@ -100,6 +103,13 @@ def events_stream_config(*, subjects: Subjects) -> StreamConfig:
                      max_bytes=EVENTS_MAX_BYTES)
 
 
+def audit_stream_config(*, subjects: Subjects) -> StreamConfig:
+    """Who did what through the API and which jobs ran (controller.audit), kept 90 days
+    or 1 GiB, whichever comes first."""
+    return _kept_for(AUDIT, [subjects.audit], max_age=AUDIT_MAX_AGE,
+                     max_bytes=AUDIT_MAX_BYTES)
+
+
 def _kept_for(
     name: str, subjects: list[str], *, max_age: float, max_bytes: int,
     max_msg_size: int = -1,
@@ -150,6 +160,8 @@ TOKENS_BUCKET = Bucket("tokens")
 JOBS_BUCKET = Bucket("jobs", history=1)
 APPS_BUCKET = Bucket("apps")
 APP_STATUS_BUCKET = Bucket("app_status", history=1)
+# Named API tokens (controller.auth): only the sha256 of each secret is stored.
+API_TOKENS_BUCKET = Bucket("api_tokens")
 
 
 async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:

@@ -8,13 +8,34 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from controller.api.access import note, principal, requires
 from controller.api.keys import JOBS
 from controller.api.middleware import json_body
-from controller.errors import BadRequest
+from controller.auth import Principal, narrow
+from controller.errors import BadRequest, Forbidden
 from controller.events import event_json
-from controller.jobs.engine import JobEngine, JobSpec
+from controller.jobs.engine import JobEngine, JobRecord, JobSpec
+from protocol.selectors import Selector
 
 
+def _visible(who: Principal, job: JobRecord) -> bool:
+    """A scoped token sees only jobs confined to (at least) its own scope: by the scope
+    they ran under or by their own selector."""
+    if not who.scoped:
+        return True
+    reach = narrow(Selector.parse(job.spec.selector), Selector.parse(job.scope))
+    return who.covers(str(reach))
+
+
+def _job_in_scope(request: web.Request, job_id: str) -> JobRecord:
+    job = request.app[JOBS].get(job_id)
+    who = principal(request)
+    if not _visible(who, job):
+        raise Forbidden(f"job {job_id} is outside the scope {who.scope} of token {who.name!r}")
+    return job
+
+
+@requires("operator")
 async def create_job(request: web.Request) -> web.Response:
     jobs = request.app[JOBS]
     body = await json_body(request)
@@ -22,7 +43,10 @@ async def create_job(request: web.Request) -> web.Response:
         spec = msgspec.convert(body, JobSpec)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid job: {exc}") from None
-    record = await jobs.submit(spec, created_by=f"api@{request.remote or '-'}")
+    who = principal(request)
+    note(request, selector=spec.selector)
+    record = await jobs.submit(spec, created_by=who.name, role=who.role, scope=who.scope)
+    note(request, job_id=record.id)
     if request.query.get("wait") in ("1", "true", "yes"):
         record = await jobs.wait(record.id)
         return web.json_response(await _job_view(jobs, record.id), status=200)
@@ -40,23 +64,33 @@ async def _job_view(jobs: JobEngine, job_id: str) -> dict[str, Any]:
     return out
 
 
+@requires("viewer")
 async def list_jobs(request: web.Request) -> web.Response:
     try:
         limit = max(1, min(1000, int(request.query.get("limit", "50"))))
     except ValueError:
         raise BadRequest("limit must be a number") from None
-    return web.json_response({"jobs": [j.summary() for j in request.app[JOBS].recent(limit)]})
+    who = principal(request)
+    jobs = request.app[JOBS]
+    if who.scoped:
+        recent = [j for j in jobs.recent(len(jobs.records)) if _visible(who, j)][:limit]
+    else:
+        recent = jobs.recent(limit)
+    return web.json_response({"jobs": [j.summary() for j in recent]})
 
 
+@requires("viewer")
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(await _job_view(request.app[JOBS], request.match_info["id"]))
+    job = _job_in_scope(request, request.match_info["id"])
+    return web.json_response(await _job_view(request.app[JOBS], job.id))
 
 
+@requires("viewer")
 async def job_events(request: web.Request) -> web.StreamResponse:
     """SSE: ``result`` per node as it arrives, ``output`` for streamed output, then ``done``."""
     jobs = request.app[JOBS]
     job_id = request.match_info["id"]
-    jobs.get(job_id)  # 404 before the stream starts
+    _job_in_scope(request, job_id)  # 404 or 403 before the stream starts
     queue, stop = jobs.listen(job_id)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})

@@ -7,19 +7,22 @@ import asyncio
 import msgspec
 from aiohttp import web
 
-from controller.api.keys import FLEET, METRICS_HUB
-from controller.api.routes.nodes import selector_of
+from controller.api.access import requires
+from controller.api.keys import METRICS_HUB
+from controller.api.routes.nodes import node_in_scope, selector_of
 from controller.errors import NotFound
 
 
+@requires("viewer")
 async def latest_metrics(request: web.Request) -> web.Response:
-    node = request.app[FLEET].get(request.match_info["id"])
+    node = node_in_scope(request, request.match_info["id"])
     batch = request.app[METRICS_HUB].latest(node.id)
     if batch is None:
         raise NotFound(f"no metrics received from node {node.id} since the controller started")
     return web.json_response(msgspec.to_builtins(batch))
 
 
+@requires("viewer")
 async def metrics_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: one ``metrics`` event per batch matching selector/measurement."""
     selector = selector_of(request)

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from controller.api.access import principal, requires
 from controller.api.keys import FLEET
+from controller.models import NodeRecord
 from protocol.selectors import Selector
 
 
 def selector_of(request: web.Request) -> Selector:
-    return Selector.parse(request.query.get("selector", ""))
+    """The query's selector, narrowed to the caller's scope."""
+    return principal(request).narrow(Selector.parse(request.query.get("selector", "")))
 
 
+def node_in_scope(request: web.Request, node_id: str) -> NodeRecord:
+    """The node, or 404; 403 when it is outside the caller's scope."""
+    node = request.app[FLEET].get(node_id)
+    principal(request).check_sees(node.labels, f"node {node.id}")
+    return node
+
+
+@requires("viewer")
 async def list_nodes(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     nodes = fleet.select(selector_of(request))
@@ -21,9 +32,10 @@ async def list_nodes(request: web.Request) -> web.Response:
     return web.json_response({"nodes": [fleet.view(n) for n in nodes]})
 
 
+@requires("viewer")
 async def get_node(request: web.Request) -> web.Response:
-    fleet = request.app[FLEET]
-    return web.json_response(fleet.view(fleet.get(request.match_info["id"])))
+    node = node_in_scope(request, request.match_info["id"])
+    return web.json_response(request.app[FLEET].view(node))
 
 
 def routes() -> list[web.RouteDef]:

@@ -6,12 +6,14 @@ import time
 
 from aiohttp import web
 
+from controller.api.access import note, principal, requires
 from controller.api.keys import AGENT_BOOTSTRAP, TOKEN_RECORDS, TOKENS
 from controller.api.middleware import json_body
 from controller.errors import BadRequest
 from protocol.selectors import parse_labels
 
 
+@requires("operator")
 async def create_token(request: web.Request) -> web.Response:
     body = await json_body(request)
     labels = body.get("labels", {})
@@ -24,10 +26,14 @@ async def create_token(request: web.Request) -> web.Response:
     ttl = body.get("ttl")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
         raise BadRequest("ttl must be a number of seconds")
+    # A scoped token enrolls only nodes inside its scope.
+    principal(request).check_sees(labels, "a join token for labels "
+                                  f"{','.join(f'{k}={v}' for k, v in sorted(labels.items()))!r}")
     issued = await request.app[TOKENS].create(
         labels=labels, ttl=ttl, description=str(body.get("description", ""))
     )
     bootstrap = request.app[AGENT_BOOTSTRAP]
+    note(request, target=issued.record.id)
     out = issued.record.public()
     out["token"] = issued.token
     out["nats_url"] = bootstrap.nats_url
@@ -35,11 +41,15 @@ async def create_token(request: web.Request) -> web.Response:
     return web.json_response(out, status=201)
 
 
+@requires("viewer")
 async def list_tokens(request: web.Request) -> web.Response:
     records = request.app[TOKEN_RECORDS]
+    who = principal(request)
     now = time.time()
     out = []
     for t in sorted(records, key=lambda t: t.created_at):
+        if not who.sees(t.labels):
+            continue
         item = t.public()
         item["state"] = "used" if t.used_by else ("expired" if t.expires_at < now else "valid")
         out.append(item)
