@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 from agent.apps import AppReconciler, SyncError
 from agent.connection import backoff
 from agent.ledger import Orphan, SeenLog
+from agent.policy import CommandPolicy
 from protocol import codec
 from protocol.errors import CommandRejected, ProtocolError
 from protocol.messages import (
@@ -78,6 +79,7 @@ class CommandIntake:
         apps: AppReconciler,
         emit: Emit,
         log: logging.Logger,
+        policy: CommandPolicy | None = None,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
@@ -89,7 +91,10 @@ class CommandIntake:
         self._apps = apps
         self._emit = emit
         self.log = log
+        self._policy = policy
         self.rejected_commands = 0
+        # Of those, refused by the node's command policy (also in rejected_commands).
+        self.policy_rejected = 0
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._selectors: dict[str, Selector] = {}
@@ -199,6 +204,14 @@ class CommandIntake:
                 cmd.job_id, cmd.id,
             )
             return
+        if self._policy is not None:
+            # After the signature checks (only then does the command name its job) and
+            # before anything runs: a stolen controller key gets no further than here.
+            refusal = self._policy.check(cmd)
+            if refusal is not None:
+                self.policy_rejected += 1
+                await self._refuse(f"refused by node policy: {refusal}", cmd.job_id, cmd.id)
+                return
         if cmd.action in READ_ONLY_ACTIONS:
             # Instant built-ins run inline: a task per broadcast costs more than the answer.
             await self._run_command(cmd)

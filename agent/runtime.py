@@ -67,6 +67,8 @@ class Agent:
         self.executor: CommandRunner | None = None
         self.apps: AppReconciler | None = None
         self.commands: CommandIntake | None = None
+        # The node-side command policy (None: everything signed is allowed).
+        self.policy = config.command_policy()
         self.outbox = Outbox(capacity=config.buffer_batches, log=self.log)
         self._hb_seq = 0
         self._started = time.monotonic()
@@ -121,6 +123,15 @@ class Agent:
     @property
     def rejected_commands(self) -> int:
         return self.commands.rejected_commands if self.commands is not None else 0
+
+    @property
+    def policy_rejected(self) -> int:
+        """Commands refused by the node's command policy (counted in rejected_commands too)."""
+        return self.commands.policy_rejected if self.commands is not None else 0
+
+    @property
+    def apps_allowed(self) -> bool:
+        return self.policy is None or self.policy.apps
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -194,11 +205,14 @@ class Agent:
         self.commands = CommandIntake(
             nc=nc, subjects=self.subjects, node_id=state.node_id, labels=self.labels,
             verifier=self.verifier, seen_log=seen_log, runner=self.executor, apps=apps,
-            emit=self.emit, log=self.log,
+            emit=self.emit, log=self.log, policy=self.policy,
         )
         await self.commands.subscribe()
         await self.commands.report_orphans(orphans)
-        apps.trigger()  # converge to the desired apps, also after a restart
+        if self.apps_allowed:
+            apps.trigger()  # converge to the desired apps, also after a restart
+        else:
+            self.log.info("app deploys disabled by the node policy")
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._collect_loop(), name="collect"),
@@ -288,7 +302,7 @@ class Agent:
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
-        if self.apps is not None:
+        if self.apps is not None and self.apps_allowed:
             self.apps.trigger()  # assignments may have changed while we were away
         self.log.info("reconnected to NATS; %d batches buffered", len(self.buffer))
         dropped = self.outbox.take_drops_since_connect()
