@@ -28,6 +28,7 @@ from protocol.messages import (
     CommandResult,
     JobEvent,
     SignedCommand,
+    SignedKeyRotation,
 )
 from protocol.selectors import Selector
 from protocol.signing import DEFAULT_CLOCK_SKEW, CommandVerifier
@@ -44,6 +45,7 @@ FLUSH_ABANDON = 3600
 
 OnJobEvent = Callable[[JobEvent], Awaitable[None]]
 Emit = Callable[[AnyEventPayload], Awaitable[None]]
+OnRotation = Callable[[SignedKeyRotation], Awaitable[None]]
 
 
 class CommandRunner(Protocol):
@@ -80,6 +82,7 @@ class CommandIntake:
         emit: Emit,
         log: logging.Logger,
         policy: CommandPolicy | None = None,
+        on_rotation: OnRotation | None = None,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
@@ -92,6 +95,7 @@ class CommandIntake:
         self._emit = emit
         self.log = log
         self._policy = policy
+        self._on_rotation = on_rotation
         self.rejected_commands = 0
         # Of those, refused by the node's command policy (also in rejected_commands).
         self.policy_rejected = 0
@@ -174,7 +178,15 @@ class CommandIntake:
     async def _on_command(self, msg: Msg) -> None:
         """Verify before anything runs; run in a task so a long command blocks nothing."""
         try:
-            signed = codec.decode(msg.data, SignedCommand)
+            signed = codec.decode(msg.data)
+            if isinstance(signed, SignedKeyRotation) and self._on_rotation is not None:
+                # Signing-key rotations travel on the command subjects too (the broadcast
+                # one above all): every node may read them, none may publish them.
+                await self._on_rotation(signed)
+                return
+            if not isinstance(signed, SignedCommand):
+                raise ProtocolError(f"expected a 'signed_cmd' message, got "
+                                    f"{type(signed).__struct_config__.tag!r}")
         except ProtocolError as exc:
             await self._refuse(f"undecodable command on {msg.subject}: {exc.reason}")
             return

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from controller.api import keys
 from controller.api.middleware import MAX_BODY, auth_middleware, error_middleware
-from controller.api.routes import apps, jobs, metrics, nodes, status, tokens
+from controller.api.routes import apps, jobs, metrics, nodes, signing, status, tokens
 from controller.service import RunningController
 
 log = logging.getLogger("barista.controller.api")
@@ -32,7 +32,8 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.METRICS_HUB] = controller.hub
     app[keys.JOBS] = controller.jobs
     app[keys.DEPLOYER] = controller.deployer
-    for module in (status, nodes, metrics, tokens, jobs, apps):
+    app[keys.SIGNING_KEYS] = controller.signing_keys
+    for module in (status, nodes, metrics, tokens, jobs, apps, signing):
         app.add_routes(module.routes())
     return app
 

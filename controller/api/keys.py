@@ -11,6 +11,7 @@ from controller.apps.deployer import Deployer
 from controller.enroll import TokenService
 from controller.fleet import Fleet
 from controller.jobs.engine import JobEngine
+from controller.keys import SigningKeys
 from controller.live import MetricsHub
 from controller.models import TokenRecord
 from controller.state.table import Table
@@ -42,3 +43,4 @@ AGENT_BOOTSTRAP = web.AppKey("agent_bootstrap", AgentBootstrap)
 METRICS_HUB = web.AppKey("metrics_hub", MetricsHub)
 JOBS = web.AppKey("jobs", JobEngine)
 DEPLOYER = web.AppKey("deployer", Deployer)
+SIGNING_KEYS = web.AppKey("signing_keys", SigningKeys)

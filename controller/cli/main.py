@@ -18,6 +18,7 @@ from rich.table import Table
 from controller.cli.apps import app_group
 from controller.cli.client import ApiClient, ApiError
 from controller.cli.common import call, client, emit_json
+from controller.cli.keys import keys_group
 from controller.cli.metrics import influx_options, ingest, top
 
 console = Console()
@@ -471,6 +472,7 @@ def demo(
 main.add_command(top)
 main.add_command(ingest)
 main.add_command(app_group)
+main.add_command(keys_group)
 
 if __name__ == "__main__":
     main()

@@ -42,7 +42,7 @@ from protocol.messages import (
     JobStarted,
 )
 from protocol.selectors import Selector
-from protocol.signing import CommandSigner
+from protocol.signing import Signer
 from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.jobs")
@@ -244,7 +244,7 @@ class JobEngine:
         nc: NATS,
         js: JetStreamContext,
         subjects: Subjects,
-        signer: CommandSigner,
+        signer: Signer,
         reject: RejectMessage,
         refuse: RefuseRequest,
         clock: Callable[[], float] = time.time,

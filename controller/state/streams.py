@@ -150,6 +150,8 @@ TOKENS_BUCKET = Bucket("tokens")
 JOBS_BUCKET = Bucket("jobs", history=1)
 APPS_BUCKET = Bucket("apps")
 APP_STATUS_BUCKET = Bucket("app_status", history=1)
+# Signing-key rotation steps (signed, public), kept for agents that were offline.
+KEYS_BUCKET = Bucket("keys", history=1)
 
 
 async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:
