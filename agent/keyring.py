@@ -114,11 +114,13 @@ class KeyRing:
         return True
 
     def _adds_nothing(self, signed: SignedKeyRotation) -> bool:
+        """Whether an unverified step would change nothing if applied: one this agent is
+        past already, or one whose new key it trusts (it never removes a key unverified)."""
         try:
             rot = codec.decode(signed.payload, KeyRotation)
         except ProtocolError:
             return False
-        return rot.new_key in self._verifier.trusted_keys()
+        return rot.seq <= self.seq or rot.new_key in self._verifier.trusted_keys()
 
     async def sync(self, request: Request, *, node_id: str) -> int:
         """Fetch and apply the steps after the last one applied; how many were applied.

@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 
 from agent.files import write_private
 from controller.errors import BadRequest, Conflict
+from controller.state.streams import KEYS_BUCKET
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -112,23 +113,27 @@ class SigningKeys:
 
     async def start(self) -> None:
         """Load the steps; finish a rotation a crash interrupted; run the auto-finish."""
-        try:
-            names = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            names = []
-        for name in names:
-            if not name.startswith(STEP_PREFIX):
-                continue
-            entry = await self._kv.get(name)
+        # Steps are numbered 1, 2, ... without gaps (each is created as last + 1) and never
+        # deleted: read as many as the bucket holds, in order, and ask for no missing key
+        # (kv.keys() would leave a watch consumer behind).
+        held = (await self._kv.status()).values
+        for seq in range(1, held + 1):
+            try:
+                entry = await self._kv.get(step_key(seq))
+            except nats.js.errors.KeyNotFoundError:
+                log.error("key rotation step %s missing from bucket %s", step_key(seq),
+                          KEYS_BUCKET.name)
+                break
             try:
                 signed = codec.decode(entry.value or b"", SignedKeyRotation)
                 rot = codec.decode(signed.payload, KeyRotation)
+                if rot.seq != seq:
+                    raise ProtocolError(f"step {step_key(seq)} says it is step {rot.seq}")
             except ProtocolError as exc:
-                log.error("key rotation step %s unreadable: %s", name, exc.reason)
-                continue
+                log.error("key rotation step %s unreadable: %s", step_key(seq), exc.reason)
+                break
             self._steps[rot.seq] = signed
-            if self._last is None or rot.seq > self._last.seq:
-                self._last = rot
+            self._last = rot
         last = self._last
         if last is not None and last.new_key != self._active.public_key_b64:
             await asyncio.to_thread(self._adopt, last.new_key)
