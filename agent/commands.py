@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 from agent.apps import AppReconciler, SyncError
 from agent.connection import backoff
 from agent.ledger import Orphan, SeenLog
+from agent.policy import CommandPolicy
 from protocol import codec
 from protocol.errors import CommandRejected, ProtocolError
 from protocol.messages import (
@@ -27,6 +28,7 @@ from protocol.messages import (
     CommandResult,
     JobEvent,
     SignedCommand,
+    SignedKeyRotation,
 )
 from protocol.selectors import Selector
 from protocol.signing import DEFAULT_CLOCK_SKEW, CommandVerifier
@@ -43,6 +45,7 @@ FLUSH_ABANDON = 3600
 
 OnJobEvent = Callable[[JobEvent], Awaitable[None]]
 Emit = Callable[[AnyEventPayload], Awaitable[None]]
+OnRotation = Callable[[SignedKeyRotation], Awaitable[None]]
 
 
 class CommandRunner(Protocol):
@@ -78,6 +81,8 @@ class CommandIntake:
         apps: AppReconciler,
         emit: Emit,
         log: logging.Logger,
+        policy: CommandPolicy | None = None,
+        on_rotation: OnRotation | None = None,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
@@ -89,7 +94,11 @@ class CommandIntake:
         self._apps = apps
         self._emit = emit
         self.log = log
+        self._policy = policy
+        self._on_rotation = on_rotation
         self.rejected_commands = 0
+        # Of those, refused by the node's command policy (also in rejected_commands).
+        self.policy_rejected = 0
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._selectors: dict[str, Selector] = {}
@@ -169,7 +178,15 @@ class CommandIntake:
     async def _on_command(self, msg: Msg) -> None:
         """Verify before anything runs; run in a task so a long command blocks nothing."""
         try:
-            signed = codec.decode(msg.data, SignedCommand)
+            signed = codec.decode(msg.data)
+            if isinstance(signed, SignedKeyRotation) and self._on_rotation is not None:
+                # Signing-key rotations travel on the command subjects too (the broadcast
+                # one above all): every node may read them, none may publish them.
+                await self._on_rotation(signed)
+                return
+            if not isinstance(signed, SignedCommand):
+                raise ProtocolError(f"expected a 'signed_cmd' message, got "
+                                    f"{type(signed).__struct_config__.tag!r}")
         except ProtocolError as exc:
             await self._refuse(f"undecodable command on {msg.subject}: {exc.reason}")
             return
@@ -199,6 +216,14 @@ class CommandIntake:
                 cmd.job_id, cmd.id,
             )
             return
+        if self._policy is not None:
+            # After the signature checks (only then does the command name its job) and
+            # before anything runs: a stolen controller key gets no further than here.
+            refusal = self._policy.check(cmd)
+            if refusal is not None:
+                self.policy_rejected += 1
+                await self._refuse(f"refused by node policy: {refusal}", cmd.job_id, cmd.id)
+                return
         if cmd.action in READ_ONLY_ACTIONS:
             # Instant built-ins run inline: a task per broadcast costs more than the answer.
             await self._run_command(cmd)

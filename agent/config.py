@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import settings
+from agent.policy import CommandPolicy, PolicyError
 from protocol.subjects import ENROLL_PASSWORD, ENROLL_USER
 
 ENV_PREFIX = "BARISTA_AGENT_"
@@ -48,6 +49,13 @@ class AgentConfig:
     allow_run_as_user: bool = False
     enroll_timeout: float = 5.0
     log_level: str = "info"
+    # Node-side command policy (agent/policy.py says how rules match). Present when any
+    # of commands/actions is given or apps is off; then everything else is refused here.
+    # In TOML also as a [policy] table: commands, actions, apps, env.
+    policy_commands: list[str] | None = None
+    policy_actions: list[str] | None = None
+    policy_apps: bool = True
+    policy_env: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
@@ -64,6 +72,7 @@ class AgentConfig:
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
             values.update(data.get("agent", data))
+            values.update(_policy_table(values.pop("policy", None) or data.get("policy")))
         try:
             values.update(settings.from_env(cls, ENV_PREFIX))
             for k, v in (overrides or {}).items():
@@ -109,4 +118,32 @@ class AgentConfig:
             raise ConfigError("intervals must be positive (or 0 for the controller's default)")
         if self.max_concurrency < 1:
             raise ConfigError("max_concurrency must be at least 1")
+        try:
+            self.command_policy()
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def has_policy(self) -> bool:
+        return (self.policy_commands is not None or self.policy_actions is not None
+                or not self.policy_apps)
+
+    def command_policy(self) -> CommandPolicy | None:
+        """The compiled policy, or None when the config sets none (everything allowed)."""
+        if not self.has_policy:
+            return None
+        return CommandPolicy.build(commands=self.policy_commands, actions=self.policy_actions,
+                                   apps=self.policy_apps, env=self.policy_env)
+
+
+def _policy_table(table: Any) -> dict[str, Any]:
+    """A TOML ``[policy]`` table as the flat ``policy_*`` settings."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise ConfigError("[policy] must be a table (commands, actions, apps, env)")
+    unknown = set(table) - {"commands", "actions", "apps", "env"}
+    if unknown:
+        raise ConfigError(f"unknown [policy] setting(s): {', '.join(sorted(unknown))}")
+    return {f"policy_{k}": v for k, v in table.items()}
 

@@ -27,10 +27,18 @@ from agent.enroll import Enroller, EnrollmentError
 from agent.executor import Executor
 from agent.facts import collect_facts
 from agent.identity import EnrollState, Identity
+from agent.keyring import KeyRing
 from agent.ledger import RunLedger, SeenLog
 from agent.outbox import Outbox
 from protocol import codec
-from protocol.messages import AnyEventPayload, Event, Heartbeat, MetricsDropped, Severity
+from protocol.messages import (
+    AnyEventPayload,
+    Event,
+    Heartbeat,
+    MetricsDropped,
+    Severity,
+    SignedKeyRotation,
+)
 from protocol.signing import CommandVerifier
 from protocol.subjects import Subjects
 
@@ -67,6 +75,10 @@ class Agent:
         self.executor: CommandRunner | None = None
         self.apps: AppReconciler | None = None
         self.commands: CommandIntake | None = None
+        self.keyring: KeyRing | None = None
+        self._key_sync: asyncio.Task[int] | None = None
+        # The node-side command policy (None: everything signed is allowed).
+        self.policy = config.command_policy()
         self.outbox = Outbox(capacity=config.buffer_batches, log=self.log)
         self._hb_seq = 0
         self._started = time.monotonic()
@@ -122,6 +134,20 @@ class Agent:
     def rejected_commands(self) -> int:
         return self.commands.rejected_commands if self.commands is not None else 0
 
+    @property
+    def policy_rejected(self) -> int:
+        """Commands refused by the node's command policy (counted in rejected_commands too)."""
+        return self.commands.policy_rejected if self.commands is not None else 0
+
+    @property
+    def key_rotations_refused(self) -> int:
+        """Signing-key rotation steps refused (not signed by a trusted key, malformed)."""
+        return self.keyring.refused if self.keyring is not None else 0
+
+    @property
+    def apps_allowed(self) -> bool:
+        return self.policy is None or self.policy.apps
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> Agent:
@@ -158,6 +184,10 @@ class Agent:
         self.verifier = CommandVerifier(keys) if keys else None
         if self.verifier is None:
             self.log.warning("no controller key configured: every command will be refused")
+        else:
+            self.keyring = KeyRing(verifier=self.verifier,
+                                   path=cfg.state_dir / "command-keys.json", log=self.log)
+            await asyncio.to_thread(self.keyring.load)
         # Ids accepted before a restart stay refused for their TTL (replay protection).
         seen_log = self.seen_log = SeenLog(cfg.state_dir / "seen-commands.log")
         remembered = await asyncio.to_thread(seen_log.load)
@@ -194,11 +224,17 @@ class Agent:
         self.commands = CommandIntake(
             nc=nc, subjects=self.subjects, node_id=state.node_id, labels=self.labels,
             verifier=self.verifier, seen_log=seen_log, runner=self.executor, apps=apps,
-            emit=self.emit, log=self.log,
+            emit=self.emit, log=self.log, policy=self.policy,
+            on_rotation=self._on_rotation if self.keyring is not None else None,
         )
         await self.commands.subscribe()
+        # Rotations missed while this agent was stopped (or not yet enrolled).
+        await self.sync_keys()
         await self.commands.report_orphans(orphans)
-        apps.trigger()  # converge to the desired apps, also after a restart
+        if self.apps_allowed:
+            apps.trigger()  # converge to the desired apps, also after a restart
+        else:
+            self.log.info("app deploys disabled by the node policy")
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._collect_loop(), name="collect"),
@@ -217,6 +253,8 @@ class Agent:
             await self.commands.unsubscribe()
         for task in self._tasks:
             task.cancel()
+        if self._key_sync is not None:
+            self._key_sync.cancel()
         # Kill running commands first: waiting for them would wait for their timeouts.
         if self.executor is not None:
             await self.executor.aclose()
@@ -288,8 +326,10 @@ class Agent:
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
-        if self.apps is not None:
+        if self.apps is not None and self.apps_allowed:
             self.apps.trigger()  # assignments may have changed while we were away
+        if self.keyring is not None:
+            self._start_key_sync()  # a rotation may have happened while we were away
         self.log.info("reconnected to NATS; %d batches buffered", len(self.buffer))
         dropped = self.outbox.take_drops_since_connect()
         if dropped:
@@ -298,6 +338,30 @@ class Agent:
                 f"dropped {dropped} metric batches while offline",
                 "warning",
             )
+
+    async def _on_rotation(self, signed: SignedKeyRotation) -> None:
+        assert self.keyring is not None
+        before = self.keyring.refused
+        await self.keyring.handle(signed, via="broadcast")
+        if self.keyring.refused != before:
+            # Perhaps signed by a key from a step we missed: the sync brings the chain.
+            self._start_key_sync()
+
+    async def sync_keys(self) -> int:
+        """Fetch and apply the signing-key rotations missed; how many were applied."""
+        if self.keyring is None:
+            return 0
+        return await self.keyring.sync(self._key_sync_request, node_id=self.node_id)
+
+    def _start_key_sync(self) -> None:
+        if self._key_sync is None or self._key_sync.done():
+            self._key_sync = asyncio.create_task(self.sync_keys(), name="key-sync")
+
+    async def _key_sync_request(self, payload: bytes) -> bytes:
+        if self.nc is None or not self.nc.is_connected:
+            raise ConnectionError("not connected to NATS")
+        msg = await self.nc.request(self.subjects.key_sync(self.node_id), payload, timeout=5.0)
+        return msg.data
 
     async def _on_error(self, exc: Exception) -> None:
         self.log.warning("nats: %s", exc)

@@ -35,6 +35,9 @@ def from_env(cls: type[Any], prefix: str) -> dict[str, Any]:
 
 
 def parse_text(name: str, raw: str, tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:  # ``X | None``: parsed as X
+        tp = next(a for a in args if a is not type(None))
     origin = typing.get_origin(tp)
     if tp is bool:
         return raw.lower() in _TRUE

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
 
 from controller.apps.deployer import AppRecord, Deployer, NodeAppStatus
 from controller.audit import AuditLog
@@ -28,6 +29,7 @@ from controller.errors import BadRecord
 from controller.fleet import Fleet
 from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
+from controller.keys import SigningKeys
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedAdmission
@@ -39,6 +41,7 @@ from controller.state.streams import (
     APP_STATUS_BUCKET,
     APPS_BUCKET,
     JOBS_BUCKET,
+    KEYS_BUCKET,
     NODES_BUCKET,
     TOKENS_BUCKET,
     Bucket,
@@ -225,11 +228,13 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         apps: Table[AppRecord] = await table(APPS_BUCKET, AppRecord)
         app_statuses: Table[NodeAppStatus] = await table(APP_STATUS_BUCKET, NodeAppStatus)
         api_tokens: Table[ApiToken] = await table(API_TOKENS_BUCKET, ApiToken)
+        keys_kv = await open_bucket(js, KEYS_BUCKET)
         controller = RunningController(
             config=cfg, subjects=subjects, stats=stats, serving=serving, secrets=secrets,
             natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
             js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
             apps_table=apps, app_statuses=app_statuses, api_tokens_table=api_tokens,
+            keys_kv=keys_kv,
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
@@ -335,6 +340,7 @@ class RunningController:
         apps_table: Table[AppRecord],
         app_statuses: Table[NodeAppStatus],
         api_tokens_table: Table[ApiToken],
+        keys_kv: KeyValue,
     ) -> None:
         self.config = config
         self.subjects = subjects
@@ -370,6 +376,11 @@ class RunningController:
             offline_after=config.offline_after,
             on_transition=self._on_transition,
         )
+        # The signer of every command; rotates its key (barista keys rotate).
+        self.signing_keys = SigningKeys(
+            data_dir=config.data_dir, active=secrets.signer, kv=keys_kv, nc=nc,
+            subjects=subjects, refuse_reply=self.refuse_reply,
+        )
         self.enrollment = Enrollment(
             tokens=self.tokens,
             nodes=nodes,
@@ -377,7 +388,7 @@ class RunningController:
             inbox_prefix=subjects.inbox_prefix,
             heartbeat_interval=config.heartbeat_interval,
             metrics_interval=config.metrics_interval,
-            command_keys=[secrets.signer.public_key_b64],
+            command_keys=self.signing_keys.enroll_keys,  # kept current by a rotation
         )
         self.jobs = JobEngine(
             records=jobs_table,
@@ -385,7 +396,7 @@ class RunningController:
             nc=nc,
             js=js,
             subjects=subjects,
-            signer=secrets.signer,
+            signer=self.signing_keys,
             reject=stats.reject_message,
             refuse=stats.reject,
             audit=self.audit,
@@ -420,6 +431,7 @@ class RunningController:
         return self.ready and self.nc.is_connected and self.state_nc.is_connected
 
     async def start(self) -> None:
+        await self.signing_keys.start()
         await self.jobs.start()
         await self.deployer.start()
         await self.admission.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
@@ -429,6 +441,10 @@ class RunningController:
         self._subs.append(
             await nc.subscribe(s.app_sync_any, queue="controllers",
                                cb=self.deployer.handle_sync)
+        )
+        self._subs.append(
+            await nc.subscribe(s.key_sync_any, queue="controllers",
+                               cb=self.signing_keys.handle_sync)
         )
         self._subs.append(await nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await nc.subscribe(s.metrics_any, cb=self._on_metrics))
@@ -456,6 +472,7 @@ class RunningController:
             await asyncio.gather(*self._enroll_tasks, return_exceptions=True)
         await _stop_logged("deployer", self.deployer.stop)
         await _stop_logged("jobs", self.jobs.stop)
+        await _stop_logged("signing keys", self.signing_keys.stop)
         self.enrollment.close()
 
     def _rewatch_tables(self) -> None:
@@ -646,5 +663,9 @@ class RunningController:
                 ),
             },
             "stream_subscribers": self.hub.subscribers,
+            "signing_keys": {"seq": self.signing_keys.seq,
+                             "active": self.signing_keys.key_id,
+                             "rotating": self.signing_keys.retiring() is not None,
+                             **self.signing_keys.stats},
             "ingest": self.ingest.status() if self.ingest is not None else None,
         }

@@ -375,6 +375,46 @@ class AppSyncReply(Message, tag="app_sync_rep"):
     releases: list[AppRelease] = []
 
 
+# --- command-signing key rotation (see controller/keys.py and agent/keyring.py) -----------
+
+
+class KeyRotation(Message, tag="key_rotation"):
+    """One step of a signing-key rotation, signed (as a SignedKeyRotation) by a key the
+    agents already trust. Steps are numbered; an agent applies each once, in order.
+
+    A start (``finish`` False, signed by ``old_key``): trust ``new_key`` too; drop
+    ``old_key`` at ``old_key_expires`` at the latest (0: only on finish). A finish
+    (signed by ``new_key``): drop ``old_key`` now."""
+
+    seq: int  # 1, 2, ...
+    issued_at: Finite
+    new_key: str  # base64 Ed25519 public key
+    old_key: str = ""
+    not_before: Finite = 0.0  # the controller signs commands with new_key from then on
+    old_key_expires: Finite = 0.0
+    finish: bool = False
+
+
+class SignedKeyRotation(Message, tag="signed_key_rotation"):
+    """A KeyRotation and its signature. Its own kind: a signature over a rotation can
+    never pass for a command's (the payload's kind is checked on decode)."""
+
+    payload: bytes  # an encoded KeyRotation
+    signature: bytes  # Ed25519 over payload
+    key_id: str = ""
+
+
+class KeySyncRequest(Message, tag="key_sync_req"):
+    """An agent asks for the rotation steps after the last one it applied."""
+
+    node_id: str
+    after: int = 0
+
+
+class KeySyncReply(Message, tag="key_sync_rep"):
+    rotations: list[SignedKeyRotation] = []
+
+
 # Kinds whose shape changed incompatibly -> the kind that replaced them. A peer still
 # sending the old kind gets a clear ProtocolError naming the new one.
 RETIRED_KINDS: dict[str, str] = {"event": "event.v2", "cmd_result": "cmd_result.v2"}
@@ -392,6 +432,10 @@ AnyMessage = (
     | AppSyncRequest
     | AppSyncReply
     | SealedReply
+    | KeyRotation
+    | SignedKeyRotation
+    | KeySyncRequest
+    | KeySyncReply
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -407,4 +451,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     AppSyncRequest,
     AppSyncReply,
     SealedReply,
+    KeyRotation,
+    SignedKeyRotation,
+    KeySyncRequest,
+    KeySyncReply,
 )

@@ -10,7 +10,8 @@ import base64
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import msgspec
 import nacl.exceptions
@@ -28,7 +29,15 @@ from protocol.errors import (
     ProtocolError,
     StaleEnrollRequest,
 )
-from protocol.messages import Command, EnrollRequest, Message, SealedReply, SignedCommand
+from protocol.messages import (
+    Command,
+    EnrollRequest,
+    KeyRotation,
+    Message,
+    SealedReply,
+    SignedCommand,
+    SignedKeyRotation,
+)
 
 # Ed25519 through libsodium (PyNaCl): verification is the agent's hot path on a broadcast,
 # and libsodium verifies about 1.6x faster than OpenSSL through `cryptography` here.
@@ -51,6 +60,15 @@ def load_public_key(public_key_b64: str) -> nacl.signing.VerifyKey:
         return nacl.signing.VerifyKey(raw)
     except Exception as exc:
         raise ValueError(f"not a base64 Ed25519 public key: {exc}") from None
+
+
+class Signer(Protocol):
+    """What signs commands: a CommandSigner, or the controller's rotating key set."""
+
+    @property
+    def public_key_b64(self) -> str: ...
+
+    def sign(self, cmd: Command) -> SignedCommand: ...
 
 
 class CommandSigner:
@@ -97,6 +115,11 @@ class CommandSigner:
         signature = self._key.sign(payload).signature
         return SignedCommand(payload=payload, signature=signature, key_id=self.key_id)
 
+    def sign_rotation(self, rot: KeyRotation) -> SignedKeyRotation:
+        payload = codec.encode(rot)
+        signature = self._key.sign(payload).signature
+        return SignedKeyRotation(payload=payload, signature=signature, key_id=self.key_id)
+
 
 class CommandVerifier:
     """Verifies signature, expiry and uniqueness of commands before anything runs.
@@ -116,16 +139,31 @@ class CommandVerifier:
         cache_size: int = 200_000,
     ) -> None:
         self._keys: dict[str, nacl.signing.VerifyKey] = {}
-        for pk in public_keys:
-            self._keys[key_id(pk)] = load_public_key(pk)
-        if not self._keys:
-            raise ValueError("a verifier needs at least one controller public key")
+        self._expires: dict[str, float] = {}  # key id -> epoch seconds; absent: never
+        self._public: dict[str, str] = {}  # key id -> base64
         self._clock = clock
+        self.set_keys(dict.fromkeys(public_keys, 0.0))
         self._skew = clock_skew
         self._max_ttl = max_ttl
         self._cache_size = cache_size
         self._seen: dict[str, float] = {}  # command id -> forget after (epoch seconds)
         self._next_prune = 0.0
+
+    def set_keys(self, keys: Mapping[str, float]) -> None:
+        """Trust exactly ``keys`` (base64 public key -> expiry in epoch seconds, 0 = none):
+        a signing-key rotation changes the set while the agent runs."""
+        loaded = {key_id(pk): load_public_key(pk) for pk in keys}
+        if not loaded:
+            raise ValueError("a verifier needs at least one controller public key")
+        self._keys = loaded
+        self._public = {key_id(pk): pk for pk in keys}
+        self._expires = {key_id(pk): float(t) for pk, t in keys.items() if t}
+
+    def trusted_keys(self) -> dict[str, float]:
+        """The keys trusted now (base64 -> expiry, 0 = none); expired ones left out."""
+        now = self._clock()
+        return {pk: self._expires.get(kid, 0.0) for kid, pk in self._public.items()
+                if self._expires.get(kid, math.inf) >= now}
 
     @property
     def cached_ids(self) -> int:
@@ -148,21 +186,32 @@ class CommandVerifier:
         """When the cache forgets an accepted id (epoch seconds), or None if not cached."""
         return self._seen.get(command_id)
 
-    def verify(self, signed: SignedCommand) -> Command:
-        """Return the command if it may run; raise ``CommandRejected`` (or ProtocolError)."""
-        keys = (
-            [self._keys[signed.key_id]]
-            if signed.key_id in self._keys
-            else list(self._keys.values())
-        )
-        for key in keys:
+    def check_signature(self, payload: bytes, signature: bytes, kid: str) -> str:
+        """The id of the trusted, unexpired key that made ``signature``; ``BadSignature``."""
+        now = self._clock()
+        ids = [kid] if kid in self._keys else list(self._keys)
+        for i in ids:
+            if self._expires.get(i, math.inf) < now:
+                continue  # a rotated-out key past its overlap
             try:
-                key.verify(signed.payload, signed.signature)
-                break
+                self._keys[i].verify(payload, signature)
+                return i
             except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
                 continue
-        else:
-            raise BadSignature("signature does not match any trusted controller key")
+        raise BadSignature("signature does not match any trusted controller key")
+
+    def verify_rotation(self, signed: SignedKeyRotation) -> KeyRotation:
+        """The rotation step if a trusted key signed it (no replay check: steps are
+        numbered and applied once); ``BadSignature`` or ``ProtocolError``."""
+        self.check_signature(signed.payload, signed.signature, signed.key_id)
+        try:
+            return codec.decode(signed.payload, KeyRotation)
+        except ProtocolError as exc:
+            raise CommandRejected(f"signed payload is not a key rotation: {exc.reason}") from None
+
+    def verify(self, signed: SignedCommand) -> Command:
+        """Return the command if it may run; raise ``CommandRejected`` (or ProtocolError)."""
+        self.check_signature(signed.payload, signed.signature, signed.key_id)
         try:
             cmd = codec.decode(signed.payload, Command)
         except ProtocolError as exc:

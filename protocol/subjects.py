@@ -118,6 +118,15 @@ class Subjects:
     def app_sync_any(self) -> str:
         return f"{self.prefix}.node.*.apps.sync"
 
+    def key_sync(self, node_id: str) -> str:
+        """Agent asks for the signing-key rotations it missed (request/reply, answered only
+        to the node's own inbox). Under the node's own subjects, like app sync."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.keys.sync"
+
+    @property
+    def key_sync_any(self) -> str:
+        return f"{self.prefix}.node.*.keys.sync"
+
     @property
     def controller_events(self) -> str:
         """Fleet events the controller itself emits (liveness transitions, enrollments)."""

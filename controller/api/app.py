@@ -14,7 +14,17 @@ from controller.api.middleware import (
     auth_middleware,
     error_middleware,
 )
-from controller.api.routes import apps, audit, auth, jobs, metrics, nodes, status, tokens
+from controller.api.routes import (
+    apps,
+    audit,
+    auth,
+    jobs,
+    metrics,
+    nodes,
+    signing,
+    status,
+    tokens,
+)
 from controller.service import RunningController
 
 log = logging.getLogger("barista.controller.api")
@@ -40,7 +50,8 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.METRICS_HUB] = controller.hub
     app[keys.JOBS] = controller.jobs
     app[keys.DEPLOYER] = controller.deployer
-    for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit):
+    app[keys.SIGNING_KEYS] = controller.signing_keys
+    for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing):
         app.add_routes(module.routes())
     return app
 

@@ -13,6 +13,7 @@ from controller.auth import ApiTokens
 from controller.enroll import TokenService
 from controller.fleet import Fleet
 from controller.jobs.engine import JobEngine
+from controller.keys import SigningKeys
 from controller.live import MetricsHub
 from controller.models import TokenRecord
 from controller.state.table import Table
@@ -46,3 +47,4 @@ AGENT_BOOTSTRAP = web.AppKey("agent_bootstrap", AgentBootstrap)
 METRICS_HUB = web.AppKey("metrics_hub", MetricsHub)
 JOBS = web.AppKey("jobs", JobEngine)
 DEPLOYER = web.AppKey("deployer", Deployer)
+SIGNING_KEYS = web.AppKey("signing_keys", SigningKeys)

@@ -18,6 +18,7 @@ from controller.cli.apps import app_group
 from controller.cli.auth import audit_group, auth_group
 from controller.cli.client import ApiClient, ApiError
 from controller.cli.common import call, client, emit_json, parse_duration
+from controller.cli.keys import keys_group
 from controller.cli.metrics import influx_options, ingest, top
 
 console = Console()
@@ -465,6 +466,7 @@ main.add_command(ingest)
 main.add_command(app_group)
 main.add_command(auth_group)
 main.add_command(audit_group)
+main.add_command(keys_group)
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ from protocol.messages import (
     JobStarted,
 )
 from protocol.selectors import Selector
-from protocol.signing import CommandSigner
+from protocol.signing import Signer
 from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.jobs")
@@ -251,7 +251,7 @@ class JobEngine:
         nc: NATS,
         js: JetStreamContext,
         subjects: Subjects,
-        signer: CommandSigner,
+        signer: Signer,
         reject: RejectMessage,
         refuse: RefuseRequest,
         audit: AuditLog | None = None,

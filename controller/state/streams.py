@@ -162,6 +162,8 @@ APPS_BUCKET = Bucket("apps")
 APP_STATUS_BUCKET = Bucket("app_status", history=1)
 # Named API tokens (controller.auth): only the sha256 of each secret is stored.
 API_TOKENS_BUCKET = Bucket("api_tokens")
+# Signing-key rotation steps (signed, public), kept for agents that were offline.
+KEYS_BUCKET = Bucket("keys", history=1)
 
 
 async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:

@@ -32,6 +32,9 @@ from protocol.messages import (
     JobFinished,
     JobOutput,
     JobStarted,
+    KeyRotation,
+    KeySyncReply,
+    KeySyncRequest,
     Message,
     MetricBatch,
     MetricPoint,
@@ -42,6 +45,7 @@ from protocol.messages import (
     Pong,
     SealedReply,
     SignedCommand,
+    SignedKeyRotation,
 )
 from protocol.signing import CommandSigner
 
@@ -162,6 +166,12 @@ def _samples() -> dict[type[Message], Message]:
         ),
         ErrorReply: ErrorReply(code="bad_token", message="join token expired"),
         SealedReply: SealedReply(box=b"\x00\xffsealed"),
+        KeyRotation: KeyRotation(seq=2, issued_at=T0, new_key="bmV3", old_key="b2xk",
+                                 not_before=T0, old_key_expires=T0 + 3600),
+        SignedKeyRotation: SignedKeyRotation(payload=b"\x81", signature=b"s" * 64,
+                                             key_id="abc"),
+        KeySyncRequest: KeySyncRequest(node_id="n-0001", after=1),
+        KeySyncReply: KeySyncReply(rotations=[SignedKeyRotation(payload=b"p", signature=b"s")]),
     }
 
 

@@ -41,6 +41,11 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "AppSyncReply": ("app_sync_rep", frozenset()),
     # Added with sealed enrollment replies (issue 8, finding 10): a new message class.
     "SealedReply": ("sealed", frozenset({"box"})),
+    # Added with signing-key rotation (issue 10, item 8): new message classes.
+    "KeyRotation": ("key_rotation", frozenset({"seq", "issued_at", "new_key"})),
+    "SignedKeyRotation": ("signed_key_rotation", frozenset({"payload", "signature"})),
+    "KeySyncRequest": ("key_sync_req", frozenset({"node_id"})),
+    "KeySyncReply": ("key_sync_rep", frozenset()),
 }
 
 # Messages whose v1 shape changed incompatibly (typed payloads instead of free-form maps):
