@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -22,7 +24,7 @@ from nats.js.client import JetStreamContext
 from controller.apps.deployer import AppRecord, Deployer, NodeAppStatus
 from controller.config import ControllerConfig, Secrets
 from controller.enroll import Enrollment, TokenService
-from controller.errors import BadRecord
+from controller.errors import BadRecord, ConfigError
 from controller.fleet import Fleet
 from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
@@ -47,6 +49,7 @@ from controller.state.streams import (
     per_node_batches,
 )
 from controller.state.table import Table
+from controller.tls import ControllerTLS, trust_only
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -62,6 +65,7 @@ from protocol.messages import (
 )
 from protocol.signing import seal_reply
 from protocol.subjects import CONTROLLER_INBOX, Subjects
+from protocol.trust import ca_fingerprint
 
 log = logging.getLogger("barista.controller")
 # Enrollment refusals that mean an attack or a broken agent: counted in Stats.rejected.
@@ -147,6 +151,9 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
     serving = _Serving()
     async with AsyncExitStack() as stack:
         secrets = Secrets.load_or_create(cfg.data_dir)
+        tls = (await asyncio.to_thread(ControllerTLS.load_or_create, cfg.data_dir,
+                                       names=cfg.tls_names)) if cfg.tls else None
+        trust = _nats_trust(cfg, tls)
         natsd: NatsServer | None = None
         supervisor: NatsSupervisor | None = None
         state_creds: dict[str, str] = {}
@@ -161,6 +168,9 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
                 controller_password=secrets.nats_password,
                 subjects=subjects,
                 max_payload=cfg.max_payload,
+                tls_cert_file=str(tls.cert_file) if tls is not None else "",
+                tls_key_file=str(tls.key_file) if tls is not None else "",
+                tls_ca_file=str(tls.ca_file) if tls is not None else "",
             )
             stack.push_async_callback(asyncio.to_thread, natsd.stop)
             natsd.set_nodes(ReloadAdmission.load_cache(cfg.data_dir / "nats-nodes.json"))
@@ -183,12 +193,19 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             state_creds = peer_creds = {"user": cfg.nats_user, "password": cfg.nats_password}
         # Two connections: nc talks to peers (and can reach no JetStream API on the
         # embedded server), state_nc holds state and streams and answers no peer.
+        if trust is None:
+            log.warning(
+                "TLS is off: NATS%s carries everything in the clear and join tokens pin no "
+                "CA (config tls = false / --no-tls); use this only on loopback or a trusted "
+                "network", " and the API" if not cfg.tls else "")
+        tls_opt: dict[str, Any] = {"tls": trust[1]} if trust is not None else {}
         connections: list[NATS] = []
         stack.push_async_callback(_close_connections, connections)
-        nc = await _connect_nats(url, "barista-controller", peer_creds, serving)
+        nc = await _connect_nats(url, "barista-controller", {**peer_creds, **tls_opt}, serving)
         connections.append(nc)
         state_nc = await _connect_nats(
-            url, "barista-controller-state", {**state_creds, **state_inbox}, serving)
+            url, "barista-controller-state", {**state_creds, **state_inbox, **tls_opt},
+            serving)
         connections.append(state_nc)
         js = state_nc.jetstream()
         await _ensure_streams(js, cfg, subjects)
@@ -220,11 +237,31 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             config=cfg, subjects=subjects, stats=stats, serving=serving, secrets=secrets,
             natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
             js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
-            apps_table=apps, app_statuses=app_statuses,
+            apps_table=apps, app_statuses=app_statuses, tls=tls,
+            agent_ca_sha256=trust[0] if trust is not None else "",
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
         yield controller
+
+
+def _nats_trust(
+    cfg: ControllerConfig, tls: ControllerTLS | None
+) -> tuple[str, ssl.SSLContext] | None:
+    """The CA NATS serves (its pin, and a context trusting only it), or None for plain NATS:
+    the controller's own CA on the embedded server, ``nats_ca_file`` on an external one."""
+    if cfg.nats_url:
+        if not cfg.nats_ca_file:
+            return None
+        try:
+            pem = Path(cfg.nats_ca_file).read_bytes()
+            der = ssl.PEM_cert_to_DER_cert(pem.decode())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"nats_ca_file {cfg.nats_ca_file}: {exc}") from None
+        return ca_fingerprint(der), trust_only(pem)
+    if tls is None:
+        return None
+    return tls.ca_sha256, tls.client_context()
 
 
 async def _connect_nats(url: str, name: str, opts: dict[str, Any], serving: _Serving) -> NATS:
@@ -320,8 +357,14 @@ class RunningController:
         jobs_table: Table[JobRecord],
         apps_table: Table[AppRecord],
         app_statuses: Table[NodeAppStatus],
+        tls: ControllerTLS | None = None,
+        agent_ca_sha256: str = "",
     ) -> None:
         self.config = config
+        # The controller's CA and server certificate (None with tls = false), and the pin
+        # of the CA agents see on NATS ("" when NATS is plain: tokens then pin nothing).
+        self.tls = tls
+        self.agent_ca_sha256 = agent_ca_sha256
         self.subjects = subjects
         self.stats = stats
         self._serving = serving
@@ -345,7 +388,8 @@ class RunningController:
             ReloadAdmission(server=natsd, cache_path=config.data_dir / "nats-nodes.json")
             if natsd is not None else UnmanagedAdmission()
         )
-        self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl)
+        self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl,
+                                   ca_sha256=agent_ca_sha256)
         self.fleet = Fleet(
             nodes,
             stale_after=config.stale_after,
@@ -588,6 +632,15 @@ class RunningController:
                 "connected": self.nc.is_connected,
                 "state_connected": self.state_nc.is_connected,
                 **(self.nats_supervisor.status() if self.nats_supervisor else {}),
+            },
+            # api: the API serves TLS with the controller's CA; nats: agents reach NATS over
+            # TLS and join tokens pin nats_ca_sha256. Both off: plain, said so at start.
+            "tls": {
+                "api": self.tls is not None,
+                "nats": bool(self.agent_ca_sha256),
+                "ca_sha256": self.tls.ca_sha256 if self.tls else "",
+                "ca_file": str(self.tls.ca_file) if self.tls else "",
+                "nats_ca_sha256": self.agent_ca_sha256,
             },
             "nodes": self.fleet.counts(),
             "rejected": dict(self.stats.rejected),
