@@ -7,6 +7,7 @@ import asyncio
 import logging
 import ssl
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -152,7 +153,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
     async with AsyncExitStack() as stack:
         secrets = Secrets.load_or_create(cfg.data_dir)
         tls = (await asyncio.to_thread(ControllerTLS.load_or_create, cfg.data_dir,
-                                       names=cfg.tls_names)) if cfg.tls else None
+                                       names=_tls_names(cfg))) if cfg.tls else None
         trust = _nats_trust(cfg, tls)
         natsd: NatsServer | None = None
         supervisor: NatsSupervisor | None = None
@@ -195,9 +196,9 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         # embedded server), state_nc holds state and streams and answers no peer.
         if trust is None:
             log.warning(
-                "TLS is off: NATS%s carries everything in the clear and join tokens pin no "
+                "TLS is off: plain NATS%s, everything in the clear, and join tokens pin no "
                 "CA (config tls = false / --no-tls); use this only on loopback or a trusted "
-                "network", " and the API" if not cfg.tls else "")
+                "network", " and API" if not cfg.tls else "")
         tls_opt: dict[str, Any] = {"tls": trust[1]} if trust is not None else {}
         connections: list[NATS] = []
         stack.push_async_callback(_close_connections, connections)
@@ -243,6 +244,19 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         stack.push_async_callback(controller.stop)
         await controller.start()
         yield controller
+
+
+def _tls_names(cfg: ControllerConfig) -> list[str]:
+    """The server certificate's extra names: ``tls_names``, and the addresses agents and
+    the CLI are told to use (agent_nats_url, api_host), so that they verify."""
+    names = list(cfg.tls_names)
+    if cfg.agent_nats_url:
+        host = urllib.parse.urlsplit(cfg.agent_nats_url).hostname
+        if host:
+            names.append(host)
+    if cfg.api_host not in ("", "0.0.0.0", "::"):
+        names.append(cfg.api_host)
+    return names
 
 
 def _nats_trust(

@@ -246,3 +246,12 @@ async def test_plain_mode_still_works_and_says_so(
             assert "tls: off" in out
     text = caplog.text
     assert "TLS is off" in text and "without TLS" in text
+
+
+async def test_server_certificate_names_the_addresses_agents_are_given(tmp_path: Path):
+    cfg = controller_config(tmp_path / "controller", tls=True, tls_names=["10.9.8.7"],
+                            agent_nats_url="tls://nats.example.net:4222")
+    async with Controller(cfg) as c:
+        assert c.tls is not None
+        assert {"127.0.0.1", "::1", "localhost", "10.9.8.7", "nats.example.net"} <= set(
+            c.tls.names)
