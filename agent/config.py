@@ -37,6 +37,9 @@ class AgentConfig:
     nats_creds: str = ""
     nats_user: str = ""
     nats_password: str = ""
+    # A CA (PEM) to trust for NATS instead of the one the join token pins and the agent
+    # learns at enrollment (kept as state_dir/ca.pem); checked against the pin if any.
+    ca_file: str = ""
     enroll_user: str = ENROLL_USER
     enroll_password: str = ENROLL_PASSWORD
     # 0 = use what the controller says at enrollment.

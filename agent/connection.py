@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from typing import Any
@@ -17,8 +18,9 @@ async def connect(**opts: Any) -> NATS:
     try:
         await nc.connect(**opts)
     except BaseException:
+        # Bounded: after a failed TLS handshake asyncio's wait_closed() never returns.
         with contextlib.suppress(Exception):
-            await nc.close()
+            await asyncio.wait_for(nc.close(), 2.0)
         raise
     return nc
 

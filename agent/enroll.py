@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import nacl.public
@@ -12,11 +14,13 @@ import nacl.public
 from agent.config import AgentConfig, ConfigError
 from agent.connection import backoff, connect
 from agent.identity import EnrollState, Identity
+from agent.trust import CA_FILE, learn_pinned_ca, save_ca, trusting
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import EnrollReply, EnrollRequest, ErrorReply, SealedReply
 from protocol.signing import open_reply
 from protocol.subjects import Subjects
+from protocol.trust import TrustError, ca_fingerprint, parse_join_token
 
 # Refusals that a later attempt (a new request) can overcome: the clock was off.
 _TRANSIENT_REFUSALS = ("clock_skew",)
@@ -67,10 +71,15 @@ class Enroller:
                 "`barista token create`, write it to a 0600 file and pass --token-file FILE "
                 "(or set BARISTA_AGENT_TOKEN)",
             )
+        # A token this agent cannot parse pins nothing; the controller refuses it (and
+        # counts the refusal), so a newer token form is not refused here on a guess.
+        parsed = parse_join_token(token)
+        pin = parsed.ca_sha256 if parsed is not None else ""
         attempt = 0
         while True:
             try:
-                reply = await self._enroll_once(self._request(token))
+                tls = await self._trust(pin)
+                reply = await self._enroll_once(self._request(token), tls)
             except EnrollmentError:
                 raise
             except Exception as exc:  # transient: NATS down, no controller, timeout
@@ -95,6 +104,38 @@ class Enroller:
                 metrics_interval=reply.metrics_interval,
             )
 
+    async def _trust(self, pin: str) -> ssl.SSLContext | None:
+        """The TLS context of the enrollment connection, trusting only the pinned CA; it is
+        kept in the state dir for every later connection. None: plain NATS (a token that
+        pins nothing, and no ca_file). The pin is checked before anything is sent."""
+        cfg = self._config
+        path = cfg.state_dir / CA_FILE
+        if cfg.ca_file:
+            given = Path(cfg.ca_file)
+            if pin:
+                try:
+                    der = ssl.PEM_cert_to_DER_cert(await asyncio.to_thread(given.read_text))
+                except (OSError, ValueError) as exc:
+                    raise EnrollmentError("bad_ca_file", f"ca_file {given}: {exc}") from None
+                if ca_fingerprint(der) != pin:
+                    raise EnrollmentError(
+                        "ca_mismatch",
+                        f"ca_file {given} is not the CA the join token pins: expected CA "
+                        f"sha256 {pin}, got {ca_fingerprint(der)}; nothing was sent")
+            return trusting(given)
+        if not pin:
+            path.unlink(missing_ok=True)  # a CA pinned by an earlier token is not ours now
+            return None
+        try:
+            der = await asyncio.to_thread(
+                learn_pinned_ca, cfg.nats_urls, pin, cfg.enroll_timeout)
+        except TrustError as exc:
+            self._log.error("enrollment refused by this agent: %s", exc)
+            raise EnrollmentError("ca_mismatch", str(exc)) from None
+        await asyncio.to_thread(save_ca, cfg.state_dir, der)
+        self._log.info("the NATS server's CA matches the join token's pin (sha256 %s)", pin)
+        return trusting(path)
+
     def _request(self, token: str) -> tuple[EnrollRequest, nacl.public.PrivateKey]:
         """A fresh request per attempt: its own time, a new ephemeral key for the sealed
         reply, signed with the identity key (the controller checks all three)."""
@@ -112,11 +153,34 @@ class Enroller:
         return self._identity.sign_enroll(req), reply_key
 
     async def _enroll_once(
-        self, request: tuple[EnrollRequest, nacl.public.PrivateKey]
+        self, request: tuple[EnrollRequest, nacl.public.PrivateKey],
+        tls: ssl.SSLContext | None = None,
     ) -> EnrollReply:
         cfg = self._config
         req, reply_key = request
-        nc = await connect(
+        try:
+            nc = await self._connect(tls)
+        except ssl.SSLCertVerificationError as exc:
+            # The handshake failed before CONNECT: the token and its secret were not sent.
+            raise EnrollmentError(
+                "tls_untrusted",
+                f"the NATS server's certificate is not trusted ({exc.verify_message}): "
+                + ("it is not signed by the pinned CA or does not name this address; "
+                   if tls is not None else "this agent pins no CA (a bt1 token); use a "
+                   "join token that pins the controller's CA (bt2.<sha256>...) or ca_file; ")
+                + "nothing was sent",
+            ) from None
+        try:
+            msg = await nc.request(
+                self._subjects.enroll, codec.encode(req), timeout=cfg.enroll_timeout
+            )
+        finally:
+            await nc.close()
+        return self._open(msg.data, reply_key)
+
+    async def _connect(self, tls: ssl.SSLContext | None) -> Any:
+        cfg = self._config
+        return await connect(
             servers=cfg.nats_urls,
             user=cfg.enroll_user,
             password=cfg.enroll_password,
@@ -126,15 +190,12 @@ class Enroller:
             max_reconnect_attempts=0,
             name=f"barista-agent-enroll {self._hostname}",
             error_cb=self._on_error,
+            **({"tls": tls} if tls is not None else {}),
         )
+
+    def _open(self, data: bytes, reply_key: nacl.public.PrivateKey) -> EnrollReply:
         try:
-            msg = await nc.request(
-                self._subjects.enroll, codec.encode(req), timeout=cfg.enroll_timeout
-            )
-        finally:
-            await nc.close()
-        try:
-            reply = codec.decode(msg.data)
+            reply = codec.decode(data)
             if isinstance(reply, SealedReply):
                 # Sealed to our ephemeral key: nobody else on the enroll inbox can read it.
                 reply = codec.decode(open_reply(reply_key, reply))
@@ -155,5 +216,9 @@ class Enroller:
         return reply
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # nats-py reports a failed handshake here and tries the server again, forever;
+            # raised from this callback it ends connect() instead (see _enroll_once).
+            raise exc
         # The failed attempt itself is logged once by enroll() with its retry delay.
         self._log.debug("enrollment connection: %s", exc)

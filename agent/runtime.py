@@ -30,6 +30,7 @@ from agent.identity import EnrollState, Identity
 from agent.keyring import KeyRing
 from agent.ledger import RunLedger, SeenLog
 from agent.outbox import Outbox
+from agent.trust import CA_FILE, trusting
 from protocol import codec
 from protocol.messages import (
     AnyEventPayload,
@@ -296,6 +297,10 @@ class Agent:
         }
         if st.inbox_prefix:
             opts["inbox_prefix"] = st.inbox_prefix.encode()
+        # The CA pinned at enrollment (or configured): the only one trusted, ever.
+        ca_file = Path(cfg.ca_file) if cfg.ca_file else cfg.state_dir / CA_FILE
+        if cfg.ca_file or ca_file.exists():
+            opts["tls"] = trusting(ca_file)
         if st.auth == "nkey":
             opts["nkeys_seed"] = str(self.identity.seed_path)
         elif cfg.nats_creds:

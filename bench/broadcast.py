@@ -158,8 +158,9 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
     from controller.jobs.engine import JobSpec
     from controller.service import Controller
 
+    # Plain NATS: the baseline and the probes below connect raw, like the agents' peers.
     cfg = ControllerConfig(data_dir=base / "controller", api_port=0, stale_after=600.0,
-                           offline_after=1200.0)
+                           offline_after=1200.0, tls=False)
     result: dict[str, object] = {"bench": "broadcast", "n": n, "agent_processes": procs}
     async with Controller(cfg) as c:
         t0 = time.monotonic()

@@ -32,6 +32,14 @@ class ControllerConfig:
     nats_port: int = 0
     subject_prefix: str = "barista"
     api_host: str = "127.0.0.1"
+    # TLS for the embedded NATS and the API with the controller's own CA (controller/tls.py);
+    # false (--no-tls): plain, for the demo and loopback only. tls_names: extra DNS names
+    # or IPs of the server certificate (loopback and the hostname are always in it).
+    tls: bool = True
+    tls_names: list[str] = field(default_factory=list)
+    # The CA (PEM file) of an external NATS (nats_url) that serves TLS; join tokens then
+    # pin it and the controller and `barista ingest` trust only it.
+    nats_ca_file: str = ""
     api_port: int = 8640
     heartbeat_interval: float = 5.0
     metrics_interval: float = 10.0
@@ -148,6 +156,11 @@ class Secrets:
         )
 
 
+# What the CLI's config holds (BARISTA_URL, BARISTA_TOKEN, BARISTA_CA_FILE, BARISTA_CA_SHA256
+# override each).
+CLIENT_KEYS = ("url", "token", "ca_file", "ca_sha256")
+
+
 def default_client_config_path() -> Path:
     env = os.environ.get("BARISTA_CONFIG")
     if env:
@@ -156,10 +169,17 @@ def default_client_config_path() -> Path:
     return Path(base) / "barista" / "client.toml"
 
 
-def write_client_config(path: Path, *, url: str, token: str) -> None:
-    """The CLI's config: API URL and token (0600), like a kubeconfig."""
+def write_client_config(
+    path: Path, *, url: str, token: str, ca_file: str = "", ca_sha256: str = ""
+) -> None:
+    """The CLI's config: API URL and token (0600), like a kubeconfig, and the CA it pins
+    (its file and its sha256) when the API serves TLS."""
     # json.dumps gives a valid TOML basic string for these ASCII values.
     text = f"url = {json.dumps(url)}\ntoken = {json.dumps(token)}\n"
+    if ca_file:
+        text += f"ca_file = {json.dumps(ca_file)}\n"
+    if ca_sha256:
+        text += f"ca_sha256 = {json.dumps(ca_sha256)}\n"
     _write_secret(path, text.encode())
 
 
@@ -169,7 +189,7 @@ def read_client_config(path: Path | None = None) -> dict[str, str]:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
-        out = {k: str(v) for k, v in data.items() if k in ("url", "token")}
+        out = {k: str(v) for k, v in data.items() if k in CLIENT_KEYS}
     except FileNotFoundError:
         pass
     except tomllib.TOMLDecodeError as exc:
@@ -178,4 +198,7 @@ def read_client_config(path: Path | None = None) -> dict[str, str]:
         out["url"] = os.environ["BARISTA_URL"]
     if os.environ.get("BARISTA_TOKEN"):
         out["token"] = os.environ["BARISTA_TOKEN"]
+    for key in ("ca_file", "ca_sha256"):
+        if os.environ.get(f"BARISTA_{key.upper()}"):
+            out[key] = os.environ[f"BARISTA_{key.upper()}"]
     return out

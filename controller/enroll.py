@@ -20,11 +20,10 @@ from protocol.errors import BadIdentityProof, SelectorError
 from protocol.messages import EnrollReply, EnrollRequest
 from protocol.selectors import parse_labels
 from protocol.signing import verify_enroll
+from protocol.trust import JoinToken, parse_join_token
 
 log = logging.getLogger("barista.controller.enroll")
 
-TOKEN_PREFIX = "bt1"
-_TOKEN_RE = re.compile(r"^bt1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{20,100})$")
 _NKEY_RE = re.compile(r"^U[A-Z2-7]{55}$")
 MAX_TOKEN_TTL = 365 * 24 * 3600.0
 
@@ -40,9 +39,15 @@ class IssuedToken:
 
 
 class TokenService:
-    def __init__(self, tokens: Table[TokenRecord], *, default_ttl: float) -> None:
+    """Join tokens. ``ca_sha256``: the pin of the CA agents see on NATS, carried in every
+    token made here (``bt2.<pin>.<id>.<secret>``); "" (plain NATS): ``bt1.<id>.<secret>``."""
+
+    def __init__(
+        self, tokens: Table[TokenRecord], *, default_ttl: float, ca_sha256: str = ""
+    ) -> None:
         self._tokens = tokens
         self._default_ttl = default_ttl
+        self._ca_sha256 = ca_sha256
 
     async def create(
         self,
@@ -68,7 +73,8 @@ class TokenService:
         )
         await self._tokens.create(token_id, record)
         log.info("join token %s created (ttl %.0fs, labels %s)", token_id, ttl, labels)
-        return IssuedToken(token=f"{TOKEN_PREFIX}.{token_id}.{secret}", record=record)
+        token = JoinToken(token_id=token_id, secret=secret, ca_sha256=self._ca_sha256)
+        return IssuedToken(token=str(token), record=record)
 
     async def consume(self, token: str, *, node_id: str, identity: str) -> TokenRecord:
         """Mark the token used by ``node_id``; refuse bad, expired or used tokens.
@@ -76,12 +82,14 @@ class TokenService:
         Compare-and-set on the token's revision makes it one-time even with several
         controllers. A retry by the same identity (its reply was lost) gets the same node.
         """
-        m = _TOKEN_RE.match(token or "")
-        if not m:
+        parsed = parse_join_token(token)
+        if parsed is None:
             raise TokenRefused(
                 "bad_token", "join token is malformed; check that it was copied whole"
             )
-        token_id, secret = m.groups()
+        # The pin is not checked here: it protects the agent, which checked it before it
+        # sent this request; the secret is what admits.
+        token_id, secret = parsed.token_id, parsed.secret
         try:
             record, rev = await self._tokens.fetch(token_id)
         except NotFound:
@@ -138,8 +146,8 @@ def clean_labels(labels: dict[str, str]) -> dict[str, str]:
 
 
 def token_id_of(token: str) -> str | None:
-    m = _TOKEN_RE.match(token or "")
-    return m.group(1) if m else None
+    parsed = parse_join_token(token)
+    return parsed.token_id if parsed else None
 
 
 def make_node_id(hostname: str) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -25,7 +28,7 @@ from controller.audit import AuditLog
 from controller.auth import ApiToken, ApiTokens
 from controller.config import ControllerConfig, Secrets
 from controller.enroll import Enrollment, TokenService
-from controller.errors import BadRecord
+from controller.errors import BadRecord, ConfigError
 from controller.fleet import Fleet
 from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
@@ -54,6 +57,7 @@ from controller.state.streams import (
     per_node_batches,
 )
 from controller.state.table import Table
+from controller.tls import ControllerTLS, trust_only
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -69,6 +73,7 @@ from protocol.messages import (
 )
 from protocol.signing import seal_reply
 from protocol.subjects import CONTROLLER_INBOX, Subjects
+from protocol.trust import ca_fingerprint
 
 log = logging.getLogger("barista.controller")
 # Enrollment refusals that mean an attack or a broken agent: counted in Stats.rejected.
@@ -157,6 +162,9 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
     serving = _Serving()
     async with AsyncExitStack() as stack:
         secrets = Secrets.load_or_create(cfg.data_dir)
+        tls = (await asyncio.to_thread(ControllerTLS.load_or_create, cfg.data_dir,
+                                       names=_tls_names(cfg))) if cfg.tls else None
+        trust = _nats_trust(cfg, tls)
         natsd: NatsServer | None = None
         supervisor: NatsSupervisor | None = None
         state_creds: dict[str, str] = {}
@@ -171,6 +179,9 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
                 controller_password=secrets.nats_password,
                 subjects=subjects,
                 max_payload=cfg.max_payload,
+                tls_cert_file=str(tls.cert_file) if tls is not None else "",
+                tls_key_file=str(tls.key_file) if tls is not None else "",
+                tls_ca_file=str(tls.ca_file) if tls is not None else "",
             )
             stack.push_async_callback(asyncio.to_thread, natsd.stop)
             natsd.set_nodes(ReloadAdmission.load_cache(cfg.data_dir / "nats-nodes.json"))
@@ -193,13 +204,19 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             state_creds = peer_creds = {"user": cfg.nats_user, "password": cfg.nats_password}
         # Two connections: nc talks to peers (and can reach no JetStream API on the
         # embedded server), state_nc holds state and streams and answers no peer.
+        if trust is None:
+            log.warning(
+                "TLS is off: plain NATS%s, everything in the clear, and join tokens pin no "
+                "CA (config tls = false / --no-tls); use this only on loopback or a trusted "
+                "network", " and API" if not cfg.tls else "")
+        tls_opt: dict[str, Any] = {"tls": trust[1]} if trust is not None else {}
         connections: list[NATS] = []
         stack.push_async_callback(_close_connections, connections)
-        nc = await _connect_nats(url, "barista-controller", peer_creds, serving)
+        nc = await _connect_nats(url, "barista-controller", {**peer_creds, **tls_opt}, serving)
         connections.append(nc)
         state_nc = await _connect_nats(
-            url, "barista-controller-state", {**state_creds, **state_inbox}, serving,
-            state=True)
+            url, "barista-controller-state", {**state_creds, **state_inbox, **tls_opt},
+            serving, state=True)
         connections.append(state_nc)
         js = state_nc.jetstream()
         await _ensure_streams(js, cfg, subjects)
@@ -234,11 +251,44 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
             js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
             apps_table=apps, app_statuses=app_statuses, api_tokens_table=api_tokens,
-            keys_kv=keys_kv,
+            keys_kv=keys_kv, tls=tls,
+            agent_ca_sha256=trust[0] if trust is not None else "",
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
         yield controller
+
+
+def _tls_names(cfg: ControllerConfig) -> list[str]:
+    """The server certificate's extra names: ``tls_names``, and the addresses agents and
+    the CLI are told to use (agent_nats_url, api_host), so that they verify."""
+    names = list(cfg.tls_names)
+    if cfg.agent_nats_url:
+        host = urllib.parse.urlsplit(cfg.agent_nats_url).hostname
+        if host:
+            names.append(host)
+    if cfg.api_host not in ("", "0.0.0.0", "::"):
+        names.append(cfg.api_host)
+    return names
+
+
+def _nats_trust(
+    cfg: ControllerConfig, tls: ControllerTLS | None
+) -> tuple[str, ssl.SSLContext] | None:
+    """The CA NATS serves (its pin, and a context trusting only it), or None for plain NATS:
+    the controller's own CA on the embedded server, ``nats_ca_file`` on an external one."""
+    if cfg.nats_url:
+        if not cfg.nats_ca_file:
+            return None
+        try:
+            pem = Path(cfg.nats_ca_file).read_bytes()
+            der = ssl.PEM_cert_to_DER_cert(pem.decode())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"nats_ca_file {cfg.nats_ca_file}: {exc}") from None
+        return ca_fingerprint(der), trust_only(pem)
+    if tls is None:
+        return None
+    return tls.ca_sha256, tls.client_context()
 
 
 async def _connect_nats(
@@ -341,8 +391,14 @@ class RunningController:
         app_statuses: Table[NodeAppStatus],
         api_tokens_table: Table[ApiToken],
         keys_kv: KeyValue,
+        tls: ControllerTLS | None = None,
+        agent_ca_sha256: str = "",
     ) -> None:
         self.config = config
+        # The controller's CA and server certificate (None with tls = false), and the pin
+        # of the CA agents see on NATS ("" when NATS is plain: tokens then pin nothing).
+        self.tls = tls
+        self.agent_ca_sha256 = agent_ca_sha256
         self.subjects = subjects
         self.stats = stats
         self._serving = serving
@@ -369,7 +425,8 @@ class RunningController:
             ReloadAdmission(server=natsd, cache_path=config.data_dir / "nats-nodes.json")
             if natsd is not None else UnmanagedAdmission()
         )
-        self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl)
+        self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl,
+                                   ca_sha256=agent_ca_sha256)
         self.fleet = Fleet(
             nodes,
             stale_after=config.stale_after,
@@ -638,6 +695,15 @@ class RunningController:
                 "connected": self.nc.is_connected,
                 "state_connected": self.state_nc.is_connected,
                 **(self.nats_supervisor.status() if self.nats_supervisor else {}),
+            },
+            # api: the API serves TLS with the controller's CA; nats: agents reach NATS over
+            # TLS and join tokens pin nats_ca_sha256. Both off: plain, said so at start.
+            "tls": {
+                "api": self.tls is not None,
+                "nats": bool(self.agent_ca_sha256),
+                "ca_sha256": self.tls.ca_sha256 if self.tls else "",
+                "ca_file": str(self.tls.ca_file) if self.tls else "",
+                "nats_ca_sha256": self.agent_ca_sha256,
             },
             "nodes": self.fleet.counts(),
             "rejected": dict(self.stats.rejected),

@@ -46,6 +46,7 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.AGENT_BOOTSTRAP] = keys.AgentBootstrap(
         nats_url=controller.agent_nats_url,
         controller_key=controller.secrets.signer.public_key_b64,
+        ca_sha256=controller.agent_ca_sha256,
     )
     app[keys.METRICS_HUB] = controller.hub
     app[keys.JOBS] = controller.jobs
@@ -57,25 +58,33 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
 
 
 class ApiServer:
-    """Runs the API on host:port; port 0 picks a free one."""
+    """Runs the API on host:port; port 0 picks a free one. HTTPS with the controller's own
+    certificate when it has one (config tls), plain HTTP otherwise (said so in the log)."""
 
     def __init__(self, controller: RunningController, *, host: str, port: int) -> None:
         self.app = make_app(controller, api_token=controller.secrets.api_token)
         self.host = host
         self.port = port
+        self.tls = controller.tls
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}"
 
     async def __aenter__(self) -> ApiServer:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        ssl_context = self.tls.server_context() if self.tls is not None else None
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=ssl_context)
         await site.start()
         if self.port == 0:
             self.port = self._runner.addresses[0][1]
-        log.info("API listening on %s", self.url)
+        if self.tls is None:
+            log.warning("API listening on %s without TLS (tls = false): tokens travel in "
+                        "the clear; use this only on loopback", self.url)
+        else:
+            log.info("API listening on %s (TLS, CA sha256 %s)", self.url, self.tls.ca_sha256)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -29,11 +29,13 @@ class ControllerStatus(Protocol):
 
 @dataclass(frozen=True)
 class AgentBootstrap:
-    """What a join token's holder needs besides the token: the NATS URL for agents and the
-    controller's command-signing public key."""
+    """What a join token's holder needs besides the token: the NATS URL for agents, the
+    controller's command-signing public key, and the pin of the CA NATS serves (also in
+    the token itself; "" when NATS is plain)."""
 
     nats_url: str
     controller_key: str
+    ca_sha256: str = ""
 
 
 API_TOKEN = web.AppKey("api_token", str)

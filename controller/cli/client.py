@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from controller.config import read_client_config
+from controller.tls import fetch_chain, trust_only
+from protocol.trust import TrustError, ca_fingerprint, normalize_pin, pinned_ca
 
 
 class ApiError(Exception):
@@ -21,10 +24,18 @@ class ApiError(Exception):
 
 
 class ApiClient:
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    """``ca_file`` / ``ca_sha256`` (else from the client config): the CA an https API must
+    present, the only one trusted; with both, the file must have that hash."""
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *,
+        ca_file: str | None = None, ca_sha256: str | None = None,
+    ) -> None:
         conf = read_client_config()
         self.url = (url or conf.get("url") or "").rstrip("/")
         self.token = token or conf.get("token") or ""
+        self.ca_file = ca_file or conf.get("ca_file") or ""
+        self.ca_sha256 = ca_sha256 or conf.get("ca_sha256") or ""
         if not self.url:
             raise ApiError(
                 0,
@@ -32,6 +43,42 @@ class ApiClient:
                 "no controller configured: start one with `barista server` (it writes the CLI "
                 "config), or set BARISTA_URL and BARISTA_TOKEN",
             )
+        self._ssl: ssl.SSLContext | None = None
+
+    def _context(self) -> ssl.SSLContext | None:
+        """The TLS context of an https URL, made once: trusts the pinned CA only."""
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme != "https" or self._ssl is not None:
+            return self._ssl
+        pin = ""
+        if self.ca_sha256:
+            try:
+                pin = normalize_pin(self.ca_sha256)
+            except ValueError as exc:
+                raise ApiError(0, "bad_config", f"ca_sha256: {exc}") from None
+        if self.ca_file:
+            try:
+                pem = open(self.ca_file, "rb").read()
+                der = ssl.PEM_cert_to_DER_cert(pem.decode())
+            except (OSError, ValueError) as exc:
+                raise ApiError(0, "bad_config", f"ca_file {self.ca_file}: {exc}") from None
+            if pin and ca_fingerprint(der) != pin:
+                raise ApiError(
+                    0, "ca_mismatch", f"ca_file {self.ca_file} is not the pinned CA: expected "
+                    f"sha256 {pin}, got {ca_fingerprint(der)}")
+            self._ssl = trust_only(pem)
+        elif pin:
+            try:
+                chain = fetch_chain(parts.hostname or "127.0.0.1", parts.port or 443)
+                self._ssl = trust_only(pinned_ca(chain, pin, where=f"the API at {self.url}"))
+            except TrustError as exc:
+                raise ApiError(0, "ca_mismatch", str(exc)) from None
+            except OSError as exc:
+                raise ApiError(0, "unreachable",
+                               f"cannot reach the controller at {self.url} ({exc})") from None
+        else:
+            self._ssl = ssl.create_default_context()  # the system's CAs
+        return self._ssl
 
     def _url(self, path: str, params: dict[str, Any]) -> str:
         q = {k: v for k, v in params.items() if v not in (None, "")}
@@ -39,9 +86,11 @@ class ApiClient:
 
     def _open(self, req: urllib.request.Request, timeout: float) -> Any:
         """Send ``req``; HTTP and connection failures become one ``ApiError``."""
+        # Before the token is attached: a server with another CA never sees it.
+        context = self._context()
         req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            return urllib.request.urlopen(req, timeout=timeout)
+            return urllib.request.urlopen(req, timeout=timeout, context=context)
         except urllib.error.HTTPError as exc:
             with exc:  # it holds the response's socket
                 try:
@@ -51,6 +100,15 @@ class ApiClient:
                     code, message = "http_error", f"HTTP {exc.code} {exc.reason}"
             raise ApiError(exc.code, code, message) from None
         except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+                pinned = (f"ca_file {self.ca_file}" if self.ca_file else
+                          f"ca_sha256 {self.ca_sha256}" if self.ca_sha256 else
+                          "the system's CAs (no ca_file or ca_sha256 in the client config)")
+                raise ApiError(
+                    0, "tls_untrusted",
+                    f"the controller at {self.url} presented a certificate that {pinned} does "
+                    f"not vouch for ({exc.reason.verify_message}); refusing to talk to it",
+                ) from None
             raise ApiError(
                 0,
                 "unreachable",

@@ -164,6 +164,9 @@ async def run_demo(
         metrics_interval=2.0,
         stale_after=5.0,
         offline_after=15.0,
+        # The demo runs on loopback only: plain NATS and API (the log and `barista
+        # status` say so).
+        tls=False,
         client_config=client_config,
         **influx_from_env(),
     )

@@ -74,6 +74,11 @@ def main(verbose: int) -> None:
 @click.option("--nats-port", type=int, help="port for the embedded NATS (default: free port)")
 @click.option("--api-host", help="API listen address (default 127.0.0.1)")
 @click.option("--api-port", type=int, help="API port (default 8640; 0 = any free port)")
+@click.option("--tls/--no-tls", default=None,
+              help="TLS for NATS and the API with the controller's own CA (default: on; "
+              "--no-tls only for the demo and loopback)")
+@click.option("--tls-name", "tls_names", multiple=True,
+              help="extra DNS name or IP of the server certificate (repeat)")
 @influx_options
 def server(
     config_file: Path | None,
@@ -82,6 +87,8 @@ def server(
     nats_port: int | None,
     api_host: str | None,
     api_port: int | None,
+    tls: bool | None,
+    tls_names: tuple[str, ...],
     influx: dict[str, Any],
 ) -> None:
     """Run the controller (embedded NATS unless --nats-url is given)."""
@@ -100,6 +107,8 @@ def server(
                 "nats_port": nats_port,
                 "api_host": api_host,
                 "api_port": api_port,
+                "tls": tls,
+                "tls_names": list(tls_names) or None,
                 **influx,
             },
         )
@@ -122,6 +131,14 @@ def status(output: str) -> None:
         f"ready: {data['ready']}   nats: {data['nats']['url']} "
         f"({'embedded' if data['nats']['embedded'] else 'external'})"
     )
+    tls = data.get("tls") or {}
+    if tls.get("nats") or tls.get("api"):
+        console.print(
+            f"tls: nats {'on' if tls.get('nats') else '[red]off[/red]'}, "
+            f"api {'on' if tls.get('api') else '[red]off[/red]'}   "
+            f"CA sha256 {tls.get('nats_ca_sha256') or tls.get('ca_sha256')}")
+    else:
+        console.print("tls: [red]off[/red] (plain NATS and API: loopback or demo only)")
     console.print("nodes: " + ", ".join(f"{k} {v}" for k, v in data["nodes"].items()))
     if data["rejected"]:
         console.print(f"rejected messages: {data['rejected']} (last: {data['last_rejection']})")
@@ -221,6 +238,11 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, output: st
         return
     console.print(f"[bold]token[/bold] (shown once): {data['token']}")
     console.print(f"expires: {time.ctime(data['expires_at'])}   labels: {data['labels']}")
+    if data.get("ca_sha256"):
+        console.print(f"pins the NATS CA sha256 {data['ca_sha256']}: the agent checks it "
+                      "before it sends anything")
+    else:
+        console.print("[yellow]pins no CA[/yellow]: the controller's NATS serves no TLS")
     console.print("start an agent with (the token in a 0600 file, never on a command line):")
     console.print(
         f"  (umask 077; printf %s '{data['token']}' > join-token)\n"

@@ -30,7 +30,12 @@ async def running_controller(
         async with ApiServer(controller, host=config.api_host, port=config.api_port) as api:
             if write_client:
                 path = config.client_config or default_client_config_path()
-                write_client_config(path, url=api.url, token=controller.secrets.api_token)
+                tls = controller.tls
+                write_client_config(
+                    path, url=api.url, token=controller.secrets.api_token,
+                    ca_file=str(tls.ca_file) if tls is not None else "",
+                    ca_sha256=tls.ca_sha256 if tls is not None else "",
+                )
                 log.info("CLI config written to %s", path)
             yield Running(controller, api)
 

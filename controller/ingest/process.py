@@ -7,6 +7,8 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
+from typing import Any
 
 import nats
 import nats.js.errors
@@ -31,7 +33,10 @@ async def run_ingest(cfg: ControllerConfig, stop: asyncio.Event | None = None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    creds = {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_user else {}
+    creds: dict[str, Any] = (
+        {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_user else {})
+    if cfg.nats_ca_file:  # a NATS serving TLS: trust its CA only
+        creds["tls"] = ssl.create_default_context(cafile=cfg.nats_ca_file)
     nc = await nats.connect(
         cfg.nats_url, name="barista-ingest", max_reconnect_attempts=-1,
         reconnect_time_wait=0.5, **creds,

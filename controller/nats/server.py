@@ -21,6 +21,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -152,15 +153,24 @@ class _Probe:
     account's HEALTHZ and VARZ), from a plain thread and without an HTTP listener.
     ``password`` None: an anonymous connection (a server without auth)."""
 
-    def __init__(self, host: str, port: int, password: str | None, timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, password: str | None, timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._buf = b""
         self._seq = 0
-        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
         try:
             line = self._line()
             if not line.startswith(b"INFO "):
                 raise NatsServerError(f"not a NATS server at {host}:{port}: {line[:80]!r}")
-            self.server_id: str = json.loads(line[5:])["server_id"]
+            info = json.loads(line[5:])
+            self.server_id: str = info["server_id"]
+            if info.get("tls_required"):
+                if tls is None:
+                    raise NatsServerError(f"the NATS server at {host}:{port} requires TLS")
+                # The INFO line comes in the clear; everything after it is TLS.
+                self._sock = tls.wrap_socket(self._sock, server_hostname=host)
             self._inbox = f"_INBOX.{secrets.token_hex(8)}"
             connect: dict[str, object] = {
                 "verbose": False, "pedantic": False, "protocol": 1, "headers": False,
@@ -258,6 +268,11 @@ class NatsServer:
     max_payload: int = 1024 * 1024
     jetstream_max_file: str = "4G"
     name: str = "barista"
+    # TLS (controller/tls.py): the server certificate chain and key it serves, and the CA
+    # its own readiness checks trust. Empty: plain NATS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
     # How long an orphaned server of this data dir gets to exit on SIGTERM before SIGKILL.
     orphan_timeout: float = 10.0
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
@@ -342,6 +357,12 @@ class NatsServer:
             "max_payload": self.max_payload,
             "jetstream": {"store_dir": str(js_dir), "max_file_store": self.jetstream_max_file},
         }
+        if self.tls_cert_file:
+            conf["tls"] = {
+                "cert_file": self.tls_cert_file,
+                "key_file": self.tls_key_file,
+                "timeout": 5,
+            }
         if self.auth:
             users = controller_users(self.subjects, password=self.controller_password)
             listed = self._nodes.values() if nodes is None else nodes
@@ -529,8 +550,17 @@ class NatsServer:
         write_private(self.port_path, str(self.port).encode())
         log.info("nats-server ready at %s (pid %s, log %s)", self.url, proc.pid, self.log_path)
 
+    def client_tls(self) -> ssl.SSLContext | None:
+        """A client context trusting the server's CA only (None for plain NATS)."""
+        if not self.tls_cert_file:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=self.tls_ca_file or self.tls_cert_file)
+        return ctx
+
     def _probe(self, timeout: float = 2.0) -> _Probe:
-        return _Probe(self.host, self.port, self.sys_password if self.auth else None, timeout)
+        return _Probe(self.host, self.port, self.sys_password if self.auth else None, timeout,
+                      self.client_tls())
 
     def _healthy(self, probe: _Probe) -> bool:
         if self.auth:

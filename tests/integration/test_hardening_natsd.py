@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -101,6 +102,8 @@ class Running:
     proc: subprocess.Popen[bytes]
     api_url: str
     api_token: str
+    # `barista server` serves TLS by default: the CA its client config pins.
+    ssl: ssl.SSLContext | bool = True
 
     @property
     def pid(self) -> int:
@@ -142,7 +145,8 @@ class Controllers:
         except AssertionError as exc:
             raise AssertionError(f"controller did not start:\n{self.log(self.count)}") from exc
         cfg = tomllib.loads(client.read_text())
-        return Running(proc, cfg["url"], cfg["token"])
+        context = ssl.create_default_context(cafile=cfg["ca_file"]) if "ca_file" in cfg else True
+        return Running(proc, cfg["url"], cfg["token"], context)
 
     def log(self, n: int) -> str:
         return (self.base / f"controller{n}.log").read_text(errors="replace")[-3000:]
@@ -172,7 +176,7 @@ def controllers(tmp_path: Path) -> Iterator[Controllers]:
 
 async def api_get(http: aiohttp.ClientSession, run: Running, path: str) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {run.api_token}"}
-    async with http.get(run.api_url + path, headers=headers) as resp:
+    async with http.get(run.api_url + path, headers=headers, ssl=run.ssl) as resp:
         data: dict[str, object] = await resp.json()
         return data
 
@@ -207,7 +211,8 @@ async def test_f02_orphan_that_survives_is_stopped_and_its_port_reused(
     first = await asyncio.to_thread(controllers.start)
     port = controllers.port()
     headers = {"Authorization": f"Bearer {first.api_token}"}
-    async with http.post(first.api_url + "/v1/tokens", json={}, headers=headers) as resp:
+    async with http.post(first.api_url + "/v1/tokens", json={}, headers=headers,
+                         ssl=first.ssl) as resp:
         assert resp.status == 201
         issued = await resp.json()
     config = AgentConfig(

@@ -38,6 +38,7 @@ async def create_token(request: web.Request) -> web.Response:
     out["token"] = issued.token
     out["nats_url"] = bootstrap.nats_url
     out["controller_key"] = bootstrap.controller_key
+    out["ca_sha256"] = bootstrap.ca_sha256
     return web.json_response(out, status=201)
 
 
