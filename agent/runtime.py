@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -453,9 +454,26 @@ class Agent:
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:
-    async with Agent(config=config) as agent:
-        await stop.wait()
-        agent.log.info("stopping")
+    """Run until ``stop`` is set; a stop during start (enrollment retries, a slow key sync)
+    ends the start at once instead of after it."""
+    agent = Agent(config=config)
+    starting = asyncio.ensure_future(agent.__aenter__())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()  # __aenter__ stops what it started, then re-raises
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            agent.log.info("stopped while starting")
+            return
+        starting.result()  # a failed start raises here (e.g. a refused enrollment)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(agent.__aexit__)
+            await stopping
+            agent.log.info("stopping")
+    finally:
+        stopping.cancel()
 
 
 __all__ = ["AGENT_VERSION", "Agent", "EnrollmentError", "run_agent"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -92,7 +93,8 @@ async def test_sigterm_stops_agent_cleanly(controller: RunningController, tmp_pa
     try:
         await wait_for(lambda: len(controller.fleet.nodes) == 1, 20, "enrollment")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        # Waited for in a thread: the controller serving this agent runs on this loop.
+        assert await asyncio.to_thread(proc.wait, 10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
