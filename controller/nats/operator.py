@@ -240,9 +240,10 @@ class OperatorTrust:
             )
             fleet_jwt = jwt.encode(fleet, seeds["operator"], clock=clock)
             _write_private(tdir / "fleet.jwt", fleet_jwt.encode())
-        elif signing_pub not in jwt.decode(
-            fleet_jwt, jwt.AccountClaims, check_time=False
-        ).nats.signing_keys:
+        elif (
+            signing_pub
+            not in jwt.decode(fleet_jwt, jwt.AccountClaims, check_time=False).nats.signing_keys
+        ):
             raise TrustError(f"{tdir / 'fleet.jwt'} does not list this dir's signing key")
 
         return cls(
@@ -325,9 +326,7 @@ class OperatorTrust:
         the .creds text holds the seed, so it is a secret. ``ttl`` None: no expiry."""
         seed = jwt.new_seed("user")
         public = jwt.public_key(seed)
-        token = self.user_jwt(
-            public, name=name, permissions=permissions, ttl=ttl, account=account
-        )
+        token = self.user_jwt(public, name=name, permissions=permissions, ttl=ttl, account=account)
         return UserCreds(public_key=public, jwt=token, creds=jwt.format_creds(token, seed))
 
     def system_user(self, *, name: str = "barista-sys") -> UserCreds:
@@ -350,7 +349,7 @@ class OperatorTrust:
     def revoke(self, *public_keys: str) -> str:
         """Revoke users of the fleet account (every JWT of theirs issued until now) and
         return the re-signed account JWT, already written to the trust dir; push it with
-        ``push_account_jwt``. One update for many keys: a batch is one push."""
+        ``push_fleet``. One update for many keys: a batch is one push."""
         for key in public_keys:
             if not jwt.is_public_key(key, "user"):
                 raise TrustError(f"{key!r} is not a public user nkey")
@@ -361,14 +360,23 @@ class OperatorTrust:
             revs[key] = max(revs.get(key, 0), now)
         return self._resign_fleet(revs)
 
+    async def push_fleet(self, nc: NATS, *, wait: float = 5.0) -> ClaimsUpdate:
+        """Push the current fleet account JWT (after ``revoke``, and at every controller
+        start: a push that failed before is applied then)."""
+        return await push_account_jwt(
+            nc, self._fleet_jwt, operator_key=self.operator_key, wait=wait
+        )
+
     def _resign_fleet(self, revocations: dict[str, int]) -> str:
         fleet = msgspec.structs.replace(
             self._fleet,
             nats=msgspec.structs.replace(self._fleet.nats, revocations=revocations),
         )
-        # The full resolver keeps the stored JWT when the new one's iat is older, and skips
-        # it silently when the jti is the same -- and jti hashes only the standard claims
-        # (not the revocations), so two updates in one second would be one: iat must grow.
+        # iat must grow: the preload at a server start (saveIfNewer) keeps the stored JWT
+        # when the new one's iat is older and skips it silently when the jti is the same --
+        # and jti hashes only the standard claims, not the revocations, so two updates in
+        # one second would look the same. (A push on $SYS.REQ.CLAIMS.UPDATE overwrites
+        # whatever is stored, older or not.)
         iat = max(int(self._clock()), self._fleet.iat + 1)
         token = jwt.encode(fleet, self._seeds["operator"], issued_at=iat)
         _write_private(self.trust_dir(self.nats_dir) / "fleet.jwt", token.encode())
@@ -378,14 +386,25 @@ class OperatorTrust:
 
 
 async def push_account_jwt(
-    nc: NATS, account_jwt: str, *, wait: float = 5.0
+    nc: NATS, account_jwt: str, *, operator_key: str, wait: float = 5.0
 ) -> ClaimsUpdate:
     """Send an account JWT to the server(s) on ``$SYS.REQ.CLAIMS.UPDATE``; ``nc`` is a
     nats-py client connected as a system-account user. The server answers
-    ``{"data": {"account", "code": 200, "message": "jwt updated"}}`` or ``{"error":
-    {"account", "code": 500, "description"}}`` (raised as ``ClaimsUpdateFailed``).
-    In a cluster every server with a full resolver answers; the first answer is returned
-    (the resolvers also sync among themselves)."""
+    ``{"server": {...}, "data": {"account", "code": 200, "message": "jwt updated"}}`` or
+    ``{"server": {...}, "error": {"account", "code": 500, "description"}}`` (raised as
+    ``ClaimsUpdateFailed``). In a cluster every server with a full resolver answers; the
+    first answer is returned (the resolvers also sync among themselves).
+
+    Checked here first: the JWT must be an account JWT signed by ``operator_key``. The
+    server stores any decodable account JWT pushed there -- one signed by another operator
+    too, answering "jwt updated", after which the account refuses every user until a good
+    JWT is pushed again -- so a system user is as strong as the operator key."""
+    try:
+        claims = jwt.decode(account_jwt, jwt.AccountClaims, check_time=False)
+    except jwt.JwtError as exc:
+        raise TrustError(f"not an account JWT: {exc}") from None
+    if claims.iss != operator_key:
+        raise TrustError(f"account JWT of {claims.sub} is not signed by operator {operator_key}")
     msg = await nc.request(CLAIMS_UPDATE, account_jwt.encode(), timeout=wait)
     answer = msgspec.json.decode(msg.data)
     if not isinstance(answer, dict):

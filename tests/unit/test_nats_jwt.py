@@ -87,8 +87,9 @@ def test_account_and_operator_round_trip() -> None:
     assert aback.nats.limits.disk_storage == jwt.NO_LIMIT
     assert aback.nats.limits.conn == jwt.NO_LIMIT
     # A JetStream-less account has zero storage, which is how nats-server sees "off".
-    plain = jwt.decode(jwt.encode(jwt.account_claims(jwt.public_key(sys_acct)), op),
-                       jwt.AccountClaims)
+    plain = jwt.decode(
+        jwt.encode(jwt.account_claims(jwt.public_key(sys_acct)), op), jwt.AccountClaims
+    )
     assert plain.nats.limits.disk_storage == 0 and plain.nats.limits.mem_storage == 0
 
 
