@@ -210,7 +210,10 @@ class OperatorTrust:
                 token = path.read_text().strip()
             except FileNotFoundError:
                 return None
-            claims = jwt.decode(token, kind, check_time=False)
+            try:
+                claims = jwt.decode(token, kind, check_time=False)
+            except jwt.JwtError as exc:
+                raise TrustError(f"{path}: {exc}") from None
             if claims.sub != subject or claims.iss != operator_pub:
                 raise TrustError(f"{path} does not belong to this operator's keys")
             return token
