@@ -22,7 +22,7 @@ from agent.collectors.base import Collector
 from agent.collectors.scheduler import CollectorSet, build_collectors
 from agent.commands import CommandIntake, CommandRunner
 from agent.config import AgentConfig
-from agent.connection import backoff, connect
+from agent.connection import backoff, connect, nkey_jwt_auth
 from agent.enroll import Enroller, EnrollmentError
 from agent.executor import Executor
 from agent.facts import collect_facts
@@ -258,7 +258,11 @@ class Agent:
         }
         if st.inbox_prefix:
             opts["inbox_prefix"] = st.inbox_prefix.encode()
-        if st.auth == "nkey":
+        if st.auth == "nkey" and st.nats_jwt:
+            # Operator mode: the JWT is read at every (re)connect, so a renewal takes effect
+            # at the next one (renewal forces it).
+            opts.update(nkey_jwt_auth(lambda: self._state_jwt(), self.identity.sign))
+        elif st.auth == "nkey":
             opts["nkeys_seed"] = str(self.identity.seed_path)
         elif cfg.nats_creds:
             opts["user_credentials"] = cfg.nats_creds
@@ -276,6 +280,9 @@ class Agent:
                 await asyncio.sleep(delay)
         self._connected.set()
         return nc
+
+    def _state_jwt(self) -> str:
+        return self.state.nats_jwt if self.state is not None else ""
 
     async def _on_disconnected(self) -> None:
         self._connected.clear()

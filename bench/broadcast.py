@@ -163,7 +163,8 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
     result: dict[str, object] = {"bench": "broadcast", "n": n, "agent_processes": procs}
     async with Controller(cfg) as c:
         t0 = time.monotonic()
-        tokens = [(await c.tokens.create(ttl=3600)).token for _ in range(n)]
+        tokens = [c.tokens.join_text((await c.tokens.create(ttl=3600)).token)
+                  for _ in range(n)]
         tok_file = base / "tokens.json"
         tok_file.write_text(json.dumps(tokens))
         state = base / "agents"

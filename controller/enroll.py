@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
 from controller.models import NodeRecord, TokenRecord
 from controller.nats.admission import NodeAdmission
+from controller.nats.operator import RevokedUser
 from controller.nats.permissions import NodeAccess
 from controller.state.table import Table
 from protocol.errors import BadIdentityProof, SelectorError
 from protocol.messages import EnrollReply, EnrollRequest
 from protocol.selectors import parse_labels
 from protocol.signing import verify_enroll
+from protocol.subjects import JOIN_CREDS_SEP
 
 log = logging.getLogger("barista.controller.enroll")
 
@@ -39,10 +41,22 @@ class IssuedToken:
     record: TokenRecord
 
 
+def bare_token(token: str) -> str:
+    """A join token without the enroll credentials it may carry (after JOIN_CREDS_SEP)."""
+    return (token or "").split(JOIN_CREDS_SEP, 1)[0]
+
+
 class TokenService:
-    def __init__(self, tokens: Table[TokenRecord], *, default_ttl: float) -> None:
+    """``enroll_jwt``: the enroll identity's JWT (operator mode), which ``join_text`` appends
+    to a token after JOIN_CREDS_SEP so that one string is all a machine needs to join; it
+    is no secret (it can only ask to enroll), the token before it is."""
+
+    def __init__(
+        self, tokens: Table[TokenRecord], *, default_ttl: float, enroll_jwt: str = ""
+    ) -> None:
         self._tokens = tokens
         self._default_ttl = default_ttl
+        self._enroll_jwt = enroll_jwt
 
     async def create(
         self,
@@ -70,13 +84,22 @@ class TokenService:
         log.info("join token %s created (ttl %.0fs, labels %s)", token_id, ttl, labels)
         return IssuedToken(token=f"{TOKEN_PREFIX}.{token_id}.{secret}", record=record)
 
+    @property
+    def enroll_jwt(self) -> str:
+        return self._enroll_jwt
+
+    def join_text(self, token: str) -> str:
+        """What a joining machine is given: the token, and the enroll identity's JWT when
+        NATS is in operator mode (without it the machine cannot even ask to enroll)."""
+        return f"{token}{JOIN_CREDS_SEP}{self._enroll_jwt}" if self._enroll_jwt else token
+
     async def consume(self, token: str, *, node_id: str, identity: str) -> TokenRecord:
         """Mark the token used by ``node_id``; refuse bad, expired or used tokens.
 
         Compare-and-set on the token's revision makes it one-time even with several
         controllers. A retry by the same identity (its reply was lost) gets the same node.
         """
-        m = _TOKEN_RE.match(token or "")
+        m = _TOKEN_RE.match(bare_token(token))
         if not m:
             raise TokenRefused(
                 "bad_token", "join token is malformed; check that it was copied whole"
@@ -138,7 +161,7 @@ def clean_labels(labels: dict[str, str]) -> dict[str, str]:
 
 
 def token_id_of(token: str) -> str | None:
-    m = _TOKEN_RE.match(token or "")
+    m = _TOKEN_RE.match(bare_token(token))
     return m.group(1) if m else None
 
 
@@ -240,6 +263,8 @@ class Enrollment:
             return self._refuse(exc.code, exc.message)
         node_id = token.used_by  # the same node on an idempotent retry
         existing = self._nodes.get(node_id)
+        if existing is not None and existing.revoked:
+            return self._refuse("revoked", f"node {node_id} was revoked")
         if existing is not None:
             # A retry after a failed reply: make sure the identity really is admitted.
             await self._admission.admit(NodeAccess(node_id=node_id, nkey=req.identity))
@@ -266,6 +291,11 @@ class Enrollment:
                 record = self._nodes.get(node_id) or record
             existing = record
             log.info("node %s enrolled (token %s, labels %s)", node_id, token.id, record.labels)
+        try:
+            nats_jwt = await self._admission.credentials(
+                NodeAccess(node_id=node_id, nkey=req.identity))
+        except RevokedUser:
+            return self._refuse("revoked", f"node {node_id}'s identity was revoked")
         return EnrollReply(
             ok=True,
             node_id=node_id,
@@ -275,6 +305,7 @@ class Enrollment:
             heartbeat_interval=self._hb,
             metrics_interval=self._mi,
             command_keys=self._command_keys,
+            nats_jwt=nats_jwt,
         )
 
     @staticmethod

@@ -28,8 +28,14 @@ from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
-from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedAdmission
+from controller.nats.admission import (
+    NodeAdmission,
+    OperatorAdmission,
+    ReloadAdmission,
+    UnmanagedAdmission,
+)
 from controller.nats.client import Flusher
+from controller.nats.operator import OperatorTrust
 from controller.nats.permissions import NodeAccess
 from controller.nats.server import NatsServer, NatsSupervisor
 from controller.state.streams import (
@@ -155,15 +161,19 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         url = cfg.nats_url
         if not url:
             # Port 0: the port of the last run (agents hold that URL), else a free one.
+            # Operator mode: every identity a JWT of this data dir's trust (made at the
+            # first start), so admitting a node needs no reload.
+            trust = await asyncio.to_thread(
+                OperatorTrust.load_or_create, cfg.data_dir / "nats")
             natsd = NatsServer(
                 data_dir=cfg.data_dir / "nats",
                 port=cfg.nats_port,
                 controller_password=secrets.nats_password,
                 subjects=subjects,
                 max_payload=cfg.max_payload,
+                trust=trust,
             )
             stack.push_async_callback(asyncio.to_thread, natsd.stop)
-            natsd.set_nodes(ReloadAdmission.load_cache(cfg.data_dir / "nats-nodes.json"))
             # Locks the store, stopping an orphan of a killed controller: may wait.
             await asyncio.to_thread(natsd.prepare)
             # Forked from the loop's thread: the server's parent-death signal follows the
@@ -190,6 +200,16 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         state_nc = await _connect_nats(
             url, "barista-controller-state", {**state_creds, **state_inbox}, serving)
         connections.append(state_nc)
+        system_nc: NATS | None = None
+        if natsd is not None and natsd.operator_mode:
+            # Account JWT pushes (revocations); the system account holds nothing else.
+            system_nc = await _connect_nats(
+                url, "barista-controller-sys", natsd.system_credentials(), serving)
+            connections.append(system_nc)
+        else:
+            log.warning(
+                "NATS at %s is not in barista's operator mode: node isolation is OFF (every "
+                "agent connects with the credentials it was given)", url)
         js = state_nc.jetstream()
         await _ensure_streams(js, cfg, subjects)
         ingest: IngestService | None = None
@@ -220,7 +240,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             config=cfg, subjects=subjects, stats=stats, serving=serving, secrets=secrets,
             natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
             js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
-            apps_table=apps, app_statuses=app_statuses,
+            apps_table=apps, app_statuses=app_statuses, system_nc=system_nc,
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
@@ -320,6 +340,7 @@ class RunningController:
         jobs_table: Table[JobRecord],
         apps_table: Table[AppRecord],
         app_statuses: Table[NodeAppStatus],
+        system_nc: NATS | None = None,
     ) -> None:
         self.config = config
         self.subjects = subjects
@@ -341,11 +362,24 @@ class RunningController:
         self.tokens_table = tokens_table
         self.jobs_table = jobs_table
         self.hub = MetricsHub(self._labels_of)
-        self.admission: NodeAdmission = (
-            ReloadAdmission(server=natsd, cache_path=config.data_dir / "nats-nodes.json")
-            if natsd is not None else UnmanagedAdmission()
-        )
-        self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl)
+        self.system_nc = system_nc
+        self.admission: NodeAdmission
+        if natsd is not None and natsd.trust is not None:
+            self.admission = OperatorAdmission(
+                trust=natsd.trust, subjects=subjects, system_nc=system_nc,
+                ttl=config.node_jwt_ttl,
+            )
+        elif natsd is not None:
+            self.admission = ReloadAdmission(
+                server=natsd, cache_path=config.data_dir / "nats-nodes.json")
+        else:
+            self.admission = UnmanagedAdmission()
+        # "operator": nodes isolated by their own JWTs; "off": a NATS that is not ours.
+        self.isolation = "operator" if isinstance(self.admission, OperatorAdmission) else (
+            "config" if self.admission.managed else "off")
+        self.tokens = TokenService(
+            tokens_table, default_ttl=config.token_ttl,
+            enroll_jwt=natsd.enroll_jwt if natsd is not None else "")
         self.fleet = Fleet(
             nodes,
             stale_after=config.stale_after,

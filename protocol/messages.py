@@ -102,6 +102,9 @@ class EnrollReply(Message, tag="enroll_rep"):
     # Set when ok is False; error_code is stable ("bad_token", "token_used", ...).
     error_code: str = ""
     error: str = ""
+    # NATS operator mode: the node's user JWT (for its own nkey, short-lived); it connects
+    # with it and the identity seed, and renews it before it expires (RenewRequest).
+    nats_jwt: str = ""
 
 
 # --- liveness ---------------------------------------------------------------------------

@@ -230,7 +230,7 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, output: st
     console.print(f"expires: {time.ctime(data['expires_at'])}   labels: {data['labels']}")
     console.print("start an agent with (the token in a 0600 file, never on a command line):")
     console.print(
-        f"  (umask 077; printf %s '{data['token']}' > join-token)\n"
+        f"  (umask 077; printf %s '{data.get('join_token', data['token'])}' > join-token)\n"
         f"  barista-agent --nats-url {data['nats_url']} --token-file join-token "
         f"--controller-key {data['controller_key']}",
         soft_wrap=True,

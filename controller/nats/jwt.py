@@ -88,6 +88,11 @@ def _sign(seed: bytes | bytearray | str, data: bytes) -> bytes:
         kp.wipe()
 
 
+def sign(seed: bytes | bytearray | str, data: bytes) -> bytes:
+    """The Ed25519 signature of ``data`` by ``seed`` (a server's nonce, for instance)."""
+    return _sign(seed, data)
+
+
 def public_key_bytes(key: str, kind: KeyKind | None = None) -> bytes:
     """The raw Ed25519 key inside a public nkey, checked (prefix byte, CRC16); ``JwtError``
     if it is not a public nkey (of ``kind``, when given)."""

@@ -30,6 +30,9 @@ async def create_token(request: web.Request) -> web.Response:
     bootstrap = request.app[AGENT_BOOTSTRAP]
     out = issued.record.public()
     out["token"] = issued.token
+    # What the agent is given: the token and, in NATS operator mode, the (public) JWT of
+    # the enroll identity after "~".
+    out["join_token"] = request.app[TOKENS].join_text(issued.token)
     out["nats_url"] = bootstrap.nats_url
     out["controller_key"] = bootstrap.controller_key
     return web.json_response(out, status=201)
