@@ -366,7 +366,7 @@ class RunningController:
         self.admission: NodeAdmission
         if natsd is not None and natsd.trust is not None:
             self.admission = OperatorAdmission(
-                trust=natsd.trust, subjects=subjects, system_nc=system_nc,
+                trust=natsd.trust, subjects=subjects, system_nc=system_nc, server=natsd,
                 ttl=config.node_jwt_ttl,
             )
         elif natsd is not None:

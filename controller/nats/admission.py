@@ -175,9 +175,12 @@ class OperatorAdmission:
         trust: OperatorTrust,
         subjects: Subjects,
         system_nc: NATS | None,
+        server: NatsServer | None = None,
         ttl: float = DEFAULT_USER_TTL,
     ) -> None:
         self._trust = trust
+        # Only a record of who is admitted here (server.nodes); the server needs no list.
+        self._server = server
         self._subjects = subjects
         self._system_nc = system_nc
         self._ttl = ttl
@@ -192,7 +195,9 @@ class OperatorAdmission:
         return self._ttl
 
     async def admit(self, access: NodeAccess) -> None:
-        return None  # the JWT from credentials() is the admission
+        # The JWT from credentials() is the admission; nothing changes on the server.
+        if self._server is not None:
+            self._server.add_node(access)
 
     async def credentials(self, access: NodeAccess) -> str:
         perms = Permissions.from_config(node_permissions(self._subjects, access.node_id))
@@ -206,6 +211,8 @@ class OperatorAdmission:
     async def remove(self, nkey: str) -> None:
         """Revoke ``nkey``: written to the trust dir first (a failed push is applied at the
         next start, see sync), then pushed."""
+        if self._server is not None:
+            self._server.remove_node(nkey)
         if self._trust.is_revoked(nkey):
             return
         self._trust.revoke(nkey)
@@ -214,6 +221,8 @@ class OperatorAdmission:
     async def sync(self, nodes: Iterable[NodeAccess]) -> None:
         """Nothing to list (every JWT names its node); the fleet account JWT is pushed, so
         that a revocation whose push failed before is in force now."""
+        if self._server is not None:
+            self._server.set_nodes(n for n in nodes if not self._trust.is_revoked(n.nkey))
         await self._push()
 
     async def _push(self) -> None:

@@ -346,7 +346,8 @@ class NatsServer:
         if not self.auth:
             return {}
         if self.trust is not None:
-            return {"user_credentials": str(self.creds_path("state"))}
+            # "user" only names it (nats-py sends the JWT, not a user, when it has one).
+            return {"user": CONTROLLER_USER, "user_credentials": str(self.creds_path("state"))}
         return {"user": CONTROLLER_USER, "password": self.controller_password}
 
     def peer_credentials(self) -> dict[str, str]:
@@ -354,7 +355,7 @@ class NatsServer:
         if not self.auth:
             return {}
         if self.trust is not None:
-            return {"user_credentials": str(self.creds_path("peers"))}
+            return {"user": PEERS_USER, "user_credentials": str(self.creds_path("peers"))}
         return {"user": PEERS_USER, "password": self.controller_password}
 
     def system_credentials(self) -> dict[str, str]:
