@@ -18,9 +18,9 @@ from controller.nats.operator import RevokedUser
 from controller.nats.permissions import NodeAccess
 from controller.state.table import Table
 from protocol.errors import BadIdentityProof, SelectorError
-from protocol.messages import EnrollReply, EnrollRequest
+from protocol.messages import EnrollReply, EnrollRequest, RenewReply, RenewRequest
 from protocol.selectors import parse_labels
-from protocol.signing import verify_enroll
+from protocol.signing import verify_enroll, verify_renew
 from protocol.subjects import JOIN_CREDS_SEP
 
 log = logging.getLogger("barista.controller.enroll")
@@ -307,6 +307,31 @@ class Enrollment:
             command_keys=self._command_keys,
             nats_jwt=nats_jwt,
         )
+
+    async def renew(self, req: RenewRequest) -> RenewReply:
+        """A fresh user JWT for a node that proves its identity nkey (``req``'s signature);
+        refused for a node that was revoked or deleted, or another node's key."""
+        try:
+            verify_renew(req)
+        except BadIdentityProof as exc:
+            return RenewReply(ok=False, error_code=exc.code, error=exc.reason)
+        node = self._nodes.get(req.node_id)
+        if node is None or node.identity != req.identity:
+            return RenewReply(ok=False, error_code="not_found",
+                              error=f"no node {req.node_id!r} with this identity")
+        if node.revoked:
+            return RenewReply(ok=False, error_code="revoked",
+                              error=f"node {req.node_id} was revoked")
+        try:
+            token = await self._admission.credentials(
+                NodeAccess(node_id=node.id, nkey=node.identity))
+        except RevokedUser:
+            return RenewReply(ok=False, error_code="revoked",
+                              error=f"node {req.node_id}'s identity was revoked")
+        if not token:
+            return RenewReply(ok=False, error_code="not_managed",
+                              error="this NATS is not in operator mode: nothing to renew")
+        return RenewReply(ok=True, nats_jwt=token)
 
     @staticmethod
     def _refuse(code: str, message: str) -> EnrollReply:

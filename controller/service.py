@@ -65,6 +65,8 @@ from protocol.messages import (
     MetricBatch,
     NodeEnrolled,
     NodeStatusChanged,
+    RenewReply,
+    RenewRequest,
 )
 from protocol.signing import seal_reply
 from protocol.subjects import CONTROLLER_INBOX, Subjects
@@ -443,6 +445,8 @@ class RunningController:
             await nc.subscribe(s.app_sync_any, queue="controllers",
                                cb=self.deployer.handle_sync)
         )
+        self._subs.append(
+            await nc.subscribe(s.node_renew_any, queue="controllers", cb=self._on_renew))
         self._subs.append(await nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await nc.subscribe(s.metrics_any, cb=self._on_metrics))
         self._subs.append(await nc.subscribe(s.events_any, cb=self._on_node_event))
@@ -498,6 +502,14 @@ class RunningController:
         try:
             req = codec.decode(msg.data, EnrollRequest, max_size=64 * 1024)
         except ProtocolError as exc:
+            # A node whose JWT expired while it was away renews as the enroll identity.
+            try:
+                renew = codec.decode(msg.data, RenewRequest, max_size=16 * 1024)
+            except ProtocolError:
+                renew = None
+            if renew is not None:
+                await self._answer_renew(msg, renew)
+                return
             self.stats.reject_message("enroll", msg.subject, exc)
             await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
             return
@@ -527,6 +539,59 @@ class RunningController:
             if reply.error_code in _COUNTED_REFUSALS:
                 self.stats.reject_message(reply.error_code, msg.subject, ProtocolError(reply.error))
         await msg.respond(codec.encode(self._sealed(req, answer)))
+
+    async def _on_renew(self, msg: Msg) -> None:
+        """A connected node renews its JWT on its own subject (which proves who asks); the
+        answer goes only to its own inbox space, like app sync."""
+        node_id = self.subjects.node_id_of(msg.subject)
+        if node_id is None or not self.subjects.is_node_reply(node_id, msg.reply):
+            self.refuse_reply(msg)
+            return
+        try:
+            req = codec.decode(msg.data, RenewRequest, max_size=16 * 1024)
+            if req.node_id != node_id:
+                raise ProtocolError(f"renewal for node {req.node_id!r} asked on node "
+                                    f"{node_id!r}'s subject")
+        except ProtocolError as exc:
+            self.stats.reject_message("renew", msg.subject, exc)
+            await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
+            return
+        await self._answer_renew(msg, req)
+
+    async def _answer_renew(self, msg: Msg, req: RenewRequest) -> None:
+        try:
+            answer: Message = await self.enrollment.renew(req)
+        except Exception:
+            log.exception("renewal failed")
+            answer = ErrorReply(code="internal", message="renewal failed inside the controller")
+        if isinstance(answer, RenewReply) and not answer.ok:
+            log.warning("renewal for node %s refused: %s", req.node_id, answer.error_code)
+        if len(req.reply_key) == 32:
+            try:
+                answer = seal_reply(req.reply_key, answer)
+            except ValueError:
+                pass
+        await msg.respond(codec.encode(answer))
+
+    async def revoke_node(self, node_id: str) -> NodeRecord:
+        """Revoke a node: marked revoked (renewal refused), its NATS user revoked and the
+        account update pushed (the server drops its connections at once)."""
+        node = self.fleet.get(node_id)
+
+        def mark(rec: NodeRecord) -> NodeRecord | None:
+            return None if rec.revoked else msgspec.structs.replace(rec, revoked=True)
+
+        updated = await self.nodes.mutate(node_id, mark) or node
+        await self.admission.remove(node.identity)
+        log.warning("node %s revoked", node_id)
+        return updated
+
+    async def delete_node(self, node_id: str) -> None:
+        """Forget a node, revoking its NATS user first (it cannot reconnect or renew)."""
+        node = self.fleet.get(node_id)
+        await self.admission.remove(node.identity)
+        await self.nodes.delete(node_id)
+        log.warning("node %s deleted", node_id)
 
     @staticmethod
     def _sealed(req: EnrollRequest, answer: Message) -> Message:
@@ -619,6 +684,8 @@ class RunningController:
             "nats": {
                 "url": self.nats_url,
                 "embedded": self.natsd is not None,
+                # "operator": each node its own JWT identity; "off": a NATS not ours.
+                "isolation": self.isolation,
                 "connected": self.nc.is_connected,
                 "state_connected": self.state_nc.is_connected,
                 **(self.nats_supervisor.status() if self.nats_supervisor else {}),

@@ -296,8 +296,9 @@ async def test_f15a_token_comes_from_a_file_never_the_command_line(
     assert "--token-file" in (tmp_path / "refused.log").read_text()
     assert not list(controller.fleet.select())
     # a token file enrolls; neither the command line nor the environment holds the token
+    join = controller.tokens.join_text(tok.token)
     proc = _spawn([*base, "--state-dir", str(tmp_path / "a"),
-                   "--token-file", str(_token_file(tmp_path / "token", controller.tokens.join_text(tok.token)))],
+                   "--token-file", str(_token_file(tmp_path / "token", join))],
                   tmp_path / "agent.log")
     processes.append(proc)
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")

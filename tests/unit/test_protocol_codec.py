@@ -40,6 +40,8 @@ from protocol.messages import (
     NodeFacts,
     NodeStatusChanged,
     Pong,
+    RenewReply,
+    RenewRequest,
     SealedReply,
     SignedCommand,
 )
@@ -162,6 +164,9 @@ def _samples() -> dict[type[Message], Message]:
         ),
         ErrorReply: ErrorReply(code="bad_token", message="join token expired"),
         SealedReply: SealedReply(box=b"\x00\xffsealed"),
+        RenewRequest: RenewRequest(node_id="n-0001", identity="U" + "A" * 55, ts=T0,
+                                   reply_key=b"k" * 32, signature=b"s" * 64),
+        RenewReply: RenewReply(ok=False, error_code="revoked", error="node n-0001 was revoked"),
     }
 
 

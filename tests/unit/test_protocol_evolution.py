@@ -41,6 +41,9 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "AppSyncReply": ("app_sync_rep", frozenset()),
     # Added with sealed enrollment replies (issue 8, finding 10): a new message class.
     "SealedReply": ("sealed", frozenset({"box"})),
+    # Added with NATS operator mode (issue 10): renewal of a node's user JWT.
+    "RenewRequest": ("renew_req", frozenset({"node_id", "identity", "ts"})),
+    "RenewReply": ("renew_rep", frozenset({"ok"})),
 }
 
 # Messages whose v1 shape changed incompatibly (typed payloads instead of free-form maps):
