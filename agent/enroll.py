@@ -111,6 +111,7 @@ class Enroller:
                 heartbeat_interval=reply.heartbeat_interval,
                 metrics_interval=reply.metrics_interval,
                 nats_jwt=reply.nats_jwt,
+                enroll_jwt=self._enroll_jwt if reply.nats_jwt else "",
             )
 
     def _request(self, token: str) -> tuple[EnrollRequest, nacl.public.PrivateKey]:

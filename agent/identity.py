@@ -68,6 +68,8 @@ class EnrollState:
     metrics_interval: float = 10.0
     # NATS operator mode: the node's user JWT (the file is 0600), renewed before expiry.
     nats_jwt: str = ""
+    # The enroll identity's JWT (public): to renew an expired nats_jwt after a long absence.
+    enroll_jwt: str = ""
 
     @classmethod
     def load(cls, path: Path) -> EnrollState | None:

@@ -29,6 +29,7 @@ from agent.facts import collect_facts
 from agent.identity import EnrollState, Identity
 from agent.ledger import RunLedger, SeenLog
 from agent.outbox import Outbox
+from agent.renew import RenewalRefused, expired_soon, renew_as_enroller, renew_loop
 from protocol import codec
 from protocol.messages import AnyEventPayload, Event, Heartbeat, MetricsDropped, Severity
 from protocol.signing import CommandVerifier
@@ -152,6 +153,8 @@ class Agent:
             state.save(self.state_path)
         else:
             self.log.info("node %s: already enrolled", state.node_id)
+            if state.nats_jwt and expired_soon(state.nats_jwt):
+                await self._renew_expired(state)
         self.state = state
         self.log = self.outbox.log = logging.getLogger(f"barista.agent.{state.node_id}")
         keys = cfg.controller_keys or state.command_keys
@@ -200,6 +203,10 @@ class Agent:
         await self.commands.report_orphans(orphans)
         apps.trigger()  # converge to the desired apps, also after a restart
         self._tasks = [
+            asyncio.create_task(
+                renew_loop(state=state, nc=lambda: self.nc, identity=identity,
+                           subjects=self.subjects, save=self._save_state, log=self.log),
+                name="renew"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._collect_loop(), name="collect"),
             asyncio.create_task(
@@ -280,6 +287,37 @@ class Agent:
                 await asyncio.sleep(delay)
         self._connected.set()
         return nc
+
+    async def _save_state(self) -> None:
+        if self.state is not None:
+            await asyncio.to_thread(self.state.save, self.state_path)
+
+    async def _renew_expired(self, state: EnrollState) -> None:
+        """Back with an expired JWT: renew as the enroll identity (retried while NATS or the
+        controller is unreachable; a revoked or deleted node stops here for good)."""
+        assert self.identity is not None
+        if not state.enroll_jwt:
+            self.log.warning("node %s: NATS credentials expired and no enroll identity to "
+                             "renew them with; connecting anyway", state.node_id)
+            return
+        attempt = 0
+        while True:
+            try:
+                state.nats_jwt = await renew_as_enroller(
+                    self.config.nats_urls, self.identity, self.subjects, state.node_id,
+                    enroll_jwt=state.enroll_jwt, wait=self.config.enroll_timeout)
+                break
+            except RenewalRefused as exc:
+                raise EnrollmentError(exc.code, f"cannot renew this node's NATS "
+                                      f"credentials: {exc}") from None
+            except Exception as exc:
+                delay = backoff(attempt)
+                self.log.warning("renewing expired NATS credentials failed (%s); retrying in "
+                                 "%.1fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        await asyncio.to_thread(state.save, self.state_path)
+        self.log.info("node %s: expired NATS credentials renewed", state.node_id)
 
     def _state_jwt(self) -> str:
         return self.state.nats_jwt if self.state is not None else ""

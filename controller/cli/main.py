@@ -196,6 +196,30 @@ def nodes_show(node_id: str, output: str) -> None:
         console.print(f"  {k}: {v}")
 
 
+@nodes.command("revoke")
+@click.argument("node_id")
+@output_option
+def nodes_revoke(node_id: str, output: str) -> None:
+    """Revoke a node: it is disconnected at once and cannot reconnect or renew."""
+    n = call(client().post, f"/v1/nodes/{node_id}/revoke")
+    if output == "json":
+        emit_json(n)
+        return
+    console.print(f"node {node_id} revoked")
+
+
+@nodes.command("rm")
+@click.argument("node_id")
+@output_option
+def nodes_rm(node_id: str, output: str) -> None:
+    """Delete a node (its NATS user is revoked first)."""
+    data = call(client().delete, f"/v1/nodes/{node_id}")
+    if output == "json":
+        emit_json(data)
+        return
+    console.print(f"node {node_id} deleted")
+
+
 # -- tokens -------------------------------------------------------------------------------
 
 
