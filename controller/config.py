@@ -27,6 +27,9 @@ class ControllerConfig:
     nats_url: str = ""
     nats_user: str = ""
     nats_password: str = ""
+    # A .creds file (user JWT and seed) for NATS in operator mode: `barista ingest` with
+    # --data-dir uses the embedded server's state user's.
+    nats_creds: str = ""
     # URL agents use to reach NATS (defaults to the controller's own).
     agent_nats_url: str = ""
     nats_port: int = 0

@@ -31,7 +31,9 @@ async def run_ingest(cfg: ControllerConfig, stop: asyncio.Event | None = None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    creds = {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_user else {}
+    creds: dict[str, str] = (
+        {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_user
+        else {"user_credentials": cfg.nats_creds} if cfg.nats_creds else {})
     nc = await nats.connect(
         cfg.nats_url, name="barista-ingest", max_reconnect_attempts=-1,
         reconnect_time_wait=0.5, **creds,
