@@ -42,6 +42,9 @@ class AgentConfig:
     ca_file: str = ""
     enroll_user: str = ENROLL_USER
     enroll_password: str = ENROLL_PASSWORD
+    # NATS operator mode: the enroll identity's JWT (no secret; usually carried by the join
+    # token after "~", which `barista token create` prints).
+    enroll_jwt: str = ""
     # 0 = use what the controller says at enrollment.
     heartbeat_interval: float = 0.0
     metrics_interval: float = 0.0

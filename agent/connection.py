@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
+from collections.abc import Callable
 from typing import Any
 
+import nkeys
 from nats.aio.client import Client as NATS
 
 
@@ -28,3 +31,27 @@ async def connect(**opts: Any) -> NATS:
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential backoff with jitter: the delay before retry number ``attempt + 1``."""
     return float(min(cap, base * 2.0 ** min(attempt, 30)) * (0.5 + random.random() / 2))
+
+
+def nkey_jwt_auth(
+    user_jwt: Callable[[], str], seed_or_signer: bytes | Callable[[bytes], bytes]
+) -> dict[str, Any]:
+    """``user_jwt_cb``/``signature_cb`` for nats-py: ``user_jwt`` returns the current JWT
+    (called at every connect, so a renewed one is used at the next reconnect);
+    ``seed_or_signer``: an nkey seed, or a function signing bytes."""
+    if callable(seed_or_signer):
+        signer = seed_or_signer
+    else:
+        seed = seed_or_signer
+
+        def signer(data: bytes) -> bytes:
+            kp = nkeys.from_seed(bytearray(seed))
+            try:
+                return bytes(kp.sign(data))
+            finally:
+                kp.wipe()
+
+    return {
+        "user_jwt_cb": lambda: user_jwt().encode(),
+        "signature_cb": lambda nonce: base64.b64encode(signer(nonce.encode())),
+    }

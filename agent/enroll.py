@@ -12,18 +12,32 @@ from typing import Any
 import nacl.public
 
 from agent.config import AgentConfig, ConfigError
-from agent.connection import backoff, connect
+from agent.connection import backoff, connect, nkey_jwt_auth
 from agent.identity import EnrollState, Identity
 from agent.trust import CA_FILE, learn_pinned_ca, save_ca, trusting
 from protocol import codec
 from protocol.errors import ProtocolError
 from protocol.messages import EnrollReply, EnrollRequest, ErrorReply, SealedReply
 from protocol.signing import open_reply
-from protocol.subjects import Subjects
+from protocol.subjects import ENROLL_SEED, JOIN_CREDS_SEP, Subjects
 from protocol.trust import TrustError, ca_fingerprint, parse_join_token
 
 # Refusals that a later attempt (a new request) can overcome: the clock was off.
 _TRANSIENT_REFUSALS = ("clock_skew",)
+
+
+def split_join_text(text: str) -> tuple[str, str]:
+    """(join token, enroll JWT or "") of what a machine was given to join."""
+    token, _, enroll_jwt = text.strip().partition(JOIN_CREDS_SEP)
+    return token, enroll_jwt
+
+
+def enroll_auth(enroll_jwt: str, *, user: str, password: str) -> dict[str, Any]:
+    """nats-py's auth options for the enroll identity: in NATS operator mode its JWT with
+    the public ENROLL_SEED, else the enroll user and password."""
+    if not enroll_jwt:
+        return {"user": user, "password": password}
+    return nkey_jwt_auth(lambda: enroll_jwt, ENROLL_SEED.encode())
 
 
 class EnrollmentError(Exception):
@@ -56,6 +70,7 @@ class Enroller:
         self._version = version
         self._facts = facts
         self._log = log
+        self._enroll_jwt = ""
 
     async def enroll(self) -> EnrollState:
         """Enroll with the join token from the config, a file or the environment; the token
@@ -71,6 +86,8 @@ class Enroller:
                 "`barista token create`, write it to a 0600 file and pass --token-file FILE "
                 "(or set BARISTA_AGENT_TOKEN)",
             )
+        token, self._enroll_jwt = split_join_text(token)
+        self._enroll_jwt = self._enroll_jwt or self._config.enroll_jwt
         # A token this agent cannot parse pins nothing; the controller refuses it (and
         # counts the refusal), so a newer token form is not refused here on a guess.
         parsed = parse_join_token(token)
@@ -102,6 +119,8 @@ class Enroller:
                 command_keys=reply.command_keys,
                 heartbeat_interval=reply.heartbeat_interval,
                 metrics_interval=reply.metrics_interval,
+                nats_jwt=reply.nats_jwt,
+                enroll_jwt=self._enroll_jwt if reply.nats_jwt else "",
             )
 
     async def _trust(self, pin: str) -> ssl.SSLContext | None:
@@ -182,8 +201,7 @@ class Enroller:
         cfg = self._config
         return await connect(
             servers=cfg.nats_urls,
-            user=cfg.enroll_user,
-            password=cfg.enroll_password,
+            **enroll_auth(self._enroll_jwt, user=cfg.enroll_user, password=cfg.enroll_password),
             inbox_prefix=self._subjects.enroll_inbox.encode(),
             allow_reconnect=False,
             connect_timeout=cfg.enroll_timeout,

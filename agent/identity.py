@@ -33,6 +33,16 @@ class Identity:
         finally:
             seed[:] = bytes(len(seed))
 
+    def sign(self, data: bytes) -> bytes:
+        """An Ed25519 signature of ``data`` (the server's nonce, in operator mode)."""
+        seed = bytearray(self.seed_path.read_bytes().strip())
+        kp = nkeys.from_seed(seed)
+        try:
+            return bytes(kp.sign(data))
+        finally:
+            kp.wipe()
+            seed[:] = bytes(len(seed))
+
     def _load_or_create(self) -> bytearray:
         try:
             data = self.seed_path.read_bytes().strip()
@@ -56,6 +66,10 @@ class EnrollState:
     command_keys: list[str] = field(default_factory=list)
     heartbeat_interval: float = 5.0
     metrics_interval: float = 10.0
+    # NATS operator mode: the node's user JWT (the file is 0600), renewed before expiry.
+    nats_jwt: str = ""
+    # The enroll identity's JWT (public): to renew an expired nats_jwt after a long absence.
+    enroll_jwt: str = ""
 
     @classmethod
     def load(cls, path: Path) -> EnrollState | None:

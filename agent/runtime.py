@@ -23,7 +23,7 @@ from agent.collectors.base import Collector
 from agent.collectors.scheduler import CollectorSet, build_collectors
 from agent.commands import CommandIntake, CommandRunner
 from agent.config import AgentConfig
-from agent.connection import backoff, connect
+from agent.connection import backoff, connect, nkey_jwt_auth
 from agent.enroll import Enroller, EnrollmentError
 from agent.executor import Executor
 from agent.facts import collect_facts
@@ -31,6 +31,7 @@ from agent.identity import EnrollState, Identity
 from agent.keyring import KeyRing
 from agent.ledger import RunLedger, SeenLog
 from agent.outbox import Outbox
+from agent.renew import RenewalRefused, expired_soon, renew_as_enroller, renew_loop
 from agent.trust import CA_FILE, trusting
 from protocol import codec
 from protocol.messages import (
@@ -180,6 +181,8 @@ class Agent:
             state.save(self.state_path)
         else:
             self.log.info("node %s: already enrolled", state.node_id)
+            if state.nats_jwt and expired_soon(state.nats_jwt):
+                await self._renew_expired(state)
         self.state = state
         self.log = self.outbox.log = logging.getLogger(f"barista.agent.{state.node_id}")
         keys = cfg.controller_keys or state.command_keys
@@ -238,6 +241,10 @@ class Agent:
         else:
             self.log.info("app deploys disabled by the node policy")
         self._tasks = [
+            asyncio.create_task(
+                renew_loop(state=state, nc=lambda: self.nc, identity=identity,
+                           subjects=self.subjects, save=self._save_state, log=self.log),
+                name="renew"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._collect_loop(), name="collect"),
             asyncio.create_task(
@@ -302,7 +309,11 @@ class Agent:
         ca_file = Path(cfg.ca_file) if cfg.ca_file else cfg.state_dir / CA_FILE
         if cfg.ca_file or ca_file.exists():
             opts["tls"] = trusting(ca_file)
-        if st.auth == "nkey":
+        if st.auth == "nkey" and st.nats_jwt:
+            # Operator mode: the JWT is read at every (re)connect, so a renewal takes effect
+            # at the next one (renewal forces it).
+            opts.update(nkey_jwt_auth(lambda: self._state_jwt(), self.identity.sign))
+        elif st.auth == "nkey":
             opts["nkeys_seed"] = str(self.identity.seed_path)
         elif cfg.nats_creds:
             opts["user_credentials"] = cfg.nats_creds
@@ -320,6 +331,40 @@ class Agent:
                 await asyncio.sleep(delay)
         self._connected.set()
         return nc
+
+    async def _save_state(self) -> None:
+        if self.state is not None:
+            await asyncio.to_thread(self.state.save, self.state_path)
+
+    async def _renew_expired(self, state: EnrollState) -> None:
+        """Back with an expired JWT: renew as the enroll identity (retried while NATS or the
+        controller is unreachable; a revoked or deleted node stops here for good)."""
+        assert self.identity is not None
+        if not state.enroll_jwt:
+            self.log.warning("node %s: NATS credentials expired and no enroll identity to "
+                             "renew them with; connecting anyway", state.node_id)
+            return
+        attempt = 0
+        while True:
+            try:
+                state.nats_jwt = await renew_as_enroller(
+                    self.config.nats_urls, self.identity, self.subjects, state.node_id,
+                    enroll_jwt=state.enroll_jwt, wait=self.config.enroll_timeout)
+                break
+            except RenewalRefused as exc:
+                raise EnrollmentError(exc.code, f"cannot renew this node's NATS "
+                                      f"credentials: {exc}") from None
+            except Exception as exc:
+                delay = backoff(attempt)
+                self.log.warning("renewing expired NATS credentials failed (%s); retrying in "
+                                 "%.1fs", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        await asyncio.to_thread(state.save, self.state_path)
+        self.log.info("node %s: expired NATS credentials renewed", state.node_id)
+
+    def _state_jwt(self) -> str:
+        return self.state.nats_jwt if self.state is not None else ""
 
     async def _on_disconnected(self) -> None:
         self._connected.clear()

@@ -96,7 +96,8 @@ class Sampler:
 async def run(seconds: float, interval: float, warmup: float, root: Path) -> dict[str, object]:
     cfg = ControllerConfig(data_dir=root / "controller", api_port=0, metrics_interval=interval)
     async with Controller(cfg) as controller:
-        token = (await controller.tokens.create(labels={"provider": "bench"})).token
+        token = controller.tokens.join_text(
+            (await controller.tokens.create(labels={"provider": "bench"})).token)
         token_file = root / "join-token"  # 0600, never on the agent's command line
         token_file.write_text(token)
         token_file.chmod(0o600)

@@ -79,7 +79,8 @@ async def worker_agents(args: argparse.Namespace) -> None:
 async def worker_raw(args: argparse.Namespace) -> None:
     import nats
 
-    from agent.identity import EnrollState
+    from agent.connection import nkey_jwt_auth
+    from agent.identity import EnrollState, Identity
 
     conns = []
     sem = asyncio.Semaphore(64)
@@ -89,7 +90,12 @@ async def worker_raw(args: argparse.Namespace) -> None:
         st = EnrollState.load(state_dir / "state.json")
         assert st is not None
         async with sem:
-            nc = await nats.connect(args.nats_url, nkeys_seed=str(state_dir / "identity.nk"),
+            if st.nats_jwt:  # operator mode: the node's JWT and its nkey
+                ident = Identity(state_dir / "identity.nk")
+                auth = nkey_jwt_auth(lambda: st.nats_jwt, ident.sign)
+            else:
+                auth = {"nkeys_seed": str(state_dir / "identity.nk")}
+            nc = await nats.connect(args.nats_url, **auth,
                                     inbox_prefix=st.inbox_prefix.encode())
 
         results = f"barista.node.{st.node_id}.results"
@@ -164,7 +170,8 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
     result: dict[str, object] = {"bench": "broadcast", "n": n, "agent_processes": procs}
     async with Controller(cfg) as c:
         t0 = time.monotonic()
-        tokens = [(await c.tokens.create(ttl=3600)).token for _ in range(n)]
+        tokens = [c.tokens.join_text((await c.tokens.create(ttl=3600)).token)
+                  for _ in range(n)]
         tok_file = base / "tokens.json"
         tok_file.write_text(json.dumps(tokens))
         state = base / "agents"

@@ -27,6 +27,9 @@ class ControllerConfig:
     nats_url: str = ""
     nats_user: str = ""
     nats_password: str = ""
+    # A .creds file (user JWT and seed) for NATS in operator mode: `barista ingest` with
+    # --data-dir uses the embedded server's state user's.
+    nats_creds: str = ""
     # URL agents use to reach NATS (defaults to the controller's own).
     agent_nats_url: str = ""
     nats_port: int = 0
@@ -46,6 +49,8 @@ class ControllerConfig:
     stale_after: float = 15.0
     offline_after: float = 60.0
     token_ttl: float = 24 * 3600.0
+    # Lifetime of a node's NATS user JWT (operator mode); agents renew at 2/3 of it.
+    node_jwt_ttl: float = 24 * 3600.0
     max_payload: int = 1024 * 1024
     # Where `barista server` writes the CLI's URL and token (env BARISTA_CONFIG overrides).
     client_config: Path | None = None

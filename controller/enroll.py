@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
 from controller.models import NodeRecord, TokenRecord
 from controller.nats.admission import NodeAdmission
+from controller.nats.operator import RevokedUser
 from controller.nats.permissions import NodeAccess
 from controller.state.table import Table
 from protocol.errors import BadIdentityProof, SelectorError
-from protocol.messages import EnrollReply, EnrollRequest
+from protocol.messages import EnrollReply, EnrollRequest, RenewReply, RenewRequest
 from protocol.selectors import parse_labels
-from protocol.signing import verify_enroll
+from protocol.signing import verify_enroll, verify_renew
+from protocol.subjects import JOIN_CREDS_SEP
 from protocol.trust import JoinToken, parse_join_token
 
 log = logging.getLogger("barista.controller.enroll")
@@ -38,16 +40,26 @@ class IssuedToken:
     record: TokenRecord
 
 
+def bare_token(token: str) -> str:
+    """A join token without the enroll credentials it may carry (after JOIN_CREDS_SEP)."""
+    return (token or "").split(JOIN_CREDS_SEP, 1)[0]
+
+
 class TokenService:
     """Join tokens. ``ca_sha256``: the pin of the CA agents see on NATS, carried in every
-    token made here (``bt2.<pin>.<id>.<secret>``); "" (plain NATS): ``bt1.<id>.<secret>``."""
+    token made here (``bt2.<pin>.<id>.<secret>``); "" (plain NATS): ``bt1.<id>.<secret>``.
+    ``enroll_jwt``: the enroll identity's JWT (operator mode), which ``join_text`` appends
+    to a token after JOIN_CREDS_SEP so that one string is all a machine needs to join; it
+    is no secret (it can only ask to enroll), the token before it is."""
 
     def __init__(
-        self, tokens: Table[TokenRecord], *, default_ttl: float, ca_sha256: str = ""
+        self, tokens: Table[TokenRecord], *, default_ttl: float, ca_sha256: str = "",
+        enroll_jwt: str = "",
     ) -> None:
         self._tokens = tokens
         self._default_ttl = default_ttl
         self._ca_sha256 = ca_sha256
+        self._enroll_jwt = enroll_jwt
 
     async def create(
         self,
@@ -76,13 +88,22 @@ class TokenService:
         token = JoinToken(token_id=token_id, secret=secret, ca_sha256=self._ca_sha256)
         return IssuedToken(token=str(token), record=record)
 
+    @property
+    def enroll_jwt(self) -> str:
+        return self._enroll_jwt
+
+    def join_text(self, token: str) -> str:
+        """What a joining machine is given: the token, and the enroll identity's JWT when
+        NATS is in operator mode (without it the machine cannot even ask to enroll)."""
+        return f"{token}{JOIN_CREDS_SEP}{self._enroll_jwt}" if self._enroll_jwt else token
+
     async def consume(self, token: str, *, node_id: str, identity: str) -> TokenRecord:
         """Mark the token used by ``node_id``; refuse bad, expired or used tokens.
 
         Compare-and-set on the token's revision makes it one-time even with several
         controllers. A retry by the same identity (its reply was lost) gets the same node.
         """
-        parsed = parse_join_token(token)
+        parsed = parse_join_token(bare_token(token))
         if parsed is None:
             raise TokenRefused(
                 "bad_token", "join token is malformed; check that it was copied whole"
@@ -146,7 +167,7 @@ def clean_labels(labels: dict[str, str]) -> dict[str, str]:
 
 
 def token_id_of(token: str) -> str | None:
-    parsed = parse_join_token(token)
+    parsed = parse_join_token(bare_token(token))
     return parsed.token_id if parsed else None
 
 
@@ -248,6 +269,8 @@ class Enrollment:
             return self._refuse(exc.code, exc.message)
         node_id = token.used_by  # the same node on an idempotent retry
         existing = self._nodes.get(node_id)
+        if existing is not None and existing.revoked:
+            return self._refuse("revoked", f"node {node_id} was revoked")
         if existing is not None:
             # A retry after a failed reply: make sure the identity really is admitted.
             await self._admission.admit(NodeAccess(node_id=node_id, nkey=req.identity))
@@ -274,6 +297,11 @@ class Enrollment:
                 record = self._nodes.get(node_id) or record
             existing = record
             log.info("node %s enrolled (token %s, labels %s)", node_id, token.id, record.labels)
+        try:
+            nats_jwt = await self._admission.credentials(
+                NodeAccess(node_id=node_id, nkey=req.identity))
+        except RevokedUser:
+            return self._refuse("revoked", f"node {node_id}'s identity was revoked")
         return EnrollReply(
             ok=True,
             node_id=node_id,
@@ -283,7 +311,33 @@ class Enrollment:
             heartbeat_interval=self._hb,
             metrics_interval=self._mi,
             command_keys=self._command_keys,
+            nats_jwt=nats_jwt,
         )
+
+    async def renew(self, req: RenewRequest) -> RenewReply:
+        """A fresh user JWT for a node that proves its identity nkey (``req``'s signature);
+        refused for a node that was revoked or deleted, or another node's key."""
+        try:
+            verify_renew(req)
+        except BadIdentityProof as exc:
+            return RenewReply(ok=False, error_code=exc.code, error=exc.reason)
+        node = self._nodes.get(req.node_id)
+        if node is None or node.identity != req.identity:
+            return RenewReply(ok=False, error_code="not_found",
+                              error=f"no node {req.node_id!r} with this identity")
+        if node.revoked:
+            return RenewReply(ok=False, error_code="revoked",
+                              error=f"node {req.node_id} was revoked")
+        try:
+            token = await self._admission.credentials(
+                NodeAccess(node_id=node.id, nkey=node.identity))
+        except RevokedUser:
+            return RenewReply(ok=False, error_code="revoked",
+                              error=f"node {req.node_id}'s identity was revoked")
+        if not token:
+            return RenewReply(ok=False, error_code="not_managed",
+                              error="this NATS is not in operator mode: nothing to renew")
+        return RenewReply(ok=True, nats_jwt=token)
 
     @staticmethod
     def _refuse(code: str, message: str) -> EnrollReply:

@@ -22,10 +22,12 @@ class NodeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     agent_version: str = ""
     wg_public_key: str = ""
     token_id: str = ""
+    # Revoked (`barista nodes revoke`): its NATS user is revoked, renewal is refused.
+    revoked: bool = False
 
     def public(self) -> dict[str, object]:
         """The API's view of a node."""
-        return {
+        view: dict[str, object] = {
             "id": self.id,
             "hostname": self.hostname,
             "status": self.status,
@@ -36,6 +38,9 @@ class NodeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
             "status_changed_at": self.status_changed_at,
             "agent_version": self.agent_version,
         }
+        if self.revoked:
+            view["revoked"] = True
+        return view
 
 
 class TokenRecord(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -35,8 +35,14 @@ from controller.jobs.engine import JobEngine, JobRecord
 from controller.keys import SigningKeys
 from controller.live import MetricsHub
 from controller.models import NodeRecord, NodeStatus, TokenRecord
-from controller.nats.admission import NodeAdmission, ReloadAdmission, UnmanagedAdmission
+from controller.nats.admission import (
+    NodeAdmission,
+    OperatorAdmission,
+    ReloadAdmission,
+    UnmanagedAdmission,
+)
 from controller.nats.client import Flusher
+from controller.nats.operator import OperatorTrust
 from controller.nats.permissions import NodeAccess
 from controller.nats.server import NatsServer, NatsSupervisor
 from controller.state.streams import (
@@ -70,6 +76,8 @@ from protocol.messages import (
     MetricBatch,
     NodeEnrolled,
     NodeStatusChanged,
+    RenewReply,
+    RenewRequest,
 )
 from protocol.signing import seal_reply
 from protocol.subjects import CONTROLLER_INBOX, Subjects
@@ -173,6 +181,10 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         url = cfg.nats_url
         if not url:
             # Port 0: the port of the last run (agents hold that URL), else a free one.
+            # Operator mode: every identity a JWT of this data dir's trust (made at the
+            # first start), so admitting a node needs no reload.
+            operator_trust = await asyncio.to_thread(
+                OperatorTrust.load_or_create, cfg.data_dir / "nats")
             natsd = NatsServer(
                 data_dir=cfg.data_dir / "nats",
                 port=cfg.nats_port,
@@ -182,9 +194,9 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
                 tls_cert_file=str(tls.cert_file) if tls is not None else "",
                 tls_key_file=str(tls.key_file) if tls is not None else "",
                 tls_ca_file=str(tls.ca_file) if tls is not None else "",
+                trust=operator_trust,
             )
             stack.push_async_callback(asyncio.to_thread, natsd.stop)
-            natsd.set_nodes(ReloadAdmission.load_cache(cfg.data_dir / "nats-nodes.json"))
             # Locks the store, stopping an orphan of a killed controller: may wait.
             await asyncio.to_thread(natsd.prepare)
             # Forked from the loop's thread: the server's parent-death signal follows the
@@ -218,6 +230,17 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             url, "barista-controller-state", {**state_creds, **state_inbox, **tls_opt},
             serving, state=True)
         connections.append(state_nc)
+        system_nc: NATS | None = None
+        if natsd is not None and natsd.operator_mode:
+            # Account JWT pushes (revocations); the system account holds nothing else.
+            system_nc = await _connect_nats(
+                url, "barista-controller-sys", {**natsd.system_credentials(), **tls_opt},
+                serving)
+            connections.append(system_nc)
+        else:
+            log.warning(
+                "NATS at %s is not in barista's operator mode: node isolation is OFF (every "
+                "agent connects with the credentials it was given)", url)
         js = state_nc.jetstream()
         await _ensure_streams(js, cfg, subjects)
         ingest: IngestService | None = None
@@ -252,7 +275,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
             apps_table=apps, app_statuses=app_statuses, api_tokens_table=api_tokens,
             keys_kv=keys_kv, tls=tls,
-            agent_ca_sha256=trust[0] if trust is not None else "",
+            agent_ca_sha256=trust[0] if trust is not None else "", system_nc=system_nc,
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
@@ -393,6 +416,7 @@ class RunningController:
         keys_kv: KeyValue,
         tls: ControllerTLS | None = None,
         agent_ca_sha256: str = "",
+        system_nc: NATS | None = None,
     ) -> None:
         self.config = config
         # The controller's CA and server certificate (None with tls = false), and the pin
@@ -421,12 +445,24 @@ class RunningController:
         # Named API tokens (roles, scopes) beside the data dir's bootstrap admin token.
         self.api_tokens = ApiTokens(api_tokens_table, bootstrap=secrets.api_token)
         self.audit = AuditLog(js=js, subjects=subjects)
-        self.admission: NodeAdmission = (
-            ReloadAdmission(server=natsd, cache_path=config.data_dir / "nats-nodes.json")
-            if natsd is not None else UnmanagedAdmission()
-        )
-        self.tokens = TokenService(tokens_table, default_ttl=config.token_ttl,
-                                   ca_sha256=agent_ca_sha256)
+        self.system_nc = system_nc
+        self.admission: NodeAdmission
+        if natsd is not None and natsd.trust is not None:
+            self.admission = OperatorAdmission(
+                trust=natsd.trust, subjects=subjects, system_nc=system_nc, server=natsd,
+                ttl=config.node_jwt_ttl,
+            )
+        elif natsd is not None:
+            self.admission = ReloadAdmission(
+                server=natsd, cache_path=config.data_dir / "nats-nodes.json")
+        else:
+            self.admission = UnmanagedAdmission()
+        # "operator": nodes isolated by their own JWTs; "off": a NATS that is not ours.
+        self.isolation = "operator" if isinstance(self.admission, OperatorAdmission) else (
+            "config" if self.admission.managed else "off")
+        self.tokens = TokenService(
+            tokens_table, default_ttl=config.token_ttl, ca_sha256=agent_ca_sha256,
+            enroll_jwt=natsd.enroll_jwt if natsd is not None else "")
         self.fleet = Fleet(
             nodes,
             stale_after=config.stale_after,
@@ -503,6 +539,8 @@ class RunningController:
             await nc.subscribe(s.key_sync_any, queue="controllers",
                                cb=self.signing_keys.handle_sync)
         )
+        self._subs.append(
+            await nc.subscribe(s.node_renew_any, queue="controllers", cb=self._on_renew))
         self._subs.append(await nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await nc.subscribe(s.metrics_any, cb=self._on_metrics))
         self._subs.append(await nc.subscribe(s.events_any, cb=self._on_node_event))
@@ -571,6 +609,14 @@ class RunningController:
         try:
             req = codec.decode(msg.data, EnrollRequest, max_size=64 * 1024)
         except ProtocolError as exc:
+            # A node whose JWT expired while it was away renews as the enroll identity.
+            try:
+                renew = codec.decode(msg.data, RenewRequest, max_size=16 * 1024)
+            except ProtocolError:
+                renew = None
+            if renew is not None:
+                await self._answer_renew(msg, renew)
+                return
             self.stats.reject_message("enroll", msg.subject, exc)
             await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
             return
@@ -600,6 +646,59 @@ class RunningController:
             if reply.error_code in _COUNTED_REFUSALS:
                 self.stats.reject_message(reply.error_code, msg.subject, ProtocolError(reply.error))
         await msg.respond(codec.encode(self._sealed(req, answer)))
+
+    async def _on_renew(self, msg: Msg) -> None:
+        """A connected node renews its JWT on its own subject (which proves who asks); the
+        answer goes only to its own inbox space, like app sync."""
+        node_id = self.subjects.node_id_of(msg.subject)
+        if node_id is None or not self.subjects.is_node_reply(node_id, msg.reply):
+            self.refuse_reply(msg)
+            return
+        try:
+            req = codec.decode(msg.data, RenewRequest, max_size=16 * 1024)
+            if req.node_id != node_id:
+                raise ProtocolError(f"renewal for node {req.node_id!r} asked on node "
+                                    f"{node_id!r}'s subject")
+        except ProtocolError as exc:
+            self.stats.reject_message("renew", msg.subject, exc)
+            await msg.respond(codec.encode(ErrorReply(code=exc.code, message=exc.reason)))
+            return
+        await self._answer_renew(msg, req)
+
+    async def _answer_renew(self, msg: Msg, req: RenewRequest) -> None:
+        try:
+            answer: Message = await self.enrollment.renew(req)
+        except Exception:
+            log.exception("renewal failed")
+            answer = ErrorReply(code="internal", message="renewal failed inside the controller")
+        if isinstance(answer, RenewReply) and not answer.ok:
+            log.warning("renewal for node %s refused: %s", req.node_id, answer.error_code)
+        if len(req.reply_key) == 32:
+            try:
+                answer = seal_reply(req.reply_key, answer)
+            except ValueError:
+                pass
+        await msg.respond(codec.encode(answer))
+
+    async def revoke_node(self, node_id: str) -> NodeRecord:
+        """Revoke a node: marked revoked (renewal refused), its NATS user revoked and the
+        account update pushed (the server drops its connections at once)."""
+        node = self.fleet.get(node_id)
+
+        def mark(rec: NodeRecord) -> NodeRecord | None:
+            return None if rec.revoked else msgspec.structs.replace(rec, revoked=True)
+
+        updated = await self.nodes.mutate(node_id, mark) or node
+        await self.admission.remove(node.identity)
+        log.warning("node %s revoked", node_id)
+        return updated
+
+    async def delete_node(self, node_id: str) -> None:
+        """Forget a node, revoking its NATS user first (it cannot reconnect or renew)."""
+        node = self.fleet.get(node_id)
+        await self.admission.remove(node.identity)
+        await self.nodes.delete(node_id)
+        log.warning("node %s deleted", node_id)
 
     @staticmethod
     def _sealed(req: EnrollRequest, answer: Message) -> Message:
@@ -692,6 +791,8 @@ class RunningController:
             "nats": {
                 "url": self.nats_url,
                 "embedded": self.natsd is not None,
+                # "operator": each node its own JWT identity; "off": a NATS not ours.
+                "isolation": self.isolation,
                 "connected": self.nc.is_connected,
                 "state_connected": self.state_nc.is_connected,
                 **(self.nats_supervisor.status() if self.nats_supervisor else {}),

@@ -20,6 +20,7 @@ from protocol.version import PROTOCOL_VERSION
 Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 # Domain separation: a signature over an enroll request can never pass for anything else.
 ENROLL_SIGNING_CONTEXT = "barista-enroll-v1"
+RENEW_SIGNING_CONTEXT = "barista-renew-v1"
 
 FieldValue = float | Int64 | bool | str  # a metric value may be NaN (ingest drops it)
 
@@ -102,6 +103,9 @@ class EnrollReply(Message, tag="enroll_rep"):
     # Set when ok is False; error_code is stable ("bad_token", "token_used", ...).
     error_code: str = ""
     error: str = ""
+    # NATS operator mode: the node's user JWT (for its own nkey, short-lived); it connects
+    # with it and the identity seed, and renews it before it expires (RenewRequest).
+    nats_jwt: str = ""
 
 
 # --- liveness ---------------------------------------------------------------------------
@@ -415,6 +419,33 @@ class KeySyncReply(Message, tag="key_sync_rep"):
     rotations: list[SignedKeyRotation] = []
 
 
+class RenewRequest(Message, tag="renew_req"):
+    """A node asks for a fresh NATS user JWT (operator mode): on its own renew subject while
+    connected, or -- its JWT expired while it was away -- as the enroll identity on the
+    enroll subject. Signed by the node's identity nkey (``signing_payload``), recently
+    (``ts``); the answer is sealed to ``reply_key`` (32 bytes, X25519) when given."""
+
+    node_id: str
+    identity: str
+    ts: Finite
+    reply_key: bytes = b""
+    signature: bytes = b""
+
+    def signing_payload(self) -> bytes:
+        return msgspec.msgpack.encode(
+            [RENEW_SIGNING_CONTEXT, self.node_id, self.identity, float(self.ts),
+             bytes(self.reply_key)]
+        )
+
+
+class RenewReply(Message, tag="renew_rep"):
+    ok: bool
+    nats_jwt: str = ""
+    # Set when ok is False: "revoked", "not_found", "bad_signature", ...
+    error_code: str = ""
+    error: str = ""
+
+
 # Kinds whose shape changed incompatibly -> the kind that replaced them. A peer still
 # sending the old kind gets a clear ProtocolError naming the new one.
 RETIRED_KINDS: dict[str, str] = {"event": "event.v2", "cmd_result": "cmd_result.v2"}
@@ -436,6 +467,8 @@ AnyMessage = (
     | SignedKeyRotation
     | KeySyncRequest
     | KeySyncReply
+    | RenewRequest
+    | RenewReply
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -455,4 +488,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SignedKeyRotation,
     KeySyncRequest,
     KeySyncReply,
+    RenewRequest,
+    RenewReply,
 )

@@ -34,6 +34,7 @@ from protocol.messages import (
     EnrollRequest,
     KeyRotation,
     Message,
+    RenewRequest,
     SealedReply,
     SignedCommand,
     SignedKeyRotation,
@@ -329,3 +330,32 @@ def open_reply(private_key: nacl.public.PrivateKey, sealed: SealedReply) -> byte
         return bytes(nacl.public.SealedBox(private_key).decrypt(sealed.box))
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise ProtocolError("sealed reply cannot be opened with this request's key") from None
+
+
+def sign_renew(req: RenewRequest, seed: bytes | bytearray) -> RenewRequest:
+    """``req`` signed by the identity nkey it names (from ``seed``)."""
+    kp = nkeys.from_seed(bytearray(seed))
+    try:
+        if kp.public_key.decode() != req.identity:
+            raise ValueError("the seed does not belong to the request's identity")
+        signature = bytes(kp.sign(req.signing_payload()))
+    finally:
+        kp.wipe()
+    return msgspec.structs.replace(req, signature=signature)
+
+
+def verify_renew(
+    req: RenewRequest, *, now: float | None = None, max_skew: float = ENROLL_MAX_SKEW
+) -> None:
+    """Raise ``BadIdentityProof`` unless ``req`` is signed by the nkey it names, recently."""
+    try:
+        key = nacl.signing.VerifyKey(nkey_public_bytes(req.identity))
+        key.verify(req.signing_payload(), req.signature)
+    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
+        raise BadIdentityProof("renew request signature does not match its identity key") from None
+    now = time.time() if now is None else now
+    if not (math.isfinite(req.ts) and abs(req.ts - now) <= max_skew):
+        raise StaleEnrollRequest(
+            f"renew request time is more than {max_skew:.0f}s off the controller's clock "
+            "(check the machine's clock)"
+        )

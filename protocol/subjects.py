@@ -20,6 +20,12 @@ ENROLL_INBOX = "_INBOX_enroll"
 # read ENROLL_INBOX, and a join token is what authorises a node, so it is no secret.
 ENROLL_USER = "enroll"
 ENROLL_PASSWORD = "enroll"
+# In NATS operator mode the enroll identity is a user JWT for this nkey, whose seed is
+# public on purpose (like ENROLL_PASSWORD): the JWT, made by the controller and carried in
+# the join token after JOIN_CREDS_SEP, limits it to the enroll request and its inbox space.
+ENROLL_SEED = "SUAL2HHW6XSQAUULN2ZT6YW3QQDGWRMM3ZVIV4SY2KFZOGKTLOA6ANPLMY"
+ENROLL_NKEY = "UBWJCDXNDILNXJCEQLEK2BHTZG3SLHWNQJDQ3HEL7XOQXI5AKYTA7VZF"
+JOIN_CREDS_SEP = "~"
 # The inbox space of the controller's own JetStream connection (peers may not publish there).
 CONTROLLER_INBOX = "_INBOX_controller"
 # A reply subject inside an inbox space: the space, then 1-3 tokens (nats-py's requests use
@@ -126,6 +132,15 @@ class Subjects:
     @property
     def key_sync_any(self) -> str:
         return f"{self.prefix}.node.*.keys.sync"
+
+    def node_renew(self, node_id: str) -> str:
+        """A connected agent asks for a fresh user JWT (request/reply, under its own
+        subjects: the subject proves who asks, as for app sync)."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.renew"
+
+    @property
+    def node_renew_any(self) -> str:
+        return f"{self.prefix}.node.*.renew"
 
     @property
     def controller_events(self) -> str:

@@ -41,6 +41,7 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.AUDIT] = controller.audit
     app[keys.STATUS] = controller
     app[keys.FLEET] = controller.fleet
+    app[keys.NODE_ADMIN] = controller
     app[keys.TOKENS] = controller.tokens
     app[keys.TOKEN_RECORDS] = controller.tokens_table
     app[keys.AGENT_BOOTSTRAP] = keys.AgentBootstrap(

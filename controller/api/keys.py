@@ -15,7 +15,7 @@ from controller.fleet import Fleet
 from controller.jobs.engine import JobEngine
 from controller.keys import SigningKeys
 from controller.live import MetricsHub
-from controller.models import TokenRecord
+from controller.models import NodeRecord, TokenRecord
 from controller.state.table import Table
 
 
@@ -25,6 +25,14 @@ class ControllerStatus(Protocol):
     def ready_to_serve(self) -> bool: ...
 
     def status(self) -> dict[str, object]: ...
+
+
+class NodeAdmin(Protocol):
+    """Revoking and deleting nodes (the running controller: NATS user and record)."""
+
+    async def revoke_node(self, node_id: str) -> NodeRecord: ...
+
+    async def delete_node(self, node_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ API_TOKENS = web.AppKey("api_tokens", ApiTokens)
 AUDIT = web.AppKey("audit", AuditLog)
 STATUS: web.AppKey[ControllerStatus] = web.AppKey("status")
 FLEET = web.AppKey("fleet", Fleet)
+NODE_ADMIN: web.AppKey[NodeAdmin] = web.AppKey("node_admin")
 TOKENS = web.AppKey("tokens", TokenService)
 TOKEN_RECORDS: web.AppKey[Table[TokenRecord]] = web.AppKey("token_records")
 AGENT_BOOTSTRAP = web.AppKey("agent_bootstrap", AgentBootstrap)

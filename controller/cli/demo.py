@@ -199,7 +199,8 @@ async def run_demo(
             name = f"demo-{labels['provider']}-{i + 1}"
             issued = await c.tokens.create(labels=labels, ttl=600, description=f"demo {name}")
             a = DemoAgent(name, labels, base / "agents" / name, base / "agents" / f"{name}.log")
-            start_agent(a, c.agent_nats_url, issued.token, c.secrets.signer.public_key_b64)
+            start_agent(a, c.agent_nats_url, c.tokens.join_text(issued.token),
+                        c.secrets.signer.public_key_b64)
             demo_agents.append(a)
             console.print(
                 f"started agent {name} ({labels['provider']}/{labels['region']}), "

@@ -206,6 +206,30 @@ def nodes_show(node_id: str, output: str) -> None:
         console.print(f"  {k}: {v}")
 
 
+@nodes.command("revoke")
+@click.argument("node_id")
+@output_option
+def nodes_revoke(node_id: str, output: str) -> None:
+    """Revoke a node: it is disconnected at once and cannot reconnect or renew."""
+    n = call(client().post, f"/v1/nodes/{node_id}/revoke")
+    if output == "json":
+        emit_json(n)
+        return
+    console.print(f"node {node_id} revoked")
+
+
+@nodes.command("rm")
+@click.argument("node_id")
+@output_option
+def nodes_rm(node_id: str, output: str) -> None:
+    """Delete a node (its NATS user is revoked first)."""
+    data = call(client().delete, f"/v1/nodes/{node_id}")
+    if output == "json":
+        emit_json(data)
+        return
+    console.print(f"node {node_id} deleted")
+
+
 # -- tokens -------------------------------------------------------------------------------
 
 
@@ -245,7 +269,7 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, output: st
         console.print("[yellow]pins no CA[/yellow]: the controller's NATS serves no TLS")
     console.print("start an agent with (the token in a 0600 file, never on a command line):")
     console.print(
-        f"  (umask 077; printf %s '{data['token']}' > join-token)\n"
+        f"  (umask 077; printf %s '{data.get('join_token', data['token'])}' > join-token)\n"
         f"  barista-agent --nats-url {data['nats_url']} --token-file join-token "
         f"--controller-key {data['controller_key']}",
         soft_wrap=True,

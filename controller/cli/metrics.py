@@ -104,7 +104,10 @@ def ingest(
             raise click.UsageError(
                 "no sink: give --influx-kind and --influx-url (or BARISTA_INFLUX_KIND/_URL)"
             )
-        if not cfg.nats_user and data_dir is not None:
+        state_creds = data_dir / "nats" / "creds" / "state.creds" if data_dir else None
+        if not cfg.nats_user and state_creds is not None and state_creds.exists():
+            cfg.nats_creds = str(state_creds)  # operator mode: every identity is a JWT
+        elif not cfg.nats_user and data_dir is not None:
             pw = (data_dir / "nats-controller-password").read_text().strip()
             cfg.nats_user, cfg.nats_password = CONTROLLER_USER, pw
         asyncio.run(run_ingest(cfg))

@@ -34,7 +34,8 @@ async def run_ingest(cfg: ControllerConfig, stop: asyncio.Event | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     creds: dict[str, Any] = (
-        {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_user else {})
+        {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_user
+        else {"user_credentials": cfg.nats_creds} if cfg.nats_creds else {})
     if cfg.nats_ca_file:  # a NATS serving TLS: trust its CA only
         creds["tls"] = ssl.create_default_context(cafile=cfg.nats_ca_file)
     nc = await nats.connect(

@@ -1,5 +1,8 @@
 """Node admission: which node identities the NATS server lets in (the ``NodeAdmission``
-seam), and its first implementation, batched config reloads of the embedded server.
+seam) and its implementations: ``OperatorAdmission`` (NATS operator mode, the embedded
+server's: a node is admitted by a user JWT signed for its nkey, no reload), batched config
+reloads of a server with config users (``ReloadAdmission``), and nothing at all for a NATS
+that is not ours (``UnmanagedAdmission``).
 
 Reloads are batched: many nodes enrolling at once cost one config reload. A reload drops
 every client caught in its CONNECT handshake (nats-server checks all clients against the
@@ -13,11 +16,16 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.files import write_private
-from controller.nats.permissions import NodeAccess
+from controller.nats.operator import DEFAULT_USER_TTL, OperatorTrust, Permissions
+from controller.nats.permissions import NodeAccess, node_permissions
 from controller.nats.server import NatsServer
+from protocol.subjects import Subjects
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
 
 log = logging.getLogger("barista.controller.auth")
 
@@ -36,8 +44,13 @@ class NodeAdmission(Protocol):
         """Let ``access`` in; returns once the server accepts that identity."""
         ...
 
+    async def credentials(self, access: NodeAccess) -> str:
+        """What the node connects with besides its nkey: a user JWT in operator mode, ""
+        otherwise. Raises RevokedUser for a revoked identity."""
+        ...
+
     async def remove(self, nkey: str) -> None:
-        """Stop admitting ``nkey``."""
+        """Stop admitting ``nkey`` (in operator mode: revoke it, connections included)."""
         ...
 
     async def sync(self, nodes: Iterable[NodeAccess]) -> None:
@@ -54,6 +67,9 @@ class UnmanagedAdmission:
 
     async def admit(self, access: NodeAccess) -> None:
         return None
+
+    async def credentials(self, access: NodeAccess) -> str:
+        return ""
 
     async def remove(self, nkey: str) -> None:
         return None
@@ -96,6 +112,9 @@ class ReloadAdmission:
         """Admit a node; returns once the server has loaded the new config."""
         self._server.add_node(access)
         await self._reload_soon()
+
+    async def credentials(self, access: NodeAccess) -> str:
+        return ""
 
     async def remove(self, nkey: str) -> None:
         self._server.remove_node(nkey)
@@ -141,3 +160,78 @@ class ReloadAdmission:
                     fut.set_result(None)
         if self._pending:  # arrived while we were reloading
             self._task = asyncio.create_task(self._reload_batch())
+
+
+class OperatorAdmission:
+    """NATS operator mode: a node is admitted by signing a user JWT for its own nkey (with
+    the fleet account's signing key and node_permissions), so enrolling changes nothing on
+    the server -- no config write, no reload, no dropped handshake. Removal revokes the
+    nkey in the fleet account JWT and pushes it over ``system_nc`` (a system-account
+    connection): the server closes the node's connections and refuses it from then on."""
+
+    def __init__(
+        self,
+        *,
+        trust: OperatorTrust,
+        subjects: Subjects,
+        system_nc: NATS | None,
+        server: NatsServer | None = None,
+        ttl: float = DEFAULT_USER_TTL,
+    ) -> None:
+        self._trust = trust
+        # Only a record of who is admitted here (server.nodes); the server needs no list.
+        self._server = server
+        self._subjects = subjects
+        self._system_nc = system_nc
+        self._ttl = ttl
+        self._push_lock = asyncio.Lock()
+
+    @property
+    def managed(self) -> bool:
+        return True
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    async def admit(self, access: NodeAccess) -> None:
+        # The JWT from credentials() is the admission; nothing changes on the server.
+        if self._server is not None:
+            self._server.add_node(access)
+
+    async def credentials(self, access: NodeAccess) -> str:
+        perms = Permissions.from_config(node_permissions(self._subjects, access.node_id))
+        return self._trust.user_jwt(
+            access.nkey, name=access.node_id, permissions=perms, ttl=self._ttl
+        )
+
+    def is_revoked(self, nkey: str) -> bool:
+        return self._trust.is_revoked(nkey)
+
+    async def remove(self, nkey: str) -> None:
+        """Revoke ``nkey``: written to the trust dir first (a failed push is applied at the
+        next start, see sync), then pushed."""
+        if self._server is not None:
+            self._server.remove_node(nkey)
+        if self._trust.is_revoked(nkey):
+            return
+        self._trust.revoke(nkey)
+        await self._push()
+
+    async def sync(self, nodes: Iterable[NodeAccess]) -> None:
+        """Nothing to list (every JWT names its node); the fleet account JWT is pushed, so
+        that a revocation whose push failed before is in force now."""
+        if self._server is not None:
+            self._server.set_nodes(n for n in nodes if not self._trust.is_revoked(n.nkey))
+        await self._push()
+
+    async def _push(self) -> None:
+        if self._system_nc is None:
+            return
+        async with self._push_lock:
+            try:
+                await self._trust.push_fleet(self._system_nc)
+            except Exception as exc:
+                # The revocation is in the trust dir and the preload of the next start.
+                log.warning("could not push the fleet account JWT to nats-server: %s", exc)
+                raise

@@ -1,5 +1,9 @@
 """The embedded nats-server: config, one server per data dir (a lock), start, reload, restart.
 
+With ``trust`` (an OperatorTrust) the server runs in NATS operator mode: no user list in
+its config at all, every identity a user JWT (the controller's users, the enroll identity,
+the system user, each node's), so admitting a node needs no config change and no reload.
+
 Used by the controller when no NATS URL is configured, and by the tests as the real
 server they run against. Processes are started and stopped by their own pid only. There is
 no HTTP monitoring listener: readiness and reload checks go over NATS, as a system-account
@@ -10,6 +14,7 @@ API, on a server without auth).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -35,16 +40,20 @@ import msgspec
 
 from agent.files import write_private
 from controller.errors import NatsServerError, StoreInUse
+from controller.nats import jwt
+from controller.nats.operator import OperatorTrust, Permissions
 from controller.nats.permissions import (
     CONTROLLER_USER,
     PEERS_USER,
     SYS_USER,
     NodeAccess,
     controller_users,
+    enroll_permissions,
     node_user,
+    peers_permissions,
     system_account,
 )
-from protocol.subjects import Subjects
+from protocol.subjects import ENROLL_NKEY, Subjects
 
 log = logging.getLogger("barista.controller.natsd")
 
@@ -151,11 +160,13 @@ def _die_with_parent() -> Callable[[], None] | None:
 class _Probe:
     """A minimal blocking NATS client for the checks readiness and reload need (the system
     account's HEALTHZ and VARZ), from a plain thread and without an HTTP listener.
-    ``password`` None: an anonymous connection (a server without auth)."""
+    ``password`` None: an anonymous connection (a server without auth); ``creds`` (a user
+    JWT and its nkey seed): operator mode, the server's nonce signed with the seed."""
 
     def __init__(
         self, host: str, port: int, password: str | None, timeout: float,
         tls: ssl.SSLContext | None = None,
+        creds: tuple[str, str] | None = None,
     ) -> None:
         self._buf = b""
         self._seq = 0
@@ -176,7 +187,12 @@ class _Probe:
                 "verbose": False, "pedantic": False, "protocol": 1, "headers": False,
                 "name": "barista-natsd-check",
             }
-            if password is not None:
+            if creds is not None:
+                token, seed = creds
+                nonce = str(info.get("nonce", "")).encode()
+                sig = base64.urlsafe_b64encode(jwt.sign(seed, nonce)).rstrip(b"=")
+                connect.update(jwt=token, sig=sig.decode())
+            elif password is not None:
                 connect.update(user=SYS_USER, **{"pass": password})
             self._send(
                 b"CONNECT " + json.dumps(connect).encode() + b"\r\n"
@@ -280,8 +296,14 @@ class NatsServer:
     sys_password: str = field(
         default_factory=lambda: secrets.token_urlsafe(32), init=False, repr=False
     )
+    # Operator mode (see the module docstring); None: config users and reloads.
+    trust: OperatorTrust | None = None
     _nodes: dict[str, NodeAccess] = field(default_factory=dict, init=False)
     _lock_fd: int | None = field(default=None, init=False)
+    # Operator mode: the users made at prepare(), by role ("state", "peers", "sys"), as
+    # (JWT, seed); the enroll identity's JWT (its seed is public: ENROLL_SEED).
+    _users: dict[str, tuple[str, str]] = field(default_factory=dict, init=False, repr=False)
+    enroll_jwt: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Absolute: the server's command line names the config, and orphans are found by it.
@@ -319,17 +341,67 @@ class NatsServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def operator_mode(self) -> bool:
+        return self.auth and self.trust is not None
+
+    @property
+    def creds_dir(self) -> Path:
+        return self.data_dir / "creds"
+
+    def creds_path(self, role: str) -> Path:
+        """The 0600 .creds file of one of the controller's users (operator mode)."""
+        return self.creds_dir / f"{role}.creds"
+
     def controller_credentials(self) -> dict[str, str]:
         """The controller's JetStream user: state and streams, never answers peers."""
         if not self.auth:
             return {}
+        if self.trust is not None:
+            # "user" only names it (nats-py sends the JWT, not a user, when it has one).
+            return {"user": CONTROLLER_USER, "user_credentials": str(self.creds_path("state"))}
         return {"user": CONTROLLER_USER, "password": self.controller_password}
 
     def peer_credentials(self) -> dict[str, str]:
         """The controller's peer-facing user: no JetStream/KV/system API (see PEERS_USER)."""
         if not self.auth:
             return {}
+        if self.trust is not None:
+            return {"user": PEERS_USER, "user_credentials": str(self.creds_path("peers"))}
         return {"user": PEERS_USER, "password": self.controller_password}
+
+    def system_credentials(self) -> dict[str, str]:
+        """The system account's user (operator mode only): account JWT pushes, server state."""
+        if self.trust is None:
+            raise NatsServerError("the system user's credentials exist in operator mode only")
+        return {"user_credentials": str(self.creds_path("sys"))}
+
+    def _make_users(self) -> None:
+        """The controller's users as JWTs, new keys at every start (no expiry: they live as
+        long as this process; a restart makes new ones), written to 0600 .creds files."""
+        trust = self.trust
+        assert trust is not None
+        made = {
+            "state": trust.new_user(name=CONTROLLER_USER, permissions=Permissions()),
+            "peers": trust.new_user(
+                name=PEERS_USER,
+                permissions=Permissions.from_config(peers_permissions(self.subjects)),
+            ),
+            "sys": trust.system_user(name=SYS_USER),
+        }
+        self.creds_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.creds_dir, 0o700)
+        users: dict[str, tuple[str, str]] = {}
+        for role, creds in made.items():
+            write_private(self.creds_path(role), creds.creds.encode())
+            token, seed = jwt.parse_creds(creds.creds)
+            users[role] = (token, seed)
+        self._users = users
+        # No expiry: the join tokens of this controller carry it (it is no secret).
+        self.enroll_jwt = trust.user_jwt(
+            ENROLL_NKEY, name="enroll",
+            permissions=Permissions.from_config(enroll_permissions(self.subjects)), ttl=None,
+        )
 
     @property
     def nodes(self) -> Mapping[str, NodeAccess]:
@@ -363,7 +435,10 @@ class NatsServer:
                 "key_file": self.tls_key_file,
                 "timeout": 5,
             }
-        if self.auth:
+        if self.operator_mode:
+            assert self.trust is not None
+            conf.update(self.trust.server_config())
+        elif self.auth:
             users = controller_users(self.subjects, password=self.controller_password)
             listed = self._nodes.values() if nodes is None else nodes
             for node in sorted(listed, key=lambda n: n.node_id):
@@ -397,8 +472,10 @@ class NatsServer:
         """Take the store's lock and choose the port. An orphaned nats-server of this data
         dir (its controller is gone) is stopped first; a live controller holding the lock is
         a StoreInUse error. Blocking (up to orphan_timeout and then some): run in a thread."""
-        if self.auth and not self.controller_password:
+        if self.auth and not self.controller_password and self.trust is None:
             raise NatsServerError("controller_password is required when auth is on")
+        if self.operator_mode and not self._users:
+            self._make_users()
         if self._lock_fd is None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd = self._take_lock()
@@ -559,6 +636,9 @@ class NatsServer:
         return ctx
 
     def _probe(self, timeout: float = 2.0) -> _Probe:
+        if self.operator_mode:
+            return _Probe(self.host, self.port, None, timeout, self.client_tls(),
+                          creds=self._users["sys"])
         return _Probe(self.host, self.port, self.sys_password if self.auth else None, timeout,
                       self.client_tls())
 

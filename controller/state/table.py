@@ -95,7 +95,12 @@ class Table(Generic[T]):
 
     async def stop(self) -> None:
         if self._watch_task:
-            self._watch_task.cancel()
+            # Cancel until it is done: asyncio.wait_for (inside nats-py's watcher) loses a
+            # cancellation that lands as its inner get completes (Python 3.11), and the loop
+            # then waits an hour for the next update (seen with 200 enrollments, issue 10).
+            while not self._watch_task.done():
+                self._watch_task.cancel()
+                await asyncio.wait({self._watch_task}, timeout=0.5)
             try:
                 await self._watch_task
             except (asyncio.CancelledError, Exception):

@@ -18,7 +18,7 @@ from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import EnrollReply, Heartbeat
 from tests.fixtures.controller import AgentFactory
-from tests.fixtures.enroll import enroll_raw, signed_request
+from tests.fixtures.enroll import enroll_raw, node_opts, signed_request
 from tests.fixtures.wait import wait_for
 
 
@@ -117,7 +117,7 @@ async def test_same_machine_retry_is_idempotent(
     tok = await controller.tokens.create(labels={"k": "v"})
     agent = await agents.start(token=tok.token)
     req, key = signed_request(tok.token, agent.identity, hostname="again")
-    reply = await enroll_raw(controller.nats_url, req, key)
+    reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply)
     assert reply.ok and reply.node_id == agent.node_id
     assert len(controller.fleet.nodes) == 1
@@ -198,7 +198,7 @@ async def test_node_cannot_publish_as_another_node(
     # Connect as node A with its own seed, then try to impersonate B.
     nc = await nats.connect(
         controller.nats_url,
-        nkeys_seed=str(a.identity.seed_path),
+        **node_opts(a),
         inbox_prefix=a.state.inbox_prefix.encode(),
         error_cb=err_cb,
     )

@@ -19,14 +19,14 @@ from agent.runtime import Agent
 from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import ErrorReply, Event, Heartbeat, MetricBatch, NodeStatusChanged
-from protocol.subjects import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
 from tests.fixtures.controller import AgentFactory, controller_config
+from tests.fixtures.enroll import enroll_opts
 from tests.fixtures.wait import wait_for
 
 
 def spawn_agent(controller: RunningController, token: str, state_dir: Path, log: Path):
     token_file = state_dir.parent / f"{state_dir.name}.token"
-    token_file.write_text(token)
+    token_file.write_text(controller.tokens.join_text(token))  # what the join line holds
     token_file.chmod(0o600)
     log_f = open(log, "wb")
     try:
@@ -140,8 +140,7 @@ async def test_metric_batches_arrive_and_decode(
 @pytest.fixture
 async def enroll_nc(controller: RunningController) -> AsyncIterator[NATS]:
     """A client with the enroll credentials, asking from the enroll inbox as agents do."""
-    client = await nats.connect(controller.nats_url, user=ENROLL_USER,
-                                password=ENROLL_PASSWORD, inbox_prefix=ENROLL_INBOX.encode())
+    client = await nats.connect(controller.nats_url, **enroll_opts(controller))
     try:
         yield client
     finally:
@@ -238,7 +237,7 @@ def _agent_cfg(c: RunningController, token: str, state_dir: Path):
 
     return AgentConfig(
         nats_urls=[c.agent_nats_url],
-        token=token,
+        token=c.tokens.join_text(token),
         state_dir=state_dir,
         hostname="restart",
         collectors=["load"],

@@ -32,6 +32,7 @@ from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
 from tests.fixtures.controller import AgentFactory
+from tests.fixtures.enroll import node_opts
 from tests.fixtures.wait import wait_for
 
 # -- helpers ------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ async def as_node(
     async def quiet(exc: Exception) -> None:
         pass
 
-    nc = await nats.connect(url, nkeys_seed=str(agent.config.state_dir / "identity.nk"),
+    nc = await nats.connect(url, **node_opts(agent),
                             inbox_prefix=agent.state.inbox_prefix.encode(), error_cb=quiet)
     try:
         subs = [await nc.subscribe(agent.subjects.cmd_all, cb=on_msg),
@@ -252,7 +253,8 @@ async def test_f08_restarted_agent_kills_what_a_killed_agent_left_running(
     args = ["--nats-url", controller.agent_nats_url, "--state-dir", str(state),
             "--hostname", "orphan", "--heartbeat-interval", "0.2", "--metrics-interval", "1"]
     # The token through the environment (BARISTA_AGENT_TOKEN): the same on main and here.
-    processes.append(_spawn(args, tmp_path / "agent.log", BARISTA_AGENT_TOKEN=tok.token))
+    join = controller.tokens.join_text(tok.token)
+    processes.append(_spawn(args, tmp_path / "agent.log", BARISTA_AGENT_TOKEN=join))
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")
     await wait_for(lambda: controller.fleet.last_beat(node.id) is not None, 10, "a heartbeat")
     pidfile = tmp_path / "sleep.pid"
@@ -294,8 +296,9 @@ async def test_f15a_token_comes_from_a_file_never_the_command_line(
     assert "--token-file" in (tmp_path / "refused.log").read_text()
     assert not list(controller.fleet.select())
     # a token file enrolls; neither the command line nor the environment holds the token
+    join = controller.tokens.join_text(tok.token)
     proc = _spawn([*base, "--state-dir", str(tmp_path / "a"),
-                   "--token-file", str(_token_file(tmp_path / "token", tok.token))],
+                   "--token-file", str(_token_file(tmp_path / "token", join))],
                   tmp_path / "agent.log")
     processes.append(proc)
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")

@@ -29,6 +29,7 @@ from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import Event, Heartbeat, JobOutput, MetricsDropped
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
+from tests.fixtures.enroll import node_opts
 from tests.fixtures.wait import wait_for
 
 GARBAGE = b"\xc1 not a node record \xff"  # 0xc1 is never valid msgpack
@@ -40,7 +41,7 @@ async def as_node(controller: RunningController, agent: Agent) -> AsyncIterator[
     assert agent.state is not None
     nc = await nats.connect(
         controller.nats_url,
-        nkeys_seed=str(agent.identity.seed_path),
+        **node_opts(agent),
         inbox_prefix=agent.state.inbox_prefix.encode(),
         allow_reconnect=False,
     )

@@ -31,8 +31,9 @@ from agent.runtime import Agent
 from controller.errors import NatsServerError
 from controller.models import NodeRecord
 from controller.service import Controller, RunningController
-from protocol.subjects import ENROLL_INBOX, ENROLL_PASSWORD, ENROLL_USER
+from protocol.subjects import ENROLL_INBOX
 from tests.fixtures.controller import AgentFactory, controller_config
+from tests.fixtures.enroll import enroll_opts
 from tests.fixtures.wait import wait_for, wait_for_blocking
 
 FAST_ENV = {
@@ -216,7 +217,7 @@ async def test_f02_orphan_that_survives_is_stopped_and_its_port_reused(
         assert resp.status == 201
         issued = await resp.json()
     config = AgentConfig(
-        nats_urls=[f"nats://127.0.0.1:{port}"], token=issued["token"],
+        nats_urls=[f"nats://127.0.0.1:{port}"], token=issued["join_token"],
         state_dir=tmp_path / "agent", hostname="survivor", collectors=["load"],
     )
     async with Agent(config=config) as agent:
@@ -341,8 +342,8 @@ async def test_f15b_nats_server_has_no_monitoring_listener(controller: RunningCo
         errors.append(exc)
 
     nc = await nats.connect(
-        controller.nats_url, user=ENROLL_USER, password=ENROLL_PASSWORD,
-        inbox_prefix=ENROLL_INBOX, error_cb=on_error,  # its own inbox: only publish is in question
+        controller.nats_url, **{**enroll_opts(controller), "inbox_prefix": ENROLL_INBOX},
+        error_cb=on_error,  # its own inbox: only publish is in question
     )
     try:
         for subject in ("$SYS.REQ.SERVER.PING.CONNZ", "$SYS.REQ.SERVER.PING.VARZ"):

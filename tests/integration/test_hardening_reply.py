@@ -31,6 +31,7 @@ from controller.service import RunningController
 from protocol import codec
 from protocol.messages import AppSyncRequest, EnrollReply, EnrollRequest
 from tests.fixtures.controller import AgentFactory
+from tests.fixtures.enroll import enroll_opts, node_opts
 from tests.fixtures.wait import wait_for
 
 ENROLL = {"user": "enroll", "password": "enroll", "inbox_prefix": b"_INBOX_enroll"}
@@ -123,7 +124,7 @@ async def test_f01_purge_as_enroll_reply_erases_nothing(
     await _populated(controller, agents)
     spare = await controller.tokens.create()
     before = await _stream_counts(controller)
-    attacker = await raw(controller.nats_url, **ENROLL)
+    attacker = await raw(controller.nats_url, **enroll_opts(controller))
     s = controller.subjects
     sent = 0
     for stream in STREAMS:
@@ -156,11 +157,10 @@ async def test_f01_kv_key_as_reply_overwrites_no_record(
     before = await _stream_counts(controller)
     s = controller.subjects
 
-    outsider = await raw(controller.nats_url, **ENROLL)
+    outsider = await raw(controller.nats_url, **enroll_opts(controller))
     await outsider.publish(s.enroll, b"\x00junk", reply=f"$KV.nodes.{victim.node_id}")
     # A real node, with its own nkey, on the app-sync subjects of before and after the fix.
-    seed = victim.config.state_dir / "identity.nk"
-    node = await raw(controller.nats_url, nkeys_seed=str(seed),
+    node = await raw(controller.nats_url, **node_opts(victim),
                      inbox_prefix=f"_INBOX_{victim.node_id}".encode())
     sync = codec.encode(AppSyncRequest(node_id=victim.node_id))
     for subject in (f"{s.prefix}.apps.sync", f"{s.prefix}.node.{victim.node_id}.apps.sync"):
@@ -227,7 +227,7 @@ async def test_f01_peer_facing_controller_user_cannot_reach_jetstream(
 
 
 async def _enroll_plain(controller: RunningController, req: EnrollRequest) -> Any:
-    nc = await _connect(controller.nats_url, **ENROLL)
+    nc = await _connect(controller.nats_url, **enroll_opts(controller))
     try:
         msg = await nc.request(controller.subjects.enroll, codec.encode(req), timeout=5)
     finally:
@@ -257,13 +257,13 @@ async def test_f04_token_holder_cannot_take_over_another_nodes_identity(
     seed = nacl.signing.SigningKey.generate()
     forged = msgspec.structs.replace(forged, signature=seed.sign(
         forged.signing_payload()).signature)
-    reply = await enroll_raw(controller.nats_url, forged, key)
+    reply = await enroll_raw(controller, forged, key)
     assert isinstance(reply, EnrollReply) and not reply.ok
     assert reply.error_code == "bad_signature"
 
     # 3. Signed with the victim's real key but another token: still that node's identity.
     req, key = signed_request(fresh.token, victim.identity, hostname="again")
-    reply = await enroll_raw(controller.nats_url, req, key)
+    reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply) and not reply.ok
     assert reply.error_code == "identity_collision"
 
@@ -280,7 +280,7 @@ async def test_f04_token_holder_cannot_take_over_another_nodes_identity(
 
     # The same machine's retry of its own enrollment still works (idempotent).
     req, key = signed_request(victim.config.token, victim.identity, hostname="retry")
-    reply = await enroll_raw(controller.nats_url, req, key)
+    reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply) and reply.ok and reply.node_id == victim.node_id
     # and the fresh token still enrolls a real new machine
     other = await agents.start(token=fresh.token)
@@ -297,17 +297,17 @@ async def test_f04_stale_or_tampered_requests_are_refused(
     # a signed request whose labels were changed afterwards
     req, key = signed_request(tok.token, ident)
     req = msgspec.structs.replace(req, labels={"role": "admin"})
-    reply = await enroll_raw(controller.nats_url, req, key)
+    reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply) and reply.error_code == "bad_signature"
     # a correctly signed request made an hour ago
     req, key = signed_request(tok.token, ident)
     req = ident.sign_enroll(msgspec.structs.replace(req, ts=time.time() - 3600))
-    reply = await enroll_raw(controller.nats_url, req, key)
+    reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply) and reply.error_code == "clock_skew"
     assert not controller.fleet.select()
     # the token is still good for the genuine request
     req, key = signed_request(tok.token, ident)
-    reply = await enroll_raw(controller.nats_url, req, key)
+    reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply) and reply.ok
 
 
@@ -317,7 +317,7 @@ async def test_f04_stale_or_tampered_requests_are_refused(
 async def test_f10_other_enrolling_machines_cannot_read_the_reply(
     controller: RunningController, agents: AgentFactory, raw: Any
 ) -> None:
-    spy = await raw(controller.nats_url, **ENROLL)
+    spy = await raw(controller.nats_url, **enroll_opts(controller))
     seen: list[bytes] = []
 
     async def collect(msg: Any) -> None:

@@ -16,6 +16,7 @@ from protocol import codec
 from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
+from tests.fixtures.enroll import node_opts
 from tests.fixtures.wait import wait_for
 
 
@@ -390,7 +391,7 @@ async def test_a_node_cannot_answer_for_another(
 
     mallory = await nats.connect(
         controller.nats_url,
-        nkeys_seed=str(a.identity.seed_path),
+        **node_opts(a),
         inbox_prefix=a.state.inbox_prefix.encode(),
         error_cb=err_cb,
     )

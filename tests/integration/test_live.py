@@ -114,7 +114,7 @@ async def _enroll_silent_node(controller: RunningController, tmp_path: Path) -> 
     tok = await controller.tokens.create(labels={"provider": "onprem"})
     ident = Identity(tmp_path / "silent.nk")
     req, key = signed_request(tok.token, ident, hostname="silent")
-    reply = await enroll_raw(controller.nats_url, req, key)
+    reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply)
     assert reply.ok, reply
     return reply.node_id

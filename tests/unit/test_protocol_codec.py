@@ -43,6 +43,8 @@ from protocol.messages import (
     NodeFacts,
     NodeStatusChanged,
     Pong,
+    RenewReply,
+    RenewRequest,
     SealedReply,
     SignedCommand,
     SignedKeyRotation,
@@ -172,6 +174,9 @@ def _samples() -> dict[type[Message], Message]:
                                              key_id="abc"),
         KeySyncRequest: KeySyncRequest(node_id="n-0001", after=1),
         KeySyncReply: KeySyncReply(rotations=[SignedKeyRotation(payload=b"p", signature=b"s")]),
+        RenewRequest: RenewRequest(node_id="n-0001", identity="U" + "A" * 55, ts=T0,
+                                   reply_key=b"k" * 32, signature=b"s" * 64),
+        RenewReply: RenewReply(ok=False, error_code="revoked", error="node n-0001 was revoked"),
     }
 
 

@@ -46,6 +46,9 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "SignedKeyRotation": ("signed_key_rotation", frozenset({"payload", "signature"})),
     "KeySyncRequest": ("key_sync_req", frozenset({"node_id"})),
     "KeySyncReply": ("key_sync_rep", frozenset()),
+    # Added with NATS operator mode (issue 10): renewal of a node's user JWT.
+    "RenewRequest": ("renew_req", frozenset({"node_id", "identity", "ts"})),
+    "RenewReply": ("renew_rep", frozenset({"ok"})),
 }
 
 # Messages whose v1 shape changed incompatibly (typed payloads instead of free-form maps):

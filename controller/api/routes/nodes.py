@@ -1,11 +1,11 @@
-"""The node inventory: list (selector, status filter) and show."""
+"""The node inventory: list (selector, status filter), show, revoke and delete."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from controller.api.access import principal, requires
-from controller.api.keys import FLEET
+from controller.api.keys import FLEET, NODE_ADMIN
 from controller.models import NodeRecord
 from protocol.selectors import Selector
 
@@ -38,8 +38,25 @@ async def get_node(request: web.Request) -> web.Response:
     return web.json_response(request.app[FLEET].view(node))
 
 
+@requires("admin")  # cuts a node off NATS for good
+async def revoke_node(request: web.Request) -> web.Response:
+    """Revoke the node's NATS user (disconnected at once, renewal refused); the record stays,
+    marked revoked."""
+    node = await request.app[NODE_ADMIN].revoke_node(request.match_info["id"])
+    return web.json_response(request.app[FLEET].view(node))
+
+
+@requires("admin")
+async def delete_node(request: web.Request) -> web.Response:
+    """Forget the node, revoking its NATS user first."""
+    await request.app[NODE_ADMIN].delete_node(request.match_info["id"])
+    return web.json_response({"deleted": request.match_info["id"]})
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/v1/nodes", list_nodes),
         web.get("/v1/nodes/{id}", get_node),
+        web.post("/v1/nodes/{id}/revoke", revoke_node),
+        web.delete("/v1/nodes/{id}", delete_node),
     ]

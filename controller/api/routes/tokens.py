@@ -36,6 +36,9 @@ async def create_token(request: web.Request) -> web.Response:
     note(request, target=issued.record.id)
     out = issued.record.public()
     out["token"] = issued.token
+    # What the agent is given: the token and, in NATS operator mode, the (public) JWT of
+    # the enroll identity after "~".
+    out["join_token"] = request.app[TOKENS].join_text(issued.token)
     out["nats_url"] = bootstrap.nats_url
     out["controller_key"] = bootstrap.controller_key
     out["ca_sha256"] = bootstrap.ca_sha256

@@ -1,0 +1,134 @@
+"""The operator-mode trust dir (controller.nats.operator), without a server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from controller.nats import jwt
+from controller.nats.operator import OperatorTrust, Permissions, RevokedUser, TrustError
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_made_at_first_start_private_and_reloaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    trust = OperatorTrust.load_or_create(tmp_path / "nats")
+    tdir = OperatorTrust.trust_dir(tmp_path / "nats")
+    assert _mode(tdir) == 0o700
+    seeds = sorted(p.name for p in tdir.glob("*.seed"))
+    assert seeds == ["fleet-signing.seed", "fleet.seed", "operator.seed", "system.seed"]
+    for p in tdir.iterdir():
+        assert _mode(p) == 0o600, p
+        if p.suffix == ".seed":
+            assert p.read_text().strip() not in caplog.text
+            assert p.read_text().strip() not in repr(trust)
+
+    again = OperatorTrust.load_or_create(tmp_path / "nats")
+    assert (again.operator_key, again.system_account, again.fleet_account) == (
+        trust.operator_key,
+        trust.system_account,
+        trust.fleet_account,
+    )
+    assert again.fleet_jwt == trust.fleet_jwt and again.operator_jwt == trust.operator_jwt
+
+    op = jwt.decode(trust.operator_jwt, jwt.OperatorClaims)
+    assert op.nats.system_account == trust.system_account
+    fleet = jwt.decode(trust.fleet_jwt, jwt.AccountClaims)
+    assert fleet.iss == trust.operator_key
+    assert fleet.nats.signing_keys == [trust.fleet_signing_key]
+    assert fleet.nats.limits.disk_storage != 0  # JetStream on for the fleet
+    system = jwt.decode(trust.system_jwt, jwt.AccountClaims)
+    assert system.nats.limits.disk_storage == 0
+
+
+def test_server_config_fragment(tmp_path: Path) -> None:
+    trust = OperatorTrust.load_or_create(tmp_path / "nats")
+    conf = trust.server_config()
+    assert conf["operator"] == trust.operator_jwt
+    assert conf["system_account"] == trust.system_account
+    assert conf["resolver"] == {
+        "type": "full",
+        "dir": str((tmp_path / "nats" / "jwt").resolve()),
+        "allow_delete": False,
+        "interval": "2m",
+    }
+    assert conf["resolver_preload"] == {
+        trust.system_account: trust.system_jwt,
+        trust.fleet_account: trust.fleet_jwt,
+    }
+    assert "authorization" not in conf and "accounts" not in conf
+
+
+def test_user_jwts_and_creds(tmp_path: Path) -> None:
+    trust = OperatorTrust.load_or_create(tmp_path / "nats", clock=lambda: 1_000_000.0)
+    node = jwt.public_key(jwt.new_seed("user"))
+    token = trust.user_jwt(
+        node, name="n1", permissions=Permissions(pub_allow=("a.>",), sub_allow=("b",)), ttl=60
+    )
+    claims = jwt.decode(token, jwt.UserClaims, clock=lambda: 1_000_030.0)
+    assert claims.exp == 1_000_060 and claims.iat == 1_000_000
+    assert claims.iss == trust.fleet_signing_key
+    assert claims.nats.issuer_account == trust.fleet_account
+    assert claims.nats.pub.allow == ["a.>"] and claims.nats.sub.allow == ["b"]
+    assert claims.nats.resp is None and not claims.nats.bearer_token
+    jwt.check_user_issuer(claims, jwt.decode(trust.fleet_jwt, jwt.AccountClaims))
+
+    own = trust.new_user(name="controller", permissions=Permissions())
+    got_jwt, got_seed = jwt.parse_creds(own.creds)
+    assert got_jwt == own.jwt and jwt.public_key(got_seed) == own.public_key
+    assert got_seed not in repr(own)
+    assert jwt.decode(own.jwt, jwt.UserClaims).exp == 0
+
+    sys_user = trust.system_user()
+    sys_claims = jwt.decode(sys_user.jwt, jwt.UserClaims)
+    assert sys_claims.iss == trust.system_account and sys_claims.nats.issuer_account == ""
+
+    perms = Permissions.from_config(
+        {"publish": {"allow": ["x.>"], "deny": ["y"]}, "subscribe": {"allow": ["z"]}}
+    )
+    assert perms == Permissions(pub_allow=("x.>",), pub_deny=("y",), sub_allow=("z",))
+
+
+def test_revocation_persists_and_blocks_renewal(tmp_path: Path) -> None:
+    now = [2_000_000.0]
+    trust = OperatorTrust.load_or_create(tmp_path / "nats", clock=lambda: now[0])
+    a, b = (jwt.public_key(jwt.new_seed("user")) for _ in range(2))
+    before = jwt.decode(trust.fleet_jwt, jwt.AccountClaims)
+    first = trust.revoke(a)
+    second = trust.revoke(b)  # same second: the iat still grows
+    c1, c2 = (jwt.decode(t, jwt.AccountClaims) for t in (first, second))
+    assert before.iat < c1.iat < c2.iat and c1.jti != c2.jti
+    assert c2.nats.revocations == {a: 2_000_000, b: 2_000_000}
+    with pytest.raises(RevokedUser):
+        trust.user_jwt(a, name="a", permissions=Permissions())
+    with pytest.raises(TrustError):
+        trust.revoke("not-a-key")
+
+    again = OperatorTrust.load_or_create(tmp_path / "nats")
+    assert again.fleet_jwt == second and again.is_revoked(a) and again.is_revoked(b)
+    assert trust.server_config()["resolver_preload"] == {
+        trust.system_account: trust.system_jwt,
+        trust.fleet_account: second,
+    }
+
+
+def test_a_readable_seed_or_a_foreign_jwt_is_refused(tmp_path: Path) -> None:
+    OperatorTrust.load_or_create(tmp_path / "nats")
+    tdir = OperatorTrust.trust_dir(tmp_path / "nats")
+    os.chmod(tdir / "fleet.seed", 0o644)
+    with pytest.raises(TrustError, match="readable by others"):
+        OperatorTrust.load_or_create(tmp_path / "nats")
+    os.chmod(tdir / "fleet.seed", 0o600)
+    other = OperatorTrust.load_or_create(tmp_path / "other")
+    (tdir / "fleet.jwt").write_text(other.fleet_jwt)
+    with pytest.raises(TrustError, match="does not belong"):
+        OperatorTrust.load_or_create(tmp_path / "nats")
