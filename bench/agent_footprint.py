@@ -93,8 +93,11 @@ class Sampler:
         }
 
 
-async def run(seconds: float, interval: float, warmup: float, root: Path) -> dict[str, object]:
-    cfg = ControllerConfig(data_dir=root / "controller", api_port=0, metrics_interval=interval)
+async def run(
+    seconds: float, interval: float, warmup: float, root: Path, *, tls: bool = True
+) -> dict[str, object]:
+    cfg = ControllerConfig(data_dir=root / "controller", api_port=0, metrics_interval=interval,
+                           tls=tls)
     async with Controller(cfg) as controller:
         token = controller.tokens.join_text(
             (await controller.tokens.create(labels={"provider": "bench"})).token)
@@ -167,9 +170,13 @@ def main() -> None:
                         help="agent metrics interval and node-exporter scrape interval")
     parser.add_argument("--warmup", type=float, default=5.0,
                         help="wait after the first batch before measuring")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="plain NATS (default: TLS with the pinned CA, as in production)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="barista-bench-footprint-") as tmp:
-        result = asyncio.run(run(args.seconds, args.interval, args.warmup, Path(tmp)))
+        result = asyncio.run(run(args.seconds, args.interval, args.warmup, Path(tmp),
+                                 tls=not args.no_tls))
+    result["tls"] = not args.no_tls
     print(json.dumps(result))
 
 
