@@ -172,10 +172,13 @@ def nodes_ls(selector: str, status_: str | None, output: str) -> None:
         table.add_column(col)
     for n in data["nodes"]:
         labels = n["labels"]
-        style = {"online": "green", "stale": "yellow", "offline": "red"}.get(n["status"], "")
+        # A revoked node is cut off NATS for good, whatever its liveness still says.
+        shown = "revoked" if n.get("revoked") else n["status"]
+        style = {"online": "green", "stale": "yellow", "offline": "red",
+                 "revoked": "red"}.get(shown, "")
         table.add_row(
             n["id"],
-            f"[{style}]{n['status']}[/{style}]",
+            f"[{style}]{shown}[/{style}]",
             labels.get("provider", "-"),
             labels.get("region", "-"),
             ago(n.get("last_seen")),

@@ -24,7 +24,7 @@ from agent.runtime import Agent
 from controller.nats.operator import Permissions
 from controller.nats.permissions import NodeAccess, node_permissions
 from controller.service import Controller, RunningController
-from tests.fixtures.controller import AgentFactory, controller_config
+from tests.fixtures.controller import AgentFactory, controller_config, run_cli
 from tests.fixtures.enroll import enroll_raw, node_opts, signed_request
 from tests.fixtures.wait import wait_for
 
@@ -263,3 +263,19 @@ async def test_node_credentials_reach_only_its_own_subjects(
             assert what.lower() in text, text
     finally:
         await nc.close()
+
+
+async def test_cli_revokes_a_node_and_lists_it_as_revoked(
+    controller: RunningController, agents: AgentFactory, api: tuple[str, str]
+) -> None:
+    """`barista nodes revoke` through the real API; `nodes ls` then says revoked, not the
+    liveness the node had when it was cut off."""
+    victim = await agents.start()
+    url, token = api
+    code, out, err = await run_cli("nodes", "revoke", victim.node_id, url=url, token=token)
+    assert code == 0, err
+    assert f"node {victim.node_id} revoked" in out
+    code, out, err = await run_cli("nodes", "ls", url=url, token=token)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if victim.node_id in line)
+    assert "revoked" in row and "online" not in row
