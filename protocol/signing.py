@@ -11,7 +11,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import msgspec
 import nacl.exceptions
@@ -277,7 +277,12 @@ def nkey_public_bytes(public_key: str) -> bytes:
     return raw[1:33]
 
 
-def sign_enroll(req: EnrollRequest, seed: bytes | bytearray) -> EnrollRequest:
+# What a node signs to prove it holds its identity nkey: an enroll or a renew request
+# (each has ``identity``, ``ts``, ``signature`` and ``signing_payload()``).
+_Proof = TypeVar("_Proof", EnrollRequest, RenewRequest)
+
+
+def _sign_proof(req: _Proof, seed: bytes | bytearray) -> _Proof:
     """``req`` with its signature: the identity nkey (from ``seed``) over its fields."""
     kp = nkeys.from_seed(bytearray(seed))
     try:
@@ -289,13 +294,13 @@ def sign_enroll(req: EnrollRequest, seed: bytes | bytearray) -> EnrollRequest:
     return msgspec.structs.replace(req, signature=signature)
 
 
-def verify_enroll(
-    req: EnrollRequest, *, now: float | None = None, max_skew: float = ENROLL_MAX_SKEW
-) -> None:
-    """Raise ``BadIdentityProof`` unless ``req`` is signed by the nkey it names, recently."""
+def _verify_proof(req: EnrollRequest | RenewRequest, what: str, *, now: float | None,
+                  max_skew: float) -> None:
+    """Raise ``BadIdentityProof`` unless ``req`` is signed by the nkey it names, and
+    ``StaleEnrollRequest`` unless it was signed recently."""
     if not req.signature:
         raise BadIdentityProof(
-            "enroll request is not signed by its identity key (an agent older than the "
+            f"{what} request is not signed by its identity key (an agent older than the "
             "controller? upgrade it)"
         )
     try:
@@ -303,15 +308,27 @@ def verify_enroll(
         key.verify(req.signing_payload(), req.signature)
     except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
         raise BadIdentityProof(
-            "enroll request signature does not match its identity key"
+            f"{what} request signature does not match its identity key"
         ) from None
     now = time.time() if now is None else now
     # NaN fails every comparison: refuse what is not a finite, recent time.
     if not (math.isfinite(req.ts) and abs(req.ts - now) <= max_skew):
         raise StaleEnrollRequest(
-            f"enroll request time is more than {max_skew:.0f}s off the controller's clock "
+            f"{what} request time is more than {max_skew:.0f}s off the controller's clock "
             "(check the machine's clock)"
         )
+
+
+def sign_enroll(req: EnrollRequest, seed: bytes | bytearray) -> EnrollRequest:
+    """``req`` with its signature: the identity nkey (from ``seed``) over its fields."""
+    return _sign_proof(req, seed)
+
+
+def verify_enroll(
+    req: EnrollRequest, *, now: float | None = None, max_skew: float = ENROLL_MAX_SKEW
+) -> None:
+    """Raise ``BadIdentityProof`` unless ``req`` is signed by the nkey it names, recently."""
+    _verify_proof(req, "enroll", now=now, max_skew=max_skew)
 
 
 def seal_reply(reply_key: bytes, reply: Message) -> SealedReply:
@@ -334,28 +351,11 @@ def open_reply(private_key: nacl.public.PrivateKey, sealed: SealedReply) -> byte
 
 def sign_renew(req: RenewRequest, seed: bytes | bytearray) -> RenewRequest:
     """``req`` signed by the identity nkey it names (from ``seed``)."""
-    kp = nkeys.from_seed(bytearray(seed))
-    try:
-        if kp.public_key.decode() != req.identity:
-            raise ValueError("the seed does not belong to the request's identity")
-        signature = bytes(kp.sign(req.signing_payload()))
-    finally:
-        kp.wipe()
-    return msgspec.structs.replace(req, signature=signature)
+    return _sign_proof(req, seed)
 
 
 def verify_renew(
     req: RenewRequest, *, now: float | None = None, max_skew: float = ENROLL_MAX_SKEW
 ) -> None:
     """Raise ``BadIdentityProof`` unless ``req`` is signed by the nkey it names, recently."""
-    try:
-        key = nacl.signing.VerifyKey(nkey_public_bytes(req.identity))
-        key.verify(req.signing_payload(), req.signature)
-    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
-        raise BadIdentityProof("renew request signature does not match its identity key") from None
-    now = time.time() if now is None else now
-    if not (math.isfinite(req.ts) and abs(req.ts - now) <= max_skew):
-        raise StaleEnrollRequest(
-            f"renew request time is more than {max_skew:.0f}s off the controller's clock "
-            "(check the machine's clock)"
-        )
+    _verify_proof(req, "renew", now=now, max_skew=max_skew)
