@@ -1,0 +1,1 @@
+"""Provisioning: the provider contract, the engine, bootstrap and providers."""

@@ -1,0 +1,1 @@
+"""One module per provider, each implementing ``controller.provision.contract.Provider``."""
