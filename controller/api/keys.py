@@ -16,6 +16,7 @@ from controller.jobs.engine import JobEngine
 from controller.keys import SigningKeys
 from controller.live import MetricsHub
 from controller.models import NodeRecord, TokenRecord
+from controller.provision.model import Infras
 from controller.state.table import Table
 
 
@@ -59,3 +60,4 @@ METRICS_HUB = web.AppKey("metrics_hub", MetricsHub)
 JOBS = web.AppKey("jobs", JobEngine)
 DEPLOYER = web.AppKey("deployer", Deployer)
 SIGNING_KEYS = web.AppKey("signing_keys", SigningKeys)
+INFRAS: web.AppKey[Infras] = web.AppKey("infras")

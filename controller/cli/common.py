@@ -39,3 +39,15 @@ def parse_duration(text: str) -> float:
     if not m:
         raise click.BadParameter(f"{text!r} is not a duration (e.g. 90, 30s, 15m, 2h, 7d)")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def with_infra(selector: str, infra: str) -> str:
+    """``selector`` narrowed to one infra's nodes (``--infra NAME``)."""
+    if not infra:
+        return selector
+    from controller.provision.model import LABEL_INFRA
+
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", infra):
+        raise click.BadParameter(f"{infra!r} is not an infra name", param_hint="--infra")
+    part = f"{LABEL_INFRA}={infra}"
+    return f"{selector},{part}" if selector.strip() else part

@@ -17,7 +17,8 @@ from rich.table import Table
 from controller.cli.apps import app_group
 from controller.cli.auth import audit_group, auth_group
 from controller.cli.client import ApiClient, ApiError
-from controller.cli.common import call, client, emit_json, parse_duration
+from controller.cli.common import call, client, emit_json, parse_duration, with_infra
+from controller.cli.infra import infra_group
 from controller.cli.keys import keys_group
 from controller.cli.metrics import influx_options, ingest, top
 
@@ -370,6 +371,7 @@ def follow_job(api: ApiClient, job_id: str, expected: int, *, stream_output: boo
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("-l", "--selector", default="", help="label selector of the target nodes")
+@click.option("--infra", "infra", default="", help="only the nodes of this infra")
 @click.option("--node", "targets", multiple=True, help="target node id (repeat)")
 @click.option("--action", type=click.Choice(["exec", "ping", "facts"]), default="exec",
               show_default=True)
@@ -386,10 +388,12 @@ def follow_job(api: ApiClient, job_id: str, expected: int, *, stream_output: boo
 @click.option("--async", "async_", is_flag=True, help="print the job id and return at once")
 @output_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(selector: str, targets: tuple[str, ...], action: str, shell: bool | None, timeout: str,
-        batch: str, pause: str, max_failures: str, envs: tuple[str, ...], cwd: str, user: str,
-        stream: bool, async_: bool, output: str, command: tuple[str, ...]) -> None:
+def run(selector: str, infra: str, targets: tuple[str, ...], action: str, shell: bool | None,
+        timeout: str, batch: str, pause: str, max_failures: str, envs: tuple[str, ...],
+        cwd: str, user: str, stream: bool, async_: bool, output: str,
+        command: tuple[str, ...]) -> None:
     """Run a command on every node the selector matches:  barista run -l role=web -- uptime"""
+    selector = with_infra(selector, infra)
     if action == "exec" and not command:
         raise click.UsageError("give a command after --, e.g. barista run -l role=web -- uptime")
     env: dict[str, str] = {}
@@ -516,6 +520,7 @@ main.add_command(app_group)
 main.add_command(auth_group)
 main.add_command(audit_group)
 main.add_command(keys_group)
+main.add_command(infra_group)
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from controller.cli.client import ApiClient, ApiError
+from controller.cli.common import with_infra
 
 log = logging.getLogger("barista.cli.metrics")
 
@@ -229,14 +230,16 @@ class _Reader(threading.Thread):
 
 @click.command()
 @click.option("-l", "--selector", default="", help="label selector, e.g. 'provider=aws'")
+@click.option("--infra", default="", help="only the nodes of this infra")
 @click.option("--once", is_flag=True,
               help="print one table once every node has reported (or after 10 s), then exit")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="output format")
 @click.option("--wait", "wait_s", default=10.0, show_default=True, type=float,
               help="with --once: the longest to wait for every node")
-def top(selector: str, once: bool, output: str, wait_s: float) -> None:
+def top(selector: str, infra: str, once: bool, output: str, wait_s: float) -> None:
     """Live CPU, memory, network and load of the nodes a selector picks."""
+    selector = with_infra(selector, infra)
     try:
         api = ApiClient()
         nodes = api.get("/v1/nodes", selector=selector)["nodes"]

@@ -7,10 +7,15 @@ Spec parsing and validation (errors that name the field) live in ``spec.py``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Literal, Protocol
 
 import msgspec
+
+# Labels every node of an infra carries (with provider, region and zone), so selectors,
+# `barista run --infra NAME` and metrics tags reach an infra or one of its groups.
+LABEL_INFRA = "infra"
+LABEL_GROUP = "group"
 
 PartialFailure = Literal["continue", "rollback"]
 InfraStatus = Literal[
@@ -160,6 +165,11 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 class Infras(Protocol):
     """What the API needs from the provisioning engine."""
 
+    def parse(self, raw: bytes, *, yaml_text: bool) -> InfraSpec:
+        """A spec from the API's body (JSON, or YAML), validated against the providers'
+        catalogs; ``BadRequest`` naming the field otherwise."""
+        ...
+
     async def review(self, spec: InfraSpec) -> Plan: ...
 
     async def create(self, spec: InfraSpec) -> InfraView:
@@ -179,6 +189,7 @@ class Infras(Protocol):
         """Call ``fn`` for every progress step; returns the unsubscribe function."""
         ...
 
-    async def gc(self, *, confirm: bool) -> list[NodeView]:
-        """VMs carrying our tags that the state does not know; removed when ``confirm``."""
+    async def gc(self, *, confirm: bool, vm_ids: Collection[str] | None = None) -> list[NodeView]:
+        """VMs carrying our tags that the state does not know; removed when ``confirm``
+        (only those in ``vm_ids`` when given: what the operator was shown and agreed to)."""
         ...
