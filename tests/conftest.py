@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.nats",
     "tests.fixtures.controller",
     "tests.fixtures.influx",
+    "tests.fixtures.moto",
 ]

@@ -1,0 +1,477 @@
+"""AWS EC2 behind the provider contract (boto3).
+
+boto3 is synchronous: every call runs in a worker thread (``asyncio.to_thread``) on a
+client made once per region (boto3 clients are thread-safe). botocore's own retries are
+off (one attempt): the engine owns retry, backoff and rate limits, so a throttled call is
+never retried twice over. Everything we create carries our tags, which is how a restarted
+controller finds it again and how ``cleanup`` knows what is ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.provision.contract import (
+    TAG_INFRA,
+    TAG_MANAGED,
+    TAG_NODE,
+    CapacityError,
+    Catalog,
+    CredentialsError,
+    Image,
+    Instance,
+    InstanceState,
+    InvalidRequestError,
+    LaunchRequest,
+    Network,
+    NetworkRequest,
+    NotFoundError,
+    Placement,
+    ProvisionError,
+    QuotaError,
+    Region,
+    Size,
+    TransientError,
+)
+
+log = logging.getLogger("barista.controller.provision.aws")
+
+NAME = "aws"
+CANONICAL = "099720109477"  # Ubuntu's AWS account
+
+# EC2 instance state name -> ours (the provider's state map, Libcloud style).
+STATE_MAP: Mapping[str, InstanceState] = {
+    "pending": InstanceState.PENDING,
+    "running": InstanceState.RUNNING,
+    "stopping": InstanceState.STOPPING,
+    "stopped": InstanceState.STOPPED,
+    "shutting-down": InstanceState.TERMINATING,
+    "terminated": InstanceState.TERMINATED,
+}
+
+# EC2 error code -> contract error. Codes from the EC2 API reference ("Error codes for the
+# Amazon EC2 API"); a code not listed is an InvalidRequestError carrying the code.
+ERROR_MAP: Mapping[str, type[ProvisionError]] = {
+    "RequestLimitExceeded": TransientError,
+    "Throttling": TransientError,
+    "ThrottlingException": TransientError,
+    "InternalError": TransientError,
+    "InternalFailure": TransientError,
+    "ServiceUnavailable": TransientError,
+    "Unavailable": TransientError,
+    "InsufficientInstanceCapacity": CapacityError,
+    "InsufficientHostCapacity": CapacityError,
+    "InsufficientReservedInstanceCapacity": CapacityError,
+    "InsufficientCapacity": CapacityError,
+    "InstanceLimitExceeded": QuotaError,
+    "VcpuLimitExceeded": QuotaError,
+    "VpcLimitExceeded": QuotaError,
+    "AddressLimitExceeded": QuotaError,
+    "SecurityGroupLimitExceeded": QuotaError,
+    "MaxSpotInstanceCountExceeded": QuotaError,
+    "AuthFailure": CredentialsError,
+    "UnauthorizedOperation": CredentialsError,
+    "InvalidClientTokenId": CredentialsError,
+    "SignatureDoesNotMatch": CredentialsError,
+    "ExpiredToken": CredentialsError,
+    "OptInRequired": CredentialsError,
+    "InvalidInstanceID.NotFound": NotFoundError,
+    "InvalidInstanceID.Malformed": NotFoundError,
+    "InvalidVpcID.NotFound": NotFoundError,
+    "InvalidGroup.NotFound": NotFoundError,
+    "InvalidSubnetID.NotFound": NotFoundError,
+    "InvalidInternetGatewayID.NotFound": NotFoundError,
+}
+
+
+def map_error(exc: Exception, *, region: str = "", zone: str = "") -> ProvisionError:
+    """A botocore exception as the contract's typed error (the cloud's code kept)."""
+    import botocore.exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        message = str(err.get("Message", "")) or code
+        kind = ERROR_MAP.get(code, InvalidRequestError)
+        return kind(f"aws: {message}", provider=NAME, region=region, zone=zone, code=code)
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return CredentialsError(
+            "aws: no credentials found (set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, or run `aws configure`)", provider=NAME, region=region,
+            code=type(exc).__name__)
+    if isinstance(exc, bx.ProfileNotFound):
+        return CredentialsError(f"aws: {exc}", provider=NAME, region=region,
+                                code="ProfileNotFound")
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError |
+                  bx.ReadTimeoutError | bx.ConnectionClosedError):
+        return TransientError(f"aws: {exc}", provider=NAME, region=region, zone=zone,
+                              code=type(exc).__name__)
+    return TransientError(f"aws: unexpected {type(exc).__name__}: {exc}", provider=NAME,
+                          region=region, zone=zone, code=type(exc).__name__)
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """How to reach EC2. Credentials come the way AWS users keep them (profile, env,
+    instance role); none is ever stored or logged by us."""
+
+    profile: str | None = None
+    endpoint_url: str | None = None  # tests: a moto server on loopback
+    # Image name -> (owner accounts, AMI name pattern); the newest match wins.
+    images: Mapping[str, tuple[tuple[str, ...], str]] = field(default_factory=lambda: {
+        "ubuntu-24.04": ((CANONICAL,),
+                         "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-amd64-server-*"),
+        "ubuntu-22.04": ((CANONICAL,),
+                         "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"),
+    })
+    key_name: str = ""  # an existing EC2 key pair to put on the VMs ("" = none)
+    root_volume_gb: int = 20
+
+
+def _tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+
+
+def _filters(tags: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{"Name": f"tag:{k}", "Values": [v]} for k, v in sorted(tags.items())]
+
+
+def client_token(name: str, tags: Mapping[str, str]) -> str:
+    """EC2's idempotency token for one node: the same launch asked twice (a controller
+    killed between the call and its journal entry) returns the same instance."""
+    seed = f"{tags.get(TAG_MANAGED, '')}/{tags.get(TAG_INFRA, '')}/{name}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:64]
+
+
+class AwsProvider:
+    """EC2: VPC + subnet per zone + internet gateway + security group per infra and region."""
+
+    def __init__(self, *, settings: AwsSettings, catalog: Catalog,
+                 session_factory: Callable[[], Any] | None = None) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._session_factory = session_factory
+        self._clients: dict[str, Any] = {}
+        self._amis: dict[tuple[str, str], str] = {}
+
+    @property
+    def name(self) -> str:
+        return NAME
+
+    def catalog(self) -> Catalog:
+        return self._catalog
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _client(self, region: str) -> Any:
+        c = self._clients.get(region)
+        if c is None:
+            import boto3
+            from botocore.config import Config
+
+            session = (self._session_factory() if self._session_factory is not None
+                       else boto3.session.Session(profile_name=self._settings.profile))
+            c = session.client(
+                "ec2", region_name=region, endpoint_url=self._settings.endpoint_url,
+                config=Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                              connect_timeout=10, read_timeout=30))
+            self._clients[region] = c
+        return c
+
+    async def _call(self, region: str, op: str, zone: str = "", **kwargs: Any) -> Any:
+        def run() -> Any:
+            return getattr(self._client(region), op)(**kwargs)
+
+        try:
+            return await asyncio.to_thread(run)
+        except ProvisionError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, region=region, zone=zone) from None
+
+    # -- network -----------------------------------------------------------------------
+
+    async def ensure_network(self, request: NetworkRequest) -> Network:
+        region = request.region
+        tags = {**request.tags, TAG_INFRA: request.infra}
+        vpcs = (await self._call(region, "describe_vpcs", Filters=_filters(tags)))["Vpcs"]
+        if vpcs:
+            vpc_id = vpcs[0]["VpcId"]
+        else:
+            vpc = await self._call(region, "create_vpc", CidrBlock=request.cidr,
+                                   TagSpecifications=[{"ResourceType": "vpc",
+                                                       "Tags": _tags(tags)}])
+            vpc_id = vpc["Vpc"]["VpcId"]
+            log.info("aws %s: created VPC %s for infra %s", region, vpc_id, request.infra)
+        igws = (await self._call(region, "describe_internet_gateways",
+                                 Filters=[{"Name": "attachment.vpc-id",
+                                           "Values": [vpc_id]}]))["InternetGateways"]
+        if not igws:
+            igw = (await self._call(region, "create_internet_gateway", TagSpecifications=[
+                {"ResourceType": "internet-gateway", "Tags": _tags(tags)}]))["InternetGateway"]
+            await self._call(region, "attach_internet_gateway",
+                             InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc_id)
+            tables = (await self._call(region, "describe_route_tables", Filters=[
+                {"Name": "vpc-id", "Values": [vpc_id]}]))["RouteTables"]
+            for t in tables:
+                await self._call(region, "create_route", RouteTableId=t["RouteTableId"],
+                                 DestinationCidrBlock="0.0.0.0/0",
+                                 GatewayId=igw["InternetGatewayId"])
+        sg_id = await self._ensure_security_group(region, vpc_id, request, tags)
+        return Network(id=vpc_id, region=region, cidr=request.cidr, firewall_id=sg_id,
+                       extra={"infra": request.infra})
+
+    async def _ensure_security_group(self, region: str, vpc_id: str, request: NetworkRequest,
+                                     tags: Mapping[str, str]) -> str:
+        name = f"barista-{request.infra}"
+        groups = (await self._call(region, "describe_security_groups", Filters=[
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "group-name", "Values": [name]}]))["SecurityGroups"]
+        if groups:
+            return str(groups[0]["GroupId"])
+        sg = await self._call(
+            region, "create_security_group", GroupName=name, VpcId=vpc_id,
+            Description=f"barista infra {request.infra}: WireGuard UDP {request.wireguard_port}",
+            TagSpecifications=[{"ResourceType": "security-group", "Tags": _tags(tags)}])
+        perms: list[dict[str, Any]] = [{
+            "IpProtocol": "udp", "FromPort": request.wireguard_port,
+            "ToPort": request.wireguard_port,
+            "IpRanges": [{"CidrIp": "0.0.0.0/0", "Description": "WireGuard overlay"}]}]
+        if request.ssh_from:
+            perms.append({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                          "IpRanges": [{"CidrIp": c, "Description": "ssh (asked for)"}
+                                       for c in request.ssh_from]})
+        await self._call(region, "authorize_security_group_ingress", GroupId=sg["GroupId"],
+                         IpPermissions=perms)
+        return str(sg["GroupId"])
+
+    async def _subnet(self, region: str, zone: str, network: Network) -> str:
+        """The infra's subnet in ``zone`` (made on first use: a /20 per zone)."""
+        subnets = (await self._call(region, "describe_subnets", zone, Filters=[
+            {"Name": "vpc-id", "Values": [network.id]},
+            {"Name": "availability-zone", "Values": [zone]}]))["Subnets"]
+        if subnets:
+            return str(subnets[0]["SubnetId"])
+        taken = (await self._call(region, "describe_subnets", zone, Filters=[
+            {"Name": "vpc-id", "Values": [network.id]}]))["Subnets"]
+        import ipaddress
+
+        used = {ipaddress.ip_network(s["CidrBlock"]) for s in taken}
+        vpc_net = ipaddress.ip_network(network.cidr)
+        prefix = max(vpc_net.prefixlen, min(20, vpc_net.prefixlen + 4))
+        free = next((n for n in vpc_net.subnets(new_prefix=prefix)
+                     if not any(n.overlaps(u) for u in used)), None)
+        if free is None:
+            raise QuotaError(f"aws: VPC {network.id} ({network.cidr}) has no room for a subnet "
+                             f"in {zone}", provider=NAME, region=region, zone=zone)
+        sub = await self._call(region, "create_subnet", zone, VpcId=network.id,
+                               CidrBlock=str(free), AvailabilityZone=zone, TagSpecifications=[
+                                   {"ResourceType": "subnet",
+                                    "Tags": _tags({TAG_INFRA: network.extra.get("infra", "")})}])
+        subnet_id = str(sub["Subnet"]["SubnetId"])
+        await self._call(region, "modify_subnet_attribute", zone, SubnetId=subnet_id,
+                         MapPublicIpOnLaunch={"Value": True})
+        return subnet_id
+
+    async def _ami(self, region: str, image: str) -> str:
+        if image.startswith("ami-"):
+            return image
+        key = (region, image)
+        if key in self._amis:
+            return self._amis[key]
+        known = self._settings.images.get(image)
+        if known is None:
+            raise InvalidRequestError(
+                f"aws: unknown image {image!r} (known: {', '.join(sorted(self._settings.images))}"
+                ", or give an AMI id)", provider=NAME, region=region)
+        owners, pattern = known
+        found = (await self._call(region, "describe_images", Owners=list(owners), Filters=[
+            {"Name": "name", "Values": [pattern]}, {"Name": "state", "Values": ["available"]}]
+        ))["Images"]
+        if not found:
+            raise InvalidRequestError(f"aws: no AMI named {pattern!r} from {list(owners)} in "
+                                      f"{region}", provider=NAME, region=region)
+        newest = max(found, key=lambda i: str(i.get("CreationDate", "")))
+        self._amis[key] = str(newest["ImageId"])
+        return self._amis[key]
+
+    # -- instances ---------------------------------------------------------------------
+
+    async def run_instances(self, placement: Placement, network: Network,
+                            requests: Sequence[LaunchRequest]) -> list[Instance]:
+        region, zone = placement.region, placement.zone or f"{placement.region}a"
+        if not requests:
+            return []
+        existing = {i.name: i for i in await self._by_names(region, [r.name for r in requests])
+                    if not i.state.gone}
+        out = [existing[r.name] for r in requests if r.name in existing]
+        todo = [r for r in requests if r.name not in existing]
+        if not todo:
+            return out
+        subnet = await self._subnet(region, zone, network)
+        for req in todo:
+            ami = await self._ami(region, req.image)
+            kwargs: dict[str, Any] = {
+                "ImageId": ami, "InstanceType": req.size, "MinCount": 1, "MaxCount": 1,
+                "UserData": req.user_data,
+                "ClientToken": client_token(req.name, req.tags),
+                "Placement": {"AvailabilityZone": zone},
+                "NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": subnet,
+                                       "Groups": [network.firewall_id],
+                                       "AssociatePublicIpAddress": True}],
+                "TagSpecifications": [
+                    {"ResourceType": "instance",
+                     "Tags": _tags({**req.tags, TAG_NODE: req.name, "Name": req.name})},
+                    {"ResourceType": "volume", "Tags": _tags({**req.tags, TAG_NODE: req.name})},
+                ],
+                "MetadataOptions": {"HttpTokens": "required"},  # IMDSv2 only
+            }
+            if self._settings.key_name:
+                kwargs["KeyName"] = self._settings.key_name
+            resp = await self._call(region, "run_instances", zone, **kwargs)
+            for raw in resp["Instances"]:
+                out.append(self._instance(raw, region))
+        return out
+
+    async def _by_names(self, region: str, names: Sequence[str]) -> list[Instance]:
+        return await self._describe(region, [{"Name": f"tag:{TAG_NODE}", "Values": list(names)}])
+
+    async def _describe(self, region: str, filters: list[dict[str, Any]]) -> list[Instance]:
+        out: list[Instance] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Filters": filters, "MaxResults": 1000}
+            if token:
+                kwargs["NextToken"] = token
+            resp = await self._call(region, "describe_instances", **kwargs)
+            for res in resp.get("Reservations", []):
+                out.extend(self._instance(raw, region) for raw in res.get("Instances", []))
+            token = resp.get("NextToken")
+            if not token:
+                return out
+
+    def _instance(self, raw: Mapping[str, Any], region: str) -> Instance:
+        tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
+        zone = str(raw.get("Placement", {}).get("AvailabilityZone", ""))
+        launched: Any = raw.get("LaunchTime")
+        return Instance(
+            id=str(raw["InstanceId"]),
+            name=tags.get(TAG_NODE, ""),
+            placement=Placement(NAME, region, zone),
+            state=STATE_MAP.get(str(raw.get("State", {}).get("Name", "")),
+                                InstanceState.UNKNOWN),
+            size=str(raw.get("InstanceType", "")),
+            image=str(raw.get("ImageId", "")),
+            private_ip=str(raw.get("PrivateIpAddress", "") or ""),
+            public_ip=str(raw.get("PublicIpAddress", "") or ""),
+            tags=tags,
+            launched_at=float(launched.timestamp()) if launched is not None else 0.0,
+            extra={"vpc_id": str(raw.get("VpcId", "")),
+                   "subnet_id": str(raw.get("SubnetId", ""))},
+        )
+
+    async def query_instances(self, tags: Mapping[str, str], *,
+                              region: str | None = None) -> list[Instance]:
+        regions = [region] if region else sorted(self._catalog.regions)
+        out: list[Instance] = []
+        for r in regions:
+            out.extend(await self._describe(r, _filters(tags)))
+        return out
+
+    async def stop_instances(self, region: str, ids: Sequence[str]) -> None:
+        if ids:
+            await self._call(region, "stop_instances", InstanceIds=list(ids))
+
+    async def start_instances(self, region: str, ids: Sequence[str]) -> None:
+        if ids:
+            await self._call(region, "start_instances", InstanceIds=list(ids))
+
+    async def reboot_instances(self, region: str, ids: Sequence[str]) -> None:
+        if ids:
+            await self._call(region, "reboot_instances", InstanceIds=list(ids))
+
+    async def terminate_instances(self, region: str, ids: Sequence[str]) -> None:
+        if ids:
+            await self._call(region, "terminate_instances", InstanceIds=list(ids))
+
+    async def cleanup(self, tags: Mapping[str, str], *, region: str) -> None:
+        """Remove the VPCs carrying ``tags`` (with their security groups, subnets and
+        gateways) once no live VM is left in them; a VPC still in use is kept."""
+        vpcs = (await self._call(region, "describe_vpcs", Filters=_filters(tags)))["Vpcs"]
+        for vpc in vpcs:
+            vpc_id = vpc["VpcId"]
+            live = [i for i in await self._describe(
+                region, [{"Name": "vpc-id", "Values": [vpc_id]}]) if not i.state.gone]
+            if live:
+                log.warning("aws %s: VPC %s still has %d VM(s); kept", region, vpc_id,
+                            len(live))
+                continue
+            vf = [{"Name": "vpc-id", "Values": [vpc_id]}]
+            for sg in (await self._call(region, "describe_security_groups",
+                                        Filters=vf))["SecurityGroups"]:
+                if sg.get("GroupName") != "default":
+                    await self._gone_ok(region, "delete_security_group", GroupId=sg["GroupId"])
+            for sub in (await self._call(region, "describe_subnets", Filters=vf))["Subnets"]:
+                await self._gone_ok(region, "delete_subnet", SubnetId=sub["SubnetId"])
+            for igw in (await self._call(region, "describe_internet_gateways", Filters=[
+                    {"Name": "attachment.vpc-id", "Values": [vpc_id]}]))["InternetGateways"]:
+                gid = igw["InternetGatewayId"]
+                await self._gone_ok(region, "detach_internet_gateway", InternetGatewayId=gid,
+                                    VpcId=vpc_id)
+                await self._gone_ok(region, "delete_internet_gateway", InternetGatewayId=gid)
+            await self._gone_ok(region, "delete_vpc", VpcId=vpc_id)
+            log.info("aws %s: removed VPC %s", region, vpc_id)
+
+    async def _gone_ok(self, region: str, op: str, **kwargs: Any) -> None:
+        try:
+            await self._call(region, op, **kwargs)
+        except NotFoundError:
+            pass
+
+
+# -- catalog ---------------------------------------------------------------------------
+
+_REGIONS = (
+    Region("us-east-1", 38.13, -78.45, ("us-east-1a", "us-east-1b", "us-east-1c"),
+           "US East (N. Virginia)"),
+    Region("us-west-2", 45.84, -119.70, ("us-west-2a", "us-west-2b", "us-west-2c"),
+           "US West (Oregon)"),
+    Region("eu-west-1", 53.35, -6.26, ("eu-west-1a", "eu-west-1b", "eu-west-1c"),
+           "Europe (Ireland)"),
+    Region("eu-central-1", 50.11, 8.68, ("eu-central-1a", "eu-central-1b", "eu-central-1c"),
+           "Europe (Frankfurt)"),
+    Region("ap-northeast-2", 37.56, 126.98, ("ap-northeast-2a", "ap-northeast-2b",
+                                             "ap-northeast-2c"), "Asia Pacific (Seoul)"),
+    Region("ap-southeast-1", 1.37, 103.80, ("ap-southeast-1a", "ap-southeast-1b",
+                                            "ap-southeast-1c"), "Asia Pacific (Singapore)"),
+)
+
+# On-demand Linux list prices, USD/hour, in us-east-1 and us-west-2 (the same there; AWS
+# public price list). Other regions have no price until `barista catalog refresh aws`
+# (issue 13) fetches them: a review then says "price unknown" rather than guess.
+_US_EAST_1 = {"t3.micro": 0.0104, "t3.small": 0.0208, "t3.medium": 0.0416,
+              "t3.large": 0.0832, "m6i.large": 0.096, "c6i.large": 0.085,
+              "t4g.small": 0.0168}
+_SIZES = (
+    Size("t3.micro", 2, 1.0), Size("t3.small", 2, 2.0), Size("t3.medium", 2, 4.0),
+    Size("t3.large", 2, 8.0), Size("m6i.large", 2, 8.0), Size("c6i.large", 2, 4.0),
+    Size("t4g.small", 2, 2.0, arch="arm64"),
+)
+
+
+def default_catalog() -> Catalog:
+    sizes = {s.name: Size(s.name, s.vcpus, s.memory_gb, {"us-east-1": _US_EAST_1[s.name],
+                                                          "us-west-2": _US_EAST_1[s.name]},
+                          s.arch) for s in _SIZES}
+    return Catalog(
+        provider=NAME,
+        regions={r.name: r for r in _REGIONS},
+        sizes=sizes,
+        images={"ubuntu-24.04": Image("ubuntu-24.04", "ubuntu-noble-24.04"),
+                "ubuntu-22.04": Image("ubuntu-22.04", "ubuntu-jammy-22.04")},
+    )
