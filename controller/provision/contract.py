@@ -126,11 +126,16 @@ class Size:
     name: str
     vcpus: int
     memory_gb: float
-    # USD per hour by region; a size missing from a region is not offered there.
+    # USD per hour by region; a region not listed has no known price (a review says so).
     price_hour: Mapping[str, float] = field(default_factory=dict)
     arch: Literal["x86_64", "arm64"] = "x86_64"
     gpus: int = 0
     gpu_model: str = ""
+    # Where the size is offered; () = in every region of the catalog.
+    regions: tuple[str, ...] = ()
+
+    def offered_in(self, region: str) -> bool:
+        return not self.regions or region in self.regions
 
 
 @dataclass(frozen=True, slots=True)
