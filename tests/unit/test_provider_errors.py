@@ -54,3 +54,51 @@ def test_aws_connection_failures_are_transient() -> None:
     assert isinstance(map_error(EndpointConnectionError(endpoint_url="http://x")),
                       TransientError)
     assert isinstance(map_error(NoCredentialsError()), CredentialsError)
+
+
+GCP_HTTP_TABLE = [
+    (429, "rateLimitExceeded", TransientError, "region"),
+    (403, "rateLimitExceeded", TransientError, "region"),
+    (403, "quotaExceeded", QuotaError, "region"),
+    (403, "forbidden", CredentialsError, "provider"),
+    (401, "authError", CredentialsError, "provider"),
+    (404, "notFound", NotFoundError, "region"),
+    (400, "invalid", InvalidRequestError, "region"),
+    (503, "backendError", TransientError, "region"),
+    (500, "", TransientError, "region"),
+]
+
+
+@pytest.mark.parametrize(("status", "reason", "kind", "scope"), GCP_HTTP_TABLE)
+def test_gcp_http_errors(status: int, reason: str, kind: type[ProvisionError],
+                         scope: str) -> None:
+    gx = pytest.importorskip("google.api_core.exceptions")
+    from controller.provision.providers.gcp import map_error
+
+    errors = [{"reason": reason, "message": "m"}] if reason else []
+    exc = gx.from_http_status(status, "m", errors=errors)
+    err = map_error(exc, region="us-central1", zone="us-central1-a")
+    assert (type(err), err.scope, err.provider) == (kind, scope, "gcp")
+
+
+GCP_OPERATION_TABLE = [
+    ("ZONE_RESOURCE_POOL_EXHAUSTED", CapacityError, "zone"),
+    ("ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", CapacityError, "zone"),
+    ("QUOTA_EXCEEDED", QuotaError, "region"),
+    ("RESOURCE_NOT_FOUND", NotFoundError, "region"),
+    ("SOMETHING_NEW", InvalidRequestError, "region"),
+]
+
+
+@pytest.mark.parametrize(("code", "kind", "scope"), GCP_OPERATION_TABLE)
+def test_gcp_operation_errors(code: str, kind: type[ProvisionError], scope: str) -> None:
+    compute_v1 = pytest.importorskip("google.cloud.compute_v1")
+    from controller.provision.providers.gcp import operation_error
+
+    op = compute_v1.Operation(name="operation-1", status="DONE", error=compute_v1.Error(
+        errors=[compute_v1.Errors(code=code, message="m")]))
+    err = operation_error(op, region="us-central1", zone="us-central1-a")
+    assert err is not None
+    assert (type(err), err.scope, err.code) == (kind, scope, code)
+    assert operation_error(compute_v1.Operation(name="ok", status="DONE"),
+                           region="us-central1") is None

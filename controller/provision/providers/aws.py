@@ -141,10 +141,11 @@ def _filters(tags: Mapping[str, str]) -> list[dict[str, Any]]:
     return [{"Name": f"tag:{k}", "Values": [v]} for k, v in sorted(tags.items())]
 
 
-def client_token(name: str, tags: Mapping[str, str]) -> str:
+def client_token(name: str, tags: Mapping[str, str], zone: str) -> str:
     """EC2's idempotency token for one node: the same launch asked twice (a controller
-    killed between the call and its journal entry) returns the same instance."""
-    seed = f"{tags.get(TAG_MANAGED, '')}/{tags.get(TAG_INFRA, '')}/{name}"
+    killed between the call and its journal entry) returns the same instance. The zone is
+    part of it, so a failover to another zone is a new launch, not the failed one again."""
+    seed = f"{tags.get(TAG_MANAGED, '')}/{tags.get(TAG_INFRA, '')}/{name}/{zone}"
     return hashlib.sha256(seed.encode()).hexdigest()[:64]
 
 
@@ -319,7 +320,7 @@ class AwsProvider:
             kwargs: dict[str, Any] = {
                 "ImageId": ami, "InstanceType": req.size, "MinCount": 1, "MaxCount": 1,
                 "UserData": req.user_data,
-                "ClientToken": client_token(req.name, req.tags),
+                "ClientToken": client_token(req.name, req.tags, zone),
                 "Placement": {"AvailabilityZone": zone},
                 "NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": subnet,
                                        "Groups": [network.firewall_id],
