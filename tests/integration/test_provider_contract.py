@@ -166,12 +166,83 @@ def _gcp() -> Iterator[GcpHarness]:
         yield GcpHarness(GcpProvider(settings=settings, catalog=default_catalog()), fake)
 
 
-@pytest.fixture(params=["aws", "gcp"])
-def cloud(request: pytest.FixtureRequest) -> Iterator[Harness]:
+# -- Azure (ARM fake over HTTPS) -------------------------------------------------------
+
+
+@dataclass
+class AzureHarness:
+    provider: Provider
+    fake: Any
+    region: str = "eastus"
+    zones: tuple[str, str] = ("eastus-1", "eastus-2")
+    size: str = "Standard_B1s"
+    unknown_id: str = ("/subscriptions/00000000-0000-0000-0000-0000000000aa/resourceGroups/"
+                       f"barista-{INFRA}-eastus/providers/Microsoft.Compute/virtualMachines/nope")
+
+    def user_data_sent(self, inst: Instance) -> str:
+        bodies = [b for b in self.fake.state.sent("PUT", "/virtualMachines/" + inst.name)]
+        return base64.b64decode(bodies[-1]["properties"]["osProfile"]["customData"]).decode()
+
+    def open_ports(self) -> set[tuple[str, int, str]]:
+        out = set()
+        for nsg in self.fake.state.of_type("networksecuritygroups"):
+            for r in nsg["properties"]["securityRules"]:
+                rp = r["properties"]
+                if rp["direction"] == "Inbound" and rp["access"] == "Allow":
+                    srcs = rp.get("sourceAddressPrefixes") or [rp["sourceAddressPrefix"]]
+                    for src in srcs:
+                        out.add((rp["protocol"].lower(), int(rp["destinationPortRange"]),
+                                 "0.0.0.0/0" if src == "*" else src))
+        return out
+
+    def leftovers(self) -> list[str]:
+        s = self.fake.state
+        return [g["name"] for g in s.groups.values()] + [r["id"] for r in s.resources.values()]
+
+    def fail_capacity(self, zone: str) -> bool:
+        self.fake.state.capacity_exhausted.add(zone)
+        return True
+
+    def throttle(self, n: int) -> bool:
+        self.fake.state.throttle_next = n
+        return True
+
+
+class StaticToken:
+    """A TokenCredential for the fake (real clouds: DefaultAzureCredential)."""
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        import time
+
+        from azure.core.credentials import AccessToken
+
+        return AccessToken("fake-arm-token", int(time.time()) + 3600)
+
+
+def _azure(tmp: Any) -> Iterator[AzureHarness]:
+    pytest.importorskip("azure.mgmt.compute")
+    from controller.provision.providers.azure import (
+        AzureProvider,
+        AzureSettings,
+        default_catalog,
+    )
+    from tests.fakes.azure import FakeArm
+
+    with FakeArm(tmp) as fake:
+        settings = AzureSettings(subscription_id=fake.state.subscription, base_url=fake.url,
+                                 connection_verify=str(fake.ca), polling_interval=0)
+        yield AzureHarness(AzureProvider(settings=settings, catalog=default_catalog(),
+                                         credential_factory=StaticToken), fake)
+
+
+@pytest.fixture(params=["aws", "gcp", "azure"])
+def cloud(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
     if request.param == "aws":
         yield from _aws(request.getfixturevalue("moto_url"))
-    else:
+    elif request.param == "gcp":
         yield from _gcp()
+    else:
+        yield from _azure(tmp_path)
 
 
 def launches(h: Harness, n: int) -> list[LaunchRequest]:

@@ -102,3 +102,43 @@ def test_gcp_operation_errors(code: str, kind: type[ProvisionError], scope: str)
     assert (type(err), err.scope, err.code) == (kind, scope, code)
     assert operation_error(compute_v1.Operation(name="ok", status="DONE"),
                            region="us-central1") is None
+
+
+AZURE_TABLE = [
+    (429, "TooManyRequests", TransientError, "region"),
+    (503, "ServiceUnavailable", TransientError, "region"),
+    (200, "ZonalAllocationFailed", CapacityError, "zone"),
+    (409, "AllocationFailed", CapacityError, "zone"),
+    (409, "SkuNotAvailable", CapacityError, "zone"),
+    (409, "QuotaExceeded", QuotaError, "region"),
+    (409, "OperationNotAllowed", QuotaError, "region"),
+    (401, "AuthenticationFailed", CredentialsError, "provider"),
+    (403, "AuthorizationFailed", CredentialsError, "provider"),
+    (404, "ResourceNotFound", NotFoundError, "region"),
+    (404, "ResourceGroupNotFound", NotFoundError, "region"),
+    (400, "InvalidParameter", InvalidRequestError, "region"),
+    (500, "", TransientError, "region"),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "kind", "scope"), AZURE_TABLE)
+def test_azure_error_codes(status: int, code: str, kind: type[ProvisionError],
+                           scope: str) -> None:
+    ax = pytest.importorskip("azure.core.exceptions")
+    from controller.provision.providers.azure import map_error
+
+    exc = ax.HttpResponseError(message="m")
+    exc.status_code = status
+    exc.error = ax.ODataV4Format({"code": code, "message": "m"}) if code else None
+    err = map_error(exc, region="eastus", zone="eastus-2")
+    assert (type(err), err.scope) == (kind, scope)
+    if code:
+        assert err.code == code
+
+
+def test_azure_auth_failures_are_credentials() -> None:
+    ax = pytest.importorskip("azure.core.exceptions")
+    from controller.provision.providers.azure import map_error
+
+    err = map_error(ax.ClientAuthenticationError("no token"))
+    assert isinstance(err, CredentialsError) and "az login" in err.message

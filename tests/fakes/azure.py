@@ -1,0 +1,421 @@
+"""A fake of Azure Resource Manager (ARM) for the real azure-mgmt SDKs, served over HTTPS
+(the SDK's bearer-token policy refuses plain http).
+
+It follows the documented shapes for what our provider calls: resource groups, virtual
+networks with inline subnets, network security groups, public IPs, NICs and virtual
+machines (``properties`` envelope, ``$expand=instanceView``, ``statusOnly`` listing),
+long-running operations (201/202 with ``Azure-AsyncOperation``, an operation resource with
+``status`` InProgress/Succeeded/Failed and its ``error``), the ARM error body
+``{"error": {"code", "message"}}``, case-insensitive paths, dependency checks (a NIC in use,
+a zone change on an existing VM) and cascades (resource group delete, a NIC with
+``deleteOption: Delete``). Every request is recorded; failures are injected per zone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.tls import self_signed, server_context
+
+VM_SIZES = {"Standard_B1s", "Standard_B2s", "Standard_D2s_v5", "Standard_F2s_v2"}
+TYPES = {"virtualnetworks": "Microsoft.Network/virtualNetworks",
+         "networksecuritygroups": "Microsoft.Network/networkSecurityGroups",
+         "publicipaddresses": "Microsoft.Network/publicIPAddresses",
+         "networkinterfaces": "Microsoft.Network/networkInterfaces",
+         "virtualmachines": "Microsoft.Compute/virtualMachines"}
+
+
+class ArmError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ArmState:
+    subscription: str = "00000000-0000-0000-0000-0000000000aa"
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # lower name -> rg
+    # (lower rg, lower type, lower name) -> resource
+    resources: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    operations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[tuple[str, str, dict[str, list[str]], Any]] = field(default_factory=list)
+    capacity_exhausted: set[str] = field(default_factory=set)  # "eastus-1" style zones
+    throttle_next: int = 0
+    ips: Iterator[int] = field(default_factory=lambda: itertools.count(4))
+
+    def sent(self, method: str, contains: str) -> list[Any]:
+        return [b for m, p, _q, b in self.requests if m == method and contains.lower()
+                in p.lower()]
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [r for (_g, t, _n), r in self.resources.items() if t == kind]
+
+
+class ArmApi:
+    def __init__(self, state: ArmState, base: str) -> None:
+        self.s = state
+        self.base = base
+        self.lock = threading.Lock()
+
+    def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any,
+               auth: str) -> Reply:
+        with self.lock:
+            self.s.requests.append((method, path, query, body))
+            if not auth.startswith("Bearer ") or len(auth) < 10:
+                raise ArmError(401, "AuthenticationFailed", "Authentication failed. The "
+                               "'Authorization' header is missing.")
+            if self.s.throttle_next > 0:
+                self.s.throttle_next -= 1
+                raise ArmError(429, "TooManyRequests", "The request is being throttled.")
+            parts = path.strip("/").split("/")
+            low = [p.lower() for p in parts]
+            if low[:2] != ["subscriptions", self.s.subscription.lower()]:
+                raise ArmError(404, "SubscriptionNotFound",
+                               f"The subscription '{parts[1] if len(parts) > 1 else ''}' "
+                               "could not be found.")
+            return self._route(method, parts[2:], low[2:], query, body)
+
+    def _route(self, method: str, parts: list[str], low: list[str],
+               q: dict[str, list[str]], body: Any) -> Reply:
+        match low:
+            case ["providers", "microsoft.compute", "virtualmachines"]:
+                return Reply(200, {"value": [self._vm_view(r, True) for r in
+                                             self.s.of_type("virtualmachines")]})
+            case ["providers", _ns, "locations", _loc, "operations", op]:
+                return self._operation(op)
+            case ["resourcegroups", rg] if method == "PUT":
+                return self._put_group(parts[1], body)
+            case ["resourcegroups", rg] if method in ("GET", "HEAD"):
+                return Reply(200, self._group(rg))
+            case ["resourcegroups", rg] if method == "DELETE":
+                self._group(rg)
+                return self._async(202, None, "microsoft.resources", "delete_group", rg)
+            case ["resourcegroups", rg, "providers", _ns, kind, _name] if kind in TYPES:
+                return self._resource(method, rg, kind, parts[5], body, q)
+            case ["resourcegroups", rg, "providers", _ns, "virtualmachines", name, action] \
+                    if method == "POST":
+                return self._vm_action(rg, name, action)
+        raise ArmError(404, "NotFound", f"no such API: {method} /{'/'.join(parts)}")
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _id(self, rg: str, kind: str, name: str) -> str:
+        ns_type = TYPES[kind]
+        return (f"/subscriptions/{self.s.subscription}/resourceGroups/"
+                f"{self.s.groups[rg.lower()]['name']}/providers/{ns_type}/{name}")
+
+    def _group(self, rg: str) -> dict[str, Any]:
+        g = self.s.groups.get(rg.lower())
+        if g is None:
+            raise ArmError(404, "ResourceGroupNotFound",
+                           f"Resource group '{rg}' could not be found.")
+        return g
+
+    def _get(self, rg: str, kind: str, name: str) -> dict[str, Any]:
+        self._group(rg)
+        r = self.s.resources.get((rg.lower(), kind, name.lower()))
+        if r is None:
+            raise ArmError(404, "ResourceNotFound", f"The Resource '{TYPES[kind]}/{name}' "
+                           f"under resource group '{rg}' was not found.")
+        return r
+
+    def _by_id(self, rid: str, kind: str) -> dict[str, Any]:
+        p = rid.strip("/").split("/")
+        if len(p) < 8 or p[6].lower() != kind:
+            raise ArmError(400, "InvalidResourceReference", f"Resource {rid} referenced "
+                           "by the request is not valid.")
+        return self._get(p[3], kind, p[7])
+
+    def _async(self, status: int, body: Any, ns: str, action: str, *target: str,
+               error: tuple[str, str] | None = None) -> Reply:
+        op_id = str(uuid.uuid4())
+        self.s.operations[op_id] = {"action": action, "target": target, "error": error,
+                                    "polls": 0}
+        url = (f"{self.base}/subscriptions/{self.s.subscription}/providers/{ns}/locations/"
+               f"eastus/operations/{op_id}?api-version=2024-01-01")
+        return Reply(status, body, {"Azure-AsyncOperation": url, "Location": url})
+
+    def _operation(self, op_id: str) -> Reply:
+        op = self.s.operations.get(op_id)
+        if op is None:
+            raise ArmError(404, "NotFound", f"operation {op_id} not found")
+        op["polls"] += 1
+        if op["polls"] == 1:  # ARM reports work in progress before it is done
+            return Reply(200, {"name": op_id, "status": "InProgress"})
+        if "done" not in op:
+            op["done"] = True
+            if op["error"] is None:
+                self._finish(op["action"], *op["target"])
+        if op["error"] is not None:
+            code, message = op["error"]
+            return Reply(200, {"name": op_id, "status": "Failed",
+                               "error": {"code": code, "message": message}})
+        return Reply(200, {"name": op_id, "status": "Succeeded"})
+
+    def _finish(self, action: str, *target: str) -> None:
+        if action == "delete_group":
+            rg = target[0].lower()
+            self.s.groups.pop(rg, None)
+            for key in [k for k in self.s.resources if k[0] == rg]:
+                del self.s.resources[key]
+            return
+        rg, name = target
+        key = (rg.lower(), "virtualmachines", name.lower())
+        vm = self.s.resources.get(key)
+        if vm is None:
+            return
+        if action == "create_vm":
+            vm["properties"]["provisioningState"] = "Succeeded"
+            vm["_power"] = "running"
+        elif action == "delete_vm":
+            del self.s.resources[key]
+            for nic in vm["properties"]["networkProfile"]["networkInterfaces"]:
+                if nic.get("properties", {}).get("deleteOption") == "Delete":
+                    p = nic["id"].strip("/").split("/")
+                    self.s.resources.pop((p[3].lower(), "networkinterfaces", p[7].lower()),
+                                         None)
+        else:
+            vm["_power"] = {"deallocate": "deallocated", "powerOff": "stopped",
+                            "start": "running", "restart": "running"}[action]
+
+    # -- resources ---------------------------------------------------------------------
+
+    def _put_group(self, name: str, body: Any) -> Reply:
+        existed = name.lower() in self.s.groups
+        g = self.s.groups.setdefault(name.lower(), {"name": name})
+        g.update({"id": f"/subscriptions/{self.s.subscription}/resourceGroups/{name}",
+                  "location": body["location"], "tags": body.get("tags", {}),
+                  "type": "Microsoft.Resources/resourceGroups",
+                  "properties": {"provisioningState": "Succeeded"}})
+        return Reply(200 if existed else 201, g)
+
+    def _resource(self, method: str, rg: str, kind: str, name: str, body: Any,
+                  q: dict[str, list[str]]) -> Reply:
+        if method == "GET":
+            r = self._get(rg, kind, name)
+            if kind == "virtualmachines":
+                return Reply(200, self._vm_view(r, "instanceView" in (q.get("$expand") or [""])[0]))
+            return Reply(200, r)
+        if method == "DELETE":
+            r = self._get(rg, kind, name)
+            if kind == "virtualmachines":
+                return self._async(202, None, "Microsoft.Compute", "delete_vm", rg, name)
+            self._check_unused(rg, kind, r)
+            del self.s.resources[(rg.lower(), kind, name.lower())]
+            return Reply(200, None)
+        if method != "PUT":
+            raise ArmError(405, "MethodNotAllowed", f"{method} not allowed")
+        self._group(rg)
+        if not isinstance(body, dict) or "location" not in body:
+            raise ArmError(400, "LocationRequired", "The location property is required.")
+        if len(body.get("tags") or {}) > 50:
+            raise ArmError(400, "InvalidTag", "at most 50 tags")
+        key = (rg.lower(), kind, name.lower())
+        old = self.s.resources.get(key)
+        res: dict[str, Any] = {"id": self._id(rg, kind, name), "name": name,
+                               "type": TYPES[kind], "location": body["location"],
+                               "tags": body.get("tags", {}),
+                               "properties": json.loads(json.dumps(body.get("properties",
+                                                                            {})))}
+        if body.get("zones"):
+            res["zones"] = body["zones"]
+        if old is not None and old.get("zones") != res.get("zones"):
+            raise ArmError(409, "PropertyChangeNotAllowed", f"Changing property 'zones' is "
+                           f"not allowed on {TYPES[kind]} '{name}'.")
+        return getattr(self, f"_put_{kind}")(rg, name, key, res, old)
+
+    def _check_unused(self, rg: str, kind: str, r: dict[str, Any]) -> None:
+        if kind == "networkinterfaces":
+            for vm in self.s.of_type("virtualmachines"):
+                if any(n["id"].lower() == r["id"].lower()
+                       for n in vm["properties"]["networkProfile"]["networkInterfaces"]):
+                    raise ArmError(400, "NicInUse", f"Network Interface {r['id']} is used "
+                                   f"by existing resource {vm['id']}.")
+        if kind == "publicipaddresses":
+            for nic in self.s.of_type("networkinterfaces"):
+                for cfg in nic["properties"]["ipConfigurations"]:
+                    pip = cfg["properties"].get("publicIPAddress") or {}
+                    if pip.get("id", "").lower() == r["id"].lower():
+                        raise ArmError(400, "PublicIPAddressInUse", f"Public IP address "
+                                       f"{r['id']} is in use by {nic['id']}.")
+
+    def _put_networksecuritygroups(self, rg: str, name: str, key: Any, res: dict[str, Any],
+                                   old: Any) -> Reply:
+        for rule in res["properties"].get("securityRules", []):
+            rule["id"] = f"{res['id']}/securityRules/{rule['name']}"
+            rule["properties"]["provisioningState"] = "Succeeded"
+        res["properties"]["provisioningState"] = "Succeeded"
+        self.s.resources[key] = res
+        return Reply(200 if old else 201, res)
+
+    def _put_virtualnetworks(self, rg: str, name: str, key: Any, res: dict[str, Any],
+                             old: Any) -> Reply:
+        for sub in res["properties"].get("subnets", []):
+            sub["id"] = f"{res['id']}/subnets/{sub['name']}"
+            nsg = sub["properties"].get("networkSecurityGroup")
+            if nsg:
+                self._by_id(nsg["id"], "networksecuritygroups")
+        res["properties"]["provisioningState"] = "Succeeded"
+        self.s.resources[key] = res
+        return Reply(200 if old else 201, res)
+
+    def _put_publicipaddresses(self, rg: str, name: str, key: Any, res: dict[str, Any],
+                               old: Any) -> Reply:
+        n = next(self.s.ips)
+        res["properties"].update({"ipAddress": f"198.51.100.{n % 250 + 1}",
+                                  "provisioningState": "Succeeded"})
+        if old is not None:
+            res["properties"]["ipAddress"] = old["properties"]["ipAddress"]
+        self.s.resources[key] = res
+        return Reply(200 if old else 201, res)
+
+    def _put_networkinterfaces(self, rg: str, name: str, key: Any, res: dict[str, Any],
+                               old: Any) -> Reply:
+        for i, cfg in enumerate(res["properties"].get("ipConfigurations", [])):
+            props = cfg["properties"]
+            sub_id = props.get("subnet", {}).get("id", "")
+            vnet_id = sub_id.rsplit("/subnets/", 1)[0]
+            vnet = self._by_id(vnet_id, "virtualnetworks")
+            if not any(s["id"].lower() == sub_id.lower()
+                       for s in vnet["properties"].get("subnets", [])):
+                raise ArmError(400, "InvalidResourceReference", f"subnet {sub_id} not found")
+            if props.get("publicIPAddress"):
+                self._by_id(props["publicIPAddress"]["id"], "publicipaddresses")
+            cfg["id"] = f"{res['id']}/ipConfigurations/{cfg['name']}"
+            n = next(self.s.ips)
+            props["privateIPAddress"] = f"10.64.0.{n % 250 + 4 + i}"
+        res["properties"]["provisioningState"] = "Succeeded"
+        self.s.resources[key] = res
+        return Reply(200 if old else 201, res)
+
+    def _put_virtualmachines(self, rg: str, name: str, key: Any, res: dict[str, Any],
+                             old: Any) -> Reply:
+        props = res["properties"]
+        size = props.get("hardwareProfile", {}).get("vmSize", "")
+        if size not in VM_SIZES:
+            raise ArmError(400, "InvalidParameter", f"The value '{size}' of parameter "
+                           "'vmSize' is not allowed.")
+        osp = props.get("osProfile", {})
+        try:
+            base64.b64decode(osp.get("customData", ""), validate=True)
+        except binascii.Error:
+            raise ArmError(400, "InvalidParameter", "customData must be base64") from None
+        linux = osp.get("linuxConfiguration", {})
+        if linux.get("disablePasswordAuthentication") and not linux.get("ssh", {}).get(
+                "publicKeys"):
+            raise ArmError(400, "InvalidParameter", "an SSH public key is required when "
+                           "password authentication is disabled")
+        for nic in props.get("networkProfile", {}).get("networkInterfaces", []):
+            self._by_id(nic["id"], "networkinterfaces")
+        props.update({"vmId": str(uuid.uuid4()), "provisioningState": "Creating"})
+        res["_power"] = "starting"
+        self.s.resources[key] = res
+        zone = f"{res['location']}-{res['zones'][0]}" if res.get("zones") else ""
+        error = None
+        if zone in self.s.capacity_exhausted:
+            error = ("ZonalAllocationFailed", f"Allocation failed. We do not have sufficient "
+                     f"capacity for the requested VM size in zone {zone}.")
+            props["provisioningState"] = "Failed"
+        return self._async(201, self._vm_view(res, False), "Microsoft.Compute", "create_vm",
+                           rg, name, error=error)
+
+    def _vm_view(self, vm: dict[str, Any], instance_view: bool) -> dict[str, Any]:
+        out = {k: v for k, v in vm.items() if not k.startswith("_")}
+        out["properties"] = dict(out["properties"])
+        out["properties"]["osProfile"] = {k: v for k, v in
+                                          out["properties"].get("osProfile", {}).items()
+                                          if k != "customData"}  # ARM never returns it
+        if instance_view:
+            prov = out["properties"]["provisioningState"].lower()
+            out["properties"]["instanceView"] = {"statuses": [
+                {"code": f"ProvisioningState/{prov}"},
+                {"code": f"PowerState/{vm.get('_power', 'starting')}"}]}
+        return out
+
+    def _vm_action(self, rg: str, name: str, action: str) -> Reply:
+        vm = self._get(rg, "virtualmachines", name)
+        if action not in ("deallocate", "powerOff", "start", "restart"):
+            raise ArmError(404, "NotFound", f"no action {action}")
+        if vm["properties"]["provisioningState"] != "Succeeded":
+            raise ArmError(409, "OperationNotAllowed", f"VM {name} is not ready")
+        return self._async(202, None, "Microsoft.Compute", action, rg, name)
+
+
+class FakeArm:
+    """ARM on a loopback HTTPS port, in its own thread; ``ca`` is the cert to trust."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.state = ArmState()
+        self.ca, key = self_signed(tmp)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.socket = server_context(self.ca, key).wrap_socket(
+            self._server.socket, server_side=True)
+        self.api = ArmApi(self.state, self.url)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self._server.server_port}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                url = urlsplit(self.path)
+                try:
+                    body = json.loads(raw) if raw else None
+                    reply = fake.api.handle(self.command, url.path, parse_qs(url.query), body,
+                                            self.headers.get("Authorization", ""))
+                except ArmError as exc:
+                    reply = Reply(exc.status, {"error": {"code": exc.code,
+                                                         "message": exc.message}})
+                    if exc.status == 429:
+                        reply.headers["Retry-After"] = "1"
+                data = b"" if reply.body is None else json.dumps(reply.body).encode()
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = _serve
+
+        return Handler
+
+    def __enter__(self) -> FakeArm:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,121 @@
+"""What only one cloud does, beyond the shared contract suite: Azure's base64 custom_data,
+the NSG on the subnet and the throwaway admin key; GCP's labels, network tag and
+application-default credentials; each cloud's missing-credentials message."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.provision.contract import (
+    TAG_INFRA,
+    TAG_MANAGED,
+    CredentialsError,
+    LaunchRequest,
+    NetworkRequest,
+    Placement,
+)
+
+TAGS = {TAG_MANAGED: "ctl-clouds", TAG_INFRA: "lab"}
+
+
+def _launch(size: str) -> list[LaunchRequest]:
+    return [LaunchRequest(name="lab-db-0", size=size, image="ubuntu-24.04",
+                          user_data="#cloud-config\n# secret token here\n", tags=TAGS)]
+
+
+async def test_azure_vm_shape(tmp_path: Path) -> None:
+    pytest.importorskip("azure.mgmt.compute")
+    from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
+    from tests.fakes.azure import FakeArm
+    from tests.integration.test_provider_contract import StaticToken
+
+    with FakeArm(tmp_path) as fake:
+        p = AzureProvider(settings=AzureSettings(
+            subscription_id=fake.state.subscription, base_url=fake.url,
+            connection_verify=str(fake.ca), polling_interval=0),
+            catalog=default_catalog(), credential_factory=StaticToken)
+        net = await p.ensure_network(NetworkRequest(infra="lab", region="eastus", tags=TAGS))
+        [inst] = await p.run_instances(Placement("azure", "eastus", "eastus-3"), net,
+                                       _launch("Standard_B2s"))
+        vm = fake.state.sent("PUT", "/virtualMachines/lab-db-0")[-1]
+        props = vm["properties"]
+        assert base64.b64decode(props["osProfile"]["customData"]).decode().startswith(
+            "#cloud-config")
+        assert props["osProfile"]["linuxConfiguration"]["disablePasswordAuthentication"]
+        key = props["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"]
+        assert key.startswith("ssh-ed25519 ") and key.endswith(" barista-unused")
+        assert vm["zones"] == ["3"] and inst.placement.zone == "eastus-3"
+        assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
+        assert vm["tags"]["barista-node"] == "lab-db-0"
+        vnet = fake.state.sent("PUT", "/virtualNetworks/")[-1]
+        assert vnet["properties"]["subnets"][0]["properties"]["networkSecurityGroup"]["id"] \
+            == net.firewall_id
+        # Every resource we made carries our tags.
+        assert all(r["tags"].get(TAG_INFRA) == "lab" for r in fake.state.resources.values())
+
+
+async def test_azure_refused_credentials(tmp_path: Path) -> None:
+    pytest.importorskip("azure.mgmt.compute")
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
+    from tests.fakes.azure import FakeArm
+
+    class Refused:
+        def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+            raise ClientAuthenticationError("AADSTS7000215: Invalid client secret provided.")
+
+    with FakeArm(tmp_path) as fake:
+        p = AzureProvider(settings=AzureSettings(
+            subscription_id=fake.state.subscription, base_url=fake.url,
+            connection_verify=str(fake.ca), polling_interval=0),
+            catalog=default_catalog(), credential_factory=Refused)
+        with pytest.raises(CredentialsError, match="az login") as err:
+            await p.query_instances(TAGS)
+        assert err.value.scope == "provider"
+        assert fake.state.requests == []  # nothing was sent without a token
+
+
+async def test_gcp_instance_shape() -> None:
+    pytest.importorskip("google.cloud.compute_v1")
+    from controller.provision.providers.gcp import GcpProvider, GcpSettings, default_catalog
+    from tests.fakes.gcp import FakeGce
+
+    with FakeGce() as fake:
+        p = GcpProvider(settings=GcpSettings(project=fake.state.project,
+                                             api_endpoint=fake.url, anonymous=True),
+                        catalog=default_catalog())
+        net = await p.ensure_network(NetworkRequest(infra="lab", region="europe-west1",
+                                                    tags=TAGS))
+        await p.run_instances(Placement("gcp", "europe-west1", "europe-west1-c"), net,
+                              _launch("e2-medium"))
+        [body] = [b for b in fake.state.sent("POST", "/zones/europe-west1-c/instances") if b]
+        assert body["labels"] == {**TAGS, "barista-node": "lab-db-0"}
+        assert body["tags"]["items"] == ["barista-lab"]
+        fw = fake.state.firewalls["barista-lab-wg"]
+        assert fw["targetTags"] == ["barista-lab"] and fw["direction"] == "INGRESS"
+        assert body["networkInterfaces"][0]["accessConfigs"][0]["type"] == "ONE_TO_ONE_NAT"
+        # Idempotent inserts: a request id, zone-specific.
+        [(_m, _p, query, _b)] = [r for r in fake.state.requests
+                                 if r[0] == "POST" and r[1].endswith("/instances")]
+        assert query["requestId"]
+
+
+async def test_gcp_without_application_default_credentials(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("google.cloud.compute_v1")
+    from controller.provision.providers.gcp import GcpProvider, GcpSettings, default_catalog
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # never the real metadata server
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    p = GcpProvider(settings=GcpSettings(project="x", api_endpoint="http://127.0.0.1:9"),
+                    catalog=default_catalog())
+    with pytest.raises(CredentialsError, match="GOOGLE_APPLICATION_CREDENTIALS"):
+        await p.query_instances(TAGS)
