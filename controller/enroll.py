@@ -27,6 +27,9 @@ from protocol.trust import JoinToken, parse_join_token
 log = logging.getLogger("barista.controller.enroll")
 
 _NKEY_RE = re.compile(r"^U[A-Z2-7]{55}$")
+# A node name a token can be bound to: it becomes the node id (a subject token) and the
+# machine's hostname, so DNS-label rules: "<infra>-<group>-<index>".
+NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_TOKEN_TTL = 365 * 24 * 3600.0
 
 
@@ -67,10 +70,16 @@ class TokenService:
         labels: dict[str, str] | None = None,
         ttl: float | None = None,
         description: str = "",
+        node_name: str = "",
     ) -> IssuedToken:
+        """A one-time join token. ``node_name``: bound to that node (see TokenRecord)."""
         ttl = self._default_ttl if ttl is None else float(ttl)
         if not (0 < ttl <= MAX_TOKEN_TTL):
             raise BadRequest(f"token ttl must be between 1 second and {int(MAX_TOKEN_TTL)} s")
+        if node_name and not NODE_NAME_RE.match(node_name):
+            raise BadRequest(
+                f"node name {node_name[:80]!r} must be 1-63 lower-case letters, digits and "
+                "'-', starting and ending with a letter or digit")
         labels = clean_labels(labels or {})
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
@@ -82,9 +91,11 @@ class TokenService:
             created_at=now,
             expires_at=now + ttl,
             description=description[:200],
+            node_name=node_name,
         )
         await self._tokens.create(token_id, record)
-        log.info("join token %s created (ttl %.0fs, labels %s)", token_id, ttl, labels)
+        log.info("join token %s created (ttl %.0fs, labels %s%s)", token_id, ttl, labels,
+                 f", bound to node {node_name}" if node_name else "")
         token = JoinToken(token_id=token_id, secret=secret, ca_sha256=self._ca_sha256)
         return IssuedToken(token=str(token), record=record)
 
@@ -97,8 +108,12 @@ class TokenService:
         NATS is in operator mode (without it the machine cannot even ask to enroll)."""
         return f"{token}{JOIN_CREDS_SEP}{self._enroll_jwt}" if self._enroll_jwt else token
 
-    async def consume(self, token: str, *, node_id: str, identity: str) -> TokenRecord:
-        """Mark the token used by ``node_id``; refuse bad, expired or used tokens.
+    async def consume(
+        self, token: str, *, node_id: str, identity: str, hostname: str = ""
+    ) -> TokenRecord:
+        """Mark the token used by ``node_id``; refuse bad, expired or used tokens, and a
+        node-bound token presented by a machine of another name (``hostname``): it is used
+        by its ``node_name`` then, never by ``node_id``.
 
         Compare-and-set on the token's revision makes it one-time even with several
         controllers. A retry by the same identity (its reply was lost) gets the same node.
@@ -130,6 +145,15 @@ class TokenService:
                 "token_expired",
                 "join token has expired; create a new one with `barista token create`",
             )
+        if record.node_name:
+            if hostname != record.node_name:
+                raise TokenRefused(
+                    "token_node_mismatch",
+                    f"join token is bound to node {record.node_name!r} and cannot enroll "
+                    f"{hostname[:64]!r}; set the agent's hostname to {record.node_name!r} "
+                    "or use a token made for this machine",
+                )
+            node_id = record.node_name
         used = TokenRecord(
             **{
                 **{f: getattr(record, f) for f in record.__struct_fields__},
@@ -263,12 +287,19 @@ class Enrollment:
     async def _enroll(self, req: EnrollRequest, agent_labels: dict[str, str]) -> EnrollReply:
         node_id = make_node_id(req.hostname)
         try:
-            token = await self._tokens.consume(req.token, node_id=node_id, identity=req.identity)
+            token = await self._tokens.consume(
+                req.token, node_id=node_id, identity=req.identity, hostname=req.hostname)
         except TokenRefused as exc:
             log.warning("enrollment of %r refused: %s", req.hostname[:64], exc.code)
             return self._refuse(exc.code, exc.message)
-        node_id = token.used_by  # the same node on an idempotent retry
+        node_id = token.used_by  # the same node on an idempotent retry (or the bound name)
         existing = self._nodes.get(node_id)
+        if existing is not None and existing.token_id != token.id:
+            # A bound name already taken by a node that joined with another token (a VM
+            # made again under the same name): that node must be removed first.
+            return self._refuse(
+                "node_exists", f"node {node_id} already exists (enrolled with another "
+                "token); delete it first (`barista nodes delete`)")
         if existing is not None and existing.revoked:
             return self._refuse("revoked", f"node {node_id} was revoked")
         if existing is not None:

@@ -53,10 +53,14 @@ class TokenRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     used_at: float = 0.0
     used_by: str = ""  # node id
     used_by_identity: str = ""
+    # Bound to one node (a provisioned VM): the token enrolls only an agent whose hostname
+    # is this name, and the node's id is this name. "" = any machine (hybrid join).
+    node_name: str = ""
 
     def public(self) -> dict[str, object]:
         return {
             "id": self.id,
+            "node_name": self.node_name or None,
             "labels": self.labels,
             "created_at": self.created_at,
             "expires_at": self.expires_at,

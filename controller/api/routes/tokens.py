@@ -29,8 +29,12 @@ async def create_token(request: web.Request) -> web.Response:
     # A scoped token enrolls only nodes inside its scope.
     principal(request).check_sees(labels, "a join token for labels "
                                   f"{','.join(f'{k}={v}' for k, v in sorted(labels.items()))!r}")
+    node_name = body.get("node_name", "")
+    if not isinstance(node_name, str):
+        raise BadRequest("node_name must be a string")
     issued = await request.app[TOKENS].create(
-        labels=labels, ttl=ttl, description=str(body.get("description", ""))
+        labels=labels, ttl=ttl, description=str(body.get("description", "")),
+        node_name=node_name,
     )
     bootstrap = request.app[AGENT_BOOTSTRAP]
     note(request, target=issued.record.id)
