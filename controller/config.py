@@ -33,6 +33,8 @@ class ControllerConfig:
     # URL agents use to reach NATS (defaults to the controller's own).
     agent_nats_url: str = ""
     nats_port: int = 0
+    # The embedded nats-server's listen address (agents elsewhere need a reachable one).
+    nats_host: str = "127.0.0.1"
     subject_prefix: str = "barista"
     api_host: str = "127.0.0.1"
     # TLS for the embedded NATS and the API with the controller's own CA (controller/tls.py);

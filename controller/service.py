@@ -188,6 +188,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             natsd = NatsServer(
                 data_dir=cfg.data_dir / "nats",
                 port=cfg.nats_port,
+                host=cfg.nats_host,
                 controller_password=secrets.nats_password,
                 subjects=subjects,
                 max_payload=cfg.max_payload,
@@ -290,8 +291,9 @@ def _tls_names(cfg: ControllerConfig) -> list[str]:
         host = urllib.parse.urlsplit(cfg.agent_nats_url).hostname
         if host:
             names.append(host)
-    if cfg.api_host not in ("", "0.0.0.0", "::"):
-        names.append(cfg.api_host)
+    for host in (cfg.api_host, cfg.nats_host):
+        if host not in ("", "0.0.0.0", "::") and host not in names:
+            names.append(host)
     return names
 
 

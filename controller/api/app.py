@@ -18,6 +18,7 @@ from controller.api.routes import (
     apps,
     audit,
     auth,
+    bootstrap,
     jobs,
     metrics,
     nodes,
@@ -25,6 +26,7 @@ from controller.api.routes import (
     status,
     tokens,
 )
+from controller.provision.bootstrap import BootstrapFiles, ca_der_of
 from controller.service import RunningController
 
 log = logging.getLogger("barista.controller.api")
@@ -48,12 +50,21 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
         nats_url=controller.agent_nats_url,
         controller_key=controller.secrets.signer.public_key_b64,
         ca_sha256=controller.agent_ca_sha256,
+        api_ca_sha256=controller.tls.ca_sha256 if controller.tls is not None else "",
+    )
+    app[keys.BOOTSTRAP] = BootstrapFiles(
+        data_dir=controller.config.data_dir,
+        nats_url=controller.agent_nats_url,
+        controller_keys=controller.signing_keys.enroll_keys,
+        ca_sha256=controller.tls.ca_sha256 if controller.tls is not None else "",
+        ca_der=ca_der_of(controller.tls.ca_file) if controller.tls is not None else b"",
     )
     app[keys.METRICS_HUB] = controller.hub
     app[keys.JOBS] = controller.jobs
     app[keys.DEPLOYER] = controller.deployer
     app[keys.SIGNING_KEYS] = controller.signing_keys
-    for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing):
+    for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing,
+                   bootstrap):
         app.add_routes(module.routes())
     return app
 

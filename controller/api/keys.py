@@ -16,6 +16,7 @@ from controller.jobs.engine import JobEngine
 from controller.keys import SigningKeys
 from controller.live import MetricsHub
 from controller.models import NodeRecord, TokenRecord
+from controller.provision.bootstrap import BootstrapFiles
 from controller.provision.model import Infras
 from controller.state.table import Table
 
@@ -45,6 +46,8 @@ class AgentBootstrap:
     nats_url: str
     controller_key: str
     ca_sha256: str = ""
+    # The API's own CA pin, which the one-line join checks ("" without TLS).
+    api_ca_sha256: str = ""
 
 
 API_TOKEN = web.AppKey("api_token", str)
@@ -56,6 +59,7 @@ NODE_ADMIN: web.AppKey[NodeAdmin] = web.AppKey("node_admin")
 TOKENS = web.AppKey("tokens", TokenService)
 TOKEN_RECORDS: web.AppKey[Table[TokenRecord]] = web.AppKey("token_records")
 AGENT_BOOTSTRAP = web.AppKey("agent_bootstrap", AgentBootstrap)
+BOOTSTRAP = web.AppKey("bootstrap", BootstrapFiles)
 METRICS_HUB = web.AppKey("metrics_hub", MetricsHub)
 JOBS = web.AppKey("jobs", JobEngine)
 DEPLOYER = web.AppKey("deployer", Deployer)

@@ -246,9 +246,14 @@ def token() -> None:
 @click.option("--label", "labels", multiple=True, help="label the node gets (k=v, repeat)")
 @click.option("--ttl", default="24h", show_default=True, help="lifetime (e.g. 30m, 24h, 7d)")
 @click.option("--description", default="")
+@click.option("--node", "node_name", default="", help="bind the token to this node name "
+              "(the machine's hostname; it becomes the node id)")
+@click.option("--join-url", default="", help="the controller's API as the joining machine "
+              "reaches it (default: the URL this CLI uses)")
 @output_option
-def token_create(labels: tuple[str, ...], ttl: str, description: str, output: str) -> None:
-    """Create a one-time join token."""
+def token_create(labels: tuple[str, ...], ttl: str, description: str, node_name: str,
+                 join_url: str, output: str) -> None:
+    """Create a one-time join token and print the one-line join that adopts a machine."""
     from protocol.errors import SelectorError
     from protocol.selectors import parse_labels
 
@@ -259,7 +264,8 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, output: st
     data = call(
         client().post,
         "/v1/tokens",
-        {"labels": label_map, "ttl": parse_duration(ttl), "description": description},
+        {"labels": label_map, "ttl": parse_duration(ttl), "description": description,
+         "node_name": node_name, **({"join_url": join_url} if join_url else {})},
     )
     if output == "json":
         emit_json(data)
@@ -271,13 +277,17 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, output: st
                       "before it sends anything")
     else:
         console.print("[yellow]pins no CA[/yellow]: the controller's NATS serves no TLS")
-    console.print("start an agent with (the token in a 0600 file, never on a command line):")
-    console.print(
-        f"  (umask 077; printf %s '{data.get('join_token', data['token'])}' > join-token)\n"
-        f"  barista-agent --nats-url {data['nats_url']} --token-file join-token "
-        f"--controller-key {data['controller_key']}",
-        soft_wrap=True,
-    )
+    if data.get("node_name"):
+        console.print(f"bound to node {data['node_name']}: only a machine of that hostname "
+                      "can enroll with it")
+    console.print("\n[bold]join a machine[/bold] (as root): save the join token in a file "
+                  "only root can read, then run the one-line join, which reads it from "
+                  "standard input (never from a command line):")
+    console.print("  (umask 077; cat > join-token)   # paste the join token below, then Ctrl-D",
+                  soft_wrap=True, highlight=False)
+    print(f"  {data['join_line']}")
+    console.print("join token:", highlight=False)
+    print(data.get("join_token", data["token"]))
 
 
 @token.command("ls")

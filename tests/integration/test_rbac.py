@@ -32,6 +32,10 @@ ROLES = ("viewer", "operator", "admin")
 KNOWN = {
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
+    ("GET", "/install.sh"): "public",
+    ("GET", "/v1/bootstrap/manifest"): "public",
+    ("GET", "/v1/bootstrap/agent"): "public",
+    ("GET", "/v1/bootstrap/ca.der"): "public",
     ("GET", "/v1/status"): "viewer",
     ("GET", "/v1/nodes"): "viewer",
     ("GET", "/v1/nodes/{id}"): "viewer",

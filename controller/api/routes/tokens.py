@@ -10,6 +10,7 @@ from controller.api.access import note, principal, requires
 from controller.api.keys import AGENT_BOOTSTRAP, TOKEN_RECORDS, TOKENS
 from controller.api.middleware import json_body
 from controller.errors import BadRequest
+from controller.provision.bootstrap import join_line
 from protocol.selectors import parse_labels
 
 
@@ -46,6 +47,16 @@ async def create_token(request: web.Request) -> web.Response:
     out["nats_url"] = bootstrap.nats_url
     out["controller_key"] = bootstrap.controller_key
     out["ca_sha256"] = bootstrap.ca_sha256
+    # The one-line join (token on its standard input), for the address machines reach the
+    # API at: join_url if given, else the one this request came to.
+    join_url = body.get("join_url") or f"{request.scheme}://{request.host}"
+    if not isinstance(join_url, str):
+        raise BadRequest("join_url must be a string")
+    try:
+        out["join_line"] = join_line(join_url, bootstrap.api_ca_sha256)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    out["install_url"] = f"{join_url.rstrip('/')}/install.sh"
     return web.json_response(out, status=201)
 
 
