@@ -16,6 +16,7 @@ import asyncio
 import base64
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import re
 import shlex
@@ -26,10 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
-
-import agent
-import agent.bootstrap
-import protocol
 
 BOOT_CONFIG_PATH = "/etc/barista/join.json"
 BOOT_MARKER = "# barista bootstrap v1"
@@ -170,12 +167,26 @@ def join_line(base_url: str, ca_sha256: str, args: list[str] | None = None) -> s
 # -- what the controller serves ----------------------------------------------------------
 
 INSTALLER_DELIMITER = "BARISTA_BOOTSTRAP_PY"
+
+
+def package_dir(name: str) -> Path:
+    """Where a top-level package of ours lives, found without importing it (the controller
+    imports nothing of the agent but its two shared utilities; it only ships its files)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the {name!r} package is not installed next to the controller")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+def bootstrap_source() -> str:
+    """agent/bootstrap.py, the installer's program."""
+    return (package_dir("agent") / "bootstrap.py").read_text()
 SYSTEMD_UNIT = Path(__file__).resolve().parents[2] / "infra" / "systemd" / "barista-agent.service"
 
 
 def installer_script(base_url: str) -> str:
     """``/install.sh``: POSIX sh that runs agent/bootstrap.py with the machine's python3."""
-    source = Path(agent.bootstrap.__file__).read_text()
+    source = bootstrap_source()
     if INSTALLER_DELIMITER in source:
         raise RuntimeError("agent/bootstrap.py contains the installer's heredoc delimiter")
     url = shlex.quote(check_base_url(base_url))
@@ -226,8 +237,8 @@ def build_agent_wheel(out_dir: Path) -> AgentWheel:
     controller code), built from the running source with a content-derived version, so the
     same source gives the same bytes and a changed one a newer local version. Blocking."""
     files: list[tuple[str, bytes]] = []
-    for package in (agent, protocol):
-        root = Path(str(package.__file__)).resolve().parent
+    for package in ("agent", "protocol"):
+        root = package_dir(package)
         for path in sorted(root.rglob("*")):
             if path.is_file() and path.suffix in (".py", ".typed") \
                     and "__pycache__" not in path.parts:

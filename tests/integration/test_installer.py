@@ -30,7 +30,7 @@ from controller.provision.bootstrap import (
 from controller.service import Controller, RunningController
 from controller.tls import ControllerTLS
 from tests.fixtures.controller import controller_config
-from tests.fixtures.machine import Machine, machine  # noqa: F401  (the fixture)
+from tests.fixtures.machine import Machine
 from tests.fixtures.wait import wait_for
 
 VENV = str(Path(sys.executable).parent.parent)  # reused by the machine: no PyPI
@@ -56,6 +56,13 @@ async def lab(machine: Machine, tmp_path: Path) -> AsyncIterator[Lab]:
         yield Lab(controller=c, url=api.url, machine=machine)
 
 
+def _cmdline(pid: int | str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _secret(token: str) -> str:
     return token.split("~", 1)[0].rsplit(".", 1)[1]
 
@@ -74,11 +81,7 @@ async def _run_watching(lab: Lab, argv: list[str], *, stdin: bytes | None,
         while proc.returncode is None:
             for pid in os.listdir("/proc"):
                 if pid.isdigit():
-                    try:
-                        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    except OSError:
-                        continue
-                    seen += secret.encode() in cmdline
+                    seen += secret.encode() in _cmdline(pid)
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch())
@@ -105,7 +108,7 @@ async def _online(lab: Lab, node_id: str | None = None) -> list[str]:
 
     nodes = await wait_for(check, 60, f"node {node_id or '(any)'} heartbeating")
     agents = [p for p in lab.machine.pids()
-              if b"barista-agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+              if b"barista-agent" in _cmdline(p)]
     assert agents, "no agent process inside the machine"
     return nodes
 
@@ -138,7 +141,7 @@ async def test_one_line_join_adopts_the_machine(lab: Lab, caplog: pytest.LogCapt
     supervisor = int(m.path("/run/barista-agent/supervisor.pid").read_text())
     # While it runs: no process anywhere carries the token on its command line.
     for pid in m.pids():
-        assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert secret.encode() not in _cmdline(pid)
     assert seen == 0
 
     # Re-running is harmless: the same node, restarted under a new supervisor, still online.
@@ -287,3 +290,39 @@ async def test_tampered_wheel_is_refused_and_nothing_installed(lab: Lab):
     assert code != 0
     assert "step verify failed" in out and sha in out, out
     _nothing_installed(lab.machine)
+
+
+@pytest.mark.slow
+async def test_real_wheel_into_a_fresh_venv_offline(lab: Lab, tmp_path: Path):
+    """No --reuse-venv: the wheel the controller built, verified and pip-installed into a
+    new /opt/barista-agent venv, dependencies from a local wheelhouse (no PyPI)."""
+    from controller.provision.bootstrap import _agent_requirements
+    from tests.fixtures.wheelhouse import make_wheelhouse
+
+    house = tmp_path / "wheelhouse"
+    await asyncio.to_thread(make_wheelhouse, _agent_requirements(), house)
+    issued = await lab.controller.tokens.create(node_name="fresh-0")
+    join = lab.controller.tokens.join_text(issued.token)
+    script = join_command(lab.url, lab.pin, ["--wheelhouse", str(house), "--node-name",
+                                             "fresh-0"], token_from_stdin=True)
+    # The machine's python3 is a plain interpreter, not this test's venv.
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    code, out, seen = await _run_watching(
+        lab, ["env", f"BARISTA_PYTHON={base}", "PYTHONPATH=", "sh", "-c", script],
+        stdin=join.encode(), secret=_secret(join), timeout=240)
+    assert code == 0, out
+    assert "verified" in out and "agent installed in /opt/barista-agent" in out and seen == 0
+    venv = lab.machine.path("/opt/barista-agent")
+    assert (venv / "bin" / "barista-agent").exists()
+    site = next(venv.glob("lib/python3*/site-packages"))
+    assert (site / "agent" / "runtime.py").exists() and (site / "protocol").is_dir()
+    assert not (site / "controller").exists()  # the agent wheel carries no controller code
+    assert await _online(lab, "fresh-0") == ["fresh-0"]
+    agents = [p for p in lab.machine.pids() if b"barista-agent" in _cmdline(p)]
+    assert any(b"/opt/barista-agent/bin" in _cmdline(p) for p in agents)
+    # Again: the same wheel is not installed twice.
+    code, out, _ = await _run_watching(
+        lab, ["env", f"BARISTA_PYTHON={base}", "PYTHONPATH=", "sh", "-c", script],
+        stdin=join.encode(), secret=_secret(join), timeout=240)
+    assert code == 0 and "already this wheel" in out, out
+    assert await _online(lab, "fresh-0") == ["fresh-0"]
