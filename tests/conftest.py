@@ -6,4 +6,6 @@ pytest_plugins = [
     "tests.fixtures.influx",
     "tests.fixtures.moto",
     "tests.fixtures.machine",
+    "tests.fixtures.joinlab",
+    "tests.fixtures.sshd",
 ]

@@ -66,11 +66,12 @@ def render_user_data(config: BootConfig) -> str:
         "    content: |\n"
         f"{indented}\n"
         "runcmd:\n"
-        f"  - [sh, -c, {json.dumps(_install_command(config))}]\n"
+        f"  - [sh, -c, {json.dumps(install_command(config))}]\n"
     )
 
 
-def _install_command(config: BootConfig) -> str:
+def install_command(config: BootConfig) -> str:
+    """What runcmd runs (and the ssh provider over SSH): the join with the boot config."""
     extra = ["--config", BOOT_CONFIG_PATH]
     if config.reuse_venv:
         extra += ["--reuse-venv", config.reuse_venv]

@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
 import stat
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from controller.api.app import ApiServer
 from controller.provision.bootstrap import (
     BOOT_CONFIG_PATH,
     BootConfig,
@@ -27,97 +23,17 @@ from controller.provision.bootstrap import (
     read_user_data,
     render_user_data,
 )
-from controller.service import Controller, RunningController
 from controller.tls import ControllerTLS
-from tests.fixtures.controller import controller_config
-from tests.fixtures.machine import Machine
+from tests.fixtures.joinlab import (
+    VENV,
+    Lab,
+    cmdline,
+    nothing_installed,
+    online,
+    run_watching,
+    secret_of,
+)
 from tests.fixtures.wait import wait_for
-
-VENV = str(Path(sys.executable).parent.parent)  # reused by the machine: no PyPI
-
-
-@dataclass
-class Lab:
-    controller: RunningController
-    url: str  # https://<host side of the veth>:port
-    machine: Machine
-
-    @property
-    def pin(self) -> str:
-        assert self.controller.tls is not None
-        return self.controller.tls.ca_sha256
-
-
-@pytest.fixture
-async def lab(machine: Machine, tmp_path: Path) -> AsyncIterator[Lab]:
-    cfg = controller_config(tmp_path / "controller", tls=True, api_host=machine.host_ip,
-                            nats_host=machine.host_ip)
-    async with Controller(cfg) as c, ApiServer(c, host=machine.host_ip, port=0) as api:
-        yield Lab(controller=c, url=api.url, machine=machine)
-
-
-def _cmdline(pid: int | str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _secret(token: str) -> str:
-    return token.split("~", 1)[0].rsplit(".", 1)[1]
-
-
-async def _run_watching(lab: Lab, argv: list[str], *, stdin: bytes | None,
-                        secret: str, timeout: float = 120) -> tuple[int, str, int]:
-    """Run ``argv`` in the machine; meanwhile read every process's command line. Returns
-    (exit code, output, how many command lines carried ``secret``)."""
-    proc = await asyncio.create_subprocess_exec(
-        *lab.machine.command(argv), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    seen = 0
-
-    async def watch() -> None:
-        nonlocal seen
-        while proc.returncode is None:
-            for pid in os.listdir("/proc"):
-                if pid.isdigit():
-                    seen += secret.encode() in _cmdline(pid)
-            await asyncio.sleep(0.02)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        await watcher
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), seen
-
-
-async def _online(lab: Lab, node_id: str | None = None) -> list[str]:
-    """The nodes whose agents heartbeat (after the installer's start), which run inside
-    the machine."""
-    since = __import__("time").time()
-
-    def check() -> list[str]:
-        return [n.id for n in lab.controller.fleet.select() if n.status == "online"
-                and (node_id is None or n.id == node_id)
-                and (lab.controller.fleet.last_beat(n.id) or 0) > since]
-
-    nodes = await wait_for(check, 60, f"node {node_id or '(any)'} heartbeating")
-    agents = [p for p in lab.machine.pids()
-              if b"barista-agent" in _cmdline(p)]
-    assert agents, "no agent process inside the machine"
-    return nodes
-
-
-def _nothing_installed(m: Machine) -> None:
-    assert not any(m.path("/opt").iterdir()), list(m.path("/opt").iterdir())
-    assert not m.path("/etc/barista/agent.toml").exists()
-    assert not m.path("/var/lib/barista-agent").exists()
-    assert not m.pids()
 
 
 @pytest.mark.slow
@@ -125,15 +41,15 @@ async def test_one_line_join_adopts_the_machine(lab: Lab, caplog: pytest.LogCapt
     tokens = lab.controller.tokens
     issued = await tokens.create(labels={"site": "onprem"})
     join = tokens.join_text(issued.token)
-    secret = _secret(join)
+    secret = secret_of(join)
     line = join_line(lab.url, lab.pin, ["--reuse-venv", VENV])
     assert secret not in line and line.endswith("< join-token")
     script = line.removesuffix(" < join-token")
-    code, out, seen = await _run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
+    code, out, seen = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
                                           secret=secret)
     assert code == 0, out
     assert "matches the token" in out and "supervisor" in out
-    (node_id,) = await _online(lab)
+    (node_id,) = await online(lab)
     assert lab.controller.fleet.get(node_id).labels == {"site": "onprem"}
     m = lab.machine
     for path in ("/etc/barista/agent.toml", "/etc/barista/join-token"):
@@ -141,30 +57,30 @@ async def test_one_line_join_adopts_the_machine(lab: Lab, caplog: pytest.LogCapt
     supervisor = int(m.path("/run/barista-agent/supervisor.pid").read_text())
     # While it runs: no process anywhere carries the token on its command line.
     for pid in m.pids():
-        assert secret.encode() not in _cmdline(pid)
+        assert secret.encode() not in cmdline(pid)
     assert seen == 0
 
     # Re-running is harmless: the same node, restarted under a new supervisor, still online.
-    code, out, seen = await _run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
+    code, out, seen = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
                                           secret=secret)
     assert code == 0, out
     assert "restarted" in out and seen == 0
     assert int(m.path("/run/barista-agent/supervisor.pid").read_text()) != supervisor
-    assert await _online(lab) == [node_id]
+    assert await online(lab) == [node_id]
     assert [n.id for n in lab.controller.fleet.select()] == [node_id]
 
     # The ssh provider's verbs, run by the installed copy of the installer.
-    code, out, _ = await _run_watching(
+    code, out, _ = await run_watching(
         lab, [sys.executable, "/opt/barista-agent/bootstrap.py", "status"], stdin=None,
         secret=secret)
     status = json.loads(out.splitlines()[-1])
     assert (status["installed"], status["running"], status["node_id"]) == (True, True, node_id)
-    code, out, _ = await _run_watching(
+    code, out, _ = await run_watching(
         lab, [sys.executable, "/opt/barista-agent/bootstrap.py", "uninstall"], stdin=None,
         secret=secret)
     assert code == 0, out
     await wait_for(lambda: not m.pids(), 15, "the agent to stop")
-    _nothing_installed(m)
+    nothing_installed(m)
 
     # Nothing logged the token: installer output, the agent's log, the controller's log.
     assert secret not in out
@@ -191,35 +107,35 @@ async def test_cloud_init_user_data_enrolls_the_bound_node(lab: Lab):
         user_data.split("content: |\n", 1)[1].split("\nruncmd:", 1)[0])).encode())
     join.chmod(0o600)
     runcmd = json.loads(user_data.split("  - [sh, -c, ", 1)[1].rsplit("]", 1)[0])
-    code, out, seen = await _run_watching(lab, ["sh", "-c", runcmd], stdin=b"",
-                                          secret=_secret(issued.token))
+    code, out, seen = await run_watching(lab, ["sh", "-c", runcmd], stdin=b"",
+                                          secret=secret_of(issued.token))
     assert code == 0, out
     assert seen == 0
-    assert await _online(lab, "web-eu-0") == ["web-eu-0"]
+    assert await online(lab, "web-eu-0") == ["web-eu-0"]
     node = lab.controller.fleet.get("web-eu-0")
     assert node.labels == {"infra": "web", "group": "eu"}
 
 
-async def test_wrong_ca_hash_is_refused_and_nothing_installed(lab: Lab):
+async def test_wrong_ca_hash_is_refused_andnothing_installed(lab: Lab):
     issued = await lab.controller.tokens.create()
     join = lab.controller.tokens.join_text(issued.token)
     forged = "f" * 64
     # The one-liner's own check, before the installer is even fetched.
     script = join_command(lab.url, forged, ["--reuse-venv", VENV], token_from_stdin=True)
-    code, out, _ = await _run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
-                                       secret=_secret(join))
+    code, out, _ = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
+                                       secret=secret_of(join))
     assert code != 0
     assert "not the one the join token pins" in out and forged in out
-    _nothing_installed(lab.machine)
+    nothing_installed(lab.machine)
     # The installer's own check (run without the one-liner): a token pinning another CA.
     fake = join.replace(lab.pin, forged, 1)
     lab.machine.path("/run/token").write_text(fake)
-    code, out, _ = await _run_watching(
+    code, out, _ = await run_watching(
         lab, ["sh", "-c", f"curl -fsSk {lab.url}/install.sh | sh -s -- --token-file /run/token "
-              f"--reuse-venv {VENV}"], stdin=b"", secret=_secret(join))
+              f"--reuse-venv {VENV}"], stdin=b"", secret=secret_of(join))
     assert code != 0
     assert "step trust failed" in out and forged in out and lab.pin in out
-    _nothing_installed(lab.machine)
+    nothing_installed(lab.machine)
 
 
 async def test_server_with_another_ca_is_refused(lab: Lab, tmp_path: Path):
@@ -253,23 +169,23 @@ async def test_server_with_another_ca_is_refused(lab: Lab, tmp_path: Path):
         issued = await lab.controller.tokens.create()
         join = lab.controller.tokens.join_text(issued.token)
         script = join_command(impostor, lab.pin, ["--reuse-venv", VENV], token_from_stdin=True)
-        code, out, _ = await _run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
-                                           secret=_secret(join))
+        code, out, _ = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
+                                           secret=secret_of(join))
         assert code != 0 and "not the one the join token pins" in out, out
-        _nothing_installed(lab.machine)
+        nothing_installed(lab.machine)
         # And the installer itself, learning the CA from the handshake.
         lab.machine.path("/run/token").write_text(join)
-        code, out, _ = await _run_watching(
+        code, out, _ = await run_watching(
             lab, ["sh", "-c", f"curl -fsSk {impostor}/install.sh | sh -s -- --url {impostor} "
                   f"--token-file /run/token --reuse-venv {VENV}"], stdin=b"",
-            secret=_secret(join))
+            secret=secret_of(join))
         assert code != 0 and "step trust failed" in out and other.ca_sha256 in out, out
-        _nothing_installed(lab.machine)
+        nothing_installed(lab.machine)
     finally:
         await runner.cleanup()
 
 
-async def test_tampered_wheel_is_refused_and_nothing_installed(lab: Lab):
+async def test_tampered_wheel_is_refused_andnothing_installed(lab: Lab):
     issued = await lab.controller.tokens.create()
     join = lab.controller.tokens.join_text(issued.token)
     files = lab.controller.config.data_dir / "bootstrap"
@@ -277,19 +193,19 @@ async def test_tampered_wheel_is_refused_and_nothing_installed(lab: Lab):
     # The manifest's sha256 is fixed when the wheel is built; then the file is changed.
     from controller.api.app import make_app  # noqa: F401  (the API built the wheel lazily)
 
-    code, out, _ = await _run_watching(
+    code, out, _ = await run_watching(
         lab, ["sh", "-c", f"curl -fsSk {lab.url}/v1/bootstrap/manifest"], stdin=b"",
-        secret=_secret(join))
+        secret=secret_of(join))
     sha = json.loads(out)["wheel"]["sha256"]
     (wheel,) = files.glob("*.whl")
     data = bytearray(wheel.read_bytes())
     data[len(data) // 2] ^= 0xFF
     wheel.write_bytes(bytes(data))
-    code, out, _ = await _run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
-                                       secret=_secret(join))
+    code, out, _ = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
+                                       secret=secret_of(join))
     assert code != 0
     assert "step verify failed" in out and sha in out, out
-    _nothing_installed(lab.machine)
+    nothing_installed(lab.machine)
 
 
 @pytest.mark.slow
@@ -307,9 +223,9 @@ async def test_real_wheel_into_a_fresh_venv_offline(lab: Lab, tmp_path: Path):
                                              "fresh-0"], token_from_stdin=True)
     # The machine's python3 is a plain interpreter, not this test's venv.
     base = Path(sys.base_prefix) / "bin" / "python3"
-    code, out, seen = await _run_watching(
+    code, out, seen = await run_watching(
         lab, ["env", f"BARISTA_PYTHON={base}", "PYTHONPATH=", "sh", "-c", script],
-        stdin=join.encode(), secret=_secret(join), timeout=240)
+        stdin=join.encode(), secret=secret_of(join), timeout=240)
     assert code == 0, out
     assert "verified" in out and "agent installed in /opt/barista-agent" in out and seen == 0
     venv = lab.machine.path("/opt/barista-agent")
@@ -317,12 +233,12 @@ async def test_real_wheel_into_a_fresh_venv_offline(lab: Lab, tmp_path: Path):
     site = next(venv.glob("lib/python3*/site-packages"))
     assert (site / "agent" / "runtime.py").exists() and (site / "protocol").is_dir()
     assert not (site / "controller").exists()  # the agent wheel carries no controller code
-    assert await _online(lab, "fresh-0") == ["fresh-0"]
-    agents = [p for p in lab.machine.pids() if b"barista-agent" in _cmdline(p)]
-    assert any(b"/opt/barista-agent/bin" in _cmdline(p) for p in agents)
+    assert await online(lab, "fresh-0") == ["fresh-0"]
+    agents = [p for p in lab.machine.pids() if b"barista-agent" in cmdline(p)]
+    assert any(b"/opt/barista-agent/bin" in cmdline(p) for p in agents)
     # Again: the same wheel is not installed twice.
-    code, out, _ = await _run_watching(
+    code, out, _ = await run_watching(
         lab, ["env", f"BARISTA_PYTHON={base}", "PYTHONPATH=", "sh", "-c", script],
-        stdin=join.encode(), secret=_secret(join), timeout=240)
+        stdin=join.encode(), secret=secret_of(join), timeout=240)
     assert code == 0 and "already this wheel" in out, out
-    assert await _online(lab, "fresh-0") == ["fresh-0"]
+    assert await online(lab, "fresh-0") == ["fresh-0"]
