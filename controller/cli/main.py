@@ -282,7 +282,8 @@ def token_create(labels: tuple[str, ...], ttl: str, description: str, node_name:
                       "can enroll with it")
     console.print("\n[bold]join a machine[/bold] (as root): save the join token in a file "
                   "only root can read, then run the one-line join, which reads it from "
-                  "standard input (never from a command line):")
+                  "standard input (never from a command line); installer flags such as "
+                  "--label k=v go after 'barista-join':")
     console.print("  (umask 077; cat > join-token)   # paste the join token below, then Ctrl-D",
                   soft_wrap=True, highlight=False)
     print(f"  {data['join_line']}")

@@ -154,15 +154,16 @@ def join_command(base_url: str, ca_sha256: str, args: list[str], *,
         lines.append(f'curl -fsS {q(base + "/install.sh")} -o "$d/install.sh"')
     quoted = " ".join(a if a.startswith("$d/") else q(a) for a in installer_args)
     quoted = quoted.replace("$d/token", '"$d/token"').replace("$d/ca.pem", '"$d/ca.pem"')
-    lines.append(f'sh "$d/install.sh" {quoted}')
+    # "$@": more installer flags after the script's name (--label k=v, --node-name ...).
+    lines.append(f'sh "$d/install.sh" {quoted} "$@"')
     return "; ".join(lines)
 
 
 def join_line(base_url: str, ca_sha256: str, args: list[str] | None = None) -> str:
     """The one line an operator runs as root on a machine to adopt, with the join token on
-    standard input: ``sh -c '...' < join-token``."""
+    standard input: ``sh -c '...' barista-join [installer flags] < join-token``."""
     script = join_command(base_url, ca_sha256, list(args or []), token_from_stdin=True)
-    return f"sh -c {shlex.quote(script)} < join-token"
+    return f"sh -c {shlex.quote(script)} barista-join < join-token"
 
 
 # -- what the controller serves ----------------------------------------------------------

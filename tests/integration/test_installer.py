@@ -24,6 +24,7 @@ from controller.provision.bootstrap import (
     render_user_data,
 )
 from controller.tls import ControllerTLS
+from tests.fixtures.controller import run_cli
 from tests.fixtures.joinlab import (
     VENV,
     Lab,
@@ -38,20 +39,27 @@ from tests.fixtures.wait import wait_for
 
 @pytest.mark.slow
 async def test_one_line_join_adopts_the_machine(lab: Lab, caplog: pytest.LogCaptureFixture):
-    tokens = lab.controller.tokens
-    issued = await tokens.create(labels={"site": "onprem"})
-    join = tokens.join_text(issued.token)
+    # What the operator gets from `barista token create` (the real CLI and API, pinned).
+    code, printed, err = await run_cli(
+        "token", "create", "--label", "site=onprem", url=lab.url,
+        token=lab.controller.secrets.api_token, env={"BARISTA_CA_SHA256": lab.pin})
+    assert code == 0, err
+    lines = printed.splitlines()
+    (line,) = [x.strip() for x in lines if x.strip().startswith("sh -c ")]
+    join = lines[lines.index("join token:") + 1].strip()
     secret = secret_of(join)
-    line = join_line(lab.url, lab.pin, ["--reuse-venv", VENV])
-    assert secret not in line and line.endswith("< join-token")
-    script = line.removesuffix(" < join-token")
-    code, out, seen = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
-                                          secret=secret)
+    assert line == join_line(lab.url, lab.pin)
+    assert secret not in line and line.endswith(" barista-join < join-token")
+    # Run as printed (the token file on stdin), with one more installer flag appended.
+    m = lab.machine
+    m.path("/run/join-token").write_text(join + "\n")
+    m.path("/run/join-token").chmod(0o600)
+    script = line.replace(" < join-token", f" --reuse-venv {VENV} < /run/join-token")
+    code, out, seen = await run_watching(lab, ["sh", "-c", script], stdin=b"", secret=secret)
     assert code == 0, out
     assert "matches the token" in out and "supervisor" in out
     (node_id,) = await online(lab)
     assert lab.controller.fleet.get(node_id).labels == {"site": "onprem"}
-    m = lab.machine
     for path in ("/etc/barista/agent.toml", "/etc/barista/join-token"):
         assert stat.S_IMODE(m.path(path).stat().st_mode) == 0o600, path
     supervisor = int(m.path("/run/barista-agent/supervisor.pid").read_text())
@@ -61,8 +69,7 @@ async def test_one_line_join_adopts_the_machine(lab: Lab, caplog: pytest.LogCapt
     assert seen == 0
 
     # Re-running is harmless: the same node, restarted under a new supervisor, still online.
-    code, out, seen = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
-                                          secret=secret)
+    code, out, seen = await run_watching(lab, ["sh", "-c", script], stdin=b"", secret=secret)
     assert code == 0, out
     assert "restarted" in out and seen == 0
     assert int(m.path("/run/barista-agent/supervisor.pid").read_text()) != supervisor

@@ -69,7 +69,7 @@ def test_bad_controller_urls_are_refused(url: str):
 
 def test_join_line_reads_the_token_from_stdin_and_pins_first():
     line = join_line("https://198.18.0.1:8640", PIN)
-    assert line.startswith("sh -c '") and line.endswith("' < join-token")
+    assert line.startswith("sh -c '") and line.endswith("' barista-join < join-token")
     script = join_command("https://198.18.0.1:8640", PIN, [], token_from_stdin=True)
     # The CA check comes before the installer is fetched over the pinned CA.
     assert script.index("sha256sum -c") < script.index("--cacert")
