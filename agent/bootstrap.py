@@ -331,7 +331,14 @@ def install(args: argparse.Namespace) -> int:
             raise StepFailed("config", "no controller URL (--url)")
     timeout = args.timeout
     with step("trust"):
-        if pin:
+        # The API's CA is the token's pin, unless the join line names it (a controller
+        # whose agents use an external NATS with another CA: the agent checks the token's
+        # pin against NATS itself).
+        api_pin = args.api_ca_sha256.strip().lower() or pin
+        if api_pin and not _SHA256_RE.match(api_pin):
+            raise StepFailed("trust", "--api-ca-sha256 must be 64 hex digits")
+        if api_pin:
+            pin = api_pin
             ctx: ssl.SSLContext | None
             ctx, ca_pem = pinned_context(url, pin, args.ca_file, timeout)
             say(f"the controller's CA matches the token (sha256 {pin[:16]}...)")
@@ -347,6 +354,14 @@ def install(args: argparse.Namespace) -> int:
         wheel = manifest["wheel"]
         if not _SHA256_RE.match(str(wheel["sha256"])) or "/" in str(wheel["filename"]):
             raise ValueError("the manifest's wheel entry is malformed")
+        # What this controller's tokens pin (its NATS CA), told over the pinned TLS: a token
+        # pinning anything else could never enroll, so nothing is installed for it.
+        nats_pin = str(manifest.get("nats_ca_sha256", ""))
+        if token_pin(token) != nats_pin:
+            raise StepFailed(
+                "trust", f"the join token pins CA sha256 {token_pin(token) or '(none)'}, but "
+                f"this controller's NATS CA is {nats_pin or '(none: plain NATS)'}: the token "
+                "was not made by this controller; nothing was installed")
     reuse = args.reuse_venv
     with tempfile.TemporaryDirectory(prefix="barista-install-") as tmp:
         wheel_path = Path(tmp) / str(wheel["filename"])
@@ -513,6 +528,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--token-file", default="", help="the join token (a 0600 file)")
     p.add_argument("--ca-file", default="", help="the controller's CA (checked against "
                    "the token's hash); default: learned from the server and checked")
+    p.add_argument("--api-ca-sha256", default="", help="the API's CA hash when it is not "
+                   "the token's pin (default: the token's pin)")
     p.add_argument("--label", action="append", default=[], help="k=v (repeat)")
     p.add_argument("--node-name", default="", help="the agent's hostname (bound tokens)")
     p.add_argument("--reuse-venv", default="", metavar="PATH",

@@ -58,6 +58,7 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
         controller_keys=controller.signing_keys.enroll_keys,
         ca_sha256=controller.tls.ca_sha256 if controller.tls is not None else "",
         ca_der=ca_der_of(controller.tls.ca_file) if controller.tls is not None else b"",
+        nats_ca_sha256=controller.agent_ca_sha256,
     )
     app[keys.METRICS_HUB] = controller.hub
     app[keys.JOBS] = controller.jobs

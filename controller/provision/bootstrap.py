@@ -40,7 +40,9 @@ class BootConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     nats_urls: list[str]
     controller_keys: list[str]  # base64 Ed25519 command-signing keys
     installer_url: str  # https://<controller>/install.sh (pinned by ca_sha256)
-    ca_sha256: str = ""  # "" only on a plain (no TLS) controller, which the installer says
+    # The API's CA pin (the same as the token's with the embedded NATS); "" only on a plain
+    # (no TLS) controller, which the installer says.
+    ca_sha256: str = ""
     labels: dict[str, str] = {}
     hostname: str = ""
     # Lab VMs may reuse the host's venv instead of installing the wheel (--reuse-venv).
@@ -149,7 +151,7 @@ def join_command(base_url: str, ca_sha256: str, args: list[str], *,
             f'curl -fsS --proto =https --cacert "$d/ca.pem" --capath "$d" '
             f'{q(base + "/install.sh")} -o "$d/install.sh"',
         ]
-        installer_args += ["--ca-file", "$d/ca.pem"]
+        installer_args += ["--ca-file", "$d/ca.pem", "--api-ca-sha256", ca_sha256]
     else:
         lines.append(f'curl -fsS {q(base + "/install.sh")} -o "$d/install.sh"')
     quoted = " ".join(a if a.startswith("$d/") else q(a) for a in installer_args)
@@ -294,12 +296,13 @@ class BootstrapFiles:
     every installer."""
 
     def __init__(self, *, data_dir: Path, nats_url: str, controller_keys: list[str],
-                 ca_sha256: str = "", ca_der: bytes = b"") -> None:
+                 ca_sha256: str = "", ca_der: bytes = b"", nats_ca_sha256: str = "") -> None:
         self._dir = data_dir / "bootstrap"
         self._nats_url = nats_url
         self._controller_keys = controller_keys  # kept current by key rotation
-        self.ca_sha256 = ca_sha256
+        self.ca_sha256 = ca_sha256  # the API's CA
         self.ca_der = ca_der
+        self.nats_ca_sha256 = nats_ca_sha256  # what join tokens pin (the CA NATS serves)
         self._wheel: AgentWheel | None = None
         self._lock = asyncio.Lock()
 
@@ -323,6 +326,7 @@ class BootstrapFiles:
             "nats_urls": [self._nats_url],
             "controller_keys": list(self._controller_keys),
             "ca_sha256": self.ca_sha256,
+            "nats_ca_sha256": self.nats_ca_sha256,
             "systemd_unit": self.systemd_unit(),
         }
 

@@ -249,3 +249,16 @@ async def test_real_wheel_into_a_fresh_venv_offline(lab: Lab, tmp_path: Path):
         stdin=join.encode(), secret=secret_of(join), timeout=240)
     assert code == 0 and "already this wheel" in out, out
     assert await online(lab, "fresh-0") == ["fresh-0"]
+
+
+async def test_token_pinning_another_ca_is_refused_even_with_the_right_join_line(lab: Lab):
+    """The join line pins the API's CA correctly, but the token pins another one: the
+    manifest (over the pinned TLS) says what this controller's tokens pin; refused."""
+    issued = await lab.controller.tokens.create()
+    join = lab.controller.tokens.join_text(issued.token).replace(lab.pin, "e" * 64, 1)
+    script = join_command(lab.url, lab.pin, ["--reuse-venv", VENV], token_from_stdin=True)
+    code, out, _ = await run_watching(lab, ["sh", "-c", script], stdin=join.encode(),
+                                      secret=secret_of(join))
+    assert code != 0
+    assert "step trust failed" in out and "e" * 64 in out and "not made by this" in out, out
+    nothing_installed(lab.machine)
