@@ -408,7 +408,8 @@ def install(args: argparse.Namespace) -> int:
         changed |= write_file(ETC / "agent.toml", agent_toml(settings), 0o600)
         write_file(PREFIX / "installed.json", json.dumps(
             {"agent": agent_bin, "python": python, "venv": reuse or str(PREFIX),
-             "wheel_sha256": wheel["sha256"], "version": wheel.get("version", ""),
+             "wheel_sha256": "" if reuse else wheel["sha256"],
+             "version": "(reused venv)" if reuse else wheel.get("version", ""),
              "controller": url}, indent=1).encode(), 0o644)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         os.chmod(STATE_DIR, 0o700)
