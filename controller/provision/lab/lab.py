@@ -132,6 +132,12 @@ class Lab:
         return self.file.read()
 
     @property
+    def mode(self) -> Mode:
+        """The mode of the lab in the data dir, or the one a new lab would get."""
+        st = self.file.read()
+        return st.mode if st is not None else self._mode
+
+    @property
     def prefix(self) -> str:
         st = self.file.read()
         if st is not None:
@@ -191,6 +197,7 @@ class Lab:
                 return {}
             self.topology.reap()
             removed = await asyncio.to_thread(net.sweep, prefix, data_dir=self.data_dir)
+            self.topology.reap()
             self.machines.reap()
             return removed
 

@@ -106,6 +106,31 @@ def nft_argv(netns: str | None) -> list[str]:
     return [*(["ip", "netns", "exec", netns] if netns else []), "nft", "-f", "-"]
 
 
+def spawn(argv: Sequence[str], *, env: dict[str, str], log: Path) -> int:
+    """Start a daemon of the lab in its own session, output appended to ``log``; returns
+    its pid. No ``Popen``: the lab outlives the object that started it; ``reap`` collects
+    the exit status when the daemon ends while we still run."""
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    return os.posix_spawnp(argv[0], list(argv), env, file_actions=actions, setsid=True)
+
+
+def reap(pids: Sequence[int]) -> list[int]:
+    """Collect the children among ``pids`` that ended; returns those still running."""
+    left = []
+    for pid in pids:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue  # not our child (started by another process) or already collected
+        if done == 0:
+            left.append(pid)
+    return left
+
+
 # -- what exists ------------------------------------------------------------------------
 
 

@@ -123,7 +123,7 @@ class Topology:
     def __init__(self, *, data_dir: Path, python: str = sys.executable) -> None:
         self.data_dir = data_dir
         self.python = python
-        self._router: subprocess.Popen[bytes] | None = None
+        self._children: list[int] = []  # daemons we started, to reap
 
     def plan_gateway(self, prefix: str) -> GatewayState:
         subnet = net.free_gateway_subnet()
@@ -203,40 +203,30 @@ class Topology:
         cfg_path.write_bytes(msgspec.json.encode(config))
         stats = Path(config.stats_path)
         stats.unlink(missing_ok=True)
-        log = open(self.data_dir / "router.log", "ab")
-        try:
-            self._router = subprocess.Popen(
-                ["ip", "netns", "exec", f"{state.prefix}-wan", self.python, "-m",
-                 "controller.provision.lab.router", str(cfg_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=child_env(state.prefix), start_new_session=True,
-            )
-        finally:
-            log.close()
+        pid = net.spawn(
+            ["ip", "netns", "exec", f"{state.prefix}-wan", self.python, "-m",
+             "controller.provision.lab.router", str(cfg_path)],
+            env=child_env(state.prefix), log=self.data_dir / "router.log",
+        )
+        self._children.append(pid)
         deadline = time.monotonic() + ROUTER_READY_TIMEOUT
         while time.monotonic() < deadline:
             st = read_stats(stats)
             if st is not None and st.ready:
                 return st.pid, net.pid_start(st.pid)
-            if self._router.poll() is not None:
+            if not net.reap([pid]):
                 break
             time.sleep(0.02)
         tail = (self.data_dir / "router.log").read_text(errors="replace")[-2000:]
         raise LabError(f"the WAN router did not start: {tail.strip() or 'no output'}")
 
     def reap(self) -> None:
-        if self._router is not None and self._router.poll() is not None:
-            self._router = None
+        self._children = net.reap(self._children)
 
     def stop_router(self, pid: int, start: int) -> None:
         if net.alive(pid, start):
             net.kill_pids([pid])
-        if self._router is not None:
-            try:
-                self._router.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            self._router = None
+        self.reap()
 
 
 def region_netns(state: LabState) -> Sequence[str]:

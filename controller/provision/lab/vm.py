@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ class Machines:
     def __init__(self, *, data_dir: Path, python: str = sys.executable) -> None:
         self.data_dir = data_dir
         self.python = python
-        self._inits: dict[str, subprocess.Popen[bytes]] = {}
+        self._inits: dict[str, int] = {}  # inits we started, to reap
 
     # -- network ------------------------------------------------------------------------
 
@@ -91,16 +90,10 @@ class Machines:
                     "--propagation", "private", "--", *argv]
         else:
             argv.append("--process-mode")
-        log = open(d / "init.log", "ab")
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=child_env(state.prefix, **{net.ENV_VM: vm.id}), start_new_session=True,
-            )
-        finally:
-            log.close()
-        self._inits[vm.id] = proc
-        return proc.pid, _start_of(proc.pid)
+        pid = net.spawn(argv, env=child_env(state.prefix, **{net.ENV_VM: vm.id}),
+                        log=d / "init.log")
+        self._inits[vm.id] = pid
+        return pid, _start_of(pid)
 
     def pids(self, state: LabState, vm: VmState) -> list[int]:
         """Every process of the VM: in its namespace, or marked with its id."""
@@ -122,12 +115,7 @@ class Machines:
         rest = self.pids(state, vm)
         if rest:
             net.kill_pids(rest)
-        proc = self._inits.pop(vm.id, None)
-        if proc is not None:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        self.reap()
 
     async def destroy(self, state: LabState, vm: VmState) -> None:
         self.halt(state, vm)
@@ -136,9 +124,8 @@ class Machines:
         shutil.rmtree(vm_dir(self.data_dir, vm.id), ignore_errors=True)
 
     def reap(self) -> None:
-        for vm_id, proc in list(self._inits.items()):
-            if proc.poll() is not None:
-                del self._inits[vm_id]
+        live = set(net.reap(list(self._inits.values())))
+        self._inits = {k: p for k, p in self._inits.items() if p in live}
 
     def exec_argv(self, state: LabState, vm: VmState) -> list[str]:
         """The prefix that runs a command inside the VM (its network, hostname and mounts)."""

@@ -107,7 +107,7 @@ def parse_unit(path: Path, root: Path) -> Unit | None:
 
 
 def _rooted(root: Path, path: str) -> Path:
-    return root / path.lstrip("/") if str(root) != "/" else Path(path)
+    return root / path.lstrip("/")
 
 
 class Init:
@@ -263,10 +263,18 @@ class Init:
                          user_data_failed=self.failed_steps)
         self.start_units()
 
+    def enabled_here(self) -> list[Path]:
+        """The units enabled in this VM: in its own layer of /etc, never the image's (the
+        host's own services, enabled in the lower layer, must not start in a VM)."""
+        if self.process_mode:
+            own = self.root / UNITS_WANTED
+        else:
+            own = self.vm_dir / "disk" / "etc" / "upper" / UNITS_WANTED.removeprefix("etc/")
+        names = sorted(p.name for p in own.glob("*.service")) if own.is_dir() else []
+        return [_rooted(self.root, UNITS_WANTED) / n for n in names]
+
     def start_units(self) -> None:
-        wants = _rooted(self.root, UNITS_WANTED)
-        found = sorted(wants.glob("*.service")) if wants.is_dir() else []
-        for path in found:
+        for path in self.enabled_here():
             try:
                 unit = parse_unit(path, self.root)
             except OSError as exc:
