@@ -14,8 +14,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from controller.provision.bootstrap import BootConfig, render_user_data
 from controller.provision.lab import Lab, LabConfig, LinkConfig, RegionConfig
 from controller.provision.lab import net as labnet
@@ -26,6 +24,19 @@ from tests.fixtures.wait import wait_for
 pytestmark = needs_lab
 
 UD_EMPTY = "#cloud-config\nruncmd: []\n"
+REPO = str(Path(__file__).resolve().parents[2])
+ENV = {**os.environ, "PYTHONPATH": REPO}
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+async def _out(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE, env=ENV)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return subprocess.CompletedProcess(argv, proc.returncode or 0, out.decode(), err.decode())
 
 
 async def _vm(lab: Lab, name: str, region: str, user_data: str = UD_EMPTY) -> str:
@@ -166,7 +177,7 @@ async def test_vm_boots_rendered_user_data_privately(make_lab: MakeLab, tmp_path
     (bindir / "barista-bootstrap").write_text(INSTALLER)
     (bindir / "barista-bootstrap").chmod(0o755)
     lab = await make_lab(LabConfig(extra_path=(str(bindir),)))
-    host_had_etc_barista = Path("/etc/barista").exists()
+    host_had_etc_barista = _exists("/etc/barista")
     boots = {}
     for name, region in (("infra-g-0", "lab-us"), ("infra-g-1", "lab-onprem")):
         cfg = BootConfig(join_token=f"bt1.{name}.secret", node_name=name,
@@ -187,8 +198,8 @@ async def test_vm_boots_rendered_user_data_privately(make_lab: MakeLab, tmp_path
         # Only what this VM enabled starts: never the host's own enabled services.
         assert read_status(lab.data_dir, vm_id)["units"] == ["barista-test.service"]
     if not host_had_etc_barista:
-        assert not Path("/etc/barista").exists()
-    assert not Path("/etc/systemd/system/barista-test.service").exists()
+        assert not _exists("/etc/barista")
+    assert not _exists("/etc/systemd/system/barista-test.service")
     # Stop keeps the machine and its disk but no process; start runs the units, not the
     # user-data again.
     vm_id = next(iter(boots))
@@ -224,8 +235,7 @@ async def test_terminate_and_down_leave_nothing(make_lab: MakeLab) -> None:
     assert a not in labnet.netns_list()
     assert not (lab.data_dir / "vms" / a).exists()
     assert all(labnet.pid_start(p) == 0 for p in pids)
-    links = subprocess.run(["ip", "-n", region.netns, "-br", "link"], capture_output=True,
-                           text=True, check=True).stdout
+    links = (await _out(["ip", "-n", region.netns, "-br", "link"])).stdout
     assert f"v{vm_a.seq}@" not in links
     assert b in labnet.netns_list()
     removed = await lab.down()
@@ -266,7 +276,7 @@ CRASHER = textwrap.dedent("""
 
 async def test_lab_down_sweeps_after_the_owner_crashed(tmp_path: Path) -> None:
     data_dir = tmp_path / "crashed-lab"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = ENV
     owner = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CRASHER, str(data_dir), stdout=subprocess.PIPE, env=env,
     )
@@ -300,22 +310,14 @@ async def test_lab_down_sweeps_after_the_owner_crashed(tmp_path: Path) -> None:
 
 async def test_status_cli(lab: Lab) -> None:
     vm = await _vm(lab, "a", "lab-eu")
-    res = subprocess.run(
-        [sys.executable, "-m", "controller.cli.main", "lab", "status", "--dir",
-         str(lab.data_dir), "-o", "json"],
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+    res = await _out([sys.executable, "-m", "controller.cli.main", "lab", "status", "--dir",
+                      str(lab.data_dir), "-o", "json"])
     assert res.returncode == 0, res.stderr
     st = json.loads(res.stdout)
     assert st["prefix"] == lab.prefix and st["mode"] == "netns" and st["up"]
     assert [r["name"] for r in st["regions"]] == ["lab-us", "lab-eu", "lab-ap", "lab-onprem"]
     assert st["vms"][0]["id"] == vm and st["vms"][0]["running"]
     assert "running" in st["router"]
-    table = subprocess.run(
-        [sys.executable, "-m", "controller.cli.main", "lab", "status", "--dir",
-         str(lab.data_dir)],
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+    table = await _out([sys.executable, "-m", "controller.cli.main", "lab", "status",
+                        "--dir", str(lab.data_dir)])
     assert table.returncode == 0 and "lab-onprem" in table.stdout and "140" in table.stdout

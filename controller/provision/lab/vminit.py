@@ -9,7 +9,9 @@ the start to this init). It reaps every orphan of the VM (a child subreaper) and
 everything on SIGTERM.
 
 Process mode (no root): no namespaces; paths of the user-data and units are taken under
-the VM's own root directory (``BARISTA_ROOT`` tells the installer where).
+the VM's own root directory (``BARISTA_ROOT`` tells the installer where), and the VM's
+commands run there with the caller's own rights: nothing stops a command that writes an
+absolute path (process mode is for machines without root; as root use the netns mode).
 """
 
 from __future__ import annotations
