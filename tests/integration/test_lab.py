@@ -321,3 +321,28 @@ async def test_status_cli(lab: Lab) -> None:
     table = await _out([sys.executable, "-m", "controller.cli.main", "lab", "status",
                         "--dir", str(lab.data_dir)])
     assert table.returncode == 0 and "lab-onprem" in table.stdout and "140" in table.stdout
+
+
+async def test_gateway_forwarder_reaches_a_loopback_controller(lab: Lab) -> None:
+    """A controller on 127.0.0.1 only, reached by a VM (behind NAT, too) at the gateway."""
+    from controller.provision.lab.gateway import GatewayForwarder
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"echo:" + await r.read(100))
+        await w.drain()
+        w.close()
+
+    backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = backend.sockets[0].getsockname()[1]
+    vm = await _vm(lab, "priv", "lab-onprem")
+    try:
+        async with GatewayForwarder(host=lab.gateway_ip, routes={0: ("127.0.0.1", port)}) as fw:
+            res = await vm_run(lab, vm, [sys.executable, "-c", (
+                "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])),"
+                " 5); s.sendall(b'hello'); s.shutdown(socket.SHUT_WR);"
+                "print(s.recv(100).decode())"), lab.gateway_ip, str(fw.ports[0])])
+            assert res.stdout.strip() == "echo:hello", res.stderr
+            assert fw.connections == 1
+    finally:
+        backend.close()
+        await backend.wait_closed()
