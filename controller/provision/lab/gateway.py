@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Mapping
 from types import TracebackType
@@ -37,7 +38,7 @@ class GatewayForwarder:
         try:
             for port, target in self.routes.items():
                 server = await asyncio.start_server(
-                    lambda r, w, t=target: self._accept(r, w, t), self.host, port)
+                    functools.partial(self._accept, target=target), self.host, port)
                 self._servers.append(server)
                 self.ports[port] = server.sockets[0].getsockname()[1]
         except BaseException:
@@ -61,7 +62,7 @@ class GatewayForwarder:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._servers.clear()
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                 target: tuple[str, int]) -> None:
         task = asyncio.create_task(self._splice(reader, writer, target))
         self._tasks.add(task)
