@@ -18,7 +18,7 @@ from typing import Literal
 
 import msgspec
 
-from controller.provision.lab import net
+from controller.provision.lab import net, shaping
 from controller.provision.lab.errors import LabConfigError, LabError
 from controller.provision.lab.router import read_stats
 from controller.provision.lab.state import (
@@ -35,7 +35,7 @@ from controller.provision.lab.state import (
     now,
     plan_regions,
 )
-from controller.provision.lab.topology import Topology, netem_available
+from controller.provision.lab.topology import Topology, router_config
 from controller.provision.lab.vm import Machines, boot_seconds, read_status
 
 log = logging.getLogger("barista.lab")
@@ -158,6 +158,8 @@ class Lab:
                 await self.topology.build(state)
                 if not net.alive(state.router.pid, state.router.pid_start):
                     pid, start = await asyncio.to_thread(self.topology.start_router, state)
+                    if state.router.backend == "netem":
+                        await shaping.apply(router_config(state, self.data_dir))
                     with self.file.change() as st:
                         st.router.pid, st.router.pid_start = pid, start
             with self.file.change() as st:
@@ -176,7 +178,7 @@ class Lab:
             created_at=now(),
             regions=plan_regions(self._config, netns=netns, prefix=prefix),
             router=RouterState(netns=f"{prefix}-wan" if netns else "",
-                               backend="tun" if netns else "none"),
+                               backend=self._delay_backend(prefix) if netns else "none"),
         )
         if netns:
             with net.host_lock():
@@ -187,6 +189,16 @@ class Lab:
                 net.run(["ip", "addr", "add", f"{state.gateway.host_ip}/29",
                          "dev", state.gateway.bridge])
         return state
+
+    def _delay_backend(self, prefix: str) -> Literal["tun", "netem"]:
+        wanted = self._config.delay_backend
+        if wanted == "router":
+            return "tun"
+        has = shaping.probe_netem(prefix)
+        if wanted == "netem" and not has:
+            raise LabConfigError("delay_backend", "this kernel has no netem "
+                                 "(tc: Specified qdisc kind is unknown)")
+        return "netem" if has else "tun"
 
     async def down(self) -> dict[str, list[str]]:
         """Remove everything of this lab, the data dir included; safe after a crash."""
@@ -245,8 +257,10 @@ class Lab:
         if state.mode == "process":
             note = ("process mode (no root): VMs are process trees on loopback with their own "
                     "directories; no namespaces, hostnames, WAN delays or NAT")
-        elif netem_available():
-            note = "this kernel has netem; the lab still uses its userspace router"
+        elif state.router.backend == "tun":
+            note = "no netem in this kernel: the WAN router delays and drops packets itself"
+        else:
+            note = "netem delays and drops packets on each region's wan0; the router forwards"
         return LabStatus(
             prefix=state.prefix, mode=state.mode, data_dir=str(self.data_dir), up=state.up,
             note=note,

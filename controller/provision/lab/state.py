@@ -111,6 +111,8 @@ class LabConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0  # the loss draws are reproducible
     # Directories put first on PATH for the user-data's commands (a host venv's bin/).
     extra_path: tuple[str, ...] = ()
+    # Who delays: "auto" = netem where the kernel has it, else the userspace router.
+    delay_backend: Literal["auto", "router", "netem"] = "auto"
 
     def validate(self) -> LabConfig:
         names = [r.name for r in self.regions]

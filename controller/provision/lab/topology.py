@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from controller.provision.lab import net
+from controller.provision.lab import net, shaping
 from controller.provision.lab.errors import LabError
 from controller.provision.lab.router import (
     TUN_NAME,
@@ -103,18 +102,6 @@ def router_config(state: LabState, data_dir: Path) -> RouterConfig:
                 pairs.append(RouterPair(src=a, dst=b, delay_ms=link.rtt_ms / 2, loss=link.loss))
     return RouterConfig(links=links, pairs=pairs, stats_path=str(data_dir / "router-stats.json"),
                         seed=state.config.seed)
-
-
-def netem_available() -> bool:
-    """Whether this kernel has ``netem`` (tried on a dummy device in a scratch namespace)."""
-    try:
-        out = subprocess.run(["sh", "-c", "zcat /proc/config.gz 2>/dev/null | grep NETEM="],
-                             capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        out = ""
-    if "CONFIG_NET_SCH_NETEM=" in out:
-        return True
-    return Path("/sys/module/sch_netem").exists()
 
 
 class Topology:
@@ -199,6 +186,8 @@ class Topology:
     def start_router(self, state: LabState) -> tuple[int, int]:
         """Start the router process in ``P-wan`` and wait for it to report ready."""
         config = router_config(state, self.data_dir)
+        if state.router.backend == "netem":
+            config = shaping.without_delays(config)  # the kernel delays; the router forwards
         cfg_path = self.data_dir / "router-config.json"
         cfg_path.write_bytes(msgspec.json.encode(config))
         stats = Path(config.stats_path)
