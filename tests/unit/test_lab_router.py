@@ -12,7 +12,7 @@ import time
 import pytest
 
 from controller.provision.lab.errors import LabConfigError, LabError
-from controller.provision.lab.net import _batch
+from controller.provision.lab.net import batch_input
 from controller.provision.lab.router import Router, RouterConfig, RouterLink, RouterPair
 from controller.provision.lab.state import (
     LabConfig,
@@ -177,7 +177,7 @@ def test_nat_ruleset_and_ip_batch_words() -> None:
     assert 'oifname "wan0" masquerade' in rules
     assert 'iifname "wan0" ct state established,related accept' in rules
     assert rules.index("established") < rules.index('iifname "wan0" drop')
-    argv, text = _batch("ns1", [["link", "set", "lo", "up"]])
+    argv, text = batch_input("ns1", [["link", "set", "lo", "up"]])
     assert argv == ["ip", "-n", "ns1", "-batch", "-"] and text == "link set lo up\n"
     with pytest.raises(LabError, match="plain word"):
-        _batch(None, [["link", "set", "lo up"]])
+        batch_input(None, [["link", "set", "lo up"]])

@@ -78,16 +78,16 @@ async def arun(argv: Sequence[str], *, input: str | None = None, check: bool = T
 async def ip_many(netns: str | None, commands: Sequence[Sequence[str]]) -> None:
     """``ip [-n NS] -batch -``: many ip commands in one process (one argument list each;
     the batch format splits on blanks, so no argument may contain one)."""
-    argv, text = _batch(netns, commands)
+    argv, text = batch_input(netns, commands)
     await arun(argv, input=text)
 
 
 def ip_many_sync(netns: str | None, commands: Sequence[Sequence[str]]) -> None:
-    argv, text = _batch(netns, commands)
+    argv, text = batch_input(netns, commands)
     run(argv, input=text)
 
 
-def _batch(netns: str | None, commands: Sequence[Sequence[str]]) -> tuple[list[str], str]:
+def batch_input(netns: str | None, commands: Sequence[Sequence[str]]) -> tuple[list[str], str]:
     lines = []
     for cmd in commands:
         for arg in cmd:
