@@ -57,9 +57,13 @@ async def iperf(lab: Lab, server: str, client: str, ip: str, seconds: float) -> 
                                                     "-J"], limit=seconds + 30))
         return float(res["end"]["sum_received"]["bits_per_second"]) / 1e6
     finally:
-        if srv.returncode is None:
+        # The one-off server ends by itself; kill() of an ended child would reap it
+        # behind asyncio's back (Popen.send_signal polls first).
+        try:
+            await asyncio.wait_for(srv.wait(), 10)
+        except TimeoutError:
             srv.kill()
-        await srv.wait()
+            await srv.wait()
 
 
 async def main(vms: int, seconds: float) -> dict[str, object]:
