@@ -390,3 +390,24 @@ def _kernel_config() -> str:
         return gzip.open("/proc/config.gz", "rt").read()
     except OSError:
         return ""
+
+
+async def test_up_again_restarts_a_dead_router_and_keeps_one_ruleset(make_lab: MakeLab) -> None:
+    config = LabConfig(regions=(RegionConfig(name="r-a"), RegionConfig(name="r-p", kind="private")),
+                       links=(LinkConfig(a="r-a", b="r-p", rtt_ms=10),))
+    lab = await make_lab(config)
+    a, p = await _vm(lab, "a", "r-a"), await _vm(lab, "p", "r-p")
+    state = lab.read()
+    assert state is not None
+    labnet.kill_pids([state.router.pid])
+    _, received, _, _ = await ping(lab, p, _ip(lab, a), count=2, wait=0.5)
+    assert received == 0  # no WAN without its router
+    await lab.up()
+    again = lab.read()
+    assert again is not None and again.router.pid != state.router.pid
+    _, received, low, _ = await ping(lab, p, _ip(lab, a), count=3)
+    assert received == 3 and low is not None and low >= 9.5
+    site = again.region("r-p")
+    assert site is not None
+    rules = (await _out(["ip", "netns", "exec", site.netns, "nft", "list", "ruleset"])).stdout
+    assert rules.count("masquerade") == 1

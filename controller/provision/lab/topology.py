@@ -64,8 +64,12 @@ def child_env(prefix: str, **extra: str) -> dict[str, str]:
 
 
 def nat_ruleset(table: str, *, uplink: str) -> str:
-    """Masquerade to ``uplink``, and let only replies in from it (a site's NAT router)."""
+    """Masquerade to ``uplink``, and let only replies in from it (a site's NAT router).
+    Replaces the table whole, so that applying it again (``Lab.up`` after a crash) does not
+    add the rules twice."""
     return (
+        f"add table ip {table}\n"
+        f"delete table ip {table}\n"
         f"table ip {table} {{\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
