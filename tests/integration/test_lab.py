@@ -66,8 +66,10 @@ async def test_ping_between_regions_has_the_configured_rtt(make_lab: MakeLab) ->
         sent, received, low, avg = await ping(lab, src, _ip(lab, dst))
         assert received == sent, (src, dst)
         assert low is not None and avg is not None
-        # Never faster than configured; a few ms over on a busy 2-core machine.
-        assert rtt - 0.5 <= low <= avg < rtt + 8, (src, dst, rtt, low, avg)
+        # Never faster than configured; the best round trip a few ms over, the average
+        # more on a busy shared 2-core machine (the router is a Python process).
+        assert rtt - 0.5 <= low < rtt + 6, (src, dst, rtt, low, avg)
+        assert avg < rtt + 15, (src, dst, rtt, low, avg)
     # In one region the bridge carries the packets: no WAN delay.
     _, received, _, avg = await ping(lab, a, _ip(lab, same))
     assert received and avg is not None and avg < 5
