@@ -413,3 +413,25 @@ async def test_up_again_restarts_a_dead_router_and_keeps_one_ruleset(make_lab: M
     assert site is not None
     rules = (await _out(["ip", "netns", "exec", site.netns, "nft", "list", "ruleset"])).stdout
     assert rules.count("masquerade") == 1
+
+
+async def test_up_after_a_crash_during_planning(tmp_path: Path) -> None:
+    """A crash between the first journal entry and the plan (say in the netem probe) leaves
+    a state file without regions and a probe namespace: up() sweeps them and plans again."""
+    from controller.provision.lab.state import LabState, StateFile, new_prefix
+
+    data_dir = tmp_path / "lab"
+    prefix = new_prefix()
+    StateFile(data_dir).write(LabState(prefix=prefix, mode="netns", config=LabConfig(),
+                                       created_at=0))
+    await _out(["ip", "netns", "add", f"{prefix}-probe"])
+    lab = Lab(data_dir=data_dir)
+    try:
+        state = await lab.up()
+        assert state.prefix == prefix and state.regions and state.up
+        assert f"{prefix}-probe" not in labnet.netns_list()
+        vm = await _vm(lab, "a", "lab-us")
+        assert lab.vm(vm) is not None
+    finally:
+        await lab.down()
+    _assert_gone(prefix, data_dir)

@@ -151,9 +151,13 @@ class Lab:
         async with self._lock:
             with self.file.locked():
                 state = self.file.read()
+                if state is not None and not state.regions:
+                    # A plan cut short by a crash: sweep what it made, plan again.
+                    await asyncio.to_thread(net.sweep, state.prefix)
+                    state = None
                 if state is None:
-                    state = self._plan()
-                    self.file.write(state)  # journal first: a crash from here is swept
+                    state = self._plan()  # journals itself before it makes anything
+                    self.file.write(state)
             if state.mode == "netns":
                 await self.topology.build(state)
                 if not net.alive(state.router.pid, state.router.pid_start):
@@ -170,6 +174,9 @@ class Lab:
 
     def _plan(self) -> LabState:
         prefix = self.prefix
+        # The probe namespace of the netem check carries the prefix too: journal it first.
+        self.file.write(LabState(prefix=prefix, mode=self._mode, config=self._config,
+                                 created_at=now()))
         netns = self._mode == "netns"
         state = LabState(
             prefix=prefix,
@@ -183,6 +190,7 @@ class Lab:
         if netns:
             with net.host_lock():
                 state.gateway = self.topology.plan_gateway(prefix)
+                self.file.write(state)  # journal before the first host object
                 # The host bridge is made under the host lock: no other lab can take the
                 # subnet between choosing it and holding it.
                 net.run(["ip", "link", "add", state.gateway.bridge, "type", "bridge"])

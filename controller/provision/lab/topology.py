@@ -21,7 +21,6 @@ import ipaddress
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -220,7 +219,3 @@ class Topology:
         if net.alive(pid, start):
             net.kill_pids([pid])
         self.reap()
-
-
-def region_netns(state: LabState) -> Sequence[str]:
-    return [r.netns for r in state.regions]
