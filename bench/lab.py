@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,7 @@ async def main(vms: int, seconds: float) -> dict[str, object]:
         out["down_removed"] = {k: len(v) for k, v in removed.items()}
     finally:
         await lab.down()
+        shutil.rmtree(base, ignore_errors=True)
     return out
 
 
