@@ -382,8 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--process-mode", action="store_true")
     parser.add_argument("--extra-path", action="append", default=[])
     args = parser.parse_args(argv)
-    init = Init(vm_dir=args.vm_dir, hostname=args.hostname, process_mode=args.process_mode,
-                extra_path=args.extra_path)
+    init = Init(vm_dir=args.vm_dir.resolve(), hostname=args.hostname,
+                process_mode=args.process_mode, extra_path=args.extra_path)
+    # An init's working directory is the root; never the directory it was started from.
+    os.chdir("/")
     try:
         return init.run()
     except (OSError, subprocess.CalledProcessError) as exc:
