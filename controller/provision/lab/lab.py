@@ -110,6 +110,7 @@ class Lab:
         mode: Mode | None = None,
         python: str = sys.executable,
     ) -> None:
+        data_dir = data_dir.resolve()  # the lab's daemons get absolute paths
         self.data_dir = data_dir
         self.file = StateFile(data_dir)
         self._config = (config or LabConfig()).validate()
