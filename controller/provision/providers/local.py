@@ -205,7 +205,8 @@ class LocalProvider:
         return r
 
     def _check(self, req: LaunchRequest, region: str) -> None:
-        if self._catalog.price(req.size, region) is None:
+        size = self._catalog.sizes.get(req.size)
+        if size is None or not size.offered_in(region):
             raise InvalidRequestError(f"unknown size {req.size!r}", provider=NAME,
                                       region=region, code="UnknownSize")
         if req.image not in self._catalog.images:
