@@ -186,7 +186,12 @@ class Fleet:
 
     async def run(self) -> None:
         period = max(0.05, min(1.0, self.stale_after / 4))
+        me = asyncio.current_task()
         while True:
+            # A cancel that arrived inside a NATS call can be swallowed there (nats-py):
+            # honour it here, or the controller's shutdown waits for this loop forever.
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             try:
                 await self.sweep()
             except asyncio.CancelledError:
@@ -194,8 +199,11 @@ class Fleet:
             except Exception:
                 log.exception("liveness sweep failed")
             self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+            # arrives as the wake-up does, and the loop then never ends (a hung shutdown).
             try:
-                await asyncio.wait_for(self._wake.wait(), period)
+                async with asyncio.timeout(period):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.machine",
     "tests.fixtures.joinlab",
     "tests.fixtures.sshd",
+    "tests.fixtures.lab",
 ]

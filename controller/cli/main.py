@@ -20,6 +20,7 @@ from controller.cli.client import ApiClient, ApiError
 from controller.cli.common import call, client, emit_json, parse_duration, with_infra
 from controller.cli.infra import infra_group
 from controller.cli.keys import keys_group
+from controller.cli.lab import lab_group
 from controller.cli.metrics import influx_options, ingest, top
 
 console = Console()
@@ -532,6 +533,7 @@ main.add_command(auth_group)
 main.add_command(audit_group)
 main.add_command(keys_group)
 main.add_command(infra_group)
+main.add_command(lab_group)
 
 if __name__ == "__main__":
     main()
