@@ -20,6 +20,7 @@ from controller.api.routes import (
     auth,
     jobs,
     metrics,
+    networks,
     nodes,
     signing,
     status,
@@ -53,7 +54,8 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.JOBS] = controller.jobs
     app[keys.DEPLOYER] = controller.deployer
     app[keys.SIGNING_KEYS] = controller.signing_keys
-    for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing):
+    app[keys.MESH] = controller.mesh
+    for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing, networks):
         app.add_routes(module.routes())
     return app
 

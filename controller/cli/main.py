@@ -21,6 +21,7 @@ from controller.cli.common import call, client, emit_json, parse_duration, with_
 from controller.cli.infra import infra_group
 from controller.cli.keys import keys_group
 from controller.cli.metrics import influx_options, ingest, top
+from controller.cli.net import net_group
 
 console = Console()
 err_console = Console(stderr=True)
@@ -521,6 +522,7 @@ main.add_command(auth_group)
 main.add_command(audit_group)
 main.add_command(keys_group)
 main.add_command(infra_group)
+main.add_command(net_group)
 
 if __name__ == "__main__":
     main()

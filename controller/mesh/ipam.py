@@ -9,6 +9,7 @@ create again, so two controllers assigning one node at once end up with one addr
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -28,6 +29,12 @@ LeaseState = Literal["assigned", "released"]
 # A released address is not handed out again for this long (a node that comes back from
 # a partition with a stale config must not collide with the address's next holder).
 DEFAULT_QUARANTINE = 3600.0
+# Scans of a full-looking network repeated when it lost addresses to a concurrent writer.
+SCAN_RETRIES = 5
+
+
+class _Raced(Exception):
+    """A scan found no free address but lost some to concurrent writers."""
 
 
 class Lease(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
@@ -90,6 +97,16 @@ class Ipam:
 
     async def assign(self, net: NetworkRecord, node_id: str) -> str:
         """The node's address in ``net``: the one it has, else the first free one."""
+        for attempt in range(SCAN_RETRIES):
+            try:
+                return await self._assign_once(net, node_id)
+            except _Raced:
+                # Addresses lost to a concurrent writer may come back (another controller
+                # assigning the same node gives its spare back): scan again.
+                await asyncio.sleep(0.01 * (attempt + 1))
+        return await self._assign_once(net, node_id, last=True)
+
+    async def _assign_once(self, net: NetworkRecord, node_id: str, *, last: bool = False) -> str:
         nkey = node_key(net.name, node_id)
         try:
             held, _ = await self.table.fetch(nkey)
@@ -98,7 +115,7 @@ class Ipam:
         except NotFound:
             pass
         now = self._clock()
-        assigned = quarantined = 0
+        assigned = quarantined = raced = 0
         for addr in _candidates(net):
             address = str(addr)
             akey = address_key(net.name, address)
@@ -118,6 +135,7 @@ class Ipam:
                     continue
             except Conflict:
                 self.stats["conflicts"] += 1  # another controller took it: the next one
+                raced += 1
                 continue
             try:
                 await self.table.create(nkey, lease)
@@ -131,7 +149,9 @@ class Ipam:
             self.stats["assigned"] += 1
             log.info("network %s: %s assigned to node %s", net.name, address, node_id)
             return address
-        raise AddressesExhausted(net.name, net.cidr, assigned, quarantined)
+        if raced and not last:
+            raise _Raced()
+        raise AddressesExhausted(net.name, net.cidr, assigned + raced, quarantined)
 
     async def release(self, network: str, node_id: str) -> str | None:
         """Release the node's address (quarantined from now on); returns it, or None."""
