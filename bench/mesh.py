@@ -28,20 +28,21 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.config import ControllerConfig  # noqa: E402
-from controller.mesh.deltas import MeshNode  # noqa: E402
-from controller.mesh.networks import NetworkSpec  # noqa: E402
-from controller.models import NodeRecord  # noqa: E402
-from controller.nats.server import NatsServer  # noqa: E402
-from controller.service import Controller, RunningController  # noqa: E402
-from protocol import codec  # noqa: E402
-from protocol.messages import MeshDelta, MeshEndpoint, MeshJoin, MeshSnapshot  # noqa: E402
+from controller.config import ControllerConfig
+from controller.mesh.deltas import MeshNode
+from controller.mesh.networks import NetworkSpec
+from controller.models import NodeRecord
+from controller.nats.server import NatsServer
+from controller.service import Controller, RunningController
+from protocol import codec
+from protocol.messages import MeshDelta, MeshEndpoint, MeshJoin, MeshSnapshot
 
 log = logging.getLogger("barista.bench.mesh")
 NET = "bench"
@@ -67,8 +68,8 @@ def member(i: int) -> tuple[NodeRecord, MeshNode]:
     return node, MeshNode(node_id=node_id, public_key=wg_key(), endpoints=eps, region=region)
 
 
-async def wait_until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
+async def wait_until(pred: Callable[[], object], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
     while not pred():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")

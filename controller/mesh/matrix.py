@@ -30,6 +30,8 @@ REGION_MEASUREMENT = "mesh_region_latency"
 DEFAULT_MAX_AGE = 120.0
 # The METRICS subject's node token for the matrix of a network: node ids never hold "_".
 PSEUDO_NODE = "_mesh_{}"
+# About 150 bytes a point: a batch of this many is ~150 kB, under METRIC_BATCH_MAX.
+POINTS_PER_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,19 +254,20 @@ class Matrix:
         return out
 
     async def publish(self, network: str) -> int:
-        """One MetricBatch with the network's matrix into METRICS; returns its points."""
+        """The network's matrix into METRICS as MetricBatches of at most POINTS_PER_BATCH
+        points (a batch stays far below the stream's size limit); returns the points."""
         if self._js is None:
             return 0
         points = self.points(network)
-        if not points:
-            return 0
         node = PSEUDO_NODE.format(network)
-        batch = MetricBatch(node_id=node, seq=int(self._clock() * 1000),
-                            ts=int(self._clock() * 1e9), points=points,
-                            tags={"network": network, "source": "mesh"})
-        await self._js.publish(self._subjects.metrics(node), codec.encode(batch))
+        seq = int(self._clock() * 1000)
+        for i in range(0, len(points), POINTS_PER_BATCH):
+            batch = MetricBatch(node_id=node, seq=seq + i, ts=int(self._clock() * 1e9),
+                                points=points[i:i + POINTS_PER_BATCH],
+                                tags={"network": network, "source": "mesh"})
+            await self._js.publish(self._subjects.metrics(node), codec.encode(batch))
+            self.stats["batches_published"] += 1
         self.stats["points_published"] += len(points)
-        self.stats["batches_published"] += 1
         return len(points)
 
     async def _run(self) -> None:

@@ -13,8 +13,10 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -24,6 +26,7 @@ from agent.runtime import Agent
 from controller.mesh.errors import AddressesExhausted
 from controller.mesh.ipam import Ipam, Lease
 from controller.mesh.networks import NetworkRecord, NetworkSpec
+from controller.models import NodeRecord
 from controller.nats.server import NatsServer
 from controller.service import Controller, RunningController
 from controller.state.streams import IPAM_BUCKET, open_bucket
@@ -43,6 +46,7 @@ from protocol.messages import (
 )
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli, wait_for
 from tests.fixtures.enroll import node_opts
+from tests.fixtures.influx import InfluxDB1
 
 CIDR = "198.19.0.0/16"
 
@@ -552,3 +556,68 @@ async def test_two_controllers_publish_each_generation_once(
         finally:
             for nc in conns:
                 await nc.close()
+
+
+@pytest.mark.influx
+async def test_matrix_lands_in_influxdb(tmp_path: Path, influxdb1: InfluxDB1) -> None:
+    """The matrix goes the metrics' way: METRICS -> ingest -> a real InfluxDB 1.x, as
+    mesh_latency (per pair) and mesh_region_latency (per region pair)."""
+    cfg = controller_config(tmp_path / "c", influx_kind="influx1", influx_url=influxdb1.url,
+                            influx_db="barista")
+    async with Controller(cfg) as c:
+        factory = AgentFactory(c, tmp_path / "agents")
+        conns: list[NATS] = []
+        try:
+            async with factory.stack:
+                await make_net(c)
+                a = await sim(factory, conns, {"mesh": "on"}, public="198.18.1.1", region="eu")
+                b = await sim(factory, conns, {"mesh": "on"}, public="198.18.2.1", region="us")
+                for n in (a, b):
+                    await n.listen("corp")
+                    await n.join()
+                await wait_for(lambda: all(len(n.view()[1]) == 1 for n in (a, b)), 5)
+                for n, other, rtt in ((a, b, 80.5), (b, a, 79.5)):
+                    await n.send(n.agent.subjects.mesh_health(n.node_id), codec.encode(
+                        MeshHealth(node_id=n.node_id, network="corp", ts=time.time(),
+                                   peers=[MeshPeerHealth(node_id=other.node_id, rtt_ms=rtt,
+                                                         handshake_age=2.0)])))
+                await wait_for(lambda: c.mesh.matrix.view("corp")["reported_pairs"] == 2, 5)
+                assert await c.mesh.matrix.publish("corp") == 2 + 2
+
+                async def rows() -> dict[tuple[str, str], float] | None:
+                    try:
+                        series = await asyncio.to_thread(
+                            influxdb1.query, 'SELECT last("rtt_ms") FROM "mesh_latency" '
+                            'GROUP BY "src", "dst"', "barista")
+                    except RuntimeError:
+                        return None
+                    return {(s["tags"]["src"], s["tags"]["dst"]): s["values"][0][1]
+                            for s in series} or None
+
+                got = await wait_for(cast(Any, rows), 15, "mesh_latency in InfluxDB",
+                                     interval=0.2)
+                assert got == {(a.node_id, b.node_id): 80.5, (b.node_id, a.node_id): 79.5}
+        finally:
+            for nc in conns:
+                await nc.close()
+
+
+async def test_leaving_the_selector_or_revocation_removes_the_node(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+) -> None:
+    await make_net(controller)
+    a, b, c = [await sim(agents, sims, {"mesh": "on"}, public=f"198.18.1.{i}")
+               for i in (1, 2, 3)]
+    for n in (a, b, c):
+        await n.listen("corp")
+        await n.join()
+    await wait_for(lambda: set(a.view()[1]) == {b.node_id, c.node_id}, 5)
+
+    def relabel(rec: NodeRecord) -> NodeRecord:
+        return msgspec.structs.replace(rec, labels={**rec.labels, "mesh": "off"})
+
+    await controller.nodes.mutate(b.node_id, relabel)
+    await wait_for(lambda: set(a.view()[1]) == {c.node_id}, 5, "b left the selector")
+    await controller.revoke_node(c.node_id)
+    await wait_for(lambda: a.view()[1] == {}, 5, "c revoked")
+    assert a.deltas[-1].removed == [c.node_id]
