@@ -99,6 +99,44 @@ def show(name: str, output: str) -> None:
         click.echo(f"not joined: {node}: {why}", err=True)
 
 
+@net_group.command("members")
+@click.argument("name")
+@output_option
+def members(name: str, output: str) -> None:
+    """The members of a network as its peers see them."""
+    data = call(client().get, _path(name) + "/members")
+    if output == "json":
+        emit_json(data)
+        return
+    t = Table(title=f"network {name} — generation {data['generation']}")
+    for col in ("node", "address", "region", "endpoints", "relay", "status"):
+        t.add_column(col)
+    for m in data["members"]:
+        t.add_row(m["node_id"], m["address"], m.get("region") or "-",
+                  " ".join(m.get("endpoints", [])) or "-", m.get("relay") or "-",
+                  m.get("status", ""))
+    console.print(t)
+    for node, why in sorted(data.get("conflicts", {}).items()):
+        click.echo(f"not joined: {node}: {why}", err=True)
+
+
+@net_group.command("addresses")
+@click.argument("name")
+@output_option
+def addresses(name: str, output: str) -> None:
+    """The network's address leases (assigned, and released ones still quarantined)."""
+    data = call(client().get, _path(name) + "/addresses")
+    if output == "json":
+        emit_json(data)
+        return
+    t = Table(title=f"network {name} {data['cidr']}")
+    for col in ("address", "node", "state"):
+        t.add_column(col)
+    for a in data["addresses"]:
+        t.add_row(a["address"], a["node_id"], a["state"])
+    console.print(t)
+
+
 @net_group.command("rm")
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="do not ask")

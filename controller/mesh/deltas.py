@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
-from controller.errors import Conflict, NotFound
+from controller.errors import Conflict, ControllerError, NotFound
 from controller.mesh.ipam import Ipam
 from controller.mesh.networks import (
     LABEL_REGION,
@@ -179,6 +179,7 @@ class MeshDistributor:
         subjects: Subjects,
         reject: Reject,
         window: float = DEFAULT_WINDOW,
+        max_state: int = 1024 * 1024 - 4096,
         region_rtt: Callable[[str, str], float | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -193,6 +194,9 @@ class MeshDistributor:
         self._subjects = subjects
         self._reject = reject
         self.window = window
+        # The published state is one KV record and a snapshot one message: both must
+        # fit in NATS' max_payload (about 250 bytes a member: ~4,000 members at 1 MiB).
+        self.max_state = max_state
         self._region_rtt = region_rtt
         self._clock = clock
         self._dirty: set[str] = set()
@@ -209,6 +213,7 @@ class MeshDistributor:
             "cas_conflicts": 0, "joins": 0, "resyncs": 0, "rotations": 0, "flushes": 0,
         }
         self._flushed = asyncio.Condition()
+        self._failures: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -277,13 +282,22 @@ class MeshDistributor:
             for name in sorted(dirty):
                 try:
                     await self._flush(name, pending)
+                    self._failures.pop(name, None)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("network %s: publishing its changes failed; retrying", name)
+                except Exception as exc:
+                    n = self._failures[name] = self._failures.get(name, 0) + 1
+                    if n == 1 or n % 20 == 0:
+                        log.error("network %s: publishing its changes failed (%d times so "
+                                  "far): %s; retrying", name, n, exc,
+                                  exc_info=n == 1)
                     self._dirty.add(name)
+                    # Keep the asked-for snapshots for the next round.
+                    for node_id, nets in pending.items():
+                        if name in nets or "" in nets:
+                            self._pending.setdefault(node_id, set()).update(nets)
                     self._wake.set()
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(min(10.0, 0.5 * n))
             for node_id, nets in pending.items():
                 for name in nets - {""}:
                     if self.networks.get(name) is None:
@@ -393,6 +407,9 @@ class MeshDistributor:
                 break
             new = MeshState(network=name, epoch=net.epoch, generation=base + 1,
                             peers=desired, updated_at=self._clock())
+            size = len(msgspec.msgpack.encode(new))
+            if size > self.max_state:
+                raise MeshTooLarge(name, len(desired), size, self.max_state)
             try:
                 if state is None:
                     await self.states.create(name, new)
@@ -607,3 +624,16 @@ class MeshDistributor:
 
 class _StaleStep(Exception):
     pass
+
+
+class MeshTooLarge(ControllerError):
+    """A network's published state (and so its snapshot) would not fit one NATS message."""
+
+    code = "mesh_too_large"
+
+    def __init__(self, network: str, members: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"network {network}: {members} members make a state of {size} bytes, over the "
+            f"{limit} bytes one NATS message may carry; raise the server's max_payload or "
+            "split the network", details={"network": network, "members": members,
+                                          "size": size, "limit": limit})

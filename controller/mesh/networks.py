@@ -184,6 +184,11 @@ class Membership:
         self._infra_networks = infra_networks
         self._selectors: dict[str, tuple[str, Selector]] = {}
 
+    def use_infra_networks(self, fn: Callable[[str], Sequence[str]] | None) -> None:
+        """Where an infra's ``networks:`` come from (the provisioning engine, once it
+        runs in the controller); the distributor must be marked dirty after a change."""
+        self._infra_networks = fn
+
     def _selector(self, net: NetworkRecord) -> Selector | None:
         if not net.selector:
             return None

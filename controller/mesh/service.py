@@ -42,6 +42,7 @@ class MeshService:
         window: float = DEFAULT_WINDOW,
         quarantine: float = DEFAULT_QUARANTINE,
         matrix_interval: float = 10.0,
+        max_state: int | None = None,
         infra_networks: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         self.ipam = Ipam(tables.ipam, quarantine=quarantine)
@@ -54,6 +55,8 @@ class MeshService:
             networks=tables.networks, nodes=nodes, mesh_nodes=tables.mesh_nodes,
             states=tables.states, ipam=self.ipam, membership=self.membership, nc=nc, js=js,
             subjects=subjects, reject=reject, window=window,
+            # What one message may carry on this server (a snapshot is one message).
+            max_state=max_state if max_state is not None else nc.max_payload - 4096,
             region_rtt=self._region_rtt)
         self.networks = Networks(tables.networks, vpc_ranges=self.distributor.vpc_ranges)
         self._stack = AsyncExitStack()
@@ -70,6 +73,15 @@ class MeshService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
+
+    def use_infra_networks(self, fn: Callable[[str], Sequence[str]] | None) -> None:
+        """Plug in an infra's ``networks:`` (infra name -> network names); call
+        ``infras_changed()`` whenever an infra spec changes."""
+        self.membership.use_infra_networks(fn)
+        self.distributor.mark_all()
+
+    def infras_changed(self) -> None:
+        self.distributor.mark_all()
 
     async def delete_network(self, name: str) -> None:
         """Remove a network: its members get a last delta that takes everyone out."""

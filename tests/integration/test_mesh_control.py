@@ -412,6 +412,13 @@ async def test_matrix_api_cli_and_metrics(
     shown = json.loads(out)
     assert {m["node_id"] for m in shown["member_list"]} == {n.node_id for n in members}
     assert len({a["address"] for a in shown["addresses"]}) == 3
+    code, out, err = await run_cli("net", "members", "corp", "-o", "json", url=url,
+                                   token=token)
+    assert code == 0, err
+    assert len(json.loads(out)["members"]) == 3
+    code, out, err = await run_cli("net", "addresses", "corp", url=url, token=token)
+    assert code == 0, err
+    assert all(n.node_id in out for n in members)
     code, out, _ = await run_cli("net", "ls", "-o", "json", url=url, token=token)
     assert [n["name"] for n in json.loads(out)["networks"]] == ["corp"]
 
@@ -621,3 +628,25 @@ async def test_leaving_the_selector_or_revocation_removes_the_node(
     await controller.revoke_node(c.node_id)
     await wait_for(lambda: a.view()[1] == {}, 5, "c revoked")
     assert a.deltas[-1].removed == [c.node_id]
+
+
+async def test_state_too_large_for_one_message_is_refused_clearly(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A network whose snapshot would not fit one NATS message keeps its last published
+    generation and says why (no half-written state, no crash of the loop)."""
+    await make_net(controller)
+    a = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.1")
+    await a.listen("corp")
+    await a.join()
+    await wait_for(lambda: a.snapshots, 5)
+    dist = controller.mesh.distributor
+    gen = dist.state("corp").generation  # type: ignore[union-attr]
+    dist.max_state = 300  # one member fits, two do not
+    b = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.2")
+    await b.join()
+    await wait_for(lambda: "over the 300 bytes one NATS message may carry" in caplog.text, 5)
+    assert dist.state("corp").generation == gen  # type: ignore[union-attr]
+    dist.max_state = 1 << 20  # raised: the pending join goes through
+    await wait_for(lambda: b.node_id in a.view()[1], 10, "b published after the limit rose")

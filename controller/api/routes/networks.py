@@ -73,6 +73,22 @@ async def get_network(request: web.Request) -> web.Response:
     return web.json_response(_view(request, net, members=True))
 
 
+@requires("viewer")
+async def network_members(request: web.Request) -> web.Response:
+    net = _visible(request, request.match_info["name"])
+    view = _view(request, net, members=True)
+    return web.json_response({"network": net.name, "generation": view["generation"],
+                              "members": view["member_list"], "conflicts": view["conflicts"]})
+
+
+@requires("viewer")
+async def network_addresses(request: web.Request) -> web.Response:
+    net = _visible(request, request.match_info["name"])
+    view = _view(request, net, members=True)
+    return web.json_response({"network": net.name, "cidr": net.cidr,
+                              "addresses": view["addresses"]})
+
+
 @requires("operator")
 async def delete_network(request: web.Request) -> web.Response:
     name = request.match_info["name"]
@@ -114,6 +130,8 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/networks", list_networks),
         web.get("/v1/networks/{name}", get_network),
         web.delete("/v1/networks/{name}", delete_network),
+        web.get("/v1/networks/{name}/members", network_members),
+        web.get("/v1/networks/{name}/addresses", network_addresses),
         web.get("/v1/networks/{name}/matrix", network_matrix),
         web.post("/v1/networks/{name}/members/{node}/rotate", rotate_member_key),
     ]
