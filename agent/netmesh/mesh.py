@@ -108,7 +108,8 @@ class NetMesh:
                  ifname_prefix: str = "bm-", reconcile_interval: float = 5.0,
                  health_interval: float = 10.0, probe_interval: float = 1.0,
                  probe_port: int = PROBE_PORT, probes: bool = True,
-                 rotation_poll: float = 0.05, log: logging.Logger | None = None) -> None:
+                 rotation_poll: float = 0.05, switch_grace: float = 0.5,
+                 log: logging.Logger | None = None) -> None:
         self.node_id = check_token(node_id, "node id")
         self.state_dir = state_dir
         self.backend = backend
@@ -123,6 +124,7 @@ class NetMesh:
         self.probe_port = probe_port
         self.probes = probes
         self.rotation_poll = rotation_poll
+        self.switch_grace = switch_grace
         self.log = log or logging.getLogger(f"barista.netmesh.{node_id}")
         self.keys = KeyStore(state_dir / "wireguard")
         self.views: dict[str, View] = {}
@@ -133,7 +135,7 @@ class NetMesh:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_resync: dict[str, float] = {}
         self._last_key_msg = 0.0
-        self._switched_at = 0.0
+        self._switch_due = 0.0
         self._fast_until = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -358,15 +360,28 @@ class NetMesh:
         forget the old key when the network committed the new one."""
         own = view.own
         if self.keys.next is not None and own.next_public_key == self.keys.next_public:
-            self.keys.switch()
-            self._switched_at = time.monotonic()
-            self.log.info("key rotation: switched to %s", self.keys.public)
-            self._wake.set()  # the other networks' interfaces switch on the next tick
-            await self._send_key("switched")
+            # Every peer gets the same delta at about the same time; the grace lets the
+            # slower ones add the new key before our first handshake with it arrives (a
+            # dropped handshake initiation is retried only after WireGuard's 5 s).
+            if not self._switch_due:
+                self._switch_due = time.monotonic() + self.switch_grace
+                self._wake.set()
         elif self.keys.old is not None and own.public_key == self.keys.public \
                 and not own.next_public_key:
             self.keys.finish()
             self.log.info("key rotation: %s committed, old key deleted", self.keys.public)
+
+    async def _switch_if_due(self) -> None:
+        if not self._switch_due or time.monotonic() < self._switch_due:
+            return
+        self._switch_due = 0.0
+        if self.keys.next is None:
+            return
+        self.keys.switch()
+        self.log.info("key rotation: switched to %s", self.keys.public)
+        for name in list(self.views):
+            await self._reconcile_logged(name)
+        await self._send_key("switched")
 
     def _rotation_pending(self) -> bool:
         """A peer rotates and its new key has not handshaken yet: poll fast, for a while
@@ -520,11 +535,12 @@ class NetMesh:
 
     async def _tick_loop(self) -> None:
         while True:
-            fast = self._rotation_pending()
+            fast = self._rotation_pending() or bool(self._switch_due)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(),
                                        self.rotation_poll if fast else self.reconcile_interval)
             self._wake.clear()
+            await self._switch_if_due()
             for name in list(self.views):
                 await self._reconcile_logged(name)
             # An unanswered rotation step is repeated (the controller may have missed it).
