@@ -200,7 +200,7 @@ async def test_restart_keeps_key_address_and_tunnels(lab: Lab, tmp_path: Path) -
             # makes a new handshake, so the tunnel is back without a's help.
             a_key = key_bytes(meshes["a"].public_key)
 
-            async def handshook() -> bool:
+            async def handshook():
                 state = await again.backend.get(again.ifname("ov"))
                 return a_key in state.peers and state.peers[a_key].last_handshake > 0
 
