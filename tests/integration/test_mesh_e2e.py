@@ -1,0 +1,225 @@
+"""The whole overlay: the real controller (networks, IPAM, deltas, relays, matrix) driving
+agent/netmesh with real wireguard-go in network namespaces over real NATS.
+
+Each lab machine is an enrolled node (an in-process agent for its identity) whose NetMesh
+talks to the controller on the node's own subjects with the node's own credentials, as the
+agent runtime does: MeshJoin, snapshots, network-wide deltas, resyncs, health, rotation.
+Lab: a and b public, n1 and n2 each behind its own NAT (tests/fixtures/meshlab.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from agent.netmesh.backend import WireguardGoBackend
+from agent.netmesh.host import Host
+from agent.netmesh.mesh import NetMesh
+from controller.mesh.networks import NetworkSpec
+from controller.service import RunningController
+from protocol import codec
+from protocol.mesh import key_bytes
+from protocol.messages import (
+    MeshHealth,
+    MeshJoin,
+    MeshKeyRotation,
+    MeshResyncRequest,
+    Message,
+)
+from tests.fixtures.controller import AgentFactory, wait_for
+from tests.fixtures.enroll import node_opts
+from tests.fixtures.meshlab import Lab, mesh_lab, ping
+
+__all__ = ["mesh_lab"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+NET = "corp"
+
+
+@pytest.fixture(scope="module")
+def lab(mesh_lab: Lab) -> Lab:
+    mesh_lab.add_public("a", 1)
+    mesh_lab.add_public("b", 2)
+    mesh_lab.add_nat("n1", 11)
+    mesh_lab.add_nat("n2", 12)
+    return mesh_lab
+
+
+@dataclass
+class Member:
+    name: str
+    node_id: str
+    mesh: NetMesh
+    nc: NATS
+    rotations: list[asyncio.Task[str]] = field(default_factory=list)
+
+    def address(self) -> str:
+        return self.mesh.views[NET].own.address
+
+    def peers(self) -> set[str]:
+        view = self.mesh.views.get(NET)
+        return set(view.peers) if view else set()
+
+
+async def join(lab: Lab, name: str, c: RunningController, agents: AgentFactory,
+               stack: contextlib.AsyncExitStack, tmp: Path) -> Member:
+    node = lab.nodes[name]
+    region = f"lab/{'public' if node.public else node.site}"
+    agent = await agents.start(labels={"mesh": "on", "region": region})
+    assert agent.state is not None
+    node_id = agent.state.node_id
+    nc = await nats.connect(c.agent_nats_url, **node_opts(agent))
+    stack.push_async_callback(nc.close)
+    s = agent.subjects
+    routes = {MeshJoin: s.mesh_join, MeshResyncRequest: s.mesh_resync,
+              MeshKeyRotation: s.mesh_key, MeshHealth: s.mesh_health}
+
+    async def publish(msg: Message) -> None:
+        await nc.publish(routes[type(msg)](node_id), codec.encode(msg))
+
+    host = Host(node.ns)
+    mesh = NetMesh(node_id=node_id, state_dir=tmp / name, backend=WireguardGoBackend(host=host),
+                   host=host, publish=publish, ifname_prefix=lab.ifname_prefix(node),
+                   reconcile_interval=1.0, health_interval=1.0, probe_interval=0.2)
+    await stack.enter_async_context(mesh)
+    member = Member(name, node_id, mesh, nc)
+
+    async def on_snapshot(msg: Msg) -> None:
+        await mesh.handle_snapshot(msg.data)
+
+    async def on_delta(msg: Msg) -> None:
+        await mesh.handle_delta(msg.data)
+
+    async def on_rotate(msg: Msg) -> None:
+        member.rotations.append(asyncio.ensure_future(mesh.rotate_key()))
+
+    await nc.subscribe(s.mesh_snapshot(node_id), cb=on_snapshot)
+    await nc.subscribe(s.mesh_delta_any, cb=on_delta)
+    await nc.subscribe(s.mesh_rotate(node_id), cb=on_rotate)
+    await nc.flush()
+    await publish(MeshJoin(node_id=node_id, public_key=mesh.public_key,
+                           endpoints=node.endpoints(), region=region))
+    return member
+
+
+async def _pings(lab: Lab, members: list[Member], count: int, deadline: float
+                 ) -> dict[str, tuple[int, int, str]]:
+    async def one(x: Member, y: Member) -> tuple[str, tuple[int, int, str]]:
+        return f"{x.name}->{y.name}", await ping(lab.nodes[x.name].ns, y.address(),
+                                                 count=count, deadline=deadline)
+
+    return dict(await asyncio.gather(*(one(x, y) for x in members for y in members
+                                       if x is not y)))
+
+
+async def all_pairs_ping(lab: Lab, members: list[Member]) -> None:
+    """Every ordered pair answers 3 of 3 pings, once the tunnels are up: NAT'ed nodes open
+    theirs with keepalives (2 s here), and a relayed pair needs both hops' handshakes."""
+    async def up() -> bool:
+        results = await _pings(lab, members, 1, 2)
+        return all(received == 1 for _, received, _ in results.values())
+
+    await wait_for(up, 30, "every pair answers a ping")  # type: ignore[arg-type]
+    results = await _pings(lab, members, 3, 10)
+    bad = {pair: out for pair, (sent, received, out) in results.items()
+           if not sent == received == 3}
+    assert not bad, f"pairs that lost pings: {bad}"
+    assert len(results) == len(members) * (len(members) - 1)
+
+
+@pytest.fixture
+async def fleet(controller: RunningController, agents: AgentFactory, lab: Lab,
+                tmp_path: Path) -> AsyncIterator[dict[str, Member]]:
+    await controller.mesh.networks.create(NetworkSpec(
+        name=NET, cidr="198.19.0.0/16", selector="mesh=on", keepalive=2))
+    async with contextlib.AsyncExitStack() as stack:
+        members = {name: await join(lab, name, controller, agents, stack, tmp_path)
+                   for name in ("a", "b", "n1", "n2")}
+        yield members
+
+
+async def test_controller_drives_the_overlay_across_nat(
+    controller: RunningController, lab: Lab, fleet: dict[str, Member],
+) -> None:
+    members = list(fleet.values())
+    ids = {m.node_id for m in members}
+    await wait_for(lambda: all(m.peers() == ids - {m.node_id} for m in members), 20,
+                   "every member has every other")
+    state = controller.mesh.distributor.state(NET)
+    assert state is not None
+    a, b, n1, n2 = (fleet[n] for n in ("a", "b", "n1", "n2"))
+    # The NAT'ed nodes got relays with public addresses, spread over both.
+    assert {state.peers[n1.node_id].relay, state.peers[n2.node_id].relay} == \
+        {a.node_id, b.node_id}
+    await all_pairs_ping(lab, members)  # 12 pairs, both directions, through NAT and relays
+
+    # The matrix fills from the members' probes over the overlay.
+    await wait_for(lambda: sum(1 for p in controller.mesh.matrix.pairs(NET) if p.rtt_ms > 0)
+                   >= 12, 20, "all 12 pairs measured")
+    regions = {(r["src_region"], r["dst_region"])
+               for r in controller.mesh.matrix.view(NET, by="region")["regions"]}  # type: ignore[attr-defined]
+    assert ("lab/public", "lab/site-11") in regions
+
+    # Removal: b's node is deleted; within 5 s no member has b's key, and the member
+    # that b relayed for moved to a and still reaches everyone.
+    b_key = key_bytes(b.mesh.public_key)
+
+    async def b_gone() -> bool:
+        for m in (a, n1, n2):
+            st = await m.mesh.backend.get(m.mesh.ifname(NET))
+            if b_key in st.peers:
+                return False
+        return True
+
+    await controller.delete_node(b.node_id)
+    await wait_for(b_gone, 5, "b out of every peer's WireGuard config")  # type: ignore[arg-type]
+    rest = [a, n1, n2]
+    await wait_for(lambda: all(m.peers() == {x.node_id for x in rest} - {m.node_id}
+                               for m in rest), 5)
+    state = controller.mesh.distributor.state(NET)
+    assert state is not None and state.peers[n1.node_id].relay == a.node_id == \
+        state.peers[n2.node_id].relay
+    await all_pairs_ping(lab, rest)
+
+
+async def test_rotation_asked_by_the_controller_keeps_the_stream(
+    controller: RunningController, lab: Lab, fleet: dict[str, Member],
+) -> None:
+    members = list(fleet.values())
+    ids = {m.node_id for m in members}
+    await wait_for(lambda: all(m.peers() == ids - {m.node_id} for m in members), 20)
+    a, b = fleet["a"], fleet["b"]
+    old = b.mesh.public_key
+    stream = asyncio.create_task(ping(lab.nodes[a.name].ns, b.address(), count=50,
+                                      interval=0.1, deadline=15))
+    await asyncio.sleep(1.0)
+    await controller.mesh.distributor.rotate(b.node_id, reason="test")
+    await wait_for(lambda: b.rotations, 5, "the node was asked")
+    new = await b.rotations[0]
+    assert new != old
+
+    def committed() -> bool:
+        st = controller.mesh.distributor.state(NET)
+        return st is not None and st.peers[b.node_id].public_key == new and \
+            not st.peers[b.node_id].next_public_key
+
+    await wait_for(committed, 10, "rotation committed by the controller")
+    sent, received, out = await stream
+    assert received == 50 and sent - received <= 10, out  # at most 1 s of a 10/s stream
+    for m in members:
+        if m is b:
+            continue
+
+        async def moved(m: Member = m) -> bool:
+            keys = set((await m.mesh.backend.get(m.mesh.ifname(NET))).peers)
+            return key_bytes(new) in keys and key_bytes(old) not in keys
+
+        await wait_for(moved, 10, f"{m.name} has only b's new key")  # type: ignore[arg-type]
