@@ -115,8 +115,18 @@ class Fleet:
             await nc.close()  # type: ignore[attr-defined]
 
 
+def _dump_tasks() -> None:
+    """SIGUSR1: every task's stack to stderr (where a run that hangs is waiting)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+
+
 async def run_b(n: int, base: Path) -> dict[str, object]:
+    import signal
+
     import nats
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
 
     srv = NatsServer(data_dir=base / "nats", auth=False, max_payload=8 << 20)
     srv.start()
@@ -136,9 +146,11 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             await wait_until(lambda: (s := dist.state(NET)) is not None and len(s.peers) == n,
                              120, f"{n} members published")
             fill_s = time.monotonic() - t0
+            log.info("%d: members published", n)
             dist.window = 0.05
             fleet = Fleet()
             await fleet.start(srv.url, c, n)
+            log.info("%d: fleet subscribed", n)
             joiner, joiner_mn = member(n)
             state_before = dist.state(NET)
             assert state_before is not None
@@ -160,6 +172,7 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
                 endpoints=joiner_mn.endpoints, region=joiner_mn.region)))
             await wait_until(lambda: snaps and fleet.messages >= n, 60, "join delivered")
             join_s = time.monotonic() - t_join
+            log.info("%d: join delivered", n)
             await asyncio.wait_for(dist.settled(), 30)
             await asyncio.sleep(0.3)  # anything late would be counted too
             published = (dist.stats["delta_bytes"] - before["delta_bytes"]
@@ -182,6 +195,7 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             await c.nodes.delete(joiner.id)
             await wait_until(lambda: fleet.messages >= n, 60, "removal delivered")
             rm_s = time.monotonic() - t_rm
+            log.info("%d: removal delivered", n)
             await asyncio.wait_for(dist.settled(), 30)
             rm_published = dist.stats["delta_bytes"] - before["delta_bytes"]
             rm_delivered = fleet.bytes
@@ -217,8 +231,11 @@ def main() -> None:
                    help="b: control-plane bytes per join (a and c: the netns lab)")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("-v", "--verbose", action="store_true", help="say each phase (stderr)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.verbose:
+        log.setLevel(logging.INFO)
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="barista-bench-mesh-") as tmp:
             result = asyncio.run(run_b(args.n, Path(tmp)))

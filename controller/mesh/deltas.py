@@ -358,7 +358,11 @@ class MeshDistributor:
     def _entry(self, net: NetworkRecord, node: NodeRecord, mn: MeshNode,
                address: str) -> MeshPeer:
         region = mn.region or node.labels.get(LABEL_REGION, "")
-        endpoints = [msgspec.structs.replace(ep, port=net.port) for ep in mn.endpoints]
+        # The network's port; an endpoint's region only where it differs from the peer's
+        # (every member receives every entry: bytes saved here are saved N times).
+        endpoints = [msgspec.structs.replace(ep, port=net.port,
+                                             region="" if ep.region == region else ep.region)
+                     for ep in mn.endpoints]
         return MeshPeer(node_id=node.id, public_key=mn.public_key, address=address,
                         endpoints=endpoints, next_public_key=mn.next_public_key,
                         region=region)

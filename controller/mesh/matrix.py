@@ -201,10 +201,16 @@ class Matrix:
         return sorted((p for p in stored.values() if p.ts >= horizon),
                       key=lambda p: (p.src, p.dst))
 
-    def view(self, network: str, *, by: str = "") -> dict[str, object]:
+    def view(self, network: str, *, by: str = "",
+             visible: Callable[[str], bool] | None = None) -> dict[str, object]:
+        """The matrix of a network; ``visible``: which members the caller may see (a
+        scoped API token), pairs with an end outside it are left out."""
         pairs = self.pairs(network)
         state = self._states(network)
         members = sorted(state.peers) if state else []
+        if visible is not None:
+            members = [m for m in members if visible(m)]
+            pairs = [p for p in pairs if visible(p.src) and visible(p.dst)]
         out: dict[str, object] = {"network": network, "members": members,
                                   "expected_pairs": len(members) * (len(members) - 1),
                                   "reported_pairs": len(pairs)}

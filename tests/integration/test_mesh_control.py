@@ -375,9 +375,12 @@ async def test_matrix_api_cli_and_metrics(
     code, out, err = await run_cli("net", "create", "dup", "--cidr", "198.19.128.0/17",
                                    url=url, token=token)
     assert code != 0 and "overlaps network corp" in err
-    eu = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.1", region="eu")
-    us1 = await sim(agents, sims, {"mesh": "on"}, public="198.18.2.1", region="us")
-    us2 = await sim(agents, sims, {"mesh": "on"}, public="198.18.2.2", region="us")
+    eu = await sim(agents, sims, {"mesh": "on", "region": "eu"}, public="198.18.1.1",
+                   region="eu")
+    us1 = await sim(agents, sims, {"mesh": "on", "region": "us"}, public="198.18.2.1",
+                    region="us")
+    us2 = await sim(agents, sims, {"mesh": "on", "region": "us"}, public="198.18.2.2",
+                    region="us")
     members = (eu, us1, us2)
     for n in members:
         await n.listen("corp")
@@ -441,6 +444,13 @@ async def test_matrix_api_cli_and_metrics(
         assert r.status == 200
     async with http.delete(f"{url}/v1/networks/corp", headers=vauth) as r:
         assert r.status == 403
+    # A token scoped to region=us sees only the pairs between its nodes.
+    st = await controller.api_tokens.create(name="us", role="viewer", scope="region=us")
+    async with http.get(f"{url}/v1/networks/corp/matrix",
+                        headers={"Authorization": f"Bearer {st.secret}"}) as r:
+        scoped = await r.json()
+    assert {(p["src"], p["dst"]) for p in scoped["pairs"]} == \
+        {(us1.node_id, us2.node_id), (us2.node_id, us1.node_id)}
     # Removing the network takes every member out in one last delta.
     code, _, err = await run_cli("net", "rm", "corp", "-y", url=url, token=token)
     assert code == 0, err

@@ -104,7 +104,14 @@ async def network_matrix(request: web.Request) -> web.Response:
     by = request.query.get("by", "")
     if by not in ("", "node", "region"):
         raise BadRequest(f"by must be node or region, not {by!r}")
-    return web.json_response(request.app[MESH].matrix.view(net.name, by=by))
+    mesh, who = request.app[MESH], principal(request)
+
+    def visible(node_id: str) -> bool:
+        node = mesh.distributor.nodes.get(node_id)
+        return node is None or who.sees(node.labels)
+
+    return web.json_response(mesh.matrix.view(
+        net.name, by=by, visible=None if who.scope.is_empty else visible))
 
 
 @requires("operator")
