@@ -12,31 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats
 import pytest
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from agent.netmesh.backend import WireguardGoBackend
-from agent.netmesh.host import Host
-from agent.netmesh.mesh import NetMesh
 from controller.mesh.networks import NetworkSpec
 from controller.service import Controller, RunningController
-from protocol import codec
 from protocol.mesh import key_bytes
-from protocol.messages import (
-    MeshHealth,
-    MeshJoin,
-    MeshKeyRotation,
-    MeshResyncRequest,
-    Message,
-)
 from tests.fixtures.controller import AgentFactory, controller_config, wait_for
-from tests.fixtures.enroll import node_opts
 from tests.fixtures.meshlab import Lab, mesh_lab, ping
+from tests.fixtures.meshnode import Member, join
 
 __all__ = ["mesh_lab"]
 
@@ -51,63 +36,6 @@ def lab(mesh_lab: Lab) -> Lab:
     mesh_lab.add_nat("n1", 11)
     mesh_lab.add_nat("n2", 12)
     return mesh_lab
-
-
-@dataclass
-class Member:
-    name: str
-    node_id: str
-    mesh: NetMesh
-    nc: NATS
-    rotations: list[asyncio.Task[str]] = field(default_factory=list)
-
-    def address(self) -> str:
-        return self.mesh.views[NET].own.address
-
-    def peers(self) -> set[str]:
-        view = self.mesh.views.get(NET)
-        return set(view.peers) if view else set()
-
-
-async def join(lab: Lab, name: str, c: RunningController, agents: AgentFactory,
-               stack: contextlib.AsyncExitStack, tmp: Path) -> Member:
-    node = lab.nodes[name]
-    region = f"lab/{'public' if node.public else node.site}"
-    agent = await agents.start(labels={"mesh": "on", "region": region})
-    assert agent.state is not None
-    node_id = agent.state.node_id
-    nc = await nats.connect(c.agent_nats_url, **node_opts(agent))
-    stack.push_async_callback(nc.close)
-    s = agent.subjects
-    routes = {MeshJoin: s.mesh_join, MeshResyncRequest: s.mesh_resync,
-              MeshKeyRotation: s.mesh_key, MeshHealth: s.mesh_health}
-
-    async def publish(msg: Message) -> None:
-        await nc.publish(routes[type(msg)](node_id), codec.encode(msg))
-
-    host = Host(node.ns)
-    mesh = NetMesh(node_id=node_id, state_dir=tmp / name, backend=WireguardGoBackend(host=host),
-                   host=host, publish=publish, ifname_prefix=lab.ifname_prefix(node),
-                   reconcile_interval=1.0, health_interval=1.0, probe_interval=0.2)
-    await stack.enter_async_context(mesh)
-    member = Member(name, node_id, mesh, nc)
-
-    async def on_snapshot(msg: Msg) -> None:
-        await mesh.handle_snapshot(msg.data)
-
-    async def on_delta(msg: Msg) -> None:
-        await mesh.handle_delta(msg.data)
-
-    async def on_rotate(msg: Msg) -> None:
-        member.rotations.append(asyncio.ensure_future(mesh.rotate_key()))
-
-    await nc.subscribe(s.mesh_snapshot(node_id), cb=on_snapshot)
-    await nc.subscribe(s.mesh_delta_any, cb=on_delta)
-    await nc.subscribe(s.mesh_rotate(node_id), cb=on_rotate)
-    await nc.flush()
-    await publish(MeshJoin(node_id=node_id, public_key=mesh.public_key,
-                           endpoints=node.endpoints(), region=region))
-    return member
 
 
 async def _pings(lab: Lab, members: list[Member], count: int, deadline: float
