@@ -1,5 +1,15 @@
-"""Mesh benchmark, part (b): control-plane bytes for one join (and one removal) with N
-simulated members, against N x one peer entry.
+"""Mesh benchmark. Part (a): convergence of N lab machines (netns, wireguard-go, real
+controller and agent/netmesh over NATS), time from the last join until every pair talks.
+Part (b): control-plane bytes for one join (and one removal) with N simulated members,
+against N x one peer entry.
+
+Part (a): a third of the machines public in one simulated cloud, a third public in another,
+a third each behind its own NAT; all enrolled and their NetMesh running, then every
+MeshJoin at once; the clock runs from the last one until each ordered pair has had an
+answer over the overlay (the members' own UDP probes, every 0.2 s), and a ping sweep of
+every ordered pair (counted) confirms it. Needs root, wireguard-go, ping, nft.
+
+    sudo python bench/mesh.py --part a [--n 30] [--runs 2]
 
 A real controller runs against its own nats-server (loopback, no auth, so that simulated
 members can publish as any node); N nodes are written into its state as enrolled members
@@ -225,11 +235,115 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
         srv.stop()
 
 
+async def run_a(n: int, base: Path) -> dict[str, object]:
+    import contextlib
+    import signal
+    import uuid
+
+    from tests.fixtures.controller import AgentFactory, controller_config
+    from tests.fixtures.meshlab import Lab, lab_available, ping
+    from tests.fixtures.meshnode import Member, join
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
+    reason = lab_available()
+    if reason:
+        raise SystemExit(f"part a: {reason}")
+    lab = Lab(prefix=f"bm{uuid.uuid4().hex[:4]}")
+    names: list[str] = []
+    try:
+        await asyncio.to_thread(lab.start)
+        for i in range(n):
+            kind = i % 3
+            if kind == 2:
+                name = f"nat{i}"
+                await asyncio.to_thread(lab.add_nat, name, 41 + i // 3)
+            else:
+                name = f"{'aws' if kind == 0 else 'gcp'}{i}"
+                await asyncio.to_thread(lab.add_public, name, 1 + i)
+            names.append(name)
+        cfg = controller_config(base / "controller")
+        async with Controller(cfg) as c, contextlib.AsyncExitStack() as stack:
+            await c.mesh.networks.create(NetworkSpec(name="corp", cidr=CIDR,
+                                                     selector="mesh=on", keepalive=2))
+            agents = AgentFactory(c, base / "agents")
+            await stack.enter_async_context(agents.stack)
+            t_enroll = time.monotonic()
+            members: list[Member] = []
+            for name in names:
+                members.append(await join(lab, name, c, agents, stack, base / "mesh",
+                                          send_join=False,
+                                          options={"health_interval": 3600.0,
+                                                   "probe_interval": 0.2}))
+            enroll_s = time.monotonic() - t_enroll
+            log.info("%d: enrolled, netmesh up (%.1f s); joining", n, enroll_s)
+            t0 = time.monotonic()
+            await asyncio.gather(*(m.join() for m in members))
+            t_last = time.monotonic()
+            by_id = {m.node_id: m for m in members}
+            reached: dict[tuple[str, str], float] = {}
+            want = n * (n - 1)
+            views_s = 0.0
+            deadline = t_last + 120
+            while len(reached) < want and time.monotonic() < deadline:
+                now = time.monotonic()
+                if not views_s and all(len(m.peers()) == n - 1 for m in members):
+                    views_s = now - t_last
+                for m in members:
+                    prober = m.mesh.prober("corp")
+                    if prober is None:
+                        continue
+                    for peer_id, probes in prober.window.items():
+                        if probes.received and (m.node_id, peer_id) not in reached \
+                                and peer_id in by_id:
+                            reached[(m.node_id, peer_id)] = now - t_last
+                await asyncio.sleep(0.05)
+            converged = max(reached.values()) if len(reached) == want else None
+            name_of = {m.node_id: m.name for m in members}
+            slowest = sorted(reached.items(), key=lambda kv: -kv[1])[:5]
+            log.info("%d: %d/%d pairs reached; ping sweep", n, len(reached), want)
+            # Confirmation: every ordered pair, one ping each, 40 at a time.
+            sem = asyncio.Semaphore(40)
+
+            async def one(x: Member, y: Member) -> bool:
+                async with sem:
+                    _sent, received, _ = await ping(lab.nodes[x.name].ns, y.address(),
+                                                    count=1, deadline=3)
+                    return received == 1
+
+            t_sweep = time.monotonic()
+            oks = await asyncio.gather(*(one(x, y) for x in members for y in members
+                                         if x is not y))
+            sweep_s = time.monotonic() - t_sweep
+            state = c.mesh.distributor.state("corp")
+            return {
+                "bench": "mesh", "part": "a", "n": n,
+                "public": sum(1 for nm in names if not nm.startswith("nat")),
+                "behind_nat": sum(1 for nm in names if nm.startswith("nat")),
+                "pairs": want, "pairs_reached": len(reached),
+                "convergence_s": round(converged, 3) if converged is not None else None,
+                "all_views_s": round(views_s, 3),
+                "joins_sent_s": round(t_last - t0, 3),
+                "p50_pair_s": round(sorted(reached.values())[len(reached) // 2], 3)
+                if reached else None,
+                "slowest_pairs": [[name_of[a], name_of[b], round(t, 2)]
+                                  for (a, b), t in slowest],
+                "ping_sweep_ok": sum(oks), "ping_sweep_pairs": len(oks),
+                "ping_sweep_s": round(sweep_s, 2),
+                "generation": state.generation if state else 0,
+                "deltas": c.mesh.distributor.stats["deltas"],
+                "enroll_and_start_s": round(enroll_s, 1),
+                "load1": round(os.getloadavg()[0], 2),
+            }
+    finally:
+        await asyncio.to_thread(lab.stop)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["b"], default="b",
-                   help="b: control-plane bytes per join (a and c: the netns lab)")
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--part", choices=["a", "b"], default="b",
+                   help="a: convergence of N lab machines; b: control-plane bytes per join "
+                        "(c, throughput: bench/mesh_dataplane.py)")
+    p.add_argument("--n", type=int, help="machines (a: 30) or simulated members (b: 1000)")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("-v", "--verbose", action="store_true", help="say each phase (stderr)")
     args = p.parse_args()
@@ -238,7 +352,10 @@ def main() -> None:
         log.setLevel(logging.INFO)
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="barista-bench-mesh-") as tmp:
-            result = asyncio.run(run_b(args.n, Path(tmp)))
+            if args.part == "a":
+                result = asyncio.run(run_a(args.n or 30, Path(tmp)))
+            else:
+                result = asyncio.run(run_b(args.n or 1000, Path(tmp)))
         print(json.dumps(result), flush=True)
 
 
