@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -127,13 +129,16 @@ async def test_three_nodes_ping_update_keeps_sessions_removal_takes_peer_out(
         assert not await meshes["c"].host.link_exists(meshes["c"].ifname("ov"))  # c left
 
 
-async def test_key_rotation_loses_at_most_one_second(lab: Lab, tmp_path: Path) -> None:
+async def test_key_rotation_loses_at_most_one_second(lab: Lab, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     # The commit comes 2 s after the switch: peers move b's prefix to the new key on its
     # first handshake, not when the controller gets round to it.
     async with network(lab, tmp_path, ["a", "b", "c"], commit_delay=2.0) as (ctl, meshes):
         await _all_pairs_ping(lab, ["a", "b"])
         b = meshes["b"]
         old_key = b.public_key
+        old_secret = b.keys.current
         streams = [asyncio.create_task(ping(lab.nodes[src].ns, lab.nodes["b"].overlay,
                                             count=50, interval=0.1, deadline=15))
                    for src in ("a", "c")]
@@ -159,6 +164,14 @@ async def test_key_rotation_loses_at_most_one_second(lab: Lab, tmp_path: Path) -
             assert key_bytes(new_key) in keys and key_bytes(old_key) not in keys
         assert not (tmp_path / "b" / "wireguard" / "wireguard-old.key").exists()
         assert b.keys.public == new_key
+        # No private key in any log line, nor on wireguard-go's command line.
+        secrets = [k.to_base64() for k in (old_secret, b.keys.current)]
+        secrets += [k.secret().hex() for k in (old_secret, b.keys.current)]
+        assert not any(secret in caplog.text for secret in secrets)
+        assert isinstance(b.backend, WireguardGoBackend)
+        proc = Path(f"/proc/{b.backend.pid(b.ifname('ov'))}/cmdline")
+        cmdline = await asyncio.to_thread(proc.read_bytes)
+        assert cmdline.split(b"\0")[:2] == [b"wireguard-go", b"-f"]
 
 
 async def test_nat_keepalive_and_relay(lab: Lab, tmp_path: Path) -> None:
@@ -245,3 +258,27 @@ async def test_bad_input_is_counted_and_never_reaches_wireguard(lab: Lab,
                                    for m in ctl.received), 5, "resync request")
         assert ipaddress.ip_address(a.views["ov"].own.address) in ipaddress.ip_network(
             "198.19.0.0/16")
+
+
+async def test_a_dead_wireguard_go_is_restarted_and_reconfigured(lab: Lab,
+                                                                 tmp_path: Path) -> None:
+    async with network(lab, tmp_path, ["a", "b"]) as (_, meshes):
+        await _all_pairs_ping(lab, ["a", "b"])
+        b = meshes["b"]
+        backend = b.backend
+        assert isinstance(backend, WireguardGoBackend)
+        pid = backend.pid(b.ifname("ov"))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # our own child, by its pid
+        await wait_for(lambda: not backend.alive(b.ifname("ov")), 5, "exit noticed")
+        await wait_for(lambda: backend.alive(b.ifname("ov"))
+                       and backend.pid(b.ifname("ov")) != pid, 10, "restarted")
+        await wait_for(lambda: b.plan("ov") is not None, 5)
+
+        async def configured():
+            state = await b.backend.get(b.ifname("ov"))
+            return key_bytes(meshes["a"].public_key) in state.peers
+
+        await wait_for(configured, 10, "peers applied again")
+        sent, received, out = await ping(lab.nodes["b"].ns, lab.nodes["a"].overlay, count=3)
+        assert sent == received == 3, out
