@@ -20,6 +20,7 @@ import msgspec
 import pytest
 
 from agent.netmesh.backend import WireguardGoBackend
+from agent.netmesh.errors import BackendUnavailable
 from agent.netmesh.host import Host
 from agent.netmesh.keys import PrivateKey
 from agent.netmesh.mesh import NetMesh
@@ -282,3 +283,14 @@ async def test_a_dead_wireguard_go_is_restarted_and_reconfigured(lab: Lab,
         await wait_for(configured, 10, "peers applied again")
         sent, received, out = await ping(lab.nodes["b"].ns, lab.nodes["a"].overlay, count=3)
         assert sent == received == 3, out
+
+
+async def test_a_uapi_socket_of_another_namespace_is_refused_clearly(lab: Lab,
+                                                                     tmp_path: Path) -> None:
+    # DESIGN.md section 9: /var/run/wireguard/<ifname>.sock is shared by all namespaces.
+    async with network(lab, tmp_path, ["a"]) as (_, meshes):
+        a = meshes["a"]
+        other = WireguardGoBackend(host=Host(lab.nodes["b"].ns))
+        with pytest.raises(BackendUnavailable, match="another network namespace"):
+            await other.up(a.ifname("ov"))
+        assert a.backend.alive(a.ifname("ov"))

@@ -55,8 +55,9 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     for name in ("a", "b"):
         node = lab.nodes[name]
         started[name] = await agents.start(
-            labels={"site": name}, mesh_netns=node.ns, mesh_public_address=node.underlay,
-            mesh_ifname_prefix=lab.ifname_prefix(node), mesh_health_interval=3600)
+            labels={"site": name}, mesh_enabled=True, mesh_netns=node.ns,
+            mesh_public_address=node.underlay, mesh_ifname_prefix=lab.ifname_prefix(node),
+            mesh_health_interval=3600)
     joins = await wait_for(lambda: {m.node_id: m for _, m in got if isinstance(m, MeshJoin)}
                            if sum(isinstance(m, MeshJoin) for _, m in got) >= 2 else None,
                            10, "two MeshJoins")
