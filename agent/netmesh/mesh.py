@@ -265,6 +265,8 @@ class NetMesh:
                           view.generation, len(view.peers))
             await self._own_changed(view)
             await self._reconcile_logged(view.network, locked=True)
+        if self._rotation_pending():
+            self._wake.set()  # poll for the new key's handshake from now, not next tick
         return "applied"
 
     async def handle_delta(self, data: bytes | MeshDelta) -> str:
@@ -325,6 +327,8 @@ class NetMesh:
             self._persist(view)
             await self._own_changed(view)
             await self._reconcile_logged(view.network, locked=True)
+        if self._rotation_pending():
+            self._wake.set()  # poll for the new key's handshake from now, not next tick
         return "applied"
 
     # -- rotation ----------------------------------------------------------------------
