@@ -28,7 +28,6 @@ from agent.netmesh.keys import PrivateKey
 from agent.netmesh.mesh import NetMesh
 from tests.fixtures.meshlab import Lab, MiniController, ping, rtt_avg_ms
 
-
 PROBES = [True]  # --no-probes: the overlay without its RTT/loss probes (1 per peer per s)
 
 
