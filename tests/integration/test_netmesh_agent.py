@@ -18,6 +18,7 @@ from protocol import codec
 from protocol.mesh import key_bytes
 from protocol.messages import (
     MeshDelta,
+    MeshHealth,
     MeshJoin,
     MeshKeyRotation,
     MeshPeer,
@@ -49,7 +50,8 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     async def collect(msg: Msg) -> None:
         got.append((msg.subject, codec.decode(msg.data)))
 
-    for subject in (subjects.mesh_join_any, subjects.mesh_resync_any, subjects.mesh_key_any):
+    for subject in (subjects.mesh_join_any, subjects.mesh_resync_any, subjects.mesh_key_any,
+                    subjects.mesh_health_any):
         await controller.nc.subscribe(subject, cb=collect)
     started: dict[str, Agent] = {}
     for name in ("a", "b"):
@@ -57,7 +59,7 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
         started[name] = await agents.start(
             labels={"site": name}, mesh_enabled=True, mesh_netns=node.ns,
             mesh_public_address=node.underlay, mesh_ifname_prefix=lab.ifname_prefix(node),
-            mesh_health_interval=3600)
+            mesh_health_interval=1.0 if name == "a" else 3600)
     joins = await wait_for(lambda: {m.node_id: m for _, m in got if isinstance(m, MeshJoin)}
                            if sum(isinstance(m, MeshJoin) for _, m in got) >= 2 else None,
                            10, "two MeshJoins")
@@ -105,6 +107,19 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     await wait_for(lambda: any(isinstance(m, MeshResyncRequest) and m.reason == "gap"
                                and m.node_id == a.node_id for _, m in got), 5, "resync asked")
     assert a.mesh.views["ov"].generation == 4
+    # Health on a's own subject: b's handshake age, counters and probe RTT over the overlay.
+
+    def b_seen_by_a() -> Any:
+        for subject, m in got:
+            if isinstance(m, MeshHealth) and subject == subjects.mesh_health(a.node_id):
+                seen = {p.node_id: p for p in m.peers}.get(b.node_id)
+                if seen is not None and seen.received > 0:
+                    return seen
+        return None
+
+    seen = await wait_for(b_seen_by_a, 10, "a's health report about b")
+    assert seen.rtt_ms > 0 and 0 <= seen.handshake_age < 60 and seen.rx_bytes > 0
+    assert seen.loss < 1.0 and not seen.relayed
     # Rotation, asked by the controller: the node announces a new key on its key subject.
     await controller.nc.publish(subjects.mesh_rotate(b.node_id),
                                 codec.encode(MeshRotateKey(reason="test")))
