@@ -294,3 +294,23 @@ async def test_a_uapi_socket_of_another_namespace_is_refused_clearly(lab: Lab,
         with pytest.raises(BackendUnavailable, match="another network namespace"):
             await other.up(a.ifname("ov"))
         assert a.backend.alive(a.ifname("ov"))
+
+
+async def test_an_ipv6_overlay(lab: Lab, tmp_path: Path) -> None:
+    # fd00::/8 overlay over the IPv4 underlay: addresses, routes and probes in IPv6.
+    async with contextlib.AsyncExitStack() as stack:
+        ctl = await stack.enter_async_context(MiniController(cidr="fd00:19::/64"))
+        meshes: dict[str, NetMesh] = {}
+        for name in ("a", "b"):
+            mesh = await stack.enter_async_context(_mesh(lab, ctl, tmp_path, name))
+            meshes[name] = ctl.meshes[name] = mesh
+            ctl.members[name] = ctl.entry(lab.nodes[name], mesh.public_key,
+                                          address=f"fd00:19::{lab.nodes[name].index}")
+        await ctl.push_snapshots()
+        sent, received, out = await ping(lab.nodes["a"].ns, "fd00:19::2", count=3)
+        assert sent == received == 3, out
+        state = await meshes["a"].backend.get(meshes["a"].ifname("ov"))
+        assert state.peers[key_bytes(meshes["b"].public_key)].allowed_ips == ["fd00:19::2/128"]
+        prober = meshes["a"].prober("ov")
+        assert prober is not None
+        await wait_for(lambda: any(w.received for w in prober.window.values()), 5, "probes")
