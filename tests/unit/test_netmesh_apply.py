@@ -140,3 +140,32 @@ def test_diff_is_peer_by_peer_and_never_touches_unchanged_peers() -> None:
     ops = diff(state, want, {})
     assert any(op.public_key == k[2] and op.endpoint == Endpoint("198.18.2.2", 51820)
                and op.update_only and op.allowed_ips is None for op in ops)
+
+
+def test_a_thousand_members_plan_quickly_with_a_wide_prefix_conflict() -> None:
+    import time
+
+    own = _peer("a", 1, _pub(1))
+    peers = {f"p{i}": MeshPeer(node_id=f"p{i}",
+                               public_key=base64.b64encode(
+                                   i.to_bytes(2, "big") + b"\xee" * 30).decode(),
+                               address=f"198.19.{10 + i // 250}.{1 + i % 250}",
+                               endpoints=[_pub(2)]) for i in range(1000)}
+    peers["wide"] = MeshPeer(node_id="wide", public_key=_key(255), address="198.19.200.1",
+                             allowed_ips=["198.19.10.0/24"], endpoints=[_pub(3)])
+    t0 = time.perf_counter()
+    p = plan(own, peers, cidr=CIDR, keepalive=25)
+    assert time.perf_counter() - t0 < 5.0  # O(N): ~0.05 s here; the quadratic check took ~1 s
+    assert p.conflicts == ["wide"]  # its /24 covers members that came first (by node id)
+    assert len(p.peers) == 1000
+
+
+def test_a_key_claimed_twice_or_our_own_is_a_conflict() -> None:
+    own = _peer("a", 1, _pub(1))
+    peers = {"b": _peer("b", 2, _pub(2)),
+             "c": MeshPeer(node_id="c", public_key=_key(2), address="198.19.0.3",
+                           endpoints=[_pub(3)]),
+             "d": MeshPeer(node_id="d", public_key=_key(1), address="198.19.0.4",
+                           endpoints=[_pub(4)])}
+    p = plan(own, peers, cidr=CIDR, keepalive=25)
+    assert sorted(p.conflicts) == ["c", "d"] and set(p.peers) == {key_bytes(_key(2))}
