@@ -100,6 +100,9 @@ async def test_three_nodes_ping_update_keeps_sessions_removal_takes_peer_out(
         c_entry = msgspec.structs.replace(ctl.members["c"], allowed_ips=["10.77.0.0/24"],
                                           keepalive=7)
         await ctl.change(changed=[c_entry])
+        # ... and every node gets its full snapshot again (a resync, a restarted
+        # controller): same generation, nothing to change on the data path.
+        await ctl.push_snapshots()
         sent, received, out = await stream
         assert sent == received == 20, out
         after = (await a.backend.get(a.ifname("ov"))).peers[key_bytes(meshes["b"].public_key)]
