@@ -317,3 +317,22 @@ async def test_an_ipv6_overlay(lab: Lab, tmp_path: Path) -> None:
         prober = meshes["a"].prober("ov")
         assert prober is not None
         await wait_for(lambda: any(w.received for w in prober.window.values()), 5, "probes")
+
+
+async def test_rotation_with_a_peer_that_hears_of_it_late(lab: Lab, tmp_path: Path) -> None:
+    # c applies every delta 1.5 s after the others: b's first handshake with its new key
+    # reaches c before c knows that key and is dropped (WireGuard retries after 5 s). b
+    # re-adds c once it sees no handshake, so c is back well before that.
+    async with network(lab, tmp_path, ["a", "b", "c"], commit_delay=4.0) as (ctl, meshes):
+        await _all_pairs_ping(lab, ["a", "b", "c"])
+        ctl.late["c"] = 1.5
+        stream = asyncio.create_task(ping(lab.nodes["c"].ns, lab.nodes["b"].overlay,
+                                          count=60, interval=0.1, deadline=20))
+        await asyncio.sleep(1.0)
+        await meshes["b"].rotate_key()
+        sent, received, out = await stream
+        lost = sent - received
+        log.info("rotation, late peer: c -> b lost %d pings (%.1f s)", lost, lost * 0.1)
+        assert received == 60 and lost <= 30, out
+        assert "b" in meshes["c"].views["ov"].moved or \
+            ctl.members["b"].public_key == meshes["b"].public_key
