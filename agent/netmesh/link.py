@@ -79,6 +79,7 @@ class MeshLink:
         self._subs: list[Subscription] = []
         self._deltas: dict[str, Subscription] = {}
         self.rejected = 0  # rotate requests that were not one
+        self._rotations: set[asyncio.Future[Any]] = set()
         mesh.publish = self.publish
 
     async def publish(self, msg: Message) -> None:
@@ -160,11 +161,10 @@ class MeshLink:
             self.log.warning("mesh rotate request rejected: %s", exc)
             return
         task = asyncio.ensure_future(self.mesh.rotate_key())
-        task.add_done_callback(_log_failure(self.log))
+        self._rotations.add(task)  # a reference until done (the loop keeps only weak ones)
+        task.add_done_callback(self._rotated)
 
-
-def _log_failure(log: logging.Logger) -> Callable[[asyncio.Future[Any]], None]:
-    def done(task: asyncio.Future[Any]) -> None:
+    def _rotated(self, task: asyncio.Future[Any]) -> None:
+        self._rotations.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("mesh key rotation failed: %s", task.exception())
-    return done
+            self.log.warning("mesh key rotation failed: %s", task.exception())

@@ -141,6 +141,7 @@ class NetMesh:
         self._fast_until = 0.0
         self._switched_at = 0.0  # wall clock (UAPI handshake times are wall clock)
         self._kicks: dict[tuple[str, bytes], int] = {}
+        self._sending: set[asyncio.Future[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -574,7 +575,13 @@ class NetMesh:
         msg = MeshResyncRequest(node_id=self.node_id, network=network, generation=generation,
                                 reason=reason)
         task = asyncio.ensure_future(self.publish(msg))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._sending.add(task)  # a reference until done (the loop keeps only weak ones)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Future[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.debug("resync request not sent: %s", task.exception())
 
     async def _tick_loop(self) -> None:
         while True:
