@@ -56,18 +56,32 @@ def plan(own: MeshPeer, peers: Mapping[str, MeshPeer], *, cidr: Net, keepalive: 
     handshaken here, so their allowed IPs belong to the new key now."""
     out = Plan()
     own_net = host_network(ipaddress.ip_address(own.address))
-    taken: dict[Net, str] = {own_net: own.node_id}
+    # Taken prefixes: host prefixes (nearly all) in a set, wider ones in a list, so that
+    # the overlap check stays O(N) for a network of plain members.
+    hosts: set[Net] = {own_net}
+    wide: list[Net] = []
     nets: dict[str, list[Net]] = {}
+
+    def clashes(n: Net) -> bool:
+        if n.prefixlen == n.max_prefixlen:
+            return n in hosts or any(w.version == n.version and n.subnet_of(w)  # type: ignore[arg-type]
+                                     for w in wide)
+        return any(t.version == n.version and n.overlaps(t) for t in (*hosts, *wide))
+
+    claimed: set[str] = {own.public_key, own.next_public_key} - {""}
     for node_id in sorted(peers):
         peer = peers[node_id]
         mine = allowed_networks(peer)
-        clash = next((n for n in mine if any(n.overlaps(t) for t in taken
-                                             if t.version == n.version)), None)
-        if clash is not None:
+        its_keys = {peer.public_key, peer.next_public_key} - {""}
+        if any(clashes(n) for n in mine) or its_keys & claimed:
             out.conflicts.append(node_id)  # the first claimant (by node id) keeps it
             continue
+        claimed |= its_keys
         for n in mine:
-            taken[n] = node_id
+            if n.prefixlen == n.max_prefixlen:
+                hosts.add(n)
+            else:
+                wide.append(n)
         nets[node_id] = mine
     holders: dict[str, bytes] = {}  # node id -> the key that holds its allowed IPs
     extra: dict[str, list[Net]] = {}

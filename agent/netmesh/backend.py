@@ -97,11 +97,17 @@ class WireguardGoBackend:
         current = self._procs.get(ifname)
         if current is not None and not current.exited:
             return
-        if await self.host.link_exists(ifname) and await self._answers(ifname):
+        exists, answers = await self.host.link_exists(ifname), await self._answers(ifname)
+        if exists and answers:
             # Left by an earlier agent run (killed): adopt it, its sessions stay up.
             self._procs[ifname] = _GoProcess(proc=None)
             self.log.info("interface %s: adopted the running wireguard-go", ifname)
             return
+        if answers:
+            # The socket path is shared by every network namespace on this filesystem.
+            raise BackendUnavailable(self.name, f"{self.uapi_dir}/{ifname}.sock belongs to "
+                                     "a wireguard-go in another network namespace: give this "
+                                     "node its own interface prefix or its own /var/run")
         await self.host.delete_link(ifname)  # a stale TUN without its daemon
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
         proc = await self.host.spawn(

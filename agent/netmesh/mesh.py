@@ -24,7 +24,7 @@ from agent.netmesh.errors import NetmeshError
 from agent.netmesh.host import Host
 from agent.netmesh.keys import KeyStore
 from agent.netmesh.probes import PROBE_PORT, Prober
-from agent.netmesh.uapi import DeviceOp, DeviceState, Endpoint
+from agent.netmesh.uapi import DeviceOp, DeviceState, Endpoint, PeerOp
 from protocol import codec
 from protocol.errors import MeshPeerInvalid, ProtocolError
 from protocol.mesh import Net, check_peer, key_bytes, network_of
@@ -41,6 +41,8 @@ from protocol.messages import (
 from protocol.subjects import check_token
 
 Publish = Callable[[Message], Awaitable[None]]
+KICK_WINDOW = 10.0  # seconds after our key switch in which silent peers are re-added
+KICKS_PER_PEER = 3
 
 
 @dataclass(slots=True)
@@ -137,6 +139,9 @@ class NetMesh:
         self._last_key_msg = 0.0
         self._switch_due = 0.0
         self._fast_until = 0.0
+        self._switched_at = 0.0  # wall clock (UAPI handshake times are wall clock)
+        self._kicks: dict[tuple[str, bytes], int] = {}
+        self._sending: set[asyncio.Future[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -265,6 +270,8 @@ class NetMesh:
                           view.generation, len(view.peers))
             await self._own_changed(view)
             await self._reconcile_logged(view.network, locked=True)
+        if self._rotation_pending():
+            self._wake.set()  # poll for the new key's handshake from now, not next tick
         return "applied"
 
     async def handle_delta(self, data: bytes | MeshDelta) -> str:
@@ -325,6 +332,8 @@ class NetMesh:
             self._persist(view)
             await self._own_changed(view)
             await self._reconcile_logged(view.network, locked=True)
+        if self._rotation_pending():
+            self._wake.set()  # poll for the new key's handshake from now, not next tick
         return "applied"
 
     # -- rotation ----------------------------------------------------------------------
@@ -378,10 +387,45 @@ class NetMesh:
         if self.keys.next is None:
             return
         self.keys.switch()
+        self._switched_at = time.time()
+        self._kicks.clear()
         self.log.info("key rotation: switched to %s", self.keys.public)
         for name in list(self.views):
             await self._reconcile_logged(name)
         await self._send_key("switched")
+
+    def _kicking(self) -> bool:
+        return bool(self._switched_at) and time.time() - self._switched_at < KICK_WINDOW
+
+    async def _kick_stale(self, network: str) -> None:
+        """After our switch, a peer that has not handshaken with the new key within a
+        second probably missed it at first (it applied the announcement late) and dropped
+        our initiation; WireGuard would retry only after 5 s. Re-adding that one peer
+        resets its handshake state, so our next packet initiates at once. At most
+        KICKS_PER_PEER times, and only for peers we can reach (an endpoint)."""
+        iface = self._ifaces.get(network)
+        if iface is None or iface.plan is None:
+            return
+        now = time.time()
+        if now - self._switched_at < 1.0:
+            return
+        ifname = self.ifname(network)
+        state = await self.backend.get(ifname)
+        for key, peer in iface.plan.peers.items():
+            have = state.peers.get(key)
+            if peer.endpoint is None or not peer.allowed_ips or have is None \
+                    or have.last_handshake >= self._switched_at:
+                continue
+            count = self._kicks.get((network, key), 0)
+            if count >= KICKS_PER_PEER or now - self._switched_at < 1.0 + count:
+                continue
+            self._kicks[(network, key)] = count + 1
+            self.log.info("network %s: no handshake from %s with our new key yet; re-adding it",
+                          network, peer.node_id)
+            await self.backend.set(ifname, None, [PeerOp(public_key=key, remove=True)])
+            await self.backend.set(ifname, None, [PeerOp(
+                public_key=key, endpoint=peer.endpoint, keepalive=peer.keepalive,
+                allowed_ips=tuple(sorted(peer.allowed_ips)))])
 
     def _rotation_pending(self) -> bool:
         """A peer rotates and its new key has not handshaken yet: poll fast, for a while
@@ -531,11 +575,17 @@ class NetMesh:
         msg = MeshResyncRequest(node_id=self.node_id, network=network, generation=generation,
                                 reason=reason)
         task = asyncio.ensure_future(self.publish(msg))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._sending.add(task)  # a reference until done (the loop keeps only weak ones)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Future[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.debug("resync request not sent: %s", task.exception())
 
     async def _tick_loop(self) -> None:
         while True:
-            fast = self._rotation_pending() or bool(self._switch_due)
+            fast = self._rotation_pending() or bool(self._switch_due) or self._kicking()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(),
                                        self.rotation_poll if fast else self.reconcile_interval)
@@ -543,6 +593,11 @@ class NetMesh:
             await self._switch_if_due()
             for name in list(self.views):
                 await self._reconcile_logged(name)
+                if self._kicking():
+                    try:
+                        await self._kick_stale(name)
+                    except Exception as exc:
+                        self.log.warning("network %s: re-adding peers failed: %s", name, exc)
             # An unanswered rotation step is repeated (the controller may have missed it).
             if time.monotonic() - self._last_key_msg > 5.0:
                 if self.keys.next is not None:

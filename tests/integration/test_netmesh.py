@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import msgspec
 import pytest
 
 from agent.netmesh.backend import WireguardGoBackend
+from agent.netmesh.errors import BackendUnavailable
 from agent.netmesh.host import Host
 from agent.netmesh.keys import PrivateKey
 from agent.netmesh.mesh import NetMesh
@@ -97,6 +100,9 @@ async def test_three_nodes_ping_update_keeps_sessions_removal_takes_peer_out(
         c_entry = msgspec.structs.replace(ctl.members["c"], allowed_ips=["10.77.0.0/24"],
                                           keepalive=7)
         await ctl.change(changed=[c_entry])
+        # ... and every node gets its full snapshot again (a resync, a restarted
+        # controller): same generation, nothing to change on the data path.
+        await ctl.push_snapshots()
         sent, received, out = await stream
         assert sent == received == 20, out
         after = (await a.backend.get(a.ifname("ov"))).peers[key_bytes(meshes["b"].public_key)]
@@ -127,13 +133,16 @@ async def test_three_nodes_ping_update_keeps_sessions_removal_takes_peer_out(
         assert not await meshes["c"].host.link_exists(meshes["c"].ifname("ov"))  # c left
 
 
-async def test_key_rotation_loses_at_most_one_second(lab: Lab, tmp_path: Path) -> None:
+async def test_key_rotation_loses_at_most_one_second(lab: Lab, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     # The commit comes 2 s after the switch: peers move b's prefix to the new key on its
     # first handshake, not when the controller gets round to it.
     async with network(lab, tmp_path, ["a", "b", "c"], commit_delay=2.0) as (ctl, meshes):
         await _all_pairs_ping(lab, ["a", "b"])
         b = meshes["b"]
         old_key = b.public_key
+        old_secret = b.keys.current
         streams = [asyncio.create_task(ping(lab.nodes[src].ns, lab.nodes["b"].overlay,
                                             count=50, interval=0.1, deadline=15))
                    for src in ("a", "c")]
@@ -159,6 +168,14 @@ async def test_key_rotation_loses_at_most_one_second(lab: Lab, tmp_path: Path) -
             assert key_bytes(new_key) in keys and key_bytes(old_key) not in keys
         assert not (tmp_path / "b" / "wireguard" / "wireguard-old.key").exists()
         assert b.keys.public == new_key
+        # No private key in any log line, nor on wireguard-go's command line.
+        secrets = [k.to_base64() for k in (old_secret, b.keys.current)]
+        secrets += [k.secret().hex() for k in (old_secret, b.keys.current)]
+        assert not any(secret in caplog.text for secret in secrets)
+        assert isinstance(b.backend, WireguardGoBackend)
+        proc = Path(f"/proc/{b.backend.pid(b.ifname('ov'))}/cmdline")
+        cmdline = await asyncio.to_thread(proc.read_bytes)
+        assert cmdline.split(b"\0")[:2] == [b"wireguard-go", b"-f"]
 
 
 async def test_nat_keepalive_and_relay(lab: Lab, tmp_path: Path) -> None:
@@ -245,3 +262,77 @@ async def test_bad_input_is_counted_and_never_reaches_wireguard(lab: Lab,
                                    for m in ctl.received), 5, "resync request")
         assert ipaddress.ip_address(a.views["ov"].own.address) in ipaddress.ip_network(
             "198.19.0.0/16")
+
+
+async def test_a_dead_wireguard_go_is_restarted_and_reconfigured(lab: Lab,
+                                                                 tmp_path: Path) -> None:
+    async with network(lab, tmp_path, ["a", "b"]) as (_, meshes):
+        await _all_pairs_ping(lab, ["a", "b"])
+        b = meshes["b"]
+        backend = b.backend
+        assert isinstance(backend, WireguardGoBackend)
+        pid = backend.pid(b.ifname("ov"))
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # our own child, by its pid
+        await wait_for(lambda: not backend.alive(b.ifname("ov")), 5, "exit noticed")
+        await wait_for(lambda: backend.alive(b.ifname("ov"))
+                       and backend.pid(b.ifname("ov")) != pid, 10, "restarted")
+        await wait_for(lambda: b.plan("ov") is not None, 5)
+
+        async def configured():
+            state = await b.backend.get(b.ifname("ov"))
+            return key_bytes(meshes["a"].public_key) in state.peers
+
+        await wait_for(configured, 10, "peers applied again")
+        sent, received, out = await ping(lab.nodes["b"].ns, lab.nodes["a"].overlay, count=3)
+        assert sent == received == 3, out
+
+
+async def test_a_uapi_socket_of_another_namespace_is_refused_clearly(lab: Lab,
+                                                                     tmp_path: Path) -> None:
+    # DESIGN.md section 9: /var/run/wireguard/<ifname>.sock is shared by all namespaces.
+    async with network(lab, tmp_path, ["a"]) as (_, meshes):
+        a = meshes["a"]
+        other = WireguardGoBackend(host=Host(lab.nodes["b"].ns))
+        with pytest.raises(BackendUnavailable, match="another network namespace"):
+            await other.up(a.ifname("ov"))
+        assert a.backend.alive(a.ifname("ov"))
+
+
+async def test_an_ipv6_overlay(lab: Lab, tmp_path: Path) -> None:
+    # fd00::/8 overlay over the IPv4 underlay: addresses, routes and probes in IPv6.
+    async with contextlib.AsyncExitStack() as stack:
+        ctl = await stack.enter_async_context(MiniController(cidr="fd00:19::/64"))
+        meshes: dict[str, NetMesh] = {}
+        for name in ("a", "b"):
+            mesh = await stack.enter_async_context(_mesh(lab, ctl, tmp_path, name))
+            meshes[name] = ctl.meshes[name] = mesh
+            ctl.members[name] = ctl.entry(lab.nodes[name], mesh.public_key,
+                                          address=f"fd00:19::{lab.nodes[name].index}")
+        await ctl.push_snapshots()
+        sent, received, out = await ping(lab.nodes["a"].ns, "fd00:19::2", count=3)
+        assert sent == received == 3, out
+        state = await meshes["a"].backend.get(meshes["a"].ifname("ov"))
+        assert state.peers[key_bytes(meshes["b"].public_key)].allowed_ips == ["fd00:19::2/128"]
+        prober = meshes["a"].prober("ov")
+        assert prober is not None
+        await wait_for(lambda: any(w.received for w in prober.window.values()), 5, "probes")
+
+
+async def test_rotation_with_a_peer_that_hears_of_it_late(lab: Lab, tmp_path: Path) -> None:
+    # c applies every delta 1.5 s after the others: b's first handshake with its new key
+    # reaches c before c knows that key and is dropped (WireGuard retries after 5 s). b
+    # re-adds c once it sees no handshake, so c is back well before that.
+    async with network(lab, tmp_path, ["a", "b", "c"], commit_delay=4.0) as (ctl, meshes):
+        await _all_pairs_ping(lab, ["a", "b", "c"])
+        ctl.late["c"] = 1.5
+        stream = asyncio.create_task(ping(lab.nodes["c"].ns, lab.nodes["b"].overlay,
+                                          count=60, interval=0.1, deadline=20))
+        await asyncio.sleep(1.0)
+        await meshes["b"].rotate_key()
+        sent, received, out = await stream
+        lost = sent - received
+        log.info("rotation, late peer: c -> b lost %d pings (%.1f s)", lost, lost * 0.1)
+        assert received == 60 and lost <= 30, out
+        assert "b" in meshes["c"].views["ov"].moved or \
+            ctl.members["b"].public_key == meshes["b"].public_key
