@@ -52,6 +52,7 @@ from protocol.subjects import Subjects
 log = logging.getLogger("barista.controller.mesh")
 
 DEFAULT_WINDOW = 0.05
+DEFAULT_BEACON = 30.0
 MAX_MESH_MESSAGE = 64 * 1024
 Reject = Callable[[str, str, ProtocolError], None]
 
@@ -179,6 +180,7 @@ class MeshDistributor:
         subjects: Subjects,
         reject: Reject,
         window: float = DEFAULT_WINDOW,
+        beacon_interval: float = DEFAULT_BEACON,
         max_state: int = 1024 * 1024 - 4096,
         region_rtt: Callable[[str, str], float | None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -194,6 +196,11 @@ class MeshDistributor:
         self._subjects = subjects
         self._reject = reject
         self.window = window
+        # Every beacon_interval each network's current generation goes out as an empty
+        # delta (from = to = it; core NATS, not stored): members that have it ignore it as
+        # stale, a member that missed a delta (a subscription made late, a reconnect)
+        # sees the gap and resyncs. N x ~90 bytes a period, whatever the network's size.
+        self.beacon_interval = beacon_interval
         # The published state is one KV record and a snapshot one message: both must
         # fit in NATS' max_payload (about 250 bytes a member: ~4,000 members at 1 MiB).
         self.max_state = max_state
@@ -204,6 +211,7 @@ class MeshDistributor:
         self._pending: dict[str, set[str]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._beacon_task: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
         self._unsubscribe: list[Callable[[], None]] = []
         # network -> node id -> why it cannot be a member (VPC overlap, invalid entry)
@@ -211,6 +219,7 @@ class MeshDistributor:
         self.stats: dict[str, int] = {
             "deltas": 0, "delta_bytes": 0, "snapshots": 0, "snapshot_bytes": 0,
             "cas_conflicts": 0, "joins": 0, "resyncs": 0, "rotations": 0, "flushes": 0,
+            "beacons": 0,
         }
         self._flushed = asyncio.Condition()
         self._failures: dict[str, int] = {}
@@ -230,6 +239,7 @@ class MeshDistributor:
                             (s.mesh_key_any, self._on_key)):
             self._subs.append(await self._nc.subscribe(subject, queue="controllers", cb=cb))
         self._task = asyncio.create_task(self._run(), name="mesh-distributor")
+        self._beacon_task = asyncio.create_task(self._beacon(), name="mesh-beacon")
         self.mark_all()  # catch up with whatever changed while no controller ran
         return self
 
@@ -243,13 +253,36 @@ class MeshDistributor:
             except Exception:
                 pass
         self._subs.clear()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        for task in (self._task, self._beacon_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._task = self._beacon_task = None
+
+    async def _beacon(self) -> None:
+        last = time.monotonic()
+        while True:
+            # Short ticks: a changed beacon_interval takes effect at once.
+            await asyncio.sleep(min(1.0, self.beacon_interval))
+            if time.monotonic() - last < self.beacon_interval:
+                continue
+            last = time.monotonic()
+            for state in list(self.states):
+                if self.networks.get(state.network) is None:
+                    continue
+                try:
+                    await self._nc.publish(self._subjects.mesh_delta(state.network),
+                                           codec.encode(MeshDelta(
+                                               network=state.network,
+                                               generation=state.generation,
+                                               from_generation=state.generation,
+                                               epoch=state.epoch)))
+                    self.stats["beacons"] += 1
+                except Exception as exc:  # a disconnect: the next period tries again
+                    log.debug("mesh beacon for %s not sent: %s", state.network, exc)
 
     def mark(self, network: str) -> None:
         self._dirty.add(network)

@@ -660,3 +660,21 @@ async def test_state_too_large_for_one_message_is_refused_clearly(
     assert dist.state("corp").generation == gen  # type: ignore[union-attr]
     dist.max_state = 1 << 20  # raised: the pending join goes through
     await wait_for(lambda: b.node_id in a.view()[1], 10, "b published after the limit rose")
+
+
+async def test_beacon_tells_members_the_current_generation(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+) -> None:
+    """A member that missed a delta learns of it from the beacon (an empty delta at the
+    current generation, from = to): it sees a gap and resyncs; one that is current
+    ignores it as stale."""
+    await make_net(controller)
+    a = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.1")
+    await a.listen("corp")
+    await a.join()
+    await wait_for(lambda: a.snapshots, 5)
+    controller.mesh.distributor.beacon_interval = 0.3
+    gen = controller.mesh.distributor.state("corp").generation  # type: ignore[union-attr]
+    await wait_for(lambda: any(d.from_generation == d.generation == gen and not d.added
+                               for d in a.deltas), 5, "a beacon")
+    assert a.view()[0] == gen  # applied as an agent does: nothing changes

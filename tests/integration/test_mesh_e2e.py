@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.runtime import Agent
 from controller.mesh.networks import NetworkSpec
 from controller.service import Controller, RunningController
 from protocol.mesh import key_bytes
@@ -195,3 +196,75 @@ async def test_controller_restart_changes_nothing_on_the_data_path(
             after = c2.mesh.distributor.state(NET)
             assert after is not None and after.generation == state.generation
             assert after.peers == state.peers
+
+
+async def test_real_agents_join_the_network_and_ping_across_nat(
+    controller: RunningController, agents: AgentFactory, lab: Lab,
+) -> None:
+    """The agent runtime with its overlay on (nothing bridged by the test): enrolled
+    agents join the network their labels put them in, ping each other across NAT through
+    the relay the controller chose, and a deleted node leaves every peer."""
+    await controller.mesh.networks.create(NetworkSpec(
+        name="lan", cidr="198.19.0.0/16", selector="overlay=yes", keepalive=2))
+    controller.mesh.distributor.beacon_interval = 1.0
+    started = {}
+    for name in ("a", "b", "n1", "n2"):
+        node = lab.nodes[name]
+        mesh_addr = {"mesh_public_address": node.underlay} if node.public else {
+            "mesh_private_address": node.underlay, "mesh_network_id": node.site}
+        region = "lab/public" if node.public else f"lab/{node.site}"
+        started[name] = await agents.start(
+            labels={"overlay": "yes", "region": region}, mesh_enabled=True,
+            mesh_netns=node.ns, mesh_backend="wireguard-go",
+            mesh_ifname_prefix=lab.ifname_prefix(node), mesh_region=region,
+            mesh_health_interval=1.0, **mesh_addr)
+
+    def address(agent: Agent) -> str:
+        assert agent.mesh is not None
+        view = agent.mesh.views.get("lan")
+        return view.own.address if view else ""
+
+    def peers(agent: Agent) -> set[str]:
+        assert agent.mesh is not None
+        view = agent.mesh.views.get("lan")
+        return set(view.peers) if view else set()
+
+    ids = {n: a.state.node_id for n, a in started.items() if a.state is not None}
+    # A member whose delta subscription came up after a delta catches up from the beacon.
+    await wait_for(lambda: all(peers(a) == set(ids.values()) - {ids[n]}
+                               for n, a in started.items()), 20, "every agent has the others")
+
+    async def pairs_ping(names: list[str], count: int) -> dict[str, int]:
+        async def one(x: str, y: str) -> tuple[str, int]:
+            _, received, _ = await ping(lab.nodes[x].ns, address(started[y]), count=count,
+                                        deadline=3 if count == 1 else 10)
+            return f"{x}->{y}", received
+        return dict(await asyncio.gather(*(one(x, y) for x in names for y in names
+                                           if x != y)))
+
+    names = list(started)
+
+    async def up() -> bool:
+        return all(r == 1 for r in (await pairs_ping(names, 1)).values())
+
+    await wait_for(up, 30, "every pair answers")  # type: ignore[arg-type]
+    results = await pairs_ping(names, 3)
+    assert results == {k: 3 for k in results} and len(results) == 12, results
+    # The matrix fills from the agents' own health reports.
+    await wait_for(lambda: sum(1 for p in controller.mesh.matrix.pairs("lan")
+                               if p.rtt_ms > 0) == 12, 20, "12 measured pairs")
+    # A deleted node is out of every other agent's WireGuard config within 5 s.
+    b = started["b"]
+    assert b.mesh is not None
+    b_key = key_bytes(b.mesh.public_key)
+    await controller.delete_node(ids["b"])
+
+    async def b_gone() -> bool:
+        for n in ("a", "n1", "n2"):
+            mesh = started[n].mesh
+            assert mesh is not None
+            if b_key in (await mesh.backend.get(mesh.ifname("lan"))).peers:
+                return False
+        return True
+
+    await wait_for(b_gone, 5, "b out of every peer")  # type: ignore[arg-type]
