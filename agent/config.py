@@ -62,6 +62,21 @@ class AgentConfig:
     policy_actions: list[str] | None = None
     policy_apps: bool = True
     policy_env: list[str] = field(default_factory=list)
+    # Overlay network (agent/netmesh). The interfaces appear only when the controller puts
+    # the node into a network. backend: auto (kernel WireGuard where the module exists,
+    # else wireguard-go), kernel or wireguard-go. Endpoints: where peers reach this node's
+    # WireGuard port; mesh_network_id names its VPC / region network (peers in the same
+    # one use the private address); no public address = behind NAT.
+    mesh_enabled: bool = True
+    mesh_backend: str = "auto"
+    mesh_ifname_prefix: str = "bm-"
+    mesh_private_address: str = ""
+    mesh_public_address: str = ""
+    mesh_network_id: str = ""
+    mesh_region: str = ""
+    mesh_port: int = 51820
+    mesh_health_interval: float = 10.0
+    mesh_netns: str = ""  # lab/tests: drive the interfaces of a named network namespace
 
     @classmethod
     def load(cls, path: Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
@@ -124,6 +139,13 @@ class AgentConfig:
             raise ConfigError("intervals must be positive (or 0 for the controller's default)")
         if self.max_concurrency < 1:
             raise ConfigError("max_concurrency must be at least 1")
+        if self.mesh_backend not in ("auto", "kernel", "wireguard-go"):
+            raise ConfigError(f"mesh_backend {self.mesh_backend!r} must be auto, kernel or "
+                              "wireguard-go")
+        if not 1 <= self.mesh_port <= 65535:
+            raise ConfigError(f"mesh_port {self.mesh_port} out of range")
+        if self.mesh_health_interval <= 0:
+            raise ConfigError("mesh_health_interval must be positive")
         try:
             self.command_policy()
         except PolicyError as exc:

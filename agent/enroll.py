@@ -62,8 +62,10 @@ class Enroller:
         version: str,
         facts: dict[str, Any],
         log: logging.Logger,
+        wg_public_key: str = "",
     ) -> None:
         self._config = config
+        self._wg_public_key = wg_public_key
         self._identity = identity
         self._subjects = subjects
         self._hostname = hostname
@@ -166,6 +168,7 @@ class Enroller:
             agent_version=self._version,
             facts={k: str(v) for k, v in self._facts.items()},
             labels=self._config.labels,
+            wg_public_key=self._wg_public_key,
             ts=time.time(),
             reply_key=bytes(reply_key.public_key),
         )

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 
@@ -44,6 +44,10 @@ from protocol.messages import (
 )
 from protocol.signing import CommandVerifier
 from protocol.subjects import Subjects
+
+if TYPE_CHECKING:  # imported when the overlay starts (agent import time is budgeted)
+    from agent.netmesh.link import MeshLink
+    from agent.netmesh.mesh import NetMesh
 
 AGENT_VERSION = "0.1.0"
 # Labels copied into every metric as tags; all have a small, bounded set of values.
@@ -90,6 +94,9 @@ class Agent:
         self._closed = asyncio.Event()
         self._facts: dict[str, Any] = {}
         self._stopping = False
+        # The overlay (agent/netmesh): its interfaces appear when a snapshot arrives.
+        self.mesh: NetMesh | None = None
+        self.mesh_link: MeshLink | None = None
 
     # -- properties ------------------------------------------------------------------
 
@@ -174,9 +181,17 @@ class Agent:
         self._facts = await asyncio.to_thread(collect_facts, self.version)
         state = EnrollState.load(self.state_path)
         if state is None:
+            # The WireGuard key is made before enrollment: its public key goes with it.
+            wg_public = ""
+            if cfg.mesh_enabled:
+                from agent.netmesh.keys import KeyStore
+
+                wg_public = (await asyncio.to_thread(KeyStore, cfg.state_dir / "wireguard")
+                             ).public
             state = await Enroller(
                 config=cfg, identity=identity, subjects=self.subjects, hostname=self.hostname,
                 version=self.version, facts=self._facts, log=self.log,
+                wg_public_key=wg_public,
             ).enroll()
             state.save(self.state_path)
         else:
@@ -236,6 +251,8 @@ class Agent:
         # Rotations missed while this agent was stopped (or not yet enrolled).
         await self.sync_keys()
         await self.commands.report_orphans(orphans)
+        if cfg.mesh_enabled:
+            await self._start_mesh()
         if self.apps_allowed:
             apps.trigger()  # converge to the desired apps, also after a restart
         else:
@@ -260,6 +277,7 @@ class Agent:
         self._stopping = True
         if self.commands is not None:
             await self.commands.unsubscribe()
+        await self._stop_mesh()
         for task in self._tasks:
             task.cancel()
         if self._key_sync is not None:
@@ -366,6 +384,48 @@ class Agent:
     def _state_jwt(self) -> str:
         return self.state.nats_jwt if self.state is not None else ""
 
+    async def _start_mesh(self) -> None:
+        from agent.netmesh.backend import select_backend
+        from agent.netmesh.host import Host
+        from agent.netmesh.link import MeshLink, endpoints_of, guess_private_address
+        from agent.netmesh.mesh import NetMesh
+
+        cfg = self.config
+        log = logging.getLogger(f"barista.agent.{self.node_id}.mesh")
+        host = Host(cfg.mesh_netns)
+        try:
+            backend = select_backend(cfg.mesh_backend, host=host, log=log)
+        except Exception as exc:
+            log.warning("overlay network disabled: %s", exc)
+            return
+        labels = self.labels
+        private = cfg.mesh_private_address or await asyncio.to_thread(
+            guess_private_address, cfg.nats_urls)
+        region = cfg.mesh_region or "/".join(
+            v for v in (labels.get("provider", ""), labels.get("region", "")) if v)
+        endpoints = endpoints_of(
+            private=private, public=cfg.mesh_public_address,
+            network_id=cfg.mesh_network_id or labels.get("vpc", "") or labels.get("network", ""),
+            region=region, port=cfg.mesh_port)
+        mesh = NetMesh(node_id=self.node_id, state_dir=cfg.state_dir, backend=backend,
+                       host=host, ifname_prefix=cfg.mesh_ifname_prefix,
+                       health_interval=cfg.mesh_health_interval, log=log)
+        link = MeshLink(nc=lambda: self.nc, subjects=self.subjects, node_id=self.node_id,
+                        mesh=mesh, endpoints=endpoints, region=region, log=log)
+        await mesh.__aenter__()
+        self.mesh, self.mesh_link = mesh, link
+        try:
+            await link.start()
+        except Exception as exc:
+            log.warning("overlay subscriptions failed: %s", exc)
+
+    async def _stop_mesh(self) -> None:
+        if self.mesh_link is not None:
+            await self.mesh_link.stop()
+        if self.mesh is not None:
+            await self.mesh.close()
+        self.mesh = self.mesh_link = None
+
     async def _on_disconnected(self) -> None:
         self._connected.clear()
         if self._stopping:
@@ -381,6 +441,10 @@ class Agent:
             self.apps.trigger()  # assignments may have changed while we were away
         if self.keyring is not None:
             self._start_key_sync()  # a rotation may have happened while we were away
+        if self.mesh_link is not None:
+            # Deltas sent while we were away are gone (core NATS): resync every network.
+            task = asyncio.create_task(self.mesh_link.announce("reconnect"))
+            self._tasks.append(task)
         self.log.info("reconnected to NATS; %d batches buffered", len(self.buffer))
         dropped = self.outbox.take_drops_since_connect()
         if dropped:

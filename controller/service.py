@@ -34,6 +34,10 @@ from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
 from controller.keys import SigningKeys
 from controller.live import MetricsHub
+from controller.mesh.deltas import MeshNode, MeshState
+from controller.mesh.ipam import Lease
+from controller.mesh.networks import NetworkRecord
+from controller.mesh.service import MeshService, MeshTables
 from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.nats.admission import (
     NodeAdmission,
@@ -49,8 +53,12 @@ from controller.state.streams import (
     API_TOKENS_BUCKET,
     APP_STATUS_BUCKET,
     APPS_BUCKET,
+    IPAM_BUCKET,
     JOBS_BUCKET,
     KEYS_BUCKET,
+    MESH_NODES_BUCKET,
+    MESH_STATE_BUCKET,
+    NETWORKS_BUCKET,
     NODES_BUCKET,
     TOKENS_BUCKET,
     Bucket,
@@ -58,6 +66,7 @@ from controller.state.streams import (
     ensure_stream,
     events_stream_config,
     jobs_stream_config,
+    mesh_stream_config,
     metrics_stream_config,
     open_bucket,
     per_node_batches,
@@ -270,12 +279,20 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         app_statuses: Table[NodeAppStatus] = await table(APP_STATUS_BUCKET, NodeAppStatus)
         api_tokens: Table[ApiToken] = await table(API_TOKENS_BUCKET, ApiToken)
         keys_kv = await open_bucket(js, KEYS_BUCKET)
+        # --- mesh (issue 12): networks, addresses, node WireGuard sides, published peers
+        mesh_tables = MeshTables(
+            networks=await table(NETWORKS_BUCKET, NetworkRecord),
+            ipam=await table(IPAM_BUCKET, Lease),
+            mesh_nodes=await table(MESH_NODES_BUCKET, MeshNode),
+            states=await table(MESH_STATE_BUCKET, MeshState),
+        )
+        # --- end mesh
         controller = RunningController(
             config=cfg, subjects=subjects, stats=stats, serving=serving, secrets=secrets,
             natsd=natsd, nats_supervisor=supervisor, nats_url=url, nc=nc, state_nc=state_nc,
             js=js, ingest=ingest, nodes=nodes, tokens_table=tokens, jobs_table=jobs,
             apps_table=apps, app_statuses=app_statuses, api_tokens_table=api_tokens,
-            keys_kv=keys_kv, tls=tls,
+            keys_kv=keys_kv, mesh_tables=mesh_tables, tls=tls,
             agent_ca_sha256=trust[0] if trust is not None else "", system_nc=system_nc,
         )
         stack.push_async_callback(controller.stop)
@@ -385,6 +402,7 @@ async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjec
                            max_bytes=cfg.jobs_max_bytes, max_msg_size=cfg.max_payload),
         events_stream_config(subjects=s),
         audit_stream_config(subjects=s),
+        mesh_stream_config(subjects=s),  # mesh (issue 12)
     ]
     for sc in wanted:
         await ensure_stream(js, sc)
@@ -416,6 +434,7 @@ class RunningController:
         app_statuses: Table[NodeAppStatus],
         api_tokens_table: Table[ApiToken],
         keys_kv: KeyValue,
+        mesh_tables: MeshTables,
         tls: ControllerTLS | None = None,
         agent_ca_sha256: str = "",
         system_nc: NATS | None = None,
@@ -510,6 +529,13 @@ class RunningController:
         serving.state_reconnected = self._rewatch_tables
         self._tables: list[Table[Any]] = [nodes, tokens_table, jobs_table, apps_table,
                                           app_statuses, api_tokens_table]
+        # --- mesh (issue 12): overlay networks, IPAM, peer distribution, the matrix
+        self.mesh = MeshService(tables=mesh_tables, nodes=nodes, nc=nc, js=js,
+                                subjects=subjects, reject=stats.reject_message)
+        self._tables += [mesh_tables.networks, mesh_tables.ipam, mesh_tables.mesh_nodes,
+                         mesh_tables.states]
+        self._mesh_stack = AsyncExitStack()
+        # --- end mesh
         self._enroll_slots = asyncio.Semaphore(256)
         self._enroll_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -547,6 +573,7 @@ class RunningController:
         self._subs.append(await nc.subscribe(s.metrics_any, cb=self._on_metrics))
         self._subs.append(await nc.subscribe(s.events_any, cb=self._on_node_event))
         self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
+        await self._mesh_stack.enter_async_context(self.mesh)  # mesh (issue 12)
         # Confirms the subscriptions; a slow server must not fail the start (nor, through
         # nats-py's flush-timeout bug, silently stop the connection from reading).
         await self._flusher.flush(nc)
@@ -567,6 +594,7 @@ class RunningController:
             task.cancel()
         if self._enroll_tasks:
             await asyncio.gather(*self._enroll_tasks, return_exceptions=True)
+        await _stop_logged("mesh", self._mesh_stack.aclose)  # mesh (issue 12)
         await _stop_logged("deployer", self.deployer.stop)
         await _stop_logged("jobs", self.jobs.stop)
         await _stop_logged("signing keys", self.signing_keys.stop)
@@ -837,4 +865,5 @@ class RunningController:
                              "rotating": self.signing_keys.retiring() is not None,
                              **self.signing_keys.stats},
             "ingest": self.ingest.status() if self.ingest is not None else None,
+            "mesh": self.mesh.status(),  # mesh (issue 12)
         }

@@ -94,3 +94,15 @@ class InvalidName(BaristaError, ValueError):
     """A node id, network name or label is not usable as a subject token or label."""
 
     code = "invalid_name"
+
+
+class MeshPeerInvalid(ProtocolError):
+    """A mesh peer entry (or a network's own settings) failed a check of protocol/mesh.py:
+    it never reaches WireGuard state. ``node_id`` names the entry, ``field`` the check."""
+
+    code = "mesh_peer_invalid"
+
+    def __init__(self, reason: str, *, node_id: str = "", field: str = "") -> None:
+        super().__init__(reason, kind="mesh_peer")
+        self.node_id = node_id
+        self.field = field

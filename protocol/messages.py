@@ -446,6 +446,169 @@ class RenewReply(Message, tag="renew_rep"):
     error: str = ""
 
 
+# --- overlay network (see protocol/mesh.py, agent/netmesh/, controller/mesh/) -------------
+# One WireGuard key per node (the public key in EnrollRequest.wg_public_key and MeshJoin),
+# one interface per network. Keys are base64 (44 characters, 32 bytes) as `wg` prints
+# them; addresses are IP literals, prefixes CIDR strings. The wire types are plain strings
+# on purpose: one bad peer must not make a whole snapshot undecodable; protocol/mesh.py
+# checks each peer (both sides use the same checks) and a bad one is dropped and counted.
+
+EndpointKind = Literal["private", "public"]
+
+
+class MeshEndpoint(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Where a node's WireGuard port is reachable on the underlay.
+
+    ``private``: inside its VPC / region network ``network`` (reachable by nodes that have
+    an endpoint in the same ``network``). ``public``: from anywhere (a public IP, 1:1 NAT).
+    A node behind NAT has no public endpoint."""
+
+    host: str  # an IPv4 or IPv6 literal (no brackets)
+    port: int = 51820
+    kind: EndpointKind = "private"
+    network: str = ""  # VPC / region network id (private endpoints); "" for public ones
+    region: str = ""  # provider region, e.g. "aws/us-east-1" (for the latency matrix)
+
+
+class MeshPeer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One member of a network as every other member sees it (the same entry for all:
+    deltas are network-wide, so anything pair-specific is derived on the node with the
+    rules of protocol/mesh.py).
+
+    ``allowed_ips``: the prefixes the peer itself owns (at least its overlay ``address``
+    as a /32 or /128; a site gateway adds its LAN). ``relay``: the node id of the public
+    node, chosen by the controller, through which peers that cannot reach this one
+    directly send to it (protocol/mesh.py pair_relay). ``keepalive``: seconds, 0 = the
+    network's rule (protocol/mesh.py keepalive_for). ``next_public_key``: during a key
+    rotation, the key the node announced and will switch to (peers accept handshakes from
+    it and move the peer's allowed IPs to it once it handshakes)."""
+
+    node_id: str
+    public_key: str
+    address: str  # overlay address, no prefix length
+    allowed_ips: list[str] = []
+    endpoints: list[MeshEndpoint] = []
+    relay: str = ""
+    keepalive: int = 0
+    next_public_key: str = ""
+    region: str = ""
+    labels: dict[str, str] = {}
+
+
+class MeshSnapshot(Message, tag="mesh_snapshot"):
+    """The whole network as node ``own.node_id`` should configure it (controller -> node,
+    on the node's mesh snapshot subject: on join, on resync, after a restart of either
+    side). ``own`` is the node's entry as every peer sees it (``own.address`` is its
+    overlay address, ``own.relay`` its relay); ``peers`` are all the others. ``epoch``
+    names one incarnation of the network: a new epoch (network re-created) resets the
+    generation, so a lower generation with a new epoch is not stale."""
+
+    network: str
+    generation: int
+    own: MeshPeer  # the node's own entry: its node id, overlay address, key, endpoints
+    cidr: str  # the network's prefix, e.g. "100.96.0.0/12": the interface route
+    peers: list[MeshPeer] = []
+    epoch: str = ""
+    mtu: int = 1420
+    port: int = 51820  # the node's WireGuard listen port on this network
+    keepalive: int = 25  # seconds: persistent keepalive for NAT'ed nodes' tunnels
+
+
+class MeshDelta(Message, tag="mesh_delta"):
+    """Network-wide change from ``from_generation`` to ``generation`` (JetStream stream
+    MESH, subject ``<prefix>.mesh.<network>.delta``; coalesced: it may span several
+    generations). A node applies it only when ``from_generation`` is the generation it
+    has; a stale one (``generation`` <= its own) is ignored, a gap asks for a resync.
+    ``changed`` carries full entries (replace, not patch); ``removed`` node ids. A node
+    finds its own entry among them too (its address or key as the network sees it)."""
+
+    network: str
+    generation: int
+    from_generation: int
+    added: list[MeshPeer] = []
+    changed: list[MeshPeer] = []
+    removed: list[str] = []
+    epoch: str = ""
+
+
+class MeshResyncRequest(Message, tag="mesh_resync"):
+    """A node asks for a fresh MeshSnapshot of ``network`` (it saw a gap, a new epoch, or
+    reconnected); ``generation`` is the one it has (0: none). The answer comes on its
+    snapshot subject. ``network`` "" asks for every network the node is a member of."""
+
+    node_id: str
+    network: str = ""
+    generation: int = 0
+    reason: str = ""  # "gap", "start", "reconnect", "epoch", "rejected"
+
+
+class MeshJoin(Message, tag="mesh_join"):
+    """A node says how to reach it (on every agent start and when its endpoints change):
+    its WireGuard public key (only the public key ever leaves the node) and its underlay
+    endpoints. The controller answers with a MeshSnapshot per network the node is in."""
+
+    node_id: str
+    public_key: str
+    endpoints: list[MeshEndpoint] = []
+    region: str = ""
+    next_public_key: str = ""  # a rotation in progress (see MeshKeyRotation)
+
+
+MeshKeyPhase = Literal["announce", "switched"]
+
+
+class MeshKeyRotation(Message, tag="mesh_key_rotation"):
+    """Two-phase WireGuard key rotation, one step from the node (node -> controller).
+
+    1. ``announce``: the node made ``next_public_key`` (its private key stays on the node)
+       and still uses ``public_key``. The controller publishes the node's entry with
+       ``next_public_key`` set; peers add it as a second WireGuard peer (no allowed IPs).
+    2. When the node sees that delta it switches its interfaces to the new key and says
+       ``switched``; peers already move the allowed IPs to the new key when its first
+       handshake arrives. The controller then publishes the entry with
+       ``public_key`` = the new key and no ``next_public_key``: peers drop the old one,
+       and the node deletes its old private key (it keeps it until then)."""
+
+    node_id: str
+    phase: MeshKeyPhase
+    public_key: str  # the key in use before the rotation
+    next_public_key: str
+
+
+class MeshRotateKey(Message, tag="mesh_rotate_key"):
+    """Controller -> node (its mesh rotate subject): start a key rotation now."""
+
+    reason: str = ""
+
+
+class MeshPeerHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One peer as one node sees it. ``handshake_age``: seconds since the last handshake,
+    -1 = never. ``rtt_ms`` -1 = no probe answered in the window; ``loss`` 0..1."""
+
+    node_id: str
+    handshake_age: Finite = -1.0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rtt_ms: Finite = -1.0
+    loss: Finite = 0.0
+    sent: int = 0  # probes sent in the window
+    received: int = 0
+    relayed: bool = False  # reached through a relay (probes measure the relayed path)
+
+
+class MeshHealth(Message, tag="mesh_health"):
+    """Per-peer health of one node in one network (node -> controller, its mesh health
+    subject, every probe window): what the latency/loss matrix is made of."""
+
+    node_id: str
+    network: str
+    ts: Finite
+    generation: int = 0
+    peers: list[MeshPeerHealth] = []
+    window: Duration = 0.0  # seconds the probe counters cover
+    rejected: int = 0  # mesh messages this node rejected since it started (bad input)
+
+
 # Kinds whose shape changed incompatibly -> the kind that replaced them. A peer still
 # sending the old kind gets a clear ProtocolError naming the new one.
 RETIRED_KINDS: dict[str, str] = {"event": "event.v2", "cmd_result": "cmd_result.v2"}
@@ -469,6 +632,13 @@ AnyMessage = (
     | KeySyncReply
     | RenewRequest
     | RenewReply
+    | MeshSnapshot
+    | MeshDelta
+    | MeshResyncRequest
+    | MeshJoin
+    | MeshKeyRotation
+    | MeshRotateKey
+    | MeshHealth
 )
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
@@ -490,4 +660,11 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     KeySyncReply,
     RenewRequest,
     RenewReply,
+    MeshSnapshot,
+    MeshDelta,
+    MeshResyncRequest,
+    MeshJoin,
+    MeshKeyRotation,
+    MeshRotateKey,
+    MeshHealth,
 )

@@ -93,6 +93,53 @@ class Subjects:
     def mesh_all(self) -> str:
         return f"{self.prefix}.mesh.>"
 
+    @property
+    def mesh_delta_any(self) -> str:
+        """Every network's deltas: the subjects of the JetStream stream MESH."""
+        return f"{self.prefix}.mesh.*.delta"
+
+    # Mesh, per node. Controller -> node: snapshot, rotate (the node subscribes to its own
+    # two). Node -> controller: join, resync, key, health (under node_all like the rest).
+    def mesh_snapshot(self, node_id: str) -> str:
+        """MeshSnapshot of each network the node is in (on join, resync, restarts)."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.mesh.snapshot"
+
+    def mesh_rotate(self, node_id: str) -> str:
+        """MeshRotateKey: the controller asks the node to rotate its WireGuard key."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.mesh.rotate"
+
+    def mesh_join(self, node_id: str) -> str:
+        """MeshJoin: the node's WireGuard public key and underlay endpoints."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.mesh.join"
+
+    @property
+    def mesh_join_any(self) -> str:
+        return f"{self.prefix}.node.*.mesh.join"
+
+    def mesh_resync(self, node_id: str) -> str:
+        """MeshResyncRequest: the node saw a gap (answered on its snapshot subject)."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.mesh.resync"
+
+    @property
+    def mesh_resync_any(self) -> str:
+        return f"{self.prefix}.node.*.mesh.resync"
+
+    def mesh_key(self, node_id: str) -> str:
+        """MeshKeyRotation steps (announce, switched) of the node's WireGuard key."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.mesh.key"
+
+    @property
+    def mesh_key_any(self) -> str:
+        return f"{self.prefix}.node.*.mesh.key"
+
+    def mesh_health(self, node_id: str) -> str:
+        """MeshHealth: per-peer handshake age, counters, RTT and loss."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.mesh.health"
+
+    @property
+    def mesh_health_any(self) -> str:
+        return f"{self.prefix}.node.*.mesh.health"
+
     # wildcards the controller subscribes to
     @property
     def heartbeat_any(self) -> str:
@@ -210,6 +257,10 @@ class Subjects:
     @property
     def stream_subjects_metrics(self) -> list[str]:
         return [self.metrics_any]
+
+    @property
+    def stream_subjects_mesh(self) -> list[str]:
+        return [self.mesh_delta_any]
 
     @property
     def stream_subjects_events(self) -> list[str]:

@@ -21,6 +21,7 @@ from controller.api.routes import (
     bootstrap,
     jobs,
     metrics,
+    networks,
     nodes,
     signing,
     status,
@@ -64,8 +65,9 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.JOBS] = controller.jobs
     app[keys.DEPLOYER] = controller.deployer
     app[keys.SIGNING_KEYS] = controller.signing_keys
+    app[keys.MESH] = controller.mesh
     for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing,
-                   bootstrap):
+                   bootstrap, networks):
         app.add_routes(module.routes())
     return app
 

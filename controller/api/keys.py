@@ -15,6 +15,7 @@ from controller.fleet import Fleet
 from controller.jobs.engine import JobEngine
 from controller.keys import SigningKeys
 from controller.live import MetricsHub
+from controller.mesh.service import MeshService
 from controller.models import NodeRecord, TokenRecord
 from controller.provision.bootstrap import BootstrapFiles
 from controller.provision.model import Infras
@@ -65,3 +66,4 @@ JOBS = web.AppKey("jobs", JobEngine)
 DEPLOYER = web.AppKey("deployer", Deployer)
 SIGNING_KEYS = web.AppKey("signing_keys", SigningKeys)
 INFRAS: web.AppKey[Infras] = web.AppKey("infras")
+MESH = web.AppKey("mesh", MeshService)  # overlay networks (issue 12)

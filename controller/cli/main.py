@@ -22,6 +22,7 @@ from controller.cli.infra import infra_group
 from controller.cli.keys import keys_group
 from controller.cli.lab import lab_group
 from controller.cli.metrics import influx_options, ingest, top
+from controller.cli.net import net_group
 
 console = Console()
 err_console = Console(stderr=True)
@@ -534,6 +535,7 @@ main.add_command(audit_group)
 main.add_command(keys_group)
 main.add_command(infra_group)
 main.add_command(lab_group)
+main.add_command(net_group)
 
 if __name__ == "__main__":
     main()

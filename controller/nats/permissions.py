@@ -39,8 +39,9 @@ class NodeAccess:
 
 def node_permissions(subjects: Subjects, node_id: str) -> Permissions:
     """Least privilege: a node publishes only under its own subjects and reads only its own
-    commands, broadcasts and mesh deltas. It answers nothing directly: command results go
-    to its own results subject, which is what authenticates them."""
+    commands, broadcasts, mesh deltas and its own mesh snapshots and rotate requests. It
+    answers nothing directly: command results go to its own results subject, which is what
+    authenticates them."""
     return {
         "publish": {
             "allow": [
@@ -53,6 +54,8 @@ def node_permissions(subjects: Subjects, node_id: str) -> Permissions:
                 subjects.cmd_all,
                 subjects.cmd_node(node_id),
                 subjects.mesh_all,
+                subjects.mesh_snapshot(node_id),
+                subjects.mesh_rotate(node_id),
                 subjects.inbox_any(node_id),
             ]
         },

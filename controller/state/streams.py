@@ -37,6 +37,12 @@ EVENTS_MAX_BYTES = 256 << 20
 AUDIT = "AUDIT"
 AUDIT_MAX_AGE = 90 * 24 * 3600.0
 AUDIT_MAX_BYTES = 1 << 30
+# Overlay deltas (controller.mesh.deltas), one subject per network. Agents get them as
+# plain subscribers; the stream keeps the history for controllers (and for a look back).
+MESH = "MESH"
+MESH_MAX_AGE = 24 * 3600.0
+MESH_MAX_BYTES = 256 << 20
+MESH_PER_NETWORK = 10_000
 # A node may hold at most this fraction of the stream's bytes even when every one of its
 # batches is as large as allowed; see per_node_batches.
 NODE_SHARE = 4
@@ -110,6 +116,17 @@ def audit_stream_config(*, subjects: Subjects) -> StreamConfig:
                      max_bytes=AUDIT_MAX_BYTES)
 
 
+def mesh_stream_config(*, subjects: Subjects) -> StreamConfig:
+    """Versioned peer deltas of every network (``<prefix>.mesh.<net>.delta``); a resent
+    delta (same Nats-Msg-Id: network, epoch, generation) is dropped as a duplicate."""
+    config = _kept_for(MESH, subjects.stream_subjects_mesh, max_age=MESH_MAX_AGE,
+                       max_bytes=MESH_MAX_BYTES)
+    config.max_msgs_per_subject = MESH_PER_NETWORK
+    config.duplicate_window = 120
+    config.description = "overlay peer deltas, one subject per network"
+    return config
+
+
 def _kept_for(
     name: str, subjects: list[str], *, max_age: float, max_bytes: int,
     max_msg_size: int = -1,
@@ -164,6 +181,12 @@ APP_STATUS_BUCKET = Bucket("app_status", history=1)
 API_TOKENS_BUCKET = Bucket("api_tokens")
 # Signing-key rotation steps (signed, public), kept for agents that were offline.
 KEYS_BUCKET = Bucket("keys", history=1)
+# Overlay networks (controller.mesh): the networks, their address leases, what each node
+# told about its WireGuard side (key, endpoints), and each network's published peers.
+NETWORKS_BUCKET = Bucket("networks")
+IPAM_BUCKET = Bucket("ipam")
+MESH_NODES_BUCKET = Bucket("mesh_nodes", history=1)
+MESH_STATE_BUCKET = Bucket("mesh_state", history=1)
 
 
 async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:

@@ -65,6 +65,8 @@ def node_permissions(node_id: str) -> Permissions:
             SUBJECTS.cmd_all,
             SUBJECTS.cmd_node(node_id),
             SUBJECTS.mesh_all,
+            SUBJECTS.mesh_snapshot(node_id),
+            SUBJECTS.mesh_rotate(node_id),
             f"{SUBJECTS.inbox_prefix(node_id)}.>",
         ],
     )

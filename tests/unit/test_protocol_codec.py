@@ -35,6 +35,16 @@ from protocol.messages import (
     KeyRotation,
     KeySyncReply,
     KeySyncRequest,
+    MeshDelta,
+    MeshEndpoint,
+    MeshHealth,
+    MeshJoin,
+    MeshKeyRotation,
+    MeshPeer,
+    MeshPeerHealth,
+    MeshResyncRequest,
+    MeshRotateKey,
+    MeshSnapshot,
     Message,
     MetricBatch,
     MetricPoint,
@@ -52,6 +62,17 @@ from protocol.messages import (
 from protocol.signing import CommandSigner
 
 T0 = 1_700_000_000.0
+WG_A = "q0nG0cV0sRJ3nEwFA3bgl/+T6VaVUqP7cU1A1c6pHXo="
+WG_B = "AdBr2dTbhrDiAg8yc+cKtAFLPOzLRP0DSMhQ6kZKGjc="
+
+
+def _mesh_peer(node_id: str = "n-0002", key: str = WG_B) -> MeshPeer:
+    return MeshPeer(
+        node_id=node_id, public_key=key, address="198.19.0.2", allowed_ips=["198.19.0.2/32"],
+        endpoints=[MeshEndpoint(host="fd00::2", port=51820, kind="private", network="vpc-1"),
+                   MeshEndpoint(host="198.18.1.2", kind="public", region="aws/us-east-1")],
+        relay="n-0009", keepalive=25, region="aws/us-east-1",
+    )
 T0_NS = 1_700_000_000_123_456_789
 
 
@@ -177,6 +198,25 @@ def _samples() -> dict[type[Message], Message]:
         RenewRequest: RenewRequest(node_id="n-0001", identity="U" + "A" * 55, ts=T0,
                                    reply_key=b"k" * 32, signature=b"s" * 64),
         RenewReply: RenewReply(ok=False, error_code="revoked", error="node n-0001 was revoked"),
+        MeshSnapshot: MeshSnapshot(network="overlay", generation=7, epoch="e1",
+                                   own=_mesh_peer("n-0001", WG_A), cidr="198.19.0.0/16",
+                                   peers=[_mesh_peer()], mtu=1380, port=51821, keepalive=15),
+        MeshDelta: MeshDelta(network="overlay", generation=9, from_generation=7,
+                             added=[_mesh_peer("n-0003")], changed=[_mesh_peer()],
+                             removed=["n-0004"], epoch="e1"),
+        MeshResyncRequest: MeshResyncRequest(node_id="n-0001", network="overlay",
+                                             generation=7, reason="gap"),
+        MeshJoin: MeshJoin(node_id="n-0001", public_key=WG_A,
+                           endpoints=[MeshEndpoint(host="10.0.0.5", network="vpc-1")],
+                           region="gcp/europe-west1"),
+        MeshKeyRotation: MeshKeyRotation(node_id="n-0001", phase="announce", public_key=WG_A,
+                                         next_public_key=WG_B),
+        MeshRotateKey: MeshRotateKey(reason="scheduled"),
+        MeshHealth: MeshHealth(node_id="n-0001", network="overlay", ts=T0, generation=7,
+                               peers=[MeshPeerHealth(node_id="n-0002", handshake_age=3.5,
+                                                     rx_bytes=10, tx_bytes=20, rtt_ms=1.25,
+                                                     loss=0.1, sent=10, received=9)],
+                               window=10.0, rejected=2),
     }
 
 

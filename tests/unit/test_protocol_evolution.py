@@ -49,6 +49,15 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     # Added with NATS operator mode (issue 10): renewal of a node's user JWT.
     "RenewRequest": ("renew_req", frozenset({"node_id", "identity", "ts"})),
     "RenewReply": ("renew_rep", frozenset({"ok"})),
+    # Added with the overlay network (issue 12): new message classes.
+    "MeshSnapshot": ("mesh_snapshot", frozenset({"network", "generation", "own", "cidr"})),
+    "MeshDelta": ("mesh_delta", frozenset({"network", "generation", "from_generation"})),
+    "MeshResyncRequest": ("mesh_resync", frozenset({"node_id"})),
+    "MeshJoin": ("mesh_join", frozenset({"node_id", "public_key"})),
+    "MeshKeyRotation": ("mesh_key_rotation",
+                        frozenset({"node_id", "phase", "public_key", "next_public_key"})),
+    "MeshRotateKey": ("mesh_rotate_key", frozenset()),
+    "MeshHealth": ("mesh_health", frozenset({"node_id", "network", "ts"})),
 }
 
 # Messages whose v1 shape changed incompatibly (typed payloads instead of free-form maps):
@@ -83,6 +92,10 @@ V1_NESTED: dict[str, frozenset[str]] = {
     "MetricsDropped": frozenset({"dropped"}),
     "NodeStatusChanged": frozenset({"old", "new"}),
     "NodeEnrolled": frozenset(),
+    # Added with the overlay network (issue 12).
+    "MeshEndpoint": frozenset({"host"}),
+    "MeshPeer": frozenset({"node_id", "public_key", "address"}),
+    "MeshPeerHealth": frozenset({"node_id"}),
 }
 # Tagged payloads: class name -> its type tag on the wire (never changes, like a kind).
 PAYLOAD_TAGS: dict[str, str] = {

@@ -55,11 +55,29 @@ def test_wildcards_cover_the_concrete_subjects() -> None:
         assert covers(S.node_all(node), subject)
         assert not covers(S.node_all("other"), subject)
     assert covers(S.mesh_all, S.mesh_delta("net1"))
+    assert covers(S.mesh_delta_any, S.mesh_delta("net1"))
+    for own, any_ in ((S.mesh_join, S.mesh_join_any), (S.mesh_resync, S.mesh_resync_any),
+                      (S.mesh_key, S.mesh_key_any), (S.mesh_health, S.mesh_health_any)):
+        assert covers(any_, own(node))
+        assert covers(S.node_all(node), own(node))  # the node may publish them
+    for inbound in (S.mesh_snapshot(node), S.mesh_rotate(node)):
+        assert not covers(S.mesh_all, inbound)
+
+
+def test_mesh_subjects() -> None:
+    assert S.mesh_snapshot("n-1") == "barista.node.n-1.mesh.snapshot"
+    assert S.mesh_rotate("n-1") == "barista.node.n-1.mesh.rotate"
+    assert S.mesh_join("n-1") == "barista.node.n-1.mesh.join"
+    assert S.mesh_resync("n-1") == "barista.node.n-1.mesh.resync"
+    assert S.mesh_key("n-1") == "barista.node.n-1.mesh.key"
+    assert S.mesh_health("n-1") == "barista.node.n-1.mesh.health"
+    assert S.stream_subjects_mesh == ["barista.mesh.*.delta"]
 
 
 BAD_TOKENS = ["a.b", "*", ">", "", "a b", "x" * 65, "a\n", "\na", "a\tb", "é", "a*", "a>", "a/b"]
 BUILDERS = ["heartbeat", "metrics", "events", "node_all", "cmd_node", "inbox_prefix",
-            "app_sync"]
+            "app_sync", "mesh_snapshot", "mesh_rotate", "mesh_join", "mesh_resync",
+            "mesh_key", "mesh_health"]
 
 
 @pytest.mark.parametrize("bad", BAD_TOKENS, ids=repr)

@@ -1,0 +1,1 @@
+"""The node side of the overlay network: WireGuard keys, backends, apply, probes."""

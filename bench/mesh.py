@@ -1,0 +1,363 @@
+"""Mesh benchmark. Part (a): convergence of N lab machines (netns, wireguard-go, real
+controller and agent/netmesh over NATS), time from the last join until every pair talks.
+Part (b): control-plane bytes for one join (and one removal) with N simulated members,
+against N x one peer entry.
+
+Part (a): a third of the machines public in one simulated cloud, a third public in another,
+a third each behind its own NAT; all enrolled and their NetMesh running, then every
+MeshJoin at once; the clock runs from the last one until each ordered pair has had an
+answer over the overlay (the members' own UDP probes, every 0.2 s), and a ping sweep of
+every ordered pair (counted) confirms it. Needs root, wireguard-go, ping, nft.
+
+    sudo python bench/mesh.py --part a [--n 30] [--runs 2]
+
+A real controller runs against its own nats-server (loopback, no auth, so that simulated
+members can publish as any node); N nodes are written into its state as enrolled members
+of one network (the distributor publishes them as it would real ones). Each member is one
+NATS subscription on the network's delta subject (spread over a few connections): what
+they receive is counted, as is what the controller publishes (each delta once, the
+joiner's snapshot once). Then a node joins with a real MeshJoin over NATS, and another
+one is deleted.
+
+    python bench/mesh.py --part b [--n 1000] [--runs 3]
+
+Prints one JSON line per run: {"bench": "mesh", "part": "b", "n", "entry_bytes",
+"baseline_bytes" (N x entry), "published_bytes", "published_ratio", "delivered_bytes",
+"delivered_ratio", "full_push_bytes" (every member sent the whole peer list, as Netmaker
+does), ...}. Parts (a) convergence and (c) throughput need the netns lab (agent side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from controller.config import ControllerConfig
+from controller.mesh.deltas import MeshNode
+from controller.mesh.networks import NetworkSpec
+from controller.models import NodeRecord
+from controller.nats.server import NatsServer
+from controller.service import Controller, RunningController
+from protocol import codec
+from protocol.messages import MeshDelta, MeshEndpoint, MeshJoin, MeshSnapshot
+
+log = logging.getLogger("barista.bench.mesh")
+NET = "bench"
+CIDR = "198.19.0.0/16"
+CONNECTIONS = 10
+
+
+def wg_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def member(i: int) -> tuple[NodeRecord, MeshNode]:
+    """Simulated node i: a third public, the rest private in one of several VPCs."""
+    node_id = f"sim{i:05d}-{i % 251:02x}ab{i % 13:x}"
+    region = ("aws/us-east-1", "gcp/europe-west1", "onprem/dc1")[i % 3]
+    eps = [MeshEndpoint(host=f"10.{i % 3}.{i // 250 % 250}.{i % 250 + 1}", kind="private",
+                        network=f"vpc-{i % 3}", region=region)]
+    if i % 3 != 2:
+        eps.append(MeshEndpoint(host=f"198.18.{i // 250 % 250}.{i % 250 + 1}",
+                                kind="public", region=region))
+    node = NodeRecord(id=node_id, hostname=node_id, identity="U" + node_id,
+                      labels={"mesh": "on", "region": region}, enrolled_at=time.time())
+    return node, MeshNode(node_id=node_id, public_key=wg_key(), endpoints=eps, region=region)
+
+
+async def wait_until(pred: Callable[[], object], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Fleet:
+    """N member subscriptions on the delta subject, counting what each receives."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.messages = 0
+        self.deltas: list[MeshDelta] = []
+        self.conns: list[object] = []
+
+    async def start(self, url: str, c: RunningController, n: int) -> None:
+        import nats
+
+        subject = c.subjects.mesh_delta(NET)
+        per = -(-n // CONNECTIONS)
+        for k in range(CONNECTIONS):
+            nc = await nats.connect(url, pending_size=256 << 20)
+            self.conns.append(nc)
+            for _ in range(min(per, n - k * per)):
+                first = not self.deltas and k == 0 and self.messages == 0
+
+                async def on_delta(msg, keep: bool = first) -> None:  # type: ignore[no-untyped-def]
+                    self.bytes += len(msg.data)
+                    self.messages += 1
+                    if keep:
+                        self.deltas.append(codec.decode(msg.data, MeshDelta))
+
+                await nc.subscribe(subject, cb=on_delta, pending_msgs_limit=1 << 20,
+                                   pending_bytes_limit=1 << 30)
+            await nc.flush()
+
+    def reset(self) -> None:
+        self.bytes = self.messages = 0
+        self.deltas.clear()
+
+    async def close(self) -> None:
+        for nc in self.conns:
+            await nc.close()  # type: ignore[attr-defined]
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: every task's stack to stderr (where a run that hangs is waiting)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+
+
+async def run_b(n: int, base: Path) -> dict[str, object]:
+    import signal
+
+    import nats
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
+
+    srv = NatsServer(data_dir=base / "nats", auth=False, max_payload=8 << 20)
+    srv.start()
+    try:
+        cfg = ControllerConfig(data_dir=base / "c", nats_url=srv.url, api_port=0, tls=False)
+        async with Controller(cfg) as c:
+            dist = c.mesh.distributor
+            await c.mesh.networks.create(NetworkSpec(name=NET, cidr=CIDR, selector="mesh=on"))
+            t0 = time.monotonic()
+            # N enrolled members, written as enrollment and MeshJoin would write them.
+            sims = [member(i) for i in range(n)]
+            dist.window = 0.5
+            for i in range(0, n, 200):
+                await asyncio.gather(*(c.nodes.put(node.id, node) for node, _ in sims[i:i + 200]))
+                await asyncio.gather(*(dist.mesh_nodes.put(node.id, mn)
+                                       for node, mn in sims[i:i + 200]))
+            await wait_until(lambda: (s := dist.state(NET)) is not None and len(s.peers) == n,
+                             120, f"{n} members published")
+            fill_s = time.monotonic() - t0
+            log.info("%d: members published", n)
+            dist.window = 0.05
+            fleet = Fleet()
+            await fleet.start(srv.url, c, n)
+            log.info("%d: fleet subscribed", n)
+            joiner, joiner_mn = member(n)
+            state_before = dist.state(NET)
+            assert state_before is not None
+            listener = await nats.connect(srv.url, pending_size=256 << 20)
+            snaps: list[bytes] = []
+
+            async def on_snap(msg) -> None:  # type: ignore[no-untyped-def]
+                snaps.append(msg.data)
+
+            await listener.subscribe(c.subjects.mesh_snapshot(joiner.id), cb=on_snap)
+            await listener.flush()
+            before = dict(dist.stats)
+            await asyncio.wait_for(dist.settled(), 30)
+            t_join = time.monotonic()
+            # The join: the node is enrolled, then its agent sends MeshJoin over NATS.
+            await c.nodes.put(joiner.id, joiner)
+            await listener.publish(c.subjects.mesh_join(joiner.id), codec.encode(MeshJoin(
+                node_id=joiner.id, public_key=joiner_mn.public_key,
+                endpoints=joiner_mn.endpoints, region=joiner_mn.region)))
+            await wait_until(lambda: snaps and fleet.messages >= n, 60, "join delivered")
+            join_s = time.monotonic() - t_join
+            log.info("%d: join delivered", n)
+            await asyncio.wait_for(dist.settled(), 30)
+            await asyncio.sleep(0.3)  # anything late would be counted too
+            published = (dist.stats["delta_bytes"] - before["delta_bytes"]
+                         + dist.stats["snapshot_bytes"] - before["snapshot_bytes"])
+            deltas = dist.stats["deltas"] - before["deltas"]
+            state = dist.state(NET)
+            assert state is not None
+            entry = len(msgspec.msgpack.encode(state.peers[joiner.id]))
+            delta_size = len(codec.encode(fleet.deltas[-1])) if fleet.deltas else 0
+            snap = codec.decode(snaps[-1], MeshSnapshot)
+            assert len(snap.peers) == n
+            delivered = fleet.bytes + sum(len(s) for s in snaps)
+            received_per_member = fleet.bytes / max(1, fleet.messages)
+            state_bytes = len(msgspec.msgpack.encode(state))
+            baseline = n * entry
+            # One removal: the joiner is deleted again.
+            fleet.reset()
+            before = dict(dist.stats)
+            t_rm = time.monotonic()
+            await c.nodes.delete(joiner.id)
+            await wait_until(lambda: fleet.messages >= n, 60, "removal delivered")
+            rm_s = time.monotonic() - t_rm
+            log.info("%d: removal delivered", n)
+            await asyncio.wait_for(dist.settled(), 30)
+            rm_published = dist.stats["delta_bytes"] - before["delta_bytes"]
+            rm_delivered = fleet.bytes
+            await fleet.close()
+            await listener.close()
+            return {
+                "bench": "mesh", "part": "b", "n": n,
+                "entry_bytes": entry, "baseline_bytes": baseline,
+                "join_deltas": deltas, "delta_bytes": delta_size,
+                "snapshot_bytes": len(snaps[-1]),
+                "published_bytes": published,
+                "published_ratio": round(published / baseline, 3),
+                "delivered_bytes": delivered,
+                "delivered_ratio": round(delivered / baseline, 3),
+                "received_per_member_bytes": round(received_per_member, 1),
+                "full_push_bytes": n * len(snaps[-1]),
+                "full_push_ratio": round(n * len(snaps[-1]) / baseline, 1),
+                "removal_published_bytes": rm_published,
+                "removal_delivered_bytes": rm_delivered,
+                "removal_delivered_ratio": round(rm_delivered / baseline, 3),
+                "controller_state_write_bytes": state_bytes,
+                "join_to_all_members_s": round(join_s, 3),
+                "removal_to_all_members_s": round(rm_s, 3),
+                "fill_s": round(fill_s, 2),
+            }
+    finally:
+        srv.stop()
+
+
+async def run_a(n: int, base: Path) -> dict[str, object]:
+    import contextlib
+    import signal
+    import uuid
+
+    from tests.fixtures.controller import AgentFactory, controller_config
+    from tests.fixtures.meshlab import Lab, lab_available, ping
+    from tests.fixtures.meshnode import Member, join
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
+    reason = lab_available()
+    if reason:
+        raise SystemExit(f"part a: {reason}")
+    lab = Lab(prefix=f"bm{uuid.uuid4().hex[:4]}")
+    names: list[str] = []
+    try:
+        await asyncio.to_thread(lab.start)
+        for i in range(n):
+            kind = i % 3
+            if kind == 2:
+                name = f"nat{i}"
+                await asyncio.to_thread(lab.add_nat, name, 41 + i // 3)
+            else:
+                name = f"{'aws' if kind == 0 else 'gcp'}{i}"
+                await asyncio.to_thread(lab.add_public, name, 1 + i)
+            names.append(name)
+        cfg = controller_config(base / "controller")
+        async with Controller(cfg) as c, contextlib.AsyncExitStack() as stack:
+            await c.mesh.networks.create(NetworkSpec(name="corp", cidr=CIDR,
+                                                     selector="mesh=on", keepalive=2))
+            agents = AgentFactory(c, base / "agents")
+            await stack.enter_async_context(agents.stack)
+            t_enroll = time.monotonic()
+            members: list[Member] = []
+            for name in names:
+                members.append(await join(lab, name, c, agents, stack, base / "mesh",
+                                          send_join=False,
+                                          options={"health_interval": 3600.0,
+                                                   "probe_interval": 0.2}))
+            enroll_s = time.monotonic() - t_enroll
+            log.info("%d: enrolled, netmesh up (%.1f s); joining", n, enroll_s)
+            t0 = time.monotonic()
+            await asyncio.gather(*(m.join() for m in members))
+            t_last = time.monotonic()
+            by_id = {m.node_id: m for m in members}
+            reached: dict[tuple[str, str], float] = {}
+            want = n * (n - 1)
+            views_s = 0.0
+            deadline = t_last + 120
+            while len(reached) < want and time.monotonic() < deadline:
+                now = time.monotonic()
+                if not views_s and all(len(m.peers()) == n - 1 for m in members):
+                    views_s = now - t_last
+                for m in members:
+                    prober = m.mesh.prober("corp")
+                    if prober is None:
+                        continue
+                    for peer_id, probes in prober.window.items():
+                        if probes.received and (m.node_id, peer_id) not in reached \
+                                and peer_id in by_id:
+                            reached[(m.node_id, peer_id)] = now - t_last
+                await asyncio.sleep(0.05)
+            converged = max(reached.values()) if len(reached) == want else None
+            name_of = {m.node_id: m.name for m in members}
+            slowest = sorted(reached.items(), key=lambda kv: -kv[1])[:5]
+            log.info("%d: %d/%d pairs reached; ping sweep", n, len(reached), want)
+            # Confirmation: every ordered pair, one ping each, 40 at a time.
+            sem = asyncio.Semaphore(40)
+
+            async def one(x: Member, y: Member) -> bool:
+                async with sem:
+                    _sent, received, _ = await ping(lab.nodes[x.name].ns, y.address(),
+                                                    count=1, deadline=3)
+                    return received == 1
+
+            t_sweep = time.monotonic()
+            oks = await asyncio.gather(*(one(x, y) for x in members for y in members
+                                         if x is not y))
+            sweep_s = time.monotonic() - t_sweep
+            state = c.mesh.distributor.state("corp")
+            return {
+                "bench": "mesh", "part": "a", "n": n,
+                "public": sum(1 for nm in names if not nm.startswith("nat")),
+                "behind_nat": sum(1 for nm in names if nm.startswith("nat")),
+                "pairs": want, "pairs_reached": len(reached),
+                "convergence_s": round(converged, 3) if converged is not None else None,
+                "all_views_s": round(views_s, 3),
+                "joins_sent_s": round(t_last - t0, 3),
+                "p50_pair_s": round(sorted(reached.values())[len(reached) // 2], 3)
+                if reached else None,
+                "slowest_pairs": [[name_of[a], name_of[b], round(t, 2)]
+                                  for (a, b), t in slowest],
+                "ping_sweep_ok": sum(oks), "ping_sweep_pairs": len(oks),
+                "ping_sweep_s": round(sweep_s, 2),
+                "generation": state.generation if state else 0,
+                "deltas": c.mesh.distributor.stats["deltas"],
+                "enroll_and_start_s": round(enroll_s, 1),
+                "load1": round(os.getloadavg()[0], 2),
+            }
+    finally:
+        await asyncio.to_thread(lab.stop)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["a", "b"], default="b",
+                   help="a: convergence of N lab machines; b: control-plane bytes per join "
+                        "(c, throughput: bench/mesh_dataplane.py)")
+    p.add_argument("--n", type=int, help="machines (a: 30) or simulated members (b: 1000)")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("-v", "--verbose", action="store_true", help="say each phase (stderr)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.verbose:
+        log.setLevel(logging.INFO)
+    for _ in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="barista-bench-mesh-") as tmp:
+            if args.part == "a":
+                result = asyncio.run(run_a(args.n or 30, Path(tmp)))
+            else:
+                result = asyncio.run(run_b(args.n or 1000, Path(tmp)))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

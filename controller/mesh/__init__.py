@@ -1,0 +1,1 @@
+"""The overlay network's control side: networks, IPAM, peer distribution, the matrix."""
