@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.controller",
     "tests.fixtures.influx",
     "tests.fixtures.moto",
+    "tests.fixtures.provision",
 ]

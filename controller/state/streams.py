@@ -164,6 +164,10 @@ APP_STATUS_BUCKET = Bucket("app_status", history=1)
 API_TOKENS_BUCKET = Bucket("api_tokens")
 # Signing-key rotation steps (signed, public), kept for agents that were offline.
 KEYS_BUCKET = Bucket("keys", history=1)
+# Infras (controller.provision): desired state per infra, and the journal of provider
+# operations (an intent is written before each create/delete call; done ones are removed).
+INFRAS_BUCKET = Bucket("infras")
+INFRA_OPS_BUCKET = Bucket("infra_ops", history=1)
 
 
 async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:
