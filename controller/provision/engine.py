@@ -944,10 +944,9 @@ class Engine:
         victims = [n for n in self._group_nodes(inf, g) if n.vm_id]
         await self._remove(inf, g, victims)
         for n in self._group_nodes(inf, g):
-            if n.phase == "deleted":
-                n.phase = "failed"
-                n.reason = n.reason or "rolled back"
-                n.error = msg
+            n.phase = "failed"
+            n.reason = n.reason or "rolled back"
+            n.error = msg
         inf.record = await self._mutate(inf, lambda r: msgspec.structs.replace(
             r, halted={**r.halted, g.name: msg}))
         self._emit(inf, group=g.name, phase="failed", message=msg)
