@@ -20,13 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from nats.js import JetStreamContext
@@ -275,13 +284,13 @@ class Engine:
                              return_exceptions=True)
         for inf in self._infras.values():
             if inf.record.status == "deleting":
-                self._run(inf, self._delete_run(inf))
+                self._run(inf, functools.partial(self._delete_run, inf))
             elif inf.record.status in ("suspending",):
-                self._run(inf, self._power_run(inf, "stop", ""))
+                self._run(inf, functools.partial(self._power_run, inf, "stop", ""))
             elif inf.record.status in ("resuming",):
-                self._run(inf, self._power_run(inf, "start", ""))
+                self._run(inf, functools.partial(self._power_run, inf, "start", ""))
             elif not inf.record.suspended:
-                self._run(inf, self._reconcile(inf))
+                self._run(inf, functools.partial(self._reconcile, inf))
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:
@@ -295,7 +304,7 @@ class Engine:
     def _table_keys(self) -> list[str]:
         return [r.spec.name for r in self._table]
 
-    def _run(self, inf: _Infra, coro: Awaitable[None]) -> None:
+    def _run(self, inf: _Infra, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         old = inf.task
         if old is not None and not old.done():
             old.cancel()
@@ -305,7 +314,7 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await old
             try:
-                await coro
+                await work()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -316,6 +325,13 @@ class Engine:
         inf.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _cancel(self, inf: _Infra) -> None:
+        task = inf.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def wait_idle(self, name: str) -> None:
         """Wait until the infra's current run is over (tests, the bench)."""
@@ -396,7 +412,7 @@ class Engine:
                                      f"({old[g.name].provider} -> {g.provider})")
             inf.record = await self._update_spec(spec)
         self._emit(inf, phase="creating", message="reconciling")
-        self._run(inf, self._reconcile(inf))
+        self._run(inf, functools.partial(self._reconcile, inf))
         return self._view(inf)
 
     async def _update_spec(self, spec: InfraSpec) -> InfraRecord:
@@ -424,10 +440,11 @@ class Engine:
 
     async def delete(self, name: str) -> InfraView:
         inf = self._get(name)
+        await self._cancel(inf)  # a reconcile finishing now must not write over "deleting"
         if inf.record.status != "deleting":
             inf.record = await self._set_status(inf, "deleting")
         self._emit(inf, phase="deleting", message="deleting every VM of the infra")
-        self._run(inf, self._delete_run(inf))
+        self._run(inf, functools.partial(self._delete_run, inf))
         return self._view(inf)
 
     async def act(self, name: str, action: InfraAction) -> InfraView:
@@ -449,13 +466,13 @@ class Engine:
         if action.action == "suspend":
             inf.record = await self._mutate(inf, lambda r: msgspec.structs.replace(
                 r, suspended=True, status="suspending"))
-            self._run(inf, self._power_run(inf, "stop", action.group))
+            self._run(inf, functools.partial(self._power_run, inf, "stop", action.group))
         elif action.action == "resume":
             inf.record = await self._mutate(inf, lambda r: msgspec.structs.replace(
                 r, suspended=False, status="resuming"))
-            self._run(inf, self._power_run(inf, "start", action.group))
+            self._run(inf, functools.partial(self._power_run, inf, "start", action.group))
         elif action.action == "reboot":
-            self._run(inf, self._power_run(inf, "reboot", action.group))
+            self._run(inf, functools.partial(self._power_run, inf, "reboot", action.group))
         return self._view(inf)
 
     def get(self, name: str) -> InfraView | None:
@@ -733,7 +750,9 @@ class Engine:
         if inf.record.status != "creating":
             inf.record = await self._set_status(inf, "creating")
         await asyncio.gather(*(self._reconcile_group(inf, g) for g in inf.record.spec.groups))
-        await self._journal.prune(inf.name)
+        # Every call of this pass was answered, and what older open intents (a killed
+        # engine's) may have made was observed and adopted at its start: none is needed.
+        await self._journal.prune(inf.name, keep_open=False)
         status = self._outcome(inf)
         inf.record = await self._set_status(inf, status)
         self._emit(inf, phase=status, message=self._summary(inf))
@@ -973,11 +992,22 @@ class Engine:
         for n in nodes:
             n.phase = "deleted"
             n.vm_id, n.vm_state = "", None
-            if n.node_id:
-                with contextlib.suppress(Exception):
-                    await self._forget(n.node_id)
+            await self._forget_nodes(inf, [n.name])
             n.node_id, n.online = "", False
             self._emit(inf, group=g.name, node=n.name, phase="deleted")
+
+    async def _forget_nodes(self, inf: _Infra, names: Collection[str] | None) -> None:
+        """Forget the node records of ``names`` (None: every node of the infra), found by
+        their link, not by memory: after a restart a VM already gone left no trace here."""
+        for (infra, name), rec in list(self._by_node.items()):
+            if infra != inf.name or (names is not None and name not in names):
+                continue
+            try:
+                await self._forget(rec.id)
+            except NotFound:
+                pass
+            except Exception as exc:
+                log.warning("infra %s: node %s not forgotten: %s", inf.name, rec.id, exc)
 
     async def _terminate_confirmed(self, prov: Provider, tags: Mapping[str, str],
                                    insts: Sequence[Instance], *, infra: str, group: str
@@ -1065,6 +1095,7 @@ class Engine:
                 await self._call(prov, region, "cleanup",
                                  lambda p=prov, r=region: p.cleanup(  # type: ignore[misc]
                                      self._tags(inf.name), region=r))
+        await self._forget_nodes(inf, None)
         await self._journal.prune(inf.name, keep_open=False)
         with contextlib.suppress(NotFound):
             await self._table.delete(inf.name)
@@ -1084,12 +1115,13 @@ class Engine:
         await self._terminate_confirmed(self._providers[g.provider],
                                         self._tags(inf.name, g.name), alive,
                                         infra=inf.name, group=g.name)
+        names = [n.name for n in inf.nodes.values() if n.group == g.name]
+        names += [name for (infra, name), rec in self._by_node.items()
+                  if infra == inf.name and rec.group == g.name]
+        await self._forget_nodes(inf, set(names))
         for n in list(inf.nodes.values()):
             if n.group != g.name:
                 continue
-            if n.node_id:
-                with contextlib.suppress(Exception):
-                    await self._forget(n.node_id)
             n.phase, n.vm_id, n.vm_state, n.node_id, n.online = "deleted", "", None, "", False
         for vm_id in [k for k, v in inf.leaks.items() if v.tags.get(TAG_GROUP) == g.name]:
             del inf.leaks[vm_id]
@@ -1164,7 +1196,12 @@ class Engine:
         return rec
 
     async def _set_status(self, inf: _Infra, status: InfraStatus) -> InfraRecord:
-        return await self._mutate(inf, lambda r: msgspec.structs.replace(r, status=status))
+        def apply(r: InfraRecord) -> InfraRecord:
+            if r.status == "deleting" and status != "deleting":
+                return r  # only the end of the delete moves on from here
+            return msgspec.structs.replace(r, status=status)
+
+        return await self._mutate(inf, apply)
 
     def _outcome(self, inf: _Infra) -> InfraStatus:
         want = sum(g.count for g in inf.record.spec.groups)
