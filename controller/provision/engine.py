@@ -125,7 +125,7 @@ class EngineSettings:
     attempts: int = 8  # tries of one call on transient errors
     backoff: float = 0.5  # first retry delay (doubles, with +-50 % jitter)
     backoff_max: float = 20.0
-    poll_interval: float = 1.0  # provider queries while agents come online
+    poll_interval: float = 0.5  # provider queries while agents come online
     slow_poll: float = 15.0  # and at most this far apart otherwise
     ready_timeout: float = 600.0  # launch -> agent online
     confirmations: int = 3  # consecutive "gone" answers before a delete is done
@@ -630,20 +630,27 @@ class Engine:
         await asyncio.gather(*(self._observe(inf, g) for g in inf.record.spec.groups
                                if g.provider not in self._refused))
 
-    async def _observe(self, inf: _Infra, g: GroupSpec) -> list[Instance]:
+    async def _observe(self, inf: _Infra, g: GroupSpec, regions: Collection[str] | None = None
+                       ) -> list[Instance]:
+        """Query the group's VMs (in ``regions`` only when given) and absorb the answer."""
         prov = self._providers[g.provider]
         tags = self._tags(inf.name, g.name)
         found: list[Instance] = []
-        for region in self._regions(g):
+        asked = [r for r in self._regions(g) if regions is None or r in regions]
+
+        async def one(region: str) -> list[Instance]:
             self._last_query[(g.provider, region, inf.name)] = self._clock()
-            found += await self._call(prov, region, "query_instances",
-                                      lambda r=region: prov.query_instances(  # type: ignore[misc]
-                                          tags, region=r))
-        self._absorb(inf, g, found)
+            return await self._call(prov, region, "query_instances",
+                                    lambda: prov.query_instances(tags, region=region))
+
+        for part in await asyncio.gather(*(one(r) for r in asked)):
+            found += part
+        self._absorb(inf, g, found, None if regions is None else set(asked))
         return found
 
-    def _absorb(self, inf: _Infra, g: GroupSpec, found: Sequence[Instance]) -> None:
-        """Take what the provider reports as the truth for group ``g``."""
+    def _absorb(self, inf: _Infra, g: GroupSpec, found: Sequence[Instance],
+                regions: Collection[str] | None = None) -> None:
+        """Take what the provider reports as the truth for group ``g`` (in ``regions``)."""
         retire = set(inf.record.retire.get(g.name, []))
         for i in range(g.count):
             name = node_name(inf.name, g.name, i)
@@ -653,7 +660,8 @@ class Engine:
             if inst.state.gone:
                 continue
             by_name.setdefault(inst.name, []).append(inst)
-        for vm_id in [k for k, v in inf.leaks.items() if v.tags.get(TAG_GROUP) == g.name]:
+        for vm_id in [k for k, v in inf.leaks.items() if v.tags.get(TAG_GROUP) == g.name
+                      and (regions is None or v.placement.region in regions)]:
             del inf.leaks[vm_id]
         for name, insts in by_name.items():
             node = inf.nodes.get(name)
@@ -672,6 +680,9 @@ class Engine:
                 inf.leaks[inst.id] = inst
             self._adopt(inf, node, keep)
         for node in inf.nodes.values():
+            if regions is not None and (node.placement is None
+                                        or node.placement.region not in regions):
+                continue
             if node.group == g.name and node.vm_id and node.name not in by_name:
                 # The VM is gone (or its create never happened).
                 node.vm_id, node.vm_state = "", None
@@ -766,7 +777,18 @@ class Engine:
             if g.provider in self._refused:
                 raise _Halt(f"credentials refused by provider {g.provider}: "
                             f"{self._refused[g.provider]}")
-            await self._observe(inf, g)
+            prefetch = None
+            first = self._placements(g)[0]
+            if g.count and (g.provider, first.region) not in inf.networks:
+                # Usually needed, and idempotent: made while the group's VMs are queried.
+                prefetch = asyncio.ensure_future(self._network(
+                    inf, self._providers[g.provider], g, first.region))
+            try:
+                await self._observe(inf, g)
+            finally:
+                if prefetch is not None:
+                    with contextlib.suppress(ProvisionError):
+                        await prefetch
             retire = inf.record.retire.get(g.name, [])
             if retire:
                 await self._retire(inf, g, retire)
@@ -939,14 +961,14 @@ class Engine:
             # VM running (that is when the answer matters), or rarely otherwise.
             want = any(n.online and n.vm_state is not InstanceState.RUNNING for n in pending)
             regions = {n.placement.region for n in pending if n.placement}
-            due = False
+            due = set()
             for r in regions:
                 since = now - self._last_query.get((g.provider, r, inf.name), 0.0)
                 if (want and since >= s.poll_interval) or since >= s.slow_poll:
-                    due = True
+                    due.add(r)
             if due:
                 try:
-                    await self._observe(inf, g)
+                    await self._observe(inf, g, due)
                 except ProvisionError as exc:
                     log.warning("infra %s group %s: query failed: %s", inf.name, g.name, exc)
                 self._emit_group(inf, g)
