@@ -215,6 +215,23 @@ async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any
                     "max_concurrent": max(s.stats.max_concurrent for s in sims.values()),
                 })
                 if ready_at:
+                    # Where the time after each VM's boot went: to its agent's enrollment
+                    # (agent start + the controller's enroll handling), then to the
+                    # engine seeing it Ready (node record watch + a provider query).
+                    offset = time.time() - time.monotonic()
+                    booted_at = {i.name: i.launched_at + float(i.extra["boot_s"])
+                                 for s in sims.values() for i in s.live()}
+                    enrolled = {r.infra_node: r.enrolled_at - offset for r in c.nodes
+                                if r.infra == "bench"}
+                    enroll_lag = sorted(enrolled[k] - booted_at[k] for k in enrolled
+                                        if k in booted_at)
+                    detect_lag = sorted(ready_at[k] + t0 - enrolled[k] for k in ready_at
+                                        if k in enrolled)
+                    for key, lags in (("enroll_lag_s", enroll_lag), ("ready_lag_s", detect_lag)):
+                        if lags:
+                            result[key] = {"p50": round(lags[len(lags) // 2], 2),
+                                           "p99": round(lags[int(len(lags) * 0.99)], 2),
+                                           "max": round(lags[-1], 2)}
                     order = sorted(ready_at.values())
                     result["first_ready_s"] = round(order[0], 2)
                     result["p50_ready_s"] = round(order[len(order) // 2], 2)

@@ -280,8 +280,11 @@ class Engine:
             if found is not None:
                 self._infras[key] = _Infra(key, found)
         # Know what exists before anything (gc, a create) can ask.
-        await asyncio.gather(*(self._observe_all(inf) for inf in self._infras.values()),
-                             return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._observe_all(inf) for inf in self._infras.values()), return_exceptions=True)
+        for inf, res in zip(list(self._infras.values()), results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("infra %s: not observed at start: %s", inf.name, res)
         for inf in self._infras.values():
             if inf.record.status == "deleting":
                 self._run(inf, functools.partial(self._delete_run, inf))
@@ -807,6 +810,14 @@ class Engine:
                                            f"{exc.message}")
         except _Halt as exc:
             await self._halt_group(inf, g, exc.reason)
+        except (ProvisionError, TimeoutError) as exc:
+            # Retries exhausted, a delete not confirmed...: this pass of the group is over;
+            # the next create or action tries again.
+            reason = reason_of(exc) if isinstance(exc, ProvisionError) else str(exc)
+            log.warning("infra %s group %s: %s", inf.name, g.name, reason)
+            self._fail(inf, [n for n in self._group_nodes(inf, g) if n.phase != "ready"
+                             and not n.vm_id], reason)
+            self._emit(inf, group=g.name, phase="failed", message=reason)
 
     def _group_nodes(self, inf: _Infra, g: GroupSpec) -> list[_Node]:
         out = []
@@ -1011,25 +1022,29 @@ class Engine:
                           .UNKNOWN, size="") for n in nodes if n.vm_id and n.placement]
         await self._terminate_confirmed(prov, self._tags(inf.name, g.name), insts,
                                         infra=inf.name, group=g.name)
+        await self._forget_nodes(inf, {n.name for n in nodes})
         for n in nodes:
             n.phase = "deleted"
             n.vm_id, n.vm_state = "", None
-            await self._forget_nodes(inf, [n.name])
             n.node_id, n.online = "", False
             self._emit(inf, group=g.name, node=n.name, phase="deleted")
 
     async def _forget_nodes(self, inf: _Infra, names: Collection[str] | None) -> None:
         """Forget the node records of ``names`` (None: every node of the infra), found by
         their link, not by memory: after a restart a VM already gone left no trace here."""
-        for (infra, name), rec in list(self._by_node.items()):
-            if infra != inf.name or (names is not None and name not in names):
-                continue
-            try:
-                await self._forget(rec.id)
-            except NotFound:
-                pass
-            except Exception as exc:
-                log.warning("infra %s: node %s not forgotten: %s", inf.name, rec.id, exc)
+        slots = asyncio.Semaphore(32)  # each one revokes a NATS user: done side by side
+
+        async def forget(rec: NodeRecord) -> None:
+            async with slots:
+                try:
+                    await self._forget(rec.id)
+                except NotFound:
+                    pass
+                except Exception as exc:
+                    log.warning("infra %s: node %s not forgotten: %s", inf.name, rec.id, exc)
+
+        await asyncio.gather(*(forget(rec) for (infra, name), rec in list(self._by_node.items())
+                               if infra == inf.name and (names is None or name in names)))
 
     async def _terminate_confirmed(self, prov: Provider, tags: Mapping[str, str],
                                    insts: Sequence[Instance], *, infra: str, group: str
