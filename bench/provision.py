@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,13 +33,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.broadcast import raise_nofile
-
 log = logging.getLogger("barista.bench.provision")
 
 PROVIDERS = ["sim-a", "sim-b", "sim-c", "sim-d"]
 REGIONS = {"sim-a": ["east-1", "west-1"], "sim-b": ["eu-1", "east-1"],
            "sim-c": ["west-1", "eu-1"], "sim-d": ["ap-1", "east-1"]}
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 # -- agent worker processes (--procs): boot configs in on stdin, agents started ----------

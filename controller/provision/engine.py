@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import random
+import secrets
 import time
 from collections import Counter
 from collections.abc import (
@@ -35,6 +36,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -1327,6 +1329,23 @@ def _summary(groups: Sequence[GroupView]) -> str:
                         for k, v in reasons.most_common())
         parts.append(f"Failed {failed} ({why})")
     return ", ".join(parts)
+
+
+def installation_id(data_dir: Path) -> str:
+    """This controller installation's TAG_MANAGED value, made once and kept in
+    ``data_dir/installation``: VMs carrying another value are never touched (not even by
+    gc), so two installations can share a cloud account."""
+    path = data_dir / "installation"
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = f"b-{secrets.token_hex(6)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+    return value
 
 
 def _index(name: str) -> int:

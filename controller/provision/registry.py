@@ -48,3 +48,14 @@ def create_provider(kind: str, *, name: str = "", settings: Mapping[str, Any] | 
         raise ProviderConfigError(
             f"unknown provider kind {kind!r} (known: {', '.join(sorted(PROVIDERS))})")
     return factory(name or kind, settings or {})
+
+
+def providers_from_config(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, Provider]:
+    """``{"sim-a": {"kind": "sim", "rate": 10}, ...}`` (a TOML ``[providers.*]`` table) as
+    provider instances by name; ``kind`` defaults to the entry's name."""
+    out: dict[str, Provider] = {}
+    for name, raw in entries.items():
+        settings = dict(raw)
+        kind = str(settings.pop("kind", name))
+        out[name] = create_provider(kind, name=name, settings=settings)
+    return out

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import random
 
+import pytest
+
 from controller.provision.contract import TAG_INFRA
 from controller.provision.engine import ApiLimits, Engine
 from controller.provision.providers.sim import SimProvider
@@ -119,6 +121,7 @@ async def count_events(simlab: SimLab, sims: dict[str, SimProvider], name: str,
     return counter.events
 
 
+@pytest.mark.slow
 async def test_killed_during_create_resumes_without_duplicate_or_leak(simlab: SimLab) -> None:
     sims = {"sim-a": await simlab.sim("sim-a", **SIM), "sim-b": await simlab.sim("sim-b", **SIM)}
     total = await count_events(simlab, sims, "probe", delete=False)
@@ -155,6 +158,7 @@ async def test_killed_during_create_resumes_without_duplicate_or_leak(simlab: Si
     assert len([w for w in seen if w != "not reached"]) >= POINTS, seen
 
 
+@pytest.mark.slow
 async def test_killed_during_delete_finishes_without_leak(simlab: SimLab) -> None:
     sims = {"sim-a": await simlab.sim("sim-a", **SIM), "sim-b": await simlab.sim("sim-b", **SIM)}
     total = await count_events(simlab, sims, "probe", delete=True)

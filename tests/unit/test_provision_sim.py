@@ -123,3 +123,13 @@ def test_max_in_window() -> None:
     st = SimStats(log=[(t, "q", "r") for t in (0.0, 0.1, 0.2, 1.15, 1.2, 3.0)])
     assert st.max_in_window(1.0) == 3
     assert st.max_in_window(0.15) == 2
+
+
+def test_providers_from_config_and_installation_id(tmp_path) -> None:
+    from controller.provision.engine import installation_id
+    from controller.provision.registry import providers_from_config
+
+    got = providers_from_config({"sim-a": {"kind": "sim", "rate": 3}, "sim": {}})
+    assert sorted(got) == ["sim", "sim-a"] and got["sim-a"].name == "sim-a"
+    first = installation_id(tmp_path / "data")
+    assert first == installation_id(tmp_path / "data") and first.startswith("b-")
