@@ -203,6 +203,10 @@ class _Halt(Exception):
         self.reason = reason
 
 
+# The journal's "infra" for gc's deletes (no infra name has "_").
+GC_JOURNAL = "_gc"
+
+
 def node_name(infra: str, group: str, index: int) -> str:
     return f"{infra}-{group}-{index}"
 
@@ -287,6 +291,8 @@ class Engine:
         for inf, res in zip(list(self._infras.values()), results, strict=True):
             if isinstance(res, BaseException):
                 log.warning("infra %s: not observed at start: %s", inf.name, res)
+        if self._journal.open(GC_JOURNAL):
+            self._spawn(self._finish_gc())
         for inf in self._infras.values():
             if inf.record.status == "deleting":
                 self._run(inf, functools.partial(self._delete_run, inf))
@@ -521,8 +527,10 @@ class Engine:
         for p, i in chosen:
             by_prov.setdefault(p.name, []).append(i)
         await asyncio.gather(*(self._terminate_confirmed(
-            self._providers[p], {TAG_MANAGED: self._installation}, insts, infra="", group="")
+            self._providers[p], {TAG_MANAGED: self._installation}, insts, infra=GC_JOURNAL,
+            group="")
             for p, insts in by_prov.items()))
+        await self._journal.prune(GC_JOURNAL, keep_open=False)
         for _, i in chosen:
             inf = self._infras.get(i.tags.get(TAG_INFRA, ""))
             if inf is not None:
@@ -530,6 +538,22 @@ class Engine:
         chosen_ids = {i.id for _, i in chosen}
         return [msgspec.structs.replace(v, phase="deleted") if v.vm_id in chosen_ids else v
                 for v in views]
+
+    async def _finish_gc(self) -> None:
+        """A gc confirmed by the operator and cut short by a restart: finish its deletes."""
+        for op in self._journal.open(GC_JOURNAL):
+            prov = self._providers.get(op.provider)
+            if prov is None:
+                continue
+            insts = [Instance(id=i, name=n, placement=op.placement, state=InstanceState.UNKNOWN,
+                              size="") for i, n in zip(op.ids, op.names, strict=False)]
+            try:
+                await self._terminate_confirmed(prov, {TAG_MANAGED: self._installation},
+                                                insts, infra=GC_JOURNAL, group="")
+            except (ProvisionError, TimeoutError) as exc:
+                log.warning("gc: resuming the delete of %s failed: %s", op.ids, exc)
+                return
+        await self._journal.prune(GC_JOURNAL, keep_open=False)
 
     def _known(self, inst: Instance) -> bool:
         inf = self._infras.get(inst.tags.get(TAG_INFRA, ""))
@@ -1095,7 +1119,7 @@ class Engine:
         if not ids:
             return
         rec = None
-        if infra:
+        if infra:  # every delete is journaled; gc's under GC_JOURNAL
             rec = await self._journal.intent(infra=infra, group=group, op=op,
                                              placement=Placement(prov.name, region),
                                              names=names, ids=ids)
