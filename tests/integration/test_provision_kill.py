@@ -196,3 +196,32 @@ async def test_killed_during_delete_finishes_without_leak(simlab: SimLab) -> Non
         for s in sims.values():
             assert not [k for k in s.networks if k[0] == name], s.networks
     assert len([w for w in seen if w != "not reached"]) >= POINTS, seen
+
+
+async def test_gc_killed_after_its_terminate_is_finished_by_the_next_engine(
+        simlab: SimLab) -> None:
+    from controller.provision.contract import TAG_MANAGED, LaunchRequest, Network, Placement
+    from tests.fixtures.provision import INSTALLATION
+
+    a = await simlab.sim("sim-a", **SIM)
+    sims = {"sim-a": a}
+    (orphan,) = await a.run_instances(
+        Placement("sim-a", "east-1", "east-1a"), Network(id="n", region="east-1", cidr=""),
+        [LaunchRequest(name="ghost-g-0", size="small", image="sim-img-ubuntu-2404",
+                       user_data="", tags={TAG_MANAGED: INSTALLATION, TAG_INFRA: "ghost"})])
+    killer = Killer()
+    a.hook = killer
+
+    async def gc(engine: Engine) -> None:
+        # Hang inside the terminate, before its effect: the journal has the intent.
+        killer.at = killer.events + 3  # the query (before, after), then the terminate
+        await engine.gc(confirm=True)
+
+    where, answered = await run_killed(simlab, sims, killer, gc)
+    assert where == "before terminate_instances" and not answered
+    a.hook = None
+    assert [i.id for i in a.live()] == [orphan.id]  # not terminated yet
+    async with simlab.engine(sims, limits=LIMITS) as engine:
+        await wait_for(lambda: a.live() == [], 10, "the gc's delete finished")
+        await wait_for(lambda: not engine._journal.open("_gc"), 10, "gc journal pruned")
+        assert await engine.gc(confirm=False) == []
