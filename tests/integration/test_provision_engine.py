@@ -301,3 +301,37 @@ async def test_suspend_resume_reboot(simlab: SimLab) -> None:
         assert a.stats.launches.total() == 2
         await engine.delete("pw")
         await settled(engine, "pw")
+
+
+async def test_review_plans_the_gap_with_cost_and_progress_is_streamed(
+        simlab: SimLab) -> None:
+    a = await simlab.sim("sim-a", **FAST_SIM)
+    async with simlab.engine({"sim-a": a}) as engine:
+        s = spec(engine, "rv", {"name": "g", "provider": "sim-a", "regions": ["eu-1"],
+                                "size": {"vcpus": 2, "memory_gb": 2}, "count": 3})
+        plan = await engine.review(s)
+        (item,) = plan.items
+        assert (item.size, item.region, item.count, item.existing) == ("medium", "eu-1", 3, 0)
+        assert item.price_hour == 0.0466 and plan.total_hour == round(3 * 0.0466, 4)
+        assert a.stats.total == 0  # a review calls no provider
+        assert engine.get("rv") is None
+        events = []
+        unsubscribe = engine.subscribe(events.append)
+        await engine.create(s)
+        assert (await settled(engine, "rv")).status == "ready"
+        unsubscribe()
+        phases = {(e.node, e.phase) for e in events}
+        assert {("rv-g-0", "booting"), ("rv-g-0", "ready")} <= phases
+        assert events[-1].phase == "ready" and events[-1].message == "Running 3/3"
+        bigger = spec(engine, "rv", {"name": "g", "provider": "sim-a", "regions": ["eu-1"],
+                                     "size": {"vcpus": 2, "memory_gb": 2}, "count": 5})
+        (item,) = (await engine.review(bigger)).items
+        assert (item.count, item.existing) == (2, 3)
+        smaller = spec(engine, "rv", {"name": "g", "provider": "sim-a", "regions": ["eu-1"],
+                                      "size": "medium", "count": 1})
+        plan = await engine.review(smaller)
+        assert plan.items[0].count == 0 and "2 node(s) beyond count 1" in plan.warnings[0]
+        assert [v.name for v in engine.infras()] == ["rv"]
+        await engine.delete("rv")
+        await settled(engine, "rv")
+        assert [v.status for v in engine.infras()] == ["deleted"]
