@@ -19,6 +19,7 @@ import yaml
 
 from controller.enroll import clean_labels
 from controller.errors import BadRequest
+from controller.provision.catalog import cheapest
 from controller.provision.contract import Catalog, Size
 from controller.provision.model import GroupSpec, InfraSpec, SizeQuery
 
@@ -212,15 +213,9 @@ class ResolvedSize:
     price_hour: float | None
 
 
-def offered(size: Size, region: str) -> bool:
-    """A size with prices is offered in the regions it has a price for; one without any
-    price (a lab, adopted machines) everywhere."""
-    return not size.price_hour or region in size.price_hour
-
-
 def resolve_size(catalog: Catalog, size: str | SizeQuery, region: str) -> ResolvedSize:
     """The catalog size a group gets in ``region``: the one named, or the cheapest with at
-    least the vCPUs and memory asked (by vCPUs, then memory, on equal price). Raises
+    least the vCPUs and memory asked (``catalog.cheapest``). Raises
     ``LookupError`` saying why none fits."""
     if isinstance(size, str):
         found = catalog.sizes.get(size)
@@ -228,14 +223,11 @@ def resolve_size(catalog: Catalog, size: str | SizeQuery, region: str) -> Resolv
             known = ", ".join(sorted(catalog.sizes))
             raise LookupError(f"unknown size {size!r} for provider {catalog.provider} "
                               f"(known: {known})")
-        if not offered(found, region):
+        if not found.offered_in(region):
             raise LookupError(f"size {size!r} is not offered in region {region}")
         return ResolvedSize(found, found.price_hour.get(region))
-    fits = [s for s in catalog.sizes.values()
-            if s.vcpus >= size.vcpus and s.memory_gb >= size.memory_gb and offered(s, region)]
-    if not fits:
+    best = cheapest(catalog, region, vcpus=size.vcpus, memory_gb=size.memory_gb)
+    if best is None:
         raise LookupError(f"no size of provider {catalog.provider} in region {region} has "
                           f"{size.vcpus} vCPUs and {size.memory_gb:g} GB")
-    best = min(fits, key=lambda s: (s.price_hour.get(region, float("inf")), s.vcpus,
-                                    s.memory_gb, s.name))
     return ResolvedSize(best, best.price_hour.get(region))

@@ -105,11 +105,12 @@ def default_catalog(provider: str) -> Catalog:
     def priced(base: float, only: tuple[str, ...] = ()) -> dict[str, float]:
         return {r: round(base * f, 4) for r, f in factor.items() if not only or r in only}
 
+    big = ("east-1", "eu-1")
     sizes = {
         "small": Size("small", 1, 1.0, priced(0.0104)),
         "medium": Size("medium", 2, 4.0, priced(0.0416)),
         "large": Size("large", 4, 16.0, priced(0.1664)),
-        "xlarge": Size("xlarge", 8, 32.0, priced(0.3328, ("east-1", "eu-1"))),
+        "xlarge": Size("xlarge", 8, 32.0, priced(0.3328, big), regions=big),
         "compute": Size("compute", 4, 8.0, priced(0.17)),
     }
     images = {
@@ -287,7 +288,7 @@ class SimProvider:
                     new.append(req)
             for req in new:
                 size = self._catalog.sizes.get(req.size)
-                if size is None or (size.price_hour and placement.region not in size.price_hour):
+                if size is None or not size.offered_in(placement.region):
                     raise InvalidRequestError(f"size {req.size} not offered in "
                                               f"{placement.region}", provider=self.name,
                                               region=placement.region, code="InvalidSize")
