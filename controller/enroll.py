@@ -16,6 +16,8 @@ from controller.models import NodeRecord, TokenRecord
 from controller.nats.admission import NodeAdmission
 from controller.nats.operator import RevokedUser
 from controller.nats.permissions import NodeAccess
+from controller.provision.contract import TAG_NODE
+from controller.provision.model import LABEL_GROUP, LABEL_INFRA
 from controller.state.table import Table
 from protocol.errors import BadIdentityProof, SelectorError
 from protocol.messages import EnrollReply, EnrollRequest, RenewReply, RenewRequest
@@ -190,6 +192,16 @@ def clean_labels(labels: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def infra_link(labels: dict[str, str]) -> dict[str, str]:
+    """The NodeRecord fields linking a provisioned node to its infra, from the labels of
+    the token the engine made for it (TAG_NODE names the node; {} for any other token)."""
+    node = labels.get(TAG_NODE, "")
+    if not node:
+        return {}
+    return {"infra": labels.get(LABEL_INFRA, ""), "group": labels.get(LABEL_GROUP, ""),
+            "infra_node": node}
+
+
 def token_id_of(token: str) -> str | None:
     parsed = parse_join_token(bare_token(token))
     return parsed.token_id if parsed else None
@@ -307,11 +319,13 @@ class Enrollment:
             await self._admission.admit(NodeAccess(node_id=node_id, nkey=req.identity))
         if existing is None:
             now = time.time()
+            link = infra_link(token.labels)
             record = NodeRecord(
                 id=node_id,
                 hostname=req.hostname[:255],
                 identity=req.identity,
-                labels={**agent_labels, **token.labels},
+                labels={k: v for k, v in {**agent_labels, **token.labels}.items()
+                        if k != TAG_NODE},
                 facts={k[:64]: str(v)[:256] for k, v in list(req.facts.items())[:64]},
                 status="online",
                 enrolled_at=now,
@@ -320,6 +334,9 @@ class Enrollment:
                 agent_version=req.agent_version[:64],
                 wg_public_key=req.wg_public_key[:64],
                 token_id=token.id,
+                infra=link.get("infra", ""),
+                group=link.get("group", ""),
+                infra_node=link.get("infra_node", ""),
             )
             await self._admission.admit(NodeAccess(node_id=node_id, nkey=req.identity))
             try:

@@ -24,6 +24,12 @@ class NodeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     token_id: str = ""
     # Revoked (`barista nodes revoke`): its NATS user is revoked, renewal is refused.
     revoked: bool = False
+    # Provisioned by the engine (controller.provision): its infra, group, node name inside
+    # the infra ("<infra>-<group>-<index>") and VM id; "" for a machine that joined by hand.
+    infra: str = ""
+    group: str = ""
+    infra_node: str = ""
+    vm_id: str = ""
 
     def public(self) -> dict[str, object]:
         """The API's view of a node."""
@@ -40,6 +46,9 @@ class NodeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
         }
         if self.revoked:
             view["revoked"] = True
+        if self.infra:
+            view["infra"] = {"name": self.infra, "group": self.group, "node": self.infra_node,
+                             "vm_id": self.vm_id}
         return view
 
 

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.joinlab",
     "tests.fixtures.sshd",
     "tests.fixtures.lab",
+    "tests.fixtures.provision",
 ]

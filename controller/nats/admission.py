@@ -185,6 +185,10 @@ class OperatorAdmission:
         self._system_nc = system_nc
         self._ttl = ttl
         self._push_lock = asyncio.Lock()
+        # Pushes coalesce: one that starts after a caller's change carries it, so 1,000
+        # revocations at once (an infra deleted) cost a few pushes, not 1,000 in a row.
+        self._push_wanted = 0
+        self._push_done = 0
 
     @property
     def managed(self) -> bool:
@@ -228,9 +232,15 @@ class OperatorAdmission:
     async def _push(self) -> None:
         if self._system_nc is None:
             return
+        self._push_wanted += 1
+        mine = self._push_wanted
         async with self._push_lock:
+            if self._push_done >= mine:
+                return  # a push that started after our change already carried it
+            carries = self._push_wanted
             try:
                 await self._trust.push_fleet(self._system_nc)
+                self._push_done = carries
             except Exception as exc:
                 # The revocation is in the trust dir and the preload of the next start.
                 log.warning("could not push the fleet account JWT to nats-server: %s", exc)

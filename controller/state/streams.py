@@ -187,6 +187,10 @@ NETWORKS_BUCKET = Bucket("networks")
 IPAM_BUCKET = Bucket("ipam")
 MESH_NODES_BUCKET = Bucket("mesh_nodes", history=1)
 MESH_STATE_BUCKET = Bucket("mesh_state", history=1)
+# Infras (controller.provision): desired state per infra, and the journal of provider
+# operations (an intent is written before each create/delete call; done ones are removed).
+INFRAS_BUCKET = Bucket("infras")
+INFRA_OPS_BUCKET = Bucket("infra_ops", history=1)
 
 
 async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:
