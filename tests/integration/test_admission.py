@@ -33,7 +33,7 @@ N_ADMIT = 200
 
 def _config_load_time(controller: RunningController) -> Any:
     assert controller.natsd is not None
-    with controller.natsd._probe() as probe:
+    with controller.natsd.probe() as probe:
         return probe.server_request("VARZ").get("config_load_time")
 
 
