@@ -4,6 +4,8 @@ service once (fleet, enrollment, jobs, apps, ingest) and wires them to their sub
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import ssl
 import time
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -239,6 +242,8 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
                 "CA (config tls = false / --no-tls); use this only on loopback or a trusted "
                 "network", " and API" if not cfg.tls else "")
         tls_opt: dict[str, Any] = {"tls": trust[1]} if trust is not None else {}
+        if natsd is None and identities is not None:
+            await _check_admitted(url, {**state_creds, **tls_opt}, cfg.nats_trust)
         connections: list[NATS] = []
         stack.push_async_callback(_close_connections, connections)
         nc = await _connect_nats(url, "barista-controller", {**peer_creds, **tls_opt}, serving)
@@ -363,6 +368,26 @@ async def _connect_nats(
     )
 
 
+async def _check_admitted(url: str, opts: dict[str, Any], trust_dir: str) -> None:
+    """One connect as the controller's state user, not retried: an external NATS that
+    refuses it trusts another operator (nats-py would retry an authorization error for
+    ever). Any other failure (not up yet, say) is left to the retrying connects."""
+    nc = NATS()
+    try:
+        await nc.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
+                         connect_timeout=5, **opts)
+    except Exception as exc:
+        if "authorization" in str(exc).lower():
+            raise ConfigError(
+                f"the NATS at {url} refused the controller's user from {trust_dir}/creds "
+                f"({exc}): its servers trust another operator; give each the include file "
+                f"{trust_dir}/server/barista.conf of `barista nats init`") from None
+    finally:
+        # Bounded, and now: nats-py leaves a refused connection's socket to the GC.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2.0)
+
+
 async def _close_connections(connections: list[NATS]) -> None:
     for nc in connections:
         if not nc.is_closed:
@@ -409,7 +434,29 @@ async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjec
         audit_stream_config(subjects=s, replicas=cfg.stream_replicas),
     ]
     for sc in wanted:
-        await ensure_stream(js, sc)
+        await _when_available(functools.partial(ensure_stream, js, sc),
+                              what=f"stream {sc.name}")
+
+
+async def _when_available(
+    fn: Callable[[], Awaitable[None]], *, what: str, within: float = 30.0
+) -> None:
+    """``fn()``, retried while JetStream answers 503 (a cluster that is still starting:
+    "JetStream not enabled for account" until the account is set up on every server)."""
+    deadline = time.monotonic() + within
+    warned = False
+    while True:
+        try:
+            await fn()
+            return
+        except nats.js.errors.ServiceUnavailableError as exc:
+            if time.monotonic() > deadline:
+                raise
+            if not warned:
+                log.warning("JetStream is not available yet for %s (%s); retrying for up "
+                            "to %.0fs", what, exc.description, within)
+                warned = True
+            await asyncio.sleep(0.25)
 
 
 class RunningController:
@@ -551,7 +598,17 @@ class RunningController:
         await self.signing_keys.start()
         await self.jobs.start()
         await self.deployer.start()
-        await self.admission.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
+        try:
+            await self.admission.sync(
+                NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
+        except Exception as exc:
+            if self.natsd is not None or self.trust is None:
+                raise
+            raise ConfigError(
+                f"the NATS at {self.nats_url} did not take barista's fleet account JWT "
+                f"({type(exc).__name__}: {exc}): do its servers run with the include file "
+                f"of `barista nats init` (nats_trust {self.config.nats_trust}/server/)?"
+            ) from None
         s, nc = self.subjects, self.nc
         # Queue groups: with several controllers, one of them answers each enrollment.
         self._subs.append(await nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll))

@@ -142,7 +142,12 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
             log.info("created stream %s for %s", config.name, config.subjects)
             return
         except nats.js.errors.BadRequestError:
-            pass  # another controller created it in between: update below
+            # Another controller created it in between (update below), or the server
+            # refused it (no room for its max_bytes, too few servers for its replicas).
+            try:
+                await js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                raise
     await js.update_stream(config)
 
 
