@@ -20,6 +20,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from agent.connection import connect
 from controller.api.app import ApiServer
 from controller.errors import ConfigError
 from controller.nats import jwt
@@ -178,9 +179,10 @@ async def test_node_jwt_of_another_deployment_is_refused_on_the_cluster(
     other = OperatorTrust.load_or_create(tmp_path / "other")
     user = other.new_user(name="stranger", permissions=Permissions())
     with pytest.raises(Exception, match=r"(?i)authorization"):
-        await nats.connect(nats_cluster.urls[1], allow_reconnect=False,
-                           max_reconnect_attempts=0,
-                           user_credentials=nats.aio.client.RawCredentials(user.creds))
+        # agent.connection.connect: a refused socket closed now, not left to the GC
+        await connect(servers=[nats_cluster.urls[1]], allow_reconnect=False,
+                      max_reconnect_attempts=0,
+                      user_credentials=nats.aio.client.RawCredentials(user.creds))
 
 
 async def test_controller_with_another_deployments_trust_is_a_clear_error(
