@@ -4,7 +4,6 @@ service once (fleet, enrollment, jobs, apps, ingest) and wires them to their sub
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import ssl
@@ -19,7 +18,6 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -43,7 +41,7 @@ from controller.nats.admission import (
     OperatorAdmission,
     UnmanagedAdmission,
 )
-from controller.nats.client import Flusher
+from controller.nats.client import Flusher, check_admitted, when_available
 from controller.nats.identities import ControllerIdentities
 from controller.nats.operator import OperatorTrust, TrustError
 from controller.nats.permissions import NodeAccess
@@ -243,7 +241,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
                 "network", " and API" if not cfg.tls else "")
         tls_opt: dict[str, Any] = {"tls": trust[1]} if trust is not None else {}
         if natsd is None and identities is not None:
-            await _check_admitted(url, {**state_creds, **tls_opt}, cfg.nats_trust)
+            await check_admitted(url, {**state_creds, **tls_opt}, cfg.nats_trust)
         connections: list[NATS] = []
         stack.push_async_callback(_close_connections, connections)
         nc = await _connect_nats(url, "barista-controller", {**peer_creds, **tls_opt}, serving)
@@ -368,26 +366,6 @@ async def _connect_nats(
     )
 
 
-async def _check_admitted(url: str, opts: dict[str, Any], trust_dir: str) -> None:
-    """One connect as the controller's state user, not retried: an external NATS that
-    refuses it trusts another operator (nats-py would retry an authorization error for
-    ever). Any other failure (not up yet, say) is left to the retrying connects."""
-    nc = NATS()
-    try:
-        await nc.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
-                         connect_timeout=5, **opts)
-    except Exception as exc:
-        if "authorization" in str(exc).lower():
-            raise ConfigError(
-                f"the NATS at {url} refused the controller's user from {trust_dir}/creds "
-                f"({exc}): its servers trust another operator; give each the include file "
-                f"{trust_dir}/server/barista.conf of `barista nats init`") from None
-    finally:
-        # Bounded, and now: nats-py leaves a refused connection's socket to the GC.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), 2.0)
-
-
 async def _close_connections(connections: list[NATS]) -> None:
     for nc in connections:
         if not nc.is_closed:
@@ -434,29 +412,9 @@ async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjec
         audit_stream_config(subjects=s, replicas=cfg.stream_replicas),
     ]
     for sc in wanted:
-        await _when_available(functools.partial(ensure_stream, js, sc),
+        await when_available(functools.partial(ensure_stream, js, sc),
                               what=f"stream {sc.name}")
 
-
-async def _when_available(
-    fn: Callable[[], Awaitable[None]], *, what: str, within: float = 30.0
-) -> None:
-    """``fn()``, retried while JetStream answers 503 (a cluster that is still starting:
-    "JetStream not enabled for account" until the account is set up on every server)."""
-    deadline = time.monotonic() + within
-    warned = False
-    while True:
-        try:
-            await fn()
-            return
-        except nats.js.errors.ServiceUnavailableError as exc:
-            if time.monotonic() > deadline:
-                raise
-            if not warned:
-                log.warning("JetStream is not available yet for %s (%s); retrying for up "
-                            "to %.0fs", what, exc.description, within)
-                warned = True
-            await asyncio.sleep(0.25)
 
 
 class RunningController:
