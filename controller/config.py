@@ -34,8 +34,8 @@ class ControllerConfig:
     # (operator, accounts, signing key) and the controller's .creds. With it, nodes are
     # isolated there as on the embedded server; without it node isolation is off.
     nats_trust: str = ""
-    # Replicas of the streams and KV buckets the controller creates (1; 3 on a 3+ server
-    # cluster for redundancy). Existing streams keep theirs.
+    # Replicas of the streams and KV buckets (1; 3 on a 3+ server cluster for redundancy).
+    # Streams are brought to it at every start (ensure_stream); KV buckets get it when made.
     stream_replicas: int = 1
     # URL agents use to reach NATS (defaults to the controller's own).
     agent_nats_url: str = ""

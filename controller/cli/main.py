@@ -75,7 +75,7 @@ def main(verbose: int) -> None:
 @click.option("--nats-trust", type=click.Path(path_type=Path, file_okay=False),
               help="the dir `barista nats init --out` wrote for that NATS (node isolation)")
 @click.option("--stream-replicas", type=click.IntRange(1, 5),
-              help="replicas of new streams and KV buckets (default 1; 3 on a cluster)")
+              help="replicas of the streams and new KV buckets (default 1; 3 on a cluster)")
 @click.option("--nats-port", type=int, help="port for the embedded NATS (default: free port)")
 @click.option("--api-host", help="API listen address (default 127.0.0.1)")
 @click.option("--api-port", type=int, help="API port (default 8640; 0 = any free port)")
