@@ -23,8 +23,8 @@ def fsync_dir(path: Path) -> None:
 def write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` (mode 0600) by rename, so that a reader sees the old or the
     new content, whole. The temporary file has a name of its own, so two writers at once
-    (a restart and a reload) do not mix. ``durable``: fsync the file before the rename and
-    the directory after it, so that the new content survives a power loss too."""
+    (two threads saving the same state) do not mix. ``durable``: fsync the file before the
+    rename and the directory after it, so that the new content survives a power loss too."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
     try:
         with os.fdopen(fd, "wb") as f:

@@ -30,6 +30,13 @@ class ControllerConfig:
     # A .creds file (user JWT and seed) for NATS in operator mode: `barista ingest` with
     # --data-dir uses the embedded server's state user's.
     nats_creds: str = ""
+    # The dir `barista nats init --out` wrote for an external NATS (nats_url): its trust
+    # (operator, accounts, signing key) and the controller's .creds. With it, nodes are
+    # isolated there as on the embedded server; without it node isolation is off.
+    nats_trust: str = ""
+    # Replicas of the streams and KV buckets (1; 3 on a 3+ server cluster for redundancy).
+    # Streams are brought to it at every start (ensure_stream); KV buckets get it when made.
+    stream_replicas: int = 1
     # URL agents use to reach NATS (defaults to the controller's own).
     agent_nats_url: str = ""
     nats_port: int = 0
@@ -117,6 +124,11 @@ class ControllerConfig:
             )
         if cfg.ingest_workers < 1:
             raise ConfigError("ingest_workers must be at least 1")
+        if not 1 <= cfg.stream_replicas <= 5:
+            raise ConfigError("stream_replicas must be between 1 and 5 (NATS allows at most 5)")
+        if cfg.nats_trust and not cfg.nats_url:
+            raise ConfigError("nats_trust is for an external NATS: give nats_url too (the "
+                              "embedded server keeps its own trust in the data dir)")
         return cfg
 
 
@@ -142,7 +154,6 @@ class Secrets:
     """The controller's secrets, each kept in its own 0600 file in the data dir."""
 
     api_token: str
-    nats_password: str
     signer: CommandSigner
 
     @classmethod
@@ -150,15 +161,11 @@ class Secrets:
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o700)
         api = _read_or_create(data_dir / "api-token", lambda: secrets.token_urlsafe(32).encode())
-        natspw = _read_or_create(
-            data_dir / "nats-controller-password", lambda: secrets.token_urlsafe(24).encode()
-        )
         key = _read_or_create(
             data_dir / "signing-key.pem", lambda: CommandSigner.generate().to_pem()
         )
         return cls(
             api_token=api.decode().strip(),
-            nats_password=natspw.decode().strip(),
             signer=CommandSigner.from_pem(key),
         )
 

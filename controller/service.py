@@ -4,6 +4,7 @@ service once (fleet, enrollment, jobs, apps, ingest) and wires them to their sub
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -42,11 +43,11 @@ from controller.models import NodeRecord, NodeStatus, TokenRecord
 from controller.nats.admission import (
     NodeAdmission,
     OperatorAdmission,
-    ReloadAdmission,
     UnmanagedAdmission,
 )
-from controller.nats.client import Flusher
-from controller.nats.operator import OperatorTrust
+from controller.nats.client import Flusher, check_admitted, when_available
+from controller.nats.identities import ControllerIdentities
+from controller.nats.operator import OperatorTrust, TrustError
 from controller.nats.permissions import NodeAccess
 from controller.nats.server import NatsServer, NatsSupervisor
 from controller.state.streams import (
@@ -184,21 +185,23 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         trust = _nats_trust(cfg, tls)
         natsd: NatsServer | None = None
         supervisor: NatsSupervisor | None = None
+        # Operator mode (embedded, or an external NATS set up by `barista nats init`):
+        # the deployment's operator and accounts, and the controller's own users.
+        operator_trust: OperatorTrust | None = None
+        identities: ControllerIdentities | None = None
         state_creds: dict[str, str] = {}
         peer_creds: dict[str, str] = {}
-        state_inbox: dict[str, bytes] = {}
         url = cfg.nats_url
         if not url:
             # Port 0: the port of the last run (agents hold that URL), else a free one.
             # Operator mode: every identity a JWT of this data dir's trust (made at the
-            # first start), so admitting a node needs no reload.
+            # first start), so admitting a node changes nothing on the server.
             operator_trust = await asyncio.to_thread(
                 OperatorTrust.load_or_create, cfg.data_dir / "nats")
             natsd = NatsServer(
                 data_dir=cfg.data_dir / "nats",
                 port=cfg.nats_port,
                 host=cfg.nats_host,
-                controller_password=secrets.nats_password,
                 subjects=subjects,
                 max_payload=cfg.max_payload,
                 tls_cert_file=str(tls.cert_file) if tls is not None else "",
@@ -217,13 +220,28 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             supervisor = NatsSupervisor(natsd)
             stack.push_async_callback(
                 _cancel, asyncio.create_task(supervisor.run(), name="natsd-supervisor"))
-            state_creds = natsd.controller_credentials()
-            peer_creds = natsd.peer_credentials()
-            if state_creds:
-                state_inbox = {"inbox_prefix": CONTROLLER_INBOX.encode()}
+            identities = natsd.identities
+        elif cfg.nats_trust:
+            # An external deployment whose servers run with this trust's config: the
+            # trust written by `barista nats init`, the controller's users kept beside it.
+            trust_dir = Path(cfg.nats_trust)
+            try:
+                operator_trust = await asyncio.to_thread(OperatorTrust.load, trust_dir)
+                identities = await asyncio.to_thread(
+                    ControllerIdentities.make, operator_trust, subjects, trust_dir / "creds",
+                    reuse=True)
+            except (TrustError, OSError) as exc:
+                raise ConfigError(f"nats_trust {trust_dir}: {exc}") from None
         elif cfg.nats_user:
             # One set of credentials: the reply-subject checks are then the only guard.
             state_creds = peer_creds = {"user": cfg.nats_user, "password": cfg.nats_password}
+        elif cfg.nats_creds:
+            state_creds = peer_creds = {"user_credentials": cfg.nats_creds}
+        state_inbox: dict[str, bytes] = {}
+        if identities is not None:
+            state_creds = identities.state_credentials()
+            peer_creds = identities.peer_credentials()
+            state_inbox = {"inbox_prefix": CONTROLLER_INBOX.encode()}
         # Two connections: nc talks to peers (and can reach no JetStream API on the
         # embedded server), state_nc holds state and streams and answers no peer.
         if trust is None:
@@ -232,6 +250,8 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
                 "CA (config tls = false / --no-tls); use this only on loopback or a trusted "
                 "network", " and API" if not cfg.tls else "")
         tls_opt: dict[str, Any] = {"tls": trust[1]} if trust is not None else {}
+        if natsd is None and identities is not None:
+            await check_admitted(url, {**state_creds, **tls_opt}, cfg.nats_trust)
         connections: list[NATS] = []
         stack.push_async_callback(_close_connections, connections)
         nc = await _connect_nats(url, "barista-controller", {**peer_creds, **tls_opt}, serving)
@@ -241,16 +261,19 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             serving, state=True)
         connections.append(state_nc)
         system_nc: NATS | None = None
-        if natsd is not None and natsd.operator_mode:
+        if identities is not None:
             # Account JWT pushes (revocations); the system account holds nothing else.
             system_nc = await _connect_nats(
-                url, "barista-controller-sys", {**natsd.system_credentials(), **tls_opt},
+                url, "barista-controller-sys", {**identities.system_credentials(), **tls_opt},
                 serving)
             connections.append(system_nc)
         else:
             log.warning(
                 "NATS at %s is not in barista's operator mode: node isolation is OFF (every "
-                "agent connects with the credentials it was given)", url)
+                "agent connects with the credentials it was given, and any node can publish "
+                "as any other). To isolate nodes, run `barista nats init --out DIR`, add what "
+                "it prints to each nats-server's config, and start the controller with "
+                "--nats-trust DIR", url)
         js = state_nc.jetstream()
         await _ensure_streams(js, cfg, subjects)
         ingest: IngestService | None = None
@@ -266,7 +289,8 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             await ingest.start()
 
         async def table(bucket: Bucket, record_type: type[R]) -> Table[R]:
-            t = Table(await open_bucket(js, bucket), record_type, name=bucket.name,
+            kv = await open_bucket(js, bucket, replicas=cfg.stream_replicas)
+            t = Table(kv, record_type, name=bucket.name,
                       on_bad_record=stats.on_bad_record)
             await t.start()
             stack.push_async_callback(t.stop)
@@ -278,7 +302,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         apps: Table[AppRecord] = await table(APPS_BUCKET, AppRecord)
         app_statuses: Table[NodeAppStatus] = await table(APP_STATUS_BUCKET, NodeAppStatus)
         api_tokens: Table[ApiToken] = await table(API_TOKENS_BUCKET, ApiToken)
-        keys_kv = await open_bucket(js, KEYS_BUCKET)
+        keys_kv = await open_bucket(js, KEYS_BUCKET, replicas=cfg.stream_replicas)
         # --- mesh (issue 12): networks, addresses, node WireGuard sides, published peers
         mesh_tables = MeshTables(
             networks=await table(NETWORKS_BUCKET, NetworkRecord),
@@ -294,6 +318,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             apps_table=apps, app_statuses=app_statuses, api_tokens_table=api_tokens,
             keys_kv=keys_kv, mesh_tables=mesh_tables, tls=tls,
             agent_ca_sha256=trust[0] if trust is not None else "", system_nc=system_nc,
+            trust=operator_trust, nats_identities=identities,
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
@@ -391,6 +416,7 @@ async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjec
         max_bytes=cfg.metrics_max_bytes,
         max_batch=cfg.metrics_max_batch,
         interval=cfg.metrics_interval,
+        replicas=cfg.stream_replicas,
     )
     log.info(
         "METRICS: a node keeps at most %d batches of at most %d bytes (stream: %d bytes)",
@@ -399,13 +425,16 @@ async def _ensure_streams(js: JetStreamContext, cfg: ControllerConfig, s: Subjec
     wanted = [
         metrics,
         jobs_stream_config(subjects=s, max_age=cfg.job_retention,
-                           max_bytes=cfg.jobs_max_bytes, max_msg_size=cfg.max_payload),
-        events_stream_config(subjects=s),
-        audit_stream_config(subjects=s),
-        mesh_stream_config(subjects=s),  # mesh (issue 12)
+                           max_bytes=cfg.jobs_max_bytes, max_msg_size=cfg.max_payload,
+                           replicas=cfg.stream_replicas),
+        events_stream_config(subjects=s, replicas=cfg.stream_replicas),
+        audit_stream_config(subjects=s, replicas=cfg.stream_replicas),
+        mesh_stream_config(subjects=s, replicas=cfg.stream_replicas),  # mesh (issue 12)
     ]
     for sc in wanted:
-        await ensure_stream(js, sc)
+        await when_available(functools.partial(ensure_stream, js, sc),
+                              what=f"stream {sc.name}")
+
 
 
 class RunningController:
@@ -438,6 +467,8 @@ class RunningController:
         tls: ControllerTLS | None = None,
         agent_ca_sha256: str = "",
         system_nc: NATS | None = None,
+        trust: OperatorTrust | None = None,
+        nats_identities: ControllerIdentities | None = None,
     ) -> None:
         self.config = config
         # The controller's CA and server certificate (None with tls = false), and the pin
@@ -467,23 +498,21 @@ class RunningController:
         self.api_tokens = ApiTokens(api_tokens_table, bootstrap=secrets.api_token)
         self.audit = AuditLog(js=js, subjects=subjects)
         self.system_nc = system_nc
+        # Operator mode (the embedded server, or an external NATS with nats_trust): the
+        # deployment's trust and the controller's own NATS users; None otherwise.
+        self.trust = trust
+        self.nats_identities = nats_identities
         self.admission: NodeAdmission
-        if natsd is not None and natsd.trust is not None:
+        if trust is not None:
             self.admission = OperatorAdmission(
-                trust=natsd.trust, subjects=subjects, system_nc=system_nc, server=natsd,
-                ttl=config.node_jwt_ttl,
-            )
-        elif natsd is not None:
-            self.admission = ReloadAdmission(
-                server=natsd, cache_path=config.data_dir / "nats-nodes.json")
+                trust=trust, subjects=subjects, system_nc=system_nc, ttl=config.node_jwt_ttl)
         else:
             self.admission = UnmanagedAdmission()
         # "operator": nodes isolated by their own JWTs; "off": a NATS that is not ours.
-        self.isolation = "operator" if isinstance(self.admission, OperatorAdmission) else (
-            "config" if self.admission.managed else "off")
+        self.isolation = "operator" if self.admission.managed else "off"
         self.tokens = TokenService(
             tokens_table, default_ttl=config.token_ttl, ca_sha256=agent_ca_sha256,
-            enroll_jwt=natsd.enroll_jwt if natsd is not None else "")
+            enroll_jwt=nats_identities.enroll_jwt if nats_identities is not None else "")
         self.fleet = Fleet(
             nodes,
             stale_after=config.stale_after,
@@ -555,7 +584,17 @@ class RunningController:
         await self.signing_keys.start()
         await self.jobs.start()
         await self.deployer.start()
-        await self.admission.sync(NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
+        try:
+            await self.admission.sync(
+                NodeAccess(node_id=n.id, nkey=n.identity) for n in self.nodes)
+        except Exception as exc:
+            if self.natsd is not None or self.trust is None:
+                raise
+            raise ConfigError(
+                f"the NATS at {self.nats_url} did not take barista's fleet account JWT "
+                f"({type(exc).__name__}: {exc}): do its servers run with the include file "
+                f"of `barista nats init` (nats_trust {self.config.nats_trust}/server/)?"
+            ) from None
         s, nc = self.subjects, self.nc
         # Queue groups: with several controllers, one of them answers each enrollment.
         self._subs.append(await nc.subscribe(s.enroll, queue="controllers", cb=self._on_enroll))
@@ -613,7 +652,7 @@ class RunningController:
 
     async def _on_enroll(self, msg: Msg) -> None:
         # nats-py runs a subscription's callbacks one at a time; enrollments wait on KV
-        # writes and a batched server reload, so each gets its own task (bounded).
+        # writes, so each gets its own task (bounded).
         await self._enroll_slots.acquire()
         task = asyncio.create_task(self._enroll_one(msg))
         self._enroll_tasks.add(task)

@@ -22,6 +22,7 @@ from controller.cli.infra import infra_group
 from controller.cli.keys import keys_group
 from controller.cli.lab import lab_group
 from controller.cli.metrics import influx_options, ingest, top
+from controller.cli.nats import nats_group
 from controller.cli.net import net_group
 
 console = Console()
@@ -74,6 +75,10 @@ def main(verbose: int) -> None:
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="state, keys, embedded NATS")
 @click.option("--nats-url", help="use this NATS instead of starting the embedded one")
+@click.option("--nats-trust", type=click.Path(path_type=Path, file_okay=False),
+              help="the dir `barista nats init --out` wrote for that NATS (node isolation)")
+@click.option("--stream-replicas", type=click.IntRange(1, 5),
+              help="replicas of the streams and new KV buckets (default 1; 3 on a cluster)")
 @click.option("--nats-port", type=int, help="port for the embedded NATS (default: free port)")
 @click.option("--api-host", help="API listen address (default 127.0.0.1)")
 @click.option("--api-port", type=int, help="API port (default 8640; 0 = any free port)")
@@ -87,6 +92,8 @@ def server(
     config_file: Path | None,
     data_dir: Path | None,
     nats_url: str | None,
+    nats_trust: Path | None,
+    stream_replicas: int | None,
     nats_port: int | None,
     api_host: str | None,
     api_port: int | None,
@@ -107,6 +114,8 @@ def server(
             {
                 "data_dir": data_dir,
                 "nats_url": nats_url,
+                "nats_trust": str(nats_trust) if nats_trust else None,
+                "stream_replicas": stream_replicas,
                 "nats_port": nats_port,
                 "api_host": api_host,
                 "api_port": api_port,
@@ -142,6 +151,11 @@ def status(output: str) -> None:
             f"CA sha256 {tls.get('nats_ca_sha256') or tls.get('ca_sha256')}")
     else:
         console.print("tls: [red]off[/red] (plain NATS and API: loopback or demo only)")
+    if data["nats"].get("isolation") == "operator":
+        console.print("node isolation: on (each node its own NATS JWT, revocable)")
+    else:
+        console.print("node isolation: [red]off[/red] (external NATS without barista's trust: "
+                      "any node can publish as another; fix: `barista nats init`)")
     console.print("nodes: " + ", ".join(f"{k} {v}" for k, v in data["nodes"].items()))
     if data["rejected"]:
         console.print(f"rejected messages: {data['rejected']} (last: {data['last_rejection']})")
@@ -536,6 +550,7 @@ main.add_command(keys_group)
 main.add_command(infra_group)
 main.add_command(lab_group)
 main.add_command(net_group)
+main.add_command(nats_group)
 
 if __name__ == "__main__":
     main()

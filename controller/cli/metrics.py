@@ -69,6 +69,8 @@ def influx_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--nats-url", help="the controller's NATS (e.g. nats://127.0.0.1:4222)")
 @click.option("--nats-user", help="NATS user (env BARISTA_NATS_USER)")
 @click.option("--nats-password", help="NATS password (better: env BARISTA_NATS_PASSWORD)")
+@click.option("--nats-creds", type=click.Path(path_type=Path),
+              help="a .creds file, e.g. DIR/creds/state.creds of `barista nats init --out DIR`")
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="the controller's data dir: use its NATS credentials (embedded NATS)")
 @click.option("--workers", type=click.IntRange(1, 64), help="ingest workers in this process")
@@ -78,6 +80,7 @@ def ingest(
     nats_url: str | None,
     nats_user: str | None,
     nats_password: str | None,
+    nats_creds: Path | None,
     data_dir: Path | None,
     workers: int | None,
     influx: dict[str, Any],
@@ -89,12 +92,12 @@ def ingest(
     from controller.config import ControllerConfig
     from controller.errors import ControllerError
     from controller.ingest.process import run_ingest
-    from controller.nats.permissions import CONTROLLER_USER
 
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     overrides = {**influx, "nats_url": nats_url, "nats_user": nats_user,
-                 "nats_password": nats_password, "data_dir": data_dir}
+                 "nats_password": nats_password, "data_dir": data_dir,
+                 "nats_creds": str(nats_creds) if nats_creds else None}
     if workers is not None:
         overrides["ingest_workers"] = workers
     try:
@@ -105,12 +108,13 @@ def ingest(
             raise click.UsageError(
                 "no sink: give --influx-kind and --influx-url (or BARISTA_INFLUX_KIND/_URL)"
             )
-        state_creds = data_dir / "nats" / "creds" / "state.creds" if data_dir else None
-        if not cfg.nats_user and state_creds is not None and state_creds.exists():
+        if not (cfg.nats_user or cfg.nats_creds) and data_dir is not None:
+            state_creds = data_dir / "nats" / "creds" / "state.creds"
+            if not state_creds.exists():
+                raise click.ClickException(
+                    f"{state_creds} does not exist: is {data_dir} the data dir of a "
+                    "controller with the embedded NATS that has started once?")
             cfg.nats_creds = str(state_creds)  # operator mode: every identity is a JWT
-        elif not cfg.nats_user and data_dir is not None:
-            pw = (data_dir / "nats-controller-password").read_text().strip()
-            cfg.nats_user, cfg.nats_password = CONTROLLER_USER, pw
         asyncio.run(run_ingest(cfg))
     except ControllerError as exc:
         raise click.ClickException(exc.message) from None

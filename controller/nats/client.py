@@ -1,4 +1,6 @@
-"""NATS client helpers the controller shares: a flush that never breaks the connection.
+"""NATS client helpers the controller shares: a flush that never breaks the connection, a
+first connect that tells a foreign operator apart, JetStream calls retried while a cluster
+starts.
 
 nats-py's ``flush(timeout)`` cancels its PONG future on timeout but leaves it queued; the
 late PONG then raises InvalidStateError inside the client's read loop, which ends for good
@@ -10,9 +12,16 @@ so a flush here is never left to time out inside nats-py: we stop *waiting* for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import nats.js.errors
 from nats.aio.client import Client as NATS
+
+from controller.errors import ConfigError
 
 log = logging.getLogger("barista.controller.nats")
 
@@ -53,3 +62,44 @@ class Flusher:
         for fut in list(self._pending):
             fut.cancel()
         self._pending.clear()
+
+
+async def check_admitted(url: str, opts: dict[str, Any], trust_dir: str) -> None:
+    """One connect as the controller's state user, not retried: an external NATS that
+    refuses it trusts another operator (nats-py would retry an authorization error for
+    ever). Any other failure (not up yet, say) is left to the retrying connects."""
+    nc = NATS()
+    try:
+        await nc.connect(url, allow_reconnect=False, max_reconnect_attempts=0,
+                         connect_timeout=5, **opts)
+    except Exception as exc:
+        if "authorization" in str(exc).lower():
+            raise ConfigError(
+                f"the NATS at {url} refused the controller's user from {trust_dir}/creds "
+                f"({exc}): its servers trust another operator; give each the include file "
+                f"{trust_dir}/server/barista.conf of `barista nats init`") from None
+    finally:
+        # Bounded, and now: nats-py leaves a refused connection's socket to the GC.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2.0)
+
+
+async def when_available(
+    fn: Callable[[], Awaitable[None]], *, what: str, within: float = 30.0
+) -> None:
+    """``fn()``, retried while JetStream answers 503 (a cluster that is still starting:
+    "JetStream not enabled for account" until the account is set up on every server)."""
+    deadline = time.monotonic() + within
+    warned = False
+    while True:
+        try:
+            await fn()
+            return
+        except nats.js.errors.ServiceUnavailableError as exc:
+            if time.monotonic() > deadline:
+                raise
+            if not warned:
+                log.warning("JetStream is not available yet for %s (%s); retrying for up "
+                            "to %.0fs", what, exc.description, within)
+                warned = True
+            await asyncio.sleep(0.25)

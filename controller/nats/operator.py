@@ -43,6 +43,11 @@ CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
 DEFAULT_USER_TTL = 24 * 3600.0
 
 Which = Literal["fleet", "system"]
+# What a trust dir holds (seeds 0600; the JWTs are no secret but kept 0600 too).
+TRUST_FILES = (
+    "operator.seed", "system.seed", "fleet.seed", "fleet-signing.seed",
+    "operator.jwt", "system.jwt", "fleet.jwt",
+)
 
 
 class TrustError(RuntimeError):
@@ -258,23 +263,32 @@ class OperatorTrust:
             clock=clock,
         )
 
+    @classmethod
+    def load(cls, nats_dir: Path, *, clock: Callable[[], float] = time.time) -> OperatorTrust:
+        """The trust ``barista nats init`` wrote into ``nats_dir`` (nothing is made here: a
+        new operator would be one the deployment's servers do not know)."""
+        tdir = cls.trust_dir(Path(nats_dir))
+        missing = [name for name in TRUST_FILES if not (tdir / name).exists()]
+        if missing:
+            raise TrustError(
+                f"{tdir} holds no NATS trust (missing {', '.join(missing)}); make it with "
+                f"`barista nats init --out {nats_dir}`")
+        return cls.load_or_create(nats_dir, clock=clock)
+
     # -- the server's config ---------------------------------------------------------
 
-    def server_config(self) -> dict[str, object]:
+    def server_config(self, *, resolver_dir: Path | str | None = None) -> dict[str, object]:
         """The operator-mode part of nats-server's config (merge it into the rest; nats-server
         reads JSON). There must be no ``authorization``, ``accounts`` or ``no_auth_user``
         next to it: operator mode refuses config users. The full resolver keeps account
         JWTs (and so revocations) in ``<nats_dir>/jwt``; the preload brings the current
-        ones at every start (an older preload never replaces a newer stored JWT)."""
+        ones at every start (an older preload never replaces a newer stored JWT).
+        ``resolver_dir``: where the server keeps account JWTs (default ``<nats_dir>/jwt``)."""
         return {
             "operator": self.operator_jwt,
             "system_account": self.system_account,
-            "resolver": {
-                "type": "full",
-                "dir": str(self.resolver_dir(self.nats_dir)),
-                "allow_delete": False,
-                "interval": "2m",
-            },
+            "resolver": resolver_block(
+                self.resolver_dir(self.nats_dir) if resolver_dir is None else resolver_dir),
             "resolver_preload": {
                 self.system_account: self.system_jwt,
                 self.fleet_account: self._fleet_jwt,
@@ -386,6 +400,12 @@ class OperatorTrust:
         self._fleet_jwt = token
         self._fleet = jwt.decode(token, jwt.AccountClaims, check_time=False)
         return token
+
+
+def resolver_block(directory: Path | str) -> dict[str, object]:
+    """A full resolver in ``directory``: every account JWT kept there (revocations too,
+    never deleted), synced with the other servers of a cluster every 2 minutes."""
+    return {"type": "full", "dir": str(directory), "allow_delete": False, "interval": "2m"}
 
 
 async def push_account_jwt(

@@ -1,17 +1,17 @@
 """Every NATS identity barista defines and its permissions, built only from ``Subjects``.
 
-The embedded server's config (controller/nats/server.py) renders these; an admission
-without reloads (NATS operator mode) would put the same permissions into user JWTs.
+In NATS operator mode these permissions go into the identities' user JWTs
+(controller/nats/identities.py for the controller's, admission.py for each node's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.subjects import ENROLL_PASSWORD, ENROLL_USER, Subjects
+from protocol.subjects import Subjects
 
-# ENROLL_USER / ENROLL_PASSWORD (protocol.subjects): the enroll user can only ask to enroll;
-# a join token is what authorises a node, so its password is no secret.
+# The enroll identity (ENROLL_NKEY, protocol.subjects) can only ask to enroll; a join token
+# is what authorises a node, so its seed is no secret.
 # The controller's two users (least privilege for the controller too): CONTROLLER_USER has
 # JetStream rights and holds state and streams, and answers no peer; PEERS_USER subscribes
 # to and answers peers (enrollment, app sync, heartbeats, events, results, commands) and
@@ -21,9 +21,8 @@ CONTROLLER_USER = "controller"
 PEERS_USER = "controller-peers"
 # CONTROLLER_INBOX (protocol.subjects), the inbox space of the JetStream connection:
 # PEERS_USER may not publish into it (a forged JetStream API answer), nor read it.
-# The system account answers $SYS.REQ.SERVER.<id>.HEALTHZ / .VARZ; only NatsServer itself
-# connects as its user (a random password per process, written only to the 0600 config).
-SYS_ACCOUNT = "SYS"
+# The system account answers $SYS.REQ.SERVER.<id>.HEALTHZ / .VARZ and takes account JWT
+# updates; only the controller connects as its user (a .creds file it alone reads).
 SYS_USER = "barista-sys"
 
 Permissions = dict[str, dict[str, list[str]]]
@@ -75,32 +74,3 @@ def peers_permissions(subjects: Subjects) -> Permissions:
     and system APIs and the state connection's inbox space (see PEERS_USER)."""
     denied = ["$JS.>", "$KV.>", "$O.>", "$SYS.>", subjects.controller_inbox_any]
     return {"publish": {"deny": denied}, "subscribe": {"deny": list(denied)}}
-
-
-def controller_users(subjects: Subjects, *, password: str) -> list[dict[str, object]]:
-    """The users every embedded server has: the controller's two, and the enroll user.
-    The state user has no permissions block (all of the global account, JetStream too)."""
-    return [
-        {"user": CONTROLLER_USER, "password": password},
-        {"user": PEERS_USER, "password": password, "permissions": peers_permissions(subjects)},
-        {
-            "user": ENROLL_USER,
-            "password": ENROLL_PASSWORD,
-            "permissions": enroll_permissions(subjects),
-        },
-    ]
-
-
-def node_user(subjects: Subjects, node: NodeAccess) -> dict[str, object]:
-    """A node's user entry: its nkey, with node_permissions."""
-    return {"nkey": node.nkey, "permissions": node_permissions(subjects, node.node_id)}
-
-
-def system_account(*, password: str) -> dict[str, object]:
-    """The system account and its one user, apart from the global account where every
-    other user lives and JetStream is enabled: server state (connz, varz, ...) is
-    reachable only through this account, and no longer over HTTP."""
-    return {
-        "accounts": {SYS_ACCOUNT: {"users": [{"user": SYS_USER, "password": password}]}},
-        "system_account": SYS_ACCOUNT,
-    }

@@ -1,14 +1,15 @@
-"""The embedded nats-server: config, one server per data dir (a lock), start, reload, restart.
+"""The embedded nats-server: config, one server per data dir (a lock), start, restart.
 
-With ``trust`` (an OperatorTrust) the server runs in NATS operator mode: no user list in
-its config at all, every identity a user JWT (the controller's users, the enroll identity,
-the system user, each node's), so admitting a node needs no config change and no reload.
+With auth (the default) the server runs in NATS operator mode with an OperatorTrust: no
+user list in its config at all, every identity a user JWT (the controller's users, the
+enroll identity, the system user, each node's), so admitting a node needs no config
+change. Without auth (tests, benchmarks) it has no accounts and no users.
 
 Used by the controller when no NATS URL is configured, and by the tests as the real
 server they run against. Processes are started and stopped by their own pid only. There is
-no HTTP monitoring listener: readiness and reload checks go over NATS, as a system-account
-user whose random password is only in the 0600 config file (anonymously, to JetStream's
-API, on a server without auth).
+no HTTP monitoring listener: readiness checks go over NATS, as the system-account user
+whose .creds file only the controller reads (anonymously, to JetStream's API, on a server
+without auth).
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -41,19 +41,9 @@ import msgspec
 from agent.files import write_private
 from controller.errors import NatsServerError, StoreInUse
 from controller.nats import jwt
-from controller.nats.operator import OperatorTrust, Permissions
-from controller.nats.permissions import (
-    CONTROLLER_USER,
-    PEERS_USER,
-    SYS_USER,
-    NodeAccess,
-    controller_users,
-    enroll_permissions,
-    node_user,
-    peers_permissions,
-    system_account,
-)
-from protocol.subjects import ENROLL_NKEY, Subjects
+from controller.nats.identities import ControllerIdentities
+from controller.nats.operator import OperatorTrust
+from protocol.subjects import Subjects
 
 log = logging.getLogger("barista.controller.natsd")
 
@@ -141,7 +131,7 @@ def _describe_exit(code: int) -> str:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn that has the kernel send the child SIGTERM when its parent dies, so a
     controller killed with -9 takes its nats-server along. Linux only (None elsewhere)."""
     if not sys.platform.startswith("linux"):
@@ -157,14 +147,14 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-class _Probe:
-    """A minimal blocking NATS client for the checks readiness and reload need (the system
-    account's HEALTHZ and VARZ), from a plain thread and without an HTTP listener.
-    ``password`` None: an anonymous connection (a server without auth); ``creds`` (a user
-    JWT and its nkey seed): operator mode, the server's nonce signed with the seed."""
+class Probe:
+    """A minimal blocking NATS client for the checks readiness needs (the system account's
+    HEALTHZ, VARZ, JSZ), from a plain thread and without an HTTP listener. ``creds`` (a user
+    JWT and its nkey seed): operator mode, the server's nonce signed with the seed; None:
+    an anonymous connection (a server without auth)."""
 
     def __init__(
-        self, host: str, port: int, password: str | None, timeout: float,
+        self, host: str, port: int, *, timeout: float = 2.0,
         tls: ssl.SSLContext | None = None,
         creds: tuple[str, str] | None = None,
     ) -> None:
@@ -192,8 +182,6 @@ class _Probe:
                 nonce = str(info.get("nonce", "")).encode()
                 sig = base64.urlsafe_b64encode(jwt.sign(seed, nonce)).rstrip(b"=")
                 connect.update(jwt=token, sig=sig.decode())
-            elif password is not None:
-                connect.update(user=SYS_USER, **{"pass": password})
             self._send(
                 b"CONNECT " + json.dumps(connect).encode() + b"\r\n"
                 + f"SUB {self._inbox}.* 1\r\nPING\r\n".encode()
@@ -204,7 +192,7 @@ class _Probe:
             self._sock.close()
             raise
 
-    def __enter__(self) -> _Probe:
+    def __enter__(self) -> Probe:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -278,9 +266,9 @@ class NatsServer:
     data_dir: Path
     port: int = 0
     host: str = "127.0.0.1"
+    # False: no accounts, no users (tests and benchmarks); True needs ``trust``.
     auth: bool = True
     subjects: Subjects = field(default_factory=Subjects)
-    controller_password: str = ""
     max_payload: int = 1024 * 1024
     jetstream_max_file: str = "4G"
     name: str = "barista"
@@ -293,17 +281,11 @@ class NatsServer:
     orphan_timeout: float = 10.0
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     orphans_stopped: int = field(default=0, init=False)
-    sys_password: str = field(
-        default_factory=lambda: secrets.token_urlsafe(32), init=False, repr=False
-    )
-    # Operator mode (see the module docstring); None: config users and reloads.
+    # Operator mode (see the module docstring): the data dir's operator and accounts.
     trust: OperatorTrust | None = None
-    _nodes: dict[str, NodeAccess] = field(default_factory=dict, init=False)
     _lock_fd: int | None = field(default=None, init=False)
-    # Operator mode: the users made at prepare(), by role ("state", "peers", "sys"), as
-    # (JWT, seed); the enroll identity's JWT (its seed is public: ENROLL_SEED).
-    _users: dict[str, tuple[str, str]] = field(default_factory=dict, init=False, repr=False)
-    enroll_jwt: str = field(default="", init=False, repr=False)
+    # Operator mode: the controller's users, made at prepare() (new keys at every start).
+    identities: ControllerIdentities | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Absolute: the server's command line names the config, and orphans are found by it.
@@ -349,78 +331,31 @@ class NatsServer:
     def creds_dir(self) -> Path:
         return self.data_dir / "creds"
 
-    def creds_path(self, role: str) -> Path:
-        """The 0600 .creds file of one of the controller's users (operator mode)."""
-        return self.creds_dir / f"{role}.creds"
+    @property
+    def enroll_jwt(self) -> str:
+        """The enroll identity's JWT (operator mode; "" before prepare() or without auth)."""
+        return self.identities.enroll_jwt if self.identities is not None else ""
+
+    def _identities(self) -> ControllerIdentities:
+        if self.identities is None:
+            raise NatsServerError("the controller's NATS users exist in operator mode only, "
+                                  "after prepare()")
+        return self.identities
 
     def controller_credentials(self) -> dict[str, str]:
         """The controller's JetStream user: state and streams, never answers peers."""
-        if not self.auth:
-            return {}
-        if self.trust is not None:
-            # "user" only names it (nats-py sends the JWT, not a user, when it has one).
-            return {"user": CONTROLLER_USER, "user_credentials": str(self.creds_path("state"))}
-        return {"user": CONTROLLER_USER, "password": self.controller_password}
+        return self._identities().state_credentials() if self.auth else {}
 
     def peer_credentials(self) -> dict[str, str]:
         """The controller's peer-facing user: no JetStream/KV/system API (see PEERS_USER)."""
-        if not self.auth:
-            return {}
-        if self.trust is not None:
-            return {"user": PEERS_USER, "user_credentials": str(self.creds_path("peers"))}
-        return {"user": PEERS_USER, "password": self.controller_password}
+        return self._identities().peer_credentials() if self.auth else {}
 
     def system_credentials(self) -> dict[str, str]:
         """The system account's user (operator mode only): account JWT pushes, server state."""
-        if self.trust is None:
-            raise NatsServerError("the system user's credentials exist in operator mode only")
-        return {"user_credentials": str(self.creds_path("sys"))}
+        return self._identities().system_credentials()
 
-    def _make_users(self) -> None:
-        """The controller's users as JWTs, new keys at every start (no expiry: they live as
-        long as this process; a restart makes new ones), written to 0600 .creds files."""
-        trust = self.trust
-        assert trust is not None
-        made = {
-            "state": trust.new_user(name=CONTROLLER_USER, permissions=Permissions()),
-            "peers": trust.new_user(
-                name=PEERS_USER,
-                permissions=Permissions.from_config(peers_permissions(self.subjects)),
-            ),
-            "sys": trust.system_user(name=SYS_USER),
-        }
-        self.creds_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.creds_dir, 0o700)
-        users: dict[str, tuple[str, str]] = {}
-        for role, creds in made.items():
-            write_private(self.creds_path(role), creds.creds.encode())
-            token, seed = jwt.parse_creds(creds.creds)
-            users[role] = (token, seed)
-        self._users = users
-        # No expiry: the join tokens of this controller carry it (it is no secret).
-        self.enroll_jwt = trust.user_jwt(
-            ENROLL_NKEY, name="enroll",
-            permissions=Permissions.from_config(enroll_permissions(self.subjects)), ttl=None,
-        )
-
-    @property
-    def nodes(self) -> Mapping[str, NodeAccess]:
-        """The node identities the config admits, by nkey (read-only)."""
-        return MappingProxyType(self._nodes)
-
-    def set_nodes(self, nodes: Iterable[NodeAccess]) -> None:
-        self._nodes = {n.nkey: n for n in nodes}
-
-    def add_node(self, node: NodeAccess) -> None:
-        self._nodes[node.nkey] = node
-
-    def remove_node(self, nkey: str) -> None:
-        self._nodes.pop(nkey, None)
-
-    def render_config(self, nodes: Iterable[NodeAccess] | None = None) -> str:
-        """The server's config (JSON, which nats-server reads). ``nodes``: a snapshot of the
-        node list to render from (default: the current one), so that rendering can run in
-        a thread while enrollments go on."""
+    def render_config(self) -> str:
+        """The server's config (JSON, which nats-server reads)."""
         js_dir = self.data_dir / "jetstream"
         conf: dict[str, object] = {
             "server_name": self.name,
@@ -438,23 +373,12 @@ class NatsServer:
         if self.operator_mode:
             assert self.trust is not None
             conf.update(self.trust.server_config())
-        elif self.auth:
-            users = controller_users(self.subjects, password=self.controller_password)
-            listed = self._nodes.values() if nodes is None else nodes
-            for node in sorted(listed, key=lambda n: n.node_id):
-                users.append(node_user(self.subjects, node))
-            conf["authorization"] = {"users": users}
-            # Only with auth: a system-account user would make the server check the
-            # credentials every client sends (agents always send the enroll user's).
-            conf.update(system_account(password=self.sys_password))
-        # nats-server's config format accepts JSON. msgspec: ~10x json.dumps, which matters
-        # with thousands of nodes (a reload per enrollment batch).
+        # nats-server's config format accepts JSON.
         return msgspec.json.format(msgspec.json.encode(conf), indent=2).decode()
 
-    def write_config(self, text: str | None = None) -> None:
+    def write_config(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # A temp file of its own (write_private): a restart and a reload may write at once.
-        write_private(self.conf_path, (self.render_config() if text is None else text).encode())
+        write_private(self.conf_path, self.render_config().encode())
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -472,10 +396,14 @@ class NatsServer:
         """Take the store's lock and choose the port. An orphaned nats-server of this data
         dir (its controller is gone) is stopped first; a live controller holding the lock is
         a StoreInUse error. Blocking (up to orphan_timeout and then some): run in a thread."""
-        if self.auth and not self.controller_password and self.trust is None:
-            raise NatsServerError("controller_password is required when auth is on")
-        if self.operator_mode and not self._users:
-            self._make_users()
+        if self.auth and self.trust is None:
+            raise NatsServerError(
+                "a nats-server with auth runs in operator mode: give it an OperatorTrust "
+                "(or auth=False for one without any)")
+        if self.operator_mode and self.identities is None:
+            assert self.trust is not None
+            self.identities = ControllerIdentities.make(
+                self.trust, self.subjects, self.creds_dir, reuse=False)
         if self._lock_fd is None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd = self._take_lock()
@@ -593,7 +521,7 @@ class NatsServer:
                 # The server holds the store lock too: the next controller finds it locked
                 # while an orphaned server lives on.
                 pass_fds=(self._lock_fd,),
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         finally:
             log_f.close()
@@ -613,7 +541,7 @@ class NatsServer:
                     f"see {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                with self._probe() as probe:
+                with self.probe() as probe:
                     if self._healthy(probe):
                         break
             except (OSError, NatsServerError, ValueError, KeyError) as exc:
@@ -635,42 +563,18 @@ class NatsServer:
         ctx.load_verify_locations(cafile=self.tls_ca_file or self.tls_cert_file)
         return ctx
 
-    def _probe(self, timeout: float = 2.0) -> _Probe:
-        if self.operator_mode:
-            return _Probe(self.host, self.port, None, timeout, self.client_tls(),
-                          creds=self._users["sys"])
-        return _Probe(self.host, self.port, self.sys_password if self.auth else None, timeout,
-                      self.client_tls())
+    def probe(self, timeout: float = 2.0) -> Probe:
+        """A blocking system-account client of this server (anonymous without auth)."""
+        creds = self._identities().credentials("sys") if self.operator_mode else None
+        return Probe(self.host, self.port, timeout=timeout, tls=self.client_tls(), creds=creds)
 
-    def _healthy(self, probe: _Probe) -> bool:
+    def _healthy(self, probe: Probe) -> bool:
         if self.auth:
             health = probe.server_request("HEALTHZ", {"js-enabled-only": True})
             return health.get("status") == "ok"
         # No auth, so no system account (see render_config): JetStream answering in the
         # global account is the readiness there.
         return "error" not in probe.request("$JS.API.INFO")
-
-    def reload(self, timeout: float = 10.0, *, config_text: str | None = None) -> None:
-        """Rewrite the config and have the server load it; returns once it has.
-
-        ``config_text``: a config rendered beforehand, so that a caller running this in a
-        thread renders from a consistent snapshot of the node list.
-        """
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            raise NatsServerError("nats-server is not running")
-        if not self.auth:
-            raise NatsServerError("a nats-server without auth has no users to reload")
-        with self._probe() as sysc:
-            before = sysc.server_request("VARZ").get("config_load_time")
-            self.write_config(config_text)
-            proc.send_signal(signal.SIGHUP)  # a no-op if it has died (and been reaped)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if sysc.server_request("VARZ").get("config_load_time") != before:
-                    return
-                time.sleep(0.02)
-        raise NatsServerError(f"nats-server did not reload its config within {timeout}s")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -1,6 +1,10 @@
 """Every JetStream stream and KV bucket barista keeps, defined once (controller, ingest,
 benchmarks and tests all use these).
 
+Replicas: 1 unless configured (controller config ``stream_replicas``). That is what the
+embedded single server needs and works on a cluster too (each stream on one server);
+3 on a 3+ server cluster keeps the state through the loss of a server.
+
 What one node may store in METRICS is bounded: a batch is at most ``max_batch`` bytes (larger ones
 are refused by the stream) and a node's subject keeps at most ``per_node_batches(...)``
 batches, so a noisy node's surplus evicts only its own oldest batches.
@@ -96,31 +100,32 @@ def metrics_stream_config(
 
 
 def jobs_stream_config(
-    *, subjects: Subjects, max_age: float, max_bytes: int, max_msg_size: int
+    *, subjects: Subjects, max_age: float, max_bytes: int, max_msg_size: int,
+    replicas: int = 1,
 ) -> StreamConfig:
     """Per-node results of every job (``<prefix>.jobs.<id>.results``), kept for max_age."""
     return _kept_for(JOBS, [subjects.jobs_all], max_age=max_age, max_bytes=max_bytes,
-                     max_msg_size=max_msg_size)
+                     max_msg_size=max_msg_size, replicas=replicas)
 
 
-def events_stream_config(*, subjects: Subjects) -> StreamConfig:
+def events_stream_config(*, subjects: Subjects, replicas: int = 1) -> StreamConfig:
     """Node events and the controller's own fleet events, kept a week."""
     return _kept_for(EVENTS, subjects.stream_subjects_events, max_age=EVENTS_MAX_AGE,
-                     max_bytes=EVENTS_MAX_BYTES)
+                     max_bytes=EVENTS_MAX_BYTES, replicas=replicas)
 
 
-def audit_stream_config(*, subjects: Subjects) -> StreamConfig:
+def audit_stream_config(*, subjects: Subjects, replicas: int = 1) -> StreamConfig:
     """Who did what through the API and which jobs ran (controller.audit), kept 90 days
     or 1 GiB, whichever comes first."""
     return _kept_for(AUDIT, [subjects.audit], max_age=AUDIT_MAX_AGE,
-                     max_bytes=AUDIT_MAX_BYTES)
+                     max_bytes=AUDIT_MAX_BYTES, replicas=replicas)
 
 
-def mesh_stream_config(*, subjects: Subjects) -> StreamConfig:
+def mesh_stream_config(*, subjects: Subjects, replicas: int = 1) -> StreamConfig:
     """Versioned peer deltas of every network (``<prefix>.mesh.<net>.delta``); a resent
     delta (same Nats-Msg-Id: network, epoch, generation) is dropped as a duplicate."""
     config = _kept_for(MESH, subjects.stream_subjects_mesh, max_age=MESH_MAX_AGE,
-                       max_bytes=MESH_MAX_BYTES)
+                       max_bytes=MESH_MAX_BYTES, replicas=replicas)
     config.max_msgs_per_subject = MESH_PER_NETWORK
     config.duplicate_window = 120
     config.description = "overlay peer deltas, one subject per network"
@@ -129,14 +134,14 @@ def mesh_stream_config(*, subjects: Subjects) -> StreamConfig:
 
 def _kept_for(
     name: str, subjects: list[str], *, max_age: float, max_bytes: int,
-    max_msg_size: int = -1,
+    max_msg_size: int = -1, replicas: int = 1,
 ) -> StreamConfig:
     """A file stream with limits retention: messages go when too old or too many bytes
     (``max_msg_size`` -1: no limit of its own, the server's max_payload)."""
     return StreamConfig(
         name=name, subjects=subjects, retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE, max_age=max_age, max_bytes=max_bytes,
-        max_msg_size=max_msg_size,
+        max_msg_size=max_msg_size, num_replicas=replicas,
     )
 
 
@@ -154,7 +159,12 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
             log.info("created stream %s for %s", config.name, config.subjects)
             return
         except nats.js.errors.BadRequestError:
-            pass  # another controller created it in between: update below
+            # Another controller created it in between (update below), or the server
+            # refused it (no room for its max_bytes, too few servers for its replicas).
+            try:
+                await js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                raise
     await js.update_stream(config)
 
 
@@ -194,7 +204,8 @@ INFRA_OPS_BUCKET = Bucket("infra_ops", history=1)
 
 
 async def open_bucket(js: JetStreamContext, bucket: Bucket, *, replicas: int = 1) -> KeyValue:
-    """Open a KV bucket, creating it when missing."""
+    """Open a KV bucket, creating it when missing (with ``replicas``; an existing bucket
+    keeps the replicas it has)."""
     try:
         return await js.key_value(bucket.name)
     except nats.js.errors.BucketNotFoundError:

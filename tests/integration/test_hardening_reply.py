@@ -269,8 +269,8 @@ async def test_f04_token_holder_cannot_take_over_another_nodes_identity(
 
     # Nothing changed: one node, the nkey still bound to it, the token not burnt.
     assert [n.id for n in controller.fleet.select()] == [victim.node_id]
-    assert controller.natsd is not None
-    assert controller.natsd._nodes[nkey].node_id == victim.node_id
+    record = controller.nodes.get(victim.node_id)
+    assert record is not None and record.identity == nkey
     token_rec = controller.tokens_table.get(fresh.record.id)
     assert token_rec is not None and not token_rec.used_by
     beats = controller.stats.heartbeats
