@@ -421,6 +421,16 @@ def install(args: argparse.Namespace) -> int:
             systemctl("enable", UNIT_NAME)
             systemctl("restart" if changed else "start", UNIT_NAME)
             say(f"systemd unit {UNIT_NAME} enabled and started")
+        elif os.environ.get("BARISTA_LAB_VM"):
+            # A lab VM's init (controller/provision/lab/vminit.py) starts the units the VM
+            # enabled, after the user-data and at every boot, like systemd would.
+            unit = str(manifest["systemd_unit"]).replace(UNIT_EXEC, agent_bin)
+            changed |= write_file(UNIT_PATH, unit.encode(), 0o644)
+            wants = UNIT_PATH.parent / "multi-user.target.wants" / UNIT_NAME
+            wants.parent.mkdir(parents=True, exist_ok=True)
+            if not wants.is_symlink():
+                wants.symlink_to(UNIT_PATH)
+            say(f"lab VM: unit {UNIT_NAME} enabled; the lab's init starts it at every boot")
         else:
             restarted = stop_supervisor()
             pid = start_supervisor(python)

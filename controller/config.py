@@ -53,6 +53,11 @@ class ControllerConfig:
     # pin it and the controller and `barista ingest` trust only it.
     nats_ca_file: str = ""
     api_port: int = 8640
+    # Providers the engine provisions on: [controller.providers.NAME] tables with a
+    # ``kind`` (sim, local, ssh, aws, gcp, azure; default: NAME) and its settings.
+    providers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Lab VMs may reuse this venv instead of installing the agent wheel (demo, tests).
+    provision_reuse_venv: str = ""
     heartbeat_interval: float = 5.0
     metrics_interval: float = 10.0
     stale_after: float = 15.0

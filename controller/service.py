@@ -50,6 +50,8 @@ from controller.nats.identities import ControllerIdentities
 from controller.nats.operator import OperatorTrust, TrustError
 from controller.nats.permissions import NodeAccess
 from controller.nats.server import NatsServer, NatsSupervisor
+from controller.provision.model import Infras
+from controller.provision.service import Provisioning
 from controller.state.streams import (
     API_TOKENS_BUCKET,
     APP_STATUS_BUCKET,
@@ -565,6 +567,14 @@ class RunningController:
                          mesh_tables.states]
         self._mesh_stack = AsyncExitStack()
         # --- end mesh
+        # Provisioning (issue 11): the configured providers and the engine (Infras).
+        self.provisioning = Provisioning(
+            js=js, nodes=nodes, tokens=self.tokens, providers=config.providers,
+            data_dir=config.data_dir, nats_url=lambda: self.agent_nats_url,
+            controller_keys=lambda: list(self.signing_keys.enroll_keys),
+            ca_sha256=agent_ca_sha256, forget_node=self._forget_infra_node,
+            reuse_venv=config.provision_reuse_venv, replicas=config.stream_replicas)
+        self._provision_stack = AsyncExitStack()
         self._enroll_slots = asyncio.Semaphore(256)
         self._enroll_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -613,6 +623,7 @@ class RunningController:
         self._subs.append(await nc.subscribe(s.events_any, cb=self._on_node_event))
         self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
         await self._mesh_stack.enter_async_context(self.mesh)  # mesh (issue 12)
+        await self._provision_stack.enter_async_context(self.provisioning)
         # Confirms the subscriptions; a slow server must not fail the start (nor, through
         # nats-py's flush-timeout bug, silently stop the connection from reading).
         await self._flusher.flush(nc)
@@ -633,6 +644,7 @@ class RunningController:
             task.cancel()
         if self._enroll_tasks:
             await asyncio.gather(*self._enroll_tasks, return_exceptions=True)
+        await _stop_logged("provisioning", self._provision_stack.aclose)
         await _stop_logged("mesh", self._mesh_stack.aclose)  # mesh (issue 12)
         await _stop_logged("deployer", self.deployer.stop)
         await _stop_logged("jobs", self.jobs.stop)
@@ -761,6 +773,15 @@ class RunningController:
         await self.admission.remove(node.identity)
         log.warning("node %s revoked", node_id)
         return updated
+
+    async def _forget_infra_node(self, node_id: str) -> None:
+        """The engine's VM of this node is gone: the node goes too (its user revoked)."""
+        if self.nodes.get(node_id) is not None:
+            await self.delete_node(node_id)
+
+    @property
+    def infras(self) -> Infras:
+        return self.provisioning.engine
 
     async def delete_node(self, node_id: str) -> None:
         """Forget a node, revoking its NATS user first (it cannot reconnect or renew)."""

@@ -19,6 +19,7 @@ from controller.api.routes import (
     audit,
     auth,
     bootstrap,
+    infras,
     jobs,
     metrics,
     networks,
@@ -66,8 +67,9 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.DEPLOYER] = controller.deployer
     app[keys.SIGNING_KEYS] = controller.signing_keys
     app[keys.MESH] = controller.mesh
+    app[keys.INFRAS] = controller.infras
     for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing,
-                   bootstrap, networks):
+                   bootstrap, networks, infras):
         app.add_routes(module.routes())
     return app
 

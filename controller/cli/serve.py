@@ -28,6 +28,7 @@ async def running_controller(
 ) -> AsyncIterator[Running]:
     async with Controller(config) as controller:
         async with ApiServer(controller, host=config.api_host, port=config.api_port) as api:
+            controller.provisioning.set_api_url(api.url)
             if write_client:
                 path = config.client_config or default_client_config_path()
                 tls = controller.tls

@@ -36,8 +36,58 @@ def _sim(name: str, raw: Mapping[str, Any]) -> Provider:
     return sim.SimProvider(typed_settings("sim", name, raw, sim.SimSettings), name=name)
 
 
+def _aws(name: str, raw: Mapping[str, Any]) -> Provider:
+    from controller.provision.providers import aws
+
+    return aws.AwsProvider(settings=typed_settings("aws", name, raw, aws.AwsSettings),
+                           catalog=aws.default_catalog())
+
+
+def _gcp(name: str, raw: Mapping[str, Any]) -> Provider:
+    from controller.provision.providers import gcp
+
+    return gcp.GcpProvider(settings=typed_settings("gcp", name, raw, gcp.GcpSettings),
+                           catalog=gcp.default_catalog())
+
+
+def _azure(name: str, raw: Mapping[str, Any]) -> Provider:
+    from controller.provision.providers import azure
+
+    return azure.AzureProvider(
+        settings=typed_settings("azure", name, raw, azure.AzureSettings),
+        catalog=azure.default_catalog())
+
+
+def _local(name: str, raw: Mapping[str, Any]) -> Provider:
+    from pathlib import Path
+
+    from controller.provision.lab.state import LabConfig
+    from controller.provision.providers import local
+
+    settings = dict(raw)
+    data_dir = settings.pop("data_dir", "")
+    mode = settings.pop("mode", None)
+    if not data_dir:
+        raise ProviderConfigError(f"provider {name} (local): data_dir is required")
+    if mode not in (None, "netns", "process"):
+        raise ProviderConfigError(f"provider {name} (local): mode must be netns or process")
+    return local.LocalProvider(data_dir=Path(str(data_dir)), mode=mode,
+                               config=typed_settings("local", name, settings, LabConfig))
+
+
+def _ssh(name: str, raw: Mapping[str, Any]) -> Provider:
+    from controller.provision.providers import ssh
+
+    return ssh.SshProvider(settings=typed_settings("ssh", name, raw, ssh.SshSettings))
+
+
 PROVIDERS: Mapping[str, ProviderFactory] = {
     "sim": _sim,
+    "local": _local,
+    "ssh": _ssh,
+    "aws": _aws,
+    "gcp": _gcp,
+    "azure": _azure,
 }
 
 

@@ -37,6 +37,13 @@ from tests.fixtures.joinlab import (
 from tests.fixtures.wait import wait_for
 
 
+@pytest.fixture
+def lab(join_lab: Lab) -> Lab:
+    """The namespace machine and its controller (``tests.fixtures.joinlab``); the name
+    ``lab`` elsewhere is the netns lab cloud's fixture."""
+    return join_lab
+
+
 @pytest.mark.slow
 async def test_one_line_join_adopts_the_machine(lab: Lab, caplog: pytest.LogCaptureFixture):
     # What the operator gets from `barista token create` (the real CLI and API, pinned).

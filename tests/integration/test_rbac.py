@@ -56,6 +56,14 @@ KNOWN = {
     ("GET", "/v1/auth/tokens"): "admin",
     ("DELETE", "/v1/auth/tokens/{name}"): "admin",
     ("GET", "/v1/audit"): "admin",
+    ("POST", "/v1/infras/review"): "operator",
+    ("POST", "/v1/infras"): "operator",
+    ("GET", "/v1/infras"): "viewer",
+    ("GET", "/v1/infras/{name}"): "viewer",
+    ("DELETE", "/v1/infras/{name}"): "operator",
+    ("POST", "/v1/infras/{name}/actions"): "operator",
+    ("POST", "/v1/infras/gc"): "operator",
+    ("GET", "/v1/infras/{name}/events"): "viewer",
 }
 
 

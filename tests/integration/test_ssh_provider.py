@@ -27,6 +27,13 @@ from tests.fixtures.sshd import Sshd
 from tests.fixtures.wait import wait_for
 
 
+@pytest.fixture
+def lab(join_lab: Lab) -> Lab:
+    """The namespace machine and its controller (``tests.fixtures.joinlab``); the name
+    ``lab`` elsewhere is the netns lab cloud's fixture."""
+    return join_lab
+
+
 async def _request(lab: Lab, name: str) -> LaunchRequest:
     tags = {TAG_INFRA: "hyb", TAG_GROUP: "onprem", TAG_NODE: name}
     issued = await lab.controller.tokens.create(
