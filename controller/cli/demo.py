@@ -1,4 +1,6 @@
-"""`barista demo`: the controller on its embedded defaults and three local agents, live."""
+"""`barista demo`: the controller on its embedded defaults with a live fleet: as root, an
+infra of three simulated clouds provisioned on the lab cloud (demo_lab.py); else three
+local agent processes."""
 
 from __future__ import annotations
 
@@ -155,8 +157,19 @@ async def run_demo(
     agents: int,
     console: Console,
     client_config: Path | None = None,
+    mode: str = "auto",
+    per_cloud: int = 2,
 ) -> DemoResult:
     base = data_dir or Path(tempfile.mkdtemp(prefix="barista-demo-"))
+    from controller.cli import demo_lab
+
+    why_not = demo_lab.lab_unavailable() if mode in ("auto", "lab") else "asked for"
+    if mode == "lab" and why_not is not None:
+        raise RuntimeError(f"the lab cloud cannot run here: {why_not}")
+    lab = why_not is None
+    if not lab and mode == "auto":
+        console.print(f"[yellow]process mode[/yellow]: {why_not}; the agents run as local "
+                      "processes, not on provisioned lab VMs")
     config = ControllerConfig(
         data_dir=base / "controller",
         api_port=0,
@@ -168,6 +181,8 @@ async def run_demo(
         # status` say so).
         tls=False,
         client_config=client_config,
+        providers=demo_lab.provider_config(base) if lab else {},
+        provision_reuse_venv=sys.prefix if lab else "",
         **influx_from_env(),
     )
     result = DemoResult()
@@ -194,7 +209,21 @@ async def run_demo(
                 "BARISTA_INFLUX_TOKEN/_ORG/_BUCKET for a v2 API, to store them)",
                 highlight=False,
             )
-        for i in range(agents):
+        expected = agents
+        if lab:
+            expected = per_cloud * len(demo_lab.CLOUDS)
+            try:
+                if not await demo_lab.provision(c, console, per_cloud):
+                    console.print("[red]not every lab node became ready[/red]")
+                    stop.set()
+                t0 = time.monotonic()  # --duration counts from a ready fleet
+                await _watch(c, demo_agents, result, stop, duration, t0, console, expected)
+            finally:
+                result.nodes = [c.fleet.view(n) for n in c.fleet.select()]
+                if not await demo_lab.teardown(c, console):
+                    console.print("[red]the demo infra was not confirmed deleted; "
+                                  "`barista lab down` sweeps what is left[/red]")
+        for i in range(0 if lab else agents):
             labels = {**DEMO_NODES[i % len(DEMO_NODES)], "infra": "demo", "group": "web"}
             name = f"demo-{labels['provider']}-{i + 1}"
             issued = await c.tokens.create(labels=labels, ttl=600, description=f"demo {name}")
@@ -206,12 +235,13 @@ async def run_demo(
                 f"started agent {name} ({labels['provider']}/{labels['region']}), "
                 f"pid {a.proc.pid if a.proc else '?'}"
             )
-        try:
-            await _watch(c, demo_agents, result, stop, duration, t0, console)
-        finally:
-            console.print("stopping agents ...")
-            await asyncio.to_thread(stop_agents, demo_agents)
-            result.nodes = [c.fleet.view(n) for n in c.fleet.select()]
+        if not lab:
+            try:
+                await _watch(c, demo_agents, result, stop, duration, t0, console, expected)
+            finally:
+                console.print("stopping agents ...")
+                await asyncio.to_thread(stop_agents, demo_agents)
+                result.nodes = [c.fleet.view(n) for n in c.fleet.select()]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     console.print("demo stopped cleanly")
@@ -226,6 +256,7 @@ async def _watch(
     duration: float | None,
     t0: float,
     console: Console,
+    expected: int,
 ) -> None:
     deadline = None if duration is None else t0 + duration
     interactive = console.is_terminal
@@ -251,10 +282,10 @@ async def _watch(
                     )
             nodes = c.fleet.select("infra=demo")
             ready = [n for n in nodes if n.status == "online" and c.hub.latest(n.id)]
-            if result.all_online_after is None and len(ready) >= len(agents):
+            if result.all_online_after is None and len(ready) >= expected:
                 result.all_online_after = now - t0
                 msg = (
-                    f"all {len(agents)} nodes online with metrics after "
+                    f"all {expected} nodes online with metrics after "
                     f"{result.all_online_after:.1f}s"
                 )
                 (live.console if live else console).print(f"[bold green]{msg}[/bold green]")
@@ -345,6 +376,8 @@ def demo_main(
     agents: int,
     output: str = "table",
     keep: bool = False,
+    mode: str = "auto",
+    per_cloud: int = 2,
 ) -> int:
     """Run the demo; a temp data dir is removed after a good run (unless ``keep``) and
     kept, with its logs, after a bad one."""
@@ -354,7 +387,8 @@ def demo_main(
     ok = False
     try:
         result = asyncio.run(
-            run_demo(duration=duration, data_dir=base, agents=agents, console=console)
+            run_demo(duration=duration, data_dir=base, agents=agents, console=console,
+                     mode=mode, per_cloud=per_cloud)
         )
         if output == "json":
             print(

@@ -523,7 +523,14 @@ def jobs_show(job_id: str, follow: bool, full: bool, output: str) -> None:
 
 @main.command()
 @click.option("--duration", default=None, help="stop after this long (default: until Ctrl-C)")
-@click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50),
+              help="process mode: how many local agents")
+@click.option("--mode", type=click.Choice(["auto", "lab", "process"]), default="auto",
+              show_default=True,
+              help="lab: provision an infra on the lab cloud (root); process: local agent "
+              "processes; auto: lab where it can run")
+@click.option("--per-cloud", default=2, show_default=True, type=click.IntRange(1, 10),
+              help="lab mode: nodes per simulated cloud (3 clouds)")
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
@@ -532,13 +539,16 @@ def jobs_show(job_id: str, follow: bool, full: bool, output: str) -> None:
 @click.option("--keep", is_flag=True, help="keep the temp dir (logs, state) after a good run")
 @output_option
 def demo(
-    duration: str | None, agents: int, data_dir: Path | None, keep: bool, output: str
+    duration: str | None, agents: int, mode: str, per_cloud: int, data_dir: Path | None,
+    keep: bool, output: str
 ) -> None:
-    """Controller + embedded NATS + local agents labelled as three clouds, live."""
+    """Controller + embedded NATS + a fleet over three clouds, live: provisioned on the lab
+    cloud as root (a private site behind NAT among them), else local agent processes."""
     from controller.cli.demo import demo_main
 
     seconds = parse_duration(duration) if duration else None
-    sys.exit(demo_main(seconds, data_dir, agents, output, keep=keep))
+    sys.exit(demo_main(seconds, data_dir, agents, output, keep=keep, mode=mode,
+                       per_cloud=per_cloud))
 
 
 main.add_command(top)

@@ -473,6 +473,8 @@ def default_catalog() -> Catalog:
         provider=NAME,
         regions={r.name: r for r in _REGIONS},
         sizes=sizes,
-        images={"ubuntu-24.04": Image("ubuntu-24.04", "ubuntu-noble-24.04"),
-                "ubuntu-22.04": Image("ubuntu-22.04", "ubuntu-jammy-22.04")},
+        # The id is the key of AwsSettings.images (an owner + name pattern resolved to the
+        # newest AMI per region); an "ami-..." id is taken as it is.
+        images={"ubuntu-24.04": Image("ubuntu-24.04", "ubuntu-24.04"),
+                "ubuntu-22.04": Image("ubuntu-22.04", "ubuntu-22.04")},
     )

@@ -317,6 +317,8 @@ class AzureProvider:
 
         region, zone = placement.region, placement.zone
         image = self._settings.images.get(req.image)
+        if image is None and req.image.count(":") in (2, 3):  # a URN: publisher:offer:sku[:v]
+            image = AzureImage(*req.image.split(":"))
         if image is None:
             raise InvalidRequestError(
                 f"azure: unknown image {req.image!r} (known: "

@@ -563,6 +563,8 @@ def default_catalog() -> Catalog:
         regions={r.name: r for r in _REGIONS},
         sizes={s.name: Size(s.name, s.vcpus, s.memory_gb, {"us-central1": _US_CENTRAL1[s.name]},
                             s.arch) for s in _SIZES},
-        images={"ubuntu-24.04": Image("ubuntu-24.04", "ubuntu-2404-lts-amd64"),
-                "ubuntu-22.04": Image("ubuntu-22.04", "ubuntu-2204-lts")},
+        images={"ubuntu-24.04": Image("ubuntu-24.04", "projects/ubuntu-os-cloud/global/"
+                                      "images/family/ubuntu-2404-lts-amd64"),
+                "ubuntu-22.04": Image("ubuntu-22.04", "projects/ubuntu-os-cloud/global/"
+                                      "images/family/ubuntu-2204-lts")},
     )

@@ -209,7 +209,8 @@ class LocalProvider:
         if size is None or not size.offered_in(region):
             raise InvalidRequestError(f"unknown size {req.size!r}", provider=NAME,
                                       region=region, code="UnknownSize")
-        if req.image not in self._catalog.images:
+        if req.image not in self._catalog.images and req.image not in {
+                i.id for i in self._catalog.images.values()}:
             raise InvalidRequestError(f"unknown image {req.image!r}", provider=NAME,
                                       region=region, code="UnknownImage")
 
