@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -47,8 +49,10 @@ async def iperf(lab: Lab, server: str, client: str, address: str, seconds: float
         "-p", "5201", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         for _ in range(50):  # bounded: the server needs a moment to listen
-            out = await _sh("ip", "netns", "exec", lab.nodes[client].ns, "iperf3", "-c",
-                            address, "-p", "5201", "-t", str(seconds), "-J", check=False)
+            out = await _sh("ip", "netns", "exec", lab.nodes[client].ns, "timeout",
+                            str(int(seconds) + 15), "iperf3", "--connect-timeout", "2000",
+                            "-c", address, "-p", "5201", "-t", str(seconds), "-J",
+                            check=False)
             data = json.loads(out) if out.strip().startswith("{") else {}
             if "end" in data and "sum_received" in data["end"]:
                 return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
@@ -115,7 +119,12 @@ async def hand_tunnel(lab: Lab, tmp: Path) -> Any:
             await proc.wait()
 
 
+def _progress(what: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
 async def rotation_gap(lab: Lab, tmp: Path) -> dict[str, Any]:
+    _progress("rotation")
     async with overlay(lab, tmp / "rot", commit_delay=2.0) as (ctl, meshes):
         await ping(lab.nodes["a"].ns, lab.nodes["b"].overlay, count=3, interval=0.1)
         stream = asyncio.create_task(ping(lab.nodes["a"].ns, lab.nodes["b"].overlay,
@@ -157,6 +166,7 @@ async def main(seconds: float, runs: int) -> dict[str, Any]:
                 for i in range(runs):
                     pair = [("ours", lab.nodes["b"].overlay), ("hand", address)]
                     for kind, target in pair if i % 2 == 0 else reversed(pair):
+                        _progress(f"iperf3 {kind} run {i}")
                         gbps = await iperf(lab, "b", "a", target, seconds)
                         (ours if kind == "ours" else hand).append(gbps)
             _, _, text = await ping(lab.nodes["a"].ns, lab.nodes["b"].underlay, count=20,
@@ -172,6 +182,15 @@ async def main(seconds: float, runs: int) -> dict[str, Any]:
     return out
 
 
+async def _run(seconds: float, runs: int) -> dict[str, Any]:
+    """main(), cancelled (so the lab is torn down) on SIGTERM / SIGINT or after 10 min."""
+    task = asyncio.ensure_future(main(seconds, runs))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    return await asyncio.wait_for(task, 600)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -179,4 +198,4 @@ if __name__ == "__main__":
     parser.add_argument("--no-probes", action="store_true")
     args = parser.parse_args()
     PROBES[0] = not args.no_probes
-    print(json.dumps(asyncio.run(main(args.seconds, args.runs))))
+    print(json.dumps(asyncio.run(_run(args.seconds, args.runs))))

@@ -112,8 +112,7 @@ class WireguardGoBackend:
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
         proc = await self.host.spawn(
             [self.binary, "-f", ifname], stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
-            start_new_session=True)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
         entry = _GoProcess(proc=proc)
         self._procs[ifname] = entry
         entry.watch = asyncio.create_task(self._watch(ifname, entry), name=f"wg-go-{ifname}")
