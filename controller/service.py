@@ -624,6 +624,16 @@ class RunningController:
         self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
         await self._mesh_stack.enter_async_context(self.mesh)  # mesh (issue 12)
         await self._provision_stack.enter_async_context(self.provisioning)
+        # An infra spec's `networks:` put its nodes into those overlay networks.
+        engine = self.provisioning.engine
+
+        def infra_networks(name: str) -> list[str]:
+            view = engine.get(name)
+            return list(view.spec.networks) if view is not None else []
+
+        self.mesh.use_infra_networks(infra_networks)
+        self._provision_stack.callback(engine.subscribe(
+            lambda p: self.mesh.infras_changed() if not p.group and not p.node else None))
         # Confirms the subscriptions; a slow server must not fail the start (nor, through
         # nats-py's flush-timeout bug, silently stop the connection from reading).
         await self._flusher.flush(nc)

@@ -24,6 +24,7 @@ from controller.api.routes import (
     metrics,
     networks,
     nodes,
+    providers,
     signing,
     status,
     tokens,
@@ -68,8 +69,9 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.SIGNING_KEYS] = controller.signing_keys
     app[keys.MESH] = controller.mesh
     app[keys.INFRAS] = controller.infras
+    app[keys.PROVIDERS] = controller.provisioning.providers
     for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing,
-                   bootstrap, networks, infras):
+                   bootstrap, networks, infras, providers):
         app.add_routes(module.routes())
     return app
 

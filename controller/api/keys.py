@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from controller.live import MetricsHub
 from controller.mesh.service import MeshService
 from controller.models import NodeRecord, TokenRecord
 from controller.provision.bootstrap import BootstrapFiles
+from controller.provision.contract import Provider
 from controller.provision.model import Infras
 from controller.state.table import Table
 
@@ -66,4 +68,5 @@ JOBS = web.AppKey("jobs", JobEngine)
 DEPLOYER = web.AppKey("deployer", Deployer)
 SIGNING_KEYS = web.AppKey("signing_keys", SigningKeys)
 INFRAS: web.AppKey[Infras] = web.AppKey("infras")
+PROVIDERS: web.AppKey[Mapping[str, Provider]] = web.AppKey("providers")
 MESH = web.AppKey("mesh", MeshService)  # overlay networks (issue 12)
