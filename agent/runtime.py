@@ -205,7 +205,7 @@ class Agent:
         self.collector_set = CollectorSet(
             self._collectors
             if self._collectors is not None
-            else build_collectors(cfg.collectors or None)
+            else build_collectors(cfg.collectors or None, cfg.collector_options())
         )
         if self._executor_factory is not None:
             self.executor = self._executor_factory(self)
