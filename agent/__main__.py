@@ -33,11 +33,23 @@ def _skip_unused_transports(config: AgentConfig) -> None:
         sys.modules["aiohttp"] = None  # type: ignore[assignment]  # import -> ImportError
 
 
+class _LazyBytesParser:
+    """Stands in for email.parser.BytesParser inside nats-py's JetStream clients, which
+    make one at start but parse headers only in direct message gets (which the agent does
+    not use): the real parser, and the email package, are loaded on first use."""
+
+    def parsebytes(self, text: bytes, headersonly: bool = False) -> Any:
+        from email.parser import BytesParser
+
+        return BytesParser().parsebytes(text, headersonly)
+
+
 def _import_nats_lightly() -> None:
     """Import nats-py without importlib.metadata (and the email and zipfile packages it
     pulls in, ~1.2 MB of RSS, 4 % of the agent), which nats-py loads only to report its
-    own version. The version is read from its dist-info directory name instead; the real
-    importlib.metadata stays importable for anything that needs it later."""
+    own version, and without email.parser (~0.6 MB), which its JetStream clients load for
+    a parser they rarely use. The version is read from its dist-info directory name
+    instead; the real modules stay importable for anything that needs them later."""
     if "nats.aio.client" in sys.modules or "importlib.metadata" in sys.modules:
         return
     import importlib.util
@@ -55,11 +67,19 @@ def _import_nats_lightly() -> None:
     stub = types.ModuleType("importlib.metadata")
     stub.version = version  # type: ignore[attr-defined]
     sys.modules["importlib.metadata"] = stub
+    parser_stub = None
+    if "email.parser" not in sys.modules:
+        parser_stub = types.ModuleType("email.parser")
+        parser_stub.BytesParser = _LazyBytesParser  # type: ignore[attr-defined]
+        sys.modules["email.parser"] = parser_stub
     try:
         import nats.aio.client  # noqa: F401
+        import nats.js  # noqa: F401  # the part that takes the parser, while it is stubbed
     finally:
         if sys.modules.get("importlib.metadata") is stub:
             del sys.modules["importlib.metadata"]
+        if parser_stub is not None and sys.modules.get("email.parser") is parser_stub:
+            del sys.modules["email.parser"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
