@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,42 @@ def _import_nats_lightly() -> None:
         parser_stub.BytesParser = _LazyBytesParser  # type: ignore[attr-defined]
         sys.modules["email.parser"] = parser_stub
     try:
-        import nats.aio.client  # noqa: F401
+        import nats.aio.client
         import nats.js  # noqa: F401  # the part that takes the parser, while it is stubbed
     finally:
         if sys.modules.get("importlib.metadata") is stub:
             del sys.modules["importlib.metadata"]
         if parser_stub is not None and sys.modules.get("email.parser") is parser_stub:
             del sys.modules["email.parser"]
+
+
+_M_ARENA_MAX = -8  # mallopt(3)
+_TRIM_EVERY = 60.0  # seconds between malloc_trim calls
+
+
+def _tune_malloc() -> Callable[[], object] | None:
+    """glibc only: one malloc arena for every thread, and a function that hands the free
+    pages of the heap back to the kernel (malloc_trim). The collectors read /proc in a
+    worker thread, which would otherwise get an arena of its own that is never trimmed;
+    startup (imports, enrollment, the TLS handshake) leaves free pages in the middle of
+    the heap. Together ~0.6 MB of RSS, 2 % of the agent. Elsewhere (musl, macOS): None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes  # the timex collector loads it anyway
+
+        libc = ctypes.CDLL(None)
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    mallopt(_M_ARENA_MAX, 1)  # before any thread exists: asyncio.run starts them
+    return lambda: trim(0)
+
+
+async def _trim_forever(trim: Callable[[], object]) -> None:
+    while True:
+        await asyncio.sleep(_TRIM_EVERY)
+        trim()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -151,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     _import_nats_lightly()
     from agent.runtime import EnrollmentError
 
+    trim = _tune_malloc()
     try:
-        asyncio.run(_run(config))
+        asyncio.run(_run(config, trim))
     except EnrollmentError as exc:
         print(f"barista-agent: enrollment refused: {exc.message}", file=sys.stderr)
         return 3
@@ -161,14 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _run(config: AgentConfig) -> None:
+async def _run(config: AgentConfig, trim: Callable[[], object] | None = None) -> None:
     from agent.runtime import run_agent
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_agent(config, stop)
+    trimmer = asyncio.create_task(_trim_forever(trim)) if trim is not None else None
+    try:
+        await run_agent(config, stop)
+    finally:
+        if trimmer is not None:
+            trimmer.cancel()
 
 
 if __name__ == "__main__":

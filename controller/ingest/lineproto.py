@@ -40,8 +40,10 @@ from protocol.messages import MetricBatch
 # - names (measurement, tag keys and values, field keys) escape "," and " " (and "=" except
 #   in the measurement) with a backslash, as InfluxDB's own writers do;
 # - a backslash before a backslash, a space, a comma, an equals sign or the end of a name
-#   has no encoding both sinks read alike (InfluxDB 1.x keeps such backslashes, VM takes
-#   them as escapes), and control characters in names none at all (InfluxDB 1.x stores
+#   (and before '"' in a measurement or field key) has no encoding both sinks read alike
+#   (InfluxDB 1.x keeps such backslashes, VM takes them as escapes, or the other way
+#   round), nor has a '"' in a field key, and control characters in names none at all
+#   (InfluxDB 1.x stores
 #   "\n" as backslash-n, a raw one ends the line): both become U+FFFD, counted;
 # - a measurement starting with "#" would be read as a comment: its "#" becomes U+FFFD;
 # - string fields escape "\" and '"'; tab and CR are written raw; a newline is written raw
@@ -52,16 +54,21 @@ _CONTROLS = "".join(map(chr, range(32))) + "\x7f"
 _MEASUREMENT = str.maketrans({",": "\\,", " ": "\\ "})
 _TAG = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
 _NAME_SPECIAL = frozenset(",= \\" + _CONTROLS)
+_FIELD_KEY_SPECIAL = _NAME_SPECIAL | {'"'}
 _NAME_CONTROL = re.compile(f"[{re.escape(_CONTROLS)}]")
-_NAME_BACKSLASH = re.compile(r"\\(?=[\\ ,=]|$)")
+_TAG_BACKSLASH = re.compile(r"\\(?=[\\ ,=]|\Z)")
+# InfluxDB 1.x also unescapes \" in measurements and field keys (VictoriaMetrics does not).
+_KEY_BACKSLASH = re.compile(r'\\(?=[\\ ,="]|\Z)')
 _FIELD_STR = str.maketrans({"\\": "\\\\", '"': '\\"'})
 _FIELD_SPECIAL = frozenset('\\"' + _CONTROLS)
 _FIELD_CONTROL = re.compile("[" + re.escape(_CONTROLS.replace("\t", "").replace("\r", "")
                                             .replace("\n", "")) + "]")
 _FIELD_CONTROL_NL = re.compile("[" + re.escape(_CONTROLS.replace("\t", "").replace("\r", ""))
                                + "]")
-# Keys InfluxDB 1.x refuses (tag: 400, the point dropped) or drops (field: 204, silently).
+# Keys InfluxDB 1.x refuses (tag: 400, the point dropped) or drops (field: 204, silently),
+# and the tag key VictoriaMetrics ignores (its metric name label): dropped, counted.
 _RESERVED_KEY = "time"
+_RESERVED_TAG_KEYS = frozenset({"time", "__name__"})
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 # Text pieces stand in "\x01" for their commas; the JSON array's own commas are deleted.
@@ -103,10 +110,10 @@ def _int(i: int) -> int:
     return _INTS[i]
 
 
-def _clean_name(text: str) -> tuple[str, int]:
+def _clean_name(text: str, backslash: re.Pattern[str] = _TAG_BACKSLASH) -> tuple[str, int]:
     """``text`` with what no encoding can carry replaced by U+FFFD; 1 if it changed."""
     if "\\" in text:
-        text, n = _NAME_BACKSLASH.subn(REPLACEMENT, text)
+        text, n = backslash.subn(REPLACEMENT, text)
     else:
         n = 0
     text, m = _NAME_CONTROL.subn(REPLACEMENT, text)
@@ -117,7 +124,7 @@ def encode_measurement(name: str) -> tuple[str, int]:
     """The measurement as written, and 1 if characters were replaced (else 0)."""
     replaced = 0
     if not _NAME_SPECIAL.isdisjoint(name):
-        name, replaced = _clean_name(name)
+        name, replaced = _clean_name(name, _KEY_BACKSLASH)
         name = name.translate(_MEASUREMENT)
     if name.startswith("#"):
         name, replaced = REPLACEMENT + name[1:], 1
@@ -125,10 +132,22 @@ def encode_measurement(name: str) -> tuple[str, int]:
 
 
 def encode_tag(text: str) -> tuple[str, int]:
-    """A tag key, tag value or field key as written, and 1 if characters were replaced."""
+    """A tag key or tag value as written, and 1 if characters were replaced."""
     if _NAME_SPECIAL.isdisjoint(text):
         return text, 0
     text, replaced = _clean_name(text)
+    return text.translate(_TAG), replaced
+
+
+def encode_field_key(text: str) -> tuple[str, int]:
+    """A field key as written, and 1 if characters were replaced. A '"' in a field key
+    makes VictoriaMetrics take the rest of the line for a quoted string (and drop it),
+    and InfluxDB 1.x unescapes '\\"': it has no encoding either, and is replaced."""
+    if _FIELD_KEY_SPECIAL.isdisjoint(text):
+        return text, 0
+    text, replaced = _clean_name(text, _KEY_BACKSLASH)
+    if '"' in text:
+        text, replaced = text.replace('"', REPLACEMENT), 1
     return text.translate(_TAG), replaced
 
 
@@ -166,7 +185,7 @@ _KEY_OK, _KEY_REPLACED, _KEY_DROPPED = 0, 1, 2
 def _field_key(key: str, keys: dict[str, tuple[str, int]]) -> tuple[str, int]:
     entry = keys.get(key)
     if entry is None:
-        ekey, replaced = encode_tag(key)
+        ekey, replaced = encode_field_key(key)
         if not ekey or ekey == _RESERVED_KEY:
             entry = ("", _KEY_DROPPED)
         else:
@@ -191,7 +210,7 @@ def _format_fields(
         if state == _KEY_DROPPED or ekey in seen:
             counts.dropped_fields += 1
             continue
-        replaced = state == _KEY_REPLACED
+        replaced = int(state == _KEY_REPLACED)  # the key and a string value count apart
         kind = type(value)
         # Exact type checks: bool is a subclass of int and must not become "1i".
         if kind is float:
@@ -208,7 +227,7 @@ def _format_fields(
             parts.append(f"{ekey}={'true' if value else 'false'}")
         elif kind is str:
             text, changed = encode_field_string(value, raw_newlines=raw_newlines)  # type: ignore[arg-type]
-            replaced = replaced or bool(changed)
+            replaced += changed
             parts.append(f'{ekey}="{text}"')
         else:
             counts.dropped_fields += 1
@@ -622,7 +641,8 @@ def _escaped_pairs(tags: Mapping[str, str], counts: LineCounts) -> list[tuple[st
     """Escaped (key, value) pairs sorted by key, what was replaced or dropped added to
     ``counts``. An empty value is left out uncounted (InfluxDB rejects it, and an absent
     tag means the same on both sinks); an empty key, the key ``time`` (InfluxDB 1.x
-    refuses the point) and a key that escapes like an earlier one are dropped, counted.
+    refuses the point), ``__name__`` (VictoriaMetrics ignores it) and a key that escapes
+    like an earlier one are dropped, counted.
     Sorted first, so keys that clash resolve the same way whatever order they came in:
     the fast path recognises a node's tags by dict equality, which ignores order."""
     pairs: dict[str, str] = {}
@@ -631,7 +651,7 @@ def _escaped_pairs(tags: Mapping[str, str], counts: LineCounts) -> list[tuple[st
             continue
         ekey, key_replaced = encode_tag(key)
         evalue, value_replaced = encode_tag(value)
-        if not ekey or ekey == _RESERVED_KEY or ekey in pairs:
+        if not ekey or ekey in _RESERVED_TAG_KEYS or ekey in pairs:
             counts.dropped_tags += 1
             continue
         pairs[ekey] = evalue

@@ -41,6 +41,10 @@ def one(points: list[MetricPoint], tags: dict[str, str] | None = None, **kw: obj
         (escape_tag, "a\nb", "a\ufffdb"),  # no encoding of a newline in a name: replaced
         (escape_measurement, "#cpu", "\ufffdcpu"),  # a leading '#' makes a comment
         (escape_tag, "#cpu", "#cpu"),  # elsewhere it is harmless
+        # A backslash before a final newline is kept (the newline is replaced): found by
+        # the round trip through InfluxDB (a regex "$" also matches before a final "\n").
+        (escape_tag, "a\\\n", "a\\\ufffd"),
+        (escape_measurement, 'a\\"b', "a\ufffd\"b"),  # InfluxDB 1.x unescapes \" there
         (escape_field_string, 'say "hi" \\o/', 'say \\"hi\\" \\\\o/'),
     ],
 )
