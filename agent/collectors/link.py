@@ -40,7 +40,6 @@ class LinkCollector:
         opts = options or CollectorOptions()
         self._proc, self._sys = opts.proc, opts.sys
         self._filter = interface_filter(opts)
-        self._flags = InterfaceFlags()
         self._max_interfaces = max_interfaces
         self._cap = CapWarner(log, "network interfaces (link)", max_interfaces)
 
@@ -63,20 +62,21 @@ class LinkCollector:
         if text is None:
             return []
         states: dict[str, dict[str, FieldValue]] = {}
-        for name in parse_net_dev(text):
-            if not self._filter(name):
-                continue
-            flags = self._flags.flags(name)
-            if flags is None:
-                continue  # gone since it was listed
-            if flags & IFF_LOOPBACK and not self._filter.include_given:
-                continue
-            states[name] = {
-                "up": int(flags & IFF_UP != 0 and flags & IFF_RUNNING != 0),
-                "admin_up": int(flags & IFF_UP != 0),
-                "mtu": self._flags.mtu(name) or 0,
-                "speed": self._speed(name),
-            }
+        with InterfaceFlags() as ifs:
+            for name in parse_net_dev(text):
+                if not self._filter(name):
+                    continue
+                flags = ifs.flags(name)
+                if flags is None:
+                    continue  # gone since it was listed
+                if flags & IFF_LOOPBACK and not self._filter.include_given:
+                    continue
+                states[name] = {
+                    "up": int(flags & IFF_UP != 0 and flags & IFF_RUNNING != 0),
+                    "admin_up": int(flags & IFF_UP != 0),
+                    "mtu": ifs.mtu(name) or 0,
+                    "speed": self._speed(name),
+                }
         names, dropped = cap_names(states, self._max_interfaces)
         self._cap.dropped(dropped)
         return [MetricPoint("link", states[n], {"interface": n}) for n in names]

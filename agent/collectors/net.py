@@ -53,14 +53,20 @@ def parse_net_dev(text: str) -> dict[str, dict[str, FieldValue]]:
 
 
 class InterfaceFlags:
-    """SIOCGIFFLAGS / SIOCGIFMTU through one datagram socket, opened on first use."""
+    """SIOCGIFFLAGS / SIOCGIFMTU through one datagram socket, for one collection: use it
+    as a context manager (a socket kept open between intervals would outlive agents that
+    are dropped without closing their collectors)."""
 
     def __init__(self) -> None:
-        self._sock: socket.socket | None = None
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def __enter__(self) -> InterfaceFlags:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
 
     def _ioctl(self, request: int, name: str) -> bytes | None:
-        if self._sock is None:
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             return fcntl.ioctl(self._sock, request, struct.pack("16s16x", name.encode()[:15]))
         except OSError:
@@ -73,14 +79,6 @@ class InterfaceFlags:
     def mtu(self, name: str) -> int | None:
         raw = self._ioctl(_SIOCGIFMTU, name)
         return None if raw is None else struct.unpack_from("i", raw, 16)[0]
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def __del__(self) -> None:
-        self.close()
 
 
 def interface_filter(opts: CollectorOptions) -> NameFilter:
@@ -98,16 +96,15 @@ class NetCollector:
         opts = options or CollectorOptions()
         self._proc = opts.proc
         self._filter = interface_filter(opts)
-        self._flags = InterfaceFlags()
         # Interface names are tag values; bounded so a host with thousands of veths/taps
         # cannot flood the series count. Kept: the first in name order.
         self._max_interfaces = max_interfaces
         self._cap = CapWarner(log, "network interfaces", max_interfaces)
 
-    def _wanted(self, name: str) -> bool:
+    def _wanted(self, name: str, ifs: InterfaceFlags) -> bool:
         if not self._filter(name):
             return False
-        flags = self._flags.flags(name)
+        flags = ifs.flags(name)
         if flags is None or flags & IFF_UP == 0:
             return False  # gone, or administratively down (the link collector shows it)
         return self._filter.include_given or flags & IFF_LOOPBACK == 0
@@ -115,7 +112,9 @@ class NetCollector:
     def collect(self) -> list[MetricPoint]:
         text = read_text(f"{self._proc}/net/dev")
         counters = parse_net_dev(text) if text is not None else _psutil_counters()
-        names, dropped = cap_names(filter(self._wanted, counters), self._max_interfaces)
+        with InterfaceFlags() as ifs:
+            wanted = [n for n in counters if self._wanted(n, ifs)]
+        names, dropped = cap_names(wanted, self._max_interfaces)
         self._cap.dropped(dropped)
         return [MetricPoint("net", counters[n], {"interface": n}) for n in names]
 
