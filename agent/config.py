@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import settings
 from agent.policy import CommandPolicy, PolicyError
 from protocol.subjects import ENROLL_PASSWORD, ENROLL_USER
+
+if TYPE_CHECKING:
+    from agent.collectors.base import CollectorOptions
 
 ENV_PREFIX = "BARISTA_AGENT_"
 DEFAULT_CONFIG = Path("/etc/barista/agent.toml")
@@ -49,6 +52,18 @@ class AgentConfig:
     heartbeat_interval: float = 0.0
     metrics_interval: float = 0.0
     collectors: list[str] = field(default_factory=list)
+    # Which interfaces, mounts and block devices the collectors report: globs (fnmatch),
+    # include lists empty = all; the ignore lists apply after them. None = the built-in
+    # default (agent/collectors/base.py). Telegraf's `interfaces`, `mount_points`,
+    # `ignore_fs`, `devices`; see infra/influxdb/README.md.
+    net_interfaces: list[str] = field(default_factory=list)
+    net_ignore_interfaces: list[str] = field(default_factory=list)
+    disk_mount_points: list[str] = field(default_factory=list)
+    disk_ignore_mount_points: list[str] | None = None
+    disk_fs: list[str] = field(default_factory=list)
+    disk_ignore_fs: list[str] | None = None
+    diskio_devices: list[str] = field(default_factory=list)
+    diskio_ignore_devices: list[str] | None = None
     # Metric batches kept while NATS is unreachable (drop-oldest); 360 = 1 h at 10 s.
     buffer_batches: int = 360
     max_concurrency: int = 8
@@ -150,6 +165,27 @@ class AgentConfig:
             self.command_policy()
         except PolicyError as exc:
             raise ConfigError(str(exc)) from None
+        self.collector_options()
+
+    def collector_options(self) -> CollectorOptions:
+        """The collectors' include/exclude globs; ConfigError names a bad one."""
+        from agent.collectors.base import CollectorOptions, NameFilter
+
+        defaults = CollectorOptions()
+        values: dict[str, tuple[str, ...]] = {}
+        for name in (
+            "net_interfaces", "net_ignore_interfaces", "disk_mount_points",
+            "disk_ignore_mount_points", "disk_fs", "disk_ignore_fs", "diskio_devices",
+            "diskio_ignore_devices",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            globs = getattr(defaults, name) if value is None else tuple(value)
+            try:
+                NameFilter(globs)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            values[name] = globs
+        return CollectorOptions(**values)  # type: ignore[arg-type]  # all tuple fields
 
     @property
     def has_policy(self) -> bool:

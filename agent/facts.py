@@ -12,8 +12,6 @@ import socket
 import time
 from typing import Any
 
-import psutil
-
 log = logging.getLogger("barista.agent.facts")
 
 OS_RELEASE_PATHS = ("/etc/os-release", "/usr/lib/os-release")
@@ -44,6 +42,32 @@ def _read_os_release() -> dict[str, str]:
     return {}
 
 
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _boot_time() -> float:
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except FileNotFoundError:
+        pass
+    import psutil
+
+    return float(psutil.boot_time())
+
+
 def collect_facts(agent_version: str) -> dict[str, Any]:
     """Return this machine's facts; keys missing on this platform are simply absent."""
     facts: dict[str, Any] = {
@@ -55,13 +79,14 @@ def collect_facts(agent_version: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count() or 0,
         "agent_version": agent_version,
     }
-    # psutil can fail in odd sandboxes (no /proc); facts stay useful without these.
+    # /proc first (psutil costs ~0.9 MB of RSS for two numbers); psutil where there is no
+    # /proc; facts stay useful without these.
     try:
-        facts["mem_total"] = int(psutil.virtual_memory().total)
+        facts["mem_total"] = _mem_total()
     except Exception as exc:
         log.warning("cannot read total memory: %s", exc)
     try:
-        boot = float(psutil.boot_time())
+        boot = _boot_time()
         facts["boot_time"] = boot
         facts["uptime"] = max(0.0, time.time() - boot)
     except Exception as exc:

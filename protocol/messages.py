@@ -18,6 +18,9 @@ from protocol.version import PROTOCOL_VERSION
 # Integer fields are InfluxDB's int64: a value outside it makes the batch malformed (the
 # agent never sends one; a uint64 counter is sent as a float by whoever produces it).
 Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+# Metric timestamps (ns since the epoch) InfluxDB accepts: ±(2**63 - 2). One beyond fails
+# the whole write with 400, so decode refuses the batch instead.
+TimestampNs = Annotated[int, msgspec.Meta(ge=-((1 << 63) - 2), le=(1 << 63) - 2)]
 # Domain separation: a signature over an enroll request can never pass for anything else.
 ENROLL_SIGNING_CONTEXT = "barista-enroll-v1"
 RENEW_SIGNING_CONTEXT = "barista-renew-v1"
@@ -131,13 +134,13 @@ class MetricPoint(msgspec.Struct, array_like=True, omit_defaults=True, gc=False)
     measurement: str
     fields: dict[str, FieldValue]
     tags: dict[str, str] = {}
-    ts: int = 0  # nanoseconds since the epoch; 0 = the batch's ts
+    ts: TimestampNs = 0  # nanoseconds since the epoch; 0 = the batch's ts
 
 
 class MetricBatch(Message, tag="metrics"):
     node_id: str
     seq: int
-    ts: int  # nanoseconds since the epoch
+    ts: TimestampNs  # nanoseconds since the epoch; 0 = none (the store stamps the points)
     points: list[MetricPoint]
     # Tags common to every point (node, infra, group, provider, region, zone).
     tags: dict[str, str] = {}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import translate
 from typing import Protocol
 
 from protocol.messages import FieldValue, MetricPoint
@@ -12,10 +15,13 @@ __all__ = [
     "MAX_TAG_VALUES",
     "CapWarner",
     "Collector",
+    "CollectorOptions",
     "FieldValue",
     "MetricPoint",
+    "NameFilter",
     "cap_names",
     "percent",
+    "read_text",
 ]
 
 # Upper bound on the distinct values a per-item tag (cpu, interface, device, mount path)
@@ -66,3 +72,92 @@ class CapWarner:
             self._logger.warning(
                 "%d %s over the cap of %d are not reported", count, self._what, self._limit
             )
+
+
+# Telegraf's default ignore_fs plus the kernel's virtual filesystems: they have no disk
+# behind them. The disk collector also drops every "nodev" type of /proc/filesystems (and
+# so NFS/CIFS, whose statvfs can hang on a dead server) unless disk_fs names it.
+DEFAULT_IGNORE_FS = (
+    "tmpfs", "devtmpfs", "devfs", "iso9660", "overlay", "aufs", "squashfs", "ramfs",
+    "proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "hugetlbfs", "debugfs",
+    "tracefs", "securityfs", "pstore", "bpf", "configfs", "fusectl", "autofs", "nsfs",
+    "binfmt_misc", "rpc_pipefs", "efivarfs", "fuse.lxcfs", "fuse.gvfsd-fuse", "nfs",
+    "nfs4", "cifs", "smb3", "sshfs", "fuse.sshfs",
+)  # fmt: skip
+
+# Container runtimes and kubelet mount volumes under per-container/per-pod directories
+# whose names are ids: as tag values they would grow without bound as pods come and go.
+DEFAULT_IGNORE_MOUNT_POINTS = (
+    "/var/lib/kubelet/*", "/var/lib/docker/*", "/var/lib/containers/*", "/run/containerd/*",
+    "/run/k3s/*", "/snap/*", "/proc/*", "/sys/*",
+)  # fmt: skip
+
+# ram disks and loop devices (one per snap on Ubuntu) are not storage.
+DEFAULT_IGNORE_DEVICES = ("ram*", "loop*")
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorOptions:
+    """What the agent config says about which items to report (globs, fnmatch syntax,
+    case-sensitive) and where the kernel's files are (tests point these at a snapshot).
+
+    An empty include list means every item; the exclude list is applied after it. Like
+    Telegraf's ``interfaces``, an empty ``net_interfaces`` reports every interface but
+    loopback ones, and a list that names ``lo`` (or ``*``) reports it too.
+    """
+
+    net_interfaces: tuple[str, ...] = ()
+    net_ignore_interfaces: tuple[str, ...] = ()
+    disk_mount_points: tuple[str, ...] = ()
+    disk_ignore_mount_points: tuple[str, ...] = DEFAULT_IGNORE_MOUNT_POINTS
+    disk_fs: tuple[str, ...] = ()
+    disk_ignore_fs: tuple[str, ...] = DEFAULT_IGNORE_FS
+    diskio_devices: tuple[str, ...] = ()
+    diskio_ignore_devices: tuple[str, ...] = DEFAULT_IGNORE_DEVICES
+    proc: str = "/proc"
+    sys: str = "/sys"
+
+
+class NameFilter:
+    """``include`` / ``exclude`` globs compiled into one regex each (fnmatchcase rules)."""
+
+    __slots__ = ("_exclude", "_include", "include_given")
+
+    def __init__(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
+        include, exclude = tuple(include), tuple(exclude)
+        for pattern in (*include, *exclude):
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"a name glob must be a non-empty string, not {pattern!r}")
+        self.include_given = bool(include)
+        self._include = _globs(include)
+        self._exclude = _globs(exclude)
+
+    def __call__(self, name: str) -> bool:
+        if self._include is not None and self._include.match(name) is None:
+            return False
+        return self._exclude is None or self._exclude.match(name) is None
+
+
+def _globs(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns))
+
+
+def read_text(path: str) -> str | None:
+    """The whole of a /proc or /sys file as text; None when it does not exist here."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("ascii", "replace")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def read_int(path: str) -> int | None:
+    """A file holding one integer (sysctls, /sys attributes); None when absent or not one
+    (``speed`` of a link without carrier fails with EINVAL, which is "unknown" too)."""
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

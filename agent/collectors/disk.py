@@ -1,48 +1,60 @@
-"""Filesystem usage per real mount point, as Telegraf's `disk` input reports it."""
+"""Filesystem usage per real mount point, as Telegraf's `disk` input reports it.
+
+Mounts come from /proc/self/mounts, chosen by the agent config's globs (``disk_mount_points``,
+``disk_ignore_mount_points``, ``disk_fs``, ``disk_ignore_fs``). A mount whose statvfs fails
+is reported, not skipped: its point carries ``device_error`` = the errno (0 when healthy),
+so a dead or unreadable mount shows on a dashboard instead of vanishing from it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 
-import psutil
-
 from agent.collectors.base import (
     MAX_TAG_VALUES,
     CapWarner,
+    CollectorOptions,
     FieldValue,
     MetricPoint,
+    NameFilter,
     cap_names,
     percent,
+    read_text,
 )
 
 log = logging.getLogger("barista.agent.collectors")
 
-# Telegraf's default ignore_fs plus the kernel's virtual filesystems: they have no disk
-# behind them. psutil's all=False already drops "nodev" types (and so NFS/CIFS, whose
-# statvfs can hang on a dead server), this is the second line of defence.
-PSEUDO_FSTYPES = frozenset(
-    {
-        "tmpfs", "devtmpfs", "devfs", "iso9660", "overlay", "aufs", "squashfs", "ramfs",
-        "proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "hugetlbfs", "debugfs",
-        "tracefs", "securityfs", "pstore", "bpf", "configfs", "fusectl", "autofs", "nsfs",
-        "binfmt_misc", "rpc_pipefs", "efivarfs", "fuse.lxcfs", "fuse.gvfsd-fuse", "nfs",
-        "nfs4", "cifs", "smb3", "sshfs", "fuse.sshfs",
-    }
-)  # fmt: skip
 
-# Container runtimes and kubelet mount volumes under per-container/per-pod directories
-# whose names are ids: as tag values they would grow without bound as pods come and go.
-IGNORED_MOUNT_PREFIXES = (
-    "/var/lib/kubelet/",
-    "/var/lib/docker/",
-    "/var/lib/containers/",
-    "/run/containerd/",
-    "/run/k3s/",
-    "/snap/",
-    "/proc/",
-    "/sys/",
-)
+def _unescape(text: str) -> str:
+    r"""/proc/self/mounts writes space, tab, newline and backslash as \040 \011 \012 \134."""
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mounts(text: str) -> list[tuple[str, str, str, str]]:
+    """(device, mount point, fstype, options) per line of /proc/self/mounts."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4:
+            out.append((_unescape(parts[0]), _unescape(parts[1]), parts[2], parts[3]))
+    return out
+
+
+def nodev_types(text: str) -> frozenset[str]:
+    """The filesystem types /proc/filesystems marks "nodev" (no block device behind them)."""
+    pairs = (line.split() for line in text.splitlines())
+    return frozenset(p[1] for p in pairs if len(p) == 2 and p[0] == "nodev")
 
 
 class DiskCollector:
@@ -51,31 +63,36 @@ class DiskCollector:
     name = "disk"
 
     def __init__(
-        self,
-        *,
-        ignore_fstypes: frozenset[str] = PSEUDO_FSTYPES,
-        ignore_mount_prefixes: tuple[str, ...] = IGNORED_MOUNT_PREFIXES,
-        max_mounts: int = MAX_TAG_VALUES,
+        self, options: CollectorOptions | None = None, *, max_mounts: int = MAX_TAG_VALUES
     ) -> None:
-        self._ignore_fstypes = ignore_fstypes
-        self._ignore_prefixes = ignore_mount_prefixes
+        opts = options or CollectorOptions()
+        self._proc = opts.proc
+        self._paths = NameFilter(opts.disk_mount_points, opts.disk_ignore_mount_points)
+        self._fstypes = NameFilter(opts.disk_fs, opts.disk_ignore_fs)
         # Mount paths become tag values: bounded so a host with hundreds of mounts
         # cannot create hundreds of series; the kept ones are the first in path order.
         self._max_mounts = max_mounts
         self._cap = CapWarner(log, "mount points", max_mounts)
+        self._failing: set[str] = set()  # mounts logged as failing, until they recover
 
     def _mounts(self) -> dict[str, tuple[str, str, str]]:
-        """Mount point -> (device, fstype, mode) for the real filesystems, deduplicated."""
+        """Mount point -> (device, fstype, mode) for the chosen filesystems, deduplicated."""
+        text = read_text(f"{self._proc}/self/mounts")
+        if text is None:
+            return _psutil_mounts(self._paths, self._fstypes)
+        # Without an fs include list, only filesystems on a device (psutil's all=False).
+        nodev = frozenset() if self._fstypes.include_given else nodev_types(
+            read_text(f"{self._proc}/filesystems") or ""
+        )
         mounts: dict[str, tuple[str, str, str]] = {}
-        for part in psutil.disk_partitions(all=False):
-            path = str(part.mountpoint)
-            fstype = str(part.fstype)
-            if fstype in self._ignore_fstypes or path.startswith(self._ignore_prefixes):
+        for device, path, fstype, opts in parse_mounts(text):
+            if fstype in nodev or device == "none" or not self._fstypes(fstype):
+                continue
+            if not self._paths(path):
                 continue
             # Telegraf strips /dev/ from the device tag.
-            device = str(part.device).removeprefix("/dev/")
-            mode = "ro" if "ro" in str(part.opts).split(",") else "rw"
-            mounts.setdefault(path, (device, fstype, mode))  # over-mounts: keep the first
+            mode = "ro" if "ro" in opts.split(",") else "rw"
+            mounts.setdefault(path, (device.removeprefix("/dev/"), fstype, mode))  # over-mounts
         return mounts
 
     def collect(self) -> list[MetricPoint]:
@@ -85,14 +102,20 @@ class DiskCollector:
         points: list[MetricPoint] = []
         for path in paths:
             device, fstype, mode = mounts[path]
+            tags = {"path": path, "device": device, "fstype": fstype, "mode": mode}
             try:
                 fields = _usage(path)
+            except FileNotFoundError:
+                continue  # unmounted between listing and statvfs: nothing to report
             except OSError as exc:
-                # A mount that vanished between listing and statvfs is not an error.
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("statvfs %s failed: %s", path, exc)
+                if path not in self._failing:
+                    self._failing.add(path)
+                    log.warning("statvfs %s (%s on %s) failed: %s", path, fstype, device, exc)
+                points.append(MetricPoint("disk", {"device_error": exc.errno or -1}, tags))
                 continue
-            tags = {"path": path, "device": device, "fstype": fstype, "mode": mode}
+            if path in self._failing:
+                self._failing.discard(path)
+                log.info("statvfs %s works again", path)
             points.append(MetricPoint("disk", fields, tags))
         return points
 
@@ -114,4 +137,18 @@ def _usage(path: str) -> dict[str, FieldValue]:
         "inodes_free": st.f_ffree,
         "inodes_used": inodes_used,
         "inodes_used_percent": percent(inodes_used, st.f_files),
+        "device_error": 0,
     }
+
+
+def _psutil_mounts(paths: NameFilter, fstypes: NameFilter) -> dict[str, tuple[str, str, str]]:
+    """Other platforms (no /proc): psutil's list of the physical filesystems."""
+    import psutil  # ~0.9 MB of RSS: only where /proc is missing
+
+    mounts: dict[str, tuple[str, str, str]] = {}
+    for part in psutil.disk_partitions(all=False):
+        path, fstype = str(part.mountpoint), str(part.fstype)
+        if fstypes(fstype) and paths(path):
+            mode = "ro" if "ro" in str(part.opts).split(",") else "rw"
+            mounts.setdefault(path, (str(part.device).removeprefix("/dev/"), fstype, mode))
+    return mounts

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import psutil
+import os
 
-from agent.collectors.base import MetricPoint
+from agent.collectors.base import CollectorOptions, MetricPoint
 
 
 class LoadCollector:
@@ -12,8 +12,11 @@ class LoadCollector:
 
     name = "load"
 
+    def __init__(self, options: CollectorOptions | None = None) -> None:
+        del options  # getloadavg(3) and sysconf need no paths
+
     def collect(self) -> list[MetricPoint]:
-        load1, load5, load15 = psutil.getloadavg()
+        load1, load5, load15 = os.getloadavg()
         return [
             MetricPoint(
                 "system",
@@ -21,7 +24,7 @@ class LoadCollector:
                     "load1": float(load1),
                     "load5": float(load5),
                     "load15": float(load15),
-                    "n_cpus": int(psutil.cpu_count(logical=True) or 0),
+                    "n_cpus": int(os.cpu_count() or 0),
                 },
             )
         ]

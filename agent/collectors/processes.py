@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import os
 
-import psutil
-
-from agent.collectors.base import FieldValue, MetricPoint
-
-_PROC = "/proc"
+from agent.collectors.base import CollectorOptions, FieldValue, MetricPoint
 
 # /proc/<pid>/stat state letter -> Telegraf field (same mapping as Telegraf on Linux).
 _STATE_FIELD = {
@@ -24,17 +20,18 @@ _STATE_FIELD = {
     "I": "idle",
     "P": "parked",
 }
+# psutil's STATUS_* values (plain strings) -> Telegraf field, for the fallback.
 _PSUTIL_FIELD = {
-    psutil.STATUS_RUNNING: "running",
-    psutil.STATUS_SLEEPING: "sleeping",
-    psutil.STATUS_DISK_SLEEP: "blocked",
-    psutil.STATUS_ZOMBIE: "zombies",
-    psutil.STATUS_DEAD: "dead",
-    psutil.STATUS_STOPPED: "stopped",
-    psutil.STATUS_TRACING_STOP: "stopped",
-    psutil.STATUS_IDLE: "idle",
-    psutil.STATUS_PARKED: "parked",
-    psutil.STATUS_WAKING: "running",
+    "running": "running",
+    "sleeping": "sleeping",
+    "disk-sleep": "blocked",
+    "zombie": "zombies",
+    "dead": "dead",
+    "stopped": "stopped",
+    "tracing-stop": "stopped",
+    "idle": "idle",
+    "parked": "parked",
+    "waking": "running",
 }
 _ZERO = (
     "running", "sleeping", "blocked", "zombies", "stopped", "idle", "dead", "paging", "parked",
@@ -42,10 +39,10 @@ _ZERO = (
 )  # fmt: skip
 
 
-def _count_proc() -> dict[str, FieldValue] | None:
+def _count_proc(proc: str) -> dict[str, FieldValue] | None:
     """Read each /proc/<pid>/stat once: one small read per process, no psutil objects."""
     try:
-        entries = os.scandir(_PROC)
+        entries = os.scandir(proc)
     except FileNotFoundError:
         return None
     counts: dict[str, int] = dict.fromkeys(_ZERO, 0)
@@ -55,7 +52,7 @@ def _count_proc() -> dict[str, FieldValue] | None:
             if not entry.name.isdigit():
                 continue
             try:
-                with open(f"{_PROC}/{entry.name}/stat", "rb") as f:
+                with open(f"{proc}/{entry.name}/stat", "rb") as f:
                     data = f.read()
             except OSError:
                 continue  # exited between listing and reading
@@ -72,6 +69,8 @@ def _count_proc() -> dict[str, FieldValue] | None:
 
 def _count_psutil() -> dict[str, FieldValue]:
     """Portable fallback: statuses only, so total_threads is not reported."""
+    import psutil  # ~0.9 MB of RSS: only where /proc is missing
+
     counts: dict[str, int] = dict.fromkeys(_ZERO, 0)
     total = 0
     for proc in psutil.process_iter(attrs=["status"]):
@@ -86,8 +85,11 @@ class ProcessesCollector:
 
     name = "processes"
 
+    def __init__(self, options: CollectorOptions | None = None) -> None:
+        self._proc = (options or CollectorOptions()).proc
+
     def collect(self) -> list[MetricPoint]:
-        fields = _count_proc()
+        fields = _count_proc(self._proc)
         if fields is None:
             fields = _count_psutil()
         return [MetricPoint("processes", fields)]

@@ -9,15 +9,24 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
-from agent.collectors.base import Collector, MetricPoint
+from agent.collectors.base import Collector, CollectorOptions, MetricPoint
+from agent.collectors.conntrack import ConntrackCollector
 from agent.collectors.cpu import CpuCollector
 from agent.collectors.disk import DiskCollector
 from agent.collectors.diskio import DiskIOCollector
+from agent.collectors.kernel import KernelCollector
+from agent.collectors.link import LinkCollector
 from agent.collectors.load import LoadCollector
 from agent.collectors.mem import MemCollector
 from agent.collectors.net import NetCollector
+from agent.collectors.netstat import NetstatCollector
+from agent.collectors.nstat import NstatCollector
+from agent.collectors.pressure import PressureCollector
 from agent.collectors.processes import ProcessesCollector
+from agent.collectors.sysctl_fs import SysctlFsCollector
 from agent.collectors.system import SystemCollector
+from agent.collectors.timex import TimexCollector
+from agent.collectors.vmstat import VmstatCollector
 
 log = logging.getLogger("barista.agent.collectors")
 
@@ -30,10 +39,20 @@ DEFAULT_COLLECTORS: tuple[str, ...] = (
     "load",
     "system",
     "processes",
+    "kernel",
+    "kernel_vmstat",
+    "pressure",
+    "nstat",
+    "netstat",
+    "conntrack",
+    "linux_sysctl_fs",
+    "timex",
+    "link",
 )
 
 # Read-only so no caller can register into a registry shared by every agent in the process.
-COLLECTORS: Mapping[str, Callable[[], Collector]] = MappingProxyType(
+# Each entry builds a collector from the agent's options.
+COLLECTORS: Mapping[str, Callable[[CollectorOptions], Collector]] = MappingProxyType(
     {
         "cpu": CpuCollector,
         "mem": MemCollector,
@@ -43,6 +62,15 @@ COLLECTORS: Mapping[str, Callable[[], Collector]] = MappingProxyType(
         "load": LoadCollector,
         "system": SystemCollector,
         "processes": ProcessesCollector,
+        "kernel": KernelCollector,
+        "kernel_vmstat": VmstatCollector,
+        "pressure": PressureCollector,
+        "nstat": NstatCollector,
+        "netstat": NetstatCollector,
+        "conntrack": ConntrackCollector,
+        "linux_sysctl_fs": SysctlFsCollector,
+        "timex": TimexCollector,
+        "link": LinkCollector,
     }
 )
 
@@ -50,8 +78,11 @@ COLLECTORS: Mapping[str, Callable[[], Collector]] = MappingProxyType(
 _MAX_ERROR_LEN = 200
 
 
-def build_collectors(names: Iterable[str] | None = None) -> list[Collector]:
-    """New collector instances for `names` (default: all of DEFAULT_COLLECTORS), in order.
+def build_collectors(
+    names: Iterable[str] | None = None, options: CollectorOptions | None = None
+) -> list[Collector]:
+    """New collector instances for `names` (default: all of DEFAULT_COLLECTORS), in order,
+    built with `options` (the config's include/exclude globs).
 
     Raises ValueError naming the unknown names and the valid ones. Repeats are dropped.
     """
@@ -65,7 +96,8 @@ def build_collectors(names: Iterable[str] | None = None) -> list[Collector]:
             f"unknown collector(s) {', '.join(map(repr, unknown))}; "
             f"valid: {', '.join(COLLECTORS)}"
         )
-    return [COLLECTORS[n]() for n in dict.fromkeys(wanted)]
+    opts = options or CollectorOptions()
+    return [COLLECTORS[n](opts) for n in dict.fromkeys(wanted)]
 
 
 def _describe(exc: BaseException) -> str:

@@ -164,6 +164,22 @@ def status(output: str) -> None:
         console.print(f"bad stored records: {bad['by_bucket']} (keys: {bad.get('keys', {})})")
     if data.get("oversized_batches"):
         console.print(f"oversized metric batches refused: {data['oversized_batches']}")
+    ingest = data.get("ingest") or {}
+    if ingest:
+        console.print(
+            f"ingest: {ingest.get('points', 0)} points in {ingest.get('batches', 0)} batches "
+            f"to {ingest.get('sink')}; malformed {ingest.get('malformed', 0)}, "
+            f"refused by the store {ingest.get('rejected', 0)}"
+        )
+        lp = ingest.get("line_protocol") or {}
+        if any(lp.values()):
+            # What the encoder had to change to write at all (infra/influxdb/README.md).
+            console.print(
+                "line protocol: "
+                f"{lp.get('replaced', 0)} names/values with characters replaced (U+FFFD), "
+                f"dropped: {lp.get('dropped_tags', 0)} tags, {lp.get('dropped_fields', 0)} "
+                f"fields, {lp.get('dropped_points', 0)} points"
+            )
 
 
 # -- nodes --------------------------------------------------------------------------------

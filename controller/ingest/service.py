@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from nats.js import JetStreamContext
@@ -136,7 +137,19 @@ class IngestService:
             "malformed": sum(w.stats.malformed for w in self.workers),
             "rejected": sum(w.stats.rejected for w in self.workers),
             "write_errors": sum(w.stats.write_errors for w in self.workers),
+            # names and values the encoder had to replace, and tags, fields and points it
+            # dropped, summed over the workers (infra/influxdb/README.md lists the rules)
+            "line_protocol": _sum_counts(w.encoder.counts.as_dict() for w in self.workers),
             "backing_off": any(w.backing_off for w in self.workers),
             "last_error": errors[-1] if errors else None,
             "last_write": max(writes) if writes else None,
         }
+
+
+def _sum_counts(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = dict.fromkeys(("replaced", "dropped_tags", "dropped_fields",
+                                          "dropped_points"), 0)
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total

@@ -116,7 +116,7 @@ class IngestWorker:
         self.subjects = subjects or Subjects()
         self.name = name or durable
         self.stats = IngestStats()
-        self.encoder = LineEncoder()
+        self.encoder = LineEncoder(raw_newlines=bool(getattr(sink, "raw_newlines", False)))
         self.backing_off = False
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -179,6 +179,8 @@ class IngestWorker:
             # batches line-encoded through a shape plan / point by point (lineproto.py)
             "encoded_fast": self.encoder.fast_batches,
             "encoded_exact": self.encoder.exact_batches,
+            # what the encoder replaced or dropped to write at all (lineproto.LineCounts)
+            "line_protocol": self.encoder.counts.as_dict(),
         }
 
     async def _ensure_consumer(self) -> None:

@@ -68,7 +68,8 @@ async def test_three_clouds_two_nodes_each_through_the_served_installer(
                                                "-o", "json", url=api.url, token=token,
                                                timeout=240)
                 view = json.loads(out)
-                assert code == 0, ([n.get("error") for g in view["groups"] for n in g["nodes"]], err)
+                errors = [n.get("error") for g in view["groups"] for n in g["nodes"]]
+                assert code == 0, (errors, err)
                 assert view["status"] == "ready", view
                 prefix = _lab_prefix(c)
                 nodes = [n for g in view["groups"] for n in g["nodes"]]

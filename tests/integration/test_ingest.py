@@ -354,3 +354,34 @@ def test_bad_sink_config(config: SinkConfig, message: str) -> None:
 def test_sink_config_repr_hides_secrets() -> None:
     config = SinkConfig(kind="influx2", url="http://h:1", token="tok-123", org="o", bucket="b")
     assert "tok-123" not in repr(config)
+
+
+@pytest.mark.influx
+async def test_what_the_encoder_changes_is_counted_in_the_status(
+    js: JetStreamContext, influxdb1: InfluxDB1, influx_sink: InfluxV1Sink
+) -> None:
+    """Points InfluxDB would drop or refuse without telling us are changed by the encoder,
+    counted, and shown in the worker's and the service's status (`barista status`)."""
+    odd = MetricBatch(
+        node_id="n9", seq=1, ts=BASE_TS,
+        points=[
+            MetricPoint("#comment", {"v": 1}),  # renamed: its '#' becomes U+FFFD
+            MetricPoint("m", {"time": 1, "v": 2, "nan": float("nan")}, {"time": "t"}),
+            MetricPoint("m2", {"s": "two\nlines"}, {"path": "C:\\"}),
+        ],
+    )
+    await js.publish(SUBJECTS.metrics("n9"), encode(odd))
+    async with IngestWorker(js=js, sink=influx_sink, **FAST) as worker:  # type: ignore[arg-type]
+        await wait_for(lambda: worker.stats.batches == 1, WITHIN, what="the batch")
+        assert worker.status()["line_protocol"] == {
+            "replaced": 2,  # "#comment", "C:\\"
+            "dropped_tags": 1,  # tag key time
+            "dropped_fields": 2,  # field key time, NaN
+            "dropped_points": 0,
+        }
+    assert influxdb1.count("\ufffdcomment", "v", DB) == 1
+    rows = influxdb1.query('SELECT "v", "time" FROM "m"', DB)
+    assert rows[0]["values"][0][1] == 2
+    # InfluxDB 1.x keeps a raw newline inside a quoted string field: it round-trips.
+    rows = influxdb1.query('SELECT "s", "path" FROM "m2"', DB)
+    assert rows[0]["values"][0][1:] == ["two\nlines", "C:\ufffd"]

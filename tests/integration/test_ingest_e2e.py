@@ -117,6 +117,10 @@ async def test_agent_metrics_land_in_influxdb(tmp_path: Path, influxdb1: InfluxD
         assert status["points"] > 0 and status["batches"] > 0
         assert status["write_errors"] == 0 and status["workers"][0]["running"]
         assert "influx1" in status["sink"]
+        # Real agents' names need no replacing and nothing is dropped (and it says so).
+        assert status["line_protocol"] == {
+            "replaced": 0, "dropped_tags": 0, "dropped_fields": 0, "dropped_points": 0,
+        }  # fmt: skip
         # Real agents' batches are what the encoder's shape plans are for: a node's first
         # batch plans its shape, and it does not change between intervals.
         worker = status["workers"][0]

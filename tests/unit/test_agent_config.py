@@ -60,3 +60,28 @@ def test_unenrolled_agent_without_token_exits_with_advice(
     code = main(["--state-dir", str(tmp_path / "s"), "--nats-url", "nats://127.0.0.1:9"])
     assert code == 3
     assert "barista token create" in capsys.readouterr().err
+
+
+def test_collector_globs_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from agent.collectors.base import DEFAULT_IGNORE_DEVICES, DEFAULT_IGNORE_FS
+
+    f = tmp_path / "agent.toml"
+    f.write_text(
+        '[agent]\nnet_interfaces = ["lo", "eth*"]\ndisk_ignore_fs = []\n'
+        'disk_mount_points = ["/", "/srv/*"]\n'
+    )
+    monkeypatch.setenv("BARISTA_AGENT_DISKIO_DEVICES", "sd*,nvme*")
+    opts = AgentConfig.load(f).collector_options()
+    assert opts.net_interfaces == ("lo", "eth*")
+    assert opts.disk_ignore_fs == ()  # given empty: nothing ignored
+    assert opts.disk_mount_points == ("/", "/srv/*")
+    assert opts.diskio_devices == ("sd*", "nvme*")
+    assert opts.diskio_ignore_devices == DEFAULT_IGNORE_DEVICES  # not given: the default
+    assert AgentConfig.load(None).collector_options().disk_ignore_fs == DEFAULT_IGNORE_FS
+
+
+def test_a_bad_collector_glob_is_a_clear_error(tmp_path: Path):
+    f = tmp_path / "agent.toml"
+    f.write_text('[agent]\nnet_interfaces = ["eth*", ""]\n')
+    with pytest.raises(ConfigError, match="net_interfaces: a name glob must be a non-empty"):
+        AgentConfig.load(f)

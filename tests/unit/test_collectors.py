@@ -10,7 +10,13 @@ import time
 import psutil
 import pytest
 
-from agent.collectors.base import MAX_TAG_VALUES, Collector, MetricPoint, cap_names
+from agent.collectors.base import (
+    MAX_TAG_VALUES,
+    Collector,
+    CollectorOptions,
+    MetricPoint,
+    cap_names,
+)
 from agent.collectors.cpu import CpuCollector
 from agent.collectors.disk import DiskCollector
 from agent.collectors.diskio import DiskIOCollector
@@ -67,7 +73,21 @@ EXPECTED: dict[str, dict[str, tuple[set[str], set[str]]]] = {
              "total_threads"},
         )
     },
+    "kernel": {"kernel": (set(), {"interrupts", "context_switches", "processes_forked",
+                                  "boot_time"})},
+    "kernel_vmstat": {"kernel_vmstat": (set(), {"pgmajfault", "pgfault"})},
+    "pressure": {"pressure": ({"resource", "type"}, {"avg10", "avg60", "avg300", "total"})},
+    "nstat": {"nstat": ({"name"}, set())},
+    "netstat": {"netstat": (set(), {"tcp_inuse", "tcp_orphan", "tcp_time_wait"})},
+    "conntrack": {"conntrack": (set(), {"ip_conntrack_count", "ip_conntrack_max"})},
+    "linux_sysctl_fs": {"linux_sysctl_fs": (set(), {"file-nr", "file-max", "inode-nr"})},
+    "timex": {"timex": (set(), {"sync_status", "offset_seconds", "maxerror_seconds",
+                                "frequency_adjustment_ratio", "status"})},
+    "link": {"link": ({"interface"}, {"up", "admin_up", "mtu", "speed"})},
 }  # fmt: skip
+# Fields that may be negative: a signed clock offset or frequency, "unknown" link speed
+# (-1), and the few nstat counters the kernel prints signed (TcpMaxConn is -1).
+SIGNED = {"offset_seconds", "frequency_adjustment_ratio", "speed", "TcpMaxConn"}
 
 CPU_PARTS = (
     "usage_user", "usage_system", "usage_idle", "usage_nice", "usage_iowait", "usage_irq",
@@ -106,7 +126,8 @@ def test_collector_emits_documented_shape(name: str) -> None:
     by_measurement = {p.measurement for p in points}
     assert by_measurement <= set(expected)
     # Every machine this runs on has CPUs, memory, a root filesystem and processes.
-    if name in ("cpu", "mem", "load", "system", "processes", "disk"):
+    if name in ("cpu", "mem", "load", "system", "processes", "disk", "kernel",
+                "kernel_vmstat", "nstat", "netstat", "linux_sysctl_fs", "link"):
         assert by_measurement == set(expected)
     for p in points:
         tag_keys, fields = expected[p.measurement]
@@ -114,7 +135,7 @@ def test_collector_emits_documented_shape(name: str) -> None:
         assert fields <= set(p.fields), (fields - set(p.fields), p)
         for key, value in p.fields.items():
             assert isinstance(value, int | float) and not isinstance(value, bool), (key, p)
-            assert value >= 0, (key, p)
+            assert value >= 0 or key in SIGNED, (key, p)
         assert all(isinstance(v, str) and v for v in p.tags.values()), p
         assert p.ts == 0
 
@@ -214,14 +235,18 @@ def test_counters_never_go_backwards(tmp_path: os.PathLike[str]) -> None:
                 assert int(after[k].fields[field]) >= int(before[k].fields[field]), (k, field)
 
 
-def test_net_skips_loopback() -> None:
+def test_net_skips_loopback_unless_an_include_list_names_it() -> None:
     assert all(p.tags["interface"] != "lo" for p in NetCollector().collect())
-    # Asked not to skip it, lo is reported: the filter is the default, not a bug.
     if not psutil.net_if_stats()["lo"].isup:
         pytest.skip("lo is down in this network namespace")
-    assert any(
-        p.tags["interface"] == "lo" for p in NetCollector(ignore=frozenset()).collect()
-    )
+    only_lo = NetCollector(CollectorOptions(net_interfaces=("lo",))).collect()
+    assert [p.tags["interface"] for p in only_lo] == ["lo"]
+    everything = NetCollector(CollectorOptions(net_interfaces=("*",))).collect()
+    assert "lo" in {p.tags["interface"] for p in everything}
+    ignored = NetCollector(
+        CollectorOptions(net_interfaces=("*",), net_ignore_interfaces=("l?",))
+    ).collect()
+    assert "lo" not in {p.tags["interface"] for p in ignored}
 
 
 def test_load_and_system_values_are_sane() -> None:
@@ -337,7 +362,8 @@ def test_caps_bound_real_tag_values(caplog: pytest.LogCaptureFixture) -> None:
     capped: list[Collector] = [
         DiskCollector(max_mounts=1),
         DiskIOCollector(max_devices=1),
-        NetCollector(ignore=frozenset(), max_interfaces=1),  # lo plus eth0 here: 2 > 1
+        # lo plus eth0 here: 2 > 1
+        NetCollector(CollectorOptions(net_interfaces=("*",)), max_interfaces=1),
     ]
     for collector in capped:
         for _ in range(3):

@@ -36,8 +36,15 @@ def one(points: list[MetricPoint], tags: dict[str, str] | None = None, **kw: obj
         (escape_measurement, "my cpu,x", "my\\ cpu\\,x"),
         (escape_measurement, "a=b", "a=b"),  # '=' is legal in a measurement
         (escape_tag, "eth 0,x=y", "eth\\ 0\\,x\\=y"),
-        (escape_tag, "C:\\", "C:"),  # a trailing backslash would escape the separator
-        (escape_tag, "a\nb", "a\\nb"),
+        # A trailing backslash would escape the separator: replaced (U+FFFD).
+        (escape_tag, "C:\\", "C:\ufffd"),
+        (escape_tag, "a\nb", "a\ufffdb"),  # no encoding of a newline in a name: replaced
+        (escape_measurement, "#cpu", "\ufffdcpu"),  # a leading '#' makes a comment
+        (escape_tag, "#cpu", "#cpu"),  # elsewhere it is harmless
+        # A backslash before a final newline is kept (the newline is replaced): found by
+        # the round trip through InfluxDB (a regex "$" also matches before a final "\n").
+        (escape_tag, "a\\\n", "a\\\ufffd"),
+        (escape_measurement, 'a\\"b', "a\ufffd\"b"),  # InfluxDB 1.x unescapes \" there
         (escape_field_string, 'say "hi" \\o/', 'say \\"hi\\" \\\\o/'),
     ],
 )
@@ -174,7 +181,6 @@ def test_one_plan_serves_every_node_with_the_same_shape() -> None:
         MetricPoint("m", {"ok": 1.0, "bad": math.nan}),  # NaN: dropped by the exact path
         MetricPoint("m", {"ok": 1.0, "bad": -math.inf}),
         MetricPoint("m", {"s": 'quote " and, comma'}),  # strings: exact path
-        MetricPoint("m", {"v": 1}, {"t": "a\x01b"}),  # the comma mark itself in a name
     ],
 )
 def test_batches_the_fast_path_cannot_take_fall_back_to_the_exact_one(
@@ -193,7 +199,7 @@ def test_escaped_names_and_dropped_points_on_the_fast_path() -> None:
         ts=TS,
         points=[
             MetricPoint("", {"v": 1}),  # not writable
-            MetricPoint("my net", {"bytes, in": 5, "\\": 1.5}, {"if": "eth 0,x", "node": "no"}),
+            MetricPoint("my net", {"bytes, in": 5, "": 1.5}, {"if": "eth 0,x", "node": "no"}),
             MetricPoint("empty", {}),
             MetricPoint("m", {"v": 2.5}),
         ],
@@ -207,6 +213,14 @@ def test_escaped_names_and_dropped_points_on_the_fast_path() -> None:
         f"my\\ net,if=eth\\ 0\\,x,node=n1,region=us\\=1 bytes\\,\\ in=5i {TS}",
         f"m,node=n1,region=us\\=1 v=2.5 {TS}",
     ]
+    # Two points dropped (no name; no field), the empty field key and the point's own
+    # "node" tag (the node's wins) dropped: all counted, the same on both paths.
+    assert enc.counts.as_dict() == {
+        "replaced": 0, "dropped_tags": 1, "dropped_fields": 1, "dropped_points": 2,
+    }  # fmt: skip
+    again = LineEncoder()
+    again._encode_exact(batch, again._common(batch, None))
+    assert again.counts == enc.counts
 
 
 def test_a_shape_change_makes_a_new_plan() -> None:
@@ -265,9 +279,13 @@ def test_fast_and_exact_paths_agree_on_anything(
 ) -> None:
     batch = MetricBatch(node_id="n1", seq=1, ts=ts, points=points, tags=tags)
     enc = LineEncoder()
-    expected = _exact(batch, "n1")
+    exact = LineEncoder()
+    expected = exact._encode_exact(batch, exact._common(batch, "n1"))
     assert enc.encode(batch, node="n1") == expected
     assert enc.encode(batch, node="n1") == expected  # again, through the cached plan
+    # The same changes counted too, whichever path wrote the batch.
+    exact._encode_exact(batch, exact._common(batch, "n1"))
+    assert enc.counts == exact.counts
 
 
 def test_tag_keys_that_escape_alike_give_one_answer_in_any_order() -> None:
@@ -287,12 +305,13 @@ def test_tag_keys_that_escape_alike_give_one_answer_in_any_order() -> None:
 @pytest.mark.parametrize(
     ("tags", "fields", "line"),
     [
-        # A backslash before an escaped character is dropped: "x\,evil\=1" must stay one
-        # tag value, not become "x\\,evil\\=1" (VictoriaMetrics would read two tags).
-        ({"host": "x\\,evil\\=1"}, {"v": 1}, "m,host=x\\,evil\\=1,node=n1 v=1i"),
-        ({}, {"usage\\=5\\,g": 1.0}, "m,node=n1 usage\\=5\\,g=1.0"),
-        ({"path": "C:\\\\"}, {"v": 1}, "m,path=C:,node=n1 v=1i"),
-        ({"t": "a\tb\\ c"}, {"v": 1}, "m,t=a\\tb\\ c,node=n1 v=1i"),
+        # A backslash before an escaped character, another backslash or the end has
+        # no encoding InfluxDB 1.x and VictoriaMetrics read alike: replaced, so that
+        # "x\,evil\=1" stays one tag value on both (VM would read "x\\,evil\\=1" as two).
+        ({"host": "x\\,evil\\=1"}, {"v": 1}, "m,host=x\ufffd\\,evil\ufffd\\=1,node=n1 v=1i"),
+        ({}, {"usage\\=5\\,g": 1.0}, "m,node=n1 usage\ufffd\\=5\ufffd\\,g=1.0"),
+        ({"path": "C:\\\\"}, {"v": 1}, "m,path=C:\ufffd\ufffd,node=n1 v=1i"),
+        ({"t": "a\tb\\ c"}, {"v": 1}, "m,t=a\ufffdb\ufffd\\ c,node=n1 v=1i"),
         ({"t": "a\\b"}, {"v": 1}, "m,t=a\\b,node=n1 v=1i"),  # harmless backslash kept
     ],
 )
