@@ -16,6 +16,7 @@ from rich.table import Table
 
 from controller.cli.apps import app_group
 from controller.cli.auth import audit_group, auth_group
+from controller.cli.catalog import catalog_group, provider_group
 from controller.cli.client import ApiClient, ApiError
 from controller.cli.common import call, client, emit_json, parse_duration, with_infra
 from controller.cli.infra import infra_group
@@ -577,6 +578,8 @@ main.add_command(infra_group)
 main.add_command(lab_group)
 main.add_command(net_group)
 main.add_command(nats_group)
+main.add_command(provider_group)
+main.add_command(catalog_group)
 
 if __name__ == "__main__":
     main()
