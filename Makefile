@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed system-deps
 	$(BIN)/barista demo --duration $(DURATION)
 
 # Debian packages the integration tests run for real (InfluxDB 1.x, VictoriaMetrics,
