@@ -9,7 +9,11 @@ identities and connections, and responders that answer with no work on the same 
     python bench/broadcast.py --n 1000 --n 5000 [--rounds 20]
 
 Prints one JSON line per N: {"bench": "broadcast", "n", "p50_ms", "p99_ms",
-"baseline_p50_ms", "ratio", ...}.
+"baseline_p50_ms", "ratio", ...}. ``tokens_s``: making the N join tokens; ``enroll_s``:
+from starting the agent processes until every agent is enrolled, connected and
+subscribed; ``enroll_cpu_s``: the CPU seconds each party spent in that time (on a shared
+machine a steadier figure than the wall time): the controller, nats-server and the agent
+processes (their whole life until ready, imports included).
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[idx]
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU of this process (all its threads), or of ``pid``."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536)
@@ -71,7 +85,7 @@ async def worker_agents(args: argparse.Namespace) -> None:
         agents.append(agent)
 
     await asyncio.gather(*(start(i, t) for i, t in enumerate(tokens)))
-    print("READY", len(agents), flush=True)
+    print("READY", len(agents), round(cpu_seconds(), 2), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
 
@@ -124,12 +138,13 @@ def spawn(mode: str, nats_url: str, state: Path, tokens: Path | None, part: int 
     return proc
 
 
-def wait_ready_all(procs: list[subprocess.Popen[str]], n: int, timeout: float) -> None:
-    for i, proc in enumerate(procs):
-        wait_ready(proc, len(range(i, n, len(procs))), timeout)
+def wait_ready_all(procs: list[subprocess.Popen[str]], n: int, timeout: float) -> float:
+    """Wait until every worker is ready; the CPU seconds they report having used."""
+    return sum(wait_ready(proc, len(range(i, n, len(procs))), timeout)
+               for i, proc in enumerate(procs))
 
 
-def wait_ready(proc: subprocess.Popen[str], n: int, timeout: float) -> None:
+def wait_ready(proc: subprocess.Popen[str], n: int, timeout: float) -> float:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,10 +152,10 @@ def wait_ready(proc: subprocess.Popen[str], n: int, timeout: float) -> None:
         if not line:
             raise RuntimeError(f"worker exited with {proc.poll()}")
         if line.startswith("READY"):
-            got = int(line.split()[1])
-            if got != n:
+            _, got, *cpu = line.split()
+            if int(got) != n:
                 raise RuntimeError(f"worker started {got} of {n}")
-            return
+            return float(cpu[0]) if cpu else 0.0
     raise RuntimeError("worker not ready in time")
 
 
@@ -174,11 +189,20 @@ async def measure(n: int, rounds: int, base: Path, procs: int) -> dict[str, obje
                   for _ in range(n)]
         tok_file = base / "tokens.json"
         tok_file.write_text(json.dumps(tokens))
+        result["tokens_s"] = round(time.monotonic() - t0, 1)
         state = base / "agents"
+        nats_pid = c.natsd.pid if c.natsd is not None else None
+        t0, cpu0 = time.monotonic(), cpu_seconds()
+        nats_cpu0 = cpu_seconds(nats_pid) if nats_pid else 0.0
         workers = [spawn("agents", c.nats_url, state, tok_file, i, procs) for i in range(procs)]
         try:
-            await asyncio.to_thread(wait_ready_all, workers, n, 900)
+            agents_cpu = await asyncio.to_thread(wait_ready_all, workers, n, 900)
             result["enroll_s"] = round(time.monotonic() - t0, 1)
+            result["enroll_cpu_s"] = {
+                "controller": round(cpu_seconds() - cpu0, 1),
+                "nats": round(cpu_seconds(nats_pid) - nats_cpu0, 1) if nats_pid else None,
+                "agents": round(agents_cpu, 1),
+            }
             while len(c.fleet.select()) < n:  # noqa: ASYNC110 - inventory has no event
                 await asyncio.sleep(0.1)
             await c.jobs.run(JobSpec(action="ping", timeout=30))  # warm-up
