@@ -196,8 +196,11 @@ async def measure(n: int, rounds: int, base: Path, procs: int, *, gc_freeze: boo
                                  "gc_freeze": gc_freeze}
     async with Controller(cfg) as c:
         t0 = time.monotonic()
-        tokens = [c.tokens.join_text((await c.tokens.create(ttl=3600)).token)
-                  for _ in range(n)]
+        tokens: list[str] = []
+        for i in range(0, n, 64):  # 64 at a time, as concurrent API calls would make them
+            made = await asyncio.gather(*(c.tokens.create(ttl=3600)
+                                          for _ in range(min(64, n - i))))
+            tokens += [c.tokens.join_text(t.token) for t in made]
         tok_file = base / "tokens.json"
         tok_file.write_text(json.dumps(tokens))
         result["tokens_s"] = round(time.monotonic() - t0, 1)
