@@ -67,6 +67,15 @@ def raise_nofile() -> None:
 # -- worker processes -----------------------------------------------------------------
 
 
+def unfreeze(args: argparse.Namespace) -> None:
+    """Give the collector back everything (see --no-gc-freeze), with one full collection
+    now, during the warm-up round: the broadcast rounds then run with the collector in
+    the state it would have reached on its own, not with a full collection pending."""
+    if args.gc_freeze:
+        gc.unfreeze()
+        gc.collect()
+
+
 async def worker_agents(args: argparse.Namespace) -> None:
     from agent.config import AgentConfig
     from agent.runtime import Agent
@@ -88,8 +97,8 @@ async def worker_agents(args: argparse.Namespace) -> None:
             gc.freeze()
 
     await asyncio.gather(*(start(i, t) for i, t in enumerate(tokens)))
-    gc.unfreeze()  # the broadcast rounds run with the collector as it always was
     print("READY", len(agents), round(cpu_seconds(), 2), flush=True)
+    unfreeze(args)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
 
@@ -129,8 +138,8 @@ async def worker_raw(args: argparse.Namespace) -> None:
 
     dirs = sorted(p for p in Path(args.state).iterdir() if p.is_dir())[args.part :: args.parts]
     await asyncio.gather(*(start(d) for d in dirs))
-    gc.unfreeze()
     print("READY", len(conns), flush=True)
+    unfreeze(args)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.gather(*(nc.close() for nc in conns), return_exceptions=True)
 
