@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent.files import write_private
+from agent.files import fsync_dir, write_private
 
 log = logging.getLogger("barista.agent.ledger")
 
@@ -55,6 +55,8 @@ class SeenLog:
         self._lines = 0
         self._compact_at = _COMPACT_SLACK
         self._fd: int | None = None
+        # False while the log is a new file whose directory entry was not fsynced yet
+        self._entry_durable = True
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(_Seen)
@@ -63,6 +65,7 @@ class SeenLog:
         """Read the ids that are still live, rewrite the log with them, open it for appends."""
         now = self._clock()
         live: dict[str, float] = {}
+        found = True
         try:
             with open(self.path, "rb") as f:
                 for line in f:
@@ -73,12 +76,16 @@ class SeenLog:
                     if math.isfinite(entry.until) and entry.until >= now:
                         live[entry.id] = max(entry.until, live.get(entry.id, 0.0))
         except FileNotFoundError:
-            pass
+            found = False
         if len(live) > self._max:  # keep those that stay longest (most to protect)
             live = dict(sorted(live.items(), key=lambda kv: kv[1])[-self._max :])
         with self._lock:
             self._live = live
-            self._compact()
+            if found:
+                self._compact()
+            else:  # a first start: nothing to rewrite; the new entry is made durable
+                self._open_append()  # with the first record (no fsync on the way up)
+                self._entry_durable = False
         return list(live.items())
 
     def record(self, command_id: str, until: float) -> None:
@@ -89,6 +96,9 @@ class SeenLog:
                 raise OSError(f"{self.path} is not open (load() not called or closed)")
             os.write(self._fd, line)
             os.fdatasync(self._fd)
+            if not self._entry_durable:  # the log's own directory entry, once
+                fsync_dir(self.path.parent)
+                self._entry_durable = True
             self._live[command_id] = until
             self._lines += 1
             if self._lines > self._compact_at:
@@ -109,7 +119,12 @@ class SeenLog:
     def _compact(self) -> None:
         """Rewrite the log with the live ids only (caller holds the lock)."""
         data = b"".join(self._encoder.encode(_Seen(k, v)) + b"\n" for k, v in self._live.items())
-        write_private(self.path, data)
+        write_private(self.path, data)  # durable: the file and its directory entry
+        self._entry_durable = True
+        self._open_append()
+
+    def _open_append(self) -> None:
+        """(Re)open the log for appends, 0600, counting the live ids as its lines."""
         if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

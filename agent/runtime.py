@@ -28,7 +28,7 @@ from agent.enroll import Enroller, EnrollmentError
 from agent.facts import collect_facts
 from agent.identity import EnrollState, Identity
 from agent.keyring import KeyRing
-from agent.ledger import RunLedger, SeenLog
+from agent.ledger import Orphan, RunLedger, SeenLog
 from agent.outbox import Outbox
 from agent.renew import RenewalRefused, expired_soon, renew_as_enroller, renew_loop
 from agent.trust import CA_FILE, trusting
@@ -174,13 +174,11 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(cfg.state_dir, 0o700)
-        identity = self.identity = await asyncio.to_thread(
-            Identity, cfg.state_dir / "identity.nk"
-        )
-        self._facts = await asyncio.to_thread(collect_facts, self.version)
-        state = EnrollState.load(self.state_path)
+        # The blocking local work runs in two thread hops (each costs, and the loop may be
+        # shared by many agents): what enrollment needs, then the rest.
+        identity, self._facts, state = await asyncio.to_thread(self._load_identity)
+        self.identity = identity
+        enrolled_now = state is None
         if state is None:
             # The WireGuard key is made before enrollment: its public key goes with it.
             wg_public = ""
@@ -194,7 +192,6 @@ class Agent:
                 version=self.version, facts=self._facts, log=self.log,
                 wg_public_key=wg_public,
             ).enroll()
-            state.save(self.state_path)
         else:
             self.log.info("node %s: already enrolled", state.node_id)
             if state.nats_jwt and expired_soon(state.nats_jwt):
@@ -208,16 +205,10 @@ class Agent:
         else:
             self.keyring = KeyRing(verifier=self.verifier,
                                    path=cfg.state_dir / "command-keys.json", log=self.log)
-            await asyncio.to_thread(self.keyring.load)
-        # Ids accepted before a restart stay refused for their TTL (replay protection).
         seen_log = self.seen_log = SeenLog(cfg.state_dir / "seen-commands.log")
-        remembered = await asyncio.to_thread(seen_log.load)
+        remembered, orphans = await asyncio.to_thread(self._load_ledgers, enrolled_now)
         if self.verifier is not None and remembered:
             self.verifier.remember(remembered)
-        # Commands a previous agent left running (kill -9, crash) are ended before any new
-        # one starts; their jobs hear about it once we are connected.
-        self.ledger = RunLedger(cfg.state_dir / "running")
-        orphans = await asyncio.to_thread(self.ledger.reap)
         self.collector_set = CollectorSet(
             self._collectors
             if self._collectors is not None
@@ -279,6 +270,30 @@ class Agent:
             ),
         ]
         self.log.info("node %s: agent started (labels %s)", self.node_id, self.labels)
+
+    def _load_identity(self) -> tuple[Identity, dict[str, Any], EnrollState | None]:
+        """(Blocking) the state dir, the identity key (made at the first start), the facts
+        and the enrollment state (None: not enrolled yet)."""
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.state_dir, 0o700)
+        identity = Identity(cfg.state_dir / "identity.nk")
+        return identity, collect_facts(self.version), EnrollState.load(self.state_path)
+
+    def _load_ledgers(self, save_state: bool) -> tuple[list[tuple[str, float]], list[Orphan]]:
+        """(Blocking) the state just enrolled saved (fsynced) if ``save_state``, then the
+        trusted keys, the command ids seen before a restart (they stay refused for their
+        TTL: replay protection) and the commands a previous agent left running (kill -9, a
+        crash), which are ended before any new one starts (their jobs hear about it once we
+        are connected)."""
+        assert self.state is not None and self.seen_log is not None
+        if save_state:
+            self.state.save(self.state_path)
+        if self.keyring is not None:
+            self.keyring.load()
+        remembered = self.seen_log.load()
+        self.ledger = RunLedger(self.config.state_dir / "running")
+        return remembered, self.ledger.reap()
 
     async def stop(self) -> None:
         """Stop taking commands, kill running ones, flush what can be sent, disconnect."""

@@ -119,6 +119,9 @@ class TokenService:
 
         Compare-and-set on the token's revision makes it one-time even with several
         controllers. A retry by the same identity (its reply was lost) gets the same node.
+        The record is first taken from the table's watched copy (no read round trip); a
+        stale copy (used or revoked elsewhere meanwhile) fails the compare-and-set, and the
+        token is then read from the server and checked again.
         """
         parsed = parse_join_token(bare_token(token))
         if parsed is None:
@@ -128,10 +131,32 @@ class TokenService:
         # The pin is not checked here: it protects the agent, which checked it before it
         # sent this request; the secret is what admits.
         token_id, secret = parsed.token_id, parsed.secret
+        cached = self._tokens.get(token_id)
+        rev = self._tokens.revision(token_id)
+        if cached is not None and rev:
+            try:
+                return await self._consume(token_id, secret, cached, rev, node_id=node_id,
+                                           identity=identity)
+            except Conflict:
+                pass  # the copy was stale: decide on the server's record
         try:
             record, rev = await self._tokens.fetch(token_id)
         except NotFound:
             raise TokenRefused("bad_token", "join token is unknown or was revoked") from None
+        try:
+            return await self._consume(token_id, secret, record, rev, node_id=node_id,
+                                       identity=identity)
+        except Conflict:
+            raise TokenRefused(
+                "token_used", "join token was used concurrently by another node"
+            ) from None
+
+    async def _consume(
+        self, token_id: str, secret: str, record: TokenRecord, rev: int, *, node_id: str,
+        identity: str,
+    ) -> TokenRecord:
+        """Check ``record`` (at revision ``rev``) and mark it used by compare-and-set;
+        ``Conflict`` if the stored token is no longer at ``rev``."""
         if not hmac.compare_digest(record.secret_sha256, _sha256(secret)):
             raise TokenRefused("bad_token", "join token is unknown or was revoked")
         if record.used_by:
@@ -164,12 +189,7 @@ class TokenService:
                 "used_by_identity": identity,
             }
         )
-        try:
-            await self._tokens.update(token_id, used, revision=rev)
-        except Conflict:
-            raise TokenRefused(
-                "token_used", "join token was used concurrently by another node"
-            ) from None
+        await self._tokens.update(token_id, used, revision=rev)
         return used
 
 

@@ -31,6 +31,15 @@ CONTROLLER_INBOX = "_INBOX_controller"
 # A reply subject inside an inbox space: the space, then 1-3 tokens (nats-py's requests use
 # two: a per-connection id and a per-request token).
 _REPLY_TAIL = r"(\.[A-Za-z0-9_-]{1,64}){1,3}"
+# Matched after a known prefix: one compiled pattern for every node (a pattern per node id
+# would be compiled anew each time once a fleet outgrows re's cache of 512).
+_REPLY_TAIL_RE = re.compile(_REPLY_TAIL)
+
+
+def _has_reply_tail(prefix: str, subject: str) -> bool:
+    """Whether ``subject`` is ``prefix`` followed by a reply tail (and nothing else)."""
+    return subject.startswith(prefix) and bool(
+        _REPLY_TAIL_RE.fullmatch(subject, len(prefix)))
 
 
 def check_token(value: str, what: str = "name") -> str:
@@ -243,15 +252,11 @@ class Subjects:
     @staticmethod
     def is_enroll_reply(subject: str) -> bool:
         """Whether ``subject`` is a reply subject in the enrolling machines' inbox space."""
-        return isinstance(subject, str) and bool(
-            re.fullmatch(re.escape(ENROLL_INBOX) + _REPLY_TAIL, subject)
-        )
+        return isinstance(subject, str) and _has_reply_tail(ENROLL_INBOX, subject)
 
     def is_node_reply(self, node_id: str, subject: str) -> bool:
         """Whether ``subject`` is a reply subject in node ``node_id``'s own inbox space."""
-        return isinstance(subject, str) and bool(
-            re.fullmatch(re.escape(self.inbox_prefix(node_id)) + _REPLY_TAIL, subject)
-        )
+        return isinstance(subject, str) and _has_reply_tail(self.inbox_prefix(node_id), subject)
 
     # JetStream names
     @property

@@ -415,8 +415,20 @@ def encode(
     the kind nats-server expects (an account key or account signing key for users, an
     operator key for accounts and operators); an operator JWT must be self-signed or signed
     by one of its signing keys."""
+    # One key pair for the issuer's name and the signature (each derivation costs).
+    kp = nkeys.from_seed(bytearray(
+        signer_seed.encode() if isinstance(signer_seed, str) else signer_seed))
+    try:
+        return _encode(claims, kp, issued_at=issued_at, clock=clock)
+    finally:
+        kp.wipe()
+
+
+def _encode(
+    claims: C, kp: nkeys.KeyPair, *, issued_at: int | None, clock: Callable[[], float]
+) -> str:
     kind = type(claims)
-    issuer = public_key(signer_seed)
+    issuer = str(kp.public_key.decode())
     if not is_public_key(issuer, _ISSUER_KIND[kind]):
         raise JwtError(f"{_CLAIM_TYPE[kind]} claims must be signed by an {_ISSUER_KIND[kind]} key")
     if not is_public_key(claims.sub, _SUBJECT_KIND[kind]):
@@ -432,7 +444,7 @@ def encode(
     )
     signed = msgspec.structs.replace(signed, jti=claims_hash(signed))
     to_sign = f"{_b64(HEADER)}.{_b64(_go_json(signed))}"
-    return f"{to_sign}.{_b64(_sign(signer_seed, to_sign.encode('ascii')))}"
+    return f"{to_sign}.{_b64(bytes(kp.sign(to_sign.encode('ascii'))))}"
 
 
 def decode(

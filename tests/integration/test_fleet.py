@@ -262,3 +262,29 @@ async def test_two_controllers_share_state(tmp_path: Path, nats_server_noauth):
             raise AssertionError("a used token was accepted by the second controller")
         except TokenRefused as exc:
             assert exc.code == "token_used"
+
+
+async def test_token_used_elsewhere_is_refused_from_a_stale_copy(
+    tmp_path: Path, nats_server_noauth
+):
+    """A controller whose watched copy of a token is stale (c2's watch is stopped, so it
+    still sees the token unused) decides on the server's record: the compare-and-set
+    against its old revision fails, another identity is refused and the identity that
+    used the token gets its own node back (the idempotent retry)."""
+    from controller.errors import TokenRefused
+
+    cfg1 = controller_config(tmp_path / "c1", nats_url=nats_server_noauth.url)
+    cfg2 = controller_config(tmp_path / "c2", nats_url=nats_server_noauth.url)
+    async with Controller(cfg1) as c1, Controller(cfg2) as c2:
+        tok = await c1.tokens.create()
+        await wait_for(lambda: c2.tokens_table.get(tok.record.id), 10, "watch to propagate")
+        await c2.tokens_table.stop()  # c2's copy of the token stays "unused" from now on
+        first, other = "U" + "A" * 55, "U" + "B" * 55
+        used = await c1.tokens.consume(tok.token, node_id="n1", identity=first)
+        assert c2.tokens_table.get(tok.record.id).used_by == ""  # stale indeed
+        with pytest.raises(TokenRefused) as refused:
+            await c2.tokens.consume(tok.token, node_id="n2", identity=other)
+        assert refused.value.code == "token_used"
+        again = await c2.tokens.consume(tok.token, node_id="n3", identity=first)
+        assert (again.used_by, again.used_by_identity) == ("n1", first) == (
+            used.used_by, used.used_by_identity)

@@ -38,3 +38,23 @@ def test_f07_seen_log_is_bounded_by_the_live_ids(tmp_path: Path, monkeypatch):
     assert lines <= 2 * 6 + 10 + 1, lines  # twice the live ids plus the slack, not 200
     log.close()
     assert {cid for cid, _ in SeenLog(path, clock=lambda: now[0]).load()} >= {"id199", "id195"}
+
+
+def test_seen_log_first_start_syncs_its_directory_with_the_first_record(
+    tmp_path: Path, monkeypatch
+):
+    """A first start rewrites nothing (no fsync on the way up); the new log's directory
+    entry is made durable with the first record, once, before record() returns."""
+    synced: list[Path] = []
+    monkeypatch.setattr(ledger, "fsync_dir", synced.append)
+    path = tmp_path / "seen"
+    log = SeenLog(path, clock=lambda: 0.0)
+    assert log.load() == []
+    assert path.exists() and path.stat().st_mode & 0o777 == 0o600
+    assert synced == []
+    log.record("a", 10.0)
+    assert synced == [tmp_path]
+    log.record("b", 10.0)
+    assert synced == [tmp_path]  # once
+    log.close()
+    assert [cid for cid, _ in SeenLog(path, clock=lambda: 0.0).load()] == ["a", "b"]
