@@ -136,7 +136,7 @@ class TokenService:
         if cached is not None and rev:
             try:
                 return await self._consume(token_id, secret, cached, rev, node_id=node_id,
-                                           identity=identity)
+                                           identity=identity, hostname=hostname)
             except Conflict:
                 pass  # the copy was stale: decide on the server's record
         try:
@@ -145,7 +145,7 @@ class TokenService:
             raise TokenRefused("bad_token", "join token is unknown or was revoked") from None
         try:
             return await self._consume(token_id, secret, record, rev, node_id=node_id,
-                                       identity=identity)
+                                       identity=identity, hostname=hostname)
         except Conflict:
             raise TokenRefused(
                 "token_used", "join token was used concurrently by another node"
@@ -153,7 +153,7 @@ class TokenService:
 
     async def _consume(
         self, token_id: str, secret: str, record: TokenRecord, rev: int, *, node_id: str,
-        identity: str,
+        identity: str, hostname: str,
     ) -> TokenRecord:
         """Check ``record`` (at revision ``rev``) and mark it used by compare-and-set;
         ``Conflict`` if the stored token is no longer at ``rev``."""
