@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from controller.provision.bootstrap import BootConfig, render_user_data
+from controller.provision.bootstrap import BOOT_CONFIG_PATH, BootConfig, render_user_data
 from controller.provision.lab import Lab, LabConfig, LinkConfig, RegionConfig
 from controller.provision.lab import net as labnet
 from controller.provision.lab.vm import read_status
@@ -186,8 +186,13 @@ async def test_vm_boots_rendered_user_data_privately(make_lab: MakeLab, tmp_path
         cfg = BootConfig(join_token=f"bt1.{name}.secret", node_name=name,
                          nats_urls=["tls://198.18.248.1:4222"], controller_keys=["k"],
                          installer_url="https://198.18.248.1:8640/install.sh")
+        # The rendered user-data (its write_files: join.json 0600), with its runcmd (the
+        # real join, tested in test_infra_lab.py) swapped for the stand-in installer.
+        rendered = render_user_data(cfg)
+        user_data = (rendered[:rendered.index("runcmd:")]
+                     + f"runcmd:\n  - [barista-bootstrap, --config, {BOOT_CONFIG_PATH}]\n")
         vm = await lab.create_vm(name=name, region=region, size="lab.small",
-                                 image="ubuntu-24.04", user_data=render_user_data(cfg), tags={})
+                                 image="ubuntu-24.04", user_data=user_data, tags={})
         boots[vm.id] = (name, cfg, await wait_booted(lab, vm.id))
     for vm_id, (name, cfg, boot_s) in boots.items():
         assert boot_s < 10
