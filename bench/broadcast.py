@@ -88,7 +88,8 @@ async def worker_agents(args: argparse.Namespace) -> None:
         cfg = AgentConfig(nats_urls=[args.nats_url], token=token,
                           state_dir=Path(args.state) / f"a{args.part}-{i}",
                           hostname=f"bench-{args.part}-{i}",
-                          metrics_interval=3600.0, buffer_batches=4)
+                          metrics_interval=3600.0, buffer_batches=4,
+                          mesh_enabled=args.mesh)
         agent = Agent(config=cfg, collectors=[])
         async with sem:
             await agent.start()
@@ -145,11 +146,14 @@ async def worker_raw(args: argparse.Namespace) -> None:
 
 
 def spawn(mode: str, nats_url: str, state: Path, tokens: Path | None, part: int = 0,
-          parts: int = 1, *, gc_freeze: bool = True) -> subprocess.Popen[str]:
+          parts: int = 1, *, gc_freeze: bool = True, mesh: bool = True
+          ) -> subprocess.Popen[str]:
     cmd = [sys.executable, __file__, "--worker", mode, "--nats-url", nats_url,
            "--state", str(state), "--part", str(part), "--parts", str(parts)]
     if not gc_freeze:
         cmd.append("--no-gc-freeze")
+    if not mesh:
+        cmd.append("--no-mesh")
     if tokens is not None:
         cmd += ["--tokens", str(tokens)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -190,8 +194,8 @@ def stop(proc: subprocess.Popen[str]) -> None:
 # -- the measurement ------------------------------------------------------------------
 
 
-async def measure(n: int, rounds: int, base: Path, procs: int, *, gc_freeze: bool = True
-                  ) -> dict[str, object]:
+async def measure(n: int, rounds: int, base: Path, procs: int, *, gc_freeze: bool = True,
+                  mesh: bool = True) -> dict[str, object]:
     import nats
 
     from controller.config import ControllerConfig
@@ -202,7 +206,7 @@ async def measure(n: int, rounds: int, base: Path, procs: int, *, gc_freeze: boo
     cfg = ControllerConfig(data_dir=base / "controller", api_port=0, stale_after=600.0,
                            offline_after=1200.0, tls=False)
     result: dict[str, object] = {"bench": "broadcast", "n": n, "agent_processes": procs,
-                                 "gc_freeze": gc_freeze}
+                                 "gc_freeze": gc_freeze, "mesh": mesh}
     async with Controller(cfg) as c:
         t0 = time.monotonic()
         tokens: list[str] = []
@@ -217,8 +221,8 @@ async def measure(n: int, rounds: int, base: Path, procs: int, *, gc_freeze: boo
         nats_pid = c.natsd.pid if c.natsd is not None else None
         t0, cpu0 = time.monotonic(), cpu_seconds()
         nats_cpu0 = cpu_seconds(nats_pid) if nats_pid else 0.0
-        workers = [spawn("agents", c.nats_url, state, tok_file, i, procs, gc_freeze=gc_freeze)
-                   for i in range(procs)]
+        workers = [spawn("agents", c.nats_url, state, tok_file, i, procs, gc_freeze=gc_freeze,
+                         mesh=mesh) for i in range(procs)]
         try:
             agents_cpu = await asyncio.to_thread(wait_ready_all, workers, n, 900)
             result["enroll_s"] = round(time.monotonic() - t0, 1)
@@ -305,6 +309,10 @@ def main() -> None:
     # a lone agent; the broadcast rounds run with the collector untouched.
     p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
                    help="leave the agent processes' garbage collector as it is")
+    # Agents join the overlay's control plane (a MeshJoin each, a KV write at the
+    # controller) as real ones do; --no-mesh measures enrollment and broadcast without it.
+    p.add_argument("--no-mesh", dest="mesh", action="store_false",
+                   help="agents without the overlay (mesh_enabled = false)")
     p.add_argument("--part", type=int, default=0)
     p.add_argument("--parts", type=int, default=1)
     args = p.parse_args()
@@ -325,7 +333,7 @@ def main() -> None:
     for n in args.n or [1000, 5000]:
         with tempfile.TemporaryDirectory(prefix="barista-bench-") as tmp:
             result = asyncio.run(measure(n, args.rounds, Path(tmp), args.procs,
-                                         gc_freeze=args.gc_freeze))
+                                         gc_freeze=args.gc_freeze, mesh=args.mesh))
             print(json.dumps(result), flush=True)
 
 
