@@ -20,6 +20,7 @@ __all__ = [
     "MetricPoint",
     "NameFilter",
     "cap_names",
+    "parse_name_values",
     "percent",
     "read_text",
 ]
@@ -151,6 +152,20 @@ def read_text(path: str) -> str | None:
             return f.read().decode("ascii", "replace")
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def parse_name_values(text: str) -> dict[str, int]:
+    """``Name value`` lines (/proc/vmstat, /proc/net/snmp6) as {name: int}; other lines
+    are skipped."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                continue
+    return out
 
 
 def read_int(path: str) -> int | None:

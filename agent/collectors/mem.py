@@ -13,7 +13,14 @@ Fields a kernel does not list (HighTotal on 64-bit) are 0, as Telegraf sends the
 
 from __future__ import annotations
 
-from agent.collectors.base import CollectorOptions, FieldValue, MetricPoint, percent, read_text
+from agent.collectors.base import (
+    CollectorOptions,
+    FieldValue,
+    MetricPoint,
+    parse_name_values,
+    percent,
+    read_text,
+)
 
 # /proc/meminfo key -> Telegraf `mem` field, for the values taken as they are (bytes, or
 # a page count for the HugePages_ lines, which carry no unit).
@@ -98,16 +105,8 @@ def swap_fields(info: dict[str, int], vmstat: dict[str, int]) -> dict[str, Field
     }
 
 
-def parse_vmstat(text: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                continue
-    return out
+# /proc/vmstat: one "name value" per line.
+parse_vmstat = parse_name_values
 
 
 class MemCollector:

@@ -5,7 +5,13 @@ Zeros are sent (Telegraf's ``dump_zeros = true``), so a counter's series never h
 
 from __future__ import annotations
 
-from agent.collectors.base import CollectorOptions, FieldValue, MetricPoint, read_text
+from agent.collectors.base import (
+    CollectorOptions,
+    FieldValue,
+    MetricPoint,
+    parse_name_values,
+    read_text,
+)
 
 
 def parse_paired_table(text: str) -> dict[str, FieldValue]:
@@ -27,15 +33,7 @@ def parse_paired_table(text: str) -> dict[str, FieldValue]:
 
 def parse_flat_table(text: str) -> dict[str, FieldValue]:
     """snmp6: one ``Name value`` pair per line."""
-    out: dict[str, FieldValue] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                out[parts[0]] = int(parts[1])
-            except ValueError:
-                continue
-    return out
+    return dict(parse_name_values(text))
 
 
 class NstatCollector:
