@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 from controller.cli.client import ApiClient
-from controller.cli.common import call, client, emit_json
+from controller.cli.common import call, client, emit_json, load_mapping
 
 POLL_INTERVAL = 0.5
 FINAL = ("done", "failed", "rolled-back")
@@ -27,18 +26,7 @@ output_option = click.option("-o", "--output", type=click.Choice(["table", "json
 
 
 def _load_spec(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:
-        raise click.ClickException(f"{path}: not valid JSON/YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise click.ClickException(f"{path}: an app spec must be a mapping")
+    data = load_mapping(path, "an app spec")
     if isinstance(data.get("version"), int | float) and not isinstance(data["version"], bool):
         data["version"] = str(data["version"])
     return data

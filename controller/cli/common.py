@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import click
@@ -51,3 +52,23 @@ def with_infra(selector: str, infra: str) -> str:
         raise click.BadParameter(f"{infra!r} is not an infra name", param_hint="--infra")
     part = f"{LABEL_INFRA}={infra}"
     return f"{selector},{part}" if selector.strip() else part
+
+
+def load_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A spec file (``.json``, else YAML) as a mapping; a clear one-line error otherwise."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise click.ClickException(f"{path}: not valid JSON/YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"{path}: {what} must be a mapping")
+    return data

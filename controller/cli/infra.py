@@ -3,7 +3,6 @@ delete, scale, suspend, resume, reboot, gc (talks only to the REST API)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from controller.cli.client import ApiClient, ApiError
-from controller.cli.common import call, client, emit_json
+from controller.cli.common import call, client, emit_json, load_mapping
 
 console = Console()
 err_console = Console(stderr=True)
@@ -33,23 +32,7 @@ wait_option = click.option("--wait/--no-wait", default=True, show_default=True,
 
 def load_spec(path: Path) -> dict[str, Any]:
     """An infra spec file (YAML or JSON) as the mapping the API takes."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:
-        raise click.ClickException(f"{path}: not valid JSON/YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise click.ClickException(f"{path}: an infra spec must be a mapping with name and "
-                                   "groups")
-    return data
+    return load_mapping(path, "an infra spec (name, groups)")
 
 
 def _styled(status: str) -> str:
