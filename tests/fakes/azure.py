@@ -21,11 +21,10 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+from tests.fakes.http import JsonServer, Reply, Request
 from tests.fakes.tls import self_signed, server_context
 
 VM_SIZES = {"Standard_B1s", "Standard_B2s", "Standard_D2s_v5", "Standard_F2s_v2"}
@@ -40,13 +39,6 @@ class ArmError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-@dataclass
-class Reply:
-    status: int
-    body: Any
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -365,57 +357,26 @@ class FakeArm:
     def __init__(self, tmp: Path) -> None:
         self.state = ArmState()
         self.ca, key = self_signed(tmp)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.socket = server_context(self.ca, key).wrap_socket(
-            self._server.socket, server_side=True)
+        self._http = JsonServer(self._handle, tls=server_context(self.ca, key))
         self.api = ArmApi(self.state, self.url)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _handle(self, req: Request) -> Reply:
+        try:
+            return self.api.handle(req.method, req.path, req.query, req.body,
+                                   req.headers.get("authorization", ""))
+        except ArmError as exc:
+            reply = Reply(exc.status, {"error": {"code": exc.code, "message": exc.message}})
+            if exc.status == 429:
+                reply.headers["Retry-After"] = "1"
+            return reply
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self._server.server_port}"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                url = urlsplit(self.path)
-                try:
-                    body = json.loads(raw) if raw else None
-                    reply = fake.api.handle(self.command, url.path, parse_qs(url.query), body,
-                                            self.headers.get("Authorization", ""))
-                except ArmError as exc:
-                    reply = Reply(exc.status, {"error": {"code": exc.code,
-                                                         "message": exc.message}})
-                    if exc.status == 429:
-                        reply.headers["Retry-After"] = "1"
-                data = b"" if reply.body is None else json.dumps(reply.body).encode()
-                self.send_response(reply.status)
-                for k, v in reply.headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = _serve
-
-        return Handler
+        return self._http.url
 
     def __enter__(self) -> FakeArm:
-        self._thread.start()
+        self._http.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._http.__exit__(*exc)

@@ -11,15 +11,14 @@ Failures are injected per zone/region: capacity, quota, throttling.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.http import JsonServer, Reply, Request
 
 BASE = "https://www.googleapis.com/compute/v1"
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -340,48 +339,25 @@ class FakeGce:
 
     def __init__(self) -> None:
         self.state = GceState()
-        api = GceApi(self.state)
+        self._api = GceApi(self.state)
+        self._http = JsonServer(self._handle)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                url = urlsplit(self.path)
-                try:
-                    body = json.loads(raw) if raw else None
-                    status, out = 200, api.handle(self.command, url.path,
-                                                  parse_qs(url.query), body)
-                except HttpError as exc:
-                    status, out = exc.code, {"error": {
-                        "code": exc.code, "message": exc.message,
-                        "errors": [{"message": exc.message, "domain": "global",
-                                    "reason": exc.reason}]}}
-                data = json.dumps(out).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=UTF-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = do_PATCH = _serve
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+    def _handle(self, req: Request) -> Reply:
+        try:
+            return Reply(200, self._api.handle(req.method, req.path, req.query, req.body))
+        except HttpError as exc:
+            return Reply(exc.code, {"error": {
+                "code": exc.code, "message": exc.message,
+                "errors": [{"message": exc.message, "domain": "global",
+                            "reason": exc.reason}]}})
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
+        return self._http.url
 
     def __enter__(self) -> FakeGce:
-        self._thread.start()
+        self._http.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._http.__exit__(*exc)
