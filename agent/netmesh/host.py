@@ -6,7 +6,6 @@ one process drives several simulated machines) in a named one.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import ipaddress
 import json
 import os
@@ -104,6 +103,8 @@ class Host:
         result: list[socket.socket | BaseException] = []
 
         def inside() -> None:
+            import ctypes  # only for a named namespace (lab, tests): ~0.3 MB of RSS
+
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
                 fd = os.open(f"/run/netns/{self.netns}", os.O_RDONLY)
