@@ -6,6 +6,7 @@ and a verified delete on the way out."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -64,8 +65,13 @@ async def _follow(c: RunningController, console: Console, until: set[str],
     tasks = {g.name: bars.add_task("", group=g.name, note="", total=max(g.desired, 1))
              for g in (view.groups if view is not None else [])}
 
+    changed = asyncio.Event()
+
     def on_step(p: Step) -> None:
-        if p.infra != INFRA or not p.group:
+        if p.infra != INFRA:
+            return
+        changed.set()
+        if not p.group:
             return
         if p.group not in tasks:
             tasks[p.group] = bars.add_task("", group=p.group, note="", total=max(p.total, 1))
@@ -81,7 +87,10 @@ async def _follow(c: RunningController, console: Console, until: set[str],
                 status = view.status if view is not None else "deleted"
                 if status in until or time.monotonic() > deadline:
                     return status
-                await asyncio.sleep(0.25)
+                changed.clear()
+                # Woken by the infra's next step; the timeout only bounds a missed one.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 2.0)
     finally:
         unsubscribe()
 
