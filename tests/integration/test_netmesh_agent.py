@@ -86,6 +86,14 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     # (ping picks its source address when it starts: wait until the interface is set up)
     await wait_for(lambda: all(x.mesh and x.mesh.plan("ov") for x in (a, b)), 10,
                    "both nodes applied their snapshot")
+    # The first handshake can miss the peer's config by a moment, and WireGuard retries
+    # it only after 5 s (REKEY_TIMEOUT): wait for the tunnel, then count a steady stream.
+
+    async def tunnel_up() -> bool:
+        return (await ping(lab.nodes["a"].ns, lab.nodes["b"].overlay, count=1,
+                           deadline=2))[1] == 1
+
+    await wait_for(tunnel_up, 15, "the tunnel from a to b")
     sent, received, out = await ping(lab.nodes["a"].ns, lab.nodes["b"].overlay, count=3)
     assert sent == received == 3, out
     assert a.mesh is not None and b.mesh is not None
