@@ -4,11 +4,13 @@ delete, lifecycle actions, orphan gc, and each infra's progress as server-sent e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from controller.api import sse
 from controller.api.access import note, principal, requires
 from controller.api.keys import INFRAS
 from controller.api.middleware import json_body, read_body
@@ -167,31 +169,24 @@ async def infra_events(request: web.Request) -> web.StreamResponse:
                 pass  # a reader this far behind re-reads the infra's view instead
 
     unsubscribe = infras.subscribe(on_progress)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    await resp.prepare(request)
-    try:
-        view = infras.get(name)
-        if view is not None:
-            await resp.write(b"event: view\ndata: " + msgspec.json.encode(view) + b"\n\n")
-        while True:
+
+    async def items() -> AsyncGenerator[sse.Item, None]:
+        try:
             view = infras.get(name)
-            if until_settled and queue.empty() and (view is None or view.status in SETTLED):
-                break
-            try:
-                p = await asyncio.wait_for(queue.get(), KEEPALIVE_S if not until_settled else 1)
-            except TimeoutError:
-                await resp.write(b": keepalive\n\n")
-                continue
-            await resp.write(b"event: progress\ndata: " + msgspec.json.encode(p) + b"\n\n")
-        final = infras.get(name)
-        await resp.write(b"event: end\ndata: "
-                         + msgspec.json.encode(final if final is not None else {}) + b"\n\n")
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        unsubscribe()
-    return resp
+            if view is not None:
+                yield "view", view
+            while True:
+                view = infras.get(name)
+                if until_settled and queue.empty() and (view is None or view.status in SETTLED):
+                    break
+                p = await sse.next_or_none(queue, KEEPALIVE_S if not until_settled else 1)
+                yield sse.KEEPALIVE if p is None else ("progress", p)
+            final = infras.get(name)
+            yield "end", final if final is not None else {}
+        finally:
+            unsubscribe()
+
+    return await sse.serve(request, items())
 
 
 def routes() -> list[web.RouteDef]:

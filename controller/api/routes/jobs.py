@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from controller.api import sse
 from controller.api.access import note, principal, requires
 from controller.api.keys import JOBS
 from controller.api.middleware import json_body
@@ -92,36 +93,29 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["id"]
     _job_in_scope(request, job_id)  # 404 or 403 before the stream starts
     queue, stop = jobs.listen(job_id)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
-    await resp.prepare(request)
 
-    async def send(event: str, data: Any) -> None:
-        await resp.write(f"event: {event}\ndata: ".encode() + msgspec.json.encode(data) + b"\n\n")
-
-    try:
-        for r in await jobs.results(job_id):
-            await send("result", msgspec.to_builtins(r))
-        if queue is not None:
-            while True:
-                try:
-                    kind, payload = await asyncio.wait_for(queue.get(), 15)
-                except TimeoutError:
-                    await resp.write(b": keepalive\n\n")
+    async def items() -> AsyncGenerator[sse.Item, None]:
+        try:
+            for r in await jobs.results(job_id):
+                yield "result", msgspec.to_builtins(r)
+            while queue is not None:
+                got = await sse.next_or_none(queue, 15)
+                if got is None:
+                    yield sse.KEEPALIVE
                     continue
+                kind, payload = got
                 if kind == "result":
-                    await send("result", msgspec.to_builtins(payload))
+                    yield "result", msgspec.to_builtins(payload)
                 elif kind == "event":
-                    await send("output" if payload.type == "job.output" else "progress",
-                               event_json(payload))
+                    yield ("output" if payload.type == "job.output" else "progress",
+                           event_json(payload))
                 elif kind == "done":
                     break
-        await send("done", jobs.get(job_id).summary())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        stop()
-    return resp
+            yield "done", jobs.get(job_id).summary()
+        finally:
+            stop()
+
+    return await sse.serve(request, items())
 
 
 def routes() -> list[web.RouteDef]:

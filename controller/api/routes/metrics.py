@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import AsyncGenerator
 
 import msgspec
 from aiohttp import web
 
+from controller.api import sse
 from controller.api.access import requires
 from controller.api.keys import METRICS_HUB
 from controller.api.routes.nodes import node_in_scope, selector_of
@@ -28,29 +29,18 @@ async def metrics_stream(request: web.Request) -> web.StreamResponse:
     selector = selector_of(request)
     measurements = frozenset(m for m in request.query.getall("measurement", []) if m)
     sub, unsubscribe = request.app[METRICS_HUB].subscribe(selector, measurements)
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await resp.prepare(request)
-    try:
-        await resp.write(b": stream open\n\n")
-        while True:
-            try:
-                batch = await asyncio.wait_for(sub.queue.get(), 15)
-            except TimeoutError:
-                await resp.write(b": keepalive\n\n")
-                continue
-            data = msgspec.json.encode(msgspec.to_builtins(batch))
-            await resp.write(b"event: metrics\ndata: " + data + b"\n\n")
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        unsubscribe()
-    return resp
+
+    async def items() -> AsyncGenerator[sse.Item, None]:
+        try:
+            yield "stream open"
+            while True:
+                batch = await sse.next_or_none(sub.queue, 15)
+                yield sse.KEEPALIVE if batch is None else ("metrics",
+                                                           msgspec.to_builtins(batch))
+        finally:
+            unsubscribe()
+
+    return await sse.serve(request, items())
 
 
 def routes() -> list[web.RouteDef]:
