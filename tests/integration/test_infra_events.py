@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from controller.api.app import ApiServer
-from controller.cli.client import ApiClient
+from controller.cli.client import ApiClient, ApiError
 from controller.service import Controller
 from tests.fixtures.controller import controller_config
 
@@ -41,5 +41,6 @@ async def test_infra_events_stream_until_settled(api: ApiClient) -> None:
     # Every step the engine took reached the stream, each for this infra.
     assert all(d["infra"] == "ev" for e, d in events if e == "progress")
     # Unknown infras are 404 before any stream starts.
-    with pytest.raises(Exception, match="404|not found|no infra"):
+    with pytest.raises(ApiError) as err:
         await asyncio.to_thread(lambda: list(api.stream("/v1/infras/nope/events")))
+    assert err.value.status == 404, err.value
