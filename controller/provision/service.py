@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from nats.js import JetStreamContext
 
@@ -44,6 +44,17 @@ class AgentEndpoints:
     api_url: str  # http(s)://host:port (the installer is at <api_url>/install.sh)
 
 
+@runtime_checkable
+class LabCloud(Protocol):
+    """A provider whose VMs run on this machine and reach it at a gateway address (the
+    ``local`` lab cloud): the controller's loopback NATS and API are forwarded there."""
+
+    @property
+    def gateway_ip(self) -> str: ...
+
+    async def bring_up(self) -> None: ...
+
+
 class LabGateways:
     """For ``local`` providers: a forwarder on the lab's gateway address to the controller's
     loopback NATS and API, made when the lab is up and remade when its gateway moved (a
@@ -55,11 +66,11 @@ class LabGateways:
         self._stack: dict[str, AsyncExitStack] = {}
         self._at: dict[str, tuple[str, AgentEndpoints]] = {}
 
-    async def endpoints(self, name: str, provider: Any) -> AgentEndpoints:
+    async def endpoints(self, name: str, provider: LabCloud) -> AgentEndpoints:
         from controller.provision.lab.gateway import GatewayForwarder
 
-        await provider.lab.up()
-        gw = str(provider.gateway_ip)
+        await provider.bring_up()
+        gw = provider.gateway_ip
         cached = self._at.get(name)
         if cached is not None and cached[0] == gw:
             return cached[1]
@@ -187,15 +198,17 @@ class Provisioning:
 
     async def _endpoints(self, name: str, provider: Provider, gateways: LabGateways
                          ) -> AgentEndpoints:
-        if hasattr(provider, "lab") and hasattr(provider, "gateway_ip"):
+        if isinstance(provider, LabCloud):
             return await gateways.endpoints(name, provider)
         return AgentEndpoints([self._nats_url()], self.api_url())
 
     async def __aenter__(self) -> Provisioning:
-        self.providers = providers_from_config(
-            {name: {**raw, "data_dir": str(self._data_dir / "providers" / name)}
-             if str(raw.get("kind", name)) == "local" and "data_dir" not in raw else raw
-             for name, raw in self._config.items()})
+        configs: dict[str, Mapping[str, Any]] = {}
+        for name, raw in self._config.items():
+            if str(raw.get("kind", name)) == "local" and "data_dir" not in raw:
+                raw = {**raw, "data_dir": str(self._data_dir / "providers" / name)}  # a lab's home
+            configs[name] = raw
+        self.providers = providers_from_config(configs)
         gateways = LabGateways(nats_url=self._nats_url, api_url=self.api_url)
         self._stack.push_async_callback(gateways.close)
 

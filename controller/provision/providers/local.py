@@ -87,6 +87,10 @@ class LocalProvider:
         """Where the VMs reach the controller (its NATS and installer must listen here)."""
         return self.lab.gateway_ip
 
+    async def bring_up(self) -> None:
+        """Bring the lab up (its gateway with it), so that ``gateway_ip`` is where it is."""
+        await self._up()
+
     async def ensure_network(self, request: NetworkRequest) -> Network:
         self._region(request.region)
         state = await self._up()
