@@ -13,12 +13,20 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from controller.nats.account import AccountStore, FleetAccount, share
-from controller.nats.operator import DEFAULT_USER_TTL, OperatorTrust, Permissions
+from controller.nats.operator import (
+    ACCOUNT_CLAIMS_UPDATES,
+    CLAIMS_UPDATE,
+    DEFAULT_USER_TTL,
+    OperatorTrust,
+    Permissions,
+)
 from controller.nats.permissions import NodeAccess, node_permissions
 from protocol.subjects import Subjects
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
 
 log = logging.getLogger("barista.controller.auth")
 
@@ -100,6 +108,7 @@ class OperatorAdmission:
         self._ttl = ttl
         self._account = account
         self._unfollow: Callable[[], None] | None = None
+        self._watching: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # Pushes and shared writes coalesce: one that starts after a caller's change
         # carries it, so 1,000 revocations at once (an infra deleted) cost a few pushes and
@@ -147,9 +156,25 @@ class OperatorAdmission:
         the fleet account JWT is pushed, so that a revocation whose push failed before --
         this controller's or another's -- is in force now."""
         if self._account is not None:
-            await self._share()
+            # What the bucket held when it was opened first (no round trip), so that even
+            # a failed write below leaves nothing out of the JWT pushed now.
+            cached = self._account.get(self._trust.fleet_account)
+            if cached is not None:
+                self._trust.merge(cached.revocations, cached.signing_keys)
             if self._unfollow is None:
                 self._unfollow = self._account.subscribe(self._on_shared)
+            try:
+                await self._share()
+            except Exception as exc:  # KV trouble is not the servers' config: go on
+                log.warning("could not merge revocations into the shared fleet account "
+                            "state (%s); the next change tries again", exc)
+        if self._system_nc is not None and not self._watching:
+            # Anyone's account push (a controller of an older version, `nsc push`, a stale
+            # JWT): one that drops a revocation is answered with ours at once.
+            for subject in (CLAIMS_UPDATE, *(s.format(self._trust.fleet_account)
+                                             for s in ACCOUNT_CLAIMS_UPDATES)):
+                self._watching.append(
+                    await self._system_nc.subscribe(subject, cb=self._on_pushed))
         await self._push()
 
     async def close(self) -> None:
@@ -157,6 +182,12 @@ class OperatorAdmission:
         if self._unfollow is not None:
             self._unfollow()
             self._unfollow = None
+        for sub in self._watching:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # a closed connection: nothing left to stop
+                log.debug("unsubscribing from account updates: %s", exc)
+        self._watching.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -179,6 +210,21 @@ class OperatorAdmission:
         if (any(record.revocations.get(k, -1) < v for k, v in mine.items())
                 or not set(self._trust.signing_keys) <= set(record.signing_keys)):
             self._spawn(self._share, "share")  # the record lacks some of ours
+
+    async def _on_pushed(self, msg: Msg) -> None:
+        """An account JWT pushed to the servers, ours or anyone's."""
+        before = self._trust.revocations
+        try:
+            lacks = self._trust.lacks(msg.data.decode("ascii", "replace"))
+        except Exception:  # never let one message end the subscription
+            log.exception("checking a pushed account JWT failed")
+            return
+        if lacks:
+            log.warning("a fleet account JWT without some of its revocations was pushed to "
+                        "NATS (not by this controller's current state); pushing ours again")
+            self._spawn(self._push, "push")
+        if self._account is not None and (lacks or self._trust.revocations != before):
+            self._spawn(self._share, "share")  # what it carried that the record lacks
 
     def _spawn(self, fn: Callable[[], Awaitable[None]], what: str) -> None:
         async def run() -> None:

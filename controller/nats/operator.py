@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("barista.controller.nats.operator")
 
 CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
+# The other subjects nats-server takes an account JWT update on (the account's own).
+ACCOUNT_CLAIMS_UPDATES = ("$SYS.REQ.ACCOUNT.{}.CLAIMS.UPDATE", "$SYS.ACCOUNT.{}.CLAIMS.UPDATE")
 # Short-lived node credentials (issue 10): renewed by the agent well before expiry.
 DEFAULT_USER_TTL = 24 * 3600.0
 
@@ -406,6 +408,20 @@ class OperatorTrust:
             # Never moved into the past (jwt's RevocationList.Revoke keeps the newer one).
             revs[key] = max(revs.get(key, 0), now)
         return self._resign_fleet(revs, self._fleet.nats.signing_keys)
+
+    def lacks(self, account_jwt: str) -> bool | None:
+        """Whether a fleet account JWT seen on the wire (someone's push) drops a revocation
+        this trust holds (or moves one into the past); its own revocations are merged in
+        first. None: not this operator's fleet account JWT (ignored)."""
+        try:
+            claims = jwt.decode(account_jwt, jwt.AccountClaims, check_time=False)
+        except jwt.JwtError:
+            return None
+        if claims.sub != self.fleet_account or claims.iss != self.operator_key:
+            return None
+        theirs = claims.nats.revocations
+        self.merge(theirs, claims.nats.signing_keys)
+        return any(theirs.get(key, -1) < when for key, when in self.revocations.items())
 
     async def push_fleet(self, nc: NATS, *, wait: float = 5.0) -> ClaimsUpdate:
         """Push the current fleet account JWT (after ``revoke``, and at every controller

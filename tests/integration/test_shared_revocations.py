@@ -4,6 +4,9 @@ each with its own copy of the `barista nats init` dir (as on two machines). A re
 made by one controller holds whatever the others push afterwards: the revocation list
 lives in JetStream KV (controller.nats.account), not in each controller's trust dir.
 
+A stale account JWT pushed by anyone (one without those revocations) is answered at once:
+every controller watches the account update subjects and pushes its own again.
+
 Checked with raw nats-py connects using the nodes' own credentials (their enrollment JWT
 and nkey), on every server of the cluster, and on an already connected client.
 """
@@ -23,6 +26,7 @@ import pytest
 from agent.connection import connect, nkey_jwt_auth
 from agent.runtime import Agent
 from controller.nats.account import FleetAccount
+from controller.nats.operator import push_account_jwt
 from controller.nats.permissions import NodeAccess
 from controller.service import Controller, RunningController
 from tests.fixtures.controller import AgentFactory, controller_config
@@ -150,6 +154,28 @@ async def test_a_revocation_holds_whatever_another_controller_pushes(
             assert (c_dep / "trust" / "fleet.jwt").read_text() != c_fleet
         for node in (x, y, w):
             await assert_refused_everywhere(cluster, creds[node.node_id])
+        # Anyone's stale push (the account JWT as `nats init` wrote it, without any
+        # revocation: an older controller, `nsc push`) is answered at once by A and B.
+        sys_nc = await connect(servers=[cluster.urls[1]],
+                               **a.nats_identities.system_credentials())  # type: ignore[union-attr]
+        try:
+            t0 = time.monotonic()
+            await push_account_jwt(sys_nc, c_fleet, operator_key=a.trust.operator_key)
+        finally:
+            await sys_nc.close()
+
+        async def all_refused() -> bool:
+            for node in (x, y, w):
+                for url in cluster.urls:
+                    if await connects(url, creds[node.node_id]) == "ok":
+                        return False
+            return True
+
+        deadline = time.monotonic() + 3
+        while not await all_refused():
+            assert time.monotonic() < deadline, "a stale push let a revoked node back in"
+            await asyncio.sleep(0.05)
+        print(f"stale push undone within {(time.monotonic() - t0) * 1000:.0f} ms")
         # and the node never revoked stayed connected through all of it
         assert not z_gone.is_set() and z_nc.is_connected
         assert await connects(cluster.urls[0], creds[z.node_id]) == "ok"

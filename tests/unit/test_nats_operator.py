@@ -165,3 +165,20 @@ def test_merge_takes_the_union_of_shared_revocations(tmp_path: Path) -> None:
     record = merged(FleetAccount(revocations={theirs: 200}), {theirs: 150, mine: 1}, [other_key])
     assert record == FleetAccount(revocations={theirs: 200, mine: 1}, signing_keys=[other_key])
     assert merged(None, {}, []) == FleetAccount()
+
+
+def test_lacks_tells_a_pushed_jwt_that_drops_a_revocation(tmp_path: Path) -> None:
+    trust = OperatorTrust.load_or_create(tmp_path / "nats")
+    stale = trust.fleet_jwt
+    x, y = (jwt.public_key(jwt.new_seed("user")) for _ in range(2))
+    trust.revoke(x)
+    assert trust.lacks(stale) is True
+    assert trust.lacks(trust.fleet_jwt) is False
+    # another's JWT with more revocations: taken in, and it drops nothing of ours
+    other = OperatorTrust.load_or_create(tmp_path / "nats")
+    other.revoke(y)
+    assert trust.lacks(other.fleet_jwt) is False and trust.is_revoked(y)
+    # not this operator's account, or not a JWT at all: ignored
+    foreign = jwt.encode(jwt.account_claims(trust.fleet_account), jwt.new_seed("operator"))
+    assert trust.lacks(foreign) is None and trust.lacks("garbage") is None
+    assert trust.lacks(trust.system_jwt) is None
