@@ -214,9 +214,10 @@ def route_tls(out_dir: Path, *, ca_dir: Path, names: Iterable[str] = ()) -> Rout
     cluster. Usable as server and as client; for ``default_names(names)`` (the hosts in the
     servers' route URLs, and those it had: names are only added). Kept while it fits, made
     again otherwise (same CA)."""
-    for d in (out_dir, ca_dir):
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o700)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.chmod(0o700)
+    if not ca_dir.exists():  # a controller's tls dir keeps the modes it has
+        ca_dir.mkdir(parents=True, mode=0o700)
     ca_cert, ca_key = _load_or_make_ca(ca_dir)
     wanted = default_names(names)
     try:  # names are only ever added: a re-run without them keeps the servers' names
