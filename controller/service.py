@@ -40,6 +40,7 @@ from controller.mesh.ipam import Lease
 from controller.mesh.networks import NetworkRecord
 from controller.mesh.service import MeshService, MeshTables
 from controller.models import NodeRecord, NodeStatus, TokenRecord
+from controller.nats.account import FleetAccount
 from controller.nats.admission import (
     NodeAdmission,
     OperatorAdmission,
@@ -61,6 +62,7 @@ from controller.state.streams import (
     KEYS_BUCKET,
     MESH_NODES_BUCKET,
     MESH_STATE_BUCKET,
+    NATS_ACCOUNT_BUCKET,
     NETWORKS_BUCKET,
     NODES_BUCKET,
     TOKENS_BUCKET,
@@ -305,6 +307,10 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
         app_statuses: Table[NodeAppStatus] = await table(APP_STATUS_BUCKET, NodeAppStatus)
         api_tokens: Table[ApiToken] = await table(API_TOKENS_BUCKET, ApiToken)
         keys_kv = await open_bucket(js, KEYS_BUCKET, replicas=cfg.stream_replicas)
+        # Operator mode: the fleet account's revocations, shared by every controller.
+        account: Table[FleetAccount] | None = None
+        if operator_trust is not None:
+            account = await table(NATS_ACCOUNT_BUCKET, FleetAccount)
         # --- mesh (issue 12): networks, addresses, node WireGuard sides, published peers
         mesh_tables = MeshTables(
             networks=await table(NETWORKS_BUCKET, NetworkRecord),
@@ -320,7 +326,7 @@ async def _run(cfg: ControllerConfig) -> AsyncIterator[RunningController]:
             apps_table=apps, app_statuses=app_statuses, api_tokens_table=api_tokens,
             keys_kv=keys_kv, mesh_tables=mesh_tables, tls=tls,
             agent_ca_sha256=trust[0] if trust is not None else "", system_nc=system_nc,
-            trust=operator_trust, nats_identities=identities,
+            trust=operator_trust, nats_identities=identities, account_table=account,
         )
         stack.push_async_callback(controller.stop)
         await controller.start()
@@ -471,6 +477,7 @@ class RunningController:
         system_nc: NATS | None = None,
         trust: OperatorTrust | None = None,
         nats_identities: ControllerIdentities | None = None,
+        account_table: Table[FleetAccount] | None = None,
     ) -> None:
         self.config = config
         # The controller's CA and server certificate (None with tls = false), and the pin
@@ -504,10 +511,13 @@ class RunningController:
         # deployment's trust and the controller's own NATS users; None otherwise.
         self.trust = trust
         self.nats_identities = nats_identities
+        # The fleet account's revocations shared by every controller (operator mode).
+        self.account_table = account_table
         self.admission: NodeAdmission
         if trust is not None:
             self.admission = OperatorAdmission(
-                trust=trust, subjects=subjects, system_nc=system_nc, ttl=config.node_jwt_ttl)
+                trust=trust, subjects=subjects, system_nc=system_nc, ttl=config.node_jwt_ttl,
+                account=account_table)
         else:
             self.admission = UnmanagedAdmission()
         # "operator": nodes isolated by their own JWTs; "off": a NATS that is not ours.
@@ -560,6 +570,8 @@ class RunningController:
         serving.state_reconnected = self._rewatch_tables
         self._tables: list[Table[Any]] = [nodes, tokens_table, jobs_table, apps_table,
                                           app_statuses, api_tokens_table]
+        if account_table is not None:
+            self._tables.append(account_table)
         # --- mesh (issue 12): overlay networks, IPAM, peer distribution, the matrix
         self.mesh = MeshService(tables=mesh_tables, nodes=nodes, nc=nc, js=js,
                                 subjects=subjects, reject=stats.reject_message)
@@ -659,6 +671,8 @@ class RunningController:
         await _stop_logged("deployer", self.deployer.stop)
         await _stop_logged("jobs", self.jobs.stop)
         await _stop_logged("signing keys", self.signing_keys.stop)
+        if isinstance(self.admission, OperatorAdmission):
+            await _stop_logged("admission", self.admission.close)
         self.enrollment.close()
 
     def _rewatch_tables(self) -> None:

@@ -186,11 +186,65 @@ def _load_or_make_ca(tls_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurveP
     return cert, key
 
 
+@dataclass(frozen=True)
+class RouteTLS:
+    """A NATS cluster's route certificate (``barista nats init``) and the CA it chains to."""
+
+    dir: Path
+    names: tuple[str, ...]
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.dir / "route.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.dir / "route-key.pem"
+
+
+def route_tls(out_dir: Path, *, ca_dir: Path, names: Iterable[str] = ()) -> RouteTLS:
+    """The certificate every server of a NATS cluster presents on its routes, signed by the
+    CA in ``ca_dir`` (a controller's ``<data_dir>/tls``, or one made there when missing).
+    nats-server makes route TLS mutual (each side verifies the other's certificate against
+    ``ca_file``), so holding a certificate of this CA is what lets a server join the
+    cluster. Usable as server and as client; for ``default_names(names)`` (the hosts in the
+    servers' route URLs, and those it had: names are only added). Kept while it fits, made
+    again otherwise (same CA)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.chmod(0o700)
+    if not ca_dir.exists():  # a controller's tls dir keeps the modes it has
+        ca_dir.mkdir(parents=True, mode=0o700)
+    ca_cert, ca_key = _load_or_make_ca(ca_dir)
+    wanted = default_names(names)
+    try:  # names are only ever added: a re-run without them keeps the servers' names
+        current = x509.load_pem_x509_certificate((out_dir / "route.pem").read_bytes())
+        if current.issuer == ca_cert.subject:
+            wanted += sorted(_san_strings(current) - set(wanted))
+    except (OSError, ValueError):
+        pass
+    _ensure_server_cert(out_dir, ca_cert, ca_key, wanted, stem="route",
+                        common_name="barista NATS route", client_auth=True)
+    ca_copy = out_dir / "ca.pem"
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    if not ca_copy.exists() or ca_copy.read_bytes() != ca_pem:
+        write_private(ca_copy, ca_pem)
+        ca_copy.chmod(0o644)
+    return RouteTLS(dir=out_dir, names=tuple(wanted))
+
+
 def _ensure_server_cert(
     tls_dir: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-    names: list[str],
+    names: list[str], *, stem: str = "server", common_name: str = "barista controller",
+    client_auth: bool = False,
 ) -> None:
-    cert_path, key_path = tls_dir / "server.pem", tls_dir / "server-key.pem"
+    cert_path, key_path = tls_dir / f"{stem}.pem", tls_dir / f"{stem}-key.pem"
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+    if client_auth:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     if cert_path.exists() and key_path.exists():
         try:
@@ -202,6 +256,7 @@ def _ensure_server_cert(
             and current.issuer == ca_cert.subject
             and current.not_valid_after_utc - RENEW_BEFORE > _now()
             and _san_strings(current) == set(names)
+            and _usages(current) == set(usages)
             and cert_path.read_bytes().endswith(ca_pem)
         ):
             return
@@ -209,7 +264,7 @@ def _ensure_server_cert(
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "barista controller")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -217,8 +272,7 @@ def _ensure_server_cert(
         .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
         .add_extension(_san(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -229,4 +283,11 @@ def _ensure_server_cert(
     # The chain: a client pinning the CA finds it in the handshake.
     write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM) + ca_pem)
     cert_path.chmod(0o644)
-    log.info("made the server certificate for %s", ", ".join(names))
+    log.info("made the %s certificate for %s", stem, ", ".join(names))
+
+
+def _usages(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return set()

@@ -8,7 +8,12 @@ The directory it writes (``out``):
   only the controller needs it (it signs node JWTs and revocations with it);
 - ``creds/`` -- the controller's state, peer-facing and system users (.creds, 0600);
 - ``server/barista.conf`` -- for each nats-server: ``operator``, ``system_account``,
-  ``resolver_preload`` (and ``resolver`` when a resolver dir is given); no secret in it.
+  ``resolver_preload`` (and ``resolver`` when a resolver dir is given); no secret in it;
+- ``routes/`` (0700) -- TLS for the cluster's routes: ``route.pem`` and ``route-key.pem``
+  (0600, a secret: only the servers get it), signed by the CA (``tls/`` here, or a
+  controller's with ``--ca-dir``), ``ca.pem``, and ``cluster-tls.conf``, the block each
+  server includes inside its ``cluster { }``. nats-server makes route TLS mutual: a server
+  joins the cluster only with a certificate of that CA (and plain routes are refused).
 
 Re-running it keeps every key (a seed is never replaced) and writes the include file
 again from the current JWTs.
@@ -27,6 +32,9 @@ from controller.nats.operator import OperatorTrust, resolver_block
 from protocol.subjects import Subjects
 
 INCLUDE_NAME = "barista.conf"
+# Included inside each server's cluster block (route TLS, mutual).
+CLUSTER_TLS_NAME = "cluster-tls.conf"
+ROUTE_TLS_TIMEOUT = 2.0
 # NATS operator mode arrived in 2.2; barista relies on 2.10's full resolver behaviour.
 MIN_NATS_SERVER = "2.10"
 
@@ -101,3 +109,25 @@ def resolver_snippet(directory: str) -> str:
     """The resolver block a server's own config adds (its own directory for account JWTs:
     the full resolver keeps them, revocations too, and syncs them across the cluster)."""
     return f"resolver: {json.dumps(resolver_block(directory))}"
+
+
+def cluster_tls_text(*, cert_file: str, key_file: str, ca_file: str) -> str:
+    """The route TLS block every server includes inside its ``cluster { }`` block (paths as
+    they are on the servers). With TLS on routes nats-server checks certificates in both
+    directions (the accepting server verifies the connecting one's against ``ca_file``
+    too: NATS's docs, "TLS Authentication" for clusters); ``verify: true`` says so here as
+    well. The host in each route URL must be one of the certificate's names."""
+    lines = [
+        "# barista: TLS for cluster routes, written by `barista nats init`. Include it inside",
+        "# the cluster block of every server (cluster { ...  include cluster-tls.conf }):",
+        "# only servers with a certificate of this CA can join the cluster. No secret in this",
+        "# file; the key it names is one (0600, on the servers only).",
+        "tls {",
+        f"  cert_file: {json.dumps(cert_file)}",
+        f"  key_file: {json.dumps(key_file)}",
+        f"  ca_file: {json.dumps(ca_file)}",
+        "  verify: true",
+        f"  timeout: {ROUTE_TLS_TIMEOUT}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -8,12 +8,15 @@ later starts load them. The server then needs no user list at all: every identit
 JWT, signed here for an nkey, and checked by the server against the account it names.
 Admitting a node is signing a JWT — no config change, no reload.
 
-The fleet account's JWT (``fleet.jwt`` in the trust dir) is the record of its revocations:
-a revocation re-signs it and is pushed on ``$SYS.REQ.CLAIMS.UPDATE`` (as a system-account
-user); the server closes the revoked users' connections at once, refuses their JWTs from
-then on, and keeps the account JWT in its full resolver dir (``allow_delete: false``), so the
-revocation survives restarts. The JWT is written here before it is pushed, and the rendered
-config preloads the current one, so a push that fails is applied at the next server start.
+The fleet account's JWT (``fleet.jwt`` in the trust dir) carries its revocations. With a
+controller's state in JetStream their record is shared by every controller of the
+deployment (controller.nats.account: KV, compare-and-set, merged here by ``merge``); the
+trust dir's copy is this controller's cache of it. A revocation re-signs the JWT and is
+pushed on ``$SYS.REQ.CLAIMS.UPDATE`` (as a system-account user); the server closes the
+revoked users' connections at once, refuses their JWTs from then on, and keeps the account
+JWT in its full resolver dir (``allow_delete: false``), so the revocation survives
+restarts. The JWT is written here before it is pushed, and the rendered config preloads the
+current one, so a push that fails is applied at the next server start.
 
 A revocation refuses every JWT of that key issued at or before it — not JWTs signed later,
 so ``user_jwt`` refuses to sign for a revoked key (renewal of a revoked node fails here).
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("barista.controller.nats.operator")
 
 CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
+# The other subjects nats-server takes an account JWT update on (the account's own).
+ACCOUNT_CLAIMS_UPDATES = ("$SYS.REQ.ACCOUNT.{}.CLAIMS.UPDATE", "$SYS.ACCOUNT.{}.CLAIMS.UPDATE")
 # Short-lived node credentials (issue 10): renewed by the agent well before expiry.
 DEFAULT_USER_TTL = 24 * 3600.0
 
@@ -363,6 +368,33 @@ class OperatorTrust:
     def is_revoked(self, public_key: str) -> bool:
         return public_key in self._fleet.nats.revocations or "*" in self._fleet.nats.revocations
 
+    @property
+    def signing_keys(self) -> list[str]:
+        """The fleet account's signing keys (this dir's, and any another controller shared)."""
+        return list(self._fleet.nats.signing_keys)
+
+    def merge(self, revocations: Mapping[str, int], signing_keys: Iterable[str] = ()) -> bool:
+        """Take in the fleet account state other controllers shared (controller.nats.account):
+        the union of revocations (the later time of each key: a revocation is never dropped
+        or moved into the past) and of signing keys. Re-signs and writes the account JWT
+        when that changes anything; True then (push it with ``push_fleet``)."""
+        revs = dict(self._fleet.nats.revocations)
+        for key, when in revocations.items():
+            if key != "*" and not jwt.is_public_key(key, "user"):
+                log.warning("ignoring a shared revocation of %r: not a public user nkey", key)
+                continue
+            revs[key] = max(revs.get(key, 0), int(when))
+        keys = set(self._fleet.nats.signing_keys)
+        for key in signing_keys:
+            if jwt.is_public_key(key, "account"):
+                keys.add(key)
+            else:
+                log.warning("ignoring a shared signing key %r: not a public account nkey", key)
+        if revs == self._fleet.nats.revocations and keys == set(self._fleet.nats.signing_keys):
+            return False
+        self._resign_fleet(revs, sorted(keys))
+        return True
+
     def revoke(self, *public_keys: str) -> str:
         """Revoke users of the fleet account (every JWT of theirs issued until now) and
         return the re-signed account JWT, already written to the trust dir; push it with
@@ -375,7 +407,21 @@ class OperatorTrust:
         for key in public_keys:
             # Never moved into the past (jwt's RevocationList.Revoke keeps the newer one).
             revs[key] = max(revs.get(key, 0), now)
-        return self._resign_fleet(revs)
+        return self._resign_fleet(revs, self._fleet.nats.signing_keys)
+
+    def lacks(self, account_jwt: str) -> bool | None:
+        """Whether a fleet account JWT seen on the wire (someone's push) drops a revocation
+        this trust holds (or moves one into the past); its own revocations are merged in
+        first. None: not this operator's fleet account JWT (ignored)."""
+        try:
+            claims = jwt.decode(account_jwt, jwt.AccountClaims, check_time=False)
+        except jwt.JwtError:
+            return None
+        if claims.sub != self.fleet_account or claims.iss != self.operator_key:
+            return None
+        theirs = claims.nats.revocations
+        self.merge(theirs, claims.nats.signing_keys)
+        return any(theirs.get(key, -1) < when for key, when in self.revocations.items())
 
     async def push_fleet(self, nc: NATS, *, wait: float = 5.0) -> ClaimsUpdate:
         """Push the current fleet account JWT (after ``revoke``, and at every controller
@@ -384,10 +430,11 @@ class OperatorTrust:
             nc, self._fleet_jwt, operator_key=self.operator_key, wait=wait
         )
 
-    def _resign_fleet(self, revocations: dict[str, int]) -> str:
+    def _resign_fleet(self, revocations: dict[str, int], signing_keys: list[str]) -> str:
         fleet = msgspec.structs.replace(
             self._fleet,
-            nats=msgspec.structs.replace(self._fleet.nats, revocations=revocations),
+            nats=msgspec.structs.replace(self._fleet.nats, revocations=revocations,
+                                         signing_keys=sorted(signing_keys)),
         )
         # iat must grow: the preload at a server start (saveIfNewer) keeps the stored JWT
         # when the new one's iat is older and skips it silently when the jti is the same --

@@ -191,6 +191,9 @@ APP_STATUS_BUCKET = Bucket("app_status", history=1)
 API_TOKENS_BUCKET = Bucket("api_tokens")
 # Signing-key rotation steps (signed, public), kept for agents that were offline.
 KEYS_BUCKET = Bucket("keys", history=1)
+# The fleet account's shared state in operator mode (controller.nats.account): every
+# controller of a deployment builds the account JWT it pushes from it (revocations).
+NATS_ACCOUNT_BUCKET = Bucket("nats_account")
 # Overlay networks (controller.mesh): the networks, their address leases, what each node
 # told about its WireGuard side (key, endpoints), and each network's published peers.
 NETWORKS_BUCKET = Bucket("networks")

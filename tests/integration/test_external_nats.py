@@ -19,15 +19,18 @@ from pathlib import Path
 
 import nats
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.connection import connect
 from controller.api.app import ApiServer
 from controller.errors import ConfigError
 from controller.nats import jwt
-from controller.nats.deployment import init_deployment
+from controller.nats.deployment import CLUSTER_TLS_NAME, init_deployment
 from controller.nats.operator import OperatorTrust, Permissions
 from controller.nats.server import NatsServer
 from controller.service import Controller
+from controller.tls import ControllerTLS
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
 from tests.fixtures.nats_cluster import NatsCluster
 from tests.fixtures.wait import wait_for
@@ -196,3 +199,73 @@ async def test_controller_with_another_deployments_trust_is_a_clear_error(
     with pytest.raises(ConfigError, match=r"refused the controller's user .*another operator"):
         async with asyncio.timeout(15), Controller(cfg):
             pass
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(path.read_bytes())[0]
+
+
+def _names(cert: x509.Certificate) -> set[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(san.get_values_for_type(x509.DNSName)) | {
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+
+
+def test_nats_init_writes_route_tls(tmp_path: Path) -> None:
+    """TLS for the cluster's routes: a certificate (server and client) of the deployment's
+    CA, its key 0600, the block each server includes inside its cluster block; kept on a
+    re-run; signed by a controller's CA with --ca-dir."""
+    out = tmp_path / "dep"
+    first = _nats_init("--out", str(out), "--route-host", "nats-1.internal", "-o", "json")
+    assert first.returncode == 0, first.stderr
+    routes = json.loads(first.stdout)["routes"]
+    rdir = Path(routes["dir"])
+    assert rdir == (out / "routes").resolve() and "nats-1.internal" in routes["names"]
+    assert _mode(rdir) == 0o700 and _mode(out / "tls") == 0o700
+    assert _mode(rdir / "route-key.pem") == 0o600 and _mode(out / "tls" / "ca-key.pem") == 0o600
+    cert = _cert(rdir / "route.pem")
+    ca = _cert(out / "tls" / "ca.pem")
+    assert cert.issuer == ca.subject and (rdir / "ca.pem").read_bytes() == (
+        out / "tls" / "ca.pem").read_bytes()
+    cert.verify_directly_issued_by(ca)
+    assert {"nats-1.internal", "127.0.0.1", "localhost"} <= _names(cert)
+    usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert usages == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    conf = Path(routes["include_file"]).read_text()
+    for name in ("route.pem", "route-key.pem", "ca.pem"):
+        assert json.dumps(str(rdir / name)) in conf
+    assert "verify: true" in conf
+    keys = [(rdir / "route-key.pem").read_text(), (out / "tls" / "ca-key.pem").read_text()]
+    for key in keys:
+        body = key.splitlines()[1]
+        assert body not in conf and body not in first.stdout and body not in first.stderr
+    text = _nats_init("--out", str(out))
+    assert text.returncode == 0, text.stderr
+    assert f"include {CLUSTER_TLS_NAME}" in text.stdout and "TLS both ways" in text.stdout
+    # re-runs keep the certificate and its key (a name once given stays); a new name
+    # makes a new one, with every name, of the same CA
+    key = (rdir / "route-key.pem").read_bytes()
+    again = _nats_init("--out", str(out), "--route-host", "nats-1.internal")
+    assert again.returncode == 0, again.stderr
+    assert _cert(rdir / "route.pem").serial_number == cert.serial_number
+    assert (rdir / "route-key.pem").read_bytes() == key
+    more = _nats_init("--out", str(out), "--route-host", "10.1.2.3")
+    assert more.returncode == 0, more.stderr
+    grown = _cert(rdir / "route.pem")
+    assert grown.serial_number != cert.serial_number
+    assert {"nats-1.internal", "10.1.2.3", "127.0.0.1"} <= _names(grown)
+    grown.verify_directly_issued_by(ca)
+
+    # signed by a controller's CA (its data dir's tls/), files named where the servers
+    # keep them
+    ctl = ControllerTLS.load_or_create(tmp_path / "ctl")
+    out2 = tmp_path / "dep2"
+    made = _nats_init("--out", str(out2), "--ca-dir", str(ctl.dir),
+                      "--route-files-dir", "/etc/nats/routes")
+    assert made.returncode == 0, made.stderr
+    cert2 = _cert(out2 / "routes" / "route.pem")
+    cert2.verify_directly_issued_by(_cert(ctl.ca_file))
+    assert not (out2 / "tls").exists()
+    conf2 = (out2 / "routes" / CLUSTER_TLS_NAME).read_text()
+    assert '"/etc/nats/routes/route-key.pem"' in conf2 and '"/etc/nats/routes/ca.pem"' in conf2
+    assert ControllerTLS.load_or_create(tmp_path / "ctl").ca_sha256 == ctl.ca_sha256

@@ -132,3 +132,53 @@ def test_a_readable_seed_or_a_foreign_jwt_is_refused(tmp_path: Path) -> None:
     (tdir / "fleet.jwt").write_text(other.fleet_jwt)
     with pytest.raises(TrustError, match="does not belong"):
         OperatorTrust.load_or_create(tmp_path / "nats")
+
+
+def test_merge_takes_the_union_of_shared_revocations(tmp_path: Path) -> None:
+    """controller.nats.account's shared state merged into a trust: revocations only grow
+    (the later time wins), bad keys are skipped, and the JWT is re-signed only on a change."""
+    from controller.nats.account import FleetAccount, merged
+
+    trust = OperatorTrust.load_or_create(tmp_path / "nats")
+    mine, theirs, bad = (jwt.public_key(jwt.new_seed("user")) for _ in range(3))
+    trust.revoke(mine)
+    at = trust.revocations[mine]
+    before = trust.fleet_jwt
+    assert trust.merge({theirs: 100, mine: at - 50, bad[:-1] + "?": 5}) is True
+    assert trust.revocations == {mine: at, theirs: 100}
+    assert trust.is_revoked(theirs) and trust.fleet_jwt != before
+    claims = jwt.decode(trust.fleet_jwt, jwt.AccountClaims)
+    assert claims.nats.revocations == {mine: at, theirs: 100}
+    assert claims.nats.signing_keys == [trust.fleet_signing_key]
+    # the file is the new JWT too (the embedded server's preload), still 0600
+    fleet_file = OperatorTrust.trust_dir(tmp_path / "nats") / "fleet.jwt"
+    assert fleet_file.read_text().strip() == trust.fleet_jwt and _mode(fleet_file) == 0o600
+    # nothing new: no re-signing
+    same = trust.fleet_jwt
+    assert trust.merge({theirs: 99}, [trust.fleet_signing_key]) is False
+    assert trust.fleet_jwt == same
+    # a signing key another controller shares joins the account's
+    other_key = jwt.public_key(jwt.new_seed("account"))
+    assert trust.merge({}, [other_key]) is True
+    assert sorted(trust.signing_keys) == sorted([trust.fleet_signing_key, other_key])
+
+    record = merged(FleetAccount(revocations={theirs: 200}), {theirs: 150, mine: 1}, [other_key])
+    assert record == FleetAccount(revocations={theirs: 200, mine: 1}, signing_keys=[other_key])
+    assert merged(None, {}, []) == FleetAccount()
+
+
+def test_lacks_tells_a_pushed_jwt_that_drops_a_revocation(tmp_path: Path) -> None:
+    trust = OperatorTrust.load_or_create(tmp_path / "nats")
+    stale = trust.fleet_jwt
+    x, y = (jwt.public_key(jwt.new_seed("user")) for _ in range(2))
+    trust.revoke(x)
+    assert trust.lacks(stale) is True
+    assert trust.lacks(trust.fleet_jwt) is False
+    # another's JWT with more revocations: taken in, and it drops nothing of ours
+    other = OperatorTrust.load_or_create(tmp_path / "nats")
+    other.revoke(y)
+    assert trust.lacks(other.fleet_jwt) is False and trust.is_revoked(y)
+    # not this operator's account, or not a JWT at all: ignored
+    foreign = jwt.encode(jwt.account_claims(trust.fleet_account), jwt.new_seed("operator"))
+    assert trust.lacks(foreign) is None and trust.lacks("garbage") is None
+    assert trust.lacks(trust.system_jwt) is None
