@@ -25,6 +25,16 @@ Prints one JSON line per run: {"bench": "mesh", "part": "b", "n", "entry_bytes",
 "baseline_bytes" (N x entry), "published_bytes", "published_ratio", "delivered_bytes",
 "delivered_ratio", "full_push_bytes" (every member sent the whole peer list, as Netmaker
 does), ...}. Parts (a) convergence and (c) throughput need the netns lab (agent side).
+
+What is counted. ``published``: what the controller sends (each delta once, the joiner's
+snapshot once; NATS copies a message to each subscriber). ``delivered``: the payloads all
+members and the joiner receive, the figure the target (<= 2 x N x entry) is about: at best
+N x entry (the joiner's entry to each member) + the joiner's N peers.
+``delivered_wire``: what the server writes to those sockets, i.e. delivered plus each
+message's MSG/HMSG line (subject, sid, reply inbox, sizes), headers and CRLF (wire_bytes).
+The joiner sends MeshJoin with ``accepts: ["zlib"]`` as agent/netmesh does, so its snapshot
+is compressed (``snapshot_uncompressed_bytes`` says what it was). The periodic beacon is not
+the join's and is kept out (``beacon_per_member_bytes`` says what one costs a member).
 """
 
 from __future__ import annotations
@@ -86,11 +96,27 @@ async def wait_until(pred: Callable[[], object], within: float, what: str) -> No
         await asyncio.sleep(0.02)
 
 
+def wire_bytes(msg: object) -> int:
+    """What the server wrote to the subscriber's socket for ``msg``: the MSG / HMSG line
+    (subject, sid, reply, sizes), the headers block, the payload and its CRLF."""
+    data: bytes = msg.data  # type: ignore[attr-defined]
+    headers: dict[str, str] | None = msg.headers  # type: ignore[attr-defined]
+    reply: str = msg.reply  # type: ignore[attr-defined]
+    hdr = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+           if headers else "")
+    sizes = f"{len(hdr)} {len(hdr) + len(data)}" if hdr else str(len(data))
+    line = (f"{'HMSG' if hdr else 'MSG'} {msg.subject} {msg.sid} "  # type: ignore[attr-defined]
+            f"{reply + ' ' if reply else ''}{sizes}\r\n")
+    return len(line) + len(hdr) + len(data) + 2
+
+
 class Fleet:
-    """N member subscriptions on the delta subject, counting what each receives."""
+    """N member subscriptions on the delta subject, counting what each receives (payload,
+    and all that the server sends for it: see wire_bytes)."""
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.wire = 0
         self.messages = 0
         self.deltas: list[MeshDelta] = []
         self.conns: list[object] = []
@@ -108,6 +134,7 @@ class Fleet:
 
                 async def on_delta(msg, keep: bool = first) -> None:  # type: ignore[no-untyped-def]
                     self.bytes += len(msg.data)
+                    self.wire += wire_bytes(msg)
                     self.messages += 1
                     if keep:
                         self.deltas.append(codec.decode(msg.data, MeshDelta))
@@ -117,7 +144,7 @@ class Fleet:
             await nc.flush()
 
     def reset(self) -> None:
-        self.bytes = self.messages = 0
+        self.bytes = self.wire = self.messages = 0
         self.deltas.clear()
 
     async def close(self) -> None:
@@ -158,6 +185,10 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             fill_s = time.monotonic() - t0
             log.info("%d: members published", n)
             dist.window = 0.05
+            # The beacon (every 30 s, each member one ~75-byte empty delta) is periodic
+            # traffic, not the join's: kept out of the window (a long fill used to put one
+            # in it, counted as the join's and ending the wait before the join's delta).
+            dist.beacon_interval = 1e9
             fleet = Fleet()
             await fleet.start(srv.url, c, n)
             log.info("%d: fleet subscribed", n)
@@ -166,9 +197,11 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             assert state_before is not None
             listener = await nats.connect(srv.url, pending_size=256 << 20)
             snaps: list[bytes] = []
+            snap_wire: list[int] = []
 
             async def on_snap(msg) -> None:  # type: ignore[no-untyped-def]
                 snaps.append(msg.data)
+                snap_wire.append(wire_bytes(msg))
 
             await listener.subscribe(c.subjects.mesh_snapshot(joiner.id), cb=on_snap)
             await listener.flush()
@@ -179,7 +212,8 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             await c.nodes.put(joiner.id, joiner)
             await listener.publish(c.subjects.mesh_join(joiner.id), codec.encode(MeshJoin(
                 node_id=joiner.id, public_key=joiner_mn.public_key,
-                endpoints=joiner_mn.endpoints, region=joiner_mn.region)))
+                endpoints=joiner_mn.endpoints, region=joiner_mn.region,
+                accepts=[codec.ZLIB])))  # as agent/netmesh/link.py sends it
             await wait_until(lambda: snaps and fleet.messages >= n, 60, "join delivered")
             join_s = time.monotonic() - t_join
             log.info("%d: join delivered", n)
@@ -195,6 +229,11 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             snap = codec.decode(snaps[-1], MeshSnapshot)
             assert len(snap.peers) == n
             delivered = fleet.bytes + sum(len(s) for s in snaps)
+            delivered_wire = fleet.wire + sum(snap_wire)
+            beacon = len(codec.encode(MeshDelta(network=NET, generation=state_before.generation,
+                                                from_generation=state_before.generation,
+                                                epoch=state_before.epoch)))
+            plain_snapshot = len(codec.encode(snap))
             received_per_member = fleet.bytes / max(1, fleet.messages)
             state_bytes = len(msgspec.msgpack.encode(state))
             baseline = n * entry
@@ -220,9 +259,13 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
                 "published_ratio": round(published / baseline, 3),
                 "delivered_bytes": delivered,
                 "delivered_ratio": round(delivered / baseline, 3),
+                "delivered_wire_bytes": delivered_wire,
+                "delivered_wire_ratio": round(delivered_wire / baseline, 3),
+                "snapshot_uncompressed_bytes": plain_snapshot,
                 "received_per_member_bytes": round(received_per_member, 1),
-                "full_push_bytes": n * len(snaps[-1]),
-                "full_push_ratio": round(n * len(snaps[-1]) / baseline, 1),
+                "full_push_bytes": n * plain_snapshot,
+                "full_push_ratio": round(n * plain_snapshot / baseline, 1),
+                "beacon_per_member_bytes": beacon,
                 "removal_published_bytes": rm_published,
                 "removal_delivered_bytes": rm_delivered,
                 "removal_delivered_ratio": round(rm_delivered / baseline, 3),
