@@ -319,16 +319,42 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                                                    "probe_interval": 0.2}))
             enroll_s = time.monotonic() - t_enroll
             log.info("%d: enrolled, netmesh up (%.1f s); joining", n, enroll_s)
+            dist = c.mesh.distributor
+            stats0 = dict(dist.stats)
             t0 = time.monotonic()
             await asyncio.gather(*(m.join() for m in members))
             t_last = time.monotonic()
+            wall_last = time.time()
             by_id = {m.node_id: m for m in members}
             reached: dict[tuple[str, str], float] = {}
             want = n * (n - 1)
             views_s = 0.0
+            # Phases, each the first poll (every 0.05 s) that saw it, from the last MeshJoin:
+            # the controller has every member in its published state / has sent every
+            # snapshot; per member: snapshot applied (it has its address), its view holds
+            # all n - 1 peers (snapshot + deltas), its WireGuard config holds them all
+            # (the plan applied: direct peers, and relayed ones through their relay).
+            phase: dict[str, float] = {}
+            per: dict[str, dict[str, float]] = {k: {} for k in ("snapshot", "view", "applied")}
             deadline = t_last + 120
             while len(reached) < want and time.monotonic() < deadline:
                 now = time.monotonic()
+                state_now = dist.state("corp")
+                if "published_all" not in phase and state_now is not None \
+                        and len(state_now.peers) == n:
+                    phase["published_all"] = now - t_last
+                if "snapshots_sent" not in phase and \
+                        dist.stats["snapshots"] - stats0["snapshots"] >= n:
+                    phase["snapshots_sent"] = now - t_last
+                for m in members:
+                    if m.node_id not in per["snapshot"] and "corp" in m.mesh.views:
+                        per["snapshot"][m.node_id] = now - t_last
+                    if m.node_id not in per["view"] and len(m.peers()) == n - 1:
+                        per["view"][m.node_id] = now - t_last
+                    pl = m.mesh.plan("corp")
+                    if m.node_id not in per["applied"] and pl is not None \
+                            and len(pl.peers) + len(pl.via) >= n - 1:
+                        per["applied"][m.node_id] = now - t_last
                 if not views_s and all(len(m.peers()) == n - 1 for m in members):
                     views_s = now - t_last
                 for m in members:
@@ -341,6 +367,13 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                             reached[(m.node_id, peer_id)] = now - t_last
                 await asyncio.sleep(0.05)
             converged = max(reached.values()) if len(reached) == want else None
+            # WireGuard's own clock of each tunnel's (last, in so short a run the first)
+            # handshake, read once now: no polling needed for its precision.
+            handshakes: list[float] = []
+            for m in members:
+                dev = await m.mesh.backend.get(m.mesh.ifname("corp"))
+                handshakes += [p.last_handshake - wall_last for p in dev.peers.values()
+                               if p.last_handshake > 0]
             name_of = {m.node_id: m.name for m in members}
             slowest = sorted(reached.items(), key=lambda kv: -kv[1])[:5]
             log.info("%d: %d/%d pairs reached; ping sweep", n, len(reached), want)
@@ -370,6 +403,19 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                 if reached else None,
                 "slowest_pairs": [[name_of[a], name_of[b], round(t, 2)]
                                   for (a, b), t in slowest],
+                "phases_s": {
+                    **{k: round(v, 3) for k, v in phase.items()},
+                    **{f"{k}_{q}": _quantile(list(v.values()), q) for k, v in per.items()
+                       for q in ("p50", "max")},
+                    "handshake_p50": _quantile(handshakes, "p50"),
+                    "handshake_max": _quantile(handshakes, "max"),
+                    "pair_reached_p50": _quantile(list(reached.values()), "p50"),
+                    "pair_reached_max": _quantile(list(reached.values()), "max"),
+                },
+                "members_missing_phase": {k: n - len(v) for k, v in per.items() if len(v) < n},
+                "tunnels_handshaken": len(handshakes),
+                "controller": {k: dist.stats[k] - stats0[k]
+                               for k in ("deltas", "snapshots", "flushes", "joins", "resyncs")},
                 "ping_sweep_ok": sum(oks), "ping_sweep_pairs": len(oks),
                 "ping_sweep_s": round(sweep_s, 2),
                 "generation": state.generation if state else 0,
@@ -379,6 +425,13 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
             }
     finally:
         await asyncio.to_thread(lab.stop)
+
+
+def _quantile(values: list[float], q: str) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[len(ordered) // 2] if q == "p50" else ordered[-1], 3)
 
 
 def main() -> None:
