@@ -50,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -370,10 +371,15 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
             # WireGuard's own clock of each tunnel's (last, in so short a run the first)
             # handshake, read once now: no polling needed for its precision.
             handshakes: list[float] = []
+            tunnels: list[tuple[float, str, str]] = []
+            name_by_key = {base64.b64decode(m.mesh.public_key): m.name for m in members}
             for m in members:
                 dev = await m.mesh.backend.get(m.mesh.ifname("corp"))
-                handshakes += [p.last_handshake - wall_last for p in dev.peers.values()
-                               if p.last_handshake > 0]
+                for key, p in dev.peers.items():
+                    if p.last_handshake > 0:
+                        handshakes.append(p.last_handshake - wall_last)
+                        tunnels.append((p.last_handshake - wall_last, m.name,
+                                        name_by_key.get(key, "?")))
             name_of = {m.node_id: m.name for m in members}
             slowest = sorted(reached.items(), key=lambda kv: -kv[1])[:5]
             log.info("%d: %d/%d pairs reached; ping sweep", n, len(reached), want)
@@ -414,6 +420,10 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                 },
                 "members_missing_phase": {k: n - len(v) for k, v in per.items() if len(v) < n},
                 "tunnels_handshaken": len(handshakes),
+                # The latest handshakes, with when each side had the other configured.
+                "slowest_handshakes": [
+                    [a, b, round(t, 2), _applied(per, members, a), _applied(per, members, b)]
+                    for t, a, b in sorted(tunnels, reverse=True)[:6]],
                 "controller": {k: dist.stats[k] - stats0[k]
                                for k in ("deltas", "snapshots", "flushes", "joins", "resyncs")},
                 "ping_sweep_ok": sum(oks), "ping_sweep_pairs": len(oks),
@@ -425,6 +435,11 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
             }
     finally:
         await asyncio.to_thread(lab.stop)
+
+
+def _applied(per: dict[str, dict[str, float]], members: list[Any], name: str) -> float | None:
+    got = [per["applied"].get(m.node_id) for m in members if m.name == name]
+    return round(got[0], 2) if got and got[0] is not None else None
 
 
 def _quantile(values: list[float], q: str) -> float | None:
