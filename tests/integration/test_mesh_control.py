@@ -194,6 +194,40 @@ async def test_snapshot_compressed_only_for_who_reads_it_and_deltas_plain(
     assert controller.mesh.distributor.stats["store_misses"] == 0
 
 
+async def test_delta_not_kept_by_the_stream_is_sent_again_once_it_is_back(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+) -> None:
+    """The stream MESH gone: the delta still reaches the members at once (plain message),
+    the controller counts that the stream did not keep it and sends it again until it
+    does; members take the repeat as stale, their generations stay unbroken."""
+    dist = controller.mesh.distributor
+    await make_net(controller)
+    a = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.1")
+    await a.listen("corp")
+    await a.join()
+    await wait_for(lambda: a.snapshots, 5, "a's snapshot")
+    await dist.settled()
+    config = (await controller.js.stream_info("MESH")).config
+    await controller.js.delete_stream("MESH")
+    b = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.2")
+    await b.listen("corp")
+    await b.join()
+    await wait_for(lambda: b.node_id in a.view()[1], 5, "a sees b, stream or not")
+    await wait_for(lambda: dist.stats["store_misses"] >= 1, 10, "a store miss counted")
+    assert not b.snapshots  # its snapshot waits for the round to succeed
+    await controller.js.add_stream(config)
+    await wait_for(lambda: b.snapshots, 20, "b's snapshot once the stream is back")
+    await dist.settled()
+    state = dist.state("corp")
+    assert state is not None
+    kept = codec.decode((await controller.js.get_last_msg(
+        "MESH", controller.subjects.mesh_delta("corp"))).data, MeshDelta)
+    assert kept.generation == state.generation and b.node_id in {p.node_id for p in kept.added}
+    assert a.view() == (state.generation, {b.node_id: b.key})
+    gens = [d.generation for d in a.deltas]
+    assert gens == sorted(gens) and len(set(gens)) < len(gens)  # the repeat, and in order
+
+
 async def test_join_snapshot_deltas_gap_resync_and_removal(
     controller: RunningController, agents: AgentFactory, sims: list[NATS],
 ) -> None:
