@@ -50,6 +50,9 @@ ZLIB_EXT = 1
 ZLIB = "zlib"
 # Below this a message is sent as it is: zlib's own bytes and the CPU are not worth it.
 COMPRESS_MIN = 1024
+# zlib level: a 1,000-peer snapshot (198 kB) takes ~2 ms of CPU to 57 kB at 3, ~3.3 ms to
+# 54 kB at 6; a controller answering a mass resync makes one per member.
+COMPRESS_LEVEL = 3
 _EXT_HEADERS = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext 8 / 16 / 32: bytes of the length
 
 
@@ -58,7 +61,7 @@ def encode(msg: Message, *, compress: bool = False) -> bytes:
     COMPRESS_MIN bytes and compressing makes it smaller."""
     data = _encoder.encode(msg)
     if compress and len(data) >= COMPRESS_MIN:
-        packed = _encoder.encode(msgspec.msgpack.Ext(ZLIB_EXT, zlib.compress(data, 6)))
+        packed = _encoder.encode(msgspec.msgpack.Ext(ZLIB_EXT, zlib.compress(data, COMPRESS_LEVEL)))
         if len(packed) < len(data):
             return packed
     return data
