@@ -144,6 +144,34 @@ async def tunnels_of(ns: str, prefix: str) -> list[str]:
     return sorted(x["ifname"] for x in links if x["ifname"].startswith(prefix))
 
 
+def wg_go_pids(ifnames: list[str]) -> list[int]:
+    """The wireguard-go processes serving ``ifnames`` (this lab's own, by their argv)."""
+    want = {("wireguard-go", "-f", name) for name in ifnames}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = tuple((proc / "cmdline").read_bytes().decode().split("\0")[:-1])
+        except OSError:
+            continue
+        if argv[-3:] in want and Path(argv[0]).name.endswith("wireguard-go"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` so far (gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _progress(what: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
 
@@ -195,6 +223,13 @@ async def main(seconds: float, runs: int) -> dict[str, Any]:
                                            for k in facts["ours"]
                                            if facts["ours"][k] != facts["hand"][k]}
                 out["mtu"] = facts["ours"]["mtu"]
+                ns_b = lab.nodes["b"].ns
+                mine_b = await tunnels_of(ns_b, lab.ifname_prefix(lab.nodes["b"]))
+                pids = {"ours": wg_go_pids([mine[0], *mine_b]),
+                        "hand": wg_go_pids([handmade, f"{lab.prefix}h{lab.nodes['b'].index}"])}
+                if any(len(v) != 2 for v in pids.values()):
+                    raise RuntimeError(f"expected two wireguard-go per tunnel: {pids}")
+                per_cpu: dict[str, list[float]] = {"ours": [], "hand": []}
                 for target, rtts in ((lab.nodes["b"].overlay, "rtt_overlay_ms"),
                                      (address, "rtt_hand_ms")):
                     _, _, text = await ping(lab.nodes["a"].ns, target, count=20,
@@ -205,9 +240,16 @@ async def main(seconds: float, runs: int) -> dict[str, Any]:
                     for kind, target in pair if i % 2 == 0 else reversed(pair):
                         _progress(f"iperf3 {kind} run {i}")
                         load = round(os.getloadavg()[0], 2)
+                        cpu0 = cpu_seconds(pids[kind])
                         gbps = await iperf(lab, "b", "a", target, seconds)
+                        cpu = cpu_seconds(pids[kind]) - cpu0
                         (ours if kind == "ours" else hand).append(gbps)
+                        # Gbit per CPU-second of the tunnel's two wireguard-go: what the
+                        # tunnel costs, whatever share of the CPUs the machine left it.
+                        per_cpu[kind].append(gbps * seconds / cpu if cpu > 0 else 0.0)
                         trials.append({"run": i, "tunnel": kind, "gbps": round(gbps, 3),
+                                       "wg_cpu_s": round(cpu, 2),
+                                       "gbit_per_wg_cpu_s": round(per_cpu[kind][-1], 3),
                                        "load1": load})
             _, _, text = await ping(lab.nodes["a"].ns, lab.nodes["b"].underlay, count=20,
                                     interval=0.05)
@@ -218,6 +260,11 @@ async def main(seconds: float, runs: int) -> dict[str, Any]:
             out["ratio_median"] = round(statistics.median(out["ratio_per_run"]), 3)
             out["ratio_of_medians"] = round(statistics.median(ours) / statistics.median(hand), 3)
             out["trials"] = trials
+            # The same comparison per CPU-second (less at the mercy of the machine's load;
+            # the wireguard-go CPU covers the whole iperf3 run, its left-out first second
+            # too, for both alike).
+            out["cpu_efficiency_ratio_of_medians"] = round(
+                statistics.median(per_cpu["ours"]) / statistics.median(per_cpu["hand"]), 3)
             out.update(await rotation_gap(lab, Path(tmp)))
     finally:
         lab.stop()
