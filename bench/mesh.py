@@ -420,6 +420,11 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                 },
                 "members_missing_phase": {k: n - len(v) for k, v in per.items() if len(v) < n},
                 "tunnels_handshaken": len(handshakes),
+                # Tunnels whose last handshake came more than 4 s after the last member had
+                # its whole config applied: a first handshake retried (REKEY_TIMEOUT, 5 s),
+                # or a second handshake (WireGuard keeps only the last one's time).
+                "tunnels_late": sum(1 for t in handshakes
+                                    if t > max(per["applied"].values(), default=0.0) + 4.0),
                 # The latest handshakes, with when each side had the other configured.
                 "slowest_handshakes": [
                     [a, b, round(t, 2), _applied(per, members, a), _applied(per, members, b)]
