@@ -25,6 +25,16 @@ Prints one JSON line per run: {"bench": "mesh", "part": "b", "n", "entry_bytes",
 "baseline_bytes" (N x entry), "published_bytes", "published_ratio", "delivered_bytes",
 "delivered_ratio", "full_push_bytes" (every member sent the whole peer list, as Netmaker
 does), ...}. Parts (a) convergence and (c) throughput need the netns lab (agent side).
+
+What is counted. ``published``: what the controller sends (each delta once, the joiner's
+snapshot once; NATS copies a message to each subscriber). ``delivered``: the payloads all
+members and the joiner receive, the figure the target (<= 2 x N x entry) is about: at best
+N x entry (the joiner's entry to each member) + the joiner's N peers.
+``delivered_wire``: what the server writes to those sockets, i.e. delivered plus each
+message's MSG/HMSG line (subject, sid, reply inbox, sizes), headers and CRLF (wire_bytes).
+The joiner sends MeshJoin with ``accepts: ["zlib"]`` as agent/netmesh does, so its snapshot
+is compressed (``snapshot_uncompressed_bytes`` says what it was). The periodic beacon is not
+the join's and is kept out (``beacon_per_member_bytes`` says what one costs a member).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -86,11 +97,27 @@ async def wait_until(pred: Callable[[], object], within: float, what: str) -> No
         await asyncio.sleep(0.02)
 
 
+def wire_bytes(msg: object) -> int:
+    """What the server wrote to the subscriber's socket for ``msg``: the MSG / HMSG line
+    (subject, sid, reply, sizes), the headers block, the payload and its CRLF."""
+    data: bytes = msg.data  # type: ignore[attr-defined]
+    headers: dict[str, str] | None = msg.headers  # type: ignore[attr-defined]
+    reply: str = msg.reply  # type: ignore[attr-defined]
+    hdr = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+           if headers else "")
+    sizes = f"{len(hdr)} {len(hdr) + len(data)}" if hdr else str(len(data))
+    line = (f"{'HMSG' if hdr else 'MSG'} {msg.subject} {msg.sid} "  # type: ignore[attr-defined]
+            f"{reply + ' ' if reply else ''}{sizes}\r\n")
+    return len(line) + len(hdr) + len(data) + 2
+
+
 class Fleet:
-    """N member subscriptions on the delta subject, counting what each receives."""
+    """N member subscriptions on the delta subject, counting what each receives (payload,
+    and all that the server sends for it: see wire_bytes)."""
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.wire = 0
         self.messages = 0
         self.deltas: list[MeshDelta] = []
         self.conns: list[object] = []
@@ -108,6 +135,7 @@ class Fleet:
 
                 async def on_delta(msg, keep: bool = first) -> None:  # type: ignore[no-untyped-def]
                     self.bytes += len(msg.data)
+                    self.wire += wire_bytes(msg)
                     self.messages += 1
                     if keep:
                         self.deltas.append(codec.decode(msg.data, MeshDelta))
@@ -117,7 +145,7 @@ class Fleet:
             await nc.flush()
 
     def reset(self) -> None:
-        self.bytes = self.messages = 0
+        self.bytes = self.wire = self.messages = 0
         self.deltas.clear()
 
     async def close(self) -> None:
@@ -158,6 +186,10 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             fill_s = time.monotonic() - t0
             log.info("%d: members published", n)
             dist.window = 0.05
+            # The beacon (every 30 s, each member one ~75-byte empty delta) is periodic
+            # traffic, not the join's: kept out of the window (a long fill used to put one
+            # in it, counted as the join's and ending the wait before the join's delta).
+            dist.beacon_interval = 1e9
             fleet = Fleet()
             await fleet.start(srv.url, c, n)
             log.info("%d: fleet subscribed", n)
@@ -166,9 +198,11 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             assert state_before is not None
             listener = await nats.connect(srv.url, pending_size=256 << 20)
             snaps: list[bytes] = []
+            snap_wire: list[int] = []
 
             async def on_snap(msg) -> None:  # type: ignore[no-untyped-def]
                 snaps.append(msg.data)
+                snap_wire.append(wire_bytes(msg))
 
             await listener.subscribe(c.subjects.mesh_snapshot(joiner.id), cb=on_snap)
             await listener.flush()
@@ -179,7 +213,8 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             await c.nodes.put(joiner.id, joiner)
             await listener.publish(c.subjects.mesh_join(joiner.id), codec.encode(MeshJoin(
                 node_id=joiner.id, public_key=joiner_mn.public_key,
-                endpoints=joiner_mn.endpoints, region=joiner_mn.region)))
+                endpoints=joiner_mn.endpoints, region=joiner_mn.region,
+                accepts=[codec.ZLIB])))  # as agent/netmesh/link.py sends it
             await wait_until(lambda: snaps and fleet.messages >= n, 60, "join delivered")
             join_s = time.monotonic() - t_join
             log.info("%d: join delivered", n)
@@ -195,6 +230,11 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
             snap = codec.decode(snaps[-1], MeshSnapshot)
             assert len(snap.peers) == n
             delivered = fleet.bytes + sum(len(s) for s in snaps)
+            delivered_wire = fleet.wire + sum(snap_wire)
+            beacon = len(codec.encode(MeshDelta(network=NET, generation=state_before.generation,
+                                                from_generation=state_before.generation,
+                                                epoch=state_before.epoch)))
+            plain_snapshot = len(codec.encode(snap))
             received_per_member = fleet.bytes / max(1, fleet.messages)
             state_bytes = len(msgspec.msgpack.encode(state))
             baseline = n * entry
@@ -220,9 +260,13 @@ async def run_b(n: int, base: Path) -> dict[str, object]:
                 "published_ratio": round(published / baseline, 3),
                 "delivered_bytes": delivered,
                 "delivered_ratio": round(delivered / baseline, 3),
+                "delivered_wire_bytes": delivered_wire,
+                "delivered_wire_ratio": round(delivered_wire / baseline, 3),
+                "snapshot_uncompressed_bytes": plain_snapshot,
                 "received_per_member_bytes": round(received_per_member, 1),
-                "full_push_bytes": n * len(snaps[-1]),
-                "full_push_ratio": round(n * len(snaps[-1]) / baseline, 1),
+                "full_push_bytes": n * plain_snapshot,
+                "full_push_ratio": round(n * plain_snapshot / baseline, 1),
+                "beacon_per_member_bytes": beacon,
                 "removal_published_bytes": rm_published,
                 "removal_delivered_bytes": rm_delivered,
                 "removal_delivered_ratio": round(rm_delivered / baseline, 3),
@@ -276,16 +320,42 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                                                    "probe_interval": 0.2}))
             enroll_s = time.monotonic() - t_enroll
             log.info("%d: enrolled, netmesh up (%.1f s); joining", n, enroll_s)
+            dist = c.mesh.distributor
+            stats0 = dict(dist.stats)
             t0 = time.monotonic()
             await asyncio.gather(*(m.join() for m in members))
             t_last = time.monotonic()
+            wall_last = time.time()
             by_id = {m.node_id: m for m in members}
             reached: dict[tuple[str, str], float] = {}
             want = n * (n - 1)
             views_s = 0.0
+            # Phases, each the first poll (every 0.05 s) that saw it, from the last MeshJoin:
+            # the controller has every member in its published state / has sent every
+            # snapshot; per member: snapshot applied (it has its address), its view holds
+            # all n - 1 peers (snapshot + deltas), its WireGuard config holds them all
+            # (the plan applied: direct peers, and relayed ones through their relay).
+            phase: dict[str, float] = {}
+            per: dict[str, dict[str, float]] = {k: {} for k in ("snapshot", "view", "applied")}
             deadline = t_last + 120
             while len(reached) < want and time.monotonic() < deadline:
                 now = time.monotonic()
+                state_now = dist.state("corp")
+                if "published_all" not in phase and state_now is not None \
+                        and len(state_now.peers) == n:
+                    phase["published_all"] = now - t_last
+                if "snapshots_sent" not in phase and \
+                        dist.stats["snapshots"] - stats0["snapshots"] >= n:
+                    phase["snapshots_sent"] = now - t_last
+                for m in members:
+                    if m.node_id not in per["snapshot"] and "corp" in m.mesh.views:
+                        per["snapshot"][m.node_id] = now - t_last
+                    if m.node_id not in per["view"] and len(m.peers()) == n - 1:
+                        per["view"][m.node_id] = now - t_last
+                    pl = m.mesh.plan("corp")
+                    if m.node_id not in per["applied"] and pl is not None \
+                            and len(pl.peers) + len(pl.via) >= n - 1:
+                        per["applied"][m.node_id] = now - t_last
                 if not views_s and all(len(m.peers()) == n - 1 for m in members):
                     views_s = now - t_last
                 for m in members:
@@ -298,6 +368,18 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                             reached[(m.node_id, peer_id)] = now - t_last
                 await asyncio.sleep(0.05)
             converged = max(reached.values()) if len(reached) == want else None
+            # WireGuard's own clock of each tunnel's (last, in so short a run the first)
+            # handshake, read once now: no polling needed for its precision.
+            handshakes: list[float] = []
+            tunnels: list[tuple[float, str, str]] = []
+            name_by_key = {base64.b64decode(m.mesh.public_key): m.name for m in members}
+            for m in members:
+                dev = await m.mesh.backend.get(m.mesh.ifname("corp"))
+                for key, p in dev.peers.items():
+                    if p.last_handshake > 0:
+                        handshakes.append(p.last_handshake - wall_last)
+                        tunnels.append((p.last_handshake - wall_last, m.name,
+                                        name_by_key.get(key, "?")))
             name_of = {m.node_id: m.name for m in members}
             slowest = sorted(reached.items(), key=lambda kv: -kv[1])[:5]
             log.info("%d: %d/%d pairs reached; ping sweep", n, len(reached), want)
@@ -327,6 +409,28 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                 if reached else None,
                 "slowest_pairs": [[name_of[a], name_of[b], round(t, 2)]
                                   for (a, b), t in slowest],
+                "phases_s": {
+                    **{k: round(v, 3) for k, v in phase.items()},
+                    **{f"{k}_{q}": _quantile(list(v.values()), q) for k, v in per.items()
+                       for q in ("p50", "max")},
+                    "handshake_p50": _quantile(handshakes, "p50"),
+                    "handshake_max": _quantile(handshakes, "max"),
+                    "pair_reached_p50": _quantile(list(reached.values()), "p50"),
+                    "pair_reached_max": _quantile(list(reached.values()), "max"),
+                },
+                "members_missing_phase": {k: n - len(v) for k, v in per.items() if len(v) < n},
+                "tunnels_handshaken": len(handshakes),
+                # Tunnels whose last handshake came more than 4 s after the last member had
+                # its whole config applied: a first handshake retried (REKEY_TIMEOUT, 5 s),
+                # or a second handshake (WireGuard keeps only the last one's time).
+                "tunnels_late": sum(1 for t in handshakes
+                                    if t > max(per["applied"].values(), default=0.0) + 4.0),
+                # The latest handshakes, with when each side had the other configured.
+                "slowest_handshakes": [
+                    [a, b, round(t, 2), _applied(per, members, a), _applied(per, members, b)]
+                    for t, a, b in sorted(tunnels, reverse=True)[:6]],
+                "controller": {k: dist.stats[k] - stats0[k]
+                               for k in ("deltas", "snapshots", "flushes", "joins", "resyncs")},
                 "ping_sweep_ok": sum(oks), "ping_sweep_pairs": len(oks),
                 "ping_sweep_s": round(sweep_s, 2),
                 "generation": state.generation if state else 0,
@@ -336,6 +440,18 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
             }
     finally:
         await asyncio.to_thread(lab.stop)
+
+
+def _applied(per: dict[str, dict[str, float]], members: list[Any], name: str) -> float | None:
+    got = [per["applied"].get(m.node_id) for m in members if m.name == name]
+    return round(got[0], 2) if got and got[0] is not None else None
+
+
+def _quantile(values: list[float], q: str) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[len(ordered) // 2] if q == "p50" else ordered[-1], 3)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ Anything that is not a valid message of the expected type comes out as one
 from __future__ import annotations
 
 import sys
+import zlib
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -42,8 +43,65 @@ _any_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(AnyMessage)
 _header_decoder = msgspec.msgpack.Decoder(_Header)
 
 
-def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
+# A compressed payload is one MessagePack ext value of type ZLIB_EXT whose data is a zlib
+# stream of the message's MessagePack. Only for a receiver that said it reads it
+# (MeshJoin ``accepts``: ZLIB).
+ZLIB_EXT = 1
+ZLIB = "zlib"
+# Below this a message is sent as it is: zlib's own bytes and the CPU are not worth it.
+COMPRESS_MIN = 1024
+# zlib level: a 1,000-peer snapshot (198 kB) takes ~2 ms of CPU to 57 kB at 3, ~3.3 ms to
+# 54 kB at 6; a controller answering a mass resync makes one per member.
+COMPRESS_LEVEL = 3
+_EXT_HEADERS = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext 8 / 16 / 32: bytes of the length
+
+
+def encode(msg: Message, *, compress: bool = False) -> bytes:
+    """MessagePack; with ``compress``, a ZLIB_EXT value when the message is at least
+    COMPRESS_MIN bytes and compressing makes it smaller."""
+    data = _encoder.encode(msg)
+    if compress and len(data) >= COMPRESS_MIN:
+        packed = _encoder.encode(msgspec.msgpack.Ext(ZLIB_EXT, zlib.compress(data, COMPRESS_LEVEL)))
+        if len(packed) < len(data):
+            return packed
+    return data
+
+
+def _compressed(data: Payload) -> memoryview | None:
+    """The zlib stream of a compressed payload (a ZLIB_EXT value that fills all of it), or
+    None for anything else."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:  # not contiguous: no message either way, msgspec will say so
+        return None
+    if 0xD4 <= view[0] <= 0xD8:  # fixext 1 / 2 / 4 / 8 / 16
+        width, length = 0, 1 << (view[0] - 0xD4)
+    else:
+        width = _EXT_HEADERS.get(view[0], -1)
+        if width < 0 or len(view) < 2 + width:
+            return None
+        length = int.from_bytes(view[1:1 + width], "big")
+    if len(view) < 2 + width:
+        return None
+    if view[1 + width] != ZLIB_EXT or 2 + width + length != len(view):
+        return None
+    return view[2 + width:]
+
+
+def _inflate(stream: memoryview, max_size: int) -> bytes:
+    """The MessagePack bytes of a compressed payload, never more than ``max_size`` of them
+    (a small payload that would inflate past it is refused, not unpacked)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(stream, max_size + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"compressed payload does not inflate: {exc}",
+                            size=len(stream)) from None
+    if len(out) > max_size or inflater.unconsumed_tail:
+        raise PayloadTooLarge(len(out), max_size)
+    if not inflater.eof:
+        raise ProtocolError("compressed payload is truncated", size=len(stream))
+    return out
 
 
 @overload
@@ -66,6 +124,12 @@ def decode(
         raise PayloadTooLarge(size, max_size)
     if size == 0:
         raise ProtocolError("empty payload", size=0)
+    stream = _compressed(data)
+    if stream is not None:
+        data = _inflate(stream, max_size)
+        size = len(data)
+        if size == 0:
+            raise ProtocolError("empty payload", size=0)
     # Tuple membership compares by identity/equality, so an unhashable ``expect`` is
     # refused here instead of raising TypeError.
     if expect is not None and expect not in ALL_MESSAGES:

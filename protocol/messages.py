@@ -555,6 +555,9 @@ class MeshJoin(Message, tag="mesh_join"):
     endpoints: list[MeshEndpoint] = []
     region: str = ""
     next_public_key: str = ""  # a rotation in progress (see MeshKeyRotation)
+    # Encodings the node reads besides plain MessagePack ("zlib": protocol/codec.py
+    # COMPRESSED); the controller compresses the node's snapshots only when it says so.
+    accepts: list[str] = []
 
 
 MeshKeyPhase = Literal["announce", "switched"]

@@ -113,7 +113,7 @@ class MeshLink:
         already known (deltas may have been missed while away)."""
         join = MeshJoin(node_id=self.node_id, public_key=self.mesh.public_key,
                         endpoints=self.endpoints, region=self.region,
-                        next_public_key=self.mesh.keys.next_public)
+                        next_public_key=self.mesh.keys.next_public, accepts=[codec.ZLIB])
         try:
             await self.publish(join)
         except Exception as exc:

@@ -3,8 +3,10 @@ nodes, what each node told in its MeshJoin, and IPAM), published as a full snaps
 node on join or resync and as network-wide versioned deltas through JetStream ``MESH``.
 
 One membership change is one delta on the network's subject (each member receives one
-peer entry): O(N) bytes across the fleet. Changes within ``window`` seconds are coalesced
-into one delta. Two controllers compute the same deltas; the published state in KV
+peer entry): O(N) bytes across the fleet. Deltas go out as plain core NATS messages that
+the stream also keeps (see _publish_delta); a joiner's snapshot is zlib-compressed when its
+MeshJoin says it reads that. Changes within ``window`` seconds are coalesced into one
+delta. Two controllers compute the same deltas; the published state in KV
 ``mesh_state`` is written by compare-and-set, so only one of them publishes a generation.
 """
 
@@ -22,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from controller.errors import Conflict, ControllerError, NotFound
 from controller.mesh.ipam import Ipam
@@ -33,6 +36,7 @@ from controller.mesh.networks import (
     node_ranges,
 )
 from controller.models import NodeRecord
+from controller.state.streams import MESH as MESH_STREAM
 from controller.state.table import Table
 from protocol import codec
 from protocol.errors import MeshPeerInvalid, ProtocolError
@@ -54,6 +58,7 @@ log = logging.getLogger("barista.controller.mesh")
 DEFAULT_WINDOW = 0.05
 DEFAULT_BEACON = 30.0
 MAX_MESH_MESSAGE = 64 * 1024
+STORE_CHECKS = 40  # ~1.6 s in all of waiting for the stream to have kept a delta
 Reject = Callable[[str, str, ProtocolError], None]
 
 
@@ -67,6 +72,8 @@ class MeshNode(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     next_public_key: str = ""
     joined_at: float = 0.0
     updated_at: float = 0.0
+    # The node reads zlib-compressed snapshots (MeshJoin ``accepts``).
+    zlib: bool = False
 
 
 class MeshState(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
@@ -197,9 +204,10 @@ class MeshDistributor:
         self._reject = reject
         self.window = window
         # Every beacon_interval each network's current generation goes out as an empty
-        # delta (from = to = it; core NATS, not stored): members that have it ignore it as
-        # stale, a member that missed a delta (a subscription made late, a reconnect)
-        # sees the gap and resyncs. N x ~90 bytes a period, whatever the network's size.
+        # delta (from = to = it; core NATS, kept by the stream too): members that have it
+        # ignore it as stale, a member that missed a delta (a subscription made late, a
+        # reconnect) sees the gap and resyncs. N x ~110 bytes (75 of payload) a period,
+        # whatever the network's size.
         self.beacon_interval = beacon_interval
         # The published state is one KV record and a snapshot one message: both must
         # fit in NATS' max_payload (about 250 bytes a member: ~4,000 members at 1 MiB).
@@ -210,6 +218,7 @@ class MeshDistributor:
         # node id -> networks it asked a snapshot of ("" = every network it is in)
         self._pending: dict[str, set[str]] = {}
         self._wake = asyncio.Event()
+        self._busy = False
         self._task: asyncio.Task[None] | None = None
         self._beacon_task: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
@@ -219,10 +228,12 @@ class MeshDistributor:
         self.stats: dict[str, int] = {
             "deltas": 0, "delta_bytes": 0, "snapshots": 0, "snapshot_bytes": 0,
             "cas_conflicts": 0, "joins": 0, "resyncs": 0, "rotations": 0, "flushes": 0,
-            "beacons": 0,
+            "beacons": 0, "store_misses": 0,
         }
         self._flushed = asyncio.Condition()
         self._failures: dict[str, int] = {}
+        # network -> the delta of a generation written to the state but not yet sent
+        self._unsent: dict[str, MeshDelta] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -298,7 +309,7 @@ class MeshDistributor:
         bound it (asyncio.timeout)."""
         async with self._flushed:
             await self._flushed.wait_for(lambda: not self._dirty and not self._pending
-                                         and not self._wake.is_set())
+                                         and not self._wake.is_set() and not self._busy)
 
     async def _run(self) -> None:
         while True:
@@ -306,6 +317,7 @@ class MeshDistributor:
             # Coalesce: whatever else changes within the window goes into the same delta.
             await asyncio.sleep(self.window)
             self._wake.clear()
+            self._busy = True  # a round in flight is not settled (its sets are swapped out)
             dirty, self._dirty = self._dirty, set()
             pending, self._pending = self._pending, {}
             asked = {n for nets in pending.values() for n in nets}
@@ -337,6 +349,7 @@ class MeshDistributor:
                         self._reject("mesh_resync", self._subjects.mesh_resync(node_id),
                                      ProtocolError(f"resync of unknown network {name!r}"))
             self.stats["flushes"] += 1
+            self._busy = False
             async with self._flushed:
                 self._flushed.notify_all()
 
@@ -425,6 +438,11 @@ class MeshDistributor:
 
     async def _flush(self, name: str, pending: dict[str, set[str]]) -> None:
         net = self.networks.get(name)
+        unsent = self._unsent.pop(name, None)
+        if unsent is not None and (net is None or net.epoch == unsent.epoch):
+            # Written to the state but not (known to be) sent: send it again before
+            # anything newer, or members would wait for the beacon to see the gap.
+            await self._publish_delta(unsent)
         if net is None:
             await self._retire(name)
             return
@@ -470,6 +488,22 @@ class MeshDistributor:
             if name in nets or ("" in nets and node_id in state.peers):
                 await self._send_snapshot(net, state, node_id)
 
+    async def _stored(self, subject: str, delta: MeshDelta) -> None:
+        """Wait (bounded) until the stream's last message on ``subject`` is ``delta`` or a
+        later one of its network (stream ingestion runs apart from the fan-out)."""
+        for attempt in range(STORE_CHECKS):
+            try:
+                last = await self._js.get_last_msg(MESH_STREAM, subject)
+                kept = codec.decode(last.data or b"", MeshDelta)
+                if kept.epoch != delta.epoch or kept.generation >= delta.generation:
+                    return
+            except (NotFoundError, ProtocolError):
+                pass
+            await asyncio.sleep(0.002 * (attempt + 1))
+        self.stats["store_misses"] += 1
+        raise ControllerError(f"network {delta.network}: generation {delta.generation} was "
+                              f"sent but the stream {MESH_STREAM} did not keep it")
+
     async def _retire(self, name: str) -> None:
         """A removed network: one last delta takes every member out, then its state and
         addresses go."""
@@ -487,10 +521,18 @@ class MeshDistributor:
         await self.ipam.drop_network(name)
 
     async def _publish_delta(self, delta: MeshDelta) -> None:
+        """One delta to every member, as a plain core NATS message: a JetStream publish is a
+        request, and its reply inbox (and a Nats-Msg-Id header) would go to each of the N
+        subscribers with it (~90 bytes each, a third of a one-peer delta). The stream MESH
+        still keeps it (it captures the subject); that it did is checked here, and a delta
+        not kept is an error (the round is retried and the delta sent again: members take a
+        repeat as stale)."""
         data = codec.encode(delta)
-        await self._js.publish(
-            self._subjects.mesh_delta(delta.network), data,
-            headers={"Nats-Msg-Id": f"{delta.network}.{delta.epoch}.{delta.generation}"})
+        subject = self._subjects.mesh_delta(delta.network)
+        self._unsent[delta.network] = delta
+        await self._nc.publish(subject, data)
+        await self._stored(subject, delta)
+        del self._unsent[delta.network]
         self.stats["deltas"] += 1
         self.stats["delta_bytes"] += len(data)
         log.info("network %s: generation %d (+%d ~%d -%d)", delta.network, delta.generation,
@@ -504,7 +546,10 @@ class MeshDistributor:
                 + (f" ({self.conflicts.get(net.name, {}).get(node_id)})"
                    if node_id in self.conflicts.get(net.name, {}) else "")))
             return
-        data = codec.encode(snap)
+        # N entries that share most of their structure (field names, regions, VPC ids,
+        # ports, address prefixes): compressed to about a quarter, for a node that reads it.
+        mn = self.mesh_nodes.get(node_id)
+        data = codec.encode(snap, compress=mn is not None and mn.zlib)
         await self._nc.publish(self._subjects.mesh_snapshot(node_id), data)
         self.stats["snapshots"] += 1
         self.stats["snapshot_bytes"] += len(data)
@@ -538,6 +583,8 @@ class MeshDistributor:
                 check_endpoint(ep, node_id=join.node_id)
             if len(join.endpoints) > 16 or len(join.region) > 64:
                 raise ProtocolError("too many endpoints or region too long")
+            if len(join.accepts) > 8 or any(len(a) > 32 for a in join.accepts):
+                raise ProtocolError("too many or too long accepted encodings")
         except ProtocolError as exc:
             self._reject("mesh_join", msg.subject, exc)
             return
@@ -552,7 +599,8 @@ class MeshDistributor:
         record = MeshNode(node_id=node.id, public_key=join.public_key,
                           endpoints=list(join.endpoints), region=join.region,
                           next_public_key=next_key,
-                          joined_at=old.joined_at if old else now, updated_at=now)
+                          joined_at=old.joined_at if old else now, updated_at=now,
+                          zlib=codec.ZLIB in join.accepts)
         self.stats["joins"] += 1
         if old is None or msgspec.structs.replace(old, updated_at=now) != record:
             await self.mesh_nodes.put(node.id, record)

@@ -122,8 +122,10 @@ def audit_stream_config(*, subjects: Subjects, replicas: int = 1) -> StreamConfi
 
 
 def mesh_stream_config(*, subjects: Subjects, replicas: int = 1) -> StreamConfig:
-    """Versioned peer deltas of every network (``<prefix>.mesh.<net>.delta``); a resent
-    delta (same Nats-Msg-Id: network, epoch, generation) is dropped as a duplicate."""
+    """Versioned peer deltas of every network (``<prefix>.mesh.<net>.delta``). The
+    controller sends them as plain messages (members get no reply inbox or headers with
+    them) and checks that the stream kept them (controller.mesh.deltas); the periodic
+    beacons on the same subjects are kept too."""
     config = _kept_for(MESH, subjects.stream_subjects_mesh, max_age=MESH_MAX_AGE,
                        max_bytes=MESH_MAX_BYTES, replicas=replicas)
     config.max_msgs_per_subject = MESH_PER_NETWORK

@@ -76,15 +76,18 @@ class SimNode:
         self.snapshots: list[MeshSnapshot] = []
         self.deltas: list[MeshDelta] = []
         self.rotate_asks: list[MeshRotateKey] = []
+        self.raw: list[Msg] = []  # snapshots and deltas as they came
         self.delta_bytes = 0
 
     async def listen(self, network: str) -> None:
         s = self.agent.subjects
 
         async def on_snapshot(msg: Msg) -> None:
+            self.raw.append(msg)
             self.snapshots.append(codec.decode(msg.data, MeshSnapshot))
 
         async def on_delta(msg: Msg) -> None:
+            self.raw.append(msg)
             self.delta_bytes += len(msg.data)
             self.deltas.append(codec.decode(msg.data, MeshDelta))
 
@@ -96,10 +99,10 @@ class SimNode:
         await self.nc.subscribe(s.mesh_rotate(self.node_id), cb=on_rotate)
         await self.nc.flush()
 
-    async def join(self) -> None:
+    async def join(self, accepts: list[str] | None = None) -> None:
         await self.nc.publish(self.agent.subjects.mesh_join(self.node_id), codec.encode(
             MeshJoin(node_id=self.node_id, public_key=self.key, endpoints=self.endpoints,
-                     region=self.region)))
+                     region=self.region, accepts=accepts or [])))
         await self.nc.flush()
 
     async def send(self, subject: str, data: bytes) -> None:
@@ -145,6 +148,84 @@ async def sim(agents: AgentFactory, conns: list[NATS], labels: dict[str, str],
 async def make_net(c: RunningController, name: str = "corp", **kw: object) -> None:
     spec = NetworkSpec(name=name, cidr=CIDR, selector="mesh=on", **kw)  # type: ignore[arg-type]
     await c.mesh.networks.create(spec)
+
+
+async def test_snapshot_compressed_only_for_who_reads_it_and_deltas_plain(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+) -> None:
+    """A node that says it reads zlib gets its snapshot compressed (the same snapshot as a
+    node that does not say so gets plain); members get each delta as a plain message (no
+    JetStream reply inbox, no headers), and the stream MESH keeps it all the same."""
+    await make_net(controller)
+    fleet = [await sim(agents, sims, {"mesh": "on", "region": "eu"}, private=f"10.1.0.{i}",
+                       vpc="vpc-eu", region="eu", public=f"198.18.1.{i}") for i in range(1, 9)]
+    for n in fleet:
+        await n.listen("corp")
+        await n.join()
+    await wait_for(lambda: all(len(n.view()[1]) == 7 for n in fleet), 10, "eight members")
+    old, new = fleet[0], fleet[1]
+    for n in (old, new):
+        n.raw.clear()
+        n.snapshots.clear()
+    await old.join()
+    await new.join(accepts=[codec.ZLIB])
+    await wait_for(lambda: old.snapshots and new.snapshots, 5, "both snapshots")
+    plain, packed = old.raw[-1].data, new.raw[-1].data
+    assert plain[0] & 0xF0 == 0x80  # a MessagePack map, as before
+    assert packed[0] in (0xC7, 0xC8, 0xC9) and len(packed) < len(plain) * 0.6
+    assert len(old.snapshots[-1].peers) == len(new.snapshots[-1].peers) == 7
+    assert {p.public_key for p in old.snapshots[-1].peers} >= {new.key}
+    state = controller.mesh.distributor.state("corp")
+    assert state is not None and state.peers[new.node_id].public_key == new.key
+
+    # One more member: every member gets one plain delta; the stream has it too.
+    await controller.mesh.distributor.settled()
+    for n in fleet:
+        n.raw.clear()
+    last = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.99")
+    await last.listen("corp")
+    await last.join(accepts=[codec.ZLIB])
+    await wait_for(lambda: all(last.node_id in n.view()[1] for n in fleet), 5, "the ninth")
+    deltas = [m for n in fleet for m in n.raw if m.subject.endswith(".delta")]
+    assert len(deltas) == len(fleet)
+    assert all(not m.reply and not m.headers for m in deltas)
+    stored = await controller.js.get_last_msg("MESH", controller.subjects.mesh_delta("corp"))
+    assert stored.data == deltas[0].data
+    assert controller.mesh.distributor.stats["store_misses"] == 0
+
+
+async def test_delta_not_kept_by_the_stream_is_sent_again_once_it_is_back(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+) -> None:
+    """The stream MESH gone: the delta still reaches the members at once (plain message),
+    the controller counts that the stream did not keep it and sends it again until it
+    does; members take the repeat as stale, their generations stay unbroken."""
+    dist = controller.mesh.distributor
+    await make_net(controller)
+    a = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.1")
+    await a.listen("corp")
+    await a.join()
+    await wait_for(lambda: a.snapshots, 5, "a's snapshot")
+    await dist.settled()
+    config = (await controller.js.stream_info("MESH")).config
+    await controller.js.delete_stream("MESH")
+    b = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.2")
+    await b.listen("corp")
+    await b.join()
+    await wait_for(lambda: b.node_id in a.view()[1], 5, "a sees b, stream or not")
+    await wait_for(lambda: dist.stats["store_misses"] >= 1, 10, "a store miss counted")
+    assert not b.snapshots  # its snapshot waits for the round to succeed
+    await controller.js.add_stream(config)
+    await wait_for(lambda: b.snapshots, 20, "b's snapshot once the stream is back")
+    await dist.settled()
+    state = dist.state("corp")
+    assert state is not None
+    kept = codec.decode((await controller.js.get_last_msg(
+        "MESH", controller.subjects.mesh_delta("corp"))).data, MeshDelta)
+    assert kept.generation == state.generation and b.node_id in {p.node_id for p in kept.added}
+    assert a.view() == (state.generation, {b.node_id: b.key})
+    gens = [d.generation for d in a.deltas]
+    assert gens == sorted(gens) and len(set(gens)) < len(gens)  # the repeat, and in order
 
 
 async def test_join_snapshot_deltas_gap_resync_and_removal(

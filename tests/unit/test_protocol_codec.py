@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from array import array
 from typing import Any
 
@@ -9,7 +10,7 @@ import msgspec
 import pytest
 
 from protocol import PROTOCOL_VERSION
-from protocol.codec import DEFAULT_MAX_PAYLOAD, decode, encode
+from protocol.codec import DEFAULT_MAX_PAYLOAD, ZLIB_EXT, decode, encode
 from protocol.errors import PayloadTooLarge, ProtocolError, UnsupportedVersion
 from protocol.messages import (
     ALL_MESSAGES,
@@ -516,3 +517,54 @@ def test_retired_kinds_are_refused_naming_their_replacement(old: str, new: str) 
     with pytest.raises(ProtocolError) as info:
         decode(msgspec.msgpack.encode(legacy))
     assert f"{old!r} is the old shape of {new!r}" in info.value.reason
+
+
+# -- compressed payloads (a MeshJoin ``accepts`` "zlib": snapshots) ---------------------
+
+
+def _big_snapshot() -> MeshSnapshot:
+    return MeshSnapshot(network="overlay", generation=3, own=_mesh_peer("n-0000", WG_A),
+                        cidr="198.19.0.0/16",
+                        peers=[_mesh_peer(f"n-{i:04d}") for i in range(1, 200)])
+
+
+def test_compressed_round_trip_is_smaller() -> None:
+    snap = _big_snapshot()
+    plain, packed = encode(snap), encode(snap, compress=True)
+    assert packed[0] in (0xC7, 0xC8, 0xC9) and len(packed) < len(plain) // 3
+    assert decode(packed, MeshSnapshot) == decode(plain, MeshSnapshot) == snap
+    assert msgspec.msgpack.decode(packed).code == ZLIB_EXT  # one well-formed ext value
+
+
+def test_small_message_is_not_compressed() -> None:
+    hb = SAMPLES[Heartbeat]
+    assert encode(hb, compress=True) == encode(hb)
+
+
+def test_compressed_payload_is_bounded_after_inflating() -> None:
+    # 2 MB of one repeated character inflate from a few kB: refused, not unpacked
+    bomb = Event(ts=T0, payload=MetricsDropped(dropped=1), message="x" * 2_000_000)
+    data = encode(bomb, compress=True)
+    assert len(data) < 10_000
+    with pytest.raises(PayloadTooLarge) as info:
+        decode(data)
+    assert info.value.limit == DEFAULT_MAX_PAYLOAD
+    assert decode(data, Event, max_size=3_000_000).message == bomb.message
+    with pytest.raises(PayloadTooLarge):
+        decode(encode(_big_snapshot(), compress=True), max_size=5_000)
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (msgspec.msgpack.encode(msgspec.msgpack.Ext(ZLIB_EXT, b"not zlib")), "does not inflate"),
+    (msgspec.msgpack.encode(msgspec.msgpack.Ext(
+        ZLIB_EXT, zlib.compress(encode(SAMPLES[MeshDelta]))[:-6])), "truncated"),
+    (msgspec.msgpack.encode(msgspec.msgpack.Ext(ZLIB_EXT, zlib.compress(b"\xc1\xc1"))),
+     "not a msgpack map"),
+    (msgspec.msgpack.encode(msgspec.msgpack.Ext(7, zlib.compress(encode(SAMPLES[MeshDelta])))),
+     "not a msgpack map"),  # another ext type is no compressed message
+    (msgspec.msgpack.encode(msgspec.msgpack.Ext(ZLIB_EXT, zlib.compress(b""))), "empty payload"),
+])
+def test_bad_compressed_payload_is_a_protocol_error(data: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(data)
+    assert reason in info.value.reason
