@@ -46,7 +46,7 @@ def region_table(name: str, rows: list[dict[str, Any]],
     return t
 
 
-def within(measured: float | None, want: float | None, *, slack_ms: float = 3.0) -> bool:
+def within(measured: float | None, want: float | None, *, slack_ms: float = 5.0) -> bool:
     """``measured`` within 20 % of ``want`` (plus ``slack_ms`` for the hosts' own time)."""
     return measured is not None and want is not None and \
         abs(measured - want) <= 0.2 * want + slack_ms
