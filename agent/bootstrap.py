@@ -401,6 +401,10 @@ def install(args: argparse.Namespace) -> int:
             "state_dir": str(STATE_DIR),
             "hostname": hostname,
             "labels": labels,
+            # The cloud's word on the node's network (controller/provision/bootstrap.py
+            # BootConfig.underlay); agent/facts.py reports it.
+            "mesh_vpc_cidr": str(boot.get("underlay", {}).get("vpc_cidr", "")),
+            "mesh_public_address": str(boot.get("underlay", {}).get("public_address", "")),
         }
         if not settings["nats_urls"]:
             raise StepFailed("files", "neither the boot config nor the controller gave a NATS "

@@ -81,12 +81,17 @@ class AgentConfig:
     # the node into a network. backend: auto (kernel WireGuard where the module exists,
     # else wireguard-go), kernel or wireguard-go. Endpoints: where peers reach this node's
     # WireGuard port; mesh_network_id names its VPC / region network (peers in the same
-    # one use the private address); no public address = behind NAT.
+    # one use the private address; default: the VPC range); no public address = behind
+    # NAT. The same addresses are the node's underlay facts (agent/facts.py): the private
+    # address defaults to the one routing to the controller, the VPC range to its
+    # interface's prefix; mesh_public_address may also be "none" or "private" (the
+    # private address is public), which is what the boot config's underlay says.
     mesh_enabled: bool = True
     mesh_backend: str = "auto"
     mesh_ifname_prefix: str = "bm-"
     mesh_private_address: str = ""
     mesh_public_address: str = ""
+    mesh_vpc_cidr: str = ""
     mesh_network_id: str = ""
     mesh_region: str = ""
     mesh_port: int = 51820
@@ -157,6 +162,8 @@ class AgentConfig:
         if self.mesh_backend not in ("auto", "kernel", "wireguard-go"):
             raise ConfigError(f"mesh_backend {self.mesh_backend!r} must be auto, kernel or "
                               "wireguard-go")
+        for name in ("mesh_private_address", "mesh_public_address", "mesh_vpc_cidr"):
+            _check_underlay(name, getattr(self, name))
         if not 1 <= self.mesh_port <= 65535:
             raise ConfigError(f"mesh_port {self.mesh_port} out of range")
         if self.mesh_health_interval <= 0:
@@ -198,6 +205,26 @@ class AgentConfig:
             return None
         return CommandPolicy.build(commands=self.policy_commands, actions=self.policy_actions,
                                    apps=self.policy_apps, env=self.policy_env)
+
+
+def _check_underlay(name: str, value: str) -> None:
+    """An address (or for the public one "none" / "private"), a CIDR list for the VPC."""
+    import ipaddress
+
+    from agent.facts import PUBLIC_IS_PRIVATE, PUBLIC_NONE
+
+    if not value or (name == "mesh_public_address" and value in (PUBLIC_NONE,
+                                                                  PUBLIC_IS_PRIVATE)):
+        return
+    try:
+        if name == "mesh_vpc_cidr":
+            for part in value.split(","):
+                ipaddress.ip_network(part.strip(), strict=False)
+        else:
+            ipaddress.ip_address(value)
+    except ValueError as exc:
+        extra = ' (or "none", "private")' if name == "mesh_public_address" else ""
+        raise ConfigError(f"{name} {value!r}: {exc}{extra}") from None
 
 
 def _policy_table(table: Any) -> dict[str, Any]:

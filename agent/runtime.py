@@ -25,7 +25,7 @@ from agent.commands import CommandIntake, CommandRunner, OnJobEvent
 from agent.config import AgentConfig
 from agent.connection import backoff, connect, nkey_jwt_auth
 from agent.enroll import Enroller, EnrollmentError
-from agent.facts import collect_facts
+from agent.facts import collect_facts, underlay_facts
 from agent.identity import EnrollState, Identity
 from agent.keyring import KeyRing
 from agent.ledger import Orphan, RunLedger, SeenLog
@@ -33,6 +33,7 @@ from agent.outbox import Outbox
 from agent.renew import RenewalRefused, expired_soon, renew_as_enroller, renew_loop
 from agent.trust import CA_FILE, trusting
 from protocol import codec
+from protocol.mesh import FACT_PRIVATE_IP, FACT_PUBLIC_IP, FACT_VPC_CIDR
 from protocol.messages import (
     AnyEventPayload,
     Command,
@@ -49,6 +50,7 @@ from protocol.subjects import Subjects
 if TYPE_CHECKING:  # imported when the overlay starts (agent import time is budgeted)
     from agent.netmesh.link import MeshLink
     from agent.netmesh.mesh import NetMesh
+    from protocol.messages import MeshEndpoint
 
 AGENT_VERSION = "0.1.0"
 # Labels copied into every metric as tags; all have a small, bounded set of values.
@@ -278,7 +280,10 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.state_dir, 0o700)
         identity = Identity(cfg.state_dir / "identity.nk")
-        return identity, collect_facts(self.version), EnrollState.load(self.state_path)
+        facts = collect_facts(self.version) | underlay_facts(
+            nats_urls=cfg.nats_urls, private=cfg.mesh_private_address,
+            public=cfg.mesh_public_address, vpc_cidr=cfg.mesh_vpc_cidr)
+        return identity, facts, EnrollState.load(self.state_path)
 
     def _load_ledgers(self, save_state: bool) -> tuple[list[tuple[str, float]], list[Orphan]]:
         """(Blocking) the state just enrolled saved (fsynced) if ``save_state``, then the
@@ -410,7 +415,7 @@ class Agent:
     async def _start_mesh(self) -> None:
         from agent.netmesh.backend import select_backend
         from agent.netmesh.host import Host
-        from agent.netmesh.link import MeshLink, endpoints_of, guess_private_address
+        from agent.netmesh.link import MeshLink
         from agent.netmesh.mesh import NetMesh
 
         cfg = self.config
@@ -422,14 +427,9 @@ class Agent:
             log.warning("overlay network disabled: %s", exc)
             return
         labels = self.labels
-        private = cfg.mesh_private_address or await asyncio.to_thread(
-            guess_private_address, cfg.nats_urls)
         region = cfg.mesh_region or "/".join(
             v for v in (labels.get("provider", ""), labels.get("region", "")) if v)
-        endpoints = endpoints_of(
-            private=private, public=cfg.mesh_public_address,
-            network_id=cfg.mesh_network_id or labels.get("vpc", "") or labels.get("network", ""),
-            region=region, port=cfg.mesh_port)
+        endpoints = self._mesh_endpoints(region)
         mesh = NetMesh(node_id=self.node_id, state_dir=cfg.state_dir, backend=backend,
                        host=host, ifname_prefix=cfg.mesh_ifname_prefix,
                        health_interval=cfg.mesh_health_interval, log=log)
@@ -441,6 +441,19 @@ class Agent:
             await link.start()
         except Exception as exc:
             log.warning("overlay subscriptions failed: %s", exc)
+
+    def _mesh_endpoints(self, region: str) -> list[MeshEndpoint]:
+        """Where peers reach this node: its underlay facts (agent/facts.py underlay_facts);
+        peers in the same VPC / region network (configured, else labelled, else the VPC
+        range) use the private address."""
+        from agent.netmesh.link import endpoints_of
+
+        cfg, labels, facts = self.config, self.labels, self._facts
+        return endpoints_of(
+            private=str(facts.get(FACT_PRIVATE_IP, "")), public=str(facts.get(FACT_PUBLIC_IP, "")),
+            network_id=(cfg.mesh_network_id or labels.get("vpc", "") or labels.get("network", "")
+                        or str(facts.get(FACT_VPC_CIDR, ""))),
+            region=region, port=cfg.mesh_port)
 
     async def _stop_mesh(self) -> None:
         if self.mesh_link is not None:

@@ -122,7 +122,7 @@ async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any
 
     async with Controller(cfg) as c:
         async def render(infra: InfraSpec, group: GroupSpec, node: str,
-                         labels: Any) -> str:
+                         labels: Any, network: Any) -> str:
             issued = await c.tokens.create(labels=dict(labels), ttl=3600)
             return render_user_data(BootConfig(
                 join_token=c.tokens.join_text(issued.token), node_name=node,

@@ -25,6 +25,12 @@ MAX_ALLOWED_IPS = 256
 MAX_ENDPOINTS = 16
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NETWORK_ID = re.compile(r"[A-Za-z0-9_./:-]{1,128}")
+# A node's underlay, in its facts (agent/facts.py reports them, controller/mesh/networks.py
+# reads them): ``vpc_cidr`` may list several ranges, comma-separated; ``public_ip`` empty:
+# the node sits behind NAT.
+FACT_PRIVATE_IP = "private_ip"
+FACT_PUBLIC_IP = "public_ip"
+FACT_VPC_CIDR = "vpc_cidr"
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 Addr = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -206,6 +206,10 @@ class NodeFacts(msgspec.Struct, kw_only=True, omit_defaults=True):
     distro: str | None = None
     distro_id: str | None = None
     distro_version: str | None = None
+    # The underlay (protocol.mesh FACT_*): public_ip "" = behind NAT.
+    private_ip: str | None = None
+    public_ip: str | None = None
+    vpc_cidr: str | None = None
 
 
 class ResultData(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):

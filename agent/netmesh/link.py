@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from agent.facts import guess_private_address as guess_private_address  # re-export
 from agent.netmesh.mesh import NetMesh
 from protocol import codec
 from protocol.errors import ProtocolError
@@ -32,24 +30,6 @@ from protocol.messages import (
     Message,
 )
 from protocol.subjects import Subjects
-
-
-def guess_private_address(nats_urls: list[str]) -> str:
-    """The address this machine uses towards its NATS server (a UDP connect sends nothing),
-    or "" when that is loopback or unknown."""
-    for url in nats_urls:
-        host = urlparse(url).hostname
-        if not host:
-            continue
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((host, 4222))
-                address = str(s.getsockname()[0])
-        except OSError:
-            continue
-        if not ipaddress.ip_address(address).is_loopback:
-            return address
-    return ""
 
 
 def endpoints_of(*, private: str, public: str, network_id: str, region: str,

@@ -46,6 +46,15 @@ class DemoAgent:
 class DemoResult:
     all_online_after: float | None = None
     nodes: list[dict[str, Any]] = field(default_factory=list)
+    # The overlay part (lab mode): demo_net.OverlayResult.public(), or why it was skipped.
+    network: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def overlay_ok(self) -> bool:
+        """No overlay part, or every pair answered every ping over it."""
+        net = self.network
+        return "skipped" in net or (not net.get("error") and net.get("pairs", 0) > 0
+                                    and net.get("pairs_ok") == net.get("pairs"))
 
 
 def metric(
@@ -161,7 +170,7 @@ async def run_demo(
     per_cloud: int = 2,
 ) -> DemoResult:
     base = data_dir or Path(tempfile.mkdtemp(prefix="barista-demo-"))
-    from controller.cli import demo_lab
+    from controller.cli import demo_lab, demo_net
 
     why_not = demo_lab.lab_unavailable() if mode in ("auto", "lab") else "asked for"
     if mode == "lab" and why_not is not None:
@@ -216,10 +225,14 @@ async def run_demo(
                 if not await demo_lab.provision(c, console, per_cloud):
                     console.print("[red]not every lab node became ready[/red]")
                     stop.set()
+                else:
+                    result.network = (await demo_net.overlay(c, console, stop,
+                                                             demo_lab.INFRA)).public()
                 t0 = time.monotonic()  # --duration counts from a ready fleet
                 await _watch(c, demo_agents, result, stop, duration, t0, console, expected)
             finally:
                 result.nodes = [c.fleet.view(n) for n in c.fleet.select()]
+                await demo_net.remove(c)
                 if not await demo_lab.teardown(c, console):
                     console.print("[red]the demo infra was not confirmed deleted; "
                                   "`barista lab down` sweeps what is left[/red]")
@@ -236,6 +249,12 @@ async def run_demo(
                 f"pid {a.proc.pid if a.proc else '?'}"
             )
         if not lab:
+            why = ("process mode: the agents share this machine's network, with no "
+                   "namespaces for WireGuard interfaces, no regions and no lab delays to "
+                   "measure")
+            result.network = {"skipped": why}
+            console.print(f"[yellow]overlay network skipped[/yellow]: {why}; as root "
+                          "`barista demo --mode lab` joins the lab nodes into one")
             try:
                 await _watch(c, demo_agents, result, stop, duration, t0, console, expected)
             finally:
@@ -393,13 +412,19 @@ def demo_main(
         if output == "json":
             print(
                 json.dumps(
-                    {"all_online_after": result.all_online_after, "nodes": result.nodes},
+                    {"all_online_after": result.all_online_after, "nodes": result.nodes,
+                     "network": result.network},
                     indent=2,
                 )
             )
         ok = result.all_online_after is not None
         if not ok:
             console.print("[red]not every node came online with metrics; see the agent logs[/red]")
+            return 1
+        ok = result.overlay_ok
+        if not ok:
+            console.print("[red]the overlay did not carry every pair's pings: "
+                          f"{result.network.get('error') or 'see the ping table'}[/red]")
             return 1
         return 0
     finally:

@@ -4,6 +4,7 @@ to the REST API)."""
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -24,6 +25,38 @@ def _path(name: str) -> str:
 
 def _ms(v: Any) -> str:
     return "-" if v is None else f"{v:.1f}"
+
+
+def region_table(name: str, rows: list[dict[str, Any]],
+                 expected: Callable[[str, str], float | None] | None = None) -> Table:
+    """The matrix by region pair (`net matrix --by region`); ``expected``: an RTT to
+    compare each pair with (the demo: what the lab's WAN router sets), within 20 %."""
+    t = Table(title=f"network {name}: latency by region pair")
+    cols = ["from", "to", "pairs", "rtt ms (median)", "min", "max", "loss"]
+    for col in cols + (["lab sets", "vs lab"] if expected else []):
+        t.add_column(col)
+    for r in rows:
+        cells = [r["src_region"], r["dst_region"], f"{r['answered']}/{r['pairs']}",
+                 _ms(r["rtt_ms"]), _ms(r["rtt_min_ms"]), _ms(r["rtt_max_ms"]),
+                 f"{r['loss'] * 100:.1f}%"]
+        if expected:
+            want = expected(r["src_region"], r["dst_region"])
+            cells += [_ms(want), _versus(r["rtt_ms"], want)]
+        t.add_row(*cells)
+    return t
+
+
+def within(measured: float | None, want: float | None, *, slack_ms: float = 5.0) -> bool:
+    """``measured`` within 20 % of ``want`` (plus ``slack_ms`` for the hosts' own time)."""
+    return measured is not None and want is not None and \
+        abs(measured - want) <= 0.2 * want + slack_ms
+
+
+def _versus(measured: float | None, want: float | None) -> str:
+    if measured is None or want is None:
+        return "-"
+    return "[green]ok[/green]" if within(measured, want) else \
+        f"[red]off by {measured - want:+.1f}[/red]"
 
 
 @click.group("net")
@@ -164,13 +197,7 @@ def matrix(name: str, by: str, output: str) -> None:
         emit_json(data)
         return
     if by == "region":
-        t = Table(title=f"network {name}: latency by region pair")
-        for col in ("from", "to", "pairs", "rtt ms (median)", "min", "max", "loss"):
-            t.add_column(col)
-        for r in data.get("regions", []):
-            t.add_row(r["src_region"], r["dst_region"], f"{r['answered']}/{r['pairs']}",
-                      _ms(r["rtt_ms"]), _ms(r["rtt_min_ms"]), _ms(r["rtt_max_ms"]),
-                      f"{r['loss'] * 100:.1f}%")
+        t = region_table(name, data.get("regions", []))
     else:
         t = Table(title=f"network {name}: {data['reported_pairs']}/{data['expected_pairs']} "
                         "pairs reported")

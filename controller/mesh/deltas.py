@@ -484,9 +484,14 @@ class MeshDistributor:
             raise Conflict(f"network {name}: too many concurrent publishers")
         if state is None:
             return
-        for node_id, nets in pending.items():
-            if name in nets or ("" in nets and node_id in state.peers):
-                await self._send_snapshot(net, state, node_id)
+        asked = [node_id for node_id, nets in pending.items()
+                 if name in nets or ("" in nets and node_id in state.peers)]
+        # A member added without asking (the network was made, or came to take it in,
+        # after it joined) has no view to apply the delta to, nor a subscription to this
+        # network's deltas: it gets the snapshot (O(N) once, like a joiner's).
+        added = [p.node_id for p in (d.added if d else []) if p.node_id not in pending]
+        for node_id in asked + added:
+            await self._send_snapshot(net, state, node_id)
 
     async def _stored(self, subject: str, delta: MeshDelta) -> None:
         """Wait (bounded) until the stream's last message on ``subject`` is ``delta`` or a

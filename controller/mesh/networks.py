@@ -18,6 +18,9 @@ from controller.mesh.errors import BadNetwork, CidrOverlap
 from controller.models import NodeRecord
 from controller.state.table import Table
 from protocol.errors import SelectorError
+from protocol.mesh import FACT_PRIVATE_IP as FACT_PRIVATE_IP
+from protocol.mesh import FACT_PUBLIC_IP as FACT_PUBLIC_IP
+from protocol.mesh import FACT_VPC_CIDR
 from protocol.selectors import Selector
 
 log = logging.getLogger("barista.controller.mesh")
@@ -32,12 +35,8 @@ DEFAULT_KEEPALIVE = 25
 # The label provisioned nodes carry (controller.provision.model.LABEL_INFRA).
 LABEL_INFRA = "infra"
 LABEL_REGION = "region"
-# Where a node's addresses and VPC range come from: its facts (what the agent reports),
-# else its labels (what provisioning or a join token set). ``vpc_cidr`` may list several
-# ranges, comma-separated. ``public_ip`` empty: the node sits behind NAT.
-FACT_PRIVATE_IP = "private_ip"
-FACT_PUBLIC_IP = "public_ip"
-FACT_VPC_CIDR = "vpc_cidr"
+# Where a node's addresses and VPC range come from: its facts (what the agent reports,
+# protocol.mesh FACT_*), else its labels (what provisioning or a join token set).
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
 
 

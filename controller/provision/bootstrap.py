@@ -47,6 +47,11 @@ class BootConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     hostname: str = ""
     # Lab VMs may reuse the host's venv instead of installing the wheel (--reuse-venv).
     reuse_venv: str = ""
+    # What the cloud said about the node's network when it was launched (the installer
+    # writes it into the agent's mesh_* settings; the agent reports it in its facts):
+    # ``vpc_cidr`` (the subnet the VM is put in), ``public_address`` ("none": no public
+    # address, "private": its private address is public; absent: the agent's config).
+    underlay: dict[str, str] = {}
 
 
 _ENCODER = msgspec.json.Encoder()

@@ -90,7 +90,9 @@ T = TypeVar("T")
 
 # (infra, group, node name, labels) -> the node's cloud-init user-data (a secret: it
 # carries a join token bound to that node, whose labels link the node record to the infra).
-UserDataRenderer = Callable[[InfraSpec, GroupSpec, str, Mapping[str, str]], Awaitable[str]]
+# (infra, group, node name, labels, the network it is launched in) -> user-data
+UserDataRenderer = Callable[[InfraSpec, GroupSpec, str, Mapping[str, str], Network],
+                            Awaitable[str]]
 # Forget an enrolled node whose VM is gone (the controller revokes its NATS user first).
 ForgetNode = Callable[[str], Awaitable[None]]
 
@@ -949,7 +951,7 @@ class Engine:
 
         async def request(n: _Node) -> LaunchRequest:
             labels = {**labels_base, TAG_NODE: n.name}
-            text = await self._renderer(spec, g, n.name, labels)
+            text = await self._renderer(spec, g, n.name, labels, network)
             return LaunchRequest(name=n.name, size=size.name, image=image, user_data=text,
                                  tags=self._tags(inf.name, g.name, n.name))
 

@@ -23,7 +23,7 @@ from controller.enroll import TokenService
 from controller.errors import ConfigError
 from controller.models import NodeRecord
 from controller.provision.bootstrap import BootConfig, render_user_data
-from controller.provision.contract import Provider, ProvisionError
+from controller.provision.contract import Network, Provider, ProvisionError
 from controller.provision.engine import Engine, installation_id, provision_engine
 from controller.provision.model import GroupSpec, InfraSpec
 from controller.provision.registry import providers_from_config
@@ -129,7 +129,7 @@ class Bootstrapper:
         self._ttl = token_ttl
 
     async def render(self, spec: InfraSpec, group: GroupSpec, node_name: str,
-                     labels: Mapping[str, str]) -> str:
+                     labels: Mapping[str, str], network: Network) -> str:
         provider = self._providers.get(group.provider)
         if provider is None:
             raise ProvisionError(f"no provider {group.provider!r} configured",
@@ -142,8 +142,19 @@ class Bootstrapper:
             nats_urls=where.nats_urls, controller_keys=self._keys(),
             installer_url=f"{where.api_url}/install.sh", ca_sha256=self._ca,
             labels={k: v for k, v in labels.items() if not k.startswith("barista-")},
-            hostname=node_name, reuse_venv=self._reuse_venv)
+            hostname=node_name, reuse_venv=self._reuse_venv,
+            underlay=underlay_of(group, network))
         return render_user_data(boot)
+
+
+def underlay_of(group: GroupSpec, network: Network) -> dict[str, str]:
+    """The boot config's ``underlay``: the VM's subnet and whether it has a public address
+    (a provider that knows says so in its network's ``extra["public_address"]``)."""
+    out = {"vpc_cidr": network.cidr} if network.cidr else {}
+    public = "none" if not group.public_ip else network.extra.get("public_address", "")
+    if public:
+        out["public_address"] = public
+    return out
 
 
 class Provisioning:

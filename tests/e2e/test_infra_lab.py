@@ -6,6 +6,7 @@ every node; the delete leaves nothing behind."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -84,6 +85,16 @@ async def test_three_clouds_two_nodes_each_through_the_served_installer(
                     rec = c.fleet.get(n["node_id"])
                     assert rec.hostname == n["name"] and rec.labels["infra"] == "shop"
                     assert rec.labels["group"] == n["group"]
+                _assert_underlay_facts(c, nodes)
+                # A network over a node's VPC range is refused, naming the node.
+                db_rec = c.fleet.get(db[0]["node_id"])
+                code, out, err = await run_cli("net", "create", "clash", "--cidr",
+                                               db_rec.facts["vpc_cidr"], url=api.url,
+                                               token=token)
+                assert code != 0, out
+                assert "overlaps the VPC range of node" in err and \
+                    any(f"node {n['node_id']} ({n['name']})" in err for n in db), err
+                assert c.mesh.networks.table.get("clash") is None
                 # A broadcast over the infra reaches every node (the private site too).
                 code, out, err = await run_cli("run", "--infra", "shop", "-o", "json", "--",
                                                "hostname", url=api.url, token=token)
@@ -102,6 +113,22 @@ async def test_three_clouds_two_nodes_each_through_the_served_installer(
         if prefix:
             left = {k: v for k, v in labnet.leftovers(prefix, lab_dir).items() if v}
             assert not left, f"the infra's delete left lab objects behind: {left}"
+
+
+def _assert_underlay_facts(c: RunningController, nodes: list[dict[str, Any]]) -> None:
+    """Each VM's agent reports the lab VM's addresses and its region's network: private_ip
+    the VM's address, public_ip the same on a public region and "" behind the site's NAT,
+    vpc_cidr the region's subnet (the site's LAN)."""
+    provider: Any = c.provisioning.providers["lab"]
+    state = provider.lab.read()
+    for n in nodes:
+        facts = c.fleet.get(n["node_id"]).facts
+        region = state.region(n["region"])
+        assert facts["private_ip"] == n["private_ip"], (n, facts)
+        assert facts["public_ip"] == n.get("public_ip", ""), (n, facts)
+        assert facts["vpc_cidr"] == (region.lan or region.subnet), (n, facts)
+        assert ipaddress.ip_address(facts["private_ip"]) in \
+            ipaddress.ip_network(facts["vpc_cidr"])
 
 
 def _lab_prefix(c: RunningController) -> str:

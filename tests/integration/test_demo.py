@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from controller.cli.demo_lab import lab_unavailable
 
 
 def demo(tmp_path: Path, *args: str, mode: str = "process", timeout: float = 90
-         ) -> tuple[int, dict[str, object], str]:
+         ) -> tuple[int, dict[str, Any], str]:
     # TMPDIR: the demo's temp data dir lands in this test's own directory. 8 s: time for a
     # loaded machine to start the controller and bring both agents online with metrics.
     env = {**os.environ, "TMPDIR": str(tmp_path), "BARISTA_CONFIG": "/nonexistent/x.toml"}
@@ -44,6 +45,9 @@ def test_demo_brings_the_fleet_online_and_removes_its_temp_dir(tmp_path: Path) -
     assert len(result["nodes"]) == 2  # type: ignore[arg-type]
     assert "removed" in err
     assert not list(tmp_path.glob("barista-demo-*"))
+    # No namespaces, so no overlay: said, with the reason, not silently left out.
+    assert "process mode" in result["network"]["skipped"]
+    assert "overlay network skipped" in err and "--mode lab" in err
 
 
 @pytest.mark.slow
@@ -69,9 +73,11 @@ def _lab_objects() -> set[str]:
 @pytest.mark.skipif(lab_unavailable() is not None, reason=f"lab: {lab_unavailable()}")
 def test_demo_on_the_lab_cloud_provisions_three_clouds_and_cleans_up(tmp_path: Path) -> None:
     """As root the demo provisions 3 clouds x 1 node through the engine (a private site
-    among them), runs its broadcast and app deploy, and deletes everything on exit."""
+    among them), joins them into one overlay network, pings every pair over it, shows the
+    matrix by region pair against the lab's delays, runs its broadcast and app deploy, and
+    deletes everything on exit."""
     before = _lab_objects()
-    code, result, err = demo(tmp_path, "--per-cloud", "1", mode="lab", timeout=400)
+    code, result, err = demo(tmp_path, "--per-cloud", "1", mode="lab", timeout=600)
     assert code == 0, err[-3000:]
     assert result["all_online_after"] is not None
     assert len(result["nodes"]) == 3  # type: ignore[arg-type]
@@ -79,3 +85,28 @@ def test_demo_on_the_lab_cloud_provisions_three_clouds_and_cleans_up(tmp_path: P
     assert "broadcast" in err
     assert not list(tmp_path.glob("barista-demo-*"))
     assert _lab_objects() <= before, _lab_objects() - before
+    _assert_overlay(result, err)
+
+
+def _assert_overlay(result: dict[str, Any], err: str) -> None:
+    """Every ordered pair of the 3 nodes pinged over demo-net (all 3 of 3 back), the matrix
+    printed with every ordered region pair, each measured within 20 % of the lab's."""
+    net = result["network"]
+    assert not net["error"] and net["members"] == 3, net
+    ids = {n["id"] for n in result["nodes"]}
+    pairs = {(p["src"], p["dst"]) for p in net["pings"]}
+    assert pairs == {(a, b) for a in ids for b in ids if a != b}, net["pings"]
+    bad = [p for p in net["pings"] if not p["sent"] == p["received"] == 3]
+    assert not bad and net["pairs_ok"] == net["pairs"] == 6, bad
+    assert all(p["dst_address"].startswith("198.19.77.") for p in net["pings"])
+    regions = {n["labels"]["region"] for n in result["nodes"]}
+    assert regions == {"lab-us", "lab-eu", "lab-onprem"}
+    rows = {(r["src_region"], r["dst_region"]): r for r in net["regions"]}
+    assert set(rows) == {(f"lab/{a}", f"lab/{b}") for a in regions for b in regions
+                         if a != b}, rows
+    assert all(r["answered"] == r["pairs"] == 1 for r in rows.values()), rows
+    assert net["within_lab"], rows  # the lab sets 80 / 110 / 130 ms between these
+    assert "ping over demo-net: 6/6 pairs answered 3 of 3" in err, err[-3000:]
+    table = err[err.index("latency by region pair"):]
+    for a, b in rows:
+        assert f"{a} " in table and f"{b} " in table

@@ -110,7 +110,8 @@ async def test_cloud_init_user_data_enrolls_the_bound_node(lab: Lab):
         nats_urls=[lab.controller.agent_nats_url],
         controller_keys=[lab.controller.secrets.signer.public_key_b64],
         installer_url=f"{lab.url}/install.sh", ca_sha256=lab.pin,
-        labels={"infra": "web", "group": "eu"}, reuse_venv=VENV)
+        labels={"infra": "web", "group": "eu"}, reuse_venv=VENV,
+        underlay={"vpc_cidr": "10.77.0.0/24", "public_address": "none"})
     user_data = render_user_data(boot)
     assert read_user_data(user_data) == boot
     # What cloud-init does: write_files (0600), then the runcmd.
@@ -128,6 +129,8 @@ async def test_cloud_init_user_data_enrolls_the_bound_node(lab: Lab):
     assert await online(lab, "web-eu-0") == ["web-eu-0"]
     node = lab.controller.fleet.get("web-eu-0")
     assert node.labels == {"infra": "web", "group": "eu"}
+    # The boot config's underlay reached the agent: it reports it in its facts.
+    assert node.facts["vpc_cidr"] == "10.77.0.0/24" and node.facts["public_ip"] == ""
 
 
 async def test_wrong_ca_hash_is_refused_andnothing_installed(lab: Lab):

@@ -721,6 +721,29 @@ async def test_leaving_the_selector_or_revocation_removes_the_node(
     assert a.deltas[-1].removed == [c.node_id]
 
 
+async def test_a_network_made_after_its_members_joined_sends_each_its_snapshot(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+) -> None:
+    """Nodes joined (the agent's MeshJoin at start) before any network took them in:
+    when one does, each member gets its snapshot unasked, so it builds the network and
+    subscribes to its deltas (a delta alone is for those that already have it)."""
+    a, b = [await sim(agents, sims, {"mesh": "on"}, public=f"198.18.1.{i}") for i in (1, 2)]
+    for n in (a, b):
+        await n.listen("late")
+        await n.join()
+    await asyncio.wait_for(controller.mesh.distributor.settled(), 5)
+    assert not a.snapshots and not b.snapshots  # no network yet: nothing to send
+    await make_net(controller, "late")
+    await wait_for(lambda: a.snapshots and b.snapshots, 5, "both members got a snapshot")
+    assert len(a.snapshots) == len(b.snapshots) == 1  # once, not once per delta
+    assert a.view()[1] == {b.node_id: b.key} and b.view()[1] == {a.node_id: a.key}
+    c = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.3")
+    await c.listen("late")
+    await c.join()  # a joiner asks: one snapshot for it, the others get the delta only
+    await wait_for(lambda: set(a.view()[1]) == {b.node_id, c.node_id}, 5)
+    assert len(c.snapshots) == 1 and len(a.snapshots) == len(b.snapshots) == 1
+
+
 async def test_state_too_large_for_one_message_is_refused_clearly(
     controller: RunningController, agents: AgentFactory, sims: list[NATS],
     caplog: pytest.LogCaptureFixture,

@@ -129,6 +129,11 @@ class Init:
             "BARISTA_LAB_PREFIX": os.environ.get("BARISTA_LAB_PREFIX", ""),
             "BARISTA_LAB_VM": os.environ.get("BARISTA_LAB_VM", ""),
         }
+        # The lab's code (topology.child_env): a VM that reuses the host's venv (an
+        # editable install of some checkout) runs the same agent as the controller that
+        # made the lab, not that checkout's.
+        if os.environ.get("PYTHONPATH"):
+            self.env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         if process_mode:
             self.env["BARISTA_ROOT"] = str(self.root)
             self.env["HOME"] = str(self.root / "root")

@@ -108,6 +108,9 @@ class LocalProvider:
                 # The lab's regions have no firewall: every port (WireGuard's too) is open
                 # between regions; a private site lets nothing in through its NAT.
                 "firewall": "nat, no inbound" if rs.kind == "private" else "open",
+                # A public region's addresses are routable from every region: a VM's
+                # private address is its public one; a private site's VMs have none.
+                "public_address": "none" if rs.kind == "private" else "private",
             },
         )
 
