@@ -24,7 +24,6 @@ LOCATIONS = {  # name -> (displayName, latitude, longitude) as `az account list-
     "eastus": ("East US", "37.3719", "-79.8164"),
     "westeurope": ("West Europe", "52.3667", "4.9"),
     "koreacentral": ("Korea Central", "37.5665", "126.978"),
-    "southeastasia": ("Southeast Asia", "1.283", "103.833"),
     "westus2": ("West US 2", "47.233", "-119.852"),
 }
 # name -> (vCPUs, MemoryGB, arch, GPUs)

@@ -35,7 +35,7 @@ def size_of(sku: Any, region: str) -> tuple[OverlaySize, tuple[str, ...]] | None
     if str(sku.resource_type).lower() != "virtualmachines":
         return None
     for r in sku.restrictions or []:
-        if str(r.type) == "Location":
+        if str(getattr(r.type, "value", r.type)).lower() == "location":
             return None
     try:
         vcpus, mem = int(_cap(sku, "vCPUs") or 0), float(_cap(sku, "MemoryGB") or 0)

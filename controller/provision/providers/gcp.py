@@ -198,9 +198,10 @@ class GcpProvider:
                                        sorted(self._shipped.regions), progress)
 
     async def _list(self, kind: str, op: str, **kwargs: Any) -> list[Any]:
-        """A listing call with its pages followed, in the worker thread."""
+        """A listing call with its pages followed, in the worker thread (no SDK retries:
+        a failure is the caller's to retry)."""
         def run() -> list[Any]:
-            return list(getattr(self._client(kind), op)(**kwargs))
+            return list(getattr(self._client(kind), op)(retry=None, timeout=60, **kwargs))
 
         try:
             return await asyncio.to_thread(run)
