@@ -495,7 +495,7 @@ class AwsProvider:
                 log.warning("aws %s: key pair %s still used by a VM; kept", region,
                             kp["KeyName"])
                 continue
-            await self._gone_ok(region, "delete_key_pair", KeyPairId=kp["KeyPairId"])
+            await self._gone_ok(region, "delete_key_pair", KeyName=kp["KeyName"])
             log.info("aws %s: removed key pair %s", region, kp["KeyName"])
 
     async def _gone_ok(self, region: str, op: str, **kwargs: Any) -> None:
