@@ -24,7 +24,15 @@ from tests.integration.test_provider_contract import StaticToken, _aws
 
 @pytest.fixture
 def aws(moto_url: str) -> Iterator[Any]:
-    yield from _aws(moto_url)
+    """The contract suite's moto harness, its catalog cut to two regions (a refresh reads
+    every region of the catalog, and moto's DescribeInstanceTypes answers are large)."""
+    from dataclasses import replace
+
+    for h in _aws(moto_url):
+        cat = h.provider.catalog()
+        two = replace(cat, regions={r: cat.regions[r] for r in ("us-east-1", "eu-west-1")})
+        h.provider._catalog = h.provider._shipped = two
+        yield h
 
 
 async def test_aws_refresh_from_ec2_keeps_prices_moto_cannot_give(aws: Any,
@@ -233,7 +241,11 @@ async def test_overlay_is_served_after_a_restart(tmp_path: Path, moto_url: str,
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     cfg = controller_config(tmp_path / "ctl", providers={"aws": {"endpoint_url": moto_url}})
     async with Controller(cfg) as c:
-        await refresh("aws", c.provisioning.providers["aws"],  # type: ignore[arg-type]
-                      c.provisioning.catalogs, lambda m: None)
+        assert "m5.large" not in c.provisioning.providers["aws"].catalog().sizes
+        c.provisioning.catalogs.save("aws", Fetched(
+            provider="aws", source="test", zones={"us-east-1": ("us-east-1a",)},
+            cloud_regions=("us-east-1",), prices_refreshed=False,
+            sizes=(OverlaySize("m5.large", 2, 8.0, regions=("us-east-1",)),)))
     async with Controller(cfg) as c:
-        assert "m5.large" in c.provisioning.providers["aws"].catalog().sizes
+        cat = c.provisioning.providers["aws"].catalog()
+        assert "m5.large" in cat.sizes and cat.regions["us-east-1"].zones == ("us-east-1a",)

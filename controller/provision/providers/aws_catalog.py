@@ -12,7 +12,6 @@ failed refresh: the sizes come, the prices stay as they were, a note says why.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -111,9 +110,12 @@ async def fetch(call: Call, pricing: Call | None, regions: Sequence[str],
 
     notes += [f"{r}: not an enabled region of this account (skipped)"
               for r in regions if r not in cloud_regions]
-    # The regions at once (each its own client and worker thread), in a stable order.
-    for region, region_zones, found in await asyncio.gather(
-            *(one(r) for r in regions if r in cloud_regions)):
+    # One region after the other: a refresh is rare, and DescribeInstanceTypes answers are
+    # large (at once, six of them made a loaded moto miss the 30 s read timeout).
+    for r in regions:
+        if r not in cloud_regions:
+            continue
+        region, region_zones, found = await one(r)
         zones[region] = region_zones
         for s in found:
             sizes.setdefault(s.name, s)
