@@ -70,6 +70,7 @@ def make_app(controller: RunningController, *, api_token: str) -> web.Applicatio
     app[keys.MESH] = controller.mesh
     app[keys.INFRAS] = controller.infras
     app[keys.PROVIDERS] = controller.provisioning.providers
+    app[keys.CATALOGS] = controller.provisioning.catalogs
     for module in (status, nodes, metrics, tokens, jobs, apps, auth, audit, signing,
                    bootstrap, networks, infras, providers):
         app.add_routes(module.routes())

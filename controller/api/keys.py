@@ -21,6 +21,7 @@ from controller.models import NodeRecord, TokenRecord
 from controller.provision.bootstrap import BootstrapFiles
 from controller.provision.contract import Provider
 from controller.provision.model import Infras
+from controller.provision.refresh import CatalogStore
 from controller.state.table import Table
 
 
@@ -69,4 +70,5 @@ DEPLOYER = web.AppKey("deployer", Deployer)
 SIGNING_KEYS = web.AppKey("signing_keys", SigningKeys)
 INFRAS: web.AppKey[Infras] = web.AppKey("infras")
 PROVIDERS: web.AppKey[Mapping[str, Provider]] = web.AppKey("providers")
+CATALOGS: web.AppKey[CatalogStore] = web.AppKey("catalogs")
 MESH = web.AppKey("mesh", MeshService)  # overlay networks (issue 12)

@@ -1,4 +1,5 @@
-"""`barista provider ls|check` and `barista catalog sizes|regions` (the REST API only)."""
+"""`barista provider ls|check` and `barista catalog sizes|regions|refresh` (the REST API
+only)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli.client import ApiError
 from controller.cli.common import call, client, emit_json
 
 console = Console()
@@ -111,3 +113,41 @@ def catalog_regions(output: str) -> None:
         t.add_row(r["provider"], r["region"], r["display"], f"{r['latitude']:.2f}",
                   f"{r['longitude']:.2f}", ", ".join(r["zones"]))
     console.print(t)
+
+
+@catalog_group.command("refresh")
+@click.argument("provider")
+@output_option
+def catalog_refresh(provider: str, output: str) -> None:
+    """Fetch regions, zones, sizes and prices from the cloud's own API (the provider's
+    credentials) and keep them as the controller's catalog of PROVIDER. A failure writes
+    nothing: the catalog in use stays as it was."""
+    result: dict[str, Any] | None = None
+    try:
+        for event, data in client().stream(f"/v1/catalog/{provider}/refresh", method="POST",
+                                           body={}, timeout=600):
+            if event == "progress" and output == "table":
+                console.print(f"[dim]{data['message']}[/dim]")
+            elif event in ("done", "error"):
+                result = {"ok": event == "done", **data}
+    except ApiError as exc:
+        raise click.ClickException(exc.message or exc.code) from None
+    if result is None:
+        raise click.ClickException("the controller ended the refresh without a result; "
+                                   "run it again (the catalog in use is unchanged)")
+    if output == "json":
+        emit_json(result)
+    elif result["ok"]:
+        console.print(f"[green]{provider}[/green]: {result['sizes']} sizes in "
+                      f"{len(result['regions'])} regions, {result['priced_offers']} of "
+                      f"{result['offers']} size-region offers priced "
+                      f"(fetched {result['fetched_at']}; {result['source']})")
+        for note in result["notes"]:
+            console.print(f"[yellow]note[/yellow]: {note}")
+    else:
+        console.print(f"[red]{provider}[/red]: refresh failed ({result['error']}"
+                      f"{' ' + result['code'] if result.get('code') else ''}): "
+                      f"{result['message']}; {result['hint']}. Nothing was written; the "
+                      "catalog in use is unchanged.")
+    if not result["ok"]:
+        raise SystemExit(1)

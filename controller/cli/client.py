@@ -135,11 +135,16 @@ class ApiClient:
     def delete(self, path: str) -> Any:
         return self._request("DELETE", self.url + path)
 
-    def stream(self, path: str, **params: Any) -> Iterator[tuple[str, Any]]:
-        """Server-sent events as (event, parsed data) pairs."""
-        req = urllib.request.Request(self._url(path, params),
+    def stream(self, path: str, *, method: str = "GET", body: Any = None,
+               timeout: float = 60, **params: Any) -> Iterator[tuple[str, Any]]:
+        """Server-sent events as (event, parsed data) pairs (of a GET, or of a POST of
+        ``body``)."""
+        payload = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self._url(path, params), data=payload, method=method,
                                      headers={"Accept": "text/event-stream"})
-        resp = self._open(req, 60)
+        if payload is not None:
+            req.add_header("Content-Type", "application/json")
+        resp = self._open(req, timeout)
         with resp:
             event = "message"
             data: list[str] = []

@@ -82,6 +82,9 @@ class NetworkRequest:
     cidr: str = "10.64.0.0/16"
     wireguard_port: int = WIREGUARD_PORT
     ssh_from: Sequence[str] = ()  # CIDRs allowed to reach port 22; () = closed
+    # An OpenSSH public key for the VMs ("" = none); providers that keep keys as a resource
+    # (an EC2 key pair) create it here, tagged, and remove it at cleanup.
+    ssh_public_key: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
 
 

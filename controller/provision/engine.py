@@ -873,7 +873,7 @@ class Engine:
         net = inf.networks.get(key)
         if net is None:
             req = NetworkRequest(infra=inf.name, region=region, ssh_from=tuple(g.ssh_from),
-                                 tags=self._tags(inf.name))
+                                 ssh_public_key=g.ssh_public_key, tags=self._tags(inf.name))
             net = await self._call(prov, region, "ensure_network",
                                    lambda: prov.ensure_network(req))
             inf.networks[key] = net

@@ -64,6 +64,8 @@ class GroupSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     on_partial_failure: PartialFailure = "continue"
     public_ip: bool = True
     ssh_from: list[str] = []  # CIDRs allowed to SSH in; [] = port 22 closed
+    # An OpenSSH public key put on the VMs (aws: imported as a key pair of the infra).
+    ssh_public_key: str = ""
     # ``ssh`` provider only: the machines to adopt ("user@host[:port]").
     hosts: list[str] = []
 

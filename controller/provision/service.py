@@ -26,6 +26,7 @@ from controller.provision.bootstrap import BootConfig, render_user_data
 from controller.provision.contract import Network, Provider, ProvisionError
 from controller.provision.engine import Engine, installation_id, provision_engine
 from controller.provision.model import GroupSpec, InfraSpec
+from controller.provision.refresh import CatalogStore
 from controller.provision.registry import providers_from_config
 from controller.state.table import Table
 
@@ -191,6 +192,8 @@ class Provisioning:
         self._stack = AsyncExitStack()
         self._engine: Engine | None = None
         self.providers: dict[str, Provider] = {}
+        # `barista catalog refresh`: the providers' catalog overlays (data dir catalog/).
+        self.catalogs = CatalogStore(data_dir / "catalog")
 
     def set_api_url(self, url: str) -> None:
         self._api_url = url
@@ -220,6 +223,7 @@ class Provisioning:
                 raw = {**raw, "data_dir": str(self._data_dir / "providers" / name)}  # a lab's home
             configs[name] = raw
         self.providers = providers_from_config(configs)
+        self.catalogs.apply_all(self.providers)
         gateways = LabGateways(nats_url=self._nats_url, api_url=self.api_url)
         self._stack.push_async_callback(gateways.close)
 

@@ -26,6 +26,8 @@ from controller.provision.model import GroupSpec, InfraSpec, SizeQuery
 # Infra and group names end up in tags, node names and hostnames ("<infra>-<group>-<i>"),
 # which every cloud limits to 63 characters of [a-z0-9-].
 NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+SSH_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) "
+                        r"[A-Za-z0-9+/]+={0,3}( [^\r\n]{0,200})?$")
 INFRA_NAME_MAX = 30
 GROUP_NAME_MAX = 24
 COUNT_MAX = 10_000
@@ -139,6 +141,9 @@ def validate_spec(spec: InfraSpec, *, catalogs: Mapping[str, Catalog]) -> InfraS
             errors.append((f"{at}.count", f"must be 0 or more, not {g.count}"))
         elif g.count > COUNT_MAX:
             errors.append((f"{at}.count", f"at most {COUNT_MAX} nodes per group"))
+        if g.ssh_public_key and not SSH_KEY_RE.match(g.ssh_public_key.strip()):
+            errors.append((f"{at}.ssh_public_key", "not an OpenSSH public key (one line: "
+                           "'ssh-ed25519 AAAA... comment', ssh-rsa or ecdsa-sha2-*)"))
         g_labels = _labels(g.labels, f"{at}.labels", errors)
         groups.append(msgspec.structs.replace(g, labels=g_labels))
         catalog = catalogs.get(g.provider)

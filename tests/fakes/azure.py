@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.fakes import azure_catalog
 from tests.fakes.http import JsonServer, Reply, Request
 from tests.fakes.tls import self_signed, server_context
 
@@ -105,6 +106,9 @@ class ArmApi:
             case ["resourcegroups", rg, "providers", _ns, "virtualmachines", name, action] \
                     if method == "POST":
                 return self._vm_action(rg, name, action)
+        found = azure_catalog.catalog_route(self.s.subscription, method, low, q)
+        if found is not None:
+            return Reply(200, found)
         raise ArmError(404, "NotFound", f"no such API: {method} /{'/'.join(parts)}")
 
     # -- helpers -----------------------------------------------------------------------

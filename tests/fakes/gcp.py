@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.fakes import gcp_catalog
 from tests.fakes.http import JsonServer, Reply, Request
 
 BASE = "https://www.googleapis.com/compute/v1"
@@ -49,6 +50,7 @@ class GceState:
     capacity_exhausted: set[str] = field(default_factory=set)  # zones
     quota_exceeded: set[str] = field(default_factory=set)  # regions
     throttle_next: int = 0  # the next N requests get 403 rateLimitExceeded
+    catalog: gcp_catalog.CatalogState = field(default_factory=gcp_catalog.CatalogState)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(5_000_000_001))
     ips: Iterator[int] = field(default_factory=lambda: itertools.count(10))
 
@@ -131,6 +133,12 @@ class GceApi:
                 return self._instance_verb(zone, name, verb)
             case ["aggregated", "instances"]:
                 return self._aggregated("instances", self.s.instances, filt, "zones")
+        try:
+            found = gcp_catalog.route(self.s.catalog, self.s.project, method, parts)
+        except gcp_catalog.CatalogError as exc:
+            raise HttpError(exc.code, exc.reason, exc.message) from None
+        if found is not None:
+            return found
         raise HttpError(404, "notFound", f"no such API: {method} {'/'.join(parts)}")
 
     # -- helpers -----------------------------------------------------------------------

@@ -156,3 +156,43 @@ async def test_missing_credentials_say_what_to_set(moto_reset: str,
     with pytest.raises(CredentialsError, match="AWS_PROFILE") as err:
         await aws.query_instances(TAGS, region=REGION)
     assert err.value.scope == "provider"
+
+
+def _public_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    pub = ed25519.Ed25519PrivateKey.generate().public_key()
+    return pub.public_bytes(serialization.Encoding.OpenSSH,
+                            serialization.PublicFormat.OpenSSH).decode() + " ops@laptop"
+
+
+async def test_ssh_key_is_imported_as_a_tagged_key_pair_and_removed_at_cleanup(
+        aws: AwsProvider, ec2: Any) -> None:
+    key = _public_key()
+    req = NetworkRequest(infra="web", region=REGION, ssh_from=("198.51.100.0/24",),
+                         ssh_public_key=key, tags=TAGS)
+    net = await aws.ensure_network(req)
+    again = await aws.ensure_network(req)  # idempotent: found, not imported twice
+    assert net.extra["key_name"] == again.extra["key_name"] == "barista-web"
+    pairs = ec2.describe_key_pairs(KeyNames=["barista-web"])["KeyPairs"]
+    assert len(pairs) == 1
+    assert {t["Key"]: t["Value"] for t in pairs[0]["Tags"]} == {**TAGS}
+    made = await aws.run_instances(Placement("aws", REGION, "us-east-1a"), net, requests(1))
+    raw = ec2.describe_instances(InstanceIds=[made[0].id])["Reservations"][0]["Instances"][0]
+    assert raw["KeyName"] == "barista-web"
+    await aws.cleanup(TAGS, region=REGION)  # a VM still uses it: kept
+    assert ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": ["barista-web"]}]
+                                  )["KeyPairs"]
+    await aws.terminate_instances(REGION, [made[0].id])
+    await aws.cleanup(TAGS, region=REGION)
+    assert ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": ["barista-web"]}]
+                                  )["KeyPairs"] == []
+
+
+async def test_a_key_pair_of_that_name_not_ours_is_refused(aws: AwsProvider, ec2: Any) -> None:
+    ec2.import_key_pair(KeyName="barista-web", PublicKeyMaterial=_public_key().encode())
+    with pytest.raises(InvalidRequestError, match="not ours"):
+        await aws.ensure_network(NetworkRequest(infra="web", region=REGION,
+                                                ssh_public_key=_public_key(), tags=TAGS))
+    assert len(ec2.describe_key_pairs()["KeyPairs"]) == 1  # untouched

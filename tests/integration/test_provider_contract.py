@@ -5,7 +5,7 @@ says how to look at the cloud's side (what the SDK sent, what is left)."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ from controller.provision.contract import (
     Provider,
     TransientError,
 )
+from tests.fixtures.live_clouds import LIVE, drain
 
 INFRA = "shop"
 TAGS = {TAG_MANAGED: "ctl-contract", TAG_INFRA: INFRA}
@@ -235,14 +236,26 @@ def _azure(tmp: Any) -> Iterator[AzureHarness]:
                                          credential_factory=StaticToken), fake)
 
 
-@pytest.fixture(params=["aws", "gcp", "azure"])
-def cloud(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Harness]:
+@pytest.fixture(params=["aws", "gcp", "azure", "aws-live", "gcp-live", "azure-live"])
+async def cloud(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Harness]:
+    """The fakes always; the real clouds with --aws/--gcp/--azure (tests/fixtures/
+    live_clouds.py: skipped without the flag or credentials; everything the suite made is
+    terminated and cleaned up afterwards, and must be gone)."""
+    if request.param in LIVE:
+        for live in LIVE[request.param](request.config):
+            try:
+                yield live
+            finally:
+                await drain(live, TAGS)
+        return
     if request.param == "aws":
-        yield from _aws(request.getfixturevalue("moto_url"))
+        fakes = _aws(request.getfixturevalue("moto_url"))
     elif request.param == "gcp":
-        yield from _gcp()
+        fakes = _gcp()
     else:
-        yield from _azure(tmp_path)
+        fakes = _azure(tmp_path)
+    for h in fakes:
+        yield h
 
 
 def launches(h: Harness, n: int) -> list[LaunchRequest]:

@@ -64,6 +64,11 @@ KNOWN = {
     ("POST", "/v1/infras/{name}/actions"): "operator",
     ("POST", "/v1/infras/gc"): "operator",
     ("GET", "/v1/infras/{name}/events"): "viewer",
+    ("GET", "/v1/providers"): "viewer",
+    ("POST", "/v1/providers/{name}/check"): "operator",
+    ("GET", "/v1/catalog/sizes"): "viewer",
+    ("GET", "/v1/catalog/regions"): "viewer",
+    ("POST", "/v1/catalog/{name}/refresh"): "operator",
 }
 
 

@@ -26,6 +26,8 @@ AWS_TABLE = [
     ("AuthFailure", CredentialsError, "provider", False),
     ("UnauthorizedOperation", CredentialsError, "provider", False),
     ("InvalidInstanceID.NotFound", NotFoundError, "region", False),
+    ("InvalidKeyPair.NotFound", NotFoundError, "region", False),
+    ("InvalidKeyPair.Duplicate", InvalidRequestError, "region", False),
     ("InvalidParameterValue", InvalidRequestError, "region", False),
     ("SomethingNew", InvalidRequestError, "region", False),
 ]

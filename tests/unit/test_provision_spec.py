@@ -85,6 +85,8 @@ BAD = [
     ({"name": "x", "groups": [group(count="3")]}, "groups[0].count: expected `int`, got `str`"),
     ({"name": "x", "groups": [group(on_partial_failure="retry")]},
      "groups[0].on_partial_failure: invalid enum value 'retry'"),
+    ({"name": "x", "groups": [group(ssh_public_key="-----BEGIN OPENSSH PRIVATE KEY-----")]},
+     "groups[0].ssh_public_key: not an OpenSSH public key"),
     ({"groups": [group()]}, "name: is required"),
     ([1, 2], "spec must be a mapping"),
 ]
@@ -122,3 +124,10 @@ def test_size_query_resolves_to_the_cheapest_per_region() -> None:
     assert r.size.name == "xlarge" and r.price_hour == pytest.approx(0.3328 * 1.12, abs=1e-4)
     with pytest.raises(LookupError, match="west-1"):
         resolve_size(cat, SizeQuery(vcpus=8, memory_gb=8), "west-1")
+
+
+def test_an_ssh_public_key_is_kept() -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB3k ops@laptop"
+    spec = parse_spec(json.dumps({"name": "x", "groups": [group(ssh_public_key=key)]}),
+                      catalogs=CATALOGS)
+    assert spec.groups[0].ssh_public_key == key

@@ -3,16 +3,19 @@ fit, cheapest or nearest first; regions with coordinates)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from controller.api.access import requires
-from controller.api.keys import PROVIDERS
+from controller.api.keys import CATALOGS, PROVIDERS
 from controller.errors import BadRequest, NotFound
 from controller.provision.catalog import offers, parse_point
 from controller.provision.contract import TAG_MANAGED, Catalog, Provider, ProvisionError
+from controller.provision.refresh import Refreshable, refresh, summary
 
 # A tag value no VM carries: the check lists nothing, but needs working credentials.
 CHECK_TAGS = {TAG_MANAGED: "barista-credentials-check"}
@@ -119,10 +122,63 @@ async def catalog_regions(request: web.Request) -> web.Response:
     return web.json_response({"regions": out})
 
 
+# What to do about a failed refresh, by the contract's error kind.
+REFRESH_HINTS = {
+    "credentials": "check the provider's credentials (`barista provider check {name}`)",
+    "transient": "the cloud's API was unavailable or throttled; run the refresh again",
+    "quota": "the account's API limits were hit; run the refresh again later",
+}
+
+
+@requires("operator")
+async def refresh_catalog(request: web.Request) -> web.StreamResponse:
+    """SSE: ``progress`` messages while the cloud is read, then ``done`` (the new catalog's
+    summary) or ``error`` (nothing was written; the catalog in use is unchanged)."""
+    name = request.match_info["name"]
+    p = _provider(request)
+    if not isinstance(p, Refreshable):
+        raise BadRequest(f"provider {name!r} ({p.catalog().provider}) has no catalog API to "
+                         "refresh from; its catalog is the shipped one")
+    store = request.app[CATALOGS]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    lines: list[bytes] = []
+
+    def send(event: str, data: Any) -> bytes:
+        return f"event: {event}\ndata: ".encode() + msgspec.json.encode(data) + b"\n\n"
+
+    def progress(message: str) -> None:
+        lines.append(send("progress", {"message": message}))
+
+    async def flush() -> None:
+        while lines:
+            await resp.write(lines.pop(0))
+
+    task = asyncio.ensure_future(refresh(name, p, store, progress))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.2)
+            await flush()
+        overlay = task.result()
+        await flush()
+        await resp.write(send("done", summary(overlay, p.catalog())))
+    except ProvisionError as exc:
+        await flush()
+        await resp.write(send("error", {
+            "error": exc.kind, "code": exc.code, "message": exc.message,
+            "hint": REFRESH_HINTS.get(exc.kind, "nothing was written; fix the cause and run "
+                                      "the refresh again").format(name=name)}))
+    except (ConnectionResetError, asyncio.CancelledError):
+        task.cancel()
+    return resp
+
+
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/v1/providers", list_providers),
         web.post("/v1/providers/{name}/check", check_provider),
+        web.post("/v1/catalog/{name}/refresh", refresh_catalog),
         web.get("/v1/catalog/sizes", catalog_sizes),
         web.get("/v1/catalog/regions", catalog_regions),
     ]

@@ -38,6 +38,7 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
+from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.aws")
 
@@ -86,6 +87,8 @@ ERROR_MAP: Mapping[str, type[ProvisionError]] = {
     "InvalidGroup.NotFound": NotFoundError,
     "InvalidSubnetID.NotFound": NotFoundError,
     "InvalidInternetGatewayID.NotFound": NotFoundError,
+    "InvalidKeyPair.NotFound": NotFoundError,
+    "InvalidKeyPair.Duplicate": InvalidRequestError,
 }
 
 
@@ -131,6 +134,9 @@ class AwsSettings:
     })
     key_name: str = ""  # an existing EC2 key pair to put on the VMs ("" = none)
     root_volume_gb: int = 20
+    # `barista catalog refresh aws`: ask the Price List API (us-east-1) for prices.
+    pricing: bool = True
+    pricing_endpoint_url: str | None = None  # tests; default: endpoint_url, else AWS's
 
 
 def _tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
@@ -155,9 +161,9 @@ class AwsProvider:
     def __init__(self, *, settings: AwsSettings, catalog: Catalog,
                  session_factory: Callable[[], Any] | None = None) -> None:
         self._settings = settings
-        self._catalog = catalog
+        self._catalog = self._shipped = catalog
         self._session_factory = session_factory
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[tuple[str, str], Any] = {}
         self._amis: dict[tuple[str, str], str] = {}
 
     @property
@@ -167,26 +173,45 @@ class AwsProvider:
     def catalog(self) -> Catalog:
         return self._catalog
 
+    def shipped_catalog(self) -> Catalog:
+        return self._shipped
+
+    def use_catalog(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    async def fetch_catalog(self, progress: Progress) -> Fetched:
+        from controller.provision.providers import aws_catalog
+
+        async def pricing(region: str, op: str, **kwargs: Any) -> Any:
+            return await self._call(region, op, service="pricing", **kwargs)
+
+        return await aws_catalog.fetch(self._call, pricing if self._settings.pricing else None,
+                                       sorted(self._shipped.regions), progress)
+
     # -- plumbing ----------------------------------------------------------------------
 
-    def _client(self, region: str) -> Any:
-        c = self._clients.get(region)
+    def _client(self, region: str, service: str = "ec2") -> Any:
+        c = self._clients.get((service, region))
         if c is None:
             import boto3
             from botocore.config import Config
 
             session = (self._session_factory() if self._session_factory is not None
                        else boto3.session.Session(profile_name=self._settings.profile))
+            endpoint = self._settings.endpoint_url
+            if service == "pricing":
+                endpoint = self._settings.pricing_endpoint_url or endpoint
             c = session.client(
-                "ec2", region_name=region, endpoint_url=self._settings.endpoint_url,
+                service, region_name=region, endpoint_url=endpoint,
                 config=Config(retries={"total_max_attempts": 1, "mode": "standard"},
                               connect_timeout=10, read_timeout=30))
-            self._clients[region] = c
+            self._clients[(service, region)] = c
         return c
 
-    async def _call(self, region: str, op: str, zone: str = "", **kwargs: Any) -> Any:
+    async def _call(self, region: str, op: str, zone: str = "", service: str = "ec2",
+                    **kwargs: Any) -> Any:
         def run() -> Any:
-            return getattr(self._client(region), op)(**kwargs)
+            return getattr(self._client(region, service), op)(**kwargs)
 
         try:
             return await asyncio.to_thread(run)
@@ -224,8 +249,33 @@ class AwsProvider:
                                  DestinationCidrBlock="0.0.0.0/0",
                                  GatewayId=igw["InternetGatewayId"])
         sg_id = await self._ensure_security_group(region, vpc_id, request, tags)
+        extra = {"infra": request.infra}
+        if request.ssh_public_key:
+            extra["key_name"] = await self._ensure_key_pair(region, request, tags)
         return Network(id=vpc_id, region=region, cidr=request.cidr, firewall_id=sg_id,
-                       extra={"infra": request.infra})
+                       extra=extra)
+
+    async def _ensure_key_pair(self, region: str, request: NetworkRequest,
+                               tags: Mapping[str, str]) -> str:
+        """The infra's key pair (``barista-<infra>``), imported once with our tags; one
+        of that name without our tags is someone else's and is not touched."""
+        name = f"barista-{request.infra}"
+        found = (await self._call(region, "describe_key_pairs", Filters=[
+            {"Name": "key-name", "Values": [name]}]))["KeyPairs"]
+        if found:
+            have = {t["Key"]: t["Value"] for t in found[0].get("Tags", [])}
+            if have.get(TAG_MANAGED) != tags.get(TAG_MANAGED):
+                raise InvalidRequestError(
+                    f"aws: a key pair named {name} exists in {region} and is not ours "
+                    "(no barista tags); delete or rename it", provider=NAME, region=region,
+                    code="InvalidKeyPair.Duplicate")
+            return name
+        await self._call(region, "import_key_pair", KeyName=name,
+                         PublicKeyMaterial=request.ssh_public_key.strip().encode(),
+                         TagSpecifications=[{"ResourceType": "key-pair",
+                                             "Tags": _tags(tags)}])
+        log.info("aws %s: imported key pair %s for infra %s", region, name, request.infra)
+        return name
 
     async def _ensure_security_group(self, region: str, vpc_id: str, request: NetworkRequest,
                                      tags: Mapping[str, str]) -> str:
@@ -332,8 +382,9 @@ class AwsProvider:
                 ],
                 "MetadataOptions": {"HttpTokens": "required"},  # IMDSv2 only
             }
-            if self._settings.key_name:
-                kwargs["KeyName"] = self._settings.key_name
+            key_name = network.extra.get("key_name") or self._settings.key_name
+            if key_name:
+                kwargs["KeyName"] = key_name
             resp = await self._call(region, "run_instances", zone, **kwargs)
             for raw in resp["Instances"]:
                 out.append(self._instance(raw, region))
@@ -373,7 +424,8 @@ class AwsProvider:
             tags=tags,
             launched_at=float(launched.timestamp()) if launched is not None else 0.0,
             extra={"vpc_id": str(raw.get("VpcId", "")),
-                   "subnet_id": str(raw.get("SubnetId", ""))},
+                   "subnet_id": str(raw.get("SubnetId", "")),
+                   "key_name": str(raw.get("KeyName", "") or "")},
         )
 
     async def query_instances(self, tags: Mapping[str, str], *,
@@ -427,6 +479,24 @@ class AwsProvider:
                 await self._gone_ok(region, "delete_internet_gateway", InternetGatewayId=gid)
             await self._gone_ok(region, "delete_vpc", VpcId=vpc_id)
             log.info("aws %s: removed VPC %s", region, vpc_id)
+        await self._cleanup_key_pairs(tags, region=region)
+
+    async def _cleanup_key_pairs(self, tags: Mapping[str, str], *, region: str) -> None:
+        """Key pairs carrying ``tags``, once no live VM of ours still names them."""
+        pairs = (await self._call(region, "describe_key_pairs",
+                                  Filters=_filters(tags)))["KeyPairs"]
+        if not pairs:
+            return
+        in_use = {i.extra.get("key_name", "") for i in await self._describe(
+            region, _filters({TAG_MANAGED: tags[TAG_MANAGED]} if TAG_MANAGED in tags else tags))
+            if not i.state.gone}
+        for kp in pairs:
+            if kp["KeyName"] in in_use:
+                log.warning("aws %s: key pair %s still used by a VM; kept", region,
+                            kp["KeyName"])
+                continue
+            await self._gone_ok(region, "delete_key_pair", KeyName=kp["KeyName"])
+            log.info("aws %s: removed key pair %s", region, kp["KeyName"])
 
     async def _gone_ok(self, region: str, op: str, **kwargs: Any) -> None:
         try:
@@ -452,12 +522,7 @@ _REGIONS = (
                                             "ap-southeast-1c"), "Asia Pacific (Singapore)"),
 )
 
-# On-demand Linux list prices, USD/hour, in us-east-1 and us-west-2 (the same there; AWS
-# public price list). Other regions have no price until `barista catalog refresh aws`
-# (issue 13) fetches them: a review then says "price unknown" rather than guess.
-_US_EAST_1 = {"t3.micro": 0.0104, "t3.small": 0.0208, "t3.medium": 0.0416,
-              "t3.large": 0.0832, "m6i.large": 0.096, "c6i.large": 0.085,
-              "t4g.small": 0.0168}
+# Prices: controller/provision/providers/prices.py (data, with its sources).
 _SIZES = (
     Size("t3.micro", 2, 1.0), Size("t3.small", 2, 2.0), Size("t3.medium", 2, 4.0),
     Size("t3.large", 2, 8.0), Size("m6i.large", 2, 8.0), Size("c6i.large", 2, 4.0),
@@ -466,9 +531,10 @@ _SIZES = (
 
 
 def default_catalog() -> Catalog:
-    sizes = {s.name: Size(s.name, s.vcpus, s.memory_gb, {"us-east-1": _US_EAST_1[s.name],
-                                                          "us-west-2": _US_EAST_1[s.name]},
-                          s.arch) for s in _SIZES}
+    from controller.provision.providers.prices import prices
+
+    sizes = {s.name: Size(s.name, s.vcpus, s.memory_gb, prices(NAME, s.name), s.arch)
+             for s in _SIZES}
     return Catalog(
         provider=NAME,
         regions={r.name: r for r in _REGIONS},

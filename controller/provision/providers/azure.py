@@ -41,6 +41,7 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
+from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.azure")
 
@@ -143,6 +144,8 @@ class AzureSettings:
     # An OpenSSH public key for the admin user; "" = a throwaway key whose private half is
     # never kept (Azure requires one; nobody logs in: the agent is the way in).
     ssh_public_key: str = ""
+    # `barista catalog refresh azure`: the public Retail Prices API ("" = prices not asked).
+    prices_url: str = "https://prices.azure.com/api/retail/prices"
 
 
 def _throwaway_ssh_key() -> str:
@@ -178,7 +181,7 @@ class AzureProvider:
     def __init__(self, *, settings: AzureSettings, catalog: Catalog,
                  credential_factory: Callable[[], Any] | None = None) -> None:
         self._settings = settings
-        self._catalog = catalog
+        self._catalog = self._shipped = catalog
         self._credential_factory = credential_factory
         self._clients: dict[str, Any] = {}
         self._ssh_key = settings.ssh_public_key
@@ -189,6 +192,67 @@ class AzureProvider:
 
     def catalog(self) -> Catalog:
         return self._catalog
+
+    def shipped_catalog(self) -> Catalog:
+        return self._shipped
+
+    def use_catalog(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    async def fetch_catalog(self, progress: Progress) -> Fetched:
+        from controller.provision.providers import azure_catalog
+
+        url = self._settings.prices_url
+        return await azure_catalog.fetch(
+            self._list, self._arm_json, self._prices_json if url else None, url,
+            self._settings.subscription_id, sorted(self._shipped.regions), progress)
+
+    async def _list(self, kind: str, path: str, **kwargs: Any) -> list[Any]:
+        """A paged listing, every page read in the worker thread."""
+        def run() -> list[Any]:
+            target: Any = self._client(kind)
+            for part in path.split("."):
+                target = getattr(target, part)
+            return list(target(**kwargs))
+
+        try:
+            return await asyncio.to_thread(run)
+        except ProvisionError:
+            raise
+        except Exception as exc:
+            raise map_error(exc) from None
+
+    async def _arm_json(self, url: str) -> Any:
+        """GET an ARM path through the SDK's pipeline (its credential, retries off)."""
+        def run() -> Any:
+            from azure.core.rest import HttpRequest
+
+            resp = self._client("compute").send_request(HttpRequest("GET", url))
+            resp.raise_for_status()
+            return resp.json()
+
+        try:
+            return await asyncio.to_thread(run)
+        except Exception as exc:
+            raise map_error(exc) from None
+
+    async def _prices_json(self, url: str) -> Any:
+        """GET a Retail Prices page (public, no credentials)."""
+        import aiohttp
+
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s, \
+                    s.get(url) as resp:
+                if resp.status != 200:
+                    kind = _STATUS.get(resp.status, InvalidRequestError)
+                    raise kind(f"azure: retail prices answered HTTP {resp.status}",
+                               provider=NAME, code=str(resp.status))
+                return await resp.json(content_type=None)
+        except ProvisionError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise TransientError(f"azure: retail prices: {type(exc).__name__}: {exc}",
+                                 provider=NAME, code=type(exc).__name__) from None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -489,20 +553,20 @@ _REGIONS = (
                                            "koreacentral-3"), "Korea Central"),
     Region("southeastasia", 1.28, 103.83, ("southeastasia-1", "southeastasia-2",
                                            "southeastasia-3"), "Southeast Asia"),
+    Region("westus2", 47.23, -119.85, ("westus2-1", "westus2-2", "westus2-3"), "West US 2"),
 )
-# Pay-as-you-go Linux list prices, USD/hour, East US (Azure retail prices API); other
-# regions come from `barista catalog refresh azure` (the same public API).
-_EASTUS = {"Standard_B1s": 0.0104, "Standard_B2s": 0.0416, "Standard_D2s_v5": 0.096,
-           "Standard_F2s_v2": 0.0846}
+# Prices: controller/provision/providers/prices.py (data, with its sources).
 _SIZES = (Size("Standard_B1s", 1, 1.0), Size("Standard_B2s", 2, 4.0),
           Size("Standard_D2s_v5", 2, 8.0), Size("Standard_F2s_v2", 2, 4.0))
 
 
 def default_catalog() -> Catalog:
+    from controller.provision.providers.prices import prices
+
     return Catalog(
         provider=NAME,
         regions={r.name: r for r in _REGIONS},
-        sizes={s.name: Size(s.name, s.vcpus, s.memory_gb, {"eastus": _EASTUS[s.name]})
+        sizes={s.name: Size(s.name, s.vcpus, s.memory_gb, prices(NAME, s.name))
                for s in _SIZES},
         images={"ubuntu-24.04": Image("ubuntu-24.04", "Canonical:ubuntu-24_04-lts:server"),
                 "ubuntu-22.04": Image("ubuntu-22.04",

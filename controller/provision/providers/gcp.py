@@ -42,6 +42,7 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
+from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.gcp")
 
@@ -173,7 +174,7 @@ class GcpProvider:
     def __init__(self, *, settings: GcpSettings, catalog: Catalog,
                  credentials_factory: Callable[[], Any] | None = None) -> None:
         self._settings = settings
-        self._catalog = catalog
+        self._catalog = self._shipped = catalog
         self._credentials_factory = credentials_factory
         self._clients: dict[str, Any] = {}
 
@@ -183,6 +184,31 @@ class GcpProvider:
 
     def catalog(self) -> Catalog:
         return self._catalog
+
+    def shipped_catalog(self) -> Catalog:
+        return self._shipped
+
+    def use_catalog(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    async def fetch_catalog(self, progress: Progress) -> Fetched:
+        from controller.provision.providers import gcp_catalog
+
+        return await gcp_catalog.fetch(self._list, self._settings.project,
+                                       sorted(self._shipped.regions), progress)
+
+    async def _list(self, kind: str, op: str, **kwargs: Any) -> list[Any]:
+        """A listing call with its pages followed, in the worker thread (no SDK retries:
+        a failure is the caller's to retry)."""
+        def run() -> list[Any]:
+            return list(getattr(self._client(kind), op)(retry=None, timeout=60, **kwargs))
+
+        try:
+            return await asyncio.to_thread(run)
+        except ProvisionError:
+            raise
+        except Exception as exc:
+            raise map_error(exc) from None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -546,10 +572,7 @@ _REGIONS = (
                                               "asia-northeast3-c"), "Seoul"),
 )
 
-# On-demand list prices, USD/hour, us-central1 (GCE public price list); other regions get
-# theirs from `barista catalog refresh gcp` (Cloud Billing catalog API).
-_US_CENTRAL1 = {"e2-micro": 0.008376, "e2-small": 0.016751, "e2-medium": 0.033503,
-                "e2-standard-2": 0.067006, "n2-standard-2": 0.097118, "t2a-standard-1": 0.0385}
+# Prices: controller/provision/providers/prices.py (data, with its sources).
 _SIZES = (
     Size("e2-micro", 2, 1.0), Size("e2-small", 2, 2.0), Size("e2-medium", 2, 4.0),
     Size("e2-standard-2", 2, 8.0), Size("n2-standard-2", 2, 8.0),
@@ -558,11 +581,13 @@ _SIZES = (
 
 
 def default_catalog() -> Catalog:
+    from controller.provision.providers.prices import prices
+
     return Catalog(
         provider=NAME,
         regions={r.name: r for r in _REGIONS},
-        sizes={s.name: Size(s.name, s.vcpus, s.memory_gb, {"us-central1": _US_CENTRAL1[s.name]},
-                            s.arch) for s in _SIZES},
+        sizes={s.name: Size(s.name, s.vcpus, s.memory_gb, prices(NAME, s.name), s.arch)
+               for s in _SIZES},
         images={"ubuntu-24.04": Image("ubuntu-24.04", "projects/ubuntu-os-cloud/global/"
                                       "images/family/ubuntu-2404-lts-amd64"),
                 "ubuntu-22.04": Image("ubuntu-22.04", "projects/ubuntu-os-cloud/global/"
