@@ -70,6 +70,10 @@ class EnrollState:
     nats_jwt: str = ""
     # The enroll identity's JWT (public): to renew an expired nats_jwt after a long absence.
     enroll_jwt: str = ""
+    # The rotation step command_keys result from (EnrollReply.key_seq).
+    key_seq: int = 0
+    # A member of an overlay network (told at enrollment or by a MeshInvite since).
+    mesh: bool = False
 
     @classmethod
     def load(cls, path: Path) -> EnrollState | None:

@@ -109,6 +109,12 @@ class EnrollReply(Message, tag="enroll_rep"):
     # NATS operator mode: the node's user JWT (for its own nkey, short-lived); it connects
     # with it and the identity seed, and renews it before it expires (RenewRequest).
     nats_jwt: str = ""
+    # The signing-key rotation step ``command_keys`` result from (0: none yet): a new
+    # agent starts its key ring there instead of asking for the whole chain (key sync).
+    key_seq: int = 0
+    # The node is a member of an overlay network already: it starts its overlay (makes
+    # its WireGuard key, sends MeshJoin) at once instead of waiting for a MeshInvite.
+    mesh: bool = False
 
 
 # --- liveness ---------------------------------------------------------------------------
@@ -123,6 +129,9 @@ class Heartbeat(Message, tag="hb"):
     buffered_batches: int = 0
     dropped_batches: int = 0
     running_jobs: int = 0
+    # The last signing-key rotation step the agent applied (-1: it keeps no key ring). A
+    # controller further along sends the missed steps to the node's command subject.
+    key_seq: int = -1
 
 
 # --- metrics ----------------------------------------------------------------------------
@@ -584,6 +593,15 @@ class MeshRotateKey(Message, tag="mesh_rotate_key"):
     reason: str = ""
 
 
+class MeshInvite(Message, tag="mesh_invite"):
+    """Controller -> node (its mesh snapshot subject, which only the controller and the
+    node itself may publish on): the node is a member of ``networks`` but has not joined.
+    A node outside every network runs no overlay; this tells it to start one (make its
+    WireGuard key, send MeshJoin). Sent again, with backoff, until the node joins."""
+
+    networks: list[str] = []
+
+
 class MeshPeerHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One peer as one node sees it. ``handshake_age``: seconds since the last handshake,
     -1 = never. ``rtt_ms`` -1 = no probe answered in the window; ``loss`` 0..1."""
@@ -641,6 +659,7 @@ AnyMessage = (
     | MeshJoin
     | MeshKeyRotation
     | MeshRotateKey
+    | MeshInvite
     | MeshHealth
 )
 
@@ -669,5 +688,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     MeshJoin,
     MeshKeyRotation,
     MeshRotateKey,
+    MeshInvite,
     MeshHealth,
 )
