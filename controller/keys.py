@@ -88,6 +88,7 @@ class SigningKeys:
         self.enroll_seq = 0
         # node id -> when its missed steps were last sent (send_missed)
         self._sent_missed: dict[str, float] = {}
+        self.missed_interval = MISSED_INTERVAL
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -297,10 +298,11 @@ class SigningKeys:
 
     async def send_missed(self, node_id: str, after: int) -> None:
         """Send the steps after ``after`` to one node's command subject (its heartbeat says
-        it is behind: it enrolled as a rotation happened), at most every MISSED_INTERVAL
+        it is behind: it enrolled as a rotation happened), at most every ``missed_interval``
         seconds per node. Best effort, like the broadcast."""
         now = time.monotonic()
-        if now - self._sent_missed.get(node_id, -MISSED_INTERVAL) < MISSED_INTERVAL:
+        last = self._sent_missed.get(node_id)
+        if last is not None and now - last < self.missed_interval:
             return
         if len(self._sent_missed) > 100_000:
             self._sent_missed.clear()
