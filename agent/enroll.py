@@ -125,6 +125,7 @@ class Enroller:
                 enroll_jwt=self._enroll_jwt if reply.nats_jwt else "",
                 key_seq=reply.key_seq,
                 mesh=reply.mesh,
+                mesh_invites=reply.mesh_invites,
             )
 
     async def _trust(self, pin: str) -> ssl.SSLContext | None:

@@ -262,8 +262,10 @@ class Agent:
             await self.sync_keys()
         await self.commands.report_orphans(orphans)
         if cfg.mesh_enabled:
-            # Meshed before (a key in the state dir: also an agent from before invitations).
-            if state.mesh or (not enrolled_now and self._meshed_before()):
+            # Meshed before (a key in the state dir: also an agent from before invitations),
+            # or enrolled by a controller that never invites.
+            if state.mesh or not state.mesh_invites or (
+                    not enrolled_now and self._meshed_before()):
                 await self._start_mesh()
             else:
                 await self._await_invite()
@@ -619,7 +621,11 @@ class Agent:
                     buffered_batches=len(self.buffer),
                     dropped_batches=self.dropped_total,
                     running_jobs=self.executor.running if self.executor is not None else 0,
-                    key_seq=self.keyring.seq if self.keyring is not None else -1,
+                    # Only a key ring that descends from the enrolled keys: configured
+                    # keys may sit past steps they cannot verify, and would be sent those
+                    # steps at every heartbeat (they catch up by key sync instead).
+                    key_seq=self.keyring.seq if self.keyring is not None
+                    and self._keys_from_enrollment else -1,
                 )
                 try:
                     await self.nc.publish(subject, codec.encode(hb))

@@ -388,6 +388,7 @@ class Enrollment:
             key_seq=self._key_seq(),
             nats_jwt=nats_jwt,
             mesh=self._in_network(existing),
+            mesh_invites=True,
         )
 
     async def renew(self, req: RenewRequest) -> RenewReply:

@@ -115,6 +115,9 @@ class EnrollReply(Message, tag="enroll_rep"):
     # The node is a member of an overlay network already: it starts its overlay (makes
     # its WireGuard key, sends MeshJoin) at once instead of waiting for a MeshInvite.
     mesh: bool = False
+    # This controller sends MeshInvites: an agent outside every network may wait for one.
+    # False (a controller from before them): the agent starts its overlay at once.
+    mesh_invites: bool = False
 
 
 # --- liveness ---------------------------------------------------------------------------
