@@ -242,6 +242,17 @@ async def test_members_that_have_not_joined_are_invited_until_they_join(
     assert controller.mesh.status()["invites"] == controller.mesh.distributor.invites.stats
 
 
+async def test_enroll_reply_says_whether_the_node_is_in_a_network(
+    controller: RunningController, agents: AgentFactory
+) -> None:
+    await make_net(controller)
+    inside = await agents.start(labels={"mesh": "on"})
+    outside = await agents.start(labels={"mesh": "off"})
+    assert inside.state is not None and outside.state is not None
+    assert inside.state.mesh and not outside.state.mesh
+    assert inside.state.mesh_invites and outside.state.mesh_invites
+
+
 async def test_burst_is_coalesced_into_one_delta(
     controller: RunningController, agents: AgentFactory, sims: list[NATS],
 ) -> None:
