@@ -123,6 +123,9 @@ class Enroller:
                 metrics_interval=reply.metrics_interval,
                 nats_jwt=reply.nats_jwt,
                 enroll_jwt=self._enroll_jwt if reply.nats_jwt else "",
+                key_seq=reply.key_seq,
+                mesh=reply.mesh,
+                mesh_invites=reply.mesh_invites,
             )
 
     async def _trust(self, pin: str) -> ssl.SSLContext | None:

@@ -70,6 +70,13 @@ class EnrollState:
     nats_jwt: str = ""
     # The enroll identity's JWT (public): to renew an expired nats_jwt after a long absence.
     enroll_jwt: str = ""
+    # The rotation step command_keys result from (EnrollReply.key_seq).
+    key_seq: int = 0
+    # A member of an overlay network (told at enrollment or by a MeshInvite since).
+    mesh: bool = False
+    # The controller sends MeshInvites (EnrollReply.mesh_invites); False: it predates them,
+    # and the overlay starts at every start, as it did then.
+    mesh_invites: bool = False
 
     @classmethod
     def load(cls, path: Path) -> EnrollState | None:

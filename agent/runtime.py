@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from agent.apps import AppReconciler
 from agent.collectors.base import Collector
@@ -33,6 +35,7 @@ from agent.outbox import Outbox
 from agent.renew import RenewalRefused, expired_soon, renew_as_enroller, renew_loop
 from agent.trust import CA_FILE, trusting
 from protocol import codec
+from protocol.errors import ProtocolError
 from protocol.mesh import FACT_PRIVATE_IP, FACT_PUBLIC_IP, FACT_VPC_CIDR
 from protocol.messages import (
     AnyEventPayload,
@@ -40,6 +43,8 @@ from protocol.messages import (
     CommandResult,
     Event,
     Heartbeat,
+    MeshInvite,
+    MeshSnapshot,
     MetricsDropped,
     Severity,
     SignedKeyRotation,
@@ -53,6 +58,10 @@ if TYPE_CHECKING:  # imported when the overlay starts (agent import time is budg
     from protocol.messages import MeshEndpoint
 
 AGENT_VERSION = "0.1.0"
+# Where NetMesh keeps the node's WireGuard key (agent/netmesh/keys.py KEY_FILE in
+# state_dir/wireguard; tests/unit/test_agent_start.py checks they agree): a node that has one
+# was in the overlay before and restarts straight into it.
+MESH_KEY_PATH = ("wireguard", "wireguard.key")
 # Labels copied into every metric as tags; all have a small, bounded set of values.
 TAG_LABELS = ("infra", "group", "provider", "region", "zone")
 
@@ -100,6 +109,11 @@ class Agent:
         # The overlay (agent/netmesh): its interfaces appear when a snapshot arrives.
         self.mesh: NetMesh | None = None
         self.mesh_link: MeshLink | None = None
+        # A node in no network waits on its snapshot subject for a MeshInvite (one
+        # subscription; nothing of agent/netmesh is imported until then).
+        self._invite_sub: Subscription | None = None
+        self._mesh_starting: asyncio.Task[None] | None = None
+        self._keys_from_enrollment = True
 
     # -- properties ------------------------------------------------------------------
 
@@ -182,17 +196,10 @@ class Agent:
         self.identity = identity
         enrolled_now = state is None
         if state is None:
-            # The WireGuard key is made before enrollment: its public key goes with it.
-            wg_public = ""
-            if cfg.mesh_enabled:
-                from agent.netmesh.keys import KeyStore
-
-                wg_public = (await asyncio.to_thread(KeyStore, cfg.state_dir / "wireguard")
-                             ).public
+            # No WireGuard key yet: it is made when the node joins a network (_start_mesh).
             state = await Enroller(
                 config=cfg, identity=identity, subjects=self.subjects, hostname=self.hostname,
                 version=self.version, facts=self._facts, log=self.log,
-                wg_public_key=wg_public,
             ).enroll()
         else:
             self.log.info("node %s: already enrolled", state.node_id)
@@ -201,6 +208,7 @@ class Agent:
         self.state = state
         self.log = self.outbox.log = logging.getLogger(f"barista.agent.{state.node_id}")
         keys = cfg.controller_keys or state.command_keys
+        self._keys_from_enrollment = not cfg.controller_keys
         self.verifier = CommandVerifier(keys) if keys else None
         if self.verifier is None:
             self.log.warning("no controller key configured: every command will be refused")
@@ -249,11 +257,20 @@ class Agent:
             on_rotation=self._on_rotation if self.keyring is not None else None,
         )
         await self.commands.subscribe()
-        # Rotations missed while this agent was stopped (or not yet enrolled).
-        await self.sync_keys()
+        if not (enrolled_now and self._keys_from_enrollment):
+            # Rotations missed while this agent was stopped. A new agent's key ring came
+            # with its enrollment (key_seq); a step made since reaches it by the broadcast
+            # or, if it came before the subscription, at its first heartbeat (key_seq).
+            await self.sync_keys()
         await self.commands.report_orphans(orphans)
         if cfg.mesh_enabled:
-            await self._start_mesh()
+            # Meshed before (a key in the state dir: also an agent from before invitations),
+            # or enrolled by a controller that never invites.
+            if state.mesh or not state.mesh_invites or (
+                    not enrolled_now and self._meshed_before()):
+                await self._start_mesh()
+            else:
+                await self._await_invite()
         if self.apps_allowed:
             apps.trigger()  # converge to the desired apps, also after a restart
         else:
@@ -294,8 +311,9 @@ class Agent:
         assert self.state is not None and self.seen_log is not None
         if save_state:
             self.state.save(self.state_path)
-        if self.keyring is not None:
-            self.keyring.load()
+        if self.keyring is not None and not self.keyring.load() and \
+                self._keys_from_enrollment:
+            self.keyring.seq = self.state.key_seq  # the step the enrolled keys result from
         remembered = self.seen_log.load()
         self.ledger = RunLedger(self.config.state_dir / "running")
         return remembered, self.ledger.reap()
@@ -455,7 +473,66 @@ class Agent:
                         or str(facts.get(FACT_VPC_CIDR, ""))),
             region=region, port=cfg.mesh_port)
 
+    def _meshed_before(self) -> bool:
+        return self.config.state_dir.joinpath(*MESH_KEY_PATH).exists()
+
+    async def _await_invite(self) -> None:
+        """Outside every network: one subscription, on the node's own snapshot subject,
+        where the controller sends a MeshInvite when the node is put in a network (and
+        again until it joins). nats-py re-subscribes it after a reconnect."""
+        assert self.nc is not None
+        try:
+            self._invite_sub = await self.nc.subscribe(
+                self.subjects.mesh_snapshot(self.node_id), cb=self._on_invite)
+        except Exception as exc:
+            self.log.warning("overlay invitations not subscribed: %s", exc)
+
+    async def _on_invite(self, msg: Msg) -> None:
+        try:
+            invite = codec.decode(msg.data)
+        except ProtocolError as exc:
+            self.log.warning("mesh invitation rejected: %s", exc.reason)
+            return
+        # A snapshot too: a controller that believes this node joined (its key was lost).
+        if not isinstance(invite, MeshInvite | MeshSnapshot):
+            self.log.warning("mesh invitation rejected: unexpected %s",
+                             type(invite).__name__)
+            return
+        if self._stopping or self.mesh is not None or self._mesh_starting is not None:
+            return
+        nets = invite.networks if isinstance(invite, MeshInvite) else [invite.network]
+        self.log.info("node %s: in network(s) %s; starting the overlay", self.node_id,
+                      ", ".join(nets) or "?")
+        self._mesh_starting = asyncio.create_task(self._join_mesh(), name="mesh-start")
+
+    async def _join_mesh(self) -> None:
+        """Start the overlay (key, MeshJoin), then drop the invitation subscription (the
+        mesh link has its own on the same subject) and remember the membership."""
+        try:
+            await self._start_mesh()
+            if self.mesh is None:
+                return  # no backend here (logged): the next invitation tries again
+            if self._invite_sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._invite_sub.unsubscribe()
+                self._invite_sub = None
+            if self.state is not None and not self.state.mesh:
+                self.state.mesh = True
+                await self._save_state()
+        except Exception:
+            self.log.exception("starting the overlay failed; the next invitation retries")
+        finally:
+            self._mesh_starting = None
+
     async def _stop_mesh(self) -> None:
+        if self._mesh_starting is not None:
+            self._mesh_starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._mesh_starting
+        if self._invite_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._invite_sub.unsubscribe()
+            self._invite_sub = None
         if self.mesh_link is not None:
             await self.mesh_link.stop()
         if self.mesh is not None:
@@ -557,6 +634,11 @@ class Agent:
                     buffered_batches=len(self.buffer),
                     dropped_batches=self.dropped_total,
                     running_jobs=self.executor.running if self.executor is not None else 0,
+                    # Only a key ring that descends from the enrolled keys: configured
+                    # keys may sit past steps they cannot verify, and would be sent those
+                    # steps at every heartbeat (they catch up by key sync instead).
+                    key_seq=self.keyring.seq if self.keyring is not None
+                    and self._keys_from_enrollment else -1,
                 )
                 try:
                     await self.nc.publish(subject, codec.encode(hb))

@@ -249,6 +249,8 @@ class Enrollment:
         heartbeat_interval: float,
         metrics_interval: float,
         command_keys: list[str],
+        key_seq: Callable[[], int] = lambda: 0,
+        in_network: Callable[[NodeRecord], bool] = lambda _node: False,
     ) -> None:
         self._tokens = tokens
         self._nodes = nodes
@@ -257,6 +259,10 @@ class Enrollment:
         self._hb = heartbeat_interval
         self._mi = metrics_interval
         self._command_keys = command_keys
+        # The rotation step command_keys result from (the agent's key ring starts there).
+        self._key_seq = key_seq
+        # Whether a node is in an overlay network (its agent starts the overlay at once).
+        self._in_network = in_network
         # nkey -> node id, fed by the nodes table (every controller's enrollments, removals)
         self._by_identity: dict[str, str] = {}
         self._identity_of: dict[str, str] = {}
@@ -379,7 +385,10 @@ class Enrollment:
             heartbeat_interval=self._hb,
             metrics_interval=self._mi,
             command_keys=self._command_keys,
+            key_seq=self._key_seq(),
             nats_jwt=nats_jwt,
+            mesh=self._in_network(existing),
+            mesh_invites=True,
         )
 
     async def renew(self, req: RenewRequest) -> RenewReply:

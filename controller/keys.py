@@ -48,6 +48,10 @@ MAX_OVERLAP = 30 * 24 * 3600.0
 STEP_PREFIX = "step-"
 
 
+# Seconds between two sends of the missed steps to one node (send_missed).
+MISSED_INTERVAL = 30.0
+
+
 def step_key(seq: int) -> str:
     return f"{STEP_PREFIX}{seq:010d}"
 
@@ -79,10 +83,17 @@ class SigningKeys:
         self._last: KeyRotation | None = None
         # The keys new nodes are told at enrollment; updated in place (Enrollment holds it).
         self.enroll_keys: list[str] = [active.public_key_b64]
+        # The rotation step enroll_keys result from (updated with them, never apart: a new
+        # agent starts its key ring at this step).
+        self.enroll_seq = 0
+        # node id -> when its missed steps were last sent (send_missed)
+        self._sent_missed: dict[str, float] = {}
+        self.missed_interval = MISSED_INTERVAL
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self.stats = {"syncs": 0, "syncs_refused": 0, "rotations": 0, "finished": 0}
+        self.stats = {"syncs": 0, "syncs_refused": 0, "rotations": 0, "finished": 0,
+                      "missed_sent": 0}
 
     # -- Signer ------------------------------------------------------------------------
 
@@ -171,6 +182,7 @@ class SigningKeys:
         if ret is not None and ret.old_key and ret.old_key != keys[0]:
             keys.append(ret.old_key)
         self.enroll_keys[:] = keys
+        self.enroll_seq = self.seq
 
     def view(self) -> dict[str, Any]:
         ret = self.retiring()
@@ -283,6 +295,26 @@ class SigningKeys:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait)
+
+    async def send_missed(self, node_id: str, after: int) -> None:
+        """Send the steps after ``after`` to one node's command subject (its heartbeat says
+        it is behind: it enrolled as a rotation happened), at most every ``missed_interval``
+        seconds per node. Best effort, like the broadcast."""
+        now = time.monotonic()
+        last = self._sent_missed.get(node_id)
+        if last is not None and now - last < self.missed_interval:
+            return
+        if len(self._sent_missed) > 100_000:
+            self._sent_missed.clear()
+        self._sent_missed[node_id] = now
+        subject = self._subjects.cmd_node(node_id)
+        try:
+            for seq in sorted(s for s in self._steps if s > after):
+                await self._nc.publish(subject, codec.encode(self._steps[seq]))
+        except Exception as exc:
+            log.debug("missed key rotations not sent to %s: %s", node_id, exc)
+            return
+        self.stats["missed_sent"] += 1
 
     # -- key sync ------------------------------------------------------------------------
 

@@ -544,6 +544,8 @@ class RunningController:
             heartbeat_interval=config.heartbeat_interval,
             metrics_interval=config.metrics_interval,
             command_keys=self.signing_keys.enroll_keys,  # kept current by a rotation
+            key_seq=lambda: self.signing_keys.enroll_seq,
+            in_network=lambda node: self.mesh.in_network(node),
         )
         self.jobs = JobEngine(
             records=jobs_table,
@@ -836,6 +838,9 @@ class RunningController:
             return
         if self.fleet.beat(hb):
             self.stats.heartbeats += 1
+            if 0 <= hb.key_seq < self.signing_keys.seq:
+                # A rotation made before this agent subscribed (it enrolled just then).
+                await self.signing_keys.send_missed(hb.node_id, hb.key_seq)
         else:
             self.stats.reject_message(
                 "heartbeat", msg.subject, ProtocolError(f"unknown node {hb.node_id}"))

@@ -109,6 +109,15 @@ class EnrollReply(Message, tag="enroll_rep"):
     # NATS operator mode: the node's user JWT (for its own nkey, short-lived); it connects
     # with it and the identity seed, and renews it before it expires (RenewRequest).
     nats_jwt: str = ""
+    # The signing-key rotation step ``command_keys`` result from (0: none yet): a new
+    # agent starts its key ring there instead of asking for the whole chain (key sync).
+    key_seq: int = 0
+    # The node is a member of an overlay network already: it starts its overlay (makes
+    # its WireGuard key, sends MeshJoin) at once instead of waiting for a MeshInvite.
+    mesh: bool = False
+    # This controller sends MeshInvites: an agent outside every network may wait for one.
+    # False (a controller from before them): the agent starts its overlay at once.
+    mesh_invites: bool = False
 
 
 # --- liveness ---------------------------------------------------------------------------
@@ -123,6 +132,9 @@ class Heartbeat(Message, tag="hb"):
     buffered_batches: int = 0
     dropped_batches: int = 0
     running_jobs: int = 0
+    # The last signing-key rotation step the agent applied (-1: it keeps no key ring). A
+    # controller further along sends the missed steps to the node's command subject.
+    key_seq: int = -1
 
 
 # --- metrics ----------------------------------------------------------------------------
@@ -591,6 +603,15 @@ class MeshRotateKey(Message, tag="mesh_rotate_key"):
     reason: str = ""
 
 
+class MeshInvite(Message, tag="mesh_invite"):
+    """Controller -> node (its mesh snapshot subject, which only the controller and the
+    node itself may publish on): the node is a member of ``networks`` but has not joined.
+    A node outside every network runs no overlay; this tells it to start one (make its
+    WireGuard key, send MeshJoin). Sent again, with backoff, until the node joins."""
+
+    networks: list[str] = []
+
+
 class MeshPeerHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One peer as one node sees it. ``handshake_age``: seconds since the last handshake,
     -1 = never. ``rtt_ms`` -1 = no probe answered in the window; ``loss`` 0..1."""
@@ -648,6 +669,7 @@ AnyMessage = (
     | MeshJoin
     | MeshKeyRotation
     | MeshRotateKey
+    | MeshInvite
     | MeshHealth
 )
 
@@ -676,5 +698,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     MeshJoin,
     MeshKeyRotation,
     MeshRotateKey,
+    MeshInvite,
     MeshHealth,
 )

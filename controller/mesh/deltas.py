@@ -27,6 +27,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from controller.errors import Conflict, ControllerError, NotFound
+from controller.mesh.invites import Invites, Unjoined
 from controller.mesh.ipam import Ipam
 from controller.mesh.networks import (
     LABEL_REGION,
@@ -234,6 +235,8 @@ class MeshDistributor:
         self._failures: dict[str, int] = {}
         # network -> the delta of a generation written to the state but not yet sent
         self._unsent: dict[str, MeshDelta] = {}
+        # Members that have not joined are invited (their agents run no overlay till then).
+        self.invites = Invites(nc=nc, subjects=subjects)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class MeshDistributor:
         while True:
             # Short ticks: a changed beacon_interval takes effect at once.
             await asyncio.sleep(min(1.0, self.beacon_interval))
+            await self._send_invites()
             if time.monotonic() - last < self.beacon_interval:
                 continue
             last = time.monotonic()
@@ -348,10 +352,17 @@ class MeshDistributor:
                     if self.networks.get(name) is None:
                         self._reject("mesh_resync", self._subjects.mesh_resync(node_id),
                                      ProtocolError(f"resync of unknown network {name!r}"))
+            await self._send_invites()
             self.stats["flushes"] += 1
             self._busy = False
             async with self._flushed:
                 self._flushed.notify_all()
+
+    async def _send_invites(self) -> None:
+        try:
+            await self.invites.send_due()
+        except Exception:  # never end the loop that called it
+            log.exception("sending mesh invitations failed")
 
     # -- what a network should be ------------------------------------------------------
 
@@ -389,9 +400,12 @@ class MeshDistributor:
         whose VPC does not overlap it (those are listed in ``conflicts``)."""
         out = []
         conflicts: dict[str, str] = {}
+        unjoined: dict[str, Unjoined] = {}
         for node in self.membership.members(net, self.nodes):
             mn = self.mesh_nodes.get(node.id)
             if mn is None:
+                unjoined[node.id] = Unjoined(status=node.status,
+                                             status_changed_at=node.status_changed_at)
                 continue
             why = Membership.conflicting(net, self._ranges_of(node, mn))
             if why:
@@ -399,6 +413,7 @@ class MeshDistributor:
                 continue
             out.append((node, mn))
         self.conflicts[net.name] = conflicts
+        self.invites.update(net.name, unjoined)
         return out
 
     def _entry(self, net: NetworkRecord, node: NodeRecord, mn: MeshNode,
@@ -523,6 +538,7 @@ class MeshDistributor:
                 epoch=state.epoch))
             await self.states.delete(name)
         self.conflicts.pop(name, None)
+        self.invites.update(name, {})
         await self.ipam.drop_network(name)
 
     async def _publish_delta(self, delta: MeshDelta) -> None:
@@ -610,6 +626,15 @@ class MeshDistributor:
         if old is None or msgspec.structs.replace(old, updated_at=now) != record:
             await self.mesh_nodes.put(node.id, record)
         self.request_snapshot(node.id)
+        if node.wg_public_key != join.public_key:
+            # The node record names the key in use (made when the node joined a network).
+            def with_key(cur: NodeRecord) -> NodeRecord | None:
+                return None if cur.wg_public_key == join.public_key else \
+                    msgspec.structs.replace(cur, wg_public_key=join.public_key)
+            try:
+                await self.nodes.mutate(node.id, with_key)
+            except ControllerError as exc:  # removed meanwhile, or contended: not needed
+                log.debug("node %s: wireguard key not recorded: %s", node.id, exc)
 
     async def _on_resync(self, msg: Msg) -> None:
         try:

@@ -74,6 +74,10 @@ class MeshService:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    def in_network(self, node: NodeRecord) -> bool:
+        """Whether ``node`` is a member of some network (its agent starts the overlay)."""
+        return any(self.membership.is_member(net, node) for net in self.networks.table)
+
     def use_infra_networks(self, fn: Callable[[str], Sequence[str]] | None) -> None:
         """Plug in an infra's ``networks:`` (infra name -> network names); call
         ``infras_changed()`` whenever an infra spec changes."""
@@ -90,4 +94,5 @@ class MeshService:
 
     def status(self) -> dict[str, object]:
         return {"networks": len(self.networks.list()), **self.distributor.stats,
-                "ipam": dict(self.ipam.stats), "matrix": dict(self.matrix.stats)}
+                "ipam": dict(self.ipam.stats), "matrix": dict(self.matrix.stats),
+                "invites": dict(self.distributor.invites.stats)}

@@ -102,7 +102,8 @@ def public_key_bytes(key: str, kind: KeyKind | None = None) -> bytes:
         raise JwtError(f"{key!r} is not a base32 nkey") from None
     if len(raw) != 35:
         raise JwtError(f"{key!r} is not a public nkey")
-    if nkeys.crc16(bytearray(raw[:33])) != int.from_bytes(raw[33:], "little"):
+    # nkeys' CRC16 is XMODEM's, which binascii computes in C (nkeys.crc16 is a Python loop)
+    if binascii.crc_hqx(raw[:33], 0) != int.from_bytes(raw[33:], "little"):
         raise JwtError(f"{key!r}: nkey checksum does not match")
     if kind is not None and raw[0] != _PREFIX[kind]:
         raise JwtError(f"{key!r} is not a public {kind} nkey")
@@ -403,9 +404,32 @@ def _check_operator_signer(claims: AnyClaims, issuer: str) -> None:
         raise JwtError("an operator JWT is signed by the operator or one of its signing keys")
 
 
+class Issuer:
+    """A key that signs many JWTs (the fleet account's signing key signs every node's): its
+    key pair and public key are derived once, not at every JWT. Holds the key as long as
+    its owner holds the seed; ``close()`` wipes it."""
+
+    def __init__(self, seed: bytes | bytearray | str) -> None:
+        self._kp = nkeys.from_seed(bytearray(seed.encode() if isinstance(seed, str) else seed))
+        self.public = str(self._kp.public_key.decode())
+        self._kinds: dict[KeyKind, bool] = {}
+
+    def is_kind(self, kind: KeyKind) -> bool:
+        ok = self._kinds.get(kind)
+        if ok is None:
+            ok = self._kinds[kind] = is_public_key(self.public, kind)
+        return ok
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self._kp.sign(data))
+
+    def close(self) -> None:
+        self._kp.wipe()
+
+
 def encode(
     claims: C,
-    signer_seed: bytes | bytearray | str,
+    signer_seed: bytes | bytearray | str | Issuer,
     *,
     issued_at: int | None = None,
     clock: Callable[[], float] = time.time,
@@ -415,21 +439,22 @@ def encode(
     the kind nats-server expects (an account key or account signing key for users, an
     operator key for accounts and operators); an operator JWT must be self-signed or signed
     by one of its signing keys."""
+    if isinstance(signer_seed, Issuer):
+        return _encode(claims, signer_seed, issued_at=issued_at, clock=clock)
     # One key pair for the issuer's name and the signature (each derivation costs).
-    kp = nkeys.from_seed(bytearray(
-        signer_seed.encode() if isinstance(signer_seed, str) else signer_seed))
+    signer = Issuer(signer_seed)
     try:
-        return _encode(claims, kp, issued_at=issued_at, clock=clock)
+        return _encode(claims, signer, issued_at=issued_at, clock=clock)
     finally:
-        kp.wipe()
+        signer.close()
 
 
 def _encode(
-    claims: C, kp: nkeys.KeyPair, *, issued_at: int | None, clock: Callable[[], float]
+    claims: C, signer: Issuer, *, issued_at: int | None, clock: Callable[[], float]
 ) -> str:
     kind = type(claims)
-    issuer = str(kp.public_key.decode())
-    if not is_public_key(issuer, _ISSUER_KIND[kind]):
+    issuer = signer.public
+    if not signer.is_kind(_ISSUER_KIND[kind]):
         raise JwtError(f"{_CLAIM_TYPE[kind]} claims must be signed by an {_ISSUER_KIND[kind]} key")
     if not is_public_key(claims.sub, _SUBJECT_KIND[kind]):
         raise JwtError(f"{_CLAIM_TYPE[kind]} claims need a public {_SUBJECT_KIND[kind]} subject")
@@ -444,7 +469,7 @@ def _encode(
     )
     signed = msgspec.structs.replace(signed, jti=claims_hash(signed))
     to_sign = f"{_b64(HEADER)}.{_b64(_go_json(signed))}"
-    return f"{to_sign}.{_b64(bytes(kp.sign(to_sign.encode('ascii'))))}"
+    return f"{to_sign}.{_b64(signer.sign(to_sign.encode('ascii')))}"
 
 
 def decode(

@@ -151,6 +151,7 @@ class OperatorTrust:
     ) -> None:
         self.nats_dir = nats_dir
         self._seeds = seeds
+        self._issuers: dict[str, jwt.Issuer] = {}  # seed name -> its key pair, derived once
         self._clock = clock
         self.operator_jwt = operator_jwt
         self.system_jwt = system_jwt
@@ -333,8 +334,15 @@ class OperatorTrust:
             expires=0 if ttl is None else int(now + ttl),
             issuer_account=self.fleet_account if account == "fleet" else "",
         )
-        signer = self._seeds["fleet-signing"] if account == "fleet" else self._seeds["system"]
-        return jwt.encode(claims, signer, issued_at=int(now))
+        return jwt.encode(claims, self._issuer("fleet-signing" if account == "fleet"
+                                               else "system"), issued_at=int(now))
+
+    def _issuer(self, name: str) -> jwt.Issuer:
+        """The key pair of seed ``name``, derived once (it signs every node's JWT)."""
+        issuer = self._issuers.get(name)
+        if issuer is None:
+            issuer = self._issuers[name] = jwt.Issuer(self._seeds[name])
+        return issuer
 
     def new_user(
         self,

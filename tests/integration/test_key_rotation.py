@@ -115,6 +115,32 @@ async def test_agent_stopped_during_rotation_catches_up(
     assert job.counts == {"ok": 1}
 
 
+async def test_new_agent_keys_come_with_enrollment_and_a_missed_step_with_heartbeat(
+    controller: RunningController, agents: AgentFactory
+) -> None:
+    """A new agent's key ring comes with its enrollment (no key sync request at start); a
+    step it could not hear (made before its command subscription existed) is sent to it
+    when its heartbeat says it is behind."""
+    keys = controller.signing_keys
+    keys.missed_interval = 0.5
+    await keys.rotate(overlap=3600)
+    syncs = keys.stats["syncs"]
+    agent = await agents.start(labels={"g": "late"})
+    assert agent.keyring is not None and agent.keyring.seq == keys.seq == 1
+    assert keys.stats["syncs"] == syncs
+    assert agent.commands is not None and agent.nc is not None
+    await agent.commands.unsubscribe()  # deaf, as before its subscriptions were made
+    await agent.nc.flush()  # (the server has taken the UNSUBs)
+    await keys.finish()
+    await agent.commands.subscribe()
+    await wait_for(lambda: agent.keyring is not None and agent.keyring.seq == 2, 10,
+                   "the missed step, sent on the heartbeat's word")
+    assert keys.stats["missed_sent"] >= 1 and keys.stats["syncs"] == syncs
+    assert agent.key_rotations_refused == 0
+    job = await controller.jobs.run(JobSpec(action="ping", selector="g=late", timeout=10))
+    assert job.counts == {"ok": 1}
+
+
 async def test_rotation_signed_by_unknown_key_is_refused(
     controller: RunningController, agents: AgentFactory
 ) -> None:

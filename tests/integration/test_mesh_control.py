@@ -36,6 +36,7 @@ from protocol.messages import (
     MeshDelta,
     MeshEndpoint,
     MeshHealth,
+    MeshInvite,
     MeshJoin,
     MeshKeyRotation,
     MeshPeerHealth,
@@ -74,6 +75,7 @@ class SimNode:
             self.endpoints.append(MeshEndpoint(host=public, kind="public", region=region))
         self.region = region
         self.snapshots: list[MeshSnapshot] = []
+        self.invites: list[MeshInvite] = []
         self.deltas: list[MeshDelta] = []
         self.rotate_asks: list[MeshRotateKey] = []
         self.raw: list[Msg] = []  # snapshots and deltas as they came
@@ -84,7 +86,13 @@ class SimNode:
 
         async def on_snapshot(msg: Msg) -> None:
             self.raw.append(msg)
-            self.snapshots.append(codec.decode(msg.data, MeshSnapshot))
+            # The node's snapshot subject also carries the invitations of a member that
+            # has not joined yet.
+            got = codec.decode(msg.data)
+            if isinstance(got, MeshInvite):
+                self.invites.append(got)
+            else:
+                self.snapshots.append(cast(MeshSnapshot, got))
 
         async def on_delta(msg: Msg) -> None:
             self.raw.append(msg)
@@ -290,6 +298,40 @@ async def test_join_snapshot_deltas_gap_resync_and_removal(
                                                  controller.mesh.distributor.state(  # type: ignore[union-attr]
                                                      "corp").peers.values()})
     assert leases[b_addr].state == "released"
+
+
+async def test_members_that_have_not_joined_are_invited_until_they_join(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS]
+) -> None:
+    """A member without a MeshJoin (its agent runs no overlay yet) is sent a MeshInvite on
+    its own snapshot subject, again with backoff, and no more once it joined; a node
+    outside the network is sent none."""
+    controller.mesh.distributor.invites.first_retry = 0.3
+    member = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.1")
+    outsider = await sim(agents, sims, {"mesh": "off"}, public="198.18.1.2")
+    for n in (member, outsider):
+        await n.listen("corp")
+    await make_net(controller)
+    await wait_for(lambda: len(member.invites) >= 2, 10, "an invitation, then another")
+    assert member.invites[0].networks == ["corp"] and not member.snapshots
+    await member.join()
+    await wait_for(lambda: member.snapshots, 5, "the snapshot after the join")
+    await controller.mesh.distributor.settled()
+    invited = len(member.invites)
+    await asyncio.sleep(1.5)  # > first_retry * 4: retries would have come by now
+    assert len(member.invites) == invited and not outsider.invites
+    assert controller.mesh.status()["invites"] == controller.mesh.distributor.invites.stats
+
+
+async def test_enroll_reply_says_whether_the_node_is_in_a_network(
+    controller: RunningController, agents: AgentFactory
+) -> None:
+    await make_net(controller)
+    inside = await agents.start(labels={"mesh": "on"})
+    outside = await agents.start(labels={"mesh": "off"})
+    assert inside.state is not None and outside.state is not None
+    assert inside.state.mesh and not outside.state.mesh
+    assert inside.state.mesh_invites and outside.state.mesh_invites
 
 
 async def test_burst_is_coalesced_into_one_delta(

@@ -273,3 +273,52 @@ async def test_real_agents_join_the_network_and_ping_across_nat(
         return True
 
     await wait_for(b_gone, 5, "b out of every peer")  # type: ignore[arg-type]
+
+
+async def test_agent_outside_every_network_runs_no_overlay_until_put_in_one(
+    controller: RunningController, agents: AgentFactory, lab: Lab,
+) -> None:
+    """A node in no network has no WireGuard key, sends no MeshJoin and is in no table;
+    put in a network (a selector now matching it) it is invited, joins and reaches its
+    peer; restarted, it goes straight back into the overlay with the same key."""
+    controller.mesh.distributor.beacon_interval = 1.0
+    started = {}
+    for name in ("a", "b"):
+        node = lab.nodes[name]
+        started[name] = await agents.start(
+            labels={"team": "blue"}, mesh_enabled=True, mesh_netns=node.ns,
+            mesh_backend="wireguard-go", mesh_ifname_prefix=lab.ifname_prefix(node),
+            mesh_public_address=node.underlay, mesh_health_interval=3600)
+    dist = controller.mesh.distributor
+    for agent in started.values():
+        assert agent.mesh is None and agent.state is not None and not agent.state.mesh
+        assert not (agent.config.state_dir / "wireguard").exists()
+        assert dist.mesh_nodes.get(agent.node_id) is None
+    assert dist.stats["joins"] == 0
+    await controller.mesh.networks.create(NetworkSpec(
+        name="blue", cidr="198.19.0.0/16", selector="team=blue", keepalive=2))
+
+    def peers(agent: Agent) -> set[str]:
+        view = agent.mesh.views.get("blue") if agent.mesh is not None else None
+        return set(view.peers) if view else set()
+
+    a, b = started["a"], started["b"]
+    await wait_for(lambda: peers(a) == {b.node_id} and peers(b) == {a.node_id}, 20,
+                   "both invited, joined and given the other")
+    assert dist.invites.stats["invites"] >= 2
+    assert a.state is not None and a.state.mesh and a.mesh is not None
+    key = a.mesh.public_key
+    await wait_for(lambda: controller.fleet.get(a.node_id).wg_public_key == key, 5,
+                   "the key a made when it joined, in its node record")
+
+    async def a_reaches_b() -> bool:
+        assert b.mesh is not None
+        address = b.mesh.views["blue"].own.address
+        return (await ping(lab.nodes["a"].ns, address, count=1, deadline=2))[1] == 1
+
+    await wait_for(a_reaches_b, 20, "a reaches b over the overlay")
+    await a.stop()
+    async with Agent(config=a.config) as again:
+        assert again.mesh is not None and again.mesh.public_key == key  # no invite needed
+        await wait_for(lambda: peers(again) == {b.node_id}, 10, "back in the network")
+        await wait_for(a_reaches_b, 20, "the restarted a reaches b")

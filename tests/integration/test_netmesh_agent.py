@@ -19,6 +19,7 @@ from protocol.mesh import key_bytes
 from protocol.messages import (
     MeshDelta,
     MeshHealth,
+    MeshInvite,
     MeshJoin,
     MeshKeyRotation,
     MeshPeer,
@@ -60,6 +61,11 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
             labels={"site": name}, mesh_enabled=True, mesh_netns=node.ns,
             mesh_public_address=node.underlay, mesh_ifname_prefix=lab.ifname_prefix(node),
             mesh_health_interval=1.0 if name == "a" else 3600)
+        # In no network of the real controller: no overlay until invited (the test plays
+        # the controller's part, as below).
+        assert started[name].mesh is None
+        await controller.nc.publish(subjects.mesh_snapshot(started[name].node_id),
+                                    codec.encode(MeshInvite(networks=["ov"])))
     joins = await wait_for(lambda: {m.node_id: m for _, m in got if isinstance(m, MeshJoin)}
                            if sum(isinstance(m, MeshJoin) for _, m in got) >= 2 else None,
                            10, "two MeshJoins")
@@ -68,8 +74,9 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     for name, agent in started.items():
         join = joins[agent.node_id]
         assert agent.mesh is not None and join.public_key == agent.mesh.public_key
-        # the same key went with the enrollment (made before it, kept since)
-        assert controller.fleet.get(agent.node_id).wg_public_key == join.public_key
+        # the node record names the key (recorded when the node joined, kept since)
+        await wait_for(lambda a=agent, j=join: controller.fleet.get(a.node_id).wg_public_key
+                       == j.public_key, 5, "the key in the node record")
         assert [e.host for e in join.endpoints] == [lab.nodes[name].underlay]
         entries[name] = MeshPeer(node_id=agent.node_id, public_key=join.public_key,
                                  address=lab.nodes[name].overlay, endpoints=join.endpoints)

@@ -57,6 +57,7 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "MeshKeyRotation": ("mesh_key_rotation",
                         frozenset({"node_id", "phase", "public_key", "next_public_key"})),
     "MeshRotateKey": ("mesh_rotate_key", frozenset()),
+    "MeshInvite": ("mesh_invite", frozenset()),
     "MeshHealth": ("mesh_health", frozenset({"node_id", "network", "ts"})),
 }
 
