@@ -631,13 +631,16 @@ class MeshDistributor:
         log.info("node %s: key rotation step %s", node.id, step.phase)
         if step.phase == "announce":
             self.rotation.announced(node.id, step.next_public_key)
-            await self._release(node.id)  # a node without peers switches at once
+            await self._release(node.id)  # a member without peers switches at once
         else:
             self.rotation.forget(node.id)
 
-    def _peers_of(self, node_id: str) -> set[str]:
-        return {nid for state in self.states if node_id in state.peers
-                for nid in state.peers if nid != node_id}
+    def _peers_of(self, node_id: str) -> set[str] | None:
+        """Its peers in every network it is in; None: it is in none (nothing to say)."""
+        states = [state for state in self.states if node_id in state.peers]
+        if not states:
+            return None
+        return {nid for state in states for nid in state.peers if nid != node_id}
 
     async def _on_ready(self, sender: str, step: MeshKeyRotation) -> None:
         """A peer has the rotating node's next key in its WireGuard (see rotation.py)."""
@@ -651,7 +654,8 @@ class MeshDistributor:
             await self._release(step.peer)
 
     async def _release(self, node_id: str) -> None:
-        key = self.rotation.release(node_id, self._peers_of(node_id))
+        peers = self._peers_of(node_id)
+        key = self.rotation.release(node_id, peers) if peers is not None else ""
         if not key:
             return
         log.info("node %s: every peer has its next key; switch", node_id)
