@@ -121,6 +121,7 @@ class NetMesh:
                  health_interval: float = 10.0, probe_interval: float = 1.0,
                  probe_port: int = PROBE_PORT, probes: bool = True,
                  rotation_poll: float = 0.05, switch_timeout: float = 5.0,
+                 switch_poll: float = 0.01,
                  log: logging.Logger | None = None) -> None:
         self.node_id = check_token(node_id, "node id")
         self.state_dir = state_dir
@@ -136,6 +137,7 @@ class NetMesh:
         self.probe_port = probe_port
         self.probes = probes
         self.rotation_poll = rotation_poll
+        self.switch_poll = switch_poll
         self.switch_timeout = switch_timeout
         self.log = log or logging.getLogger(f"barista.netmesh.{node_id}")
         self.keys = KeyStore(state_dir / "wireguard")
@@ -151,7 +153,8 @@ class NetMesh:
         self._fast_until = 0.0
         self._switched_at = 0.0  # wall clock (UAPI handshake times are wall clock)
         self._ready_key = ""  # the controller said every peer has this next key of ours
-        self._acked: set[tuple[str, str]] = set()  # (rotating peer, its next key) said ready
+        # (rotating peer, its next key) we said ready for -> when (monotonic)
+        self._acked: dict[tuple[str, str], float] = {}
         self._sending: set[asyncio.Future[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -433,7 +436,27 @@ class NetMesh:
                         iface.waiting[key] = (self._switched_at, 0,
                                               KICK_AFTER_READY if ready else KICK_AFTER)
             await self._reconcile_logged(name)
+            await self._poke_all(name)
         await self._send_key("switched")
+
+    async def _poke_all(self, network: str) -> None:
+        """Right after our switch: every peer holding prefixes initiates its handshake
+        with our new key now, not when our next packet for it comes (the packet that
+        started it went out right after the handshake, before the peer's poll had moved
+        our prefixes to the new key: one lost packet per rotation)."""
+        iface = self._ifaces.get(network)
+        if iface is None or iface.plan is None:
+            return
+        ops = [op for key, peer in iface.plan.peers.items() if peer.allowed_ips
+               for op in (PeerOp(public_key=key, update_only=True, keepalive=0),
+                          PeerOp(public_key=key, update_only=True, keepalive=POKE_KEEPALIVE),
+                          PeerOp(public_key=key, update_only=True, keepalive=peer.keepalive))]
+        if not ops:
+            return
+        try:
+            await self.backend.set(self.ifname(network), None, ops)
+        except Exception as exc:  # their traffic starts the handshakes instead
+            self.log.warning("network %s: peers not poked after our switch: %s", network, exc)
 
     def _kicking(self) -> bool:
         return any(iface.waiting for iface in self._ifaces.values())
@@ -480,13 +503,13 @@ class NetMesh:
             for node_id, peer in view.peers.items():
                 if peer.next_public_key:
                     pending[(node_id, peer.next_public_key)] = peer
-        self._acked &= set(pending)
+        self._acked = {k: t for k, t in self._acked.items() if k in pending}
         for (node_id, nxt), peer in pending.items():
             if (node_id, nxt) in self._acked or not all(
                     self._has_key(name, node_id, nxt) for name, v in self.views.items()
                     if node_id in v.peers and v.peers[node_id].next_public_key == nxt):
                 continue
-            self._acked.add((node_id, nxt))
+            self._acked[(node_id, nxt)] = time.monotonic()
             if self.publish is None:
                 continue
             try:
@@ -495,6 +518,20 @@ class NetMesh:
                     next_public_key=nxt, peer=node_id))
             except Exception as exc:  # the rotating node switches after its timeout
                 self.log.warning("key rotation of %s: ready not sent: %s", node_id, exc)
+
+    def _switch_imminent(self) -> bool:
+        """We said ready for a peer that has not handshaken with its new key yet: it may
+        switch any moment (when all its peers said so), and until we move its prefixes
+        its packets with the new key fail our allowed-IPs check. Poll at switch_poll for
+        that, for switch_timeout + 1 s after our ready at most."""
+        now = time.monotonic()
+        for (node_id, nxt), when in self._acked.items():
+            if now - when > self.switch_timeout + 1.0:
+                continue
+            if any(node_id in v.peers and v.peers[node_id].next_public_key == nxt
+                   and node_id not in v.moved for v in self.views.values()):
+                return True
+        return False
 
     def _has_key(self, network: str, node_id: str, next_key: str) -> bool:
         iface = self._ifaces.get(network)
@@ -677,11 +714,13 @@ class NetMesh:
     async def _tick_loop(self) -> None:
         while True:
             fast = self._rotation_pending() or bool(self._switch_due) or self._kicking()
+            wait = self.reconcile_interval
+            if fast:
+                wait = self.switch_poll if self._switch_imminent() else self.rotation_poll
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
             # comes with the wake-up (gh-86296), and close() then waited for ever.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.rotation_poll if fast
-                                           else self.reconcile_interval):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             self._wake.clear()
             await self._switch_if_due()
