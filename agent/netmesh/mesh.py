@@ -804,9 +804,9 @@ async def _cancel(tasks: list[asyncio.Task[None]], log: logging.Logger) -> None:
 
 def _poked(op: PeerOp) -> list[PeerOp]:
     """An added peer's operations such that wireguard-go initiates a handshake at once:
-    turning a peer's persistent keepalive on sends a keepalive (device/uapi.go pkaOn),
-    which without a session is a handshake initiation; a peer that wants none gets it
-    off again in the same transaction."""
+    turning a peer's persistent keepalive on sends a keepalive (device/uapi.go pkaOn; the
+    kernel's set_peer does the same), which without a session is a handshake initiation;
+    a peer that wants none gets it off again in the same transaction."""
     if op.keepalive:
         return [op]
     return [replace(op, keepalive=POKE_KEEPALIVE),
