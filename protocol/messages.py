@@ -576,7 +576,7 @@ class MeshJoin(Message, tag="mesh_join"):
     accepts: list[str] = []
 
 
-MeshKeyPhase = Literal["announce", "switched"]
+MeshKeyPhase = Literal["announce", "ready", "switched"]
 
 
 class MeshKeyRotation(Message, tag="mesh_key_rotation"):
@@ -585,22 +585,28 @@ class MeshKeyRotation(Message, tag="mesh_key_rotation"):
     1. ``announce``: the node made ``next_public_key`` (its private key stays on the node)
        and still uses ``public_key``. The controller publishes the node's entry with
        ``next_public_key`` set; peers add it as a second WireGuard peer (no allowed IPs).
-    2. When the node sees that delta it switches its interfaces to the new key and says
-       ``switched``; peers already move the allowed IPs to the new key when its first
-       handshake arrives. The controller then publishes the entry with
-       ``public_key`` = the new key and no ``next_public_key``: peers drop the old one,
-       and the node deletes its old private key (it keeps it until then)."""
+    2. ``ready``, from each peer (``node_id`` the peer, ``peer`` the rotating node, the two
+       keys the rotating node's): the peer's WireGuard has the next key now. When every
+       peer said so the controller tells the node (``MeshRotateKey.ready_key``).
+    3. The node switches its interfaces to the new key (on that word, or after a timeout
+       when it does not come) and says ``switched``; peers already move the allowed IPs
+       to the new key when its first handshake arrives. The controller then publishes the
+       entry with ``public_key`` = the new key and no ``next_public_key``: peers drop the
+       old one, and the node deletes its old private key (it keeps it until then)."""
 
     node_id: str
     phase: MeshKeyPhase
     public_key: str  # the key in use before the rotation
     next_public_key: str
+    peer: str = ""  # phase "ready": the rotating node
 
 
 class MeshRotateKey(Message, tag="mesh_rotate_key"):
-    """Controller -> node (its mesh rotate subject): start a key rotation now."""
+    """Controller -> node (its mesh rotate subject): start a key rotation now; or, with
+    ``ready_key``, every peer has the node's announced next key: switch to it now."""
 
     reason: str = ""
+    ready_key: str = ""
 
 
 class MeshInvite(Message, tag="mesh_invite"):

@@ -157,7 +157,8 @@ class WireguardGoBackend:
             return
         proc = entry.proc
         try:
-            await asyncio.wait_for(proc.wait(), 3)
+            async with asyncio.timeout(3):  # (not wait_for: see mesh._tick_loop)
+                await proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()  # by its pid: our own child

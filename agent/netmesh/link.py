@@ -134,11 +134,14 @@ class MeshLink:
 
     async def _on_rotate(self, msg: Msg) -> None:
         try:
-            codec.decode(msg.data, MeshRotateKey)
+            req = codec.decode(msg.data, MeshRotateKey)
         except ProtocolError as exc:
             self.rejected += 1
             self.mesh.stats.rejected += 1
             self.log.warning("mesh rotate request rejected: %s", exc)
+            return
+        if req.ready_key:  # every peer has our next key: switch now
+            self.mesh.peers_ready(req.ready_key)
             return
         task = asyncio.ensure_future(self.mesh.rotate_key())
         self._rotations.add(task)  # a reference until done (the loop keeps only weak ones)

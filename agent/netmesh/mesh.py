@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.files import write_private
@@ -35,14 +35,20 @@ from protocol.messages import (
     MeshPeer,
     MeshPeerHealth,
     MeshResyncRequest,
+    MeshRotateKey,
     MeshSnapshot,
     Message,
 )
 from protocol.subjects import check_token
 
 Publish = Callable[[Message], Awaitable[None]]
-KICK_WINDOW = 10.0  # seconds after our key switch in which silent peers are re-added
-KICKS_PER_PEER = 3
+KICK_AFTER = 1.0  # seconds without a handshake before a new (or re-keyed) peer is re-added
+# ... after a switch on the word that every peer has our key: the initiation was not
+# dropped, only slow (a loaded machine) or lost, and a re-add would also drop the old
+# session that still carries the peer's traffic to us
+KICK_AFTER_READY = 2.5
+KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after it was added (or we switched)
+POKE_KEEPALIVE = 1  # set for a moment: wireguard-go then sends a handshake initiation
 
 
 @dataclass(slots=True)
@@ -90,6 +96,10 @@ class _Iface:
     forward: bool | None = None
     endpoints: dict[bytes, Endpoint | None] = field(default_factory=dict)
     plan: Plan | None = None
+    failed: set[bytes] = field(default_factory=set)  # peer ops refused in the last apply
+    # peers we reach that have to handshake: key -> (since when, wall clock; re-adds; the
+    # delay between re-adds)
+    waiting: dict[bytes, tuple[float, int, float]] = field(default_factory=dict)
     prober: Prober | None = None
     prober_address: str = ""
 
@@ -110,7 +120,8 @@ class NetMesh:
                  ifname_prefix: str = "bm-", reconcile_interval: float = 5.0,
                  health_interval: float = 10.0, probe_interval: float = 1.0,
                  probe_port: int = PROBE_PORT, probes: bool = True,
-                 rotation_poll: float = 0.05, switch_grace: float = 0.5,
+                 rotation_poll: float = 0.05, switch_timeout: float = 5.0,
+                 switch_poll: float = 0.01,
                  log: logging.Logger | None = None) -> None:
         self.node_id = check_token(node_id, "node id")
         self.state_dir = state_dir
@@ -126,7 +137,8 @@ class NetMesh:
         self.probe_port = probe_port
         self.probes = probes
         self.rotation_poll = rotation_poll
-        self.switch_grace = switch_grace
+        self.switch_poll = switch_poll
+        self.switch_timeout = switch_timeout
         self.log = log or logging.getLogger(f"barista.netmesh.{node_id}")
         self.keys = KeyStore(state_dir / "wireguard")
         self.views: dict[str, View] = {}
@@ -140,7 +152,9 @@ class NetMesh:
         self._switch_due = 0.0
         self._fast_until = 0.0
         self._switched_at = 0.0  # wall clock (UAPI handshake times are wall clock)
-        self._kicks: dict[tuple[str, bytes], int] = {}
+        self._ready_key = ""  # the controller said every peer has this next key of ours
+        # (rotating peer, its next key) we said ready for -> when (monotonic)
+        self._acked: dict[tuple[str, str], float] = {}
         self._sending: set[asyncio.Future[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -174,11 +188,7 @@ class NetMesh:
         await self.close()
 
     async def close(self, *, keep_interfaces: bool = False) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await _cancel(self._tasks, self.log)
         self._tasks.clear()
         for name in list(self._ifaces):
             await self._stop_prober(name)
@@ -364,16 +374,38 @@ class NetMesh:
         except Exception as exc:
             self.log.warning("key rotation %s not sent: %s", phase, exc)
 
+    async def handle_rotate(self, data: bytes | MeshRotateKey) -> str:
+        """The controller on our rotate subject: "rotated" (a rotation started), "ready"
+        (switch now: every peer has our next key), "ignored" or "rejected"."""
+        try:
+            req = data if isinstance(data, MeshRotateKey) else codec.decode(data, MeshRotateKey)
+        except ProtocolError as exc:
+            return self._reject("rotate request", exc)
+        if req.ready_key:
+            return "ready" if self.peers_ready(req.ready_key) else "ignored"
+        await self.rotate_key()
+        return "rotated"
+
+    def peers_ready(self, key: str) -> bool:
+        """Every peer has our next key in its WireGuard: switch at once (no need to wait
+        for our own view, the peers' is what matters). False: not our next key."""
+        if self.keys.next is None or key != self.keys.next_public:
+            self.log.info("key rotation: switch word for %s, not our next key: ignored", key)
+            return False
+        self._ready_key = key
+        self._switch_due = time.monotonic()
+        self._wake.set()
+        return True
+
     async def _own_changed(self, view: View) -> None:
-        """The network's view of this node: switch when our next key was announced to all,
-        forget the old key when the network committed the new one."""
+        """The network's view of this node: switch when every peer has our next key (the
+        controller says so) or, failing that word, switch_timeout after our own entry
+        showed it; forget the old key when the network committed the new one."""
         own = view.own
         if self.keys.next is not None and own.next_public_key == self.keys.next_public:
-            # Every peer gets the same delta at about the same time; the grace lets the
-            # slower ones add the new key before our first handshake with it arrives (a
-            # dropped handshake initiation is retried only after WireGuard's 5 s).
             if not self._switch_due:
-                self._switch_due = time.monotonic() + self.switch_grace
+                ready = self._ready_key == self.keys.next_public
+                self._switch_due = time.monotonic() + (0.0 if ready else self.switch_timeout)
                 self._wake.set()
         elif self.keys.old is not None and own.public_key == self.keys.public \
                 and not own.next_public_key:
@@ -386,46 +418,130 @@ class NetMesh:
         self._switch_due = 0.0
         if self.keys.next is None:
             return
+        ready = self._ready_key == self.keys.next_public
+        if not ready:
+            self.log.warning("key rotation: no word that every peer has our next key after "
+                             "%.1f s; switching anyway", self.switch_timeout)
         self.keys.switch()
+        self._ready_key = ""
         self._switched_at = time.time()
-        self._kicks.clear()
         self.log.info("key rotation: switched to %s", self.keys.public)
         for name in list(self.views):
+            iface = self._ifaces.get(name)
+            if iface is not None and iface.plan is not None:
+                # A peer that missed the new key (a timeout switch) drops our initiation;
+                # _kick_silent re-adds it instead of WireGuard's retry after 5 s.
+                for key, peer in iface.plan.peers.items():
+                    if peer.endpoint is not None and peer.allowed_ips:
+                        iface.waiting[key] = (self._switched_at, 0,
+                                              KICK_AFTER_READY if ready else KICK_AFTER)
             await self._reconcile_logged(name)
+            await self._poke_all(name)
         await self._send_key("switched")
 
-    def _kicking(self) -> bool:
-        return bool(self._switched_at) and time.time() - self._switched_at < KICK_WINDOW
-
-    async def _kick_stale(self, network: str) -> None:
-        """After our switch, a peer that has not handshaken with the new key within a
-        second probably missed it at first (it applied the announcement late) and dropped
-        our initiation; WireGuard would retry only after 5 s. Re-adding that one peer
-        resets its handshake state, so our next packet initiates at once. At most
-        KICKS_PER_PEER times, and only for peers we can reach (an endpoint)."""
+    async def _poke_all(self, network: str) -> None:
+        """Right after our switch: every peer holding prefixes initiates its handshake
+        with our new key now, not when our next packet for it comes (the packet that
+        started it went out right after the handshake, before the peer's poll had moved
+        our prefixes to the new key: one lost packet per rotation)."""
         iface = self._ifaces.get(network)
         if iface is None or iface.plan is None:
             return
-        now = time.time()
-        if now - self._switched_at < 1.0:
+        ops = [op for key, peer in iface.plan.peers.items() if peer.allowed_ips
+               for op in (PeerOp(public_key=key, update_only=True, keepalive=0),
+                          PeerOp(public_key=key, update_only=True, keepalive=POKE_KEEPALIVE),
+                          PeerOp(public_key=key, update_only=True, keepalive=peer.keepalive))]
+        if not ops:
+            return
+        try:
+            await self.backend.set(self.ifname(network), None, ops)
+        except Exception as exc:  # their traffic starts the handshakes instead
+            self.log.warning("network %s: peers not poked after our switch: %s", network, exc)
+
+    def _kicking(self) -> bool:
+        return any(iface.waiting for iface in self._ifaces.values())
+
+    async def _kick_silent(self, network: str) -> None:
+        """A peer we reach that has not handshaken KICK_AFTER after it was added (or after
+        our key switch without the ready word) probably dropped our initiation: it did not
+        have our key yet, or its interface was not up. WireGuard would retry only after
+        5 s (REKEY_TIMEOUT); re-adding that one peer resets its handshake state and
+        initiates at once. At most KICKS_PER_PEER times; a peer that handshook is done."""
+        iface = self._ifaces.get(network)
+        if iface is None or not iface.waiting:
             return
         ifname = self.ifname(network)
         state = await self.backend.get(ifname)
-        for key, peer in iface.plan.peers.items():
-            have = state.peers.get(key)
-            if peer.endpoint is None or not peer.allowed_ips or have is None \
-                    or have.last_handshake >= self._switched_at:
+        now = time.time()
+        want = iface.plan.peers if iface.plan is not None else {}
+        for key, (since, count, delay) in list(iface.waiting.items()):
+            have, peer = state.peers.get(key), want.get(key)
+            if have is not None and peer is not None and have.last_handshake >= since:
+                self.log.info("network %s: handshake with %s %.2f s after it was due",
+                              network, peer.node_id, have.last_handshake - since)
+            if have is None or peer is None or have.last_handshake >= since \
+                    or count >= KICKS_PER_PEER:
+                del iface.waiting[key]
                 continue
-            count = self._kicks.get((network, key), 0)
-            if count >= KICKS_PER_PEER or now - self._switched_at < 1.0 + count:
+            if now - since < delay * (count + 1):
                 continue
-            self._kicks[(network, key)] = count + 1
-            self.log.info("network %s: no handshake from %s with our new key yet; re-adding it",
-                          network, peer.node_id)
-            await self.backend.set(ifname, None, [PeerOp(public_key=key, remove=True)])
-            await self.backend.set(ifname, None, [PeerOp(
-                public_key=key, endpoint=peer.endpoint, keepalive=peer.keepalive,
-                allowed_ips=tuple(sorted(peer.allowed_ips)))])
+            iface.waiting[key] = (since, count + 1, delay)
+            self.log.info("network %s: no handshake with %s yet; re-adding it", network,
+                          peer.node_id)
+            await self.backend.set(ifname, None, [
+                PeerOp(public_key=key, remove=True),
+                *_poked(PeerOp(public_key=key, endpoint=peer.endpoint, keepalive=peer.keepalive,
+                               allowed_ips=tuple(sorted(peer.allowed_ips))))])
+            iface.endpoints[key] = peer.endpoint
+
+    async def _ack_rotations(self) -> None:
+        """Say "ready" for every rotating peer whose next key is in our WireGuard now (in
+        every network we share with it), once per rotation: the controller tells the
+        rotating node to switch when all its peers did (controller/mesh/rotation.py)."""
+        pending: dict[tuple[str, str], MeshPeer] = {}
+        for view in self.views.values():
+            for node_id, peer in view.peers.items():
+                if peer.next_public_key:
+                    pending[(node_id, peer.next_public_key)] = peer
+        self._acked = {k: t for k, t in self._acked.items() if k in pending}
+        for (node_id, nxt), peer in pending.items():
+            if (node_id, nxt) in self._acked or not all(
+                    self._has_key(name, node_id, nxt) for name, v in self.views.items()
+                    if node_id in v.peers and v.peers[node_id].next_public_key == nxt):
+                continue
+            self._acked[(node_id, nxt)] = time.monotonic()
+            if self.publish is None:
+                continue
+            try:
+                await self.publish(MeshKeyRotation(
+                    node_id=self.node_id, phase="ready", public_key=peer.public_key,
+                    next_public_key=nxt, peer=node_id))
+            except Exception as exc:  # the rotating node switches after its timeout
+                self.log.warning("key rotation of %s: ready not sent: %s", node_id, exc)
+
+    def _switch_imminent(self) -> bool:
+        """We said ready for a peer that has not handshaken with its new key yet: it may
+        switch any moment (when all its peers said so), and until we move its prefixes
+        its packets with the new key fail our allowed-IPs check. Poll at switch_poll for
+        that, for switch_timeout + 1 s after our ready at most."""
+        now = time.monotonic()
+        for (node_id, nxt), when in self._acked.items():
+            if now - when > self.switch_timeout + 1.0:
+                continue
+            if any(node_id in v.peers and v.peers[node_id].next_public_key == nxt
+                   and node_id not in v.moved for v in self.views.values()):
+                return True
+        return False
+
+    def _has_key(self, network: str, node_id: str, next_key: str) -> bool:
+        iface = self._ifaces.get(network)
+        if iface is None or iface.plan is None:
+            return False
+        key = key_bytes(next_key)
+        if key in iface.plan.peers:
+            return key not in iface.failed
+        # Relayed, unreachable or in conflict here: no WireGuard entry of its own to add.
+        return all(p.node_id != node_id for p in iface.plan.peers.values())
 
     def _rotation_pending(self) -> bool:
         """A peer rotates and its new key has not handshaken yet: poll fast, for a while
@@ -514,18 +630,30 @@ class NetMesh:
         self._note_moves(view, state)
         want = plan(view.own, view.peers, cidr=view.cidr, keepalive=view.keepalive,
                     moved=view.moved)
+        iface.failed = set()
         for op in diff(state, want, iface.endpoints):
+            # A new peer that holds prefixes and has an endpoint initiates its handshake
+            # at once, not at its first packet: when the other side adds us a moment
+            # later, its own initiation reaches us and we answer (both ends do this).
+            poke = not op.remove and not op.update_only and op.endpoint is not None \
+                and bool(op.allowed_ips)
+            since = time.time()  # before: its handshake may complete during the call
             try:
-                await self.backend.set(ifname, None, [op])
+                await self.backend.set(ifname, None, _poked(op) if poke else [op])
             except Exception as exc:
                 self.stats.apply_errors += 1
+                iface.failed.add(op.public_key)
                 self.log.warning("network %s: peer op refused: %s", network, exc)
                 continue
             if op.remove:
                 iface.endpoints.pop(op.public_key, None)
+                iface.waiting.pop(op.public_key, None)
             elif op.endpoint is not None or not op.update_only:
                 iface.endpoints[op.public_key] = op.endpoint
+            if poke:
+                iface.waiting[op.public_key] = (since, 0, KICK_AFTER)
         iface.plan = want
+        await self._ack_rotations()
         routes = frozenset(want.routes)
         if iface.routes != routes:
             await self.host.set_routes(ifname, routes)
@@ -586,16 +714,21 @@ class NetMesh:
     async def _tick_loop(self) -> None:
         while True:
             fast = self._rotation_pending() or bool(self._switch_due) or self._kicking()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(),
-                                       self.rotation_poll if fast else self.reconcile_interval)
+            wait = self.reconcile_interval
+            if fast:
+                wait = self.switch_poll if self._switch_imminent() else self.rotation_poll
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # comes with the wake-up (gh-86296), and close() then waited for ever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             self._wake.clear()
             await self._switch_if_due()
             for name in list(self.views):
                 await self._reconcile_logged(name)
                 if self._kicking():
                     try:
-                        await self._kick_stale(name)
+                        await self._kick_silent(name)
                     except Exception as exc:
                         self.log.warning("network %s: re-adding peers failed: %s", name, exc)
             # An unanswered rotation step is repeated (the controller may have missed it).
@@ -649,6 +782,35 @@ class NetMesh:
                         await self.publish(report)
                     except Exception as exc:
                         self.log.debug("health of %s not sent: %s", name, exc)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]], log: logging.Logger) -> None:
+    """Cancel ``tasks`` and wait for them, bounded: a cancel lost on the way (a library's
+    wait_for racing it) is repeated, and a task that still runs after that is reported
+    and left, instead of hanging the caller (an agent's stop, a test's teardown)."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(5):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for task in pending:
+        log.error("task %s did not end when cancelled", task.get_name())
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.debug("task %s ended with %r", task.get_name(), task.exception())
+
+
+def _poked(op: PeerOp) -> list[PeerOp]:
+    """An added peer's operations such that wireguard-go initiates a handshake at once:
+    turning a peer's persistent keepalive on sends a keepalive (device/uapi.go pkaOn; the
+    kernel's set_peer does the same), which without a session is a handshake initiation;
+    a peer that wants none gets it off again in the same transaction."""
+    if op.keepalive:
+        return [op]
+    return [replace(op, keepalive=POKE_KEEPALIVE),
+            PeerOp(public_key=op.public_key, update_only=True, keepalive=0)]
 
 
 __all__ = ["MeshStats", "NetMesh", "View", "interface_name"]

@@ -224,7 +224,8 @@ class UapiClient:
                     pass
 
         try:
-            return await asyncio.wait_for(go(), self.timeout)
+            async with asyncio.timeout(self.timeout):  # (not wait_for: see mesh._tick_loop)
+                return await go()
         except (TimeoutError, OSError) as exc:
             raise UapiError(f"UAPI socket {self.path}: {exc or type(exc).__name__}") from None
 

@@ -36,6 +36,7 @@ from controller.mesh.networks import (
     VpcRange,
     node_ranges,
 )
+from controller.mesh.rotation import RotationAcks
 from controller.models import NodeRecord
 from controller.state.streams import MESH as MESH_STREAM
 from controller.state.table import Table
@@ -52,7 +53,7 @@ from protocol.messages import (
     MeshRotateKey,
     MeshSnapshot,
 )
-from protocol.subjects import Subjects
+from protocol.subjects import Subjects, check_token
 
 log = logging.getLogger("barista.controller.mesh")
 
@@ -237,6 +238,7 @@ class MeshDistributor:
         self._unsent: dict[str, MeshDelta] = {}
         # Members that have not joined are invited (their agents run no overlay till then).
         self.invites = Invites(nc=nc, subjects=subjects)
+        self.rotation = RotationAcks()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -664,11 +666,17 @@ class MeshDistributor:
             key_bytes(step.next_public_key, node_id=step.node_id, field="next_public_key")
             if step.public_key == step.next_public_key:
                 raise ProtocolError("next_public_key equals public_key")
-        except ProtocolError as exc:
-            self._reject("mesh_key", msg.subject, exc)
+            if step.phase == "ready":
+                check_token(step.peer, "node id")
+        except (ProtocolError, ValueError) as exc:
+            self._reject("mesh_key", msg.subject, exc if isinstance(exc, ProtocolError)
+                         else ProtocolError(str(exc)))
             return
         node = self._known_node("mesh_key", msg, step.node_id)
         if node is None:
+            return
+        if step.phase == "ready":
+            await self._on_ready(node.id, step)
             return
         now = self._clock()
 
@@ -699,6 +707,41 @@ class MeshDistributor:
             return
         self.stats["rotations"] += 1
         log.info("node %s: key rotation step %s", node.id, step.phase)
+        if step.phase == "announce":
+            self.rotation.announced(node.id, step.next_public_key)
+            await self._release(node.id)  # a member without peers switches at once
+        else:
+            self.rotation.forget(node.id)
+
+    def _peers_of(self, node_id: str) -> set[str] | None:
+        """Its peers in every network it is in; None: it is in none (nothing to say)."""
+        states = [state for state in self.states if node_id in state.peers]
+        if not states:
+            return None
+        return {nid for state in states for nid in state.peers if nid != node_id}
+
+    async def _on_ready(self, sender: str, step: MeshKeyRotation) -> None:
+        """A peer has the rotating node's next key in its WireGuard (see rotation.py)."""
+        cur = self.mesh_nodes.get(step.peer)
+        if cur is None or cur.next_public_key != step.next_public_key \
+                or cur.public_key != step.public_key:
+            self.rotation.stats["ready_stale"] += 1  # late or repeated: nothing to do
+            return
+        self.rotation.announced(step.peer, step.next_public_key)  # (after a restart)
+        if self.rotation.ready(step.peer, step.next_public_key, sender):
+            await self._release(step.peer)
+
+    async def _release(self, node_id: str) -> None:
+        peers = self._peers_of(node_id)
+        key = self.rotation.release(node_id, peers) if peers is not None else ""
+        if not key:
+            return
+        log.info("node %s: every peer has its next key; switch", node_id)
+        try:
+            await self._nc.publish(self._subjects.mesh_rotate(node_id), codec.encode(
+                MeshRotateKey(reason="peers ready", ready_key=key)))
+        except Exception as exc:  # the node switches after its own timeout
+            log.warning("node %s: switch word not sent: %s", node_id, exc)
 
     async def rotate(self, node_id: str, reason: str = "") -> None:
         """Ask a node to rotate its WireGuard key (it announces the new one, see _on_key)."""

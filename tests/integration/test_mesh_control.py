@@ -379,6 +379,17 @@ async def test_two_phase_key_rotation(
         return None
 
     await wait_for(lambda: entry_at_a() == (old_key, new_key), 5, "announce delta")
+    # a says its WireGuard has b's next key; when every peer of b did (a is the only one),
+    # the controller tells b to switch. A word about another key is stale, ignored.
+    acks = controller.mesh.distributor.rotation.stats
+    for key in (wg_key(), new_key):
+        await a.send(a.agent.subjects.mesh_key(a.node_id), codec.encode(MeshKeyRotation(
+            node_id=a.node_id, phase="ready", public_key=old_key, next_public_key=key,
+            peer=b.node_id)))
+    word = await wait_for(lambda: next((r for r in b.rotate_asks if r.ready_key), None), 5,
+                          "the switch word to b")
+    assert word is not None and word.ready_key == new_key
+    assert acks["ready"] == 1 and acks["ready_stale"] == 1 and acks["released"] == 1
     await b.send(s.mesh_key(b.node_id), codec.encode(MeshKeyRotation(
         node_id=b.node_id, phase="switched", public_key=old_key, next_public_key=new_key)))
     await wait_for(lambda: entry_at_a() == (new_key, ""), 5, "switched delta")

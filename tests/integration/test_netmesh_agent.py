@@ -93,8 +93,9 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     # (ping picks its source address when it starts: wait until the interface is set up)
     await wait_for(lambda: all(x.mesh and x.mesh.plan("ov") for x in (a, b)), 10,
                    "both nodes applied their snapshot")
-    # The first handshake can miss the peer's config by a moment, and WireGuard retries
-    # it only after 5 s (REKEY_TIMEOUT): wait for the tunnel, then count a steady stream.
+    # The first handshake can miss the peer's config by a moment (WireGuard alone retries
+    # only after 5 s; netmesh pokes a new peer and re-adds a silent one after 1 s, see
+    # test_netmesh.py's first-ping test): wait for the tunnel, then count a steady stream.
 
     async def tunnel_up() -> bool:
         return (await ping(lab.nodes["a"].ns, lab.nodes["b"].overlay, count=1,
