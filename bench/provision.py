@@ -100,7 +100,8 @@ async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any
     from controller.config import ControllerConfig
     from controller.provision.bootstrap import BootConfig, render_user_data
     from controller.provision.contract import Instance, InstanceState
-    from controller.provision.engine import ApiLimits, EngineSettings, provision_engine
+    from controller.provision.engine import EngineSettings, provision_engine
+    from controller.provision.limits import ApiLimits
     from controller.provision.model import GroupSpec, InfraSpec, Progress
     from controller.provision.providers.sim import SimProvider, SimSettings
     from controller.provision.spec import spec_from_obj

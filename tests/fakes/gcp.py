@@ -120,6 +120,10 @@ class GceApi:
                 return self._op("delete", f"global/firewalls/{name}")
             case ["zones", zone, "instances"] if method == "POST":
                 return self._insert_instance(zone, body, rid)
+            case ["zones", zone, "instances"] if method == "GET":
+                return {"kind": "compute#instanceList", "items": [
+                    i for (z, _n), i in sorted(self.s.instances.items())
+                    if z == zone and _matches(i, filt)]}
             case ["zones", zone, "instances", name] if method == "GET":
                 return self._get(self.s.instances, (zone, name),
                                  f"zones/{zone}/instances/{name}")

@@ -1,7 +1,8 @@
 """AWS EC2 behind the provider contract (boto3).
 
-boto3 is synchronous: every call runs in a worker thread (``asyncio.to_thread``) on a
-client made once per region (boto3 clients are thread-safe). botocore's own retries are
+boto3 is synchronous: every call runs in a worker thread of the provider's
+``RequestMeter`` (which also keeps it within ``API_LIMITS``) on a client made once per
+region (boto3 clients are thread-safe). botocore's own retries are
 off (one attempt): the engine owns retry, backoff and rate limits, so a throttled call is
 never retried twice over. Everything we create carries our tags, which is how a restarted
 controller finds it again and how ``cleanup`` knows what is ours.
@@ -38,10 +39,21 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
+from controller.provision.limits import ApiLimits, RequestMeter, gather_launches
 
 log = logging.getLogger("barista.controller.provision.aws")
 
 NAME = "aws"
+
+# EC2 throttles per account and per region with token buckets ("Request throttling for the
+# Amazon EC2 API", docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html):
+# non-mutating (Describe*) requests: bucket 100, refill 20/s; RunInstances also draws on a
+# resource bucket of 1000 instances refilled at 2/s. We launch, terminate, create networks
+# (mutating actions, whose request bucket in the same page's table is 50 refilled at 5/s)
+# and describe through one bucket per region, so it is set to the smallest of them: 5/s,
+# bursts of 50. 100 launches fit in the RunInstances resource bucket.
+API_LIMITS = ApiLimits(rate=0.0, burst=0, region_rate=5.0, region_burst=50, concurrency=8,
+                       batch=50)
 CANONICAL = "099720109477"  # Ubuntu's AWS account
 
 # EC2 instance state name -> ours (the provider's state map, Libcloud style).
@@ -153,7 +165,10 @@ class AwsProvider:
     """EC2: VPC + subnet per zone + internet gateway + security group per infra and region."""
 
     def __init__(self, *, settings: AwsSettings, catalog: Catalog,
-                 session_factory: Callable[[], Any] | None = None) -> None:
+                 session_factory: Callable[[], Any] | None = None,
+                 limits: ApiLimits = API_LIMITS) -> None:
+        self.api_limits = limits
+        self._meter = RequestMeter(limits, name=NAME)
         self._settings = settings
         self._catalog = catalog
         self._session_factory = session_factory
@@ -189,7 +204,7 @@ class AwsProvider:
             return getattr(self._client(region), op)(**kwargs)
 
         try:
-            return await asyncio.to_thread(run)
+            return await self._meter.run(region, run)
         except ProvisionError:
             raise
         except Exception as exc:
@@ -315,11 +330,14 @@ class AwsProvider:
         if not todo:
             return out
         subnet = await self._subnet(region, zone, network)
-        for req in todo:
-            ami = await self._ami(region, req.image)
+        amis = {req.image: await self._ami(region, req.image) for req in todo}
+
+        async def launch(req: LaunchRequest) -> list[Instance]:
+            # One call per VM: the user-data (its join token) and the client token are
+            # per node. The calls run side by side, within the region's limits.
             kwargs: dict[str, Any] = {
-                "ImageId": ami, "InstanceType": req.size, "MinCount": 1, "MaxCount": 1,
-                "UserData": req.user_data,
+                "ImageId": amis[req.image], "InstanceType": req.size, "MinCount": 1,
+                "MaxCount": 1, "UserData": req.user_data,
                 "ClientToken": client_token(req.name, req.tags, zone),
                 "Placement": {"AvailabilityZone": zone},
                 "NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": subnet,
@@ -335,9 +353,10 @@ class AwsProvider:
             if self._settings.key_name:
                 kwargs["KeyName"] = self._settings.key_name
             resp = await self._call(region, "run_instances", zone, **kwargs)
-            for raw in resp["Instances"]:
-                out.append(self._instance(raw, region))
-        return out
+            return [self._instance(raw, region) for raw in resp["Instances"]]
+
+        return out + gather_launches(await asyncio.gather(*(launch(r) for r in todo),
+                                                          return_exceptions=True))
 
     async def _by_names(self, region: str, names: Sequence[str]) -> list[Instance]:
         return await self._describe(region, [{"Name": f"tag:{TAG_NODE}", "Values": list(names)}])
