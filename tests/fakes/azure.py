@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.fakes.http import JsonServer, Reply, Request
+from tests.fakes.http import JsonServer, Latency, Reply, Request
 from tests.fakes.tls import self_signed, server_context
 
 VM_SIZES = {"Standard_B1s", "Standard_B2s", "Standard_D2s_v5", "Standard_F2s_v2"}
@@ -55,7 +55,7 @@ class ArmState:
     # Long-running operations: seconds from acceptance until done, by action ("create_vm",
     # "delete_vm", "start"...); None: done by the next request. The state moves on with
     # time whether the operation is polled or not (as ARM's does).
-    lro_delay: Callable[[str], float] | None = None
+    lro_delay: Callable[[str, str], float] | None = None  # (action, target name)
     retry_after: int = 0  # the Retry-After header on accepted/in-progress LROs (0: none)
     ips: Iterator[int] = field(default_factory=lambda: itertools.count(4))
 
@@ -154,7 +154,8 @@ class ArmApi:
     def _async(self, status: int, body: Any, ns: str, action: str, *target: str,
                error: tuple[str, str] | None = None) -> Reply:
         op_id = str(uuid.uuid4())
-        delay = self.s.lro_delay(action) if self.s.lro_delay is not None else 0.0
+        delay = (self.s.lro_delay(action, target[-1]) if self.s.lro_delay is not None
+                 else 0.0)
         self.s.operations[op_id] = {"action": action, "target": target, "error": error,
                                     "polls": 0, "done_at": time.monotonic() + delay}
         url = (f"{self.base}/subscriptions/{self.s.subscription}/providers/{ns}/locations/"
@@ -422,10 +423,11 @@ class ArmApi:
 class FakeArm:
     """ARM on a loopback HTTPS port, in its own thread; ``ca`` is the cert to trust."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, latency: Latency | None = None) -> None:
         self.state = ArmState()
         self.ca, key = self_signed(tmp)
-        self._http = JsonServer(self._handle, tls=server_context(self.ca, key))
+        self._http = JsonServer(self._handle, tls=server_context(self.ca, key),
+                                latency=latency)
         self.api = ArmApi(self.state, self.url)
 
     def _handle(self, req: Request) -> Reply:

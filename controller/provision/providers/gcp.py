@@ -369,7 +369,8 @@ class GcpProvider:
                 raise InvalidRequestError(f"gcp: {req.name!r} is not a valid instance name",
                                           provider=NAME, region=region, zone=zone)
         # One list for the batch (not a get per name): what exists is returned as it is.
-        tags = requests[0].tags if requests else {}
+        tags = {k: v for k, v in requests[0].tags.items()  # what the batch shares
+                if all(r.tags.get(k) == v for r in requests)} if requests else {}
         existing = await self._in_zone(zone, region, tags, [r.name for r in requests])
         todo = [r for r in requests if r.name not in existing]
 
