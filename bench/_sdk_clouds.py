@@ -135,6 +135,16 @@ async def measure_sdk(n: int, args: argparse.Namespace, base: Path, render_of: A
                     total = sum(sum(v.values()) for v in calls.values())
                     view = engine.get("bench")
                     order = sorted(ready_at.values())
+                    # Where each cloud's time went: until its first VM create (network,
+                    # subnet, firewall...), and until its last node was Ready.
+                    t0_wall = time.time() - (time.monotonic() - t0)
+                    result["first_create_s"] = {
+                        p: round(min(v - t0_wall for k, v in booter.created_at.items()
+                                     if k.startswith(f"bench-g{p}-")), 2)
+                        for p in NODES_BY if p != "sim"}
+                    result["last_ready_s"] = {
+                        p: round(max(v for k, v in ready_at.items()
+                                     if k.startswith(f"bench-g{p}-")), 2) for p in NODES_BY}
                     result.update({
                         "wall_s": round(wall, 2), "summary": view.summary if view else "",
                         "slowest_boot_s": round(slowest, 2),

@@ -362,6 +362,7 @@ class ArmApi:
             error = ("ZonalAllocationFailed", f"Allocation failed. We do not have sufficient "
                      f"capacity for the requested VM size in zone {zone}.")
             props["provisioningState"] = "Failed"
+            res["_error"] = error
         return self._async(201, self._vm_view(res, False), "Microsoft.Compute", "create_vm",
                            rg, name, error=error)
 
@@ -406,9 +407,13 @@ class ArmApi:
                                           if k != "customData"}  # ARM never returns it
         if instance_view:
             prov = out["properties"]["provisioningState"].lower()
+            first: dict[str, Any] = {"code": f"ProvisioningState/{prov}"}
+            if prov == "failed" and vm.get("_error"):  # why, as ARM's instance view says
+                code, message = vm["_error"]
+                first = {"code": f"ProvisioningState/failed/{code}", "level": "Error",
+                         "displayStatus": "Provisioning failed", "message": message}
             out["properties"]["instanceView"] = {"statuses": [
-                {"code": f"ProvisioningState/{prov}"},
-                {"code": f"PowerState/{vm.get('_power', 'starting')}"}]}
+                first, {"code": f"PowerState/{vm.get('_power', 'starting')}"}]}
         return out
 
     def _vm_action(self, rg: str, name: str, action: str) -> Reply:

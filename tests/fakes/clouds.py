@@ -118,6 +118,27 @@ class Clouds:
         return {"aws": upto(list(self.moto.log), "RunInstances"),
                 "gcp": upto(gce, "instances.insert"), "azure": upto(arm, "virtualmachines PUT")}
 
+    def live_vms(self, infra: str) -> dict[str, Counter[str]]:
+        """Per cloud, how many live VMs of ``infra`` carry each node name."""
+        ec2 = _aws_session().client("ec2", region_name=REGIONS["aws"],
+                                    endpoint_url=self.moto.url)
+        aws: Counter[str] = Counter()
+        for res in ec2.describe_instances(Filters=[
+                {"Name": "tag:barista-infra", "Values": [infra]}])["Reservations"]:
+            for i in res["Instances"]:
+                if i["State"]["Name"] not in ("terminated", "shutting-down"):
+                    aws.update(t["Value"] for t in i.get("Tags", [])
+                               if t["Key"] == "barista-node")
+        with self.gce._api.lock:
+            gcp = Counter(i["labels"].get("barista-node", "") for i in
+                          self.gce.state.instances.values()
+                          if i.get("labels", {}).get("barista-infra") == infra)
+        with self.arm.api.lock:
+            azure = Counter(r["tags"].get("barista-node", "") for r in
+                            self.arm.state.of_type("virtualmachines")
+                            if r.get("tags", {}).get("barista-infra") == infra)
+        return {"aws": aws, "gcp": gcp, "azure": azure}
+
     def leftovers(self, infra: str) -> dict[str, list[str]]:
         """What is left at each cloud that carries (or is named for) ``infra``."""
         ec2 = _aws_session().client("ec2", region_name=REGIONS["aws"],
@@ -271,11 +292,13 @@ class AgentBooter:
         self._lock = threading.Lock()
         self.agents: list[Any] = []
         self.booted_at: dict[str, float] = {}  # node name -> time.time() it booted
+        self.created_at: dict[str, float] = {}  # node name -> time.time() of its create
         self._tasks: set[Any] = set()
 
     def __call__(self, provider: str, name: str, user_data: str) -> float:
         with self._lock:
             boot_s = max(0.0, self._boot + self._rng.uniform(-self._jitter, self._jitter))
+            self.created_at[name] = time.time()
         self._loop.call_soon_threadsafe(self._spawn, name, user_data, boot_s)
         return boot_s
 

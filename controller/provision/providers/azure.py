@@ -18,7 +18,7 @@ import base64
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +136,21 @@ def map_error(exc: Exception, *, region: str = "", zone: str = "") -> ProvisionE
             code="CredentialUnavailableError")
     return TransientError(f"azure: unexpected {type(exc).__name__}: {exc}", provider=NAME,
                           region=region, zone=zone, code=type(exc).__name__)
+
+
+def provisioning_error(vm: Any, *, region: str, zone: str) -> ProvisionError:
+    """The typed error of a VM whose provisioning failed, from its instance view's
+    ``ProvisioningState/failed/<code>`` status."""
+    statuses = vm.instance_view.statuses if vm.instance_view is not None else []
+    for st in statuses or []:
+        code = str(st.code or "")
+        if code.startswith("ProvisioningState/failed"):
+            err = code.split("/", 2)[2] if code.count("/") >= 2 else ""
+            kind = ERROR_MAP.get(err, InvalidRequestError)
+            return kind(f"azure: {st.message or err or 'provisioning failed'}",
+                        provider=NAME, region=region, zone=zone, code=err)
+    return InvalidRequestError(f"azure: VM {vm.name} failed to provision", provider=NAME,
+                               region=region, zone=zone, code="ProvisioningFailed")
 
 
 @dataclass(frozen=True)
@@ -327,16 +342,16 @@ class AzureProvider:
             await self.terminate_instances(region, failed)
         todo = [r for r in requests if r.name not in vms
                 or str(vms[r.name].provisioning_state) == "Failed"]
-        pollers: dict[str, Any] = dict(gather_launches(await asyncio.gather(
+        made = gather_launches(await asyncio.gather(
             *(self._create_vm(r, rg, placement, network) for r in todo),
-            return_exceptions=True)))
-        if pollers:
-            await self._settle(rg, placement, pollers)
+            return_exceptions=True))
+        if made:
+            await self._settle(rg, placement, made)
         names = {r.name for r in requests}
         return [i for i in await self._instances_in(rg, region) if i.name in names
-                and (i.name not in pollers or i.extra.get("provisioning") != "Failed")]
+                and (i.name not in made or i.extra.get("provisioning") != "Failed")]
 
-    async def _settle(self, rg: str, placement: Placement, pollers: Mapping[str, Any]
+    async def _settle(self, rg: str, placement: Placement, made: Collection[str]
                       ) -> None:
         """Wait until none of the VMs just created is still being created, with one list of
         the resource group per round (not a poll per VM); a VM whose creation failed
@@ -347,7 +362,7 @@ class AzureProvider:
         while True:
             states = {str(vm.name): str(vm.provisioning_state) for vm in await self._list(
                 "compute", "virtual_machines.list", rg, region=region)}
-            busy = [n for n in pollers if states.get(n) in ("Creating", "Updating")]
+            busy = [n for n in made if states.get(n) in ("Creating", "Updating")]
             if not busy:
                 break
             if asyncio.get_running_loop().time() > deadline:
@@ -355,25 +370,25 @@ class AzureProvider:
                                      f"{self._settings.operation_timeout:.0f} s",
                                      provider=NAME, region=region, code="TIMEOUT")
             await asyncio.sleep(self._settings.status_poll)
-        bad = [n for n in pollers if states.get(n) == "Failed"]
+        bad = [n for n in made if states.get(n) == "Failed"]
         if not bad:
             return
         errors: list[ProvisionError] = []
-        for n in bad:  # the operation says why (ZonalAllocationFailed...)
-            try:
-                await self._meter.run(region, pollers[n].result)
-            except Exception as exc:
-                errors.append(map_error(exc, region=region, zone=zone))
-        if len(bad) == len(pollers) and errors:
+        for n in bad:  # the instance view says why (ProvisioningState/failed/<code>)
+            vm = await self._call("compute", "virtual_machines.get", rg, n,
+                                  expand="instanceView", region=region)
+            errors.append(provisioning_error(vm, region=region, zone=zone))
+        if len(bad) == len(made):
             raise errors[0]
         for e in errors:
             log.warning("azure %s: %s", region, e.message)
 
     async def _create_vm(self, req: LaunchRequest, rg: str, placement: Placement,
-                         network: Network) -> list[tuple[str, Any]]:
+                         network: Network) -> list[str]:
         """PUT the VM with its NIC and public IP made by Compute with it (network interface
-        configurations, deleted with the VM): one request per VM. Returns its poller,
-        which is not polled unless the VM ends up Failed."""
+        configurations, deleted with the VM): one request per VM, its operation not polled
+        (``polling=False``: the SDK's poller would poll it from a thread of its own); the
+        batch is followed by ``_settle``."""
         cm = _models("compute")
 
         region, zone = placement.region, placement.zone
@@ -419,9 +434,9 @@ class AzureProvider:
                                 sku=cm.PublicIPAddressSku(name="Standard"),
                                 public_ip_allocation_method="Static"))])]),
         )
-        poller = await self._call("compute", "virtual_machines.begin_create_or_update", rg,
-                                  req.name, vm, region=region, zone=zone)
-        return [(req.name, poller)]
+        await self._call("compute", "virtual_machines.begin_create_or_update", rg, req.name,
+                         vm, polling=False, region=region, zone=zone)
+        return [req.name]
 
     async def _list(self, kind: str, path: str, *args: Any, region: str, **kwargs: Any
                     ) -> list[Any]:
