@@ -44,6 +44,7 @@ class CloudTimes:
     gcp_op: tuple[float, float] = (2.0, 6.0)
     azure_lro: tuple[float, float] = (2.0, 6.0)
     azure_retry_after: int = 2
+    create: tuple[float, float] | None = None  # a VM create request's own (None: api)
 
 
 FAST = CloudTimes(api=(0.0, 0.01), gcp_op=(0.0, 0.05), azure_lro=(0.0, 0.05),
@@ -214,9 +215,9 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
     lock = threading.Lock()
     boots: dict[str, float] = {}
 
-    def wait() -> float:
+    def wait(create: bool = False) -> float:
         with lock:
-            return _between(rng, times.api)
+            return _between(rng, times.create if create and times.create else times.api)
 
     def created(provider: str, name: str, user_data: str) -> None:
         if on_create is None or not name:
@@ -235,6 +236,7 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
             raw = fields.get("UserData", [""])[0]
             created("aws", tags.get("barista-node", ""),
                     base64.b64decode(raw).decode() if raw else "")
+            return wait(create=True)
         return wait()
 
     def gcp_latency(req: Request) -> float:
@@ -243,6 +245,7 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
                      .get("items", [])}
             created("gcp", req.body.get("labels", {}).get("barista-node", ""),
                     items.get("user-data", ""))
+            return wait(create=True)
         return wait()
 
     def arm_latency(req: Request) -> float:
@@ -250,6 +253,7 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
             osp = req.body.get("properties", {}).get("osProfile", {})
             created("azure", req.body.get("tags", {}).get("barista-node", ""),
                     base64.b64decode(osp.get("customData", "")).decode())
+            return wait(create=True)
         return wait()
 
     def gcp_op(kind: str, target: str) -> float:
