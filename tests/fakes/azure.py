@@ -189,6 +189,11 @@ class ArmApi:
         return Reply(200, {"name": op_id, "status": "Succeeded"})
 
     def _finish(self, action: str, *target: str) -> None:
+        if action == "provision":
+            res = self.s.resources.get((target[0], target[1], target[2]))
+            if res is not None:
+                res["properties"]["provisioningState"] = "Succeeded"
+            return
         if action == "delete_group":
             rg = target[0].lower()
             self.s.groups.pop(rg, None)
@@ -286,9 +291,14 @@ class ArmApi:
         for rule in res["properties"].get("securityRules", []):
             rule["id"] = f"{res['id']}/securityRules/{rule['name']}"
             rule["properties"]["provisioningState"] = "Succeeded"
-        res["properties"]["provisioningState"] = "Succeeded"
+        return self._provisioning(key, res, old)
+
+    def _provisioning(self, key: tuple[str, str, str], res: dict[str, Any], old: Any
+                      ) -> Reply:
+        """Network RP PUTs are long-running: ``Updating`` until the operation is done."""
+        res["properties"]["provisioningState"] = "Updating"
         self.s.resources[key] = res
-        return Reply(200 if old else 201, res)
+        return self._async(200 if old else 201, res, "Microsoft.Network", "provision", *key)
 
     def _put_virtualnetworks(self, rg: str, name: str, key: Any, res: dict[str, Any],
                              old: Any) -> Reply:
@@ -297,9 +307,7 @@ class ArmApi:
             nsg = sub["properties"].get("networkSecurityGroup")
             if nsg:
                 self._by_id(nsg["id"], "networksecuritygroups")
-        res["properties"]["provisioningState"] = "Succeeded"
-        self.s.resources[key] = res
-        return Reply(200 if old else 201, res)
+        return self._provisioning(key, res, old)
 
     def _put_publicipaddresses(self, rg: str, name: str, key: Any, res: dict[str, Any],
                                old: Any) -> Reply:

@@ -28,10 +28,8 @@ from typing import Any
 from tests.fakes.azure import FakeArm
 from tests.fakes.gcp import FakeGce
 from tests.fakes.http import Request
-from tests.fakes.moto import MotoServer
+from tests.fakes.moto import MOTO_OWNER, UBUNTU_NOBLE, MotoServer
 
-UBUNTU_NOBLE = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20260101"
-MOTO_OWNER = "123456789012"  # moto registers every image under its own account
 REGIONS = {"aws": "us-east-1", "gcp": "us-central1", "azure": "eastus"}
 
 # provider, node name, user-data (the rendered cloud-init) -> the boot time of that VM

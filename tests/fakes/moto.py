@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
+UBUNTU_NOBLE = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20260101"
+MOTO_OWNER = "123456789012"  # moto registers every image under its own account
+
 # EC2 action ("RunInstances") and the request's fields -> seconds to wait before it is
 # handled.
 ActionLatency = Callable[[str, Mapping[str, list[str]]], float]
