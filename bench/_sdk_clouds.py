@@ -9,6 +9,9 @@ The clouds answer with the latency of the real ones (``CloudTimes``: every reque
 booted) and the SDK providers run with their documented API limits (``API_LIMITS`` in
 each provider module). The figures are the sim run's; the rate-limit floor of a cloud is
 the requests it received up to its last VM create beyond its bucket's burst, at its rate.
+``first_create_s`` per cloud is when its first VM create arrived (what its network,
+subnet and firewall took: not in the floor), ``last_ready_s`` when its last node was
+Ready. ``--agents``/``--procs`` do not apply: the agents run in this process.
 """
 
 from __future__ import annotations
