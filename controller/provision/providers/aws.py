@@ -224,12 +224,18 @@ class AwsProvider:
                                                        "Tags": _tags(tags)}])
             vpc_id = vpc["Vpc"]["VpcId"]
             log.info("aws %s: created VPC %s for infra %s", region, vpc_id, request.infra)
+        # Ours, attached or not: a controller killed between the create and the attach
+        # left one unattached; it is attached now rather than made again (and leaked).
         igws = (await self._call(region, "describe_internet_gateways",
-                                 Filters=[{"Name": "attachment.vpc-id",
-                                           "Values": [vpc_id]}]))["InternetGateways"]
-        if not igws:
-            igw = (await self._call(region, "create_internet_gateway", TagSpecifications=[
-                {"ResourceType": "internet-gateway", "Tags": _tags(tags)}]))["InternetGateway"]
+                                 Filters=_filters(tags)))["InternetGateways"]
+        attached = [g for g in igws if any(a.get("VpcId") == vpc_id
+                                           for a in g.get("Attachments", []))]
+        if not attached:
+            free = [g for g in igws if not g.get("Attachments")]
+            igw = free[0] if free else (await self._call(
+                region, "create_internet_gateway", TagSpecifications=[
+                    {"ResourceType": "internet-gateway", "Tags": _tags(tags)}]))[
+                "InternetGateway"]
             await self._call(region, "attach_internet_gateway",
                              InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc_id)
             tables = (await self._call(region, "describe_route_tables", Filters=[
@@ -446,6 +452,12 @@ class AwsProvider:
                 await self._gone_ok(region, "delete_internet_gateway", InternetGatewayId=gid)
             await self._gone_ok(region, "delete_vpc", VpcId=vpc_id)
             log.info("aws %s: removed VPC %s", region, vpc_id)
+        # A gateway made but never attached (a controller killed in between).
+        for igw in (await self._call(region, "describe_internet_gateways",
+                                     Filters=_filters(tags)))["InternetGateways"]:
+            if not igw.get("Attachments"):
+                await self._gone_ok(region, "delete_internet_gateway",
+                                    InternetGatewayId=igw["InternetGatewayId"])
 
     async def _gone_ok(self, region: str, op: str, **kwargs: Any) -> None:
         try:
