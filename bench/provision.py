@@ -9,6 +9,10 @@ controller's NATS. ``--agents none`` boots no agent: nodes can then never be Rea
 reports only the time until every VM *runs* (``running_s``), not a Ready ratio.
 
     python bench/provision.py --n 100 --n 1000 [--agents real|none] [--procs 2]
+    python bench/provision.py --clouds sdk --n 100   # aws, gcp, azure through their SDKs
+
+``--clouds sdk`` runs aws (moto), gcp and azure (the REST fakes) and one sim through the
+real SDK code paths, with real-cloud API latency; see bench/_sdk_clouds.py.
 
 Prints one JSON line per N: {"bench": "provision", "n", "wall_s", "slowest_boot_s",
 "floor_s", "ratio", "calls_per_node", ...}. ratio = wall time until all Ready / (the
@@ -32,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _sdk_clouds import add_arguments, measure_sdk  # the file next to this one
 
 log = logging.getLogger("barista.bench.provision")
 
@@ -92,16 +98,33 @@ def spawn_worker(state: Path) -> subprocess.Popen[bytes]:
 # -- the measurement ------------------------------------------------------------------
 
 
+def renderer(c: Any) -> Any:
+    """The engine's user-data renderer on controller ``c``: a join token per node."""
+    from controller.provision.bootstrap import BootConfig, render_user_data
+    from controller.provision.model import GroupSpec, InfraSpec
+
+    async def render(infra: InfraSpec, group: GroupSpec, node: str, labels: Any,
+                     network: Any) -> str:
+        issued = await c.tokens.create(labels=dict(labels), ttl=3600)
+        return render_user_data(BootConfig(
+            join_token=c.tokens.join_text(issued.token), node_name=node,
+            nats_urls=[c.agent_nats_url], controller_keys=[],
+            installer_url="http://127.0.0.1:1/install.sh", hostname=node))
+
+    return render
+
+
 async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any]:
     import msgspec
 
     from agent.config import AgentConfig
     from agent.runtime import Agent
     from controller.config import ControllerConfig
-    from controller.provision.bootstrap import BootConfig, render_user_data
+    from controller.provision.bootstrap import BootConfig
     from controller.provision.contract import Instance, InstanceState
-    from controller.provision.engine import ApiLimits, EngineSettings, provision_engine
-    from controller.provision.model import GroupSpec, InfraSpec, Progress
+    from controller.provision.engine import EngineSettings, provision_engine
+    from controller.provision.limits import ApiLimits
+    from controller.provision.model import Progress
     from controller.provision.providers.sim import SimProvider, SimSettings
     from controller.provision.spec import spec_from_obj
     from controller.service import Controller
@@ -121,13 +144,7 @@ async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any
     encoder = msgspec.json.Encoder()
 
     async with Controller(cfg) as c:
-        async def render(infra: InfraSpec, group: GroupSpec, node: str,
-                         labels: Any, network: Any) -> str:
-            issued = await c.tokens.create(labels=dict(labels), ttl=3600)
-            return render_user_data(BootConfig(
-                join_token=c.tokens.join_text(issued.token), node_name=node,
-                nats_urls=[c.agent_nats_url], controller_keys=[],
-                installer_url="http://127.0.0.1:1/install.sh", hostname=node))
+        render = renderer(c)
 
         async def boot_here(config: BootConfig, inst: Instance) -> None:
             agent = Agent(config=AgentConfig(
@@ -283,6 +300,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--worker", action="store_true")
+    add_arguments(p)
     p.add_argument("--state")
     args = p.parse_args()
     raise_nofile()
@@ -292,7 +310,11 @@ def main() -> None:
         return
     for n in args.n or [100]:
         with tempfile.TemporaryDirectory(prefix="barista-bench-") as tmp:
-            print(json.dumps(asyncio.run(measure(n, args, Path(tmp)))), flush=True)
+            if args.clouds == "sdk":
+                out = asyncio.run(measure_sdk(n, args, Path(tmp), renderer))
+            else:
+                out = asyncio.run(measure(n, args, Path(tmp)))
+            print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

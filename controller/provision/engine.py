@@ -65,6 +65,7 @@ from controller.provision.contract import (
     TransientError,
 )
 from controller.provision.journal import Journal, OpKind, OpRecord
+from controller.provision.limits import ApiLimits, TokenBucket
 from controller.provision.model import (
     LABEL_GROUP,
     LABEL_INFRA,
@@ -113,18 +114,6 @@ class InfraRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 @dataclass(frozen=True, slots=True)
-class ApiLimits:
-    """What the engine allows itself against one provider (set to the provider's limits)."""
-
-    rate: float = 10.0  # calls per second for the whole provider (token bucket)
-    burst: int = 10
-    region_rate: float = 0.0  # and per region when the cloud limits each one (0: none)
-    region_burst: int = 0
-    concurrency: int = 8  # calls in flight per provider+region
-    batch: int = 50  # VMs per run_instances call
-
-
-@dataclass(frozen=True, slots=True)
 class EngineSettings:
     attempts: int = 8  # tries of one call on transient errors
     backoff: float = 0.5  # first retry delay (doubles, with +-50 % jitter)
@@ -137,33 +126,6 @@ class EngineSettings:
     delete_timeout: float = 900.0
     state_timeout: float = 600.0  # stop/start reaching the state asked
     keep_deleted: float = 3600.0  # a deleted infra's view stays this long (memory)
-
-
-class TokenBucket:
-    """``rate`` calls per second with bursts of ``burst``; waiters are served in order."""
-
-    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float],
-                 sleep: Callable[[float], Awaitable[None]]) -> None:
-        self.rate = rate
-        self.size = float(max(1, burst))
-        self.tokens = self.size
-        self._clock = clock
-        self._sleep = sleep
-        self._at = clock()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        if self.rate <= 0:
-            return
-        async with self._lock:
-            while True:
-                now = self._clock()
-                self.tokens = min(self.size, self.tokens + (now - self._at) * self.rate)
-                self._at = now
-                if self.tokens >= 1.0:
-                    self.tokens -= 1.0
-                    return
-                await self._sleep((1.0 - self.tokens) / self.rate + 1e-4)
 
 
 @dataclass
@@ -744,7 +706,13 @@ class Engine:
     # -- provider calls: limits, retries ---------------------------------------------
 
     def _limit(self, provider: str) -> ApiLimits:
-        return self._limits.get(provider) or ApiLimits()
+        """The limits given for ``provider``, else the ones its cloud documents (an SDK
+        provider's ``api_limits``, with the source in its module), else the defaults."""
+        given = self._limits.get(provider)
+        if given is not None:
+            return given
+        documented = getattr(self._providers.get(provider), "api_limits", None)
+        return documented if isinstance(documented, ApiLimits) else ApiLimits()
 
     def _bucket(self, provider: str, region: str, rate: float, burst: int) -> TokenBucket:
         key = (provider, region)

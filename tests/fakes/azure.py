@@ -18,14 +18,15 @@ import binascii
 import itertools
 import json
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.fakes import azure_catalog
-from tests.fakes.http import JsonServer, Reply, Request
+from tests.fakes.http import JsonServer, Latency, Reply, Request
 from tests.fakes.tls import self_signed, server_context
 
 VM_SIZES = {"Standard_B1s", "Standard_B2s", "Standard_D2s_v5", "Standard_F2s_v2"}
@@ -52,6 +53,11 @@ class ArmState:
     requests: list[tuple[str, str, dict[str, list[str]], Any]] = field(default_factory=list)
     capacity_exhausted: set[str] = field(default_factory=set)  # "eastus-1" style zones
     throttle_next: int = 0
+    # Long-running operations: seconds from acceptance until done, by action ("create_vm",
+    # "delete_vm", "start"...); None: done by the next request. The state moves on with
+    # time whether the operation is polled or not (as ARM's does).
+    lro_delay: Callable[[str, str], float] | None = None  # (action, target name)
+    retry_after: int = 0  # the Retry-After header on accepted/in-progress LROs (0: none)
     ips: Iterator[int] = field(default_factory=lambda: itertools.count(4))
 
     def sent(self, method: str, contains: str) -> list[Any]:
@@ -72,6 +78,7 @@ class ArmApi:
                auth: str) -> Reply:
         with self.lock:
             self.s.requests.append((method, path, query, body))
+            self._settle()
             if not auth.startswith("Bearer ") or len(auth) < 10:
                 raise ArmError(401, "AuthenticationFailed", "Authentication failed. The "
                                "'Authorization' header is missing.")
@@ -101,6 +108,14 @@ class ArmApi:
             case ["resourcegroups", rg] if method == "DELETE":
                 self._group(rg)
                 return self._async(202, None, "microsoft.resources", "delete_group", rg)
+            case ["resourcegroups", rg, "providers", _ns, kind] if kind in TYPES \
+                    and method == "GET":
+                self._group(rg)
+                expand = "instanceView" in (q.get("$expand") or [""])[0]
+                return Reply(200, {"value": [
+                    self._vm_view(r, expand) if kind == "virtualmachines" else r
+                    for (g, t, _n), r in self.s.resources.items()
+                    if g == rg.lower() and t == kind]})
             case ["resourcegroups", rg, "providers", _ns, kind, _name] if kind in TYPES:
                 return self._resource(method, rg, kind, parts[5], body, q)
             case ["resourcegroups", rg, "providers", _ns, "virtualmachines", name, action] \
@@ -143,23 +158,34 @@ class ArmApi:
     def _async(self, status: int, body: Any, ns: str, action: str, *target: str,
                error: tuple[str, str] | None = None) -> Reply:
         op_id = str(uuid.uuid4())
+        delay = (self.s.lro_delay(action, target[-1]) if self.s.lro_delay is not None
+                 else 0.0)
         self.s.operations[op_id] = {"action": action, "target": target, "error": error,
-                                    "polls": 0}
+                                    "polls": 0, "done_at": time.monotonic() + delay}
         url = (f"{self.base}/subscriptions/{self.s.subscription}/providers/{ns}/locations/"
                f"eastus/operations/{op_id}?api-version=2024-01-01")
-        return Reply(status, body, {"Azure-AsyncOperation": url, "Location": url})
+        headers = {"Azure-AsyncOperation": url, "Location": url}
+        if self.s.retry_after:
+            headers["Retry-After"] = str(self.s.retry_after)
+        return Reply(status, body, headers)
+
+    def _settle(self) -> None:
+        """Finish the operations whose time has come (accepted by an earlier request)."""
+        now = time.monotonic()
+        for op in self.s.operations.values():
+            if "done" not in op and op["done_at"] <= now:
+                op["done"] = True
+                if op["error"] is None:
+                    self._finish(op["action"], *op["target"])
 
     def _operation(self, op_id: str) -> Reply:
         op = self.s.operations.get(op_id)
         if op is None:
             raise ArmError(404, "NotFound", f"operation {op_id} not found")
         op["polls"] += 1
-        if op["polls"] == 1:  # ARM reports work in progress before it is done
-            return Reply(200, {"name": op_id, "status": "InProgress"})
-        if "done" not in op:
-            op["done"] = True
-            if op["error"] is None:
-                self._finish(op["action"], *op["target"])
+        if "done" not in op:  # ARM reports work in progress before it is done
+            headers = {"Retry-After": str(self.s.retry_after)} if self.s.retry_after else {}
+            return Reply(200, {"name": op_id, "status": "InProgress"}, headers)
         if op["error"] is not None:
             code, message = op["error"]
             return Reply(200, {"name": op_id, "status": "Failed",
@@ -167,6 +193,11 @@ class ArmApi:
         return Reply(200, {"name": op_id, "status": "Succeeded"})
 
     def _finish(self, action: str, *target: str) -> None:
+        if action == "provision":
+            res = self.s.resources.get((target[0], target[1], target[2]))
+            if res is not None:
+                res["properties"]["provisioningState"] = "Succeeded"
+            return
         if action == "delete_group":
             rg = target[0].lower()
             self.s.groups.pop(rg, None)
@@ -186,8 +217,14 @@ class ArmApi:
             for nic in vm["properties"]["networkProfile"]["networkInterfaces"]:
                 if nic.get("properties", {}).get("deleteOption") == "Delete":
                     p = nic["id"].strip("/").split("/")
-                    self.s.resources.pop((p[3].lower(), "networkinterfaces", p[7].lower()),
-                                         None)
+                    gone = self.s.resources.pop(
+                        (p[3].lower(), "networkinterfaces", p[7].lower()), None)
+                    for cfg in (gone or {}).get("properties", {}).get("ipConfigurations", []):
+                        pip = cfg["properties"].get("publicIPAddress") or {}
+                        if pip.get("properties", {}).get("deleteOption") == "Delete":
+                            q = pip["id"].strip("/").split("/")
+                            self.s.resources.pop(
+                                (q[3].lower(), "publicipaddresses", q[7].lower()), None)
         else:
             vm["_power"] = {"deallocate": "deallocated", "powerOff": "stopped",
                             "start": "running", "restart": "running"}[action]
@@ -258,9 +295,14 @@ class ArmApi:
         for rule in res["properties"].get("securityRules", []):
             rule["id"] = f"{res['id']}/securityRules/{rule['name']}"
             rule["properties"]["provisioningState"] = "Succeeded"
-        res["properties"]["provisioningState"] = "Succeeded"
+        return self._provisioning(key, res, old)
+
+    def _provisioning(self, key: tuple[str, str, str], res: dict[str, Any], old: Any
+                      ) -> Reply:
+        """Network RP PUTs are long-running: ``Updating`` until the operation is done."""
+        res["properties"]["provisioningState"] = "Updating"
         self.s.resources[key] = res
-        return Reply(200 if old else 201, res)
+        return self._async(200 if old else 201, res, "Microsoft.Network", "provision", *key)
 
     def _put_virtualnetworks(self, rg: str, name: str, key: Any, res: dict[str, Any],
                              old: Any) -> Reply:
@@ -269,9 +311,7 @@ class ArmApi:
             nsg = sub["properties"].get("networkSecurityGroup")
             if nsg:
                 self._by_id(nsg["id"], "networksecuritygroups")
-        res["properties"]["provisioningState"] = "Succeeded"
-        self.s.resources[key] = res
-        return Reply(200 if old else 201, res)
+        return self._provisioning(key, res, old)
 
     def _put_publicipaddresses(self, rg: str, name: str, key: Any, res: dict[str, Any],
                                old: Any) -> Reply:
@@ -319,7 +359,11 @@ class ArmApi:
                 "publicKeys"):
             raise ArmError(400, "InvalidParameter", "an SSH public key is required when "
                            "password authentication is disabled")
-        for nic in props.get("networkProfile", {}).get("networkInterfaces", []):
+        net = props.setdefault("networkProfile", {})
+        if net.get("networkInterfaceConfigurations"):
+            net["networkInterfaces"] = (self._vm_nics(rg, res, net) if old is None else
+                                        old["properties"]["networkProfile"]["networkInterfaces"])
+        for nic in net.get("networkInterfaces", []):
             self._by_id(nic["id"], "networkinterfaces")
         props.update({"vmId": str(uuid.uuid4()), "provisioningState": "Creating"})
         res["_power"] = "starting"
@@ -330,8 +374,42 @@ class ArmApi:
             error = ("ZonalAllocationFailed", f"Allocation failed. We do not have sufficient "
                      f"capacity for the requested VM size in zone {zone}.")
             props["provisioningState"] = "Failed"
+            res["_error"] = error
         return self._async(201, self._vm_view(res, False), "Microsoft.Compute", "create_vm",
                            rg, name, error=error)
+
+    def _vm_nics(self, rg: str, vm: dict[str, Any], net: dict[str, Any]) -> list[Any]:
+        """A VM's network interface configurations (networkApiVersion >= 2020-11-01): the
+        NICs and public IPs Compute makes for it, in its resource group, with its tags."""
+        if net.get("networkApiVersion", "") < "2020-11-01":
+            raise ArmError(400, "InvalidParameter", "networkInterfaceConfigurations need "
+                           "networkApiVersion 2020-11-01 or later")
+        refs = []
+        base = {"location": vm["location"], "tags": vm["tags"]}
+        for cfg in net["networkInterfaceConfigurations"]:
+            ip_cfgs = []
+            for ip in cfg["properties"].get("ipConfigurations", []):
+                ipp = dict(ip["properties"])
+                pub = ipp.pop("publicIPAddressConfiguration", None)
+                if pub is not None:
+                    pip_body = {**base, "sku": pub.get("sku", {}), "properties": {
+                        "publicIPAllocationMethod": pub["properties"].get(
+                            "publicIPAllocationMethod", "Static")}}
+                    if vm.get("zones"):
+                        pip_body["zones"] = vm["zones"]
+                    self._resource("PUT", rg, "publicipaddresses", pub["name"], pip_body, {})
+                    ipp["publicIPAddress"] = {
+                        "id": self._id(rg, "publicipaddresses", pub["name"]),
+                        "properties": {"deleteOption": pub["properties"].get(
+                            "deleteOption", "Detach")}}
+                ip_cfgs.append({"name": ip["name"], "properties": ipp})
+            self._resource("PUT", rg, "networkinterfaces", cfg["name"],
+                           {**base, "properties": {"ipConfigurations": ip_cfgs}}, {})
+            nic = self.s.resources[(rg.lower(), "networkinterfaces", cfg["name"].lower())]
+            refs.append({"id": nic["id"], "properties": {
+                "primary": cfg["properties"].get("primary", True),
+                "deleteOption": cfg["properties"].get("deleteOption", "Detach")}})
+        return refs
 
     def _vm_view(self, vm: dict[str, Any], instance_view: bool) -> dict[str, Any]:
         out = {k: v for k, v in vm.items() if not k.startswith("_")}
@@ -341,9 +419,13 @@ class ArmApi:
                                           if k != "customData"}  # ARM never returns it
         if instance_view:
             prov = out["properties"]["provisioningState"].lower()
+            first: dict[str, Any] = {"code": f"ProvisioningState/{prov}"}
+            if prov == "failed" and vm.get("_error"):  # why, as ARM's instance view says
+                code, message = vm["_error"]
+                first = {"code": f"ProvisioningState/failed/{code}", "level": "Error",
+                         "displayStatus": "Provisioning failed", "message": message}
             out["properties"]["instanceView"] = {"statuses": [
-                {"code": f"ProvisioningState/{prov}"},
-                {"code": f"PowerState/{vm.get('_power', 'starting')}"}]}
+                first, {"code": f"PowerState/{vm.get('_power', 'starting')}"}]}
         return out
 
     def _vm_action(self, rg: str, name: str, action: str) -> Reply:
@@ -358,10 +440,11 @@ class ArmApi:
 class FakeArm:
     """ARM on a loopback HTTPS port, in its own thread; ``ca`` is the cert to trust."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, latency: Latency | None = None) -> None:
         self.state = ArmState()
         self.ca, key = self_signed(tmp)
-        self._http = JsonServer(self._handle, tls=server_context(self.ca, key))
+        self._http = JsonServer(self._handle, tls=server_context(self.ca, key),
+                                latency=latency)
         self.api = ArmApi(self.state, self.url)
 
     def _handle(self, req: Request) -> Reply:

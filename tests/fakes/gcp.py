@@ -14,18 +14,20 @@ import itertools
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from tests.fakes import gcp_catalog
-from tests.fakes.http import JsonServer, Reply, Request
+from tests.fakes.http import JsonServer, Latency, Reply, Request
 
 BASE = "https://www.googleapis.com/compute/v1"
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 MACHINE_TYPES = {"e2-micro", "e2-small", "e2-medium", "e2-standard-2", "n2-standard-2",
                  "t2a-standard-1"}
+WAIT_MAX = 120.0
+WAIT_RE = re.compile(r"/operations/([^/]+)/wait$")
 FILTER_RE = re.compile(r'\(\s*([a-zA-Z0-9_.-]+)\s*=\s*"([^"]*)"\s*\)')
 
 
@@ -51,6 +53,10 @@ class GceState:
     quota_exceeded: set[str] = field(default_factory=set)  # regions
     throttle_next: int = 0  # the next N requests get 403 rateLimitExceeded
     catalog: gcp_catalog.CatalogState = field(default_factory=gcp_catalog.CatalogState)
+    # (operationType, target kind like "instances") -> seconds until the operation is
+    # DONE; None: done when first waited on. ``operations.wait`` blocks until then, or
+    # answers RUNNING after WAIT_MAX (GCE: "approaching the 2 minute deadline").
+    op_delay: Callable[[str, str], float] | None = None
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(5_000_000_001))
     ips: Iterator[int] = field(default_factory=lambda: itertools.count(10))
 
@@ -77,6 +83,12 @@ class GceApi:
         self.lock = threading.Lock()
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Any:
+        m = WAIT_RE.search(path)
+        if m is not None:  # a wait blocks (outside the lock) until its operation is done
+            with self.lock:
+                op = self.s.operations.get(m.group(1))
+                due = op.get("_done_at", 0.0) if op is not None else 0.0
+            time.sleep(max(0.0, min(due - time.monotonic(), WAIT_MAX)))
         with self.lock:
             self.s.requests.append((method, path, query, body))
             if self.s.throttle_next > 0:
@@ -122,6 +134,10 @@ class GceApi:
                 return self._op("delete", f"global/firewalls/{name}")
             case ["zones", zone, "instances"] if method == "POST":
                 return self._insert_instance(zone, body, rid)
+            case ["zones", zone, "instances"] if method == "GET":
+                return {"kind": "compute#instanceList", "items": [
+                    i for (z, _n), i in sorted(self.s.instances.items())
+                    if z == zone and _matches(i, filt)]}
             case ["zones", zone, "instances", name] if method == "GET":
                 return self._get(self.s.instances, (zone, name),
                                  f"zones/{zone}/instances/{name}")
@@ -166,6 +182,8 @@ class GceApi:
             op["region"] = self._url(f"regions/{region}")
         if error:
             op["_error"] = {"errors": [{"code": error[0], "message": error[1]}]}
+        if self.s.op_delay is not None:
+            op["_done_at"] = time.monotonic() + self.s.op_delay(kind, target.split("/")[-2])
         self.s.operations[op["name"]] = op
         return {k: v for k, v in op.items() if not k.startswith("_")}
 
@@ -173,6 +191,8 @@ class GceApi:
         op = self.s.operations.get(name)
         if op is None:
             raise HttpError(404, "notFound", f"operation '{name}' was not found")
+        if op.get("_done_at", 0.0) > time.monotonic():
+            return {k: v for k, v in op.items() if not k.startswith("_")}  # still RUNNING
         op["status"], op["progress"] = "DONE", 100
         if "_error" in op:
             op["error"] = op["_error"]
@@ -345,10 +365,10 @@ class GceApi:
 class FakeGce:
     """The fake on a loopback port, in its own thread (the SDK's calls block)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, latency: Latency | None = None) -> None:
         self.state = GceState()
         self._api = GceApi(self.state)
-        self._http = JsonServer(self._handle)
+        self._http = JsonServer(self._handle, latency=latency)
 
     def _handle(self, req: Request) -> Reply:
         try:

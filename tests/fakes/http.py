@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,12 +31,17 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+# Request -> seconds to wait before it is handled (a cloud API's latency; None: none).
+Latency = Callable[[Request], float]
+
+
 class JsonServer:
     """``with JsonServer(handle) as srv``: serves ``handle(Request) -> Reply`` on
-    ``srv.url`` until the block ends."""
+    ``srv.url`` until the block ends, each request after ``latency(request)`` seconds
+    (requests wait side by side, as a real API's do)."""
 
     def __init__(self, handle: Callable[[Request], Reply], *,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, latency: Latency | None = None) -> None:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
@@ -51,8 +57,11 @@ class JsonServer:
                 except ValueError:
                     reply = Reply(400, {"error": {"code": 400, "message": "body is not JSON"}})
                 else:
-                    reply = handle(Request(self.command, url.path, parse_qs(url.query), body,
-                                           {k.lower(): v for k, v in self.headers.items()}))
+                    req = Request(self.command, url.path, parse_qs(url.query), body,
+                                  {k.lower(): v for k, v in self.headers.items()})
+                    if latency is not None:
+                        time.sleep(latency(req))
+                    reply = handle(req)
                 data = b"" if reply.body is None else json.dumps(reply.body).encode()
                 self.send_response(reply.status)
                 for k, v in reply.headers.items():

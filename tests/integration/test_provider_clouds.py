@@ -31,7 +31,7 @@ async def test_azure_vm_shape(tmp_path: Path) -> None:
     pytest.importorskip("azure.mgmt.compute")
     from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
     from tests.fakes.azure import FakeArm
-    from tests.integration.test_provider_contract import StaticToken
+    from tests.fakes.clouds import StaticToken
 
     with FakeArm(tmp_path) as fake:
         p = AzureProvider(settings=AzureSettings(

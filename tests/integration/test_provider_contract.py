@@ -209,17 +209,6 @@ class AzureHarness:
         return True
 
 
-class StaticToken:
-    """A TokenCredential for the fake (real clouds: DefaultAzureCredential)."""
-
-    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
-        import time
-
-        from azure.core.credentials import AccessToken
-
-        return AccessToken("fake-arm-token", int(time.time()) + 3600)
-
-
 def _azure(tmp: Any) -> Iterator[AzureHarness]:
     pytest.importorskip("azure.mgmt.compute")
     from controller.provision.providers.azure import (
@@ -228,6 +217,7 @@ def _azure(tmp: Any) -> Iterator[AzureHarness]:
         default_catalog,
     )
     from tests.fakes.azure import FakeArm
+    from tests.fakes.clouds import StaticToken
 
     with FakeArm(tmp) as fake:
         settings = AzureSettings(subscription_id=fake.state.subscription, base_url=fake.url,

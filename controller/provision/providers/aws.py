@@ -1,7 +1,8 @@
 """AWS EC2 behind the provider contract (boto3).
 
-boto3 is synchronous: every call runs in a worker thread (``asyncio.to_thread``) on a
-client made once per region (boto3 clients are thread-safe). botocore's own retries are
+boto3 is synchronous: every call runs in a worker thread of the provider's
+``RequestMeter`` (which also keeps it within ``API_LIMITS``) on a client made once per
+region (boto3 clients are thread-safe). botocore's own retries are
 off (one attempt): the engine owns retry, backoff and rate limits, so a throttled call is
 never retried twice over. Everything we create carries our tags, which is how a restarted
 controller finds it again and how ``cleanup`` knows what is ours.
@@ -38,11 +39,22 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
+from controller.provision.limits import ApiLimits, RequestMeter, gather_launches
 from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.aws")
 
 NAME = "aws"
+
+# EC2 throttles per account and per region with token buckets ("Request throttling for the
+# Amazon EC2 API", docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html):
+# non-mutating (Describe*) requests: bucket 100, refill 20/s; RunInstances also draws on a
+# resource bucket of 1000 instances refilled at 2/s. We launch, terminate, create networks
+# (mutating actions, whose request bucket in the same page's table is 50 refilled at 5/s)
+# and describe through one bucket per region, so it is set to the smallest of them: 5/s,
+# bursts of 50. 100 launches fit in the RunInstances resource bucket.
+API_LIMITS = ApiLimits(rate=0.0, burst=0, region_rate=5.0, region_burst=50, concurrency=8,
+                       batch=50)
 CANONICAL = "099720109477"  # Ubuntu's AWS account
 
 # EC2 instance state name -> ours (the provider's state map, Libcloud style).
@@ -159,7 +171,10 @@ class AwsProvider:
     """EC2: VPC + subnet per zone + internet gateway + security group per infra and region."""
 
     def __init__(self, *, settings: AwsSettings, catalog: Catalog,
-                 session_factory: Callable[[], Any] | None = None) -> None:
+                 session_factory: Callable[[], Any] | None = None,
+                 limits: ApiLimits = API_LIMITS) -> None:
+        self.api_limits = limits
+        self._meter = RequestMeter(limits, name=NAME)
         self._settings = settings
         self._catalog = self._shipped = catalog
         self._session_factory = session_factory
@@ -214,7 +229,7 @@ class AwsProvider:
             return getattr(self._client(region, service), op)(**kwargs)
 
         try:
-            return await asyncio.to_thread(run)
+            return await self._meter.run(region, run)
         except ProvisionError:
             raise
         except Exception as exc:
@@ -234,12 +249,18 @@ class AwsProvider:
                                                        "Tags": _tags(tags)}])
             vpc_id = vpc["Vpc"]["VpcId"]
             log.info("aws %s: created VPC %s for infra %s", region, vpc_id, request.infra)
+        # Ours, attached or not: a controller killed between the create and the attach
+        # left one unattached; it is attached now rather than made again (and leaked).
         igws = (await self._call(region, "describe_internet_gateways",
-                                 Filters=[{"Name": "attachment.vpc-id",
-                                           "Values": [vpc_id]}]))["InternetGateways"]
-        if not igws:
-            igw = (await self._call(region, "create_internet_gateway", TagSpecifications=[
-                {"ResourceType": "internet-gateway", "Tags": _tags(tags)}]))["InternetGateway"]
+                                 Filters=_filters(tags)))["InternetGateways"]
+        attached = [g for g in igws if any(a.get("VpcId") == vpc_id
+                                           for a in g.get("Attachments", []))]
+        if not attached:
+            free = [g for g in igws if not g.get("Attachments")]
+            igw = free[0] if free else (await self._call(
+                region, "create_internet_gateway", TagSpecifications=[
+                    {"ResourceType": "internet-gateway", "Tags": _tags(tags)}]))[
+                "InternetGateway"]
             await self._call(region, "attach_internet_gateway",
                              InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc_id)
             tables = (await self._call(region, "describe_route_tables", Filters=[
@@ -365,11 +386,14 @@ class AwsProvider:
         if not todo:
             return out
         subnet = await self._subnet(region, zone, network)
-        for req in todo:
-            ami = await self._ami(region, req.image)
+        amis = {req.image: await self._ami(region, req.image) for req in todo}
+
+        async def launch(req: LaunchRequest) -> list[Instance]:
+            # One call per VM: the user-data (its join token) and the client token are
+            # per node. The calls run side by side, within the region's limits.
             kwargs: dict[str, Any] = {
-                "ImageId": ami, "InstanceType": req.size, "MinCount": 1, "MaxCount": 1,
-                "UserData": req.user_data,
+                "ImageId": amis[req.image], "InstanceType": req.size, "MinCount": 1,
+                "MaxCount": 1, "UserData": req.user_data,
                 "ClientToken": client_token(req.name, req.tags, zone),
                 "Placement": {"AvailabilityZone": zone},
                 "NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": subnet,
@@ -386,9 +410,10 @@ class AwsProvider:
             if key_name:
                 kwargs["KeyName"] = key_name
             resp = await self._call(region, "run_instances", zone, **kwargs)
-            for raw in resp["Instances"]:
-                out.append(self._instance(raw, region))
-        return out
+            return [self._instance(raw, region) for raw in resp["Instances"]]
+
+        return out + gather_launches(await asyncio.gather(*(launch(r) for r in todo),
+                                                          return_exceptions=True))
 
     async def _by_names(self, region: str, names: Sequence[str]) -> list[Instance]:
         return await self._describe(region, [{"Name": f"tag:{TAG_NODE}", "Values": list(names)}])
@@ -479,6 +504,12 @@ class AwsProvider:
                 await self._gone_ok(region, "delete_internet_gateway", InternetGatewayId=gid)
             await self._gone_ok(region, "delete_vpc", VpcId=vpc_id)
             log.info("aws %s: removed VPC %s", region, vpc_id)
+        # A gateway made but never attached (a controller killed in between).
+        for igw in (await self._call(region, "describe_internet_gateways",
+                                     Filters=_filters(tags)))["InternetGateways"]:
+            if not igw.get("Attachments"):
+                await self._gone_ok(region, "delete_internet_gateway",
+                                    InternetGatewayId=igw["InternetGatewayId"])
         await self._cleanup_key_pairs(tags, region=region)
 
     async def _cleanup_key_pairs(self, tags: Mapping[str, str], *, region: str) -> None:

@@ -5,8 +5,10 @@ One resource group per infra and region (``barista-<infra>-<region>``) holding t
 its subnet, the network security group (WireGuard UDP in; SSH only when asked) and, per
 VM, a static public IP, a NIC and the VM itself with the cloud-init user-data as
 ``custom_data``. Every resource carries our tags. Long-running operations go through the
-SDK's pollers (``polling_interval`` 0 in tests); the SDK's own retries are off (the engine
-owns retries and rate limits). Calls are synchronous in the SDK and run in worker threads.
+SDK's pollers (``polling_interval`` 0 in tests), except VM creation: a batch of VMs is
+followed with one list of the resource group per round, not one poll per VM. The SDK's own
+retries are off (the engine owns retries). Calls are synchronous in the SDK and run in the
+worker threads of the provider's ``RequestMeter``, which keeps them within ``API_LIMITS``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import base64
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +43,25 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
+from controller.provision.limits import ApiLimits, RequestMeter, gather_launches
 from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.azure")
 
 NAME = "azure"
+# VM network interface configurations (NIC + public IP made and deleted by Compute with the
+# VM) need networkApiVersion 2020-11-01 or later.
+NETWORK_API_VERSION = "2020-11-01"
+
+# Azure Resource Manager throttles per subscription, per principal and per region with
+# token buckets since 2024 ("Understand how Azure Resource Manager throttles requests",
+# learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-throttling):
+# reads bucket 250 refilled at 25/s, writes 200 at 10/s, deletes 200 at 10/s. One bucket
+# per region for all our requests at the smallest refill (10/s) with bursts of 200. (The
+# Compute resource provider's own per-operation limits come on top; they are larger than
+# what one create of 100 VMs asks.)
+API_LIMITS = ApiLimits(rate=0.0, burst=0, region_rate=10.0, region_burst=200,
+                       concurrency=8, batch=50)
 ADMIN_USER = "barista"
 
 # instanceView PowerState/<x> -> ours; provisioningState overrides while creating/deleting.
@@ -123,6 +139,21 @@ def map_error(exc: Exception, *, region: str = "", zone: str = "") -> ProvisionE
                           region=region, zone=zone, code=type(exc).__name__)
 
 
+def provisioning_error(vm: Any, *, region: str, zone: str) -> ProvisionError:
+    """The typed error of a VM whose provisioning failed, from its instance view's
+    ``ProvisioningState/failed/<code>`` status."""
+    statuses = vm.instance_view.statuses if vm.instance_view is not None else []
+    for st in statuses or []:
+        code = str(st.code or "")
+        if code.startswith("ProvisioningState/failed"):
+            err = code.split("/", 2)[2] if code.count("/") >= 2 else ""
+            kind = ERROR_MAP.get(err, InvalidRequestError)
+            return kind(f"azure: {st.message or err or 'provisioning failed'}",
+                        provider=NAME, region=region, zone=zone, code=err)
+    return InvalidRequestError(f"azure: VM {vm.name} failed to provision", provider=NAME,
+                               region=region, zone=zone, code="ProvisioningFailed")
+
+
 @dataclass(frozen=True)
 class AzureImage:
     publisher: str
@@ -137,6 +168,8 @@ class AzureSettings:
     base_url: str | None = None  # tests: https://127.0.0.1:PORT (a fake of ARM)
     connection_verify: str | bool = True  # a CA bundle path for the fake's certificate
     polling_interval: float | None = None  # tests: 0
+    status_poll: float = 5.0  # between lists of a resource group while VMs are created
+    operation_timeout: float = 900.0
     images: Mapping[str, AzureImage] = field(default_factory=lambda: {
         "ubuntu-24.04": AzureImage("Canonical", "ubuntu-24_04-lts", "server"),
         "ubuntu-22.04": AzureImage("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2"),
@@ -179,7 +212,10 @@ def _zone_number(zone: str) -> str:
 
 class AzureProvider:
     def __init__(self, *, settings: AzureSettings, catalog: Catalog,
-                 credential_factory: Callable[[], Any] | None = None) -> None:
+                 credential_factory: Callable[[], Any] | None = None,
+                 limits: ApiLimits = API_LIMITS) -> None:
+        self.api_limits = limits
+        self._meter = RequestMeter(limits, name=NAME)
         self._settings = settings
         self._catalog = self._shipped = catalog
         self._credential_factory = credential_factory
@@ -204,11 +240,12 @@ class AzureProvider:
 
         url = self._settings.prices_url
         return await azure_catalog.fetch(
-            self._list, self._arm_json, self._prices_json if url else None, url,
+            self._catalog_listing, self._arm_json, self._prices_json if url else None, url,
             self._settings.subscription_id, sorted(self._shipped.regions), progress)
 
-    async def _list(self, kind: str, path: str, **kwargs: Any) -> list[Any]:
-        """A paged listing, every page read in the worker thread."""
+    async def _catalog_listing(self, kind: str, path: str, **kwargs: Any) -> list[Any]:
+        """A paged listing for the catalog refresh, every page read in a worker thread
+        (not metered per region: a refresh is a few dozen calls, made on request)."""
         def run() -> list[Any]:
             target: Any = self._client(kind)
             for part in path.split("."):
@@ -294,7 +331,7 @@ class AzureProvider:
             return out.result() if wait else out
 
         try:
-            return await asyncio.to_thread(run)
+            return await self._meter.run(region, run)
         except ProvisionError:
             raise
         except Exception as exc:
@@ -357,27 +394,67 @@ class AzureProvider:
         region = placement.region
         rg = network.extra.get("resource_group") or self._rg(network.extra.get("infra", ""),
                                                              region)
-        out = []
-        for req in requests:
-            vm = None
-            try:
-                vm = await self._call("compute", "virtual_machines.get", rg, req.name,
-                                      region=region)
-            except NotFoundError:
-                pass
-            if vm is not None and str(vm.provisioning_state) == "Failed":
-                # A failed allocation leaves the VM (and its NIC and IP, pinned to the
-                # failed zone) behind; they go before another zone is tried.
-                await self.terminate_instances(region, [str(vm.id)])
-                vm = None
-            if vm is None:
-                await self._create_vm(req, rg, placement, network)
-            out.append(await self._get(rg, req.name, region))
-        return out
+        if not requests:
+            return []
+        # One list of the resource group's VMs for the batch (not a get per name).
+        vms = {str(vm.name): vm for vm in await self._list(
+            "compute", "virtual_machines.list", rg, region=region)}
+        failed = [str(vms[r.name].id) for r in requests if r.name in vms
+                  and str(vms[r.name].provisioning_state) == "Failed"]
+        if failed:
+            # A failed allocation leaves the VM (and its NIC and IP, pinned to the failed
+            # zone) behind; they go before another zone is tried.
+            await self.terminate_instances(region, failed)
+        todo = [r for r in requests if r.name not in vms
+                or str(vms[r.name].provisioning_state) == "Failed"]
+        made = gather_launches(await asyncio.gather(
+            *(self._create_vm(r, rg, placement, network) for r in todo),
+            return_exceptions=True))
+        if made:
+            await self._settle(rg, placement, made)
+        names = {r.name for r in requests}
+        return [i for i in await self._instances_in(rg, region) if i.name in names
+                and (i.name not in made or i.extra.get("provisioning") != "Failed")]
+
+    async def _settle(self, rg: str, placement: Placement, made: Collection[str]
+                      ) -> None:
+        """Wait until none of the VMs just created is still being created, with one list of
+        the resource group per round (not a poll per VM); a VM whose creation failed
+        raises its operation's error (a capacity error fails over to another zone) when
+        none of them was made."""
+        region, zone = placement.region, placement.zone
+        deadline = asyncio.get_running_loop().time() + self._settings.operation_timeout
+        while True:
+            states = {str(vm.name): str(vm.provisioning_state) for vm in await self._list(
+                "compute", "virtual_machines.list", rg, region=region)}
+            busy = [n for n in made if states.get(n) in ("Creating", "Updating")]
+            if not busy:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise TransientError(f"azure: VMs {busy[:5]} still being created after "
+                                     f"{self._settings.operation_timeout:.0f} s",
+                                     provider=NAME, region=region, code="TIMEOUT")
+            await asyncio.sleep(self._settings.status_poll)
+        bad = [n for n in made if states.get(n) == "Failed"]
+        if not bad:
+            return
+        errors: list[ProvisionError] = []
+        for n in bad:  # the instance view says why (ProvisioningState/failed/<code>)
+            vm = await self._call("compute", "virtual_machines.get", rg, n,
+                                  expand="instanceView", region=region)
+            errors.append(provisioning_error(vm, region=region, zone=zone))
+        if len(bad) == len(made):
+            raise errors[0]
+        for e in errors:
+            log.warning("azure %s: %s", region, e.message)
 
     async def _create_vm(self, req: LaunchRequest, rg: str, placement: Placement,
-                         network: Network) -> None:
-        cm, nm = _models("compute"), _models("network")
+                         network: Network) -> list[str]:
+        """PUT the VM with its NIC and public IP made by Compute with it (network interface
+        configurations, deleted with the VM): one request per VM, its operation not polled
+        (``polling=False``: the SDK's poller would poll it from a thread of its own); the
+        batch is followed by ``_settle``."""
+        cm = _models("compute")
 
         region, zone = placement.region, placement.zone
         image = self._settings.images.get(req.image)
@@ -389,20 +466,6 @@ class AzureProvider:
                 f"{', '.join(sorted(self._settings.images))})", provider=NAME, region=region)
         tags = {**req.tags, TAG_NODE: req.name}
         zones = [_zone_number(zone)] if zone else None
-        pip = await self._call("network", "public_ip_addresses.begin_create_or_update", rg,
-                               f"{req.name}-ip", nm.PublicIPAddress(
-                                   location=region, tags=tags, zones=zones,
-                                   sku=nm.PublicIPAddressSku(name="Standard"),
-                                   public_ip_allocation_method="Static"),
-                               region=region, zone=zone, wait=True)
-        nic = await self._call("network", "network_interfaces.begin_create_or_update", rg,
-                               f"{req.name}-nic", nm.NetworkInterface(
-                                   location=region, tags=tags, ip_configurations=[
-                                       nm.NetworkInterfaceIPConfiguration(
-                                           name="ipconfig1",
-                                           subnet=nm.Subnet(id=network.subnet_id),
-                                           public_ip_address=nm.PublicIPAddress(id=pip.id))]),
-                               region=region, zone=zone, wait=True)
         if not self._ssh_key:
             self._ssh_key = _throwaway_ssh_key()
         vm = cm.VirtualMachine(
@@ -422,19 +485,57 @@ class AzureProvider:
                     ssh=cm.SshConfiguration(public_keys=[cm.SshPublicKey(
                         path=f"/home/{ADMIN_USER}/.ssh/authorized_keys",
                         key_data=self._ssh_key)]))),
-            network_profile=cm.NetworkProfile(network_interfaces=[
-                cm.NetworkInterfaceReference(id=nic.id, primary=True,
-                                             delete_option="Delete")]),
+            network_profile=cm.NetworkProfile(
+                network_api_version=NETWORK_API_VERSION,
+                network_interface_configurations=[
+                    cm.VirtualMachineNetworkInterfaceConfiguration(
+                        name=f"{req.name}-nic", primary=True, delete_option="Delete",
+                        ip_configurations=[cm.VirtualMachineNetworkInterfaceIPConfiguration(
+                            name="ipconfig1", primary=True,
+                            subnet=cm.SubResource(id=network.subnet_id),
+                            public_ip_address_configuration=cm
+                            .VirtualMachinePublicIPAddressConfiguration(
+                                name=f"{req.name}-ip", delete_option="Delete",
+                                sku=cm.PublicIPAddressSku(name="Standard"),
+                                public_ip_allocation_method="Static"))])]),
         )
         await self._call("compute", "virtual_machines.begin_create_or_update", rg, req.name,
-                         vm, region=region, zone=zone, wait=True)
+                         vm, polling=False, region=region, zone=zone)
+        return [req.name]
 
-    async def _get(self, rg: str, name: str, region: str) -> Instance:
-        vm = await self._call("compute", "virtual_machines.get", rg, name,
-                              expand="instanceView", region=region)
-        return await self._instance(vm, rg)
+    async def _list(self, kind: str, path: str, *args: Any, region: str, **kwargs: Any
+                    ) -> list[Any]:
+        """Every item of a list request (each further page is a further request)."""
+        pages = await self._call(kind, path, *args, region=region, **kwargs)
 
-    async def _instance(self, vm: Any, rg: str) -> Instance:
+        def collect() -> list[Any]:
+            return list(pages)
+
+        try:
+            return await self._meter.run(region, collect)
+        except ProvisionError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, region=region) from None
+
+    async def _instances_in(self, rg: str, region: str, vms: Sequence[Any] | None = None
+                            ) -> list[Instance]:
+        """The VMs of a resource group with their addresses: one list each of VMs (when
+        not given), NICs and public IPs, joined here (not a get per VM)."""
+        if vms is None:
+            vms = await self._list("compute", "virtual_machines.list", rg,
+                                   expand="instanceView", region=region)
+        if not vms:
+            return []
+        nics, pips = await asyncio.gather(
+            self._list("network", "network_interfaces.list", rg, region=region),
+            self._list("network", "public_ip_addresses.list", rg, region=region))
+        by_nic = {str(n.id).lower(): n for n in nics}
+        by_pip = {str(p.id).lower(): p for p in pips}
+        return [self._instance(vm, rg, by_nic, by_pip) for vm in vms]
+
+    def _instance(self, vm: Any, rg: str, nics: Mapping[str, Any], pips: Mapping[str, Any]
+                  ) -> Instance:
         region = str(vm.location)
         state = InstanceState.UNKNOWN
         prov = str(vm.provisioning_state or "")
@@ -448,39 +549,28 @@ class AzureProvider:
             state = InstanceState.TERMINATING
         zone = f"{region}-{vm.zones[0]}" if vm.zones else ""
         private_ip = public_ip = ""
-        nics = vm.network_profile.network_interfaces if vm.network_profile else []
-        if nics:
-            nic_name = nics[0].id.rstrip("/").rsplit("/", 1)[-1]
-            try:
-                nic = await self._call("network", "network_interfaces.get", rg, nic_name,
-                                       region=region)
-                cfg = nic.ip_configurations[0]
-                private_ip = cfg.private_ip_address or ""
-                if cfg.public_ip_address is not None and cfg.public_ip_address.id:
-                    pip = await self._call("network", "public_ip_addresses.get", rg,
-                                           cfg.public_ip_address.id.rsplit("/", 1)[-1],
-                                           region=region)
-                    public_ip = pip.ip_address or ""
-            except NotFoundError:
-                pass
+        refs = vm.network_profile.network_interfaces if vm.network_profile else []
+        nic = nics.get(str(refs[0].id).lower()) if refs else None
+        if nic is not None and nic.ip_configurations:
+            cfg = nic.ip_configurations[0]
+            private_ip = cfg.private_ip_address or ""
+            if cfg.public_ip_address is not None and cfg.public_ip_address.id:
+                pip = pips.get(str(cfg.public_ip_address.id).lower())
+                public_ip = (pip.ip_address or "") if pip is not None else ""
         tags = dict(vm.tags or {})
         return Instance(
             id=str(vm.id), name=tags.get(TAG_NODE, str(vm.name)),
             placement=Placement(NAME, region, zone), state=state,
             size=str(vm.hardware_profile.vm_size) if vm.hardware_profile else "",
             private_ip=private_ip, public_ip=public_ip, tags=tags,
-            extra={"resource_group": rg, "vm_id": str(vm.vm_id or "")})
+            extra={"resource_group": rg, "vm_id": str(vm.vm_id or ""),
+                   "provisioning": prov})
 
     async def query_instances(self, tags: Mapping[str, str], *,
                               region: str | None = None) -> list[Instance]:
-        def listing() -> list[Any]:
-            return list(self._client("compute").virtual_machines.list_all(status_only="true"))
-
-        try:
-            vms = await asyncio.to_thread(listing)
-        except Exception as exc:
-            raise map_error(exc, region=region or "") from None
-        out = []
+        vms = await self._list("compute", "virtual_machines.list_all", status_only="true",
+                               region=region or "")
+        by_rg: dict[str, list[Any]] = {}
         for vm in vms:
             have = dict(vm.tags or {})
             if any(have.get(k) != v for k, v in tags.items()):
@@ -488,8 +578,10 @@ class AzureProvider:
             if region is not None and str(vm.location) != region:
                 continue
             m = _ID.search(str(vm.id))
-            out.append(await self._instance(vm, m.group(1) if m else ""))
-        return out
+            by_rg.setdefault(m.group(1) if m else "", []).append(vm)
+        parts = await asyncio.gather(*(self._instances_in(rg, region or str(v[0].location), v)
+                                       for rg, v in by_rg.items()))
+        return [i for part in parts for i in part]
 
     def _split(self, vm_id: str, region: str) -> tuple[str, str]:
         m = _ID.search(vm_id)
@@ -499,10 +591,12 @@ class AzureProvider:
         return m.group(1), m.group(2)
 
     async def _each(self, op: str, region: str, ids: Sequence[str]) -> None:
-        for vm_id in ids:
+        async def one(vm_id: str) -> None:
             rg, name = self._split(vm_id, region)
             await self._call("compute", f"virtual_machines.{op}", rg, name, region=region,
                              wait=True)
+
+        await asyncio.gather(*(one(i) for i in ids))  # side by side, within the limits
 
     async def stop_instances(self, region: str, ids: Sequence[str]) -> None:
         await self._each("begin_deallocate", region, ids)  # stopped and not billed
@@ -514,16 +608,30 @@ class AzureProvider:
         await self._each("begin_restart", region, ids)
 
     async def terminate_instances(self, region: str, ids: Sequence[str]) -> None:
-        """Delete each VM, then the NIC and public IP made for it (the OS disk goes with
-        the VM: delete_option)."""
-        for vm_id in ids:
+        """Delete each VM (side by side); its OS disk, NIC and public IP go with it
+        (delete_option). A NIC or IP left by a VM made before that (or by hand) is
+        deleted after it."""
+        async def one(vm_id: str) -> None:
             rg, name = self._split(vm_id, region)
             await self._call("compute", "virtual_machines.begin_delete", rg, name,
                              region=region, wait=True)
-            await self._gone_ok("network", "network_interfaces.begin_delete", rg,
-                                f"{name}-nic", region=region)
-            await self._gone_ok("network", "public_ip_addresses.begin_delete", rg,
-                                f"{name}-ip", region=region)
+
+        await asyncio.gather(*(one(i) for i in ids))
+        by_rg: dict[str, set[str]] = {}
+        for vm_id in ids:
+            rg, name = self._split(vm_id, region)
+            by_rg.setdefault(rg, set()).add(name)
+        for rg, names in by_rg.items():
+            for kind, path, suffix in (("network", "network_interfaces", "-nic"),
+                                       ("network", "public_ip_addresses", "-ip")):
+                try:
+                    left = await self._list(kind, f"{path}.list", rg, region=region)
+                except NotFoundError:
+                    continue
+                for res in left:
+                    if str(res.name).removesuffix(suffix) in names:
+                        await self._gone_ok(kind, f"{path}.begin_delete", rg, str(res.name),
+                                            region=region)
 
     async def cleanup(self, tags: Mapping[str, str], *, region: str) -> None:
         """Delete the infra's resource group in ``region`` (VNet, NSG and anything left in
