@@ -40,8 +40,14 @@ RUN_DIR = Path("/run/barista-agent")
 LOG_FILE = Path("/var/log/barista-agent.log")
 UNIT_PATH = Path("/etc/systemd/system/barista-agent.service")
 UNIT_NAME = "barista-agent.service"
-# What the unit in infra/systemd/ starts; rewritten when the venv is elsewhere.
-UNIT_EXEC = "/opt/barista-agent/bin/barista-agent"
+# The interpreter the unit in infra/systemd/ starts the agent with; rewritten when the
+# venv is elsewhere.
+UNIT_EXEC = "/opt/barista-agent/bin/python"
+# How the agent is started, by the unit and by our supervisor alike: -P (the working
+# directory is not on sys.path: no ./agent there can stand in for ours), -OO (no docstrings
+# or asserts, see the unit file); flags, which the commands the agent runs do not inherit.
+AGENT_FLAGS = ["-P", "-OO"]
+AGENT_ARGS = [*AGENT_FLAGS, "-m", "agent", "--config", str(ETC / "agent.toml")]
 BOOT_CONFIG = ETC / "join.json"
 
 # The same token shapes as protocol/trust.py (tests/unit/test_bootstrap.py checks that both
@@ -245,7 +251,7 @@ def systemctl(*args: str) -> None:
 def supervise() -> int:
     """Run the agent and start it again when it exits (backoff up to 30 s), until SIGTERM."""
     installed = json.loads((PREFIX / "installed.json").read_text())
-    command = [installed["agent"], "--config", str(ETC / "agent.toml")]
+    command = [installed["python"], *AGENT_ARGS]
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     pidfile = RUN_DIR / "supervisor.pid"
     stopping = False
@@ -419,7 +425,7 @@ def install(args: argparse.Namespace) -> int:
         os.chmod(STATE_DIR, 0o700)
     with step("service"):
         if systemd_running() and not args.no_systemd:
-            unit = str(manifest["systemd_unit"]).replace(UNIT_EXEC, agent_bin)
+            unit = str(manifest["systemd_unit"]).replace(UNIT_EXEC, python)
             changed |= write_file(UNIT_PATH, unit.encode(), 0o644)
             systemctl("daemon-reload")
             systemctl("enable", UNIT_NAME)
@@ -428,7 +434,7 @@ def install(args: argparse.Namespace) -> int:
         elif os.environ.get("BARISTA_LAB_VM"):
             # A lab VM's init (controller/provision/lab/vminit.py) starts the units the VM
             # enabled, after the user-data and at every boot, like systemd would.
-            unit = str(manifest["systemd_unit"]).replace(UNIT_EXEC, agent_bin)
+            unit = str(manifest["systemd_unit"]).replace(UNIT_EXEC, python)
             changed |= write_file(UNIT_PATH, unit.encode(), 0o644)
             wants = UNIT_PATH.parent / "multi-user.target.wants" / UNIT_NAME
             wants.parent.mkdir(parents=True, exist_ok=True)

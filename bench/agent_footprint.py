@@ -1,5 +1,6 @@
 """Agent footprint at steady state: RSS and CPU of the real agent (`python -m agent`, enrolled
-against a real controller, default collectors and interval) against Debian's
+against a real controller, default collectors and interval, started with the interpreter
+flags of the systemd unit: ``-P -OO``) against Debian's
 prometheus-node-exporter scraped at the same interval, side by side. Prints one JSON line.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.bootstrap import AGENT_FLAGS
 from controller.config import ControllerConfig
 from controller.nats.server import free_port
 from controller.service import Controller
@@ -94,7 +96,8 @@ class Sampler:
 
 
 async def run(
-    seconds: float, interval: float, warmup: float, root: Path, *, tls: bool = True
+    seconds: float, interval: float, warmup: float, root: Path, *, tls: bool = True,
+    flags: list[str] = AGENT_FLAGS,
 ) -> dict[str, object]:
     cfg = ControllerConfig(data_dir=root / "controller", api_port=0, metrics_interval=interval,
                            tls=tls)
@@ -105,7 +108,7 @@ async def run(
         token_file.write_text(token)
         token_file.chmod(0o600)
         agent_args = [
-            sys.executable, "-m", "agent", "--nats-url", controller.agent_nats_url,
+            sys.executable, *flags, "-m", "agent", "--nats-url", controller.agent_nats_url,
             "--token-file", str(token_file), "--state-dir", str(root / "agent"),
             "--hostname", "bench",
             "--controller-key", controller.secrets.signer.public_key_b64,
@@ -172,11 +175,16 @@ def main() -> None:
                         help="wait after the first batch before measuring")
     parser.add_argument("--no-tls", action="store_true",
                         help="plain NATS (default: TLS with the pinned CA, as in production)")
+    parser.add_argument("--python-flags", default=" ".join(AGENT_FLAGS),
+                        help="the agent's interpreter flags (default: as the systemd unit and "
+                             "the installer's supervisor start it)")
     args = parser.parse_args()
+    flags = args.python_flags.split()
     with tempfile.TemporaryDirectory(prefix="barista-bench-footprint-") as tmp:
         result = asyncio.run(run(args.seconds, args.interval, args.warmup, Path(tmp),
-                                 tls=not args.no_tls))
+                                 tls=not args.no_tls, flags=flags))
     result["tls"] = not args.no_tls
+    result["python_flags"] = " ".join(flags)
     print(json.dumps(result))
 
 

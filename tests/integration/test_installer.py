@@ -251,8 +251,10 @@ async def test_real_wheel_into_a_fresh_venv_offline(lab: Lab, tmp_path: Path):
     assert (site / "agent" / "runtime.py").exists() and (site / "protocol").is_dir()
     assert not (site / "controller").exists()  # the agent wheel carries no controller code
     assert await online(lab, "fresh-0") == ["fresh-0"]
-    agents = [p for p in lab.machine.pids() if b"barista-agent" in cmdline(p)]
-    assert any(b"/opt/barista-agent/bin" in cmdline(p) for p in agents)
+    # The agent runs from the installed venv, with the unit's and supervisor's flags.
+    argvs = [cmdline(p).split(b"\0") for p in lab.machine.pids()]
+    assert [b"/opt/barista-agent/bin/python", b"-P", b"-OO", b"-m", b"agent"] in (
+        a[:5] for a in argvs), argvs
     # Again: the same wheel is not installed twice.
     code, out, _ = await run_watching(
         lab, ["env", f"BARISTA_PYTHON={base}", "PYTHONPATH=", "sh", "-c", script],

@@ -120,3 +120,29 @@ def test_imports_are_resolved(tmp_path: Path, source: str, expected: str) -> Non
     path.parent.mkdir(parents=True)
     path.write_text(source + "\n")
     assert expected in {t for _, t in imports(path, tmp_path)}
+
+
+def narrows_only(test: ast.expr) -> bool:
+    """``x is not None`` or ``isinstance(...)`` (and ``and`` of those): what an assert may
+    say in code that runs under ``python -OO``."""
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+        return all(narrows_only(v) for v in test.values)
+    if isinstance(test, ast.Compare):
+        return (len(test.ops) == 1 and isinstance(test.ops[0], ast.IsNot)
+                and isinstance(test.comparators[0], ast.Constant)
+                and test.comparators[0].value is None)
+    return (isinstance(test, ast.Call) and isinstance(test.func, ast.Name)
+            and test.func.id == "isinstance")
+
+
+def test_agent_asserts_only_narrow_types() -> None:
+    """The agent runs under -OO (infra/systemd/barista-agent.service, the installer's
+    supervisor), which drops asserts: none in agent/ or protocol/ may check anything real."""
+    found = []
+    for package in ("agent", "protocol"):
+        for path in modules(package):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Assert) and not narrows_only(node.test):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: "
+                                 f"assert {ast.unparse(node.test)}")
+    assert not found, "use an if and an exception instead:\n" + "\n".join(found)
