@@ -105,6 +105,15 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     sent, received, out = await ping(lab.nodes["a"].ns, lab.nodes["b"].overlay, count=3)
     assert sent == received == 3, out
     assert a.mesh is not None and b.mesh is not None
+    # A late invitation (a retry, a second controller) once the overlay runs: ignored, not
+    # refused as a bad snapshot, and the view stays.
+    assert a.mesh_link is not None
+    rejected = a.mesh.stats.rejected
+    await controller.nc.publish(subjects.mesh_snapshot(a.node_id),
+                                codec.encode(MeshInvite(networks=["ov"])))
+    await wait_for(lambda: a.mesh_link is not None and a.mesh_link.invites_ignored == 1, 5,
+                   "the late invitation ignored")
+    assert a.mesh.stats.rejected == rejected and a.mesh.views["ov"].generation == 3
     # A delta on the network subject (as the controller's JetStream publish delivers it),
     # then garbage and a gap.
     entries["b"] = msgspec.structs.replace(entries["b"], allowed_ips=["10.88.0.0/24"])
