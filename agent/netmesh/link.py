@@ -23,12 +23,10 @@ from protocol.errors import ProtocolError
 from protocol.messages import (
     MeshEndpoint,
     MeshHealth,
-    MeshInvite,
     MeshJoin,
     MeshKeyRotation,
     MeshResyncRequest,
     MeshRotateKey,
-    MeshSnapshot,
     Message,
 )
 from protocol.subjects import Subjects
@@ -61,7 +59,6 @@ class MeshLink:
         self._subs: list[Subscription] = []
         self._deltas: dict[str, Subscription] = {}
         self.rejected = 0  # rotate requests that were not one
-        self.invites_ignored = 0  # invitations that came once the overlay already ran
         self._rotations: set[asyncio.Future[Any]] = set()
         mesh.publish = self.publish
 
@@ -123,16 +120,7 @@ class MeshLink:
 
     async def _on_snapshot(self, msg: Msg) -> None:
         try:
-            try:
-                got: Message | bytes = codec.decode(msg.data)
-            except ProtocolError:
-                got = msg.data  # handle_snapshot refuses it, counted and logged
-            if isinstance(got, MeshInvite):
-                # The same subject carries invitations; one sent before the controller
-                # saw our MeshJoin (a retry, a second controller) needs nothing more.
-                self.invites_ignored += 1
-                return
-            await self.mesh.handle_snapshot(got if isinstance(got, MeshSnapshot) else msg.data)
+            await self.mesh.handle_snapshot(msg.data)
             await self._sync_subscriptions()
         except Exception:  # never let one message end the subscription
             self.log.exception("mesh snapshot handling failed")

@@ -31,6 +31,7 @@ from protocol.mesh import Net, check_peer, key_bytes, network_of
 from protocol.messages import (
     MeshDelta,
     MeshHealth,
+    MeshInvite,
     MeshKeyRotation,
     MeshPeer,
     MeshPeerHealth,
@@ -63,6 +64,7 @@ class MeshStats:
     resyncs: int = 0
     apply_errors: int = 0
     rotations: int = 0
+    invites: int = 0  # invitations on the snapshot subject once the overlay runs (ignored)
 
 
 @dataclass(slots=True)
@@ -259,9 +261,20 @@ class NetMesh:
                     own=snap.own, peers=peers)
 
     async def handle_snapshot(self, data: bytes | MeshSnapshot) -> str:
-        """Apply a snapshot: "applied", "stale" or "rejected"."""
+        """Apply a snapshot: "applied", "stale", "invite" or "rejected"."""
         try:
-            snap = data if isinstance(data, MeshSnapshot) else codec.decode(data, MeshSnapshot)
+            if isinstance(data, MeshSnapshot):
+                snap = data
+            else:
+                got = codec.decode(data)
+                if isinstance(got, MeshInvite):
+                    # The snapshot subject also carries invitations: one sent before the
+                    # controller saw our MeshJoin (a retry, a second controller) asks
+                    # nothing more.
+                    self.stats.invites += 1
+                    return "invite"
+                # anything else is refused with the typed decoder's own words
+                snap = got if isinstance(got, MeshSnapshot) else codec.decode(data, MeshSnapshot)
             view = self._view_of(snap)
         except (ProtocolError, ValueError) as exc:
             return self._reject("snapshot", exc)
