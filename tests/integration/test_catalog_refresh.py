@@ -18,8 +18,9 @@ from controller.api.app import ApiServer
 from controller.provision.contract import CredentialsError, TransientError
 from controller.provision.refresh import CatalogStore, Fetched, OverlaySize, merge, refresh
 from controller.service import Controller
+from tests.fakes.clouds import StaticToken
 from tests.fixtures.controller import controller_config, run_cli
-from tests.integration.test_provider_contract import StaticToken, _aws
+from tests.integration.test_provider_contract import _aws
 
 
 @pytest.fixture
