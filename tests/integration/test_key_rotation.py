@@ -132,6 +132,9 @@ async def test_new_agent_keys_come_with_enrollment_and_a_missed_step_with_heartb
     await agent.commands.unsubscribe()  # deaf, as before its subscriptions were made
     await agent.nc.flush()  # (the server has taken the UNSUBs)
     await keys.finish()
+    # The broadcast is at the server before the agent listens again (under load nats-py's
+    # flusher could send it after the agent's new SUB, and the agent would hear it).
+    await controller.nc.flush()
     await agent.commands.subscribe()
     await wait_for(lambda: agent.keyring is not None and agent.keyring.seq == 2, 10,
                    "the missed step, sent on the heartbeat's word")
