@@ -768,6 +768,8 @@ class Engine:
             if g.count and g.provider not in self._refused and not inf.record.halted.get(
                     g.name):
                 for region in self._network_regions(inf, g):
+                    if (g.provider, region) in inf.networks:
+                        continue  # made by an earlier pass
                     self._network_task(inf, self._providers[g.provider], g, region,
                                        ahead=True)
         try:
