@@ -226,8 +226,7 @@ class AwsProvider:
             # Ours, attached or not: a controller killed between the create and the
             # attach left one unattached; it is attached now rather than made again.
             self._call(region, "describe_internet_gateways", Filters=_filters(tags)),
-            # By name: a group made but not yet tagged... is still found (tags are set in
-            # the create itself, but the name is what EC2 keeps unique per VPC).
+            # By name (EC2 keeps it unique per VPC): the one in our VPC is taken below.
             self._call(region, "describe_security_groups", Filters=[
                 {"Name": "group-name", "Values": [sg_name]}]))
         found_vpc = str(vpcs["Vpcs"][0]["VpcId"]) if vpcs["Vpcs"] else ""
