@@ -291,7 +291,7 @@ class GcpProvider:
         return str(subnets[idx])
 
     async def _insert_resource(self, kind: str, request: Any, *, region: str = "",
-                      wait_region: str = "") -> None:
+                               wait_region: str = "") -> None:
         """Insert a resource and wait for its operation; one that exists already (409
         alreadyExists: made by an earlier pass, or by one killed before its wait) is
         taken as it is. Inserting first, not a get then an insert, saves a round trip on
