@@ -155,6 +155,10 @@ class _Infra:
     leaks: dict[str, Instance] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     networks: dict[tuple[str, str], Network] = field(default_factory=dict)
+    # ensure_network in flight per (provider, region), shared by every group and batch
+    # that needs it (two concurrent ones could each make a VPC); True: started ahead.
+    net_tasks: dict[tuple[str, str], tuple[asyncio.Task[Network], bool]] = field(
+        default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     deleted_at: float = 0.0
 
@@ -759,7 +763,22 @@ class Engine:
     async def _reconcile(self, inf: _Infra) -> None:
         if inf.record.status != "creating":
             inf.record = await self._set_status(inf, "creating")
-        await asyncio.gather(*(self._reconcile_group(inf, g) for g in inf.record.spec.groups))
+        # Every network the pass will likely need, started now and side by side (they
+        # are idempotent): each cloud's and region's setup overlaps the others' and the
+        # groups' queries, instead of starting at each group's first launch.
+        for g in inf.record.spec.groups:
+            if g.count and g.provider not in self._refused and not inf.record.halted.get(
+                    g.name):
+                for region in self._network_regions(inf, g):
+                    if (g.provider, region) in inf.networks:
+                        continue  # made by an earlier pass
+                    self._network_task(inf, self._providers[g.provider], g, region,
+                                       ahead=True)
+        try:
+            await asyncio.gather(*(self._reconcile_group(inf, g)
+                                   for g in inf.record.spec.groups))
+        finally:
+            self._drop_network_tasks(inf)
         # Every call of this pass was answered, and what older open intents (a killed
         # engine's) may have made was observed and adopted at its start: none is needed.
         await self._journal.prune(inf.name, keep_open=False)
@@ -776,18 +795,7 @@ class Engine:
             if g.provider in self._refused:
                 raise _Halt(f"credentials refused by provider {g.provider}: "
                             f"{self._refused[g.provider]}")
-            prefetch = None
-            first = self._placements(g)[0]
-            if g.count and (g.provider, first.region) not in inf.networks:
-                # Usually needed, and idempotent: made while the group's VMs are queried.
-                prefetch = asyncio.ensure_future(self._network(
-                    inf, self._providers[g.provider], g, first.region))
-            try:
-                await self._observe(inf, g)
-            finally:
-                if prefetch is not None:
-                    with contextlib.suppress(ProvisionError):
-                        await prefetch
+            await self._observe(inf, g)  # while the networks started ahead are made
             retire = inf.record.retire.get(g.name, [])
             if retire:
                 await self._retire(inf, g, retire)
@@ -835,17 +843,62 @@ class Engine:
             n.error = error or reason
             self._emit(inf, group=n.group, node=n.name, phase="failed", message=n.error)
 
+    def _network_regions(self, inf: _Infra, g: GroupSpec) -> list[str]:
+        """Where the group's launches go first: its first placement's region, and the
+        regions of its open create intents (a killed engine's names are tried there
+        first). Failover regions get their network when a batch fails over to them."""
+        regions = self._regions(g)  # (cleanup removes networks in these only)
+        hinted = [op.region for op in self._journal.open(inf.name, op="create", group=g.name)
+                  if op.provider == g.provider and op.region in regions]
+        return list(dict.fromkeys([regions[0], *hinted]))
+
+    def _network_task(self, inf: _Infra, prov: Provider, g: GroupSpec, region: str, *,
+                      ahead: bool = False) -> asyncio.Task[Network]:
+        """The ensure_network of (provider, region) in flight, else a new one."""
+        key = (prov.name, region)
+        running = inf.net_tasks.get(key)
+        if running is not None and not (running[0].done() and (
+                running[0].cancelled() or running[0].exception() is not None)):
+            return running[0]
+        req = NetworkRequest(infra=inf.name, region=region, ssh_from=tuple(g.ssh_from),
+                             ssh_public_key=g.ssh_public_key, tags=self._tags(inf.name))
+
+        async def make() -> Network:
+            net = await self._call(prov, region, "ensure_network",
+                                   lambda: prov.ensure_network(req))
+            inf.networks[key] = net
+            return net
+
+        task = asyncio.ensure_future(make())
+        inf.net_tasks[key] = (task, ahead)
+        return task
+
+    def _drop_network_tasks(self, inf: _Infra) -> None:
+        """At a pass's end: what was started ahead and not needed (its group halted) is
+        cancelled; failures nobody awaited are read (they were retried or reported)."""
+        for task, _ in inf.net_tasks.values():
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()
+        inf.net_tasks.clear()
+
     async def _network(self, inf: _Infra, prov: Provider, g: GroupSpec, region: str
                        ) -> Network:
         key = (prov.name, region)
         net = inf.networks.get(key)
-        if net is None:
-            req = NetworkRequest(infra=inf.name, region=region, ssh_from=tuple(g.ssh_from),
-                                 ssh_public_key=g.ssh_public_key, tags=self._tags(inf.name))
-            net = await self._call(prov, region, "ensure_network",
-                                   lambda: prov.ensure_network(req))
-            inf.networks[key] = net
-        return net
+        if net is not None:
+            return net
+        task = self._network_task(inf, prov, g, region)
+        ahead = inf.net_tasks[key] == (task, True)
+        try:
+            return await task
+        except ProvisionError:
+            if not ahead:
+                raise
+        # Started ahead and failed (retries exhausted before any launch needed it): the
+        # launch tries once more on its own, as it would have without the head start.
+        return await self._network_task(inf, prov, g, region)
 
     async def _launch(self, inf: _Infra, g: GroupSpec, nodes: list[_Node]) -> None:
         prov = self._providers[g.provider]

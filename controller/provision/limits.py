@@ -15,7 +15,7 @@ import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -128,3 +128,13 @@ def gather_launches(results: Sequence[list[T] | BaseException]) -> list[T]:
     if errors and not made:
         raise errors[0]
     return made
+
+
+async def gather_all(*aws: Awaitable[Any]) -> list[Any]:
+    """Requests side by side, each to its end (none abandoned half-way because another
+    failed), then the first error raised, if any; else their answers in order."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)

@@ -7,8 +7,10 @@ machines (``properties`` envelope, ``$expand=instanceView``, ``statusOnly`` list
 long-running operations (201/202 with ``Azure-AsyncOperation``, an operation resource with
 ``status`` InProgress/Succeeded/Failed and its ``error``), the ARM error body
 ``{"error": {"code", "message"}}``, case-insensitive paths, dependency checks (a NIC in use,
-a zone change on an existing VM) and cascades (resource group delete, a NIC with
-``deleteOption: Delete``). Every request is recorded; failures are injected per zone.
+a zone change on an existing VM, a reference to a network resource not yet provisioned:
+429 RetryableError / ReferencedResourceNotProvisioned) and cascades (resource group
+delete, a NIC with ``deleteOption: Delete``). Every request is recorded; failures are
+injected per zone.
 """
 
 from __future__ import annotations
@@ -154,6 +156,18 @@ class ArmApi:
             raise ArmError(400, "InvalidResourceReference", f"Resource {rid} referenced "
                            "by the request is not valid.")
         return self._get(p[3], kind, p[7])
+
+    def _provisioned(self, ref: dict[str, Any], by: str) -> None:
+        """The network RP refuses a resource referring to one still being made or
+        updated (the code real ARM answers: the caller waits for the referenced one's
+        operation first)."""
+        state = ref.get("properties", {}).get("provisioningState", "Succeeded")
+        if state != "Succeeded":
+            raise ArmError(429, "RetryableError",
+                           "A retryable error occurred. ReferencedResourceNotProvisioned: "
+                           f"Cannot proceed with operation because resource {ref['id']} used "
+                           f"by resource {by} is not in Succeeded state. Resource is in "
+                           f"{state} state.")
 
     def _async(self, status: int, body: Any, ns: str, action: str, *target: str,
                error: tuple[str, str] | None = None) -> Reply:
@@ -310,7 +324,7 @@ class ArmApi:
             sub["id"] = f"{res['id']}/subnets/{sub['name']}"
             nsg = sub["properties"].get("networkSecurityGroup")
             if nsg:
-                self._by_id(nsg["id"], "networksecuritygroups")
+                self._provisioned(self._by_id(nsg["id"], "networksecuritygroups"), sub["id"])
         return self._provisioning(key, res, old)
 
     def _put_publicipaddresses(self, rg: str, name: str, key: Any, res: dict[str, Any],
@@ -330,6 +344,7 @@ class ArmApi:
             sub_id = props.get("subnet", {}).get("id", "")
             vnet_id = sub_id.rsplit("/subnets/", 1)[0]
             vnet = self._by_id(vnet_id, "virtualnetworks")
+            self._provisioned(vnet, res["id"])
             if not any(s["id"].lower() == sub_id.lower()
                        for s in vnet["properties"].get("subnets", [])):
                 raise ArmError(400, "InvalidResourceReference", f"subnet {sub_id} not found")

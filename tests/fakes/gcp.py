@@ -4,7 +4,8 @@ It follows the documented request and response shapes (resources, Operation with
 id, the JSON error body with ``errors[].reason``, aggregated lists keyed by scope, the
 ``(labels.k = "v")`` filter syntax, ``requestId`` idempotency) for the calls our provider
 makes, validates what real GCE validates that matters to us (names, machine types, known
-network/subnet), and records every request so tests assert on what the SDK sent.
+network/subnet, none referred to before its insert operation is DONE: resourceNotReady),
+and records every request so tests assert on what the SDK sent.
 Failures are injected per zone/region: capacity, quota, throttling.
 """
 
@@ -57,6 +58,9 @@ class GceState:
     # DONE; None: done when first waited on. ``operations.wait`` blocks until then, or
     # answers RUNNING after WAIT_MAX (GCE: "approaching the 2 minute deadline").
     op_delay: Callable[[str, str], float] | None = None
+    # selfLink of a network or subnet -> the name of the operation making it: GCE refuses
+    # a resource referring to one whose insert is not DONE yet (400 resourceNotReady).
+    making: dict[str, str] = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(5_000_000_001))
     ips: Iterator[int] = field(default_factory=lambda: itertools.count(10))
 
@@ -240,7 +244,18 @@ class GceApi:
                                  "name": name, "autoCreateSubnetworks": False,
                                  "selfLink": self._url(f"global/networks/{name}"),
                                  "description": body.get("description", "")}
-        return self._remember(rid, self._op("insert", f"global/networks/{name}"))
+        return self._made(rid, self._op("insert", f"global/networks/{name}"))
+
+    def _made(self, rid: str, op: dict[str, Any]) -> dict[str, Any]:
+        """A network or subnet being made: not ready to refer to until ``op`` is done."""
+        self.s.making[op["targetLink"]] = op["name"]
+        return self._remember(rid, op)
+
+    def _ready(self, link: str) -> None:
+        op = self.s.operations.get(self.s.making.get(link, ""))
+        if op is not None and op.get("_done_at", 0.0) > time.monotonic():
+            rel = link.split("/compute/v1/", 1)[-1]
+            raise HttpError(400, "resourceNotReady", f"The resource '{rel}' is not ready")
 
     def _delete_network(self, name: str) -> Any:
         if name not in self.s.networks:
@@ -257,7 +272,9 @@ class GceApi:
         name = ref.rstrip("/").rsplit("/", 1)[-1]
         if name not in self.s.networks:
             raise HttpError(400, "invalid", f"network '{ref}' does not exist")
-        return self._url(f"global/networks/{name}")
+        link = self._url(f"global/networks/{name}")
+        self._ready(link)
+        return link
 
     def _insert_subnet(self, region: str, body: Any, rid: str) -> Any:
         if (d := self._dedupe(rid)) is not None:
@@ -270,8 +287,8 @@ class GceApi:
             "network": self._network_link(body.get("network", "")),
             "ipCidrRange": body["ipCidrRange"], "region": self._url(f"regions/{region}"),
             "selfLink": self._url(f"regions/{region}/subnetworks/{name}")}
-        return self._remember(rid, self._op("insert", f"regions/{region}/subnetworks/{name}",
-                                            region=region))
+        return self._made(rid, self._op("insert", f"regions/{region}/subnetworks/{name}",
+                                        region=region))
 
     def _delete_subnet(self, region: str, name: str) -> Any:
         sub = self.s.subnets.get((region, name))
@@ -321,6 +338,7 @@ class GceApi:
             if (region, sub) not in self.s.subnets:
                 raise HttpError(400, "invalid", f"subnetwork '{sub}' does not exist in "
                                 f"{region}")
+            self._ready(self.s.subnets[(region, sub)]["selfLink"])
         if zone in self.s.capacity_exhausted:
             op = self._op("insert", f"zones/{zone}/instances/{name}", zone=zone, error=(
                 "ZONE_RESOURCE_POOL_EXHAUSTED",

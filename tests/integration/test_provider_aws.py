@@ -71,6 +71,36 @@ async def test_network_is_idempotent_and_opens_only_wireguard(aws: AwsProvider, 
     assert rules == [("udp", 51820, 51820, ["0.0.0.0/0"])]
 
 
+async def test_a_network_made_half_way_is_completed(aws: AwsProvider, ec2: Any) -> None:
+    # A controller killed after the gateway's attach (before the route) and after the
+    # security group's create (before its rule): the next ensure_network adds the route
+    # and the rule, and makes nothing twice.
+    tags = [{"Key": k, "Value": v} for k, v in sorted(TAGS.items())]
+    vpc = ec2.create_vpc(CidrBlock="10.64.0.0/16", TagSpecifications=[
+        {"ResourceType": "vpc", "Tags": tags}])["Vpc"]["VpcId"]
+    igw = ec2.create_internet_gateway(TagSpecifications=[
+        {"ResourceType": "internet-gateway", "Tags": tags}])["InternetGateway"][
+        "InternetGatewayId"]
+    ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=vpc)
+    sg = ec2.create_security_group(GroupName="barista-web", VpcId=vpc, Description="x",
+                                   TagSpecifications=[{"ResourceType": "security-group",
+                                                       "Tags": tags}])["GroupId"]
+    req = NetworkRequest(infra="web", region=REGION, tags=TAGS)
+    net = await aws.ensure_network(req)
+    again = await aws.ensure_network(req)
+    assert (net.id, net.firewall_id) == (again.id, again.firewall_id) == (vpc, sg)
+    perms = ec2.describe_security_groups(GroupIds=[sg])["SecurityGroups"][0]["IpPermissions"]
+    assert [(p["IpProtocol"], p.get("FromPort"), [r["CidrIp"] for r in p["IpRanges"]])
+            for p in perms] == [("udp", 51820, ["0.0.0.0/0"])]
+    routes = [r for t in ec2.describe_route_tables(Filters=[
+        {"Name": "vpc-id", "Values": [vpc]}])["RouteTables"] for r in t["Routes"]]
+    assert [r.get("GatewayId") for r in routes
+            if r.get("DestinationCidrBlock") == "0.0.0.0/0"] == [igw]
+    tagged = [{"Name": "tag:barista-infra", "Values": ["web"]}]
+    assert len(ec2.describe_internet_gateways(Filters=tagged)["InternetGateways"]) == 1
+    assert len(ec2.describe_vpcs(Filters=tagged)["Vpcs"]) == 1
+
+
 async def test_ssh_only_when_asked(aws: AwsProvider, ec2: Any) -> None:
     net = await aws.ensure_network(NetworkRequest(infra="ops", region=REGION, tags=TAGS,
                                                   ssh_from=("203.0.113.0/24",)))

@@ -77,6 +77,33 @@ async def test_create_two_providers_ready_and_rerun_creates_nothing(simlab: SimL
 FAST_SIM = {"latency_max": 0.003, "boot_time": 0.03, "boot_jitter": 0.02}
 
 
+async def test_networks_start_together_one_per_provider_and_region(simlab: SimLab) -> None:
+    # Two groups share sim-a/east-1, a third is on sim-b: one ensure_network per provider
+    # and region (two in flight at once could each make a network), and all of them
+    # started at the pass's start, side by side (not each at its group's first launch).
+    slow = {"latency_min": 0.2, "latency_max": 0.2, "boot_time": 0.03, "boot_jitter": 0.0}
+    a = await simlab.sim("sim-a", **slow)
+    b = await simlab.sim("sim-b", **slow)
+    async with simlab.engine({"sim-a": a, "sim-b": b}) as engine:
+        await engine.create(spec(
+            engine, "nets",
+            {"name": "fe", "provider": "sim-a", "regions": ["east-1"], "size": "small",
+             "count": 2},
+            {"name": "be", "provider": "sim-a", "regions": ["east-1/east-1b"],
+             "size": "small", "count": 1},
+            {"name": "db", "provider": "sim-b", "regions": ["eu-1"], "size": "small",
+             "count": 1}))
+        view = await settled(engine, "nets")
+        assert view.status == "ready", view.summary
+        assert a.stats.calls["ensure_network"] == 1 and b.stats.calls["ensure_network"] == 1
+        assert len(a.networks) == 1 and len(b.networks) == 1
+        starts = [t for s in (a, b) for t, op, _r in s.stats.log if op == "ensure_network"]
+        assert max(starts) - min(starts) < 0.15, starts  # less than one call's latency
+        await engine.delete("nets")
+        assert (await settled(engine, "nets")).status == "deleted"
+        assert a.networks == {} and b.networks == {}
+
+
 async def test_scale_out_and_in_removes_highest_index_after_confirmations(
         simlab: SimLab) -> None:
     a = await simlab.sim("sim-a", terminate_time=0.02, gone_after=0.05, **FAST_SIM)

@@ -66,6 +66,8 @@ GCP_HTTP_TABLE = [
     (401, "authError", CredentialsError, "provider"),
     (404, "notFound", NotFoundError, "region"),
     (400, "invalid", InvalidRequestError, "region"),
+    (400, "resourceNotReady", TransientError, "region"),
+    (409, "alreadyExists", InvalidRequestError, "region"),  # ensure_network takes it as made
     (503, "backendError", TransientError, "region"),
     (500, "", TransientError, "region"),
 ]
@@ -81,6 +83,7 @@ def test_gcp_http_errors(status: int, reason: str, kind: type[ProvisionError],
     exc = gx.from_http_status(status, "m", errors=errors)
     err = map_error(exc, region="us-central1", zone="us-central1-a")
     assert (type(err), err.scope, err.provider) == (kind, scope, "gcp")
+    assert err.code == (reason or str(status))  # (what ensure_network reads: alreadyExists)
 
 
 GCP_OPERATION_TABLE = [
@@ -109,6 +112,9 @@ def test_gcp_operation_errors(code: str, kind: type[ProvisionError], scope: str)
 AZURE_TABLE = [
     (429, "TooManyRequests", TransientError, "region"),
     (503, "ServiceUnavailable", TransientError, "region"),
+    (429, "RetryableError", TransientError, "region"),
+    (400, "ReferencedResourceNotProvisioned", TransientError, "region"),
+    (409, "AnotherOperationInProgress", TransientError, "region"),
     (200, "ZonalAllocationFailed", CapacityError, "zone"),
     (409, "AllocationFailed", CapacityError, "zone"),
     (409, "SkuNotAvailable", CapacityError, "zone"),

@@ -64,3 +64,40 @@ def test_summary() -> None:
                        failed=2, reasons={"capacity in zone z": 1, "quota in region r": 1})]
     assert _summary(mixed) == ("Running 7/10, Ready 5, Pending 1, Failed 2 (1 capacity in "
                                "zone z, 1 quota in region r)")
+
+
+async def test_one_ensure_network_in_flight_per_provider_and_region() -> None:
+    # Batches and groups needing the same network share one call (two could each make a
+    # VPC); one started ahead that failed is tried once more by the launch that needs it.
+    import asyncio
+    from typing import Any
+
+    from controller.provision.engine import Engine, _Infra
+    from controller.provision.providers.sim import FailureRule, SimProvider, SimSettings
+    from controller.provision.spec import spec_from_obj
+
+    sim = SimProvider(SimSettings(latency_min=0.05, latency_max=0.05, failures=[
+        FailureRule(op="ensure_network", error="quota", region="eu-1")]), name="sim-a")
+    none: Any = None
+    engine = Engine(infras=none, ops=none, nodes=none, providers={"sim-a": sim},
+                    renderer=none, installation="t")
+    spec = spec_from_obj({"name": "n", "groups": [
+        {"name": "g", "provider": "sim-a", "regions": ["east-1"], "size": "small",
+         "count": 1}]}, catalogs=engine.catalogs())
+    g = spec.groups[0]
+    inf = _Infra("n", none)
+    try:
+        nets = await asyncio.gather(*(engine._network(inf, sim, g, "east-1")
+                                      for _ in range(3)))
+        assert len({n.id for n in nets}) == 1
+        assert sim.stats.calls["ensure_network"] == 1 and len(sim.networks) == 1
+        assert await engine._network(inf, sim, g, "east-1") == nets[0]  # made: not asked
+        assert sim.stats.calls["ensure_network"] == 1
+        engine._network_task(inf, sim, g, "eu-1", ahead=True)  # fails (quota, once)
+        await asyncio.sleep(0.2)
+        net = await engine._network(inf, sim, g, "eu-1")
+        assert net.region == "eu-1" and sim.stats.calls["ensure_network"] == 3
+        engine._drop_network_tasks(inf)
+        assert inf.net_tasks == {}
+    finally:
+        await sim.aclose()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
-from controller.provision.limits import ApiLimits, RequestMeter, gather_launches
+from controller.provision.limits import ApiLimits, RequestMeter, gather_all, gather_launches
 from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.aws")
@@ -180,6 +180,7 @@ class AwsProvider:
         self._session_factory = session_factory
         self._clients: dict[tuple[str, str], Any] = {}
         self._amis: dict[tuple[str, str], str] = {}
+        self._subnet_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
     @property
     def name(self) -> str:
@@ -238,38 +239,43 @@ class AwsProvider:
     # -- network -----------------------------------------------------------------------
 
     async def ensure_network(self, request: NetworkRequest) -> Network:
+        """VPC, internet gateway (attached, with the default route) and security group,
+        found by tag or made. What does not depend on the VPC runs beside its creation
+        (the lookups, the gateway's creation); the rest runs side by side once the VPC
+        exists: the critical path is lookups, VPC, attach, route (or group, rules)."""
         region = request.region
         tags = {**request.tags, TAG_INFRA: request.infra}
-        vpcs = (await self._call(region, "describe_vpcs", Filters=_filters(tags)))["Vpcs"]
-        if vpcs:
-            vpc_id = vpcs[0]["VpcId"]
-        else:
-            vpc = await self._call(region, "create_vpc", CidrBlock=request.cidr,
-                                   TagSpecifications=[{"ResourceType": "vpc",
-                                                       "Tags": _tags(tags)}])
-            vpc_id = vpc["Vpc"]["VpcId"]
+        sg_name = f"barista-{request.infra}"
+        vpcs, igws, sgs = await gather_all(
+            self._call(region, "describe_vpcs", Filters=_filters(tags)),
+            # Ours, attached or not: a controller killed between the create and the
+            # attach left one unattached; it is attached now rather than made again.
+            self._call(region, "describe_internet_gateways", Filters=_filters(tags)),
+            # By name (EC2 keeps it unique per VPC): the one in our VPC is taken below.
+            self._call(region, "describe_security_groups", Filters=[
+                {"Name": "group-name", "Values": [sg_name]}]))
+        found_vpc = str(vpcs["Vpcs"][0]["VpcId"]) if vpcs["Vpcs"] else ""
+        gateways: list[dict[str, Any]] = igws["InternetGateways"]
+
+        async def vpc() -> str:
+            if found_vpc:
+                return found_vpc
+            made = await self._call(region, "create_vpc", CidrBlock=request.cidr,
+                                    TagSpecifications=[{"ResourceType": "vpc",
+                                                        "Tags": _tags(tags)}])
+            vpc_id = str(made["Vpc"]["VpcId"])
             log.info("aws %s: created VPC %s for infra %s", region, vpc_id, request.infra)
-        # Ours, attached or not: a controller killed between the create and the attach
-        # left one unattached; it is attached now rather than made again (and leaked).
-        igws = (await self._call(region, "describe_internet_gateways",
-                                 Filters=_filters(tags)))["InternetGateways"]
-        attached = [g for g in igws if any(a.get("VpcId") == vpc_id
-                                           for a in g.get("Attachments", []))]
-        if not attached:
-            free = [g for g in igws if not g.get("Attachments")]
-            igw = free[0] if free else (await self._call(
-                region, "create_internet_gateway", TagSpecifications=[
-                    {"ResourceType": "internet-gateway", "Tags": _tags(tags)}]))[
-                "InternetGateway"]
-            await self._call(region, "attach_internet_gateway",
-                             InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc_id)
-            tables = (await self._call(region, "describe_route_tables", Filters=[
-                {"Name": "vpc-id", "Values": [vpc_id]}]))["RouteTables"]
-            for t in tables:
-                await self._call(region, "create_route", RouteTableId=t["RouteTableId"],
-                                 DestinationCidrBlock="0.0.0.0/0",
-                                 GatewayId=igw["InternetGatewayId"])
-        sg_id = await self._ensure_security_group(region, vpc_id, request, tags)
+            return vpc_id
+
+        vpc_task = asyncio.ensure_future(vpc())
+        try:
+            sg_id, _ = await gather_all(
+                self._ensure_security_group(region, vpc_task, request, tags, sgs),
+                self._ensure_gateway(region, vpc_task, found_vpc, gateways, tags))
+            vpc_id = await vpc_task
+        finally:
+            if not vpc_task.done():
+                vpc_task.cancel()
         extra = {"infra": request.infra}
         if request.ssh_public_key:
             extra["key_name"] = await self._ensure_key_pair(region, request, tags)
@@ -298,18 +304,49 @@ class AwsProvider:
         log.info("aws %s: imported key pair %s for infra %s", region, name, request.infra)
         return name
 
-    async def _ensure_security_group(self, region: str, vpc_id: str, request: NetworkRequest,
-                                     tags: Mapping[str, str]) -> str:
-        name = f"barista-{request.infra}"
-        groups = (await self._call(region, "describe_security_groups", Filters=[
-            {"Name": "vpc-id", "Values": [vpc_id]},
-            {"Name": "group-name", "Values": [name]}]))["SecurityGroups"]
-        if groups:
-            return str(groups[0]["GroupId"])
-        sg = await self._call(
-            region, "create_security_group", GroupName=name, VpcId=vpc_id,
-            Description=f"barista infra {request.infra}: WireGuard UDP {request.wireguard_port}",
-            TagSpecifications=[{"ResourceType": "security-group", "Tags": _tags(tags)}])
+    async def _ensure_gateway(self, region: str, vpc_task: Awaitable[str], found_vpc: str,
+                              gateways: list[dict[str, Any]], tags: Mapping[str, str]
+                              ) -> None:
+        """The VPC's internet gateway, attached, and the default route to it in the VPC's
+        route tables (a route missing after a kill between the attach and the route is
+        made now). A gateway is created beside the VPC's creation: it needs no VPC."""
+        def attached_to(vpc_id: str) -> list[dict[str, Any]]:
+            return [g for g in gateways if any(a.get("VpcId") == vpc_id
+                                               for a in g.get("Attachments", []))]
+
+        have = attached_to(found_vpc) if found_vpc else []
+        free = [g for g in gateways if not g.get("Attachments")]
+        if have:
+            igw_id, attach = str(have[0]["InternetGatewayId"]), False
+        elif free:
+            igw_id, attach = str(free[0]["InternetGatewayId"]), True
+        else:
+            made = await self._call(region, "create_internet_gateway", TagSpecifications=[
+                {"ResourceType": "internet-gateway", "Tags": _tags(tags)}])
+            igw_id, attach = str(made["InternetGateway"]["InternetGatewayId"]), True
+        vpc_id = await vpc_task
+
+        async def attach_it() -> None:
+            if attach:
+                await self._call(region, "attach_internet_gateway", InternetGatewayId=igw_id,
+                                 VpcId=vpc_id)
+
+        _, tables = await gather_all(attach_it(), self._call(
+            region, "describe_route_tables", Filters=[{"Name": "vpc-id", "Values": [vpc_id]}]))
+        todo = [t for t in tables["RouteTables"] if not any(
+            r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("GatewayId") == igw_id
+            for r in t.get("Routes", []))]
+        await gather_all(*(self._call(region, "create_route",
+                                          RouteTableId=t["RouteTableId"],
+                                          DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id)
+                               for t in todo))
+
+    async def _ensure_security_group(self, region: str, vpc_task: Awaitable[str],
+                                     request: NetworkRequest, tags: Mapping[str, str],
+                                     found: Mapping[str, Any]) -> str:
+        """The infra's security group in the VPC with its rules; a rule missing (a kill
+        between the group's creation and its rules) is added now."""
+        vpc_id = await vpc_task
         perms: list[dict[str, Any]] = [{
             "IpProtocol": "udp", "FromPort": request.wireguard_port,
             "ToPort": request.wireguard_port,
@@ -318,37 +355,60 @@ class AwsProvider:
             perms.append({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
                           "IpRanges": [{"CidrIp": c, "Description": "ssh (asked for)"}
                                        for c in request.ssh_from]})
-        await self._call(region, "authorize_security_group_ingress", GroupId=sg["GroupId"],
-                         IpPermissions=perms)
-        return str(sg["GroupId"])
+        groups = [g for g in found["SecurityGroups"] if g.get("VpcId") == vpc_id]
+        if groups:
+            sg_id = str(groups[0]["GroupId"])
+            have = {(p.get("IpProtocol"), p.get("FromPort"), p.get("ToPort"), r.get("CidrIp"))
+                    for p in groups[0].get("IpPermissions", []) for r in p.get("IpRanges", [])}
+            perms = [m for m in ({**p, "IpRanges": [
+                r for r in p["IpRanges"] if (p["IpProtocol"], p["FromPort"], p["ToPort"],
+                                             r["CidrIp"]) not in have]} for p in perms)
+                if m["IpRanges"]]
+        else:
+            sg = await self._call(
+                region, "create_security_group", GroupName=f"barista-{request.infra}",
+                VpcId=vpc_id,
+                Description=f"barista infra {request.infra}: WireGuard UDP "
+                            f"{request.wireguard_port}",
+                TagSpecifications=[{"ResourceType": "security-group", "Tags": _tags(tags)}])
+            sg_id = str(sg["GroupId"])
+        if perms:
+            await self._call(region, "authorize_security_group_ingress", GroupId=sg_id,
+                             IpPermissions=perms)
+        return sg_id
 
-    async def _subnet(self, region: str, zone: str, network: Network) -> str:
-        """The infra's subnet in ``zone`` (made on first use: a /20 per zone)."""
-        subnets = (await self._call(region, "describe_subnets", zone, Filters=[
-            {"Name": "vpc-id", "Values": [network.id]},
-            {"Name": "availability-zone", "Values": [zone]}]))["Subnets"]
-        if subnets:
-            return str(subnets[0]["SubnetId"])
-        taken = (await self._call(region, "describe_subnets", zone, Filters=[
-            {"Name": "vpc-id", "Values": [network.id]}]))["Subnets"]
-        import ipaddress
+    async def _subnet(self, region: str, zone: str, network: Network) -> tuple[str, bool]:
+        """The infra's subnet in ``zone`` (made on first use: a /20 per zone), and whether
+        it was made now. One lookup of the VPC's subnets; one create at a time per VPC
+        and zone (two batches in a zone must not make two subnets)."""
+        lock = self._subnet_locks.setdefault((region, network.id, zone), asyncio.Lock())
+        async with lock:
+            taken = (await self._call(region, "describe_subnets", zone, Filters=[
+                {"Name": "vpc-id", "Values": [network.id]}]))["Subnets"]
+            here = [s for s in taken if s.get("AvailabilityZone") == zone]
+            if here:
+                return str(here[0]["SubnetId"]), False
+            import ipaddress
 
-        used = {ipaddress.ip_network(s["CidrBlock"]) for s in taken}
-        vpc_net = ipaddress.ip_network(network.cidr)
-        prefix = max(vpc_net.prefixlen, min(20, vpc_net.prefixlen + 4))
-        free = next((n for n in vpc_net.subnets(new_prefix=prefix)
-                     if not any(n.overlaps(u) for u in used)), None)
-        if free is None:
-            raise QuotaError(f"aws: VPC {network.id} ({network.cidr}) has no room for a subnet "
-                             f"in {zone}", provider=NAME, region=region, zone=zone)
-        sub = await self._call(region, "create_subnet", zone, VpcId=network.id,
-                               CidrBlock=str(free), AvailabilityZone=zone, TagSpecifications=[
-                                   {"ResourceType": "subnet",
-                                    "Tags": _tags({TAG_INFRA: network.extra.get("infra", "")})}])
-        subnet_id = str(sub["Subnet"]["SubnetId"])
+            used = {ipaddress.ip_network(s["CidrBlock"]) for s in taken}
+            vpc_net = ipaddress.ip_network(network.cidr)
+            prefix = max(vpc_net.prefixlen, min(20, vpc_net.prefixlen + 4))
+            free = next((n for n in vpc_net.subnets(new_prefix=prefix)
+                         if not any(n.overlaps(u) for u in used)), None)
+            if free is None:
+                raise QuotaError(f"aws: VPC {network.id} ({network.cidr}) has no room for a "
+                                 f"subnet in {zone}", provider=NAME, region=region, zone=zone)
+            sub = await self._call(region, "create_subnet", zone, VpcId=network.id,
+                                   CidrBlock=str(free), AvailabilityZone=zone,
+                                   TagSpecifications=[{"ResourceType": "subnet", "Tags": _tags(
+                                       {TAG_INFRA: network.extra.get("infra", "")})}])
+            return str(sub["Subnet"]["SubnetId"]), True
+
+    async def _public_ips_on_launch(self, region: str, zone: str, subnet_id: str) -> None:
+        """A new subnet maps public addresses on launch (for VMs launched by hand: ours ask
+        for one in the launch itself, so this runs beside the launches)."""
         await self._call(region, "modify_subnet_attribute", zone, SubnetId=subnet_id,
                          MapPublicIpOnLaunch={"Value": True})
-        return subnet_id
 
     async def _ami(self, region: str, image: str) -> str:
         if image.startswith("ami-"):
@@ -379,14 +439,23 @@ class AwsProvider:
         region, zone = placement.region, placement.zone or f"{placement.region}a"
         if not requests:
             return []
-        existing = {i.name: i for i in await self._by_names(region, [r.name for r in requests])
-                    if not i.state.gone}
+        async def resolve() -> dict[str, str]:
+            images = sorted({r.image for r in requests})
+            ids = await gather_all(*(self._ami(region, i) for i in images))
+            return dict(zip(images, ids, strict=True))
+
+        # What exists, the zone's subnet and the AMIs: asked side by side (the subnet and
+        # the AMI are needed by any launch; when every name exists they are only looked up).
+        found, (subnet, fresh), amis = await gather_all(
+            self._by_names(region, [r.name for r in requests]),
+            self._subnet(region, zone, network), resolve())
+        existing = {i.name: i for i in found if not i.state.gone}
         out = [existing[r.name] for r in requests if r.name in existing]
         todo = [r for r in requests if r.name not in existing]
+        if fresh and not todo:
+            await self._public_ips_on_launch(region, zone, subnet)
         if not todo:
             return out
-        subnet = await self._subnet(region, zone, network)
-        amis = {req.image: await self._ami(region, req.image) for req in todo}
 
         async def launch(req: LaunchRequest) -> list[Instance]:
             # One call per VM: the user-data (its join token) and the client token are
@@ -412,8 +481,13 @@ class AwsProvider:
             resp = await self._call(region, "run_instances", zone, **kwargs)
             return [self._instance(raw, region) for raw in resp["Instances"]]
 
-        return out + gather_launches(await asyncio.gather(*(launch(r) for r in todo),
-                                                          return_exceptions=True))
+        async def attribute() -> list[Instance]:
+            if fresh:
+                await self._public_ips_on_launch(region, zone, subnet)
+            return []
+
+        return out + gather_launches(await asyncio.gather(
+            *(launch(r) for r in todo), attribute(), return_exceptions=True))
 
     async def _by_names(self, region: str, names: Sequence[str]) -> list[Instance]:
         return await self._describe(region, [{"Name": f"tag:{TAG_NODE}", "Values": list(names)}])

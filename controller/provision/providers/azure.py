@@ -78,6 +78,10 @@ POWER_MAP: Mapping[str, InstanceState] = {
 ERROR_MAP: Mapping[str, type[ProvisionError]] = {
     "TooManyRequests": TransientError,
     "RetryableError": TransientError,
+    # A network resource referred to while it is still being made or updated (its
+    # operation not done): ARM says to retry.
+    "ReferencedResourceNotProvisioned": TransientError,
+    "AnotherOperationInProgress": TransientError,
     "InternalServerError": TransientError,
     "ServiceUnavailable": TransientError,
     "InternalExecutionError": TransientError,

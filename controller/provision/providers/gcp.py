@@ -43,7 +43,7 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
-from controller.provision.limits import ApiLimits, RequestMeter, gather_launches
+from controller.provision.limits import ApiLimits, RequestMeter, gather_all, gather_launches
 from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.gcp")
@@ -299,12 +299,6 @@ class GcpProvider:
                                      f"{self._settings.operation_timeout:.0f} s",
                                      provider=NAME, region=region, zone=zone, code="TIMEOUT")
 
-    async def _get_or_none(self, kind: str, op: str, **kwargs: Any) -> Any:
-        try:
-            return await self._call(kind, op, **kwargs)
-        except NotFoundError:
-            return None
-
     # -- network -----------------------------------------------------------------------
 
     def _net_name(self, infra: str) -> str:
@@ -322,6 +316,20 @@ class GcpProvider:
                              provider=NAME, region=region)
         return str(subnets[idx])
 
+    async def _insert_resource(self, kind: str, request: Any, *, region: str = "",
+                               wait_region: str = "") -> None:
+        """Insert a resource and wait for its operation; one that exists already (409
+        alreadyExists: made by an earlier pass, or by one killed before its wait) is
+        taken as it is. Inserting first, not a get then an insert, saves a round trip on
+        the critical path of a new infra and costs the same request on a re-run."""
+        try:
+            op = await self._call(kind, "insert", region=region, request=request)
+        except InvalidRequestError as exc:
+            if exc.code == "alreadyExists":
+                return
+            raise
+        await self._wait(op, region=wait_region)
+
     async def ensure_network(self, request: NetworkRequest) -> Network:
         from google.cloud import compute_v1
 
@@ -330,38 +338,28 @@ class GcpProvider:
         if not _NAME_OK.match(name):
             raise InvalidRequestError(f"gcp: {name!r} is not a valid resource name",
                                       provider=NAME, region=region)
-        net = await self._get_or_none("NetworksClient", "get", region=region, project=p,
-                                      network=name)
-        if net is None:
-            op = await self._call("NetworksClient", "insert", region=region, project=p,
-                                  network_resource=compute_v1.Network(
-                                      name=name, auto_create_subnetworks=False,
-                                      description=f"barista infra {request.infra}"))
-            await self._wait(op)
-            log.info("gcp: created network %s", name)
+        # The subnet and the firewall rules need the network done (GCE answers
+        # resourceNotReady before): network, then both side by side.
+        await self._insert_resource("NetworksClient", compute_v1.InsertNetworkRequest(
+            project=p, network_resource=compute_v1.Network(
+                name=name, auto_create_subnetworks=False,
+                description=f"barista infra {request.infra}")), region=region)
         sub_name = f"{name}-{region}"
         cidr = self._subnet_cidr(request.cidr, region)
 
         async def subnet() -> None:
-            sub = await self._get_or_none("SubnetworksClient", "get", region=region,
-                                          request=compute_v1.GetSubnetworkRequest(
-                                              project=p, region=region, subnetwork=sub_name))
-            if sub is None:
-                op = await self._call("SubnetworksClient", "insert", region=region,
-                                      request=compute_v1.InsertSubnetworkRequest(
-                                          project=p, region=region,
-                                          subnetwork_resource=compute_v1.Subnetwork(
-                                              name=sub_name, ip_cidr_range=cidr,
-                                              network=f"projects/{p}/global/networks/{name}")))
-                await self._wait(op, region=region)
+            await self._insert_resource("SubnetworksClient", compute_v1.InsertSubnetworkRequest(
+                project=p, region=region, subnetwork_resource=compute_v1.Subnetwork(
+                    name=sub_name, ip_cidr_range=cidr,
+                    network=f"projects/{p}/global/networks/{name}")),
+                region=region, wait_region=region)
 
         async def ssh() -> None:
             if request.ssh_from:
                 await self._ensure_firewall(f"{name}-ssh", name, "tcp", 22,
                                             list(request.ssh_from), region)
 
-        # The subnet and the firewall rules only need the network: made side by side.
-        fw, _, _ = await asyncio.gather(
+        fw, _, _ = await gather_all(
             self._ensure_firewall(f"{name}-wg", name, "udp", request.wireguard_port,
                                   ["0.0.0.0/0"], region), subnet(), ssh())
         return Network(id=name, region=region, cidr=cidr, subnet_id=sub_name,
@@ -372,16 +370,12 @@ class GcpProvider:
         from google.cloud import compute_v1
 
         p = self._settings.project
-        if await self._get_or_none("FirewallsClient", "get", region=region, project=p,
-                                   firewall=fw_name) is None:
-            op = await self._call("FirewallsClient", "insert", region=region, project=p,
-                                  firewall_resource=compute_v1.Firewall(
-                                      name=fw_name, network=f"projects/{p}/global/networks/"
-                                      f"{network}", direction="INGRESS",
-                                      allowed=[compute_v1.Allowed(I_p_protocol=proto,
-                                                                  ports=[str(port)])],
-                                      source_ranges=sources, target_tags=[network]))
-            await self._wait(op)
+        await self._insert_resource("FirewallsClient", compute_v1.InsertFirewallRequest(
+            project=p, firewall_resource=compute_v1.Firewall(
+                name=fw_name, network=f"projects/{p}/global/networks/{network}",
+                direction="INGRESS",
+                allowed=[compute_v1.Allowed(I_p_protocol=proto, ports=[str(port)])],
+                source_ranges=sources, target_tags=[network])), region=region)
         return fw_name
 
     # -- instances ---------------------------------------------------------------------
