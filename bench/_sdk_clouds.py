@@ -28,6 +28,24 @@ GROUPS = {"aws": ("us-east-1", "t3.micro"), "gcp": ("us-central1", "e2-small"),
           "azure": ("eastus", "Standard_B1s"), "sim": ("east-1", "small")}
 
 
+class ReadyTimes:
+    """Seconds from now until each node became Ready, from the engine's progress events;
+    ``done`` is set once ``n`` nodes are. ``close()`` unsubscribes."""
+
+    def __init__(self, engine: Any, n: int) -> None:
+        self.t0 = time.monotonic()
+        self.at: dict[str, float] = {}
+        self.done = asyncio.Event()
+        self._n = n
+        self.close = engine.subscribe(self._on_progress)
+
+    def _on_progress(self, ev: Any) -> None:
+        if ev.node and ev.phase == "ready" and ev.node not in self.at:
+            self.at[ev.node] = time.monotonic() - self.t0
+            if len(self.at) == self._n:
+                self.done.set()
+
+
 def floor_of(limits: Any, calls: int) -> float:
     rate, burst = (limits.rate, limits.burst) if limits.rate > 0 else (
         limits.region_rate, limits.region_burst)
@@ -40,7 +58,6 @@ async def measure_sdk(n: int, args: argparse.Namespace, base: Path, render_of: A
     from controller.provision.contract import Instance
     from controller.provision.engine import EngineSettings, provision_engine
     from controller.provision.limits import ApiLimits
-    from controller.provision.model import Progress
     from controller.provision.providers.sim import SimProvider, SimSettings
     from controller.provision.spec import spec_from_obj
     from controller.service import Controller
@@ -102,31 +119,22 @@ async def measure_sdk(n: int, args: argparse.Namespace, base: Path, render_of: A
                 {"name": f"g{p}", "provider": p, "regions": [GROUPS[p][0]],
                  "size": GROUPS[p][1], "count": per[i]} for i, p in enumerate(NODES_BY)]},
                 catalogs={p: prov.catalog() for p, prov in providers.items()})
-            ready_at: dict[str, float] = {}
             try:
                 async with provision_engine(js=c.js, nodes=c.nodes, providers=providers,
                                             renderer=render_of(c), installation="bench",
                                             limits=limits, settings=EngineSettings(),
                                             forget_node=c.delete_node) as engine:
-                    done = asyncio.Event()
-                    t0 = time.monotonic()
-
-                    def on_progress(ev: Progress) -> None:
-                        if ev.node and ev.phase == "ready" and ev.node not in ready_at:
-                            ready_at[ev.node] = time.monotonic() - t0
-                            if len(ready_at) == n:
-                                done.set()
-
-                    unsubscribe = engine.subscribe(on_progress)
+                    ready = ReadyTimes(engine, n)
+                    ready_at, t0 = ready.at, ready.t0
                     await engine.create(spec)
                     try:
-                        await asyncio.wait_for(done.wait(), args.timeout)
+                        await asyncio.wait_for(ready.done.wait(), args.timeout)
                     except TimeoutError:
                         view = engine.get("bench")
                         raise TimeoutError(f"not Ready in {args.timeout}s: "
                                            f"{view.summary if view else '?'}") from None
                     wall = time.monotonic() - t0
-                    unsubscribe()
+                    ready.close()
                     calls = clouds.calls()
                     calls["sim"] = Counter(sim.stats.calls)
                     upto = clouds.before_last_create()

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _sdk_clouds import add_arguments, measure_sdk  # the file next to this one
+from _sdk_clouds import ReadyTimes, add_arguments, measure_sdk  # the file next to this one
 
 log = logging.getLogger("barista.bench.provision")
 
@@ -124,7 +124,6 @@ async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any
     from controller.provision.contract import Instance, InstanceState
     from controller.provision.engine import EngineSettings, provision_engine
     from controller.provision.limits import ApiLimits
-    from controller.provision.model import Progress
     from controller.provision.providers.sim import SimProvider, SimSettings
     from controller.provision.spec import spec_from_obj
     from controller.service import Controller
@@ -182,25 +181,16 @@ async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any
             {"name": f"g{i}", "provider": p, "regions": REGIONS[p], "size": "small",
              "count": per[i]} for i, p in enumerate(PROVIDERS)]},
             catalogs={p: s.catalog() for p, s in sims.items()})
-        ready_at: dict[str, float] = {}
         try:
             async with provision_engine(js=c.js, nodes=c.nodes, providers=sims,
                                         renderer=render, installation="bench",
                                         limits=limits, settings=EngineSettings(),
                                         forget_node=c.delete_node) as engine:
-                done = asyncio.Event()
-                t0 = time.monotonic()
-
-                def on_progress(ev: Progress) -> None:
-                    if ev.node and ev.phase == "ready" and ev.node not in ready_at:
-                        ready_at[ev.node] = time.monotonic() - t0
-                        if len(ready_at) == n:
-                            done.set()
-
-                unsubscribe = engine.subscribe(on_progress)
+                ready = ReadyTimes(engine, n)
+                ready_at, t0 = ready.at, ready.t0
                 await engine.create(spec)
                 if args.agents == "real":
-                    await asyncio.wait_for(done.wait(), args.timeout)
+                    await asyncio.wait_for(ready.done.wait(), args.timeout)
                     wall = time.monotonic() - t0
                     result["wall_s"] = round(wall, 2)
                 else:
@@ -211,7 +201,7 @@ async def measure(n: int, args: argparse.Namespace, base: Path) -> dict[str, Any
                         await asyncio.sleep(0.05)
                     wall = time.monotonic() - t0
                     result["running_s"] = round(wall, 2)
-                unsubscribe()
+                ready.close()
                 view = engine.get("bench")
                 assert view is not None
                 result["summary"] = view.summary
