@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -35,7 +35,33 @@ class Reply:
 Latency = Callable[[Request], float]
 
 
-class JsonServer:
+class ServedInThread:
+    """A server with ``serve_forever``/``shutdown`` (http.server's, werkzeug's) served on a
+    thread of its own for the length of a ``with`` block, on 127.0.0.1."""
+
+    scheme = "http"
+    _server: Any
+    _thread: threading.Thread
+
+    def _serve_in_thread(self, server: Any) -> None:
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self._server.server_port}"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class JsonServer(ServedInThread):
     """``with JsonServer(handle) as srv``: serves ``handle(Request) -> Reply`` on
     ``srv.url`` until the block ends, each request after ``latency(request)`` seconds
     (requests wait side by side, as a real API's do)."""
@@ -74,22 +100,8 @@ class JsonServer:
 
             do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = _serve
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.scheme = "http"
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
             self.scheme = "https"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self._server.server_port}"
-
-    def __enter__(self) -> JsonServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._serve_in_thread(server)

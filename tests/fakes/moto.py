@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
+from tests.fakes.http import ServedInThread
+
 UBUNTU_NOBLE = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20260101"
 MOTO_OWNER = "123456789012"  # moto registers every image under its own account
 
@@ -24,7 +26,7 @@ MOTO_OWNER = "123456789012"  # moto registers every image under its own account
 ActionLatency = Callable[[str, Mapping[str, list[str]]], float]
 
 
-class MotoServer:
+class MotoServer(ServedInThread):
     """``with MotoServer(latency=...) as m``: moto on ``m.url``; ``m.calls`` counts the
     EC2 actions it was sent (moto's own /moto-api requests are not counted)."""
 
@@ -43,9 +45,8 @@ class MotoServer:
         self._lock = threading.Lock()
         self._latency = latency
         app = DomainDispatcherApplication(create_backend_app)
-        self._server = make_server("127.0.0.1", 0, self._wrap(app), threaded=True,
-                                   request_handler=Quiet)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._serve_in_thread(make_server("127.0.0.1", 0, self._wrap(app), threaded=True,
+                                          request_handler=Quiet))
 
     def _wrap(self, app: Any) -> Callable[..., Iterable[bytes]]:
         def middleware(environ: dict[str, Any], start: Any) -> Iterable[bytes]:
@@ -88,16 +89,3 @@ class MotoServer:
             return [data]
 
         return middleware
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
-
-    def __enter__(self) -> MotoServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
