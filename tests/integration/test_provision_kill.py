@@ -20,7 +20,7 @@ from controller.provision.contract import TAG_INFRA
 from controller.provision.engine import ApiLimits, Engine
 from controller.provision.providers.sim import SimProvider
 from controller.provision.spec import spec_from_obj
-from tests.fixtures.provision import SimLab
+from tests.fixtures.provision import SimLab, settled_in
 from tests.fixtures.wait import wait_for
 
 SIM = {"latency_min": 0.001, "latency_max": 0.004, "boot_time": 0.03, "boot_jitter": 0.02,
@@ -55,12 +55,7 @@ class Killer:
 
 
 async def settled(engine: Engine, name: str, statuses: tuple[str, ...]) -> None:
-    try:
-        await wait_for(lambda: (v := engine.get(name)) is not None and v.status in statuses,
-                       30, f"{name} to reach {statuses}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}: {engine.get(name)}") from None
-    await engine.wait_idle(name)
+    await settled_in(engine, name, statuses, 30)
 
 
 def live(sims: list[SimProvider], name: str) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 
 from controller.provision.engine import Engine
 from controller.provision.spec import spec_from_obj
-from tests.fixtures.provision import SimLab
+from tests.fixtures.provision import SimLab, settled_in
 from tests.fixtures.wait import wait_for
 
 pytest.importorskip("moto")
@@ -61,12 +61,7 @@ class CreateCounter:
 
 
 async def settled(engine: Engine, name: str, statuses: tuple[str, ...]) -> None:
-    try:
-        await wait_for(lambda: (v := engine.get(name)) is not None and v.status in statuses,
-                       60, f"{name} to reach {statuses}")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}: {engine.get(name)}") from None
-    await engine.wait_idle(name)
+    await settled_in(engine, name, statuses, 60)
 
 
 @pytest.mark.slow
