@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import nacl.public
+import nkeys
 
 from agent.config import AgentConfig, ConfigError
-from agent.connection import backoff, connect, nkey_jwt_auth
+from agent.connection import backoff, nkey_jwt_auth
 from agent.identity import EnrollState, Identity
+from agent.oneshot import OneShotAuth, request_once
 from agent.trust import CA_FILE, learn_pinned_ca, save_ca, trusting
 from protocol import codec
 from protocol.errors import ProtocolError
@@ -38,6 +40,18 @@ def enroll_auth(enroll_jwt: str, *, user: str, password: str) -> dict[str, Any]:
     if not enroll_jwt:
         return {"user": user, "password": password}
     return nkey_jwt_auth(lambda: enroll_jwt, ENROLL_SEED.encode())
+
+
+def enroll_oneshot_auth(enroll_jwt: str, *, user: str, password: str) -> OneShotAuth:
+    """The same for a one-shot request (agent/oneshot.py)."""
+    if not enroll_jwt:
+        return OneShotAuth(user=user, password=password)
+
+    def sign(nonce: bytes) -> bytes:
+        kp = nkeys.from_seed(bytearray(ENROLL_SEED.encode()))
+        return bytes(kp.sign(nonce))
+
+    return OneShotAuth(jwt=enroll_jwt, sign=sign)
 
 
 class EnrollmentError(Exception):
@@ -184,7 +198,13 @@ class Enroller:
         cfg = self._config
         req, reply_key = request
         try:
-            nc = await self._connect(tls)
+            data = await request_once(
+                cfg.nats_urls, self._subjects.enroll, codec.encode(req),
+                inbox_prefix=self._subjects.enroll_inbox,
+                auth=enroll_oneshot_auth(self._enroll_jwt, user=cfg.enroll_user,
+                                         password=cfg.enroll_password),
+                tls=tls, wait=cfg.enroll_timeout,
+                name=f"barista-agent-enroll {self._hostname}")
         except ssl.SSLCertVerificationError as exc:
             # The handshake failed before CONNECT: the token and its secret were not sent.
             raise EnrollmentError(
@@ -195,27 +215,7 @@ class Enroller:
                    "join token that pins the controller's CA (bt2.<sha256>...) or ca_file; ")
                 + "nothing was sent",
             ) from None
-        try:
-            msg = await nc.request(
-                self._subjects.enroll, codec.encode(req), timeout=cfg.enroll_timeout
-            )
-        finally:
-            await nc.close()
-        return self._open(msg.data, reply_key)
-
-    async def _connect(self, tls: ssl.SSLContext | None) -> Any:
-        cfg = self._config
-        return await connect(
-            servers=cfg.nats_urls,
-            **enroll_auth(self._enroll_jwt, user=cfg.enroll_user, password=cfg.enroll_password),
-            inbox_prefix=self._subjects.enroll_inbox.encode(),
-            allow_reconnect=False,
-            connect_timeout=cfg.enroll_timeout,
-            max_reconnect_attempts=0,
-            name=f"barista-agent-enroll {self._hostname}",
-            error_cb=self._on_error,
-            **({"tls": tls} if tls is not None else {}),
-        )
+        return self._open(data, reply_key)
 
     def _open(self, data: bytes, reply_key: nacl.public.PrivateKey) -> EnrollReply:
         try:
@@ -238,11 +238,3 @@ class Enroller:
                 reply.error_code or "refused", reply.error or "enrollment refused"
             )
         return reply
-
-    async def _on_error(self, exc: Exception) -> None:
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            # nats-py reports a failed handshake here and tries the server again, forever;
-            # raised from this callback it ends connect() instead (see _enroll_once).
-            raise exc
-        # The failed attempt itself is logged once by enroll() with its retry delay.
-        self._log.debug("enrollment connection: %s", exc)

@@ -14,15 +14,17 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 import nacl.public
 from nats.aio.client import Client as NATS
 
-from agent.connection import backoff, connect
-from agent.enroll import enroll_auth
+from agent.connection import backoff
+from agent.enroll import enroll_oneshot_auth
 from agent.identity import EnrollState, Identity
+from agent.oneshot import request_once
 from protocol import codec
 from protocol.messages import ErrorReply, RenewReply, RenewRequest, SealedReply
 from protocol.signing import open_reply, sign_renew
@@ -108,22 +110,17 @@ async def renew_connected(
 
 async def renew_as_enroller(
     urls: list[str], identity: Identity, subjects: Subjects, node_id: str, *,
-    enroll_jwt: str, wait: float = 5.0,
+    enroll_jwt: str, wait: float = 5.0, tls: ssl.SSLContext | None = None,
 ) -> str:
     """A new JWT for a node whose own has expired: asked for as the enroll identity, the
-    answer sealed to a fresh key (every enrolling machine reads that inbox space)."""
+    answer sealed to a fresh key (every enrolling machine reads that inbox space). ``tls``:
+    the pinned CA's context (None: plain NATS)."""
     req, key = _request(identity, node_id, sealed=True)
-    nc = await connect(
-        servers=urls, **enroll_auth(enroll_jwt, user="", password=""),
-        inbox_prefix=subjects.enroll_inbox.encode(), allow_reconnect=False,
-        connect_timeout=wait, max_reconnect_attempts=0,
-        name=f"barista-agent-renew {node_id}",
-    )
-    try:
-        msg = await nc.request(subjects.enroll, codec.encode(req), timeout=wait)
-    finally:
-        await nc.close()
-    return _answer(msg.data, key)
+    data = await request_once(
+        urls, subjects.enroll, codec.encode(req), inbox_prefix=subjects.enroll_inbox,
+        auth=enroll_oneshot_auth(enroll_jwt, user="", password=""), tls=tls, wait=wait,
+        name=f"barista-agent-renew {node_id}")
+    return _answer(data, key)
 
 
 async def renew_loop(

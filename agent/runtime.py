@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -369,10 +370,9 @@ class Agent:
         }
         if st.inbox_prefix:
             opts["inbox_prefix"] = st.inbox_prefix.encode()
-        # The CA pinned at enrollment (or configured): the only one trusted, ever.
-        ca_file = Path(cfg.ca_file) if cfg.ca_file else cfg.state_dir / CA_FILE
-        if cfg.ca_file or ca_file.exists():
-            opts["tls"] = trusting(ca_file)
+        tls = self._tls()
+        if tls is not None:
+            opts["tls"] = tls
         if st.auth == "nkey" and st.nats_jwt:
             # Operator mode: the JWT is read at every (re)connect, so a renewal takes effect
             # at the next one (renewal forces it).
@@ -396,6 +396,13 @@ class Agent:
         self._connected.set()
         return nc
 
+    def _tls(self) -> ssl.SSLContext | None:
+        """The CA pinned at enrollment (or configured): the only one trusted, ever. None:
+        plain NATS (a token that pinned nothing)."""
+        cfg = self.config
+        ca_file = Path(cfg.ca_file) if cfg.ca_file else cfg.state_dir / CA_FILE
+        return trusting(ca_file) if cfg.ca_file or ca_file.exists() else None
+
     async def _save_state(self) -> None:
         if self.state is not None:
             await asyncio.to_thread(self.state.save, self.state_path)
@@ -413,7 +420,8 @@ class Agent:
             try:
                 state.nats_jwt = await renew_as_enroller(
                     self.config.nats_urls, self.identity, self.subjects, state.node_id,
-                    enroll_jwt=state.enroll_jwt, wait=self.config.enroll_timeout)
+                    enroll_jwt=state.enroll_jwt, wait=self.config.enroll_timeout,
+                    tls=self._tls())
                 break
             except RenewalRefused as exc:
                 raise EnrollmentError(exc.code, f"cannot renew this node's NATS "

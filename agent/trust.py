@@ -27,7 +27,7 @@ class NoTLS(Exception):
     """The server at a URL does not serve TLS, but a CA was pinned."""
 
 
-def _host_port(url: str) -> tuple[str, int]:
+def host_port(url: str) -> tuple[str, int]:
     parsed = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
     return parsed.hostname or "127.0.0.1", parsed.port or 4222
 
@@ -57,7 +57,7 @@ def _chain_of(tls_sock: ssl.SSLSocket) -> list[bytes]:
 def fetch_nats_chain(url: str, timeout: float) -> list[bytes]:
     """The certificate chain the NATS server at ``url`` presents (blocking: a thread).
     ``NoTLS`` if it does not ask for TLS; OSError/ConnectionError if it is unreachable."""
-    host, port = _host_port(url)
+    host, port = host_port(url)
     with socket.create_connection((host, port), timeout=timeout) as sock:
         line = _read_line(sock)
         if not line.startswith(b"INFO "):

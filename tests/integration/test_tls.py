@@ -5,10 +5,12 @@ says so."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
 import stat
+import time
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,9 +20,13 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from agent.identity import EnrollState
+from agent.renew import jwt_times
 from agent.runtime import Agent, EnrollmentError
 from controller.api.app import ApiServer
 from controller.cli.serve import running_controller
+from controller.nats.operator import Permissions
+from controller.nats.permissions import node_permissions
 from controller.service import Controller, RunningController
 from protocol.trust import JoinToken, ca_fingerprint, parse_join_token
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
@@ -114,6 +120,33 @@ async def test_agent_with_pinned_token_enrolls_over_tls(
     with pytest.raises(Exception):  # noqa: B017 - nats-py raises several kinds here
         await nats.connect(c.nats_url, allow_reconnect=False, max_reconnect_attempts=0,
                            connect_timeout=2, **c.natsd.peer_credentials())
+
+
+async def test_agent_back_with_an_expired_jwt_renews_over_tls(
+    tls_controller: RunningController, tls_agents: AgentFactory
+):
+    """A suspended VM comes back after its NATS JWT expired: it renews as the enroll
+    identity over TLS, trusting the CA it pinned at enrollment (before, the renewal
+    connection had no TLS context and retried forever)."""
+    c = tls_controller
+    agent = await tls_agents.start()
+    assert agent.identity is not None and c.trust is not None
+    node_id, config = agent.node_id, agent.config
+    await tls_agents.stack.aclose()
+    tls_agents.stack = type(tls_agents.stack)()
+    state_path = config.state_dir / "state.json"
+    state = EnrollState.load(state_path)
+    assert state is not None and state.enroll_jwt
+    state.nats_jwt = c.trust.user_jwt(
+        agent.identity.public_key, name=node_id, ttl=-10,
+        permissions=Permissions.from_config(node_permissions(c.subjects, node_id)))
+    state.save(state_path)
+    beat = c.fleet.last_beat(node_id)
+    # bounded: without the pinned CA the renewal is retried forever
+    back = await asyncio.wait_for(
+        tls_agents.stack.enter_async_context(Agent(config=config)), 20)
+    assert back.state is not None and jwt_times(back.state.nats_jwt)[1] > time.time()
+    await wait_for(lambda: c.fleet.last_beat(node_id) != beat, 10, "a beat")
 
 
 async def test_wrong_ca_hash_is_refused_and_nothing_is_sent(
