@@ -13,7 +13,8 @@ Prints one JSON line per N: {"bench": "broadcast", "n", "p50_ms", "p99_ms",
 from starting the agent processes until every agent is enrolled, connected and
 subscribed; ``enroll_cpu_s``: the CPU seconds each party spent in that time (on a shared
 machine a steadier figure than the wall time): the controller, nats-server and the agent
-processes (their whole life until ready, imports included).
+processes (their whole life until ready, imports included). ``BENCH_PROFILE=PATH``
+profiles each agent process's start (until its agents are ready) into ``PATH.<part>``.
 """
 
 from __future__ import annotations
@@ -97,7 +98,16 @@ async def worker_agents(args: argparse.Namespace) -> None:
         if args.gc_freeze:
             gc.freeze()
 
+    profile = os.environ.get("BENCH_PROFILE")  # where the agents' start goes
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     await asyncio.gather(*(start(i, t) for i, t in enumerate(tokens)))
+    if profile:
+        prof.disable()
+        prof.dump_stats(f"{profile}.{args.part}")
     print("READY", len(agents), round(cpu_seconds(), 2), flush=True)
     unfreeze(args)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -319,13 +329,7 @@ def main() -> None:
     raise_nofile()
     logging.basicConfig(level=logging.ERROR)
     if args.worker == "agents":
-        if os.environ.get("BENCH_PROFILE"):  # where the agents' time goes
-            import cProfile
-
-            cProfile.runctx("asyncio.run(worker_agents(args))", globals(), locals(),
-                            os.environ["BENCH_PROFILE"])
-        else:
-            asyncio.run(worker_agents(args))
+        asyncio.run(worker_agents(args))
         return
     if args.worker == "raw":
         asyncio.run(worker_raw(args))
