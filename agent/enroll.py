@@ -140,6 +140,7 @@ class Enroller:
                 key_seq=reply.key_seq,
                 mesh=reply.mesh,
                 mesh_invites=reply.mesh_invites,
+                apps_at_enrollment=reply.apps,
             )
 
     async def _trust(self, pin: str) -> ssl.SSLContext | None:

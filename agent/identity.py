@@ -77,6 +77,9 @@ class EnrollState:
     # The controller sends MeshInvites (EnrollReply.mesh_invites); False: it predates them,
     # and the overlay starts at every start, as it did then.
     mesh_invites: bool = False
+    # App releases were assigned at enrollment (EnrollReply.apps): asked for at the first
+    # start only if so (every later start asks).
+    apps_at_enrollment: bool = True
 
     @classmethod
     def load(cls, path: Path) -> EnrollState | None:

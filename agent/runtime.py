@@ -101,6 +101,7 @@ class Agent:
         self.policy = config.command_policy()
         self.outbox = Outbox(capacity=config.buffer_batches, log=self.log)
         self._hb_seq = 0
+        self._apps_unsynced = False  # enrolled with no apps and not asked for them since
         self._started = time.monotonic()
         self._tasks: list[asyncio.Task[Any]] = []
         self._connected = asyncio.Event()
@@ -251,6 +252,12 @@ class Agent:
             log=logging.getLogger(f"barista.agent.{self.node_id}.apps"),
         )
         nc = self.nc = await self._connect(state)
+        # Outside every network: the invitation subscription goes out with the command
+        # subscriptions and is confirmed by the same PING (one write, not two).
+        meshed = cfg.mesh_enabled and bool(state.mesh or not state.mesh_invites or (
+            not enrolled_now and self._meshed_before()))
+        if cfg.mesh_enabled and not meshed:
+            await self._await_invite()
         self.commands = CommandIntake(
             nc=nc, subjects=self.subjects, node_id=state.node_id, labels=self.labels,
             verifier=self.verifier, seen_log=seen_log, runner=self.executor, apps=apps,
@@ -264,15 +271,15 @@ class Agent:
             # or, if it came before the subscription, at its first heartbeat (key_seq).
             await self.sync_keys()
         await self.commands.report_orphans(orphans)
-        if cfg.mesh_enabled:
+        if meshed:
             # Meshed before (a key in the state dir: also an agent from before invitations),
             # or enrolled by a controller that never invites.
-            if state.mesh or not state.mesh_invites or (
-                    not enrolled_now and self._meshed_before()):
-                await self._start_mesh()
-            else:
-                await self._await_invite()
-        if self.apps_allowed:
+            await self._start_mesh()
+        if self.apps_allowed and enrolled_now and not state.apps_at_enrollment:
+            # Nothing assigned at enrollment: not asked; our heartbeats say so until a
+            # pass ran, and the controller tells us if something was assigned meanwhile.
+            self._apps_unsynced = True
+        elif self.apps_allowed:
             apps.trigger()  # converge to the desired apps, also after a restart
         else:
             self.log.info("app deploys disabled by the node policy")
@@ -647,6 +654,8 @@ class Agent:
                     # steps at every heartbeat (they catch up by key sync instead).
                     key_seq=self.keyring.seq if self.keyring is not None
                     and self._keys_from_enrollment else -1,
+                    apps_synced=not self._apps_unsynced or (
+                        self.apps is not None and self.apps.passes > 0),
                 )
                 try:
                     await self.nc.publish(subject, codec.encode(hb))

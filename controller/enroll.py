@@ -251,6 +251,7 @@ class Enrollment:
         command_keys: list[str],
         key_seq: Callable[[], int] = lambda: 0,
         in_network: Callable[[NodeRecord], bool] = lambda _node: False,
+        has_apps: Callable[[NodeRecord], bool] = lambda _node: True,
     ) -> None:
         self._tokens = tokens
         self._nodes = nodes
@@ -263,6 +264,8 @@ class Enrollment:
         self._key_seq = key_seq
         # Whether a node is in an overlay network (its agent starts the overlay at once).
         self._in_network = in_network
+        # Whether app releases are assigned to a node (its agent asks for them at start).
+        self._has_apps = has_apps
         # nkey -> node id, fed by the nodes table (every controller's enrollments, removals)
         self._by_identity: dict[str, str] = {}
         self._identity_of: dict[str, str] = {}
@@ -389,6 +392,7 @@ class Enrollment:
             nats_jwt=nats_jwt,
             mesh=self._in_network(existing),
             mesh_invites=True,
+            apps=self._has_apps(existing),
         )
 
     async def renew(self, req: RenewRequest) -> RenewReply:

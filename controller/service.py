@@ -546,6 +546,7 @@ class RunningController:
             command_keys=self.signing_keys.enroll_keys,  # kept current by a rotation
             key_seq=lambda: self.signing_keys.enroll_seq,
             in_network=lambda node: self.mesh.in_network(node),
+            has_apps=lambda node: bool(self.deployer.releases_for(node)),
         )
         self.jobs = JobEngine(
             records=jobs_table,
@@ -841,6 +842,9 @@ class RunningController:
             if 0 <= hb.key_seq < self.signing_keys.seq:
                 # A rotation made before this agent subscribed (it enrolled just then).
                 await self.signing_keys.send_missed(hb.node_id, hb.key_seq)
+            if not hb.apps_synced:
+                # Told at enrollment it had no apps; one assigned since reaches it now.
+                self.deployer.on_unsynced(hb.node_id)
         else:
             self.stats.reject_message(
                 "heartbeat", msg.subject, ProtocolError(f"unknown node {hb.node_id}"))

@@ -118,6 +118,11 @@ class EnrollReply(Message, tag="enroll_rep"):
     # This controller sends MeshInvites: an agent outside every network may wait for one.
     # False (a controller from before them): the agent starts its overlay at once.
     mesh_invites: bool = False
+    # App releases are assigned to the node: it asks for them at start. False: none at
+    # enrollment, and it does not ask (5,000 agents enrolling at once make 5,000 requests
+    # less); one assigned before it subscribed reaches it after its first heartbeat
+    # (Heartbeat.apps_synced). True for a controller that does not say.
+    apps: bool = True
 
 
 # --- liveness ---------------------------------------------------------------------------
@@ -135,6 +140,9 @@ class Heartbeat(Message, tag="hb"):
     # The last signing-key rotation step the agent applied (-1: it keeps no key ring). A
     # controller further along sends the missed steps to the node's command subject.
     key_seq: int = -1
+    # False while the agent has not asked for its apps since it started (its enrollment
+    # said it had none): the controller then tells it if it has some now.
+    apps_synced: bool = True
 
 
 # --- metrics ----------------------------------------------------------------------------

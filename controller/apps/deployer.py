@@ -301,6 +301,7 @@ class Deployer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writes: asyncio.Queue[NodeAppStatus] = asyncio.Queue(maxsize=100_000)
         self._waiters: set[asyncio.Event] = set()
+        self._nudged: dict[str, float] = {}  # node id -> when on_unsynced last told it
         self.stats = {"syncs": 0, "syncs_refused": 0, "status_events": 0, "bad_events": 0}
 
     async def start(self) -> None:
@@ -616,21 +617,50 @@ class Deployer:
 
     # -- agent side --------------------------------------------------------------------
 
+    @staticmethod
+    def _version_for(rec: AppRecord, node: NodeRecord) -> str | None:
+        version = rec.assignments.get(node.id)
+        if version is None and rec.rollout.status == "done":
+            # A node that joined (or started matching) after the rollout.
+            try:
+                if Selector.parse(rec.current.selector).matches(node.labels):
+                    version = rec.current.version
+            except (SelectorError, ValueError):
+                version = None
+        return version
+
     def releases_for(self, node: NodeRecord) -> list[AppRelease]:
         out = []
         for rec in self.apps:
-            version = rec.assignments.get(node.id)
-            if version is None and rec.rollout.status == "done":
-                # A node that joined (or started matching) after the rollout.
-                try:
-                    if Selector.parse(rec.current.selector).matches(node.labels):
-                        version = rec.current.version
-                except (SelectorError, ValueError):
-                    version = None
+            version = self._version_for(rec, node)
             spec = rec.spec_for(version) if version else None
             if spec is not None:
                 out.append(spec.release())
         return out
+
+    def on_unsynced(self, node_id: str, *, every: float = 60.0) -> None:
+        """A heartbeat from a node that has not asked for its apps since it started (its
+        enrollment said it had none). If releases are assigned to it now (between its
+        enrollment and its subscriptions: a reconcile job then would not have reached
+        it), a reconcile job tells it; at most once per ``every`` s per node."""
+        node = self._fleet.nodes.get(node_id)
+        if node is None or not self.releases_for(node):
+            return
+        now = time.monotonic()
+        if now - self._nudged.get(node_id, -every) < every:
+            return
+        self._nudged = {k: t for k, t in self._nudged.items() if now - t < every}
+        self._nudged[node_id] = now
+        log.info("node %s has app releases it has not asked for; telling it", node_id)
+
+        async def nudge() -> None:
+            try:
+                await self._jobs.run(JobSpec(action="reconcile", targets=[node_id],
+                                             timeout=60.0), created_by="deploy:sync")
+            except Exception as exc:  # its next heartbeat asks again
+                log.warning("node %s: app reconcile not sent: %s", node_id, exc)
+
+        self._spawn(nudge(), f"apps-nudge-{node_id}")
 
     async def handle_sync(self, msg: Msg) -> None:
         """Answer an agent's AppSyncRequest with the releases assigned to it.
@@ -678,7 +708,10 @@ class Deployer:
             # the status bucket with made-up names.
             rec = self.apps.get(st.app)
             known = self.statuses.get(status_key(st.app, event.node_id)) is not None
-            if not known and (rec is None or event.node_id not in rec.assignments):
+            node = self._fleet.nodes.get(event.node_id)
+            if not known and (rec is None or (
+                    event.node_id not in rec.assignments
+                    and (node is None or self._version_for(rec, node) is None))):
                 raise ValueError(f"app {st.app!r} is not assigned to this node")
         except ValueError as exc:
             self.stats["bad_events"] += 1

@@ -225,3 +225,36 @@ async def test_api_yaml_deploy_and_cli(
     assert not app_dir(a1).exists()
     async with http.get(f"{url}/v1/apps/{APP}", headers=headers) as resp:
         assert resp.status == 404
+
+
+async def test_new_node_with_no_apps_asks_for_none_and_one_with_apps_gets_them(
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
+) -> None:
+    """Enrolled with nothing assigned, an agent makes no app-sync request (5,000 agents
+    enrolling make none); one enrolling after a rollout to its labels gets the app."""
+    d = deployer(controller)
+    first = await agents.start()
+    await wait_for(lambda: controller.fleet.last_beat(first.node_id) is not None, 10, "a beat")
+    assert d.stats["syncs"] == 0
+    st = await deploy_and_wait(controller, spec(tmp_path, "1.0"))
+    assert st["rollout"]["status"] == "done"
+    assert running_version(first) == "1.0"
+    later = await agents.start()
+    await reported(controller, later, "1.0", "running")
+    assert running_version(later) == "1.0"
+
+
+async def test_app_assigned_before_the_agent_subscribed_reaches_it_after_its_heartbeat(
+    controller: RunningController, agents: AgentFactory, tmp_path: Path
+) -> None:
+    """The window between the enrollment reply ("no apps") and the agent's subscriptions:
+    an app rolled out to its labels then is told to it after its first heartbeat (it says
+    it has not synced), not lost until its next restart."""
+    st = await deploy_and_wait(controller, spec(tmp_path, "1.0"))
+    assert st["rollout"]["status"] == "done"
+    # The reply as it was made before the rollout: nothing assigned.
+    controller.enrollment._has_apps = lambda _node: False
+    agent = await agents.start()
+    await reported(controller, agent, "1.0", "running")
+    assert running_version(agent) == "1.0"
+    assert agent.apps is not None and agent.apps.passes >= 1
