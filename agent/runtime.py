@@ -53,6 +53,10 @@ from protocol.messages import (
 from protocol.signing import CommandVerifier
 from protocol.subjects import Subjects
 
+# Heartbeats that say "apps not synced" after a start that skipped the app sync (the first
+# may be lost: a controller restarting).
+UNSYNCED_BEATS = 3
+
 if TYPE_CHECKING:  # imported when the overlay starts (agent import time is budgeted)
     from agent.netmesh.link import MeshLink
     from agent.netmesh.mesh import NetMesh
@@ -654,14 +658,22 @@ class Agent:
                     # steps at every heartbeat (they catch up by key sync instead).
                     key_seq=self.keyring.seq if self.keyring is not None
                     and self._keys_from_enrollment else -1,
-                    apps_synced=not self._apps_unsynced or (
-                        self.apps is not None and self.apps.passes > 0),
+                    apps_synced=self._apps_synced(),
                 )
                 try:
                     await self.nc.publish(subject, codec.encode(hb))
                 except Exception as exc:
                     self.log.debug("heartbeat not sent: %s", exc)
             await asyncio.sleep(self.heartbeat_interval)
+
+    def _apps_synced(self) -> bool:
+        """False in the first UNSYNCED_BEATS heartbeats of an agent enrolled with no apps
+        that has not asked for them since: an app assigned before it subscribed reaches it
+        then (the controller checks). Later assignments reach it by their reconcile job,
+        so the controller is not asked for every heartbeat of a node that never has apps."""
+        if not self._apps_unsynced or (self.apps is not None and self.apps.passes > 0):
+            return True
+        return self._hb_seq > UNSYNCED_BEATS
 
     def _base_tags(self) -> dict[str, str]:
         tags = {"node": self.node_id}

@@ -140,8 +140,8 @@ class Heartbeat(Message, tag="hb"):
     # The last signing-key rotation step the agent applied (-1: it keeps no key ring). A
     # controller further along sends the missed steps to the node's command subject.
     key_seq: int = -1
-    # False while the agent has not asked for its apps since it started (its enrollment
-    # said it had none): the controller then tells it if it has some now.
+    # False in the first heartbeats of an agent that has not asked for its apps since it
+    # started (its enrollment said it had none): the controller tells it if it has some.
     apps_synced: bool = True
 
 

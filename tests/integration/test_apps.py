@@ -236,6 +236,9 @@ async def test_new_node_with_no_apps_asks_for_none_and_one_with_apps_gets_them(
     first = await agents.start()
     await wait_for(lambda: controller.fleet.last_beat(first.node_id) is not None, 10, "a beat")
     assert d.stats["syncs"] == 0
+    # it says "not synced" in its first heartbeats only (not forever)
+    await wait_for(first._apps_synced, 10, "heartbeats that no longer say 'not synced'")
+    assert d.stats["syncs"] == 0
     st = await deploy_and_wait(controller, spec(tmp_path, "1.0"))
     assert st["rollout"]["status"] == "done"
     assert running_version(first) == "1.0"
