@@ -261,11 +261,14 @@ def user_claims(
     issuer_account: str = "",
     resp: ResponsePermission | None = None,
     src: Iterable[str] = (),
+    bearer: bool = False,
 ) -> UserClaims:
     """A user's claims (what jwt.NewUserClaims starts from: no subscription, data or payload
     limit; no bearer token, so the server checks the nonce signature). An empty allow list
     allows everything not denied, as in nats-server. ``expires``: unix time, 0 = never.
-    ``issuer_account``: the account's public key when signed by one of its signing keys."""
+    ``issuer_account``: the account's public key when signed by one of its signing keys.
+    ``bearer``: the JWT alone admits (no nonce signature checked): only for a user whose
+    seed is public anyway (the enroll identity)."""
     if not is_public_key(subject, "user"):
         raise JwtError(f"user subject {subject!r} is not a public user nkey")
     return UserClaims(
@@ -280,6 +283,7 @@ def user_claims(
             subs=NO_LIMIT,
             data=NO_LIMIT,
             payload=NO_LIMIT,
+            bearer_token=bearer,
             issuer_account=issuer_account,
         ),
     )

@@ -311,10 +311,12 @@ class OperatorTrust:
         permissions: Permissions,
         ttl: float | None = DEFAULT_USER_TTL,
         account: Which = "fleet",
+        bearer: bool = False,
     ) -> str:
         """A user JWT for ``public_key`` (an nkey whose seed its owner keeps: it proves it by
         signing the server's nonce). Fleet users are signed with the account's signing key,
-        system users with the system account's key. ``ttl`` None: no expiry."""
+        system users with the system account's key. ``ttl`` None: no expiry. ``bearer``:
+        the server checks no nonce signature (jwt.user_claims)."""
         if account == "fleet" and self.is_revoked(public_key):
             raise RevokedUser(f"user {public_key} is revoked")
         now = self._clock()
@@ -333,6 +335,7 @@ class OperatorTrust:
             resp=resp,
             expires=0 if ttl is None else int(now + ttl),
             issuer_account=self.fleet_account if account == "fleet" else "",
+            bearer=bearer,
         )
         return jwt.encode(claims, self._issuer("fleet-signing" if account == "fleet"
                                                else "system"), issued_at=int(now))

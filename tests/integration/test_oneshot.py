@@ -14,6 +14,9 @@ import nats
 import pytest
 
 from agent.oneshot import OneShotAuth, RequestRefused, request_once
+from controller.nats import jwt
+from controller.nats.operator import Permissions
+from controller.nats.permissions import node_permissions
 from controller.nats.server import NatsServer
 from controller.service import RunningController
 from protocol.subjects import ENROLL_SEED
@@ -150,12 +153,28 @@ async def test_operator_mode_signs_the_nonce_and_tls_checks_the_ca(tmp_path):
                                    inbox_prefix=rc.subjects.enroll_inbox, auth=good,
                                    tls=rc.tls.client_context(), wait=5, name="t")
         assert reply
+        # The enroll JWT is a bearer token (its seed is public: a signature proves
+        # nothing), so the server checks none; a node's JWT is not: a signature by another
+        # key is refused.
         other = nkeys.from_seed(bytearray(nkeys.encode_seed(b"\x07" * 32, nkeys.PREFIX_BYTE_USER)))
-        bad = OneShotAuth(jwt=rc.tokens.enroll_jwt, sign=lambda n: bytes(other.sign(n)))
+        claims = jwt.decode(rc.tokens.enroll_jwt, jwt.UserClaims)
+        assert claims.nats.bearer_token
+        unsigned = OneShotAuth(jwt=rc.tokens.enroll_jwt, sign=lambda n: b"\0" * 64)
+        assert await request_once([rc.agent_nats_url], rc.subjects.enroll, b"\x01",
+                                  inbox_prefix=rc.subjects.enroll_inbox, auth=unsigned,
+                                  tls=rc.tls.client_context(), wait=5, name="t")
+        node_kp = nkeys.from_seed(bytearray(nkeys.encode_seed(b"\x05" * 32,
+                                                              nkeys.PREFIX_BYTE_USER)))
+        assert rc.trust is not None
+        node_jwt = rc.trust.user_jwt(node_kp.public_key.decode(), name="n",
+                                     permissions=Permissions.from_config(
+                                         node_permissions(rc.subjects, "n-1")))
+        assert not jwt.decode(node_jwt, jwt.UserClaims).nats.bearer_token
+        bad = OneShotAuth(jwt=node_jwt, sign=lambda n: bytes(other.sign(n)))
         with pytest.raises(RequestRefused, match=r"(?i)authorization"):
-            await request_once([rc.agent_nats_url], rc.subjects.enroll, b"\x01",
-                               inbox_prefix=rc.subjects.enroll_inbox, auth=bad,
-                               tls=rc.tls.client_context(), wait=5, name="t")
+            await request_once([rc.agent_nats_url], rc.subjects.node_all("n-1")[:-2] + ".x",
+                               b"\x01", inbox_prefix=rc.subjects.inbox_prefix("n-1"),
+                               auth=bad, tls=rc.tls.client_context(), wait=5, name="t")
         with pytest.raises(ssl.SSLCertVerificationError):
             await request_once([rc.agent_nats_url], rc.subjects.enroll, b"\x01",
                                inbox_prefix=rc.subjects.enroll_inbox, auth=good,
