@@ -29,7 +29,7 @@ from controller.nats.operator import Permissions
 from controller.nats.permissions import NodeAccess, node_permissions
 from controller.service import Controller, RunningController
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
-from tests.fixtures.enroll import enroll_raw, node_opts, signed_request
+from tests.fixtures.enroll import enroll_raw, expire_saved_jwt, node_opts, signed_request
 from tests.fixtures.nats_cluster import BACKENDS
 from tests.fixtures.wait import wait_for
 
@@ -241,14 +241,7 @@ async def test_agent_back_with_an_expired_jwt_renews_as_enroller(
     node_id = agent.node_id
     config = agent.config
     await agent.stop()
-    assert controller.trust is not None
-    state_path = config.state_dir / "state.json"
-    state = EnrollState.load(state_path)
-    assert state is not None and state.enroll_jwt
-    state.nats_jwt = controller.trust.user_jwt(
-        agent.identity.public_key, name=node_id, ttl=-10,
-        permissions=Permissions.from_config(node_permissions(controller.subjects, node_id)))
-    state.save(state_path)
+    expire_saved_jwt(controller, agent)
     beat = controller.fleet.last_beat(node_id)
     async with Agent(config=config) as back:
         assert back.state is not None and jwt_times(back.state.nats_jwt)[1] > time.time()

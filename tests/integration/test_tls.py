@@ -20,16 +20,14 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from agent.identity import EnrollState
 from agent.renew import jwt_times
 from agent.runtime import Agent, EnrollmentError
 from controller.api.app import ApiServer
 from controller.cli.serve import running_controller
-from controller.nats.operator import Permissions
-from controller.nats.permissions import node_permissions
 from controller.service import Controller, RunningController
 from protocol.trust import JoinToken, ca_fingerprint, parse_join_token
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
+from tests.fixtures.enroll import expire_saved_jwt
 from tests.fixtures.wait import wait_for
 
 
@@ -130,17 +128,10 @@ async def test_agent_back_with_an_expired_jwt_renews_over_tls(
     connection had no TLS context and retried forever)."""
     c = tls_controller
     agent = await tls_agents.start()
-    assert agent.identity is not None and c.trust is not None
     node_id, config = agent.node_id, agent.config
     await tls_agents.stack.aclose()
     tls_agents.stack = type(tls_agents.stack)()
-    state_path = config.state_dir / "state.json"
-    state = EnrollState.load(state_path)
-    assert state is not None and state.enroll_jwt
-    state.nats_jwt = c.trust.user_jwt(
-        agent.identity.public_key, name=node_id, ttl=-10,
-        permissions=Permissions.from_config(node_permissions(c.subjects, node_id)))
-    state.save(state_path)
+    expire_saved_jwt(c, agent)
     beat = c.fleet.last_beat(node_id)
     # bounded: without the pinned CA the renewal is retried forever
     back = await asyncio.wait_for(
