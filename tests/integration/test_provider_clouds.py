@@ -119,3 +119,66 @@ async def test_gcp_without_application_default_credentials(
                     catalog=default_catalog())
     with pytest.raises(CredentialsError, match="GOOGLE_APPLICATION_CREDENTIALS"):
         await p.query_instances(TAGS)
+
+
+def _gcp_provider(fake: Any) -> Any:
+    from controller.provision.providers.gcp import GcpProvider, GcpSettings, default_catalog
+
+    return GcpProvider(settings=GcpSettings(project=fake.state.project, api_endpoint=fake.url,
+                                            anonymous=True), catalog=default_catalog())
+
+
+async def test_gcp_instances_are_inserted_while_the_firewall_is_made() -> None:
+    """The firewall rule's operation is not on the launches' path (instances match rules
+    by network tag); the launch still answers only once the rule is done."""
+    pytest.importorskip("google.cloud.compute_v1")
+    import time
+
+    from tests.fakes.gcp import FakeGce
+    from tests.fakes.http import Request
+
+    inserts: list[float] = []
+
+    def latency(req: Request) -> float:
+        if req.method == "POST" and req.path.endswith("/instances"):
+            inserts.append(time.monotonic())
+        return 0.0
+
+    with FakeGce(latency=latency) as fake:
+        fake.state.op_delay = lambda kind, target: 1.5 if target == "firewalls" else 0.05
+        p = _gcp_provider(fake)
+        t0 = time.monotonic()
+        net = await p.ensure_network(NetworkRequest(infra="lab", region="us-central1",
+                                                    tags=TAGS))
+        [fw_op] = [op for op in fake.state.operations.values()
+                   if op["targetLink"].endswith("/firewalls/barista-lab-wg")]
+        assert time.monotonic() < fw_op["_done_at"]  # returned before the rule is done
+        [inst] = await p.run_instances(Placement("gcp", "us-central1", "us-central1-a"), net,
+                                       _launch("e2-small"))
+        assert inserts and inserts[0] < fw_op["_done_at"]
+        assert time.monotonic() >= fw_op["_done_at"] and time.monotonic() - t0 >= 1.5
+        assert inst.name == "lab-db-0" and "barista-lab-wg" in fake.state.firewalls
+
+
+async def test_gcp_a_failed_firewall_fails_the_launch_and_is_made_again() -> None:
+    pytest.importorskip("google.cloud.compute_v1")
+    from controller.provision.contract import QuotaError
+    from tests.fakes.gcp import FakeGce
+
+    with FakeGce() as fake:
+        fake.state.firewall_errors["barista-lab-wg"] = (
+            "QUOTA_EXCEEDED", "Quota 'FIREWALLS' exceeded. Limit: 100.0 globally.")
+        p = _gcp_provider(fake)
+        net = await p.ensure_network(NetworkRequest(infra="lab", region="us-central1",
+                                                    tags=TAGS))
+        where = Placement("gcp", "us-central1", "us-central1-a")
+        with pytest.raises(QuotaError, match="firewall rules of network barista-lab") as err:
+            await p.run_instances(where, net, _launch("e2-small"))
+        assert err.value.scope == "provider"  # global rules: no region to fail over to
+        # Inserted again once before the launch failed; the VM itself was made.
+        assert len([b for b in fake.state.sent("POST", "/global/firewalls") if b]) == 2
+        assert [n for _z, n in fake.state.instances] == ["lab-db-0"]
+        del fake.state.firewall_errors["barista-lab-wg"]
+        [inst] = await p.run_instances(where, net, _launch("e2-small"))  # the retry
+        assert inst.name == "lab-db-0" and len(fake.state.instances) == 1
+        assert "barista-lab-wg" in fake.state.firewalls
