@@ -1,5 +1,5 @@
 """What only one cloud does, beyond the shared contract suite: Azure's base64 custom_data,
-the NSG on the subnet and the throwaway admin key; GCP's labels, network tag and
+the NSG on the NIC (made beside the VNet) and the throwaway admin key; GCP's labels, network tag and
 application-default credentials; each cloud's missing-credentials message."""
 
 from __future__ import annotations
@@ -51,9 +51,13 @@ async def test_azure_vm_shape(tmp_path: Path) -> None:
         assert vm["zones"] == ["3"] and inst.placement.zone == "eastus-3"
         assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
         assert vm["tags"]["barista-node"] == "lab-db-0"
+        # The NSG is on the VM's NIC (so the VNet need not wait for it), not on the subnet.
+        nic_cfg = props["networkProfile"]["networkInterfaceConfigurations"][0]["properties"]
+        assert nic_cfg["networkSecurityGroup"]["id"] == net.firewall_id
+        [nic] = fake.state.of_type("networkinterfaces")
+        assert nic["properties"]["networkSecurityGroup"]["id"] == net.firewall_id
         vnet = fake.state.sent("PUT", "/virtualNetworks/")[-1]
-        assert vnet["properties"]["subnets"][0]["properties"]["networkSecurityGroup"]["id"] \
-            == net.firewall_id
+        assert "networkSecurityGroup" not in vnet["properties"]["subnets"][0]["properties"]
         # Every resource we made carries our tags.
         assert all(r["tags"].get(TAG_INFRA) == "lab" for r in fake.state.resources.values())
 
@@ -182,3 +186,37 @@ async def test_gcp_a_failed_firewall_fails_the_launch_and_is_made_again() -> Non
         [inst] = await p.run_instances(where, net, _launch("e2-small"))  # the retry
         assert inst.name == "lab-db-0" and len(fake.state.instances) == 1
         assert "barista-lab-wg" in fake.state.firewalls
+
+
+async def test_azure_nsg_and_vnet_are_made_side_by_side(tmp_path: Path) -> None:
+    """Neither refers to the other: both operations run at once (each takes 1 s here), and
+    a VNet made before with the NSG on its subnet keeps it."""
+    pytest.importorskip("azure.mgmt.compute")
+    import time
+
+    from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
+    from tests.fakes.azure import FakeArm
+    from tests.fakes.clouds import StaticToken
+
+    with FakeArm(tmp_path) as fake:
+        fake.state.lro_delay = lambda action, name: 1.0
+        p = AzureProvider(settings=AzureSettings(
+            subscription_id=fake.state.subscription, base_url=fake.url,
+            connection_verify=str(fake.ca), polling_interval=0.05),
+            catalog=default_catalog(), credential_factory=StaticToken)
+        req = NetworkRequest(infra="lab", region="eastus", tags=TAGS)
+        t0 = time.monotonic()
+        net = await p.ensure_network(req)
+        assert 1.0 <= time.monotonic() - t0 < 1.9  # not 2 s: in series they would be
+        ops = sorted((op["done_at"], op["target"][1]) for op in fake.state.operations.values())
+        assert [k for _t, k in ops] == ["networksecuritygroups", "virtualnetworks"] or \
+            [k for _t, k in ops] == ["virtualnetworks", "networksecuritygroups"]
+        assert abs(ops[0][0] - ops[1][0]) < 0.5
+        # A VNet of an older release, its subnet carrying the NSG: kept on the next call.
+        vnet = fake.state.resources[("barista-lab-eastus", "virtualnetworks", "barista-lab")]
+        vnet["properties"]["subnets"][0]["properties"]["networkSecurityGroup"] = {
+            "id": net.firewall_id}
+        await p.ensure_network(req)
+        sent = fake.state.sent("PUT", "/virtualNetworks/")[-1]
+        assert sent["properties"]["subnets"][0]["properties"]["networkSecurityGroup"][
+            "id"] == net.firewall_id

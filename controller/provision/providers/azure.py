@@ -2,8 +2,8 @@
 -resource, azure-identity).
 
 One resource group per infra and region (``barista-<infra>-<region>``) holding the VNet,
-its subnet, the network security group (WireGuard UDP in; SSH only when asked) and, per
-VM, a static public IP, a NIC and the VM itself with the cloud-init user-data as
+its subnet, the network security group (WireGuard UDP in; SSH only when asked; on each
+VM's NIC) and, per VM, a static public IP, a NIC and the VM itself with the cloud-init user-data as
 ``custom_data``. Every resource carries our tags. Long-running operations go through the
 SDK's pollers (``polling_interval`` 0 in tests), except VM creation: a batch of VMs is
 followed with one list of the resource group per round, not one poll per VM. The SDK's own
@@ -43,7 +43,7 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
-from controller.provision.limits import ApiLimits, RequestMeter, gather_launches
+from controller.provision.limits import ApiLimits, RequestMeter, gather_all, gather_launches
 from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.azure")
@@ -353,12 +353,29 @@ class AzureProvider:
     # -- network -----------------------------------------------------------------------
 
     async def ensure_network(self, request: NetworkRequest) -> Network:
+        """The resource group, then the NSG and the VNet side by side: the NSG goes on each
+        VM's NIC (``_create_vm``), not on the subnet, so the VNet does not refer to it
+        (ARM refuses a reference to a resource not yet provisioned:
+        ReferencedResourceNotProvisioned, which would put the two in series). A VNet
+        made before with the NSG on its subnet keeps it (a PUT replaces the subnets: its
+        VMs' NICs have none), the NSG then done first, as ARM needs."""
         nm, rm = _models("network"), _models("resource")
 
         region, tags = request.region, {**request.tags, TAG_INFRA: request.infra}
         rg = self._rg(request.infra, region)
-        await self._call("resource", "resource_groups.create_or_update", rg,
-                         rm.ResourceGroup(location=region, tags=tags), region=region)
+        vnet_name = f"barista-{request.infra}"
+
+        async def existing_vnet() -> Any:
+            try:
+                return await self._call("network", "virtual_networks.get", rg, vnet_name,
+                                        region=region)
+            except NotFoundError:  # the VNet, or its resource group (made beside this)
+                return None
+
+        _, old = await gather_all(
+            self._call("resource", "resource_groups.create_or_update", rg,
+                       rm.ResourceGroup(location=region, tags=tags), region=region),
+            existing_vnet())
         rules = [nm.SecurityRule(
             name="wireguard", protocol="Udp", direction="Inbound", access="Allow",
             priority=100, source_address_prefix="*", source_port_range="*",
@@ -370,25 +387,39 @@ class AzureProvider:
                 source_address_prefixes=list(request.ssh_from), source_port_range="*",
                 destination_address_prefix="*", destination_port_range="22"))
         nsg_name = f"barista-{request.infra}-nsg"
-        nsg = await self._call("network", "network_security_groups.begin_create_or_update",
-                               rg, nsg_name, nm.NetworkSecurityGroup(
-                                   location=region, tags=tags, security_rules=rules),
-                               region=region, wait=True)
         net = ipaddress.ip_network(request.cidr)
         prefix = max(net.prefixlen, min(20, net.prefixlen + 4))
         subnet_cidr = str(next(net.subnets(new_prefix=prefix)))
-        vnet_name = f"barista-{request.infra}"
-        vnet = await self._call("network", "virtual_networks.begin_create_or_update", rg,
-                                vnet_name, nm.VirtualNetwork(
-                                    location=region, tags=tags,
-                                    address_space=nm.AddressSpace(address_prefixes=[request.cidr]),
-                                    subnets=[nm.Subnet(name="nodes", address_prefix=subnet_cidr,
-                                                       network_security_group=nm.NetworkSecurityGroup(
-                                                           id=nsg.id))]),
-                                region=region, wait=True)
-        subnet_id = next(s.id for s in vnet.subnets if s.name == "nodes")
-        return Network(id=str(vnet.id), region=region, cidr=request.cidr,
-                       subnet_id=str(subnet_id), firewall_id=str(nsg.id),
+        old_subnet = next((sn for sn in (old.subnets or []) if sn.name == "nodes"), None) \
+            if old is not None else None
+        legacy = old_subnet is not None and old_subnet.network_security_group is not None
+
+        async def nsg() -> Any:
+            return await self._call(
+                "network", "network_security_groups.begin_create_or_update", rg, nsg_name,
+                nm.NetworkSecurityGroup(location=region, tags=tags, security_rules=rules),
+                region=region, wait=True)
+
+        async def vnet(nsg_id: str = "") -> Any:
+            subnet = nm.Subnet(name="nodes", address_prefix=subnet_cidr)
+            if nsg_id:
+                subnet = nm.Subnet(name="nodes", address_prefix=subnet_cidr,
+                                   network_security_group=nm.NetworkSecurityGroup(id=nsg_id))
+            return await self._call(
+                "network", "virtual_networks.begin_create_or_update", rg, vnet_name,
+                nm.VirtualNetwork(location=region, tags=tags,
+                                  address_space=nm.AddressSpace(address_prefixes=[request.cidr]),
+                                  subnets=[subnet]),
+                region=region, wait=True)
+
+        if legacy:
+            made_nsg = await nsg()
+            made_vnet = await vnet(str(made_nsg.id))
+        else:
+            made_nsg, made_vnet = await gather_all(nsg(), vnet())
+        subnet_id = next(sn.id for sn in made_vnet.subnets if sn.name == "nodes")
+        return Network(id=str(made_vnet.id), region=region, cidr=request.cidr,
+                       subnet_id=str(subnet_id), firewall_id=str(made_nsg.id),
                        extra={"infra": request.infra, "resource_group": rg})
 
     # -- instances ---------------------------------------------------------------------
@@ -494,6 +525,7 @@ class AzureProvider:
                 network_interface_configurations=[
                     cm.VirtualMachineNetworkInterfaceConfiguration(
                         name=f"{req.name}-nic", primary=True, delete_option="Delete",
+                        network_security_group=cm.SubResource(id=network.firewall_id),
                         ip_configurations=[cm.VirtualMachineNetworkInterfaceIPConfiguration(
                             name="ipconfig1", primary=True,
                             subnet=cm.SubResource(id=network.subnet_id),
