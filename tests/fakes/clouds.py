@@ -286,10 +286,12 @@ class AgentBooter:
     with the boot config read back out of the VM's user-data, and enrolls."""
 
     def __init__(self, loop: Any, state_dir: Path, *, boot: float = 20.0,
-                 jitter: float = 5.0, seed: int = 11) -> None:
+                 jitter: float = 5.0, seed: int = 11,
+                 fixed: Mapping[str, float] | None = None) -> None:
         self._loop = loop
         self._dir = state_dir
         self._boot, self._jitter = boot, jitter
+        self._fixed = dict(fixed or {})  # node name -> its boot time (else drawn)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.agents: list[Any] = []
@@ -300,6 +302,7 @@ class AgentBooter:
     def __call__(self, provider: str, name: str, user_data: str) -> float:
         with self._lock:
             boot_s = max(0.0, self._boot + self._rng.uniform(-self._jitter, self._jitter))
+            boot_s = self._fixed.get(name, boot_s)
             self.created_at[name] = time.time()
         self._loop.call_soon_threadsafe(self._spawn, name, user_data, boot_s)
         return boot_s
