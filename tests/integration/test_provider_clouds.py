@@ -220,3 +220,31 @@ async def test_azure_nsg_and_vnet_are_made_side_by_side(tmp_path: Path) -> None:
         sent = fake.state.sent("PUT", "/virtualNetworks/")[-1]
         assert sent["properties"]["subnets"][0]["properties"]["networkSecurityGroup"][
             "id"] == net.firewall_id
+
+
+async def test_azure_queries_list_addresses_only_while_one_is_unknown(tmp_path: Path) -> None:
+    pytest.importorskip("azure.mgmt.compute")
+    from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
+    from tests.fakes.azure import FakeArm
+    from tests.fakes.clouds import StaticToken
+
+    with FakeArm(tmp_path) as fake:
+        p = AzureProvider(settings=AzureSettings(
+            subscription_id=fake.state.subscription, base_url=fake.url,
+            connection_verify=str(fake.ca), polling_interval=0),
+            catalog=default_catalog(), credential_factory=StaticToken)
+        net = await p.ensure_network(NetworkRequest(infra="lab", region="eastus", tags=TAGS))
+        [made] = await p.run_instances(Placement("azure", "eastus", "eastus-1"), net,
+                                       _launch("Standard_B1s"))
+
+        def nic_lists() -> int:
+            return len([1 for m, path, _q, _b in fake.state.requests
+                        if m == "GET" and path.lower().endswith("/networkinterfaces")])
+
+        before = nic_lists()
+        [seen] = await p.query_instances(TAGS, region="eastus")
+        assert (seen.private_ip, seen.public_ip) == (made.private_ip, made.public_ip)
+        assert seen.public_ip and nic_lists() == before  # known: not listed again
+        await p.stop_instances("eastus", [made.id])  # forgotten: listed again
+        [seen] = await p.query_instances(TAGS, region="eastus")
+        assert seen.public_ip == made.public_ip and nic_lists() == before + 1

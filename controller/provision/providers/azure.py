@@ -225,6 +225,9 @@ class AzureProvider:
         self._credential_factory = credential_factory
         self._clients: dict[str, Any] = {}
         self._ssh_key = settings.ssh_public_key
+        # VM resource id (lower) -> (its vmId, private IP, public IP): what a query joined
+        # once. Forgotten when we stop, start or delete it.
+        self._addresses: dict[str, tuple[str, str, str]] = {}
 
     @property
     def name(self) -> str:
@@ -563,15 +566,28 @@ class AzureProvider:
                                    expand="instanceView", region=region)
         if not vms:
             return []
+        # A VM's addresses, once known, are kept (its NIC is made and deleted with it, its
+        # public IP is static): the NICs and public IPs are listed only while one of the
+        # VMs has none known yet, so a query while VMs boot is one list.
+        known = [self._addresses.get(str(vm.id).lower()) for vm in vms]
+        if all(k is not None and k[0] == str(vm.vm_id or "") for k, vm in
+               zip(known, vms, strict=True)):
+            return [self._instance(vm, rg, {}, {}, k[1:] if k else None)
+                    for vm, k in zip(vms, known, strict=True)]
         nics, pips = await asyncio.gather(
             self._list("network", "network_interfaces.list", rg, region=region),
             self._list("network", "public_ip_addresses.list", rg, region=region))
         by_nic = {str(n.id).lower(): n for n in nics}
         by_pip = {str(p.id).lower(): p for p in pips}
-        return [self._instance(vm, rg, by_nic, by_pip) for vm in vms]
+        out = [self._instance(vm, rg, by_nic, by_pip) for vm in vms]
+        for vm, inst in zip(vms, out, strict=True):
+            if inst.private_ip and inst.public_ip:
+                self._addresses[str(vm.id).lower()] = (str(vm.vm_id or ""), inst.private_ip,
+                                                       inst.public_ip)
+        return out
 
-    def _instance(self, vm: Any, rg: str, nics: Mapping[str, Any], pips: Mapping[str, Any]
-                  ) -> Instance:
+    def _instance(self, vm: Any, rg: str, nics: Mapping[str, Any], pips: Mapping[str, Any],
+                  addresses: tuple[str, str] | None = None) -> Instance:
         region = str(vm.location)
         state = InstanceState.UNKNOWN
         prov = str(vm.provisioning_state or "")
@@ -584,7 +600,7 @@ class AzureProvider:
         if prov == "Deleting":
             state = InstanceState.TERMINATING
         zone = f"{region}-{vm.zones[0]}" if vm.zones else ""
-        private_ip = public_ip = ""
+        private_ip, public_ip = addresses or ("", "")
         refs = vm.network_profile.network_interfaces if vm.network_profile else []
         nic = nics.get(str(refs[0].id).lower()) if refs else None
         if nic is not None and nic.ip_configurations:
@@ -627,6 +643,9 @@ class AzureProvider:
         return m.group(1), m.group(2)
 
     async def _each(self, op: str, region: str, ids: Sequence[str]) -> None:
+        for vm_id in ids:
+            self._addresses.pop(vm_id.lower(), None)
+
         async def one(vm_id: str) -> None:
             rg, name = self._split(vm_id, region)
             await self._call("compute", f"virtual_machines.{op}", rg, name, region=region,
@@ -647,6 +666,9 @@ class AzureProvider:
         """Delete each VM (side by side); its OS disk, NIC and public IP go with it
         (delete_option). A NIC or IP left by a VM made before that (or by hand) is
         deleted after it."""
+        for vm_id in ids:
+            self._addresses.pop(vm_id.lower(), None)
+
         async def one(vm_id: str) -> None:
             rg, name = self._split(vm_id, region)
             await self._call("compute", "virtual_machines.begin_delete", rg, name,
