@@ -174,8 +174,9 @@ class ArmApi:
         op_id = str(uuid.uuid4())
         delay = (self.s.lro_delay(action, target[-1]) if self.s.lro_delay is not None
                  else 0.0)
+        now = time.monotonic()
         self.s.operations[op_id] = {"action": action, "target": target, "error": error,
-                                    "polls": 0, "done_at": time.monotonic() + delay}
+                                    "polls": 0, "accepted_at": now, "done_at": now + delay}
         url = (f"{self.base}/subscriptions/{self.s.subscription}/providers/{ns}/locations/"
                f"eastus/operations/{op_id}?api-version=2024-01-01")
         headers = {"Azure-AsyncOperation": url, "Location": url}

@@ -189,8 +189,9 @@ class GceApi:
             op["region"] = self._url(f"regions/{region}")
         if error:
             op["_error"] = {"errors": [{"code": error[0], "message": error[1]}]}
+        op["_accepted_at"] = time.monotonic()
         if self.s.op_delay is not None:
-            op["_done_at"] = time.monotonic() + self.s.op_delay(kind, target.split("/")[-2])
+            op["_done_at"] = op["_accepted_at"] + self.s.op_delay(kind, target.split("/")[-2])
         self.s.operations[op["name"]] = op
         return {k: v for k, v in op.items() if not k.startswith("_")}
 
