@@ -444,26 +444,29 @@ class GcpProvider:
             if not _NAME_OK.match(req.name):
                 raise InvalidRequestError(f"gcp: {req.name!r} is not a valid instance name",
                                           provider=NAME, region=region, zone=zone)
-        # One list for the batch (not a get per name): what exists is returned as it is.
+        # Inserted straight away, not after a list of what exists: an insert is idempotent
+        # (its request id; a name the zone has already is 409 alreadyExists, taken as
+        # made), which keeps a round trip off the first launches' path. One list for the
+        # batch then (not a get per name) returns what carries our tags.
         tags = {k: v for k, v in requests[0].tags.items()  # what the batch shares
                 if all(r.tags.get(k) == v for r in requests)} if requests else {}
         # The network's firewall rules are waited on beside the launches (the instances
         # match them by network tag, they need not exist first); when they failed, the
         # batch fails with their error once its launches were answered. Its VMs exist: a
-        # retry (the engine's, on a transient error) finds them by this list.
+        # retry (the engine's, on a transient error) finds them (409, same request id).
         firewalls = asyncio.ensure_future(self._firewalls_done(network))
         try:
-            existing = await self._in_zone(zone, region, tags, [r.name for r in requests])
-            todo = [r for r in requests if r.name not in existing]
-
             async def launch(req: LaunchRequest) -> list[str]:
-                await self._insert(req, zone=zone, region=region, network=network)
+                try:
+                    await self._insert(req, zone=zone, region=region, network=network)
+                except InvalidRequestError as exc:
+                    if exc.code != "alreadyExists":
+                        raise
                 return [req.name]
 
-            made = gather_launches(await asyncio.gather(*(launch(r) for r in todo),
+            made = gather_launches(await asyncio.gather(*(launch(r) for r in requests),
                                                         return_exceptions=True))
-            if made:
-                existing.update(await self._in_zone(zone, region, tags, made))
+            existing = await self._in_zone(zone, region, tags, made) if made else {}
         except BaseException:
             firewalls.cancel()  # the rules' own wait goes on (shielded)
             await asyncio.wait([firewalls])
