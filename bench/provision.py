@@ -16,7 +16,10 @@ real SDK code paths, with real-cloud API latency; see bench/_sdk_clouds.py.
 
 Prints one JSON line per N: {"bench": "provision", "n", "wall_s", "slowest_boot_s",
 "floor_s", "ratio", "calls_per_node", ...}. ratio = wall time until all Ready / (the
-slowest node's own boot time + the rate-limit floor).
+slowest node's own boot time + the rate-limit floor). ``--clouds sdk`` adds
+"ratio_ideal" = wall time / max over nodes of (the network setup the node's cloud
+requires before that node's create, as its fake drew it + the floor + the node's own boot
+time); bench/_sdk_clouds.py defines it.
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ class _Node:
     reason: str = ""  # aggregated failure reason ("capacity in zone east-1b")
     launched_at: float = 0.0
     linked_vm: str = ""  # the vm id written into the node record
+    trying: Placement | None = None  # where a create of it is in flight
 
 
 @dataclass
@@ -802,7 +803,17 @@ class Engine:
             want = [n for n in self._group_nodes(inf, g)]
             missing = [n for n in want if not n.vm_id]
             if missing:
-                await self._launch(inf, g, missing)
+                # Nodes are watched for Ready while their creates are in flight: a cloud
+                # whose create answers only when the VM booted (ARM) has each node Ready
+                # when it is, not when its whole batch is answered.
+                launch = asyncio.ensure_future(self._launch(inf, g, missing))
+                try:
+                    await self._await_ready(inf, g, launch)
+                finally:
+                    if not launch.done():
+                        launch.cancel()
+                    await asyncio.wait([launch])
+                launch.result()
             await self._await_ready(inf, g)
             failed = [n for n in self._group_nodes(inf, g) if n.phase == "failed"]
             if failed and g.on_partial_failure == "rollback":
@@ -979,12 +990,17 @@ class Engine:
         reqs = list(await asyncio.gather(*(request(n) for n in batch)))
         op = await self._journal.intent(infra=inf.name, group=g.name, op="create",
                                         placement=p, names=[n.name for n in batch])
+        for n in batch:
+            n.trying = p
         try:
             made = await self._call(prov, p.region, "run_instances",
                                     lambda: prov.run_instances(p, network, reqs))
         except ProvisionError as exc:
             await self._journal.finish(op, error=f"{exc.kind}: {exc.message}")
             raise
+        finally:
+            for n in batch:
+                n.trying = None
         await self._journal.finish(op, ids=[i.id for i in made])
         now = self._clock()
         by_name = {n.name: n for n in batch}
@@ -1003,16 +1019,27 @@ class Engine:
                            f"{prov.name} did not return a VM for {n.name}")
         self._emit_group(inf, g)
 
-    async def _await_ready(self, inf: _Infra, g: GroupSpec) -> None:
+    async def _await_ready(self, inf: _Infra, g: GroupSpec,
+                           launching: asyncio.Future[None] | None = None) -> None:
+        """Until every launched node of ``g`` is Ready (or failed). While ``launching`` (the
+        group's launches) runs, it returns when they failed, and nodes whose create is in
+        flight count too once their agent is online: their VM is looked up by a query
+        (adopted by tags, as any), not waited for until their batch is answered."""
         s = self.settings
         start = self._clock()
         while True:
-            nodes = [n for n in self._group_nodes(inf, g) if n.vm_id]
+            if launching is not None and launching.done():
+                if launching.cancelled() or launching.exception() is not None:
+                    return  # the caller raises it
+                launching = None
+            nodes = [n for n in self._group_nodes(inf, g) if n.vm_id or (
+                launching is not None and n.trying is not None and n.online)]
             pending = [n for n in nodes if n.phase not in ("ready", "failed", "stopped")]
-            if not pending:
+            if not pending and launching is None:
                 return
             now = self._clock()
-            late = [n for n in pending if now - (n.launched_at or start) > s.ready_timeout]
+            late = [n for n in pending if n.vm_id
+                    and now - (n.launched_at or start) > s.ready_timeout]
             if late:
                 self._fail(inf, late, "agent not online",
                            f"agent not online within {s.ready_timeout:g}s of launch")
@@ -1020,7 +1047,8 @@ class Engine:
             # The VM state is only asked for when an agent came online before we saw its
             # VM running (that is when the answer matters), or rarely otherwise.
             want = any(n.online and n.vm_state is not InstanceState.RUNNING for n in pending)
-            regions = {n.placement.region for n in pending if n.placement}
+            regions = {n.placement.region for n in pending if n.placement and n.vm_id}
+            regions |= {n.trying.region for n in pending if n.trying and not n.vm_id}
             due = set()
             for r in regions:
                 since = now - self._last_query.get((g.provider, r, inf.name), 0.0)
@@ -1034,8 +1062,13 @@ class Engine:
                 self._emit_group(inf, g)
                 continue
             inf.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(inf.changed.wait(), s.poll_interval)
+            changed: asyncio.Future[Any] = asyncio.ensure_future(inf.changed.wait())
+            waits = [changed] if launching is None else [changed, launching]
+            try:
+                await asyncio.wait(waits, timeout=s.poll_interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
 
     async def _rollback(self, inf: _Infra, g: GroupSpec, failed: list[_Node]) -> None:
         reasons = Counter(n.reason for n in failed)

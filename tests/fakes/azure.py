@@ -174,8 +174,9 @@ class ArmApi:
         op_id = str(uuid.uuid4())
         delay = (self.s.lro_delay(action, target[-1]) if self.s.lro_delay is not None
                  else 0.0)
+        now = time.monotonic()
         self.s.operations[op_id] = {"action": action, "target": target, "error": error,
-                                    "polls": 0, "done_at": time.monotonic() + delay}
+                                    "polls": 0, "accepted_at": now, "done_at": now + delay}
         url = (f"{self.base}/subscriptions/{self.s.subscription}/providers/{ns}/locations/"
                f"eastus/operations/{op_id}?api-version=2024-01-01")
         headers = {"Azure-AsyncOperation": url, "Location": url}
@@ -339,6 +340,9 @@ class ArmApi:
 
     def _put_networkinterfaces(self, rg: str, name: str, key: Any, res: dict[str, Any],
                                old: Any) -> Reply:
+        nsg = res["properties"].get("networkSecurityGroup")
+        if nsg:
+            self._provisioned(self._by_id(nsg["id"], "networksecuritygroups"), res["id"])
         for i, cfg in enumerate(res["properties"].get("ipConfigurations", [])):
             props = cfg["properties"]
             sub_id = props.get("subnet", {}).get("id", "")
@@ -401,7 +405,15 @@ class ArmApi:
                            "networkApiVersion 2020-11-01 or later")
         refs = []
         base = {"location": vm["location"], "tags": vm["tags"]}
+        for cfg in net["networkInterfaceConfigurations"]:  # references checked first
+            nsg = cfg["properties"].get("networkSecurityGroup")
+            if nsg:
+                self._provisioned(self._by_id(nsg["id"], "networksecuritygroups"), vm["id"])
         for cfg in net["networkInterfaceConfigurations"]:
+            nic_props: dict[str, Any] = {}
+            if cfg["properties"].get("networkSecurityGroup"):
+                nic_props["networkSecurityGroup"] = {
+                    "id": cfg["properties"]["networkSecurityGroup"]["id"]}
             ip_cfgs = []
             for ip in cfg["properties"].get("ipConfigurations", []):
                 ipp = dict(ip["properties"])
@@ -419,7 +431,8 @@ class ArmApi:
                             "deleteOption", "Detach")}}
                 ip_cfgs.append({"name": ip["name"], "properties": ipp})
             self._resource("PUT", rg, "networkinterfaces", cfg["name"],
-                           {**base, "properties": {"ipConfigurations": ip_cfgs}}, {})
+                           {**base, "properties": {**nic_props, "ipConfigurations": ip_cfgs}},
+                           {})
             nic = self.s.resources[(rg.lower(), "networkinterfaces", cfg["name"].lower())]
             refs.append({"id": nic["id"], "properties": {
                 "primary": cfg["properties"].get("primary", True),

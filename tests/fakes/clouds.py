@@ -7,7 +7,9 @@ GCE operations are DONE ``gcp_op`` seconds after they were accepted (``operation
 blocks until then); ARM long-running operations finish after ``azure_lro`` seconds and say
 ``Retry-After``; a VM's create operation at ARM ends when the VM has booted. ``on_create``
 hears of every VM create request (provider, node name, user-data) when it arrives, which is
-when a bench or test starts that VM's boot. Requests are counted by API at the clouds.
+when a bench or test starts that VM's boot. Requests are counted by API at the clouds;
+what the fakes drew (each request's latency, each operation's time) is kept, from which
+``Clouds.prerequisites`` says how long a cloud's network setup had to take.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Clouds:
     arm: FakeArm
     times: CloudTimes
     boots: dict[str, float] = field(default_factory=dict)  # node name -> boot time
+    # Every request's latency as drawn, in the order drawn: (cloud, API, seconds).
+    drawn: list[tuple[str, str, float]] = field(default_factory=list)
 
     def providers(self, *, azure_poll: float = 2.0) -> dict[str, Any]:
         """Fresh provider instances (a restarted controller makes new ones)."""
@@ -116,6 +120,59 @@ class Clouds:
             arm = [arm_api(m, p) for m, p, _q, _b in self.arm.state.requests]
         return {"aws": upto(list(self.moto.log), "RunInstances"),
                 "gcp": upto(gce, "instances.insert"), "azure": upto(arm, "virtualmachines PUT")}
+
+    def prerequisites(self, infra: str) -> dict[str, dict[str, float]]:
+        """Per cloud, what a perfect engine must wait for before the first VM create of
+        ``infra`` can be sent: the minimal serial chain of the requests and operations the
+        cloud requires first, each as long as the fakes drew it in this run (the request's
+        latency, then its operation until done). Not in it: polling (an operation counts
+        as seen the moment it is done), lookups, the engine's own time. ``chain_s`` is
+        the chain; the other keys are its links.
+
+        - gcp: network insert + its operation, then the subnet's (GCE refuses a subnet
+          of a network not done, and an instance in a subnet not done: resourceNotReady);
+          the firewall rules are not required (instances match them by tag).
+        - azure: the resource group, then the NSG and the VNet side by side, each PUT +
+          its operation (a VM's NIC refers to both; ARM refuses a reference to a
+          resource not yet provisioned).
+        - aws: CreateVpc, then CreateSubnet and CreateSecurityGroup side by side, beside
+          the AMI lookup (DescribeImages); EC2's calls are synchronous.
+        """
+        def first(cloud: str, api: str) -> float:
+            return next((sec for c, a, sec in self.drawn if c == cloud and a == api), 0.0)
+
+        net = f"barista-{infra}"
+        with self.gce._api.lock:
+            gops = list(self.gce.state.operations.values())
+        with self.arm.api.lock:
+            aops = list(self.arm.state.operations.values())
+
+        def gce_op(suffix: str) -> float:
+            return next((op["_done_at"] - op["_accepted_at"] for op in gops
+                         if op["operationType"] == "insert" and "_done_at" in op
+                         and op["targetLink"].endswith(suffix)), 0.0)
+
+        def arm_op(kind: str) -> float:
+            rg = f"barista-{infra}-{REGIONS['azure']}".lower()
+            return next((op["done_at"] - op["accepted_at"] for op in aops
+                         if op["action"] == "provision" and op["target"][:2] == (rg, kind)),
+                        0.0)
+
+        gcp = {"network_s": first("gcp", "networks.insert") + gce_op(f"/global/networks/{net}"),
+               "subnet_s": first("gcp", "subnetworks.insert")
+               + gce_op(f"/subnetworks/{net}-{REGIONS['gcp']}")}
+        gcp["chain_s"] = gcp["network_s"] + gcp["subnet_s"]
+        azure = {"group_s": first("azure", "resourceGroups PUT"),
+                 "nsg_s": first("azure", "networksecuritygroups PUT")
+                 + arm_op("networksecuritygroups"),
+                 "vnet_s": first("azure", "virtualnetworks PUT") + arm_op("virtualnetworks")}
+        azure["chain_s"] = azure["group_s"] + max(azure["nsg_s"], azure["vnet_s"])
+        aws = {"image_s": first("aws", "DescribeImages"), "vpc_s": first("aws", "CreateVpc"),
+               "subnet_s": first("aws", "CreateSubnet"),
+               "group_s": first("aws", "CreateSecurityGroup")}
+        aws["chain_s"] = max(aws["image_s"],
+                             aws["vpc_s"] + max(aws["subnet_s"], aws["group_s"]))
+        return {"aws": aws, "gcp": gcp, "azure": azure}
 
     def live_vms(self, infra: str) -> dict[str, Counter[str]]:
         """Per cloud, how many live VMs of ``infra`` carry each node name."""
@@ -169,7 +226,9 @@ class Clouds:
 def gcp_api(method: str, path: str) -> str:
     """``POST /compute/v1/projects/p/zones/z/instances`` -> ``instances.insert``."""
     parts = path.strip("/").split("/")[4:]  # after compute/v1/projects/<p>
-    if parts and parts[0] == "aggregated":
+    if not parts:
+        return f"? {method}"
+    if parts[0] == "aggregated" and len(parts) > 1:
         return f"{parts[1]}.aggregatedList"
     if parts[-1] == "wait":
         return "operations.wait"
@@ -212,10 +271,13 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
     rng = random.Random(seed)
     lock = threading.Lock()
     boots: dict[str, float] = {}
+    drawn: list[tuple[str, str, float]] = []
 
-    def wait(create: bool = False) -> float:
+    def wait(cloud: str, api: str, create: bool = False) -> float:
         with lock:
-            return _between(rng, times.create if create and times.create else times.api)
+            sec = _between(rng, times.create if create and times.create else times.api)
+            drawn.append((cloud, api, sec))
+            return sec
 
     def created(provider: str, name: str, user_data: str) -> None:
         if on_create is None or not name:
@@ -234,8 +296,8 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
             raw = fields.get("UserData", [""])[0]
             created("aws", tags.get("barista-node", ""),
                     base64.b64decode(raw).decode() if raw else "")
-            return wait(create=True)
-        return wait()
+            return wait("aws", action, create=True)
+        return wait("aws", action)
 
     def gcp_latency(req: Request) -> float:
         if req.method == "POST" and req.path.endswith("/instances") and req.body:
@@ -243,16 +305,16 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
                      .get("items", [])}
             created("gcp", req.body.get("labels", {}).get("barista-node", ""),
                     items.get("user-data", ""))
-            return wait(create=True)
-        return wait()
+            return wait("gcp", "instances.insert", create=True)
+        return wait("gcp", gcp_api(req.method, req.path))
 
     def arm_latency(req: Request) -> float:
         if req.method == "PUT" and "/virtualmachines/" in req.path.lower() and req.body:
             osp = req.body.get("properties", {}).get("osProfile", {})
             created("azure", req.body.get("tags", {}).get("barista-node", ""),
                     base64.b64decode(osp.get("customData", "")).decode())
-            return wait(create=True)
-        return wait()
+            return wait("azure", "virtualmachines PUT", create=True)
+        return wait("azure", arm_api(req.method, req.path))
 
     def gcp_op(kind: str, target: str) -> float:
         with lock:
@@ -274,7 +336,8 @@ def sdk_clouds(tmp: Path, *, times: CloudTimes = FAST, on_create: OnCreate | Non
                            RootDeviceName="/dev/sda1", VirtualizationType="hvm")
         moto.calls.clear()
         moto.log.clear()
-        yield Clouds(moto, gce, arm, times, boots)
+        drawn.clear()  # (the image registered above)
+        yield Clouds(moto, gce, arm, times, boots, drawn)
         with contextlib.suppress(Exception):
             urllib.request.urlopen(urllib.request.Request(
                 moto.url + "/moto-api/reset", method="POST", data=b""), timeout=10).close()
@@ -286,10 +349,12 @@ class AgentBooter:
     with the boot config read back out of the VM's user-data, and enrolls."""
 
     def __init__(self, loop: Any, state_dir: Path, *, boot: float = 20.0,
-                 jitter: float = 5.0, seed: int = 11) -> None:
+                 jitter: float = 5.0, seed: int = 11,
+                 fixed: Mapping[str, float] | None = None) -> None:
         self._loop = loop
         self._dir = state_dir
         self._boot, self._jitter = boot, jitter
+        self._fixed = dict(fixed or {})  # node name -> its boot time (else drawn)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.agents: list[Any] = []
@@ -300,6 +365,7 @@ class AgentBooter:
     def __call__(self, provider: str, name: str, user_data: str) -> float:
         with self._lock:
             boot_s = max(0.0, self._boot + self._rng.uniform(-self._jitter, self._jitter))
+            boot_s = self._fixed.get(name, boot_s)
             self.created_at[name] = time.time()
         self._loop.call_soon_threadsafe(self._spawn, name, user_data, boot_s)
         return boot_s

@@ -6,7 +6,8 @@ id, the JSON error body with ``errors[].reason``, aggregated lists keyed by scop
 makes, validates what real GCE validates that matters to us (names, machine types, known
 network/subnet, none referred to before its insert operation is DONE: resourceNotReady),
 and records every request so tests assert on what the SDK sent.
-Failures are injected per zone/region: capacity, quota, throttling.
+Failures are injected per zone/region (capacity, quota), per firewall rule (its insert
+operation fails) and as throttling.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class GceState:
     capacity_exhausted: set[str] = field(default_factory=set)  # zones
     quota_exceeded: set[str] = field(default_factory=set)  # regions
     throttle_next: int = 0  # the next N requests get 403 rateLimitExceeded
+    # firewall name -> the error its insert operation ends with (the rule is not made).
+    firewall_errors: dict[str, tuple[str, str]] = field(default_factory=dict)
     catalog: gcp_catalog.CatalogState = field(default_factory=gcp_catalog.CatalogState)
     # (operationType, target kind like "instances") -> seconds until the operation is
     # DONE; None: done when first waited on. ``operations.wait`` blocks until then, or
@@ -186,8 +189,9 @@ class GceApi:
             op["region"] = self._url(f"regions/{region}")
         if error:
             op["_error"] = {"errors": [{"code": error[0], "message": error[1]}]}
+        op["_accepted_at"] = time.monotonic()
         if self.s.op_delay is not None:
-            op["_done_at"] = time.monotonic() + self.s.op_delay(kind, target.split("/")[-2])
+            op["_done_at"] = op["_accepted_at"] + self.s.op_delay(kind, target.split("/")[-2])
         self.s.operations[op["name"]] = op
         return {k: v for k, v in op.items() if not k.startswith("_")}
 
@@ -307,6 +311,10 @@ class GceApi:
         name = self._name(body)
         if name in self.s.firewalls:
             raise HttpError(409, "alreadyExists", f"firewall '{name}' already exists")
+        if name in self.s.firewall_errors:
+            self._network_link(body.get("network", ""))
+            return self._remember(rid, self._op("insert", f"global/firewalls/{name}",
+                                                error=self.s.firewall_errors[name]))
         self.s.firewalls[name] = {**body, "kind": "compute#firewall",
                                   "id": str(next(self.s.ids)),
                                   "network": self._network_link(body.get("network", "")),

@@ -2,8 +2,8 @@
 -resource, azure-identity).
 
 One resource group per infra and region (``barista-<infra>-<region>``) holding the VNet,
-its subnet, the network security group (WireGuard UDP in; SSH only when asked) and, per
-VM, a static public IP, a NIC and the VM itself with the cloud-init user-data as
+its subnet, the network security group (WireGuard UDP in; SSH only when asked; on each
+VM's NIC) and, per VM, a static public IP, a NIC and the VM itself with the cloud-init user-data as
 ``custom_data``. Every resource carries our tags. Long-running operations go through the
 SDK's pollers (``polling_interval`` 0 in tests), except VM creation: a batch of VMs is
 followed with one list of the resource group per round, not one poll per VM. The SDK's own
@@ -43,7 +43,7 @@ from controller.provision.contract import (
     Size,
     TransientError,
 )
-from controller.provision.limits import ApiLimits, RequestMeter, gather_launches
+from controller.provision.limits import ApiLimits, RequestMeter, gather_all, gather_launches
 from controller.provision.refresh import Fetched, Progress
 
 log = logging.getLogger("barista.controller.provision.azure")
@@ -225,6 +225,9 @@ class AzureProvider:
         self._credential_factory = credential_factory
         self._clients: dict[str, Any] = {}
         self._ssh_key = settings.ssh_public_key
+        # VM resource id (lower) -> (its vmId, private IP, public IP): what a query joined
+        # once. Forgotten when we stop, start or delete it.
+        self._addresses: dict[str, tuple[str, str, str]] = {}
 
     @property
     def name(self) -> str:
@@ -353,12 +356,29 @@ class AzureProvider:
     # -- network -----------------------------------------------------------------------
 
     async def ensure_network(self, request: NetworkRequest) -> Network:
+        """The resource group, then the NSG and the VNet side by side: the NSG goes on each
+        VM's NIC (``_create_vm``), not on the subnet, so the VNet does not refer to it
+        (ARM refuses a reference to a resource not yet provisioned:
+        ReferencedResourceNotProvisioned, which would put the two in series). A VNet
+        made before with the NSG on its subnet keeps it (a PUT replaces the subnets: its
+        VMs' NICs have none), the NSG then done first, as ARM needs."""
         nm, rm = _models("network"), _models("resource")
 
         region, tags = request.region, {**request.tags, TAG_INFRA: request.infra}
         rg = self._rg(request.infra, region)
-        await self._call("resource", "resource_groups.create_or_update", rg,
-                         rm.ResourceGroup(location=region, tags=tags), region=region)
+        vnet_name = f"barista-{request.infra}"
+
+        async def existing_vnet() -> Any:
+            try:
+                return await self._call("network", "virtual_networks.get", rg, vnet_name,
+                                        region=region)
+            except NotFoundError:  # the VNet, or its resource group (made beside this)
+                return None
+
+        _, old = await gather_all(
+            self._call("resource", "resource_groups.create_or_update", rg,
+                       rm.ResourceGroup(location=region, tags=tags), region=region),
+            existing_vnet())
         rules = [nm.SecurityRule(
             name="wireguard", protocol="Udp", direction="Inbound", access="Allow",
             priority=100, source_address_prefix="*", source_port_range="*",
@@ -370,25 +390,39 @@ class AzureProvider:
                 source_address_prefixes=list(request.ssh_from), source_port_range="*",
                 destination_address_prefix="*", destination_port_range="22"))
         nsg_name = f"barista-{request.infra}-nsg"
-        nsg = await self._call("network", "network_security_groups.begin_create_or_update",
-                               rg, nsg_name, nm.NetworkSecurityGroup(
-                                   location=region, tags=tags, security_rules=rules),
-                               region=region, wait=True)
         net = ipaddress.ip_network(request.cidr)
         prefix = max(net.prefixlen, min(20, net.prefixlen + 4))
         subnet_cidr = str(next(net.subnets(new_prefix=prefix)))
-        vnet_name = f"barista-{request.infra}"
-        vnet = await self._call("network", "virtual_networks.begin_create_or_update", rg,
-                                vnet_name, nm.VirtualNetwork(
-                                    location=region, tags=tags,
-                                    address_space=nm.AddressSpace(address_prefixes=[request.cidr]),
-                                    subnets=[nm.Subnet(name="nodes", address_prefix=subnet_cidr,
-                                                       network_security_group=nm.NetworkSecurityGroup(
-                                                           id=nsg.id))]),
-                                region=region, wait=True)
-        subnet_id = next(s.id for s in vnet.subnets if s.name == "nodes")
-        return Network(id=str(vnet.id), region=region, cidr=request.cidr,
-                       subnet_id=str(subnet_id), firewall_id=str(nsg.id),
+        old_subnet = next((sn for sn in (old.subnets or []) if sn.name == "nodes"), None) \
+            if old is not None else None
+        legacy = old_subnet is not None and old_subnet.network_security_group is not None
+
+        async def nsg() -> Any:
+            return await self._call(
+                "network", "network_security_groups.begin_create_or_update", rg, nsg_name,
+                nm.NetworkSecurityGroup(location=region, tags=tags, security_rules=rules),
+                region=region, wait=True)
+
+        async def vnet(nsg_id: str = "") -> Any:
+            subnet = nm.Subnet(name="nodes", address_prefix=subnet_cidr)
+            if nsg_id:
+                subnet = nm.Subnet(name="nodes", address_prefix=subnet_cidr,
+                                   network_security_group=nm.NetworkSecurityGroup(id=nsg_id))
+            return await self._call(
+                "network", "virtual_networks.begin_create_or_update", rg, vnet_name,
+                nm.VirtualNetwork(location=region, tags=tags,
+                                  address_space=nm.AddressSpace(address_prefixes=[request.cidr]),
+                                  subnets=[subnet]),
+                region=region, wait=True)
+
+        if legacy:
+            made_nsg = await nsg()
+            made_vnet = await vnet(str(made_nsg.id))
+        else:
+            made_nsg, made_vnet = await gather_all(nsg(), vnet())
+        subnet_id = next(sn.id for sn in made_vnet.subnets if sn.name == "nodes")
+        return Network(id=str(made_vnet.id), region=region, cidr=request.cidr,
+                       subnet_id=str(subnet_id), firewall_id=str(made_nsg.id),
                        extra={"infra": request.infra, "resource_group": rg})
 
     # -- instances ---------------------------------------------------------------------
@@ -494,6 +528,7 @@ class AzureProvider:
                 network_interface_configurations=[
                     cm.VirtualMachineNetworkInterfaceConfiguration(
                         name=f"{req.name}-nic", primary=True, delete_option="Delete",
+                        network_security_group=cm.SubResource(id=network.firewall_id),
                         ip_configurations=[cm.VirtualMachineNetworkInterfaceIPConfiguration(
                             name="ipconfig1", primary=True,
                             subnet=cm.SubResource(id=network.subnet_id),
@@ -531,15 +566,28 @@ class AzureProvider:
                                    expand="instanceView", region=region)
         if not vms:
             return []
+        # A VM's addresses, once known, are kept (its NIC is made and deleted with it, its
+        # public IP is static): the NICs and public IPs are listed only while one of the
+        # VMs has none known yet, so a query while VMs boot is one list.
+        known = [self._addresses.get(str(vm.id).lower()) for vm in vms]
+        if all(k is not None and k[0] == str(vm.vm_id or "") for k, vm in
+               zip(known, vms, strict=True)):
+            return [self._instance(vm, rg, {}, {}, k[1:] if k else None)
+                    for vm, k in zip(vms, known, strict=True)]
         nics, pips = await asyncio.gather(
             self._list("network", "network_interfaces.list", rg, region=region),
             self._list("network", "public_ip_addresses.list", rg, region=region))
         by_nic = {str(n.id).lower(): n for n in nics}
         by_pip = {str(p.id).lower(): p for p in pips}
-        return [self._instance(vm, rg, by_nic, by_pip) for vm in vms]
+        out = [self._instance(vm, rg, by_nic, by_pip) for vm in vms]
+        for vm, inst in zip(vms, out, strict=True):
+            if inst.private_ip and inst.public_ip:
+                self._addresses[str(vm.id).lower()] = (str(vm.vm_id or ""), inst.private_ip,
+                                                       inst.public_ip)
+        return out
 
-    def _instance(self, vm: Any, rg: str, nics: Mapping[str, Any], pips: Mapping[str, Any]
-                  ) -> Instance:
+    def _instance(self, vm: Any, rg: str, nics: Mapping[str, Any], pips: Mapping[str, Any],
+                  addresses: tuple[str, str] | None = None) -> Instance:
         region = str(vm.location)
         state = InstanceState.UNKNOWN
         prov = str(vm.provisioning_state or "")
@@ -552,7 +600,7 @@ class AzureProvider:
         if prov == "Deleting":
             state = InstanceState.TERMINATING
         zone = f"{region}-{vm.zones[0]}" if vm.zones else ""
-        private_ip = public_ip = ""
+        private_ip, public_ip = addresses or ("", "")
         refs = vm.network_profile.network_interfaces if vm.network_profile else []
         nic = nics.get(str(refs[0].id).lower()) if refs else None
         if nic is not None and nic.ip_configurations:
@@ -595,6 +643,9 @@ class AzureProvider:
         return m.group(1), m.group(2)
 
     async def _each(self, op: str, region: str, ids: Sequence[str]) -> None:
+        for vm_id in ids:
+            self._addresses.pop(vm_id.lower(), None)
+
         async def one(vm_id: str) -> None:
             rg, name = self._split(vm_id, region)
             await self._call("compute", f"virtual_machines.{op}", rg, name, region=region,
@@ -615,6 +666,9 @@ class AzureProvider:
         """Delete each VM (side by side); its OS disk, NIC and public IP go with it
         (delete_option). A NIC or IP left by a VM made before that (or by hand) is
         deleted after it."""
+        for vm_id in ids:
+            self._addresses.pop(vm_id.lower(), None)
+
         async def one(vm_id: str) -> None:
             rg, name = self._split(vm_id, region)
             await self._call("compute", "virtual_machines.begin_delete", rg, name,

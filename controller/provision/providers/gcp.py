@@ -189,6 +189,9 @@ class GcpProvider:
         self._catalog = self._shipped = catalog
         self._credentials_factory = credentials_factory
         self._clients: dict[str, Any] = {}
+        # network name -> its firewall rules' operations being waited on, and the request
+        # that made them (to make them again when one failed).
+        self._firewalls: dict[str, tuple[asyncio.Task[None], NetworkRequest]] = {}
 
     @property
     def name(self) -> str:
@@ -339,7 +342,10 @@ class GcpProvider:
             raise InvalidRequestError(f"gcp: {name!r} is not a valid resource name",
                                       provider=NAME, region=region)
         # The subnet and the firewall rules need the network done (GCE answers
-        # resourceNotReady before): network, then both side by side.
+        # resourceNotReady before): network, then both side by side. Instances refer to
+        # the subnet, not to the rules (they match by network tag): the network is
+        # returned once the subnet is done and the rules' inserts were accepted; their
+        # operations are waited on behind (``_firewalls``), by every launch in it too.
         await self._insert_resource("NetworksClient", compute_v1.InsertNetworkRequest(
             project=p, network_resource=compute_v1.Network(
                 name=name, auto_create_subnetworks=False,
@@ -354,29 +360,79 @@ class GcpProvider:
                     network=f"projects/{p}/global/networks/{name}")),
                 region=region, wait_region=region)
 
-        async def ssh() -> None:
-            if request.ssh_from:
-                await self._ensure_firewall(f"{name}-ssh", name, "tcp", 22,
-                                            list(request.ssh_from), region)
-
-        fw, _, _ = await gather_all(
-            self._ensure_firewall(f"{name}-wg", name, "udp", request.wireguard_port,
-                                  ["0.0.0.0/0"], region), subnet(), ssh())
+        await gather_all(self._start_firewalls(name, request), subnet())
         return Network(id=name, region=region, cidr=cidr, subnet_id=sub_name,
-                       firewall_id=fw, extra={"infra": request.infra})
+                       firewall_id=f"{name}-wg", extra={"infra": request.infra})
 
-    async def _ensure_firewall(self, fw_name: str, network: str, proto: str, port: int,
-                               sources: list[str], region: str) -> str:
+    async def _start_firewalls(self, network: str, request: NetworkRequest) -> None:
+        """Insert the network's firewall rules (WireGuard; SSH when asked) and leave their
+        operations waited on in ``_firewalls[network]``. Rules whose operations are still
+        in flight are kept; otherwise they are inserted again (409 alreadyExists: there;
+        one removed since, or whose operation failed, is made again)."""
+        running = self._firewalls.get(network)
+        if running is not None and not running[0].done():
+            return
+        region = request.region
+        rules = [(f"{network}-wg", "udp", request.wireguard_port, ["0.0.0.0/0"])]
+        if request.ssh_from:
+            rules.append((f"{network}-ssh", "tcp", 22, list(request.ssh_from)))
+        ops = await gather_all(*(self._insert_firewall(n, network, proto, port, src, region)
+                                 for n, proto, port, src in rules))
+
+        async def wait() -> None:
+            try:
+                await gather_all(*(self._wait(op) for op in ops if op is not None))
+            except ProvisionError as exc:
+                log.error("gcp: firewall rules of network %s failed: %s", network,
+                          exc.message)
+                raise
+
+        task = asyncio.ensure_future(wait())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read: logged
+        self._firewalls[network] = (task, request)
+
+    async def _insert_firewall(self, fw_name: str, network: str, proto: str, port: int,
+                               sources: list[str], region: str) -> Any:
+        """The insert's operation, or None when the rule exists (409 alreadyExists)."""
         from google.cloud import compute_v1
 
         p = self._settings.project
-        await self._insert_resource("FirewallsClient", compute_v1.InsertFirewallRequest(
-            project=p, firewall_resource=compute_v1.Firewall(
-                name=fw_name, network=f"projects/{p}/global/networks/{network}",
-                direction="INGRESS",
-                allowed=[compute_v1.Allowed(I_p_protocol=proto, ports=[str(port)])],
-                source_ranges=sources, target_tags=[network])), region=region)
-        return fw_name
+        try:
+            return await self._call("FirewallsClient", "insert", region=region,
+                                    request=compute_v1.InsertFirewallRequest(
+                project=p, firewall_resource=compute_v1.Firewall(
+                    name=fw_name, network=f"projects/{p}/global/networks/{network}",
+                    direction="INGRESS",
+                    allowed=[compute_v1.Allowed(I_p_protocol=proto, ports=[str(port)])],
+                    source_ranges=sources, target_tags=[network])))
+        except InvalidRequestError as exc:
+            if exc.code == "alreadyExists":
+                return None
+            raise
+
+    async def _firewalls_done(self, network: Network) -> None:
+        """Wait for the network's firewall operations; one that failed is inserted again
+        (once), and its error raised when that fails too. Firewall rules are global
+        resources of the project: a quota or capacity error blocks the whole provider
+        (no failover to a region whose launches would need the same rules)."""
+        for attempt in (0, 1):
+            held = self._firewalls.get(network.id)
+            if held is None:
+                return  # made before this provider started (or by another one)
+            task, request = held
+            await asyncio.wait([task])  # (shared: not cancelled with this wait)
+            exc = None if task.cancelled() else task.exception()
+            if not task.cancelled() and exc is None:
+                return
+            if attempt == 0:
+                await self._start_firewalls(network.id, request)
+                continue
+            if not isinstance(exc, ProvisionError):
+                raise TransientError(f"gcp: firewall rules of network {network.id} not "
+                                     "waited on", provider=NAME, region=network.region)
+            raise type(exc)(f"gcp: firewall rules of network {network.id}: {exc.message}",
+                            provider=NAME, region=network.region, code=exc.code,
+                            scope="provider") from None
 
     # -- instances ---------------------------------------------------------------------
 
@@ -388,20 +444,36 @@ class GcpProvider:
             if not _NAME_OK.match(req.name):
                 raise InvalidRequestError(f"gcp: {req.name!r} is not a valid instance name",
                                           provider=NAME, region=region, zone=zone)
-        # One list for the batch (not a get per name): what exists is returned as it is.
+        # Inserted straight away, not after a list of what exists: an insert is idempotent
+        # (its request id; a name the zone has already is 409 alreadyExists, taken as
+        # made), which keeps a round trip off the first launches' path. One list for the
+        # batch then (not a get per name) returns what carries our tags.
         tags = {k: v for k, v in requests[0].tags.items()  # what the batch shares
                 if all(r.tags.get(k) == v for r in requests)} if requests else {}
-        existing = await self._in_zone(zone, region, tags, [r.name for r in requests])
-        todo = [r for r in requests if r.name not in existing]
+        # The network's firewall rules are waited on beside the launches (the instances
+        # match them by network tag, they need not exist first); when they failed, the
+        # batch fails with their error once its launches were answered. Its VMs exist: a
+        # retry (the engine's, on a transient error) finds them (409, same request id).
+        firewalls = asyncio.ensure_future(self._firewalls_done(network))
+        try:
+            async def launch(req: LaunchRequest) -> list[str]:
+                try:
+                    await self._insert(req, zone=zone, region=region, network=network)
+                except InvalidRequestError as exc:
+                    if exc.code != "alreadyExists":
+                        raise
+                return [req.name]
 
-        async def launch(req: LaunchRequest) -> list[str]:
-            await self._insert(req, zone=zone, region=region, network=network)
-            return [req.name]
-
-        made = gather_launches(await asyncio.gather(*(launch(r) for r in todo),
-                                                    return_exceptions=True))
-        if made:
-            existing.update(await self._in_zone(zone, region, tags, made))
+            made = gather_launches(await asyncio.gather(*(launch(r) for r in requests),
+                                                        return_exceptions=True))
+            existing = await self._in_zone(zone, region, tags, made) if made else {}
+        except BaseException:
+            firewalls.cancel()  # the rules' own wait goes on (shielded)
+            await asyncio.wait([firewalls])
+            if not firewalls.cancelled():
+                firewalls.exception()  # the launches' error is the one raised
+            raise
+        await firewalls
         return [existing[r.name] for r in requests if r.name in existing]
 
     async def _in_zone(self, zone: str, region: str, tags: Mapping[str, str],
@@ -581,6 +653,7 @@ class GcpProvider:
 
         if await self._meter.run(region, count):
             return
+        self._firewalls.pop(name, None)
         for fw in (f"{name}-wg", f"{name}-ssh"):
             try:
                 await self._wait(await self._call("FirewallsClient", "delete", project=p,
