@@ -224,7 +224,7 @@ async def test_agent_renews_before_expiry_and_stays_connected(tmp_path: Path) ->
             agent = await factory.start(token=tok.token)
             assert agent.state is not None
             first = agent.state.nats_jwt
-            await wait_for(lambda: agent.state.nats_jwt != first, 10, "a renewal")  # type: ignore[union-attr]
+            await wait_for(lambda: agent.state.nats_jwt != first, 10, "a renewal")
             # past the first JWT's expiry the agent is still connected and beating
             await asyncio.sleep(max(0.0, jwt_times(first)[1] - time.time()) + 1.5)
             assert agent.nc is not None and agent.nc.is_connected

@@ -30,7 +30,8 @@ async def test_bound_token_enrolls_only_its_node(
     assert agent.node_id == "web-eu-0"
     node = controller.fleet.get("web-eu-0")
     assert node.labels == {"infra": "web", "group": "eu"}
-    assert controller.tokens_table.get(tok.record.id).used_by == "web-eu-0"
+    used = controller.tokens_table.get(tok.record.id)
+    assert used is not None and used.used_by == "web-eu-0"
 
 
 async def test_bound_token_is_one_time(controller: RunningController, agents: AgentFactory):

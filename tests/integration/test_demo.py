@@ -42,7 +42,7 @@ def test_demo_brings_the_fleet_online_and_removes_its_temp_dir(tmp_path: Path) -
     code, result, err = demo(tmp_path)
     assert code == 0, err[-2000:]
     assert result["all_online_after"] is not None
-    assert len(result["nodes"]) == 2  # type: ignore[arg-type]
+    assert len(result["nodes"]) == 2
     assert "removed" in err
     assert not list(tmp_path.glob("barista-demo-*"))
     # No namespaces, so no overlay: said, with the reason, not silently left out.
@@ -80,7 +80,7 @@ def test_demo_on_the_lab_cloud_provisions_three_clouds_and_cleans_up(tmp_path: P
     code, result, err = demo(tmp_path, "--per-cloud", "1", mode="lab", timeout=600)
     assert code == 0, err[-3000:]
     assert result["all_online_after"] is not None
-    assert len(result["nodes"]) == 3  # type: ignore[arg-type]
+    assert len(result["nodes"]) == 3
     assert "infra demo: ready" in err and "behind NAT" in err, err[-3000:]
     assert "broadcast" in err
     assert not list(tmp_path.glob("barista-demo-*"))

@@ -26,7 +26,7 @@ async def test_agent_enrolls_with_valid_token(controller: RunningController, age
     agent = await agents.start(labels={"provider": "aws", "region": "us-east-1"})
     node = controller.fleet.get(agent.node_id)
     assert node.labels == {"provider": "aws", "region": "us-east-1"}
-    assert node.identity == agent.identity.public_key
+    assert agent.identity is not None and node.identity == agent.identity.public_key
     assert node.status == "online"
     # identity and state are private to the machine
     seed = agent.config.state_dir / "identity.nk"
@@ -116,6 +116,7 @@ async def test_same_machine_retry_is_idempotent(
     """A lost enrollment reply: the same identity retrying the used token gets its node."""
     tok = await controller.tokens.create(labels={"k": "v"})
     agent = await agents.start(token=tok.token)
+    assert agent.identity is not None
     req, key = signed_request(tok.token, agent.identity, hostname="again")
     reply = await enroll_raw(controller, req, key)
     assert isinstance(reply, EnrollReply)
@@ -171,7 +172,7 @@ async def test_enroll_retries_until_controller_appears(
             agent = holder["agent"]
             assert c.fleet.get(agent.node_id)
             # external NATS: the controller does not manage identities
-            assert agent.state.auth == "none"
+            assert agent.state is not None and agent.state.auth == "none"
     finally:
         if "agent" in holder:
             await holder["agent"].stop()
@@ -196,6 +197,7 @@ async def test_node_cannot_publish_as_another_node(
         errors.append(exc)
 
     # Connect as node A with its own seed, then try to impersonate B.
+    assert a.state is not None
     nc = await nats.connect(
         controller.nats_url,
         **node_opts(a),

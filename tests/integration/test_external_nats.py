@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import nats
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from nats.aio.client import RawCredentials
 
 from agent.connection import connect
 from controller.api.app import ApiServer
@@ -185,7 +185,7 @@ async def test_node_jwt_of_another_deployment_is_refused_on_the_cluster(
         # agent.connection.connect: a refused socket closed now, not left to the GC
         await connect(servers=[nats_cluster.urls[1]], allow_reconnect=False,
                       max_reconnect_attempts=0,
-                      user_credentials=nats.aio.client.RawCredentials(user.creds))
+                      user_credentials=RawCredentials(user.creds))
 
 
 async def test_controller_with_another_deployments_trust_is_a_clear_error(
@@ -244,11 +244,11 @@ def test_nats_init_writes_route_tls(tmp_path: Path) -> None:
     assert f"include {CLUSTER_TLS_NAME}" in text.stdout and "TLS both ways" in text.stdout
     # re-runs keep the certificate and its key (a name once given stays); a new name
     # makes a new one, with every name, of the same CA
-    key = (rdir / "route-key.pem").read_bytes()
+    key_pem = (rdir / "route-key.pem").read_bytes()
     again = _nats_init("--out", str(out), "--route-host", "nats-1.internal")
     assert again.returncode == 0, again.stderr
     assert _cert(rdir / "route.pem").serial_number == cert.serial_number
-    assert (rdir / "route-key.pem").read_bytes() == key
+    assert (rdir / "route-key.pem").read_bytes() == key_pem
     more = _nats_init("--out", str(out), "--route-host", "10.1.2.3")
     assert more.returncode == 0, more.stderr
     grown = _cert(rdir / "route.pem")

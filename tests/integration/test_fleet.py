@@ -69,6 +69,7 @@ async def test_killed_agent_goes_stale_then_offline(controller: RunningControlle
         node = await wait_for(
             lambda: next(iter(controller.fleet.select()), None), 20, "the agent to enroll"
         )
+        assert node is not None
         await wait_for(lambda: controller.fleet.last_beat(node.id) is not None, 10, "a heartbeat")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
@@ -129,7 +130,8 @@ async def test_metric_batches_arrive_and_decode(
     measurements = {p.measurement for p in b.points}
     assert {"cpu", "mem", "system"} <= measurements
     mem = next(p for p in b.points if p.measurement == "mem")
-    assert 0 < mem.fields["used_percent"] <= 100
+    used_percent = mem.fields["used_percent"]
+    assert isinstance(used_percent, (int, float)) and 0 < used_percent <= 100
     assert batches[-1].seq > batches[0].seq
     # also stored durably in the METRICS stream, and the API's latest view has it
     info = await controller.js.stream_info("METRICS")
@@ -197,7 +199,8 @@ async def test_garbage_on_every_subject_is_rejected_and_counted(
     second = await agents.start()
     assert controller.fleet.get(second.node_id)
     await wait_for(lambda: controller.stats.heartbeats > beats + 2, 10)
-    assert controller.status()["rejected"]["heartbeat"] >= n + 2
+    rejected = controller.status()["rejected"]
+    assert isinstance(rejected, dict) and rejected["heartbeat"] >= n + 2
 
 
 async def test_enroll_garbage_gets_a_clear_error_reply(
@@ -281,7 +284,8 @@ async def test_token_used_elsewhere_is_refused_from_a_stale_copy(
         await c2.tokens_table.stop()  # c2's copy of the token stays "unused" from now on
         first, other = "U" + "A" * 55, "U" + "B" * 55
         used = await c1.tokens.consume(tok.token, node_id="n1", identity=first)
-        assert c2.tokens_table.get(tok.record.id).used_by == ""  # stale indeed
+        stale = c2.tokens_table.get(tok.record.id)
+        assert stale is not None and stale.used_by == ""  # stale indeed
         with pytest.raises(TokenRefused) as refused:
             await c2.tokens.consume(tok.token, node_id="n2", identity=other)
         assert refused.value.code == "token_used"

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 
@@ -38,17 +39,10 @@ from tests.fixtures.wait import wait_for
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _command(**kw) -> Command:
-    values = {
-        "id": os.urandom(8).hex(),
-        "job_id": "manual-" + os.urandom(4).hex(),
-        "issued_at": time.time(),
-        "ttl": 120.0,
-        "action": "exec",
-        "timeout": 10.0,
-    }
-    values.update(kw)
-    return Command(**values)
+def _command(**kw: object) -> Command:
+    cmd = Command(id=os.urandom(8).hex(), job_id="manual-" + os.urandom(4).hex(),
+                  issued_at=time.time(), ttl=120.0, action="exec", timeout=10.0)
+    return msgspec.structs.replace(cmd, **kw)
 
 
 @contextlib.asynccontextmanager
@@ -256,6 +250,7 @@ async def test_f08_restarted_agent_kills_what_a_killed_agent_left_running(
     join = controller.tokens.join_text(tok.token)
     processes.append(_spawn(args, tmp_path / "agent.log", BARISTA_AGENT_TOKEN=join))
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")
+    assert node is not None
     await wait_for(lambda: controller.fleet.last_beat(node.id) is not None, 10, "a heartbeat")
     pidfile = tmp_path / "sleep.pid"
     record = await controller.jobs.submit(JobSpec(
@@ -302,6 +297,7 @@ async def test_f15a_token_comes_from_a_file_never_the_command_line(
                   tmp_path / "agent.log")
     processes.append(proc)
     node = await wait_for(lambda: next(iter(controller.fleet.select()), None), 20, "enrollment")
+    assert node is not None
     await wait_for(lambda: controller.fleet.last_beat(node.id) is not None, 10, "a heartbeat")
     secret = tok.token.encode()
     assert secret not in _proc_file(proc.pid, "cmdline")

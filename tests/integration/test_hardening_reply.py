@@ -29,7 +29,7 @@ from controller.apps.deployer import parse_spec
 from controller.jobs.engine import JobSpec
 from controller.service import RunningController
 from protocol import codec
-from protocol.messages import AppSyncRequest, EnrollReply, EnrollRequest
+from protocol.messages import AppSyncRequest, EnrollReply, EnrollRequest, SealedReply
 from tests.fixtures.controller import AgentFactory
 from tests.fixtures.enroll import enroll_opts, node_opts
 from tests.fixtures.wait import wait_for
@@ -138,7 +138,8 @@ async def test_f01_purge_as_enroll_reply_erases_nothing(
     await _settle(controller, before, sent)
     _assert_intact(before, await _stream_counts(controller))
     assert controller.stats.rejected["reply_subject"] >= sent
-    assert controller.status()["rejected"]["reply_subject"] >= sent
+    rejected = controller.status()["rejected"]
+    assert isinstance(rejected, dict) and rejected["reply_subject"] >= sent
     assert attacker.errors == []  # the enroll user may publish there; the controller refused
 
 
@@ -148,6 +149,7 @@ async def test_f01_kv_key_as_reply_overwrites_no_record(
     """``$KV.nodes.<id>`` as the reply of an enrollment (enroll credentials) and
     ``$KV.jobs.<id>`` as the reply of an app sync (a real node's nkey) change nothing."""
     victim = await _populated(controller, agents)
+    assert victim.identity is not None
     assert controller.js is not None
     nodes_kv = await controller.js.key_value("nodes")
     jobs_kv = await controller.js.key_value("jobs")
@@ -212,7 +214,7 @@ async def test_f01_peer_facing_controller_user_cannot_reach_jetstream(
     for subject in ("$KV.nodes.>", "$JS.API.>", "$O.x.>", "$SYS.>", "_INBOX_controller.>"):
         await peer.subscribe(subject)
     await peer.flush()
-    errors: list[Exception] = peer.errors  # type: ignore[attr-defined]
+    errors: list[Exception] = peer.errors
     await wait_for(lambda: len(errors) >= 7, 5, "permission errors")
     text = " ".join(str(e) for e in errors).lower()  # nats-py lowercases the server's -ERR
     assert text.count("permissions violation") >= 7, text
@@ -239,6 +241,7 @@ async def test_f04_token_holder_cannot_take_over_another_nodes_identity(
     controller: RunningController, agents: AgentFactory, tmp_path: Any
 ) -> None:
     victim = await agents.start(labels={"role": "db"})
+    assert victim.identity is not None
     nkey = victim.identity.public_key
     fresh = await controller.tokens.create(labels={"role": "evil"})
 
@@ -276,6 +279,7 @@ async def test_f04_token_holder_cannot_take_over_another_nodes_identity(
     beats = controller.stats.heartbeats
     await wait_for(lambda: controller.stats.heartbeats > beats + 2, 10, "victim heartbeats")
     status = controller.status()["rejected"]
+    assert isinstance(status, dict)
     assert status["bad_signature"] >= 2 and status["identity_collision"] >= 1
 
     # The same machine's retry of its own enrollment still works (idempotent).
@@ -343,8 +347,10 @@ async def test_f10_other_enrolling_machines_cannot_read_the_reply(
     from protocol.errors import ProtocolError
     from protocol.signing import open_reply
 
+    sealed = codec.decode(seen[0])
+    assert isinstance(sealed, SealedReply)
     with pytest.raises(ProtocolError):
-        open_reply(nacl.public.PrivateKey.generate(), codec.decode(seen[0]))
+        open_reply(nacl.public.PrivateKey.generate(), sealed)
     assert controller.fleet.get(agent.node_id).labels == {"region": "secret-region"}
 
 

@@ -24,7 +24,7 @@ from controller.ingest.worker import IngestWorker
 from controller.nats.server import NatsServer
 from controller.state.streams import ensure_stream, metrics_stream_config
 from protocol.codec import encode
-from protocol.messages import Heartbeat, MetricBatch, MetricPoint
+from protocol.messages import FieldValue, Heartbeat, MetricBatch, MetricPoint
 from protocol.subjects import Subjects
 from tests.fixtures.influx import InfluxDB1, Victoria
 from tests.fixtures.wait import wait_for
@@ -145,7 +145,7 @@ async def test_fast_path_values_read_back_exactly(
     its tag order (point tags, then the node's) are what InfluxDB 1.x stores."""
     odd = [1e-7, 1e22, 5e-324, -0.0, 0.1 + 0.2, 1.7976931348623157e308, 123456789.125]
     for seq in range(3):
-        fields: dict[str, float | int | bool] = {
+        fields: dict[str, FieldValue] = {
             f"f{i}": v * (seq + 1) if v < 1e300 else v for i, v in enumerate(odd)
         }
         fields |= {"i_max": (1 << 63) - 1, "i_min": -(1 << 63), "flag": seq % 2 == 0}

@@ -74,9 +74,11 @@ async def poll(fn: Any, check: Any, within: float, what: str) -> Any:
         return (value,) if check(value) else None
 
     try:
-        (value,) = await wait_for(checked, within, what, interval=0.2)
+        got = await wait_for(checked, within, what, interval=0.2)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; last value {last[0] if last else None!r}") from None
+    assert got is not None  # wait_for returns a truthy value
+    (value,) = got
     return value
 
 
@@ -155,7 +157,7 @@ async def test_influxdb_outage_loses_nothing(tmp_path: Path, influxdb1: InfluxDB
         # each); BARISTA_OUTAGE_SECONDS=60 runs the 60 s case.
         await wait_for(lambda: sum(a.published_batches for a in agents) >= during + 4 * OUTAGE,
                        timeout=2 * OUTAGE + 15, what="agents publishing during the outage")
-        await wait_for(lambda: controller.ingest.status()["write_errors"] > 0,  # type: ignore[union-attr]
+        await wait_for(lambda: controller.ingest.status()["write_errors"] > 0,
                        timeout=10, what="ingest noticing the outage")
         await asyncio.to_thread(influxdb1.start)
         after = sum(a.published_batches for a in agents)

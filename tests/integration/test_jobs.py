@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import pytest
@@ -44,7 +45,8 @@ async def test_selector_targets_only_matching_nodes(
 
 @pytest.mark.parametrize("mode", ["broadcast", "direct"])
 async def test_finishes_early_when_all_replied(
-    controller: RunningController, agents: AgentFactory, mode: str
+    controller: RunningController, agents: AgentFactory,
+    mode: Literal["broadcast", "direct"],
 ):
     for _ in range(3):
         await agents.start(labels={"role": "web"})
@@ -65,6 +67,7 @@ async def test_dead_agent_is_no_response_and_job_ends_at_timeout(
     # Kill without a goodbye: the controller still believes it is online.
     for t in dead._tasks:
         t.cancel()
+    assert dead.nc is not None
     await dead.nc.close()
     t0 = time.monotonic()
     job = await controller.jobs.run(
@@ -141,18 +144,11 @@ async def _send(controller: RunningController, node_id: str, payload: bytes) -> 
     return codec.decode(msg.data, CommandResult)
 
 
-def _cmd(marks: Path, **kw) -> Command:
-    values = {
-        "id": os.urandom(8).hex(),
-        "job_id": "manual-" + os.urandom(4).hex(),
-        "issued_at": time.time(),
-        "ttl": 60.0,
-        "action": "exec",
-        "shell": f"mktemp -p {marks}",
-        "timeout": 10.0,
-    }
-    values.update(kw)
-    return Command(**values)
+def _cmd(marks: Path, **kw: object) -> Command:
+    cmd = Command(id=os.urandom(8).hex(), job_id="manual-" + os.urandom(4).hex(),
+                  issued_at=time.time(), ttl=60.0, action="exec",
+                  shell=f"mktemp -p {marks}", timeout=10.0)
+    return msgspec.structs.replace(cmd, **kw)
 
 
 async def test_forged_command_is_rejected_and_not_run(
@@ -385,6 +381,7 @@ async def test_a_node_cannot_answer_for_another(
     a = await agents.start(labels={"f": "1"})
     b = await agents.start(labels={"f": "1"})
     errors: list[Exception] = []
+    assert a.state is not None
 
     async def err_cb(exc: Exception) -> None:
         errors.append(exc)

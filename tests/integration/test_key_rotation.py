@@ -18,12 +18,12 @@ from controller.jobs.engine import JobSpec
 from controller.service import Controller, RunningController
 from protocol import codec
 from protocol.messages import Command, CommandResult, KeyRotation
-from protocol.signing import CommandSigner
+from protocol.signing import CommandSigner, Signer
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
 from tests.fixtures.wait import wait_for
 
 
-async def _send(controller: RunningController, node_id: str, signer: CommandSigner,
+async def _send(controller: RunningController, node_id: str, signer: Signer,
                 **kw: object) -> CommandResult:
     """A ping signed by ``signer``, sent to one node; its result."""
     cmd = Command(id=os.urandom(8).hex(), job_id="manual-" + os.urandom(4).hex(),

@@ -105,18 +105,18 @@ def expected(point: MetricPoint, node: str, *, raw_newlines: bool) -> Expected:
         counts.replaced += k_changed + v_changed
     fields: dict[str, Any] = {}
     dropped_fields = 0
-    for key, value in point.fields.items():
+    for key, fvalue in point.fields.items():
         k, k_changed = expect_name(key, key=True)
         if not k or k == "time" or k in fields:
             dropped_fields += 1
             continue
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(fvalue, float) and not math.isfinite(fvalue):
             dropped_fields += 1
             continue
-        if isinstance(value, str):
-            value, s_changed = expect_string(value, raw_newlines=raw_newlines)
+        if isinstance(fvalue, str):
+            fvalue, s_changed = expect_string(fvalue, raw_newlines=raw_newlines)
             k_changed += s_changed
-        fields[k] = value
+        fields[k] = fvalue
         counts.replaced += k_changed
     if not fields:
         out.counts = LineCounts(dropped_fields=dropped_fields, dropped_points=1)

@@ -37,7 +37,7 @@ async def sse(
         assert resp.headers["Content-Type"].startswith("text/event-stream")
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            event, data = "", []
+            event, data = "", list[str]()
             async for raw in resp.content:
                 line = raw.decode().rstrip("\r\n")
                 if not line:

@@ -27,6 +27,7 @@ import nats
 import nkeys
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
 
 from controller.nats import jwt
 from controller.nats.operator import (
@@ -137,7 +138,7 @@ class OpServer:
         assert self.sys_user is not None
         return await nats.connect(
             self.url,
-            user_credentials=nats.aio.client.RawCredentials(self.sys_user.creds),
+            user_credentials=RawCredentials(self.sys_user.creds),
             allow_reconnect=False,
         )
 
@@ -231,7 +232,7 @@ async def controller_nc(opserver: OpServer) -> AsyncIterator[NATS]:
     """A controller user in the fleet account (all subjects, JetStream)."""
     user = opserver.trust.new_user(name="controller", permissions=Permissions())
     nc = await nats.connect(
-        opserver.url, user_credentials=nats.aio.client.RawCredentials(user.creds)
+        opserver.url, user_credentials=RawCredentials(user.creds)
     )
     try:
         yield nc

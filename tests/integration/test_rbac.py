@@ -74,7 +74,7 @@ KNOWN = {
 
 def registered_routes(controller: RunningController) -> list[tuple[str, str, object]]:
     app = make_app(controller, api_token=controller.secrets.api_token)
-    out = []
+    out: list[tuple[str, str, object]] = []
     for route in app.router.routes():
         if route.method == "HEAD":
             continue  # aiohttp's automatic HEAD of a GET route: the same handler
@@ -196,6 +196,7 @@ async def test_route_role_matrix(rest: Api, controller: RunningController,
     for method, template, body, setup, allowed in cases:
         covered.add(_route_of(declared, method, template))
         need = declared[_route_of(declared, method, template)]
+        assert need is not None, (method, template)  # every route declares one (above)
         for who in ("none", "bad", "expired", "revoked", *ROLES):
             x = await setup()
             path = template.replace("{x}", x)

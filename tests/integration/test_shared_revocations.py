@@ -158,6 +158,7 @@ async def test_a_revocation_holds_whatever_another_controller_pushes(
         # revocation: an older controller, `nsc push`) is answered at once by A and B.
         sys_nc = await connect(servers=[cluster.urls[1]],
                                **a.nats_identities.system_credentials())  # type: ignore[union-attr]
+        assert a.trust is not None
         try:
             t0 = time.monotonic()
             await push_account_jwt(sys_nc, c_fleet, operator_key=a.trust.operator_key)

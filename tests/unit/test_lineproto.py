@@ -19,7 +19,7 @@ from controller.ingest.lineproto import (
 )
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from protocol.messages import MetricBatch, MetricPoint
+from protocol.messages import FieldValue, MetricBatch, MetricPoint
 
 TS = 1_700_000_000_000_000_000
 
@@ -316,7 +316,7 @@ def test_tag_keys_that_escape_alike_give_one_answer_in_any_order() -> None:
     ],
 )
 def test_backslashes_cannot_change_the_structure_of_a_line(
-    tags: dict[str, str], fields: dict[str, float | int], line: str
+    tags: dict[str, str], fields: dict[str, FieldValue], line: str
 ) -> None:
     batch = MetricBatch(node_id="n1", seq=1, ts=TS, points=[MetricPoint("m", fields, tags)])
     assert LineEncoder().encode(batch, node="n1") == f"{line} {TS}\n".encode()

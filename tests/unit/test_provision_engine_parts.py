@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 
 from controller.provision.contract import CapacityError, CredentialsError, QuotaError
-from controller.provision.engine import TokenBucket, _summary, reason_of
+from controller.provision.engine import _summary, reason_of
+from controller.provision.limits import TokenBucket
 from controller.provision.model import GroupView
 
 
