@@ -135,8 +135,13 @@ async def test_offline_node_converges_when_it_returns(
     state_dir, node2 = a2.config.state_dir, a2.node_id
     await a2.stop()
     assert controller.fleet is not None
-    await wait_for(lambda: controller.fleet.nodes.get(node2).status == "offline", 10,
-                   "node 2 offline")
+    fleet = controller.fleet
+
+    def offline() -> bool:
+        rec = fleet.nodes.get(node2)
+        return rec is not None and rec.status == "offline"
+
+    await wait_for(offline, 10, "node 2 offline")
 
     st = await deploy_and_wait(controller, spec(tmp_path, "1.0"))
     r = st["rollout"]

@@ -32,13 +32,15 @@ def aws(moto_url: str) -> Iterator[Any]:
     for h in _aws(moto_url):
         cat = h.provider.catalog()
         two = replace(cat, regions={r: cat.regions[r] for r in ("us-east-1", "eu-west-1")})
-        h.provider._catalog = h.provider._shipped = two
+        prov: Any = h.provider  # the AWS provider's own catalog fields
+        prov._catalog = prov._shipped = two
         yield h
 
 
 async def test_aws_refresh_from_ec2_keeps_prices_moto_cannot_give(aws: Any,
                                                                   tmp_path: Path) -> None:
-    p, store, said = aws.provider, CatalogStore(tmp_path / "catalog"), []
+    p, store = aws.provider, CatalogStore(tmp_path / "catalog")
+    said: list[str] = []
     overlay = await refresh("aws", p, store, said.append)
     assert "DescribeInstanceTypes" in overlay.source and overlay.fetched_at > 0
     on_disk = json.loads(store.path("aws").read_text())

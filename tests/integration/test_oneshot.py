@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from agent.oneshot import OneShotAuth, RequestRefused, request_once
 from controller.nats import jwt
@@ -32,7 +33,7 @@ async def responder(url: str, subject: str, *, headers: bool = False
     nc = await nats.connect(url)
     seen: list[bytes] = []
 
-    async def cb(msg: nats.aio.msg.Msg) -> None:
+    async def cb(msg: Msg) -> None:
         seen.append(msg.data)
         await nc.publish(msg.reply, msg.data[::-1], headers={"x": "1"} if headers else None)
 

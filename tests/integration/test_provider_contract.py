@@ -238,6 +238,7 @@ async def cloud(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
             finally:
                 await drain(live, TAGS)
         return
+    fakes: Iterator[Harness]
     if request.param == "aws":
         fakes = _aws(request.getfixturevalue("moto_url"))
     elif request.param == "gcp":

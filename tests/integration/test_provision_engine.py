@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from controller.provision.contract import TAG_INFRA, TAG_MANAGED, InstanceState
-from controller.provision.engine import ApiLimits, Engine
+from controller.provision.engine import Engine
+from controller.provision.limits import ApiLimits
 from controller.provision.model import InfraAction, InfraSpec, InfraView
 from controller.provision.spec import spec_from_obj
 from tests.fixtures.provision import FAST_ENGINE, INSTALLATION, SimLab
@@ -342,7 +344,7 @@ async def test_review_plans_the_gap_with_cost_and_progress_is_streamed(
         assert item.price_hour == 0.0466 and plan.total_hour == round(3 * 0.0466, 4)
         assert a.stats.total == 0  # a review calls no provider
         assert engine.get("rv") is None
-        events = []
+        events: list[Any] = []
         unsubscribe = engine.subscribe(events.append)
         await engine.create(s)
         assert (await settled(engine, "rv")).status == "ready"

@@ -17,7 +17,8 @@ import random
 import pytest
 
 from controller.provision.contract import TAG_INFRA
-from controller.provision.engine import ApiLimits, Engine
+from controller.provision.engine import Engine
+from controller.provision.limits import ApiLimits
 from controller.provision.providers.sim import SimProvider
 from controller.provision.spec import spec_from_obj
 from tests.fixtures.provision import SimLab, settled_in
