@@ -53,7 +53,7 @@ POKE_KEEPALIVE = 1  # set for a moment: wireguard-go then sends a handshake init
 # After a new peer's handshake, while our probes run: nothing received from it for this
 # long (and probe intervals), though we sent, means its packets do not reach our session
 # (see _kick_silent): re-added
-CONFIRM_AFTER = 1.0
+CONFIRM_AFTER = 1.5
 CONFIRM_PROBES = 3  # ... or this many probe intervals, if longer
 
 
