@@ -48,10 +48,7 @@ KICK_AFTER = 1.0  # seconds without a handshake before a new (or re-keyed) peer 
 # dropped, only slow (a loaded machine) or lost, and a re-add would also drop the old
 # session that still carries the peer's traffic to us
 KICK_AFTER_READY = 2.5
-KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after we switched keys
-# ... after a new peer was added: one we reach behind NAT cannot initiate to us, so only our
-# re-adds bring it up once it has us; after the last one WireGuard retries 5 s later
-KICKS_NEW_PEER = 6
+KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after it was added (or we switched)
 POKE_KEEPALIVE = 1  # set for a moment: wireguard-go then sends a handshake initiation
 # After a new peer's handshake, while our probes run: nothing received from it for this
 # long (and probe intervals), though we sent, means its packets do not reach our session
@@ -492,10 +489,7 @@ class NetMesh:
         our key switch without the ready word) probably dropped our initiation: it did not
         have our key yet, or its interface was not up. WireGuard would retry only after
         5 s (REKEY_TIMEOUT); re-adding that one peer resets its handshake state and
-        initiates at once. At most KICKS_NEW_PEER times for a new peer (at 1, 2, ... 6 s:
-        a peer behind NAT, which cannot initiate to us, applies us late on a loaded node,
-        and after our last re-add WireGuard would wait 5 s), KICKS_PER_PEER after a key
-        switch.
+        initiates at once. At most KICKS_PER_PEER times.
 
         A peer that handshook is watched a little longer while our probes run (they are
         answered, so something comes back within a few probe intervals): when we sent
@@ -523,10 +517,8 @@ class NetMesh:
                               network, peer.node_id, have.last_handshake - since)
                 if self.probes:
                     iface.confirming[key] = (now, have.rx_bytes, have.tx_bytes, count)
-            switch = bool(self._switched_at) and since == self._switched_at
-            limit = KICKS_PER_PEER if switch else KICKS_NEW_PEER
             if have is None or peer is None or have.last_handshake >= since \
-                    or count >= limit:
+                    or count >= KICKS_PER_PEER:
                 del iface.waiting[key]
                 continue
             if now - since < delay * (count + 1):
@@ -539,7 +531,7 @@ class NetMesh:
         window = max(CONFIRM_AFTER, CONFIRM_PROBES * self.probe_interval)
         for key, (seen, rx, tx, count) in list(iface.confirming.items()):
             have, peer = state.peers.get(key), want.get(key)
-            if have is None or peer is None or have.rx_bytes > rx or count >= KICKS_NEW_PEER:
+            if have is None or peer is None or have.rx_bytes > rx or count >= KICKS_PER_PEER:
                 del iface.confirming[key]
                 continue
             if now - seen < window:
