@@ -49,6 +49,7 @@ KICK_AFTER = 1.0  # seconds without a handshake before a new (or re-keyed) peer 
 # session that still carries the peer's traffic to us
 KICK_AFTER_READY = 2.5
 KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after it was added (or we switched)
+KICK_POLL = 0.2  # the tick while only re-adds or one-way checks are pending
 POKE_KEEPALIVE = 1  # set for a moment: wireguard-go then sends a handshake initiation
 # After a new peer's handshake, while our probes run: nothing received from it for this
 # long (and probe intervals), though we sent, means its packets do not reach our session
@@ -773,10 +774,15 @@ class NetMesh:
 
     async def _tick_loop(self) -> None:
         while True:
-            fast = self._rotation_pending() or bool(self._switch_due) or self._kicking()
+            fast = self._rotation_pending() or bool(self._switch_due)
             wait = self.reconcile_interval
             if fast:
                 wait = self.switch_poll if self._switch_imminent() else self.rotation_poll
+            elif self._kicking():
+                # re-adds are due at whole seconds, the one-way check after 1.5 s: no need
+                # for the rotation's poll (a full reconcile and two UAPI gets per tick,
+                # each node, while a burst of joins handshakes)
+                wait = min(wait, KICK_POLL)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
             # comes with the wake-up (gh-86296), and close() then waited for ever.
             with contextlib.suppress(TimeoutError):
