@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.files import write_private
-from agent.netmesh.apply import Plan, diff, plan
+from agent.netmesh.apply import Plan, WgPeer, diff, plan
 from agent.netmesh.backend import IFNAME_MAX, Backend
 from agent.netmesh.errors import NetmeshError
 from agent.netmesh.host import Host
@@ -49,7 +49,13 @@ KICK_AFTER = 1.0  # seconds without a handshake before a new (or re-keyed) peer 
 # session that still carries the peer's traffic to us
 KICK_AFTER_READY = 2.5
 KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after it was added (or we switched)
+KICK_POLL = 0.2  # the tick while only re-adds or one-way checks are pending
 POKE_KEEPALIVE = 1  # set for a moment: wireguard-go then sends a handshake initiation
+# After a new peer's handshake, while our probes run: nothing received from it for this
+# long (and probe intervals), though we sent, means its packets do not reach our session
+# (see _kick_silent): re-added
+CONFIRM_AFTER = 1.5
+CONFIRM_PROBES = 3  # ... or this many probe intervals, if longer
 
 
 @dataclass(slots=True)
@@ -65,6 +71,8 @@ class MeshStats:
     apply_errors: int = 0
     rotations: int = 0
     invites: int = 0  # invitations on the snapshot subject once the overlay runs (ignored)
+    readds: int = 0  # silent peers re-added (no handshake yet, see _kick_silent)
+    one_way: int = 0  # ... handshaken, but nothing came from them after it
 
 
 @dataclass(slots=True)
@@ -102,6 +110,9 @@ class _Iface:
     # peers we reach that have to handshake: key -> (since when, wall clock; re-adds; the
     # delay between re-adds)
     waiting: dict[bytes, tuple[float, int, float]] = field(default_factory=dict)
+    # peers that handshook while waiting, until something arrives from them: key -> (when
+    # we saw the handshake, wall clock; rx and tx bytes then; re-adds so far)
+    confirming: dict[bytes, tuple[float, int, int, int]] = field(default_factory=dict)
     prober: Prober | None = None
     prober_address: str = ""
 
@@ -472,16 +483,29 @@ class NetMesh:
             self.log.warning("network %s: peers not poked after our switch: %s", network, exc)
 
     def _kicking(self) -> bool:
-        return any(iface.waiting for iface in self._ifaces.values())
+        return any(iface.waiting or iface.confirming for iface in self._ifaces.values())
 
     async def _kick_silent(self, network: str) -> None:
         """A peer we reach that has not handshaken KICK_AFTER after it was added (or after
         our key switch without the ready word) probably dropped our initiation: it did not
         have our key yet, or its interface was not up. WireGuard would retry only after
         5 s (REKEY_TIMEOUT); re-adding that one peer resets its handshake state and
-        initiates at once. At most KICKS_PER_PEER times; a peer that handshook is done."""
+        initiates at once. At most KICKS_PER_PEER times.
+
+        A peer that handshook is watched a little longer while our probes run (they are
+        answered, so something comes back within a few probe intervals): when we sent
+        since the handshake and received nothing, its packets miss our session. That is
+        what crossing first initiations can leave in wireguard-go (both ends add each
+        other at the same moment and both initiate; ConsumeMessageResponse checks the
+        handshake state under a read lock and writes it later, so the initiation
+        answered meanwhile on the other handshake worker deletes the index the new
+        session is then installed under: we send on it, the peer's packets to that index
+        are dropped). wireguard-go repairs that only when its new-handshake timer fires,
+        15 s (KeepaliveTimeout + RekeyTimeout) after our first unanswered packet. A re-add
+        on this side only (the peer receives our packets: its rx grows, it does nothing)
+        makes one fresh handshake at once."""
         iface = self._ifaces.get(network)
-        if iface is None or not iface.waiting:
+        if iface is None or not (iface.waiting or iface.confirming):
             return
         ifname = self.ifname(network)
         state = await self.backend.get(ifname)
@@ -492,6 +516,8 @@ class NetMesh:
             if have is not None and peer is not None and have.last_handshake >= since:
                 self.log.info("network %s: handshake with %s %.2f s after it was due",
                               network, peer.node_id, have.last_handshake - since)
+                if self.probes:
+                    iface.confirming[key] = (now, have.rx_bytes, have.tx_bytes, count)
             if have is None or peer is None or have.last_handshake >= since \
                     or count >= KICKS_PER_PEER:
                 del iface.waiting[key]
@@ -501,11 +527,32 @@ class NetMesh:
             iface.waiting[key] = (since, count + 1, delay)
             self.log.info("network %s: no handshake with %s yet; re-adding it", network,
                           peer.node_id)
-            await self.backend.set(ifname, None, [
-                PeerOp(public_key=key, remove=True),
-                *_poked(PeerOp(public_key=key, endpoint=peer.endpoint, keepalive=peer.keepalive,
-                               allowed_ips=tuple(sorted(peer.allowed_ips))))])
-            iface.endpoints[key] = peer.endpoint
+            self.stats.readds += 1
+            await self._readd(ifname, iface, key, peer)
+        window = max(CONFIRM_AFTER, CONFIRM_PROBES * self.probe_interval)
+        for key, (seen, rx, tx, count) in list(iface.confirming.items()):
+            have, peer = state.peers.get(key), want.get(key)
+            if have is None or peer is None or have.rx_bytes > rx or count >= KICKS_PER_PEER:
+                del iface.confirming[key]
+                continue
+            if now - seen < window:
+                continue
+            del iface.confirming[key]
+            if have.tx_bytes <= tx:
+                continue  # we sent nothing either: no sign of trouble
+            self.log.info("network %s: handshake with %s, but nothing from it in %.1f s "
+                          "though we sent %d bytes; re-adding it", network, peer.node_id,
+                          now - seen, have.tx_bytes - tx)
+            self.stats.one_way += 1
+            iface.waiting[key] = (now, count + 1, KICK_AFTER)
+            await self._readd(ifname, iface, key, peer)
+
+    async def _readd(self, ifname: str, iface: _Iface, key: bytes, peer: WgPeer) -> None:
+        await self.backend.set(ifname, None, [
+            PeerOp(public_key=key, remove=True),
+            *_poked(PeerOp(public_key=key, endpoint=peer.endpoint, keepalive=peer.keepalive,
+                           allowed_ips=tuple(sorted(peer.allowed_ips))))])
+        iface.endpoints[key] = peer.endpoint
 
     async def _ack_rotations(self) -> None:
         """Say "ready" for every rotating peer whose next key is in our WireGuard now (in
@@ -661,6 +708,7 @@ class NetMesh:
             if op.remove:
                 iface.endpoints.pop(op.public_key, None)
                 iface.waiting.pop(op.public_key, None)
+                iface.confirming.pop(op.public_key, None)
             elif op.endpoint is not None or not op.update_only:
                 iface.endpoints[op.public_key] = op.endpoint
             if poke:
@@ -726,10 +774,15 @@ class NetMesh:
 
     async def _tick_loop(self) -> None:
         while True:
-            fast = self._rotation_pending() or bool(self._switch_due) or self._kicking()
+            fast = self._rotation_pending() or bool(self._switch_due)
             wait = self.reconcile_interval
             if fast:
                 wait = self.switch_poll if self._switch_imminent() else self.rotation_poll
+            elif self._kicking():
+                # re-adds are due at whole seconds, the one-way check after 1.5 s: no need
+                # for the rotation's poll (a full reconcile and two UAPI gets per tick,
+                # each node, while a burst of joins handshakes)
+                wait = min(wait, KICK_POLL)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
             # comes with the wake-up (gh-86296), and close() then waited for ever.
             with contextlib.suppress(TimeoutError):
