@@ -228,8 +228,9 @@ async def test_delta_not_kept_by_the_stream_is_sent_again_once_it_is_back(
     await dist.settled()
     state = dist.state("corp")
     assert state is not None
-    kept = codec.decode((await controller.js.get_last_msg(
-        "MESH", controller.subjects.mesh_delta("corp"))).data, MeshDelta)
+    last = await controller.js.get_last_msg("MESH", controller.subjects.mesh_delta("corp"))
+    assert last.data is not None
+    kept = codec.decode(last.data, MeshDelta)
     assert kept.generation == state.generation and b.node_id in {p.node_id for p in kept.added}
     assert a.view() == (state.generation, {b.node_id: b.key})
     gens = [d.generation for d in a.deltas]

@@ -58,7 +58,7 @@ async def all_pairs_ping(lab: Lab, members: list[Member]) -> None:
         results = await _pings(lab, members, 1, 2)
         return all(received == 1 for _, received, _ in results.values())
 
-    await wait_for(up, 30, "every pair answers a ping")  # type: ignore[arg-type]
+    await wait_for(up, 30, "every pair answers a ping")
     results = await _pings(lab, members, 3, 10)
     bad = {pair: out for pair, (sent, received, out) in results.items()
            if not sent == received == 3}
@@ -111,7 +111,7 @@ async def test_controller_drives_the_overlay_across_nat(
         return True
 
     await controller.delete_node(b.node_id)
-    await wait_for(b_gone, 5, "b out of every peer's WireGuard config")  # type: ignore[arg-type]
+    await wait_for(b_gone, 5, "b out of every peer's WireGuard config")
     rest = [a, n1, n2]
     await wait_for(lambda: all(m.peers() == {x.node_id for x in rest} - {m.node_id}
                                for m in rest), 5)
@@ -154,7 +154,7 @@ async def test_rotation_asked_by_the_controller_keeps_the_stream(
             keys = set((await m.mesh.backend.get(m.mesh.ifname(NET))).peers)
             return key_bytes(new) in keys and key_bytes(old) not in keys
 
-        await wait_for(moved, 10, f"{m.name} has only b's new key")  # type: ignore[arg-type]
+        await wait_for(moved, 10, f"{m.name} has only b's new key")
 
 
 async def test_controller_restart_changes_nothing_on_the_data_path(
@@ -250,7 +250,7 @@ async def test_real_agents_join_the_network_and_ping_across_nat(
     async def up() -> bool:
         return all(r == 1 for r in (await pairs_ping(names, 1)).values())
 
-    await wait_for(up, 30, "every pair answers")  # type: ignore[arg-type]
+    await wait_for(up, 30, "every pair answers")
     results = await pairs_ping(names, 3)
     assert results == {k: 3 for k in results} and len(results) == 12, results
     # The matrix fills from the agents' own health reports.
@@ -270,7 +270,7 @@ async def test_real_agents_join_the_network_and_ping_across_nat(
                 return False
         return True
 
-    await wait_for(b_gone, 5, "b out of every peer")  # type: ignore[arg-type]
+    await wait_for(b_gone, 5, "b out of every peer")
 
 
 async def test_agent_outside_every_network_runs_no_overlay_until_put_in_one(

@@ -152,7 +152,7 @@ async def test_key_rotation_loses_at_most_one_second(lab: Lab, tmp_path: Path,
         new_key = await b.rotate_key()
         assert new_key != old_key
         for name in ("a", "c"):
-            await wait_for(lambda n=name: "b" in meshes[n].views["ov"].moved, 5,  # type: ignore[misc]
+            await wait_for(lambda n=name: "b" in meshes[n].views["ov"].moved, 5,
                            f"{name} moved b to its new key before the commit")
         assert ctl.members["b"].public_key == old_key  # not committed yet
         await wait_for(lambda: ctl.members["b"].public_key == new_key
