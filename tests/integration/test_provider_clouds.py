@@ -27,17 +27,23 @@ def _launch(size: str) -> list[LaunchRequest]:
                           user_data="#cloud-config\n# secret token here\n", tags=TAGS)]
 
 
-async def test_azure_vm_shape(tmp_path: Path) -> None:
-    pytest.importorskip("azure.mgmt.compute")
+def _azure(fake: Any, *, credential: Any = None, poll: float = 0.0) -> Any:
+    """An AzureProvider against ``fake`` (tests/fakes/azure.py FakeArm)."""
     from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
-    from tests.fakes.azure import FakeArm
     from tests.fakes.clouds import StaticToken
 
+    return AzureProvider(settings=AzureSettings(
+        subscription_id=fake.state.subscription, base_url=fake.url,
+        connection_verify=str(fake.ca), polling_interval=poll),
+        catalog=default_catalog(), credential_factory=credential or StaticToken)
+
+
+async def test_azure_vm_shape(tmp_path: Path) -> None:
+    pytest.importorskip("azure.mgmt.compute")
+    from tests.fakes.azure import FakeArm
+
     with FakeArm(tmp_path) as fake:
-        p = AzureProvider(settings=AzureSettings(
-            subscription_id=fake.state.subscription, base_url=fake.url,
-            connection_verify=str(fake.ca), polling_interval=0),
-            catalog=default_catalog(), credential_factory=StaticToken)
+        p = _azure(fake)
         net = await p.ensure_network(NetworkRequest(infra="lab", region="eastus", tags=TAGS))
         [inst] = await p.run_instances(Placement("azure", "eastus", "eastus-3"), net,
                                        _launch("Standard_B2s"))
@@ -66,7 +72,6 @@ async def test_azure_refused_credentials(tmp_path: Path) -> None:
     pytest.importorskip("azure.mgmt.compute")
     from azure.core.exceptions import ClientAuthenticationError
 
-    from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
     from tests.fakes.azure import FakeArm
 
     class Refused:
@@ -74,10 +79,7 @@ async def test_azure_refused_credentials(tmp_path: Path) -> None:
             raise ClientAuthenticationError("AADSTS7000215: Invalid client secret provided.")
 
     with FakeArm(tmp_path) as fake:
-        p = AzureProvider(settings=AzureSettings(
-            subscription_id=fake.state.subscription, base_url=fake.url,
-            connection_verify=str(fake.ca), polling_interval=0),
-            catalog=default_catalog(), credential_factory=Refused)
+        p = _azure(fake, credential=Refused)
         with pytest.raises(CredentialsError, match="az login") as err:
             await p.query_instances(TAGS)
         assert err.value.scope == "provider"
@@ -194,16 +196,11 @@ async def test_azure_nsg_and_vnet_are_made_side_by_side(tmp_path: Path) -> None:
     pytest.importorskip("azure.mgmt.compute")
     import time
 
-    from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
     from tests.fakes.azure import FakeArm
-    from tests.fakes.clouds import StaticToken
 
     with FakeArm(tmp_path) as fake:
         fake.state.lro_delay = lambda action, name: 1.0
-        p = AzureProvider(settings=AzureSettings(
-            subscription_id=fake.state.subscription, base_url=fake.url,
-            connection_verify=str(fake.ca), polling_interval=0.05),
-            catalog=default_catalog(), credential_factory=StaticToken)
+        p = _azure(fake, poll=0.05)
         req = NetworkRequest(infra="lab", region="eastus", tags=TAGS)
         t0 = time.monotonic()
         net = await p.ensure_network(req)
@@ -224,15 +221,10 @@ async def test_azure_nsg_and_vnet_are_made_side_by_side(tmp_path: Path) -> None:
 
 async def test_azure_queries_list_addresses_only_while_one_is_unknown(tmp_path: Path) -> None:
     pytest.importorskip("azure.mgmt.compute")
-    from controller.provision.providers.azure import AzureProvider, AzureSettings, default_catalog
     from tests.fakes.azure import FakeArm
-    from tests.fakes.clouds import StaticToken
 
     with FakeArm(tmp_path) as fake:
-        p = AzureProvider(settings=AzureSettings(
-            subscription_id=fake.state.subscription, base_url=fake.url,
-            connection_verify=str(fake.ca), polling_interval=0),
-            catalog=default_catalog(), credential_factory=StaticToken)
+        p = _azure(fake)
         net = await p.ensure_network(NetworkRequest(infra="lab", region="eastus", tags=TAGS))
         [made] = await p.run_instances(Placement("azure", "eastus", "eastus-1"), net,
                                        _launch("Standard_B1s"))
