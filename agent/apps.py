@@ -149,7 +149,10 @@ class AppReconciler:
     async def _fetch(self) -> list[AppRelease]:
         payload = codec.encode(AppSyncRequest(node_id=self._node_id()))
         try:
-            raw = await asyncio.wait_for(self._request(payload), self.sync_timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes with
+            # the reply (gh-86296), and the pass then runs its steps while close() waits.
+            async with asyncio.timeout(self.sync_timeout):
+                raw = await self._request(payload)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -308,7 +311,8 @@ class AppReconciler:
             except OSError as exc:
                 raise StepFailed(f"cannot start {cmd!r}: {exc}") from None
             try:
-                rc = await asyncio.wait_for(proc.wait(), limit)
+                async with asyncio.timeout(limit):  # (not wait_for: see _fetch)
+                    rc = await proc.wait()
             except TimeoutError:
                 _kill_group(proc.pid)
                 await proc.wait()

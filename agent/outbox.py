@@ -106,10 +106,13 @@ class Outbox:
                 # event returns at once without yielding: this loop would spin and starve
                 # the very callbacks (disconnect, reconnect) it waits for. Clear it here
                 # (the reconnected callback sets it once is_connected holds again) and
-                # look again at least every second.
+                # look again at least every second. (asyncio.timeout, not wait_for: 3.11's
+                # wait_for drops a cancel that comes with the reconnect, gh-86296, and the
+                # loop then outlives the agent's stop.)
                 connected.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(connected.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await connected.wait()
                 continue
             msg_id, data = self.buffer[0]
             try:

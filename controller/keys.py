@@ -293,8 +293,11 @@ class SigningKeys:
                     log.exception("automatic finish of the key rotation failed; retrying")
                     await asyncio.sleep(10)
                 continue
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes with
+            # a change (gh-86296), and stop() then waits for this loop for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._changed.wait()
 
     async def send_missed(self, node_id: str, after: int) -> None:
         """Send the steps after ``after`` to one node's command subject (its heartbeat says

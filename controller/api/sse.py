@@ -46,7 +46,11 @@ async def serve(request: web.Request, items: AsyncGenerator[Item, None]) -> web.
 
 async def next_or_none(queue: asyncio.Queue[T], wait_s: float) -> T | None:
     """The queue's next item, or None after ``wait_s`` (time for a keepalive)."""
+    # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes with an item
+    # (gh-86296), and the stream then outlives its handler's cancel. No item is lost on a
+    # timeout: Queue.get takes it only once it runs again.
     try:
-        return await asyncio.wait_for(queue.get(), wait_s)
+        async with asyncio.timeout(wait_s):
+            return await queue.get()
     except TimeoutError:
         return None

@@ -533,8 +533,11 @@ class Deployer:
                 break
             ev = asyncio.Event()
             self._waiters.add(ev)
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes with
+            # a result (gh-86296): the rollout would go on until its health deadline.
             try:
-                await asyncio.wait_for(ev.wait(), min(left, 1.0))
+                async with asyncio.timeout(min(left, 1.0)):
+                    await ev.wait()
             except TimeoutError:
                 pass
             finally:

@@ -491,8 +491,11 @@ class JobEngine:
                 await nc.publish(subjects.cmd_node(node.id),
                                  self._command(run, targets=[node.id], selector=""))
         await self._flusher.flush(nc)
+        # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes with the
+        # batch's last reply (gh-86296), and a job stopped by shutdown ran its next batch.
         try:
-            await asyncio.wait_for(run.batch_done.wait(), spec.timeout + REPLY_GRACE)
+            async with asyncio.timeout(spec.timeout + REPLY_GRACE):
+                await run.batch_done.wait()
         except TimeoutError:
             pass
         at = self._clock()

@@ -1,7 +1,7 @@
 """The provider contract: one ``Provider`` protocol every cloud implements, the frozen types
 that cross it, the catalog shape, and typed errors that carry their scope.
 
-The engine (``engine.py``) only ever talks to providers through this module. A provider is
+The engine (``engine/``) only ever talks to providers through this module. A provider is
 stateless apart from its SDK clients: everything it needs to find what it made again is in
 the tags it puts on every resource (``TAG_*`` below), so a controller restarted at any point
 can query what exists instead of trusting memory.

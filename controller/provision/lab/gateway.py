@@ -72,7 +72,10 @@ class GatewayForwarder:
                       target: tuple[str, int]) -> None:
         self.connections += 1
         try:
-            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(*target), 10)
+            # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes with
+            # the connection (gh-86296), and close() then waits for the splice to end.
+            async with asyncio.timeout(10):
+                up_r, up_w = await asyncio.open_connection(*target)
         except (OSError, TimeoutError) as exc:
             log.warning("lab gateway: %s:%d unreachable: %s", target[0], target[1], exc)
             writer.close()

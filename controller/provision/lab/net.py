@@ -62,10 +62,11 @@ async def arun(argv: Sequence[str], *, input: str | None = None, check: bool = T
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes with the
+    # command's end (gh-86296), and the lab VM's launch or delete then goes on past it.
     try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(input.encode() if input is not None else None), COMMAND_TIMEOUT
-        )
+        async with asyncio.timeout(COMMAND_TIMEOUT):
+            out, err = await proc.communicate(input.encode() if input is not None else None)
     except TimeoutError:
         proc.kill()
         await proc.wait()

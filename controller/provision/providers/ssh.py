@@ -187,10 +187,13 @@ class SshProvider:
             command = f"sudo -n sh -c {shlex.quote(command)}"
         async with self._slots:
             try:
+                # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that comes
+                # with the command's end (gh-86296), and the engine's pass it is part of
+                # then goes on after a delete or a stop cancelled it.
                 async with asyncssh.connect(host.host, **options) as conn:
-                    return await asyncio.wait_for(
-                        conn.run(command, input=stdin, check=False, encoding=None),
-                        s.command_timeout)
+                    async with asyncio.timeout(s.command_timeout):
+                        return await conn.run(command, input=stdin, check=False,
+                                              encoding=None)
             except (OSError, asyncssh.Error, TimeoutError) as exc:
                 raise self._error(host, exc) from None
 
