@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -55,3 +56,19 @@ def nkey_jwt_auth(
         "user_jwt_cb": lambda: user_jwt().encode(),
         "signature_cb": lambda nonce: base64.b64encode(signer(nonce.encode())),
     }
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, not verified (the server does that); {} if unreadable."""
+    try:
+        body = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (IndexError, ValueError, TypeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def is_bearer(token: str) -> bool:
+    """A user JWT that admits alone: the server checks no nonce signature for it."""
+    nats = jwt_claims(token).get("nats")
+    return isinstance(nats, dict) and nats.get("bearer_token") is True

@@ -54,11 +54,12 @@ def _connect_line(info: dict[str, object], auth: OneShotAuth, *, name: str, tls:
         "lang": "python3", "version": "barista-oneshot", "protocol": 1, "echo": False,
         "headers": True, "no_responders": True,
     }
-    if auth.jwt and auth.sign is not None:
-        nonce = str(info.get("nonce", ""))
+    if auth.jwt:
         opts["jwt"] = auth.jwt
-        opts["sig"] = base64.urlsafe_b64encode(auth.sign(nonce.encode())).rstrip(
-            b"=").decode()
+        if auth.sign is not None:  # None: a bearer JWT
+            nonce = str(info.get("nonce", ""))
+            opts["sig"] = base64.urlsafe_b64encode(auth.sign(nonce.encode())).rstrip(
+                b"=").decode()
     elif auth.user:
         opts["user"], opts["pass"] = auth.user, auth.password
     return b"CONNECT " + json.dumps(opts, separators=(",", ":")).encode() + b"\r\n"

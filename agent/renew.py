@@ -11,8 +11,6 @@ request with its identity nkey; a revoked or deleted node is refused.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import ssl
 import time
@@ -21,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import nacl.public
 from nats.aio.client import Client as NATS
 
-from agent.connection import backoff
+from agent.connection import backoff, jwt_claims
 from agent.enroll import enroll_oneshot_auth
 from agent.identity import EnrollState, Identity
 from agent.oneshot import request_once
@@ -47,11 +45,10 @@ class RenewalRefused(Exception):
 def jwt_times(token: str) -> tuple[float, float]:
     """(issued at, expires at) of a JWT (not verified: the server does that); expires 0:
     never."""
+    claims = jwt_claims(token)
     try:
-        body = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         return float(claims.get("iat", 0)), float(claims.get("exp", 0))
-    except (IndexError, ValueError, TypeError):
+    except (ValueError, TypeError):
         return 0.0, 0.0
 
 

@@ -14,6 +14,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from agent.enroll import enroll_oneshot_auth
 from agent.oneshot import OneShotAuth, RequestRefused, request_once
 from controller.nats import jwt
 from controller.nats.operator import Permissions
@@ -164,6 +165,12 @@ async def test_operator_mode_signs_the_nonce_and_tls_checks_the_ca(tmp_path):
         assert await request_once([rc.agent_nats_url], rc.subjects.enroll, b"\x01",
                                   inbox_prefix=rc.subjects.enroll_inbox, auth=unsigned,
                                   tls=rc.tls.client_context(), wait=5, name="t")
+        # ... and the agent sends none: no "sig" in its CONNECT, still admitted.
+        auth = enroll_oneshot_auth(rc.tokens.enroll_jwt, user="", password="")
+        assert auth.jwt and auth.sign is None
+        assert await request_once([rc.agent_nats_url], rc.subjects.enroll, b"\x01",
+                                  inbox_prefix=rc.subjects.enroll_inbox, auth=auth,
+                                  tls=rc.tls.client_context(), wait=5, name="t")
         node_kp = nkeys.from_seed(bytearray(nkeys.encode_seed(b"\x05" * 32,
                                                               nkeys.PREFIX_BYTE_USER)))
         assert rc.trust is not None
@@ -171,6 +178,8 @@ async def test_operator_mode_signs_the_nonce_and_tls_checks_the_ca(tmp_path):
                                      permissions=Permissions.from_config(
                                          node_permissions(rc.subjects, "n-1")))
         assert not jwt.decode(node_jwt, jwt.UserClaims).nats.bearer_token
+        # A JWT that is not a bearer one (an older controller's enroll JWT) is signed for.
+        assert enroll_oneshot_auth(node_jwt, user="", password="").sign is not None
         bad = OneShotAuth(jwt=node_jwt, sign=lambda n: bytes(other.sign(n)))
         with pytest.raises(RequestRefused, match=r"(?i)authorization"):
             await request_once([rc.agent_nats_url], rc.subjects.node_all("n-1")[:-2] + ".x",
