@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from agent import connection
 from controller.nats import client
 from controller.nats.server import find_binary, free_port
+from tests.fixtures.nats import confirm
 
 _OP = re.compile(r"<<- \[(\w+)")
 
@@ -80,6 +81,7 @@ FLUSHES: dict[str, Callable[[NATS], Awaitable[None]]] = {
     "agent.connection.flush_all": lambda nc: connection.flush_all(nc, 10),
     "controller.nats.client.flush_all": lambda nc: client.flush_all(nc, 10),
     "controller.nats.client.Flusher": _flusher,
+    "tests.fixtures.nats.confirm": confirm,
 }
 
 
