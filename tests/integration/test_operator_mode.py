@@ -29,7 +29,6 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 
-from agent.connection import flush_all
 from controller.nats import jwt
 from controller.nats.operator import (
     OperatorTrust,
@@ -41,6 +40,7 @@ from controller.nats.operator import (
     push_account_jwt,
 )
 from protocol.subjects import Subjects
+from tests.fixtures.nats import confirm
 
 SUBJECTS = Subjects()
 
@@ -284,14 +284,14 @@ async def test_node_publishes_its_own_subjects_and_is_refused_others(
     await controller_nc.subscribe("barista.>", cb=seen)
     # Both sides confirm their SUBs as the agent and the controller do: one nats-py flush
     # can be answered before the server read the SUB, and then the message published from
-    # the other connection is lost (about 1 run in 10 here; agent.connection.flush_all).
-    await flush_all(controller_nc, 10)
+    # the other connection is lost (about 1 run in 10 here; tests.fixtures.nats.confirm).
+    await confirm(controller_nc)
     nc = await n1.connect(opserver.url)
     try:
         # Its own subjects, and its own command subject to read.
         await nc.publish(SUBJECTS.heartbeat("n1"), b"hb")
         cmds = await nc.subscribe(SUBJECTS.cmd_node("n1"))
-        await flush_all(nc, 10)
+        await confirm(nc)
         await controller_nc.publish(SUBJECTS.cmd_node("n1"), b"cmd")
         assert (await cmds.next_msg(timeout=2)).data == b"cmd"
         # Another node's subjects, the broadcast, JetStream and the system account.
