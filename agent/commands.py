@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from agent.apps import AppReconciler, SyncError
-from agent.connection import backoff
+from agent.connection import backoff, flush_all
 from agent.ledger import Orphan, SeenLog
 from agent.policy import CommandPolicy
 from protocol import codec
@@ -130,7 +130,9 @@ class CommandIntake:
                 await asyncio.sleep(delay)
 
     async def _confirm_subscriptions(self) -> None:
-        """A flush (PING/PONG) that is waited for as long as its PONG can still come.
+        """A flush (PING/PONG) that is waited for as long as its PONG can still come: two
+        in fact (agent.connection.flush_all), as one nats-py flush can be answered before
+        the server has read the SUBs.
 
         nats-py's flush(timeout) cancels its PONG future on timeout but leaves it queued;
         the late PONG then raises inside the client's read loop, which ends for good (the
@@ -140,7 +142,7 @@ class CommandIntake:
         """
         nc = self._nc
         reconnects = nc.stats["reconnects"]
-        flush = asyncio.ensure_future(nc.flush(timeout=FLUSH_ABANDON))
+        flush = asyncio.ensure_future(flush_all(nc, FLUSH_ABANDON))
         waited = 0.0
         try:
             while True:

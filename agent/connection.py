@@ -29,6 +29,22 @@ async def connect(**opts: Any) -> NATS:
     return nc
 
 
+async def flush_all(nc: NATS, pong_wait: int) -> None:
+    """A flush whose PONG confirms every command sent before it (a subscription too).
+
+    nats-py's ``flush()`` writes its PING to the socket at once, ahead of the commands
+    still in its pending buffer, which its flusher task writes a moment later
+    (``Client._send_ping``; so since 2016, and still in nats.py's main of 2026-06): its
+    PONG can come back before the server has read a SUB sent just before, and a message
+    published to that subject from another connection in the meantime is dropped (no
+    interest yet). The second PING goes out after the first PONG, when the flusher has
+    written the buffer, so it follows those commands on the wire and its PONG confirms
+    them too. Each flush waits up to ``pong_wait`` s for its PONG (see agent.commands for
+    why it must not expire)."""
+    await nc.flush(timeout=pong_wait)
+    await nc.flush(timeout=pong_wait)
+
+
 def backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential backoff with jitter: the delay before retry number ``attempt + 1``."""
     return float(min(cap, base * 2.0 ** min(attempt, 30)) * (0.5 + random.random() / 2))

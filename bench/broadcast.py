@@ -128,7 +128,7 @@ async def worker_agents(args: argparse.Namespace) -> None:
 async def worker_raw(args: argparse.Namespace) -> None:
     import nats
 
-    from agent.connection import nkey_jwt_auth
+    from agent.connection import flush_all, nkey_jwt_auth
     from agent.identity import EnrollState, Identity
 
     conns = []
@@ -153,7 +153,9 @@ async def worker_raw(args: argparse.Namespace) -> None:
             await nc.publish(results, b"")
 
         await nc.subscribe(subject, cb=respond)
-        await nc.flush()
+        # Subscribed before READY, as an agent's command subscriptions are (one nats-py
+        # flush can come back before the server has the SUB: agent.connection.flush_all).
+        await flush_all(nc, 60)
         conns.append(nc)
         if args.gc_freeze:
             gc.freeze()

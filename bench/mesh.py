@@ -60,6 +60,7 @@ from controller.config import ControllerConfig
 from controller.mesh.deltas import MeshNode
 from controller.mesh.networks import NetworkSpec
 from controller.models import NodeRecord
+from controller.nats.client import flush_all
 from controller.nats.server import NatsServer
 from controller.service import Controller, RunningController
 from protocol import codec
@@ -142,7 +143,8 @@ class Fleet:
 
                 await nc.subscribe(subject, cb=on_delta, pending_msgs_limit=1 << 20,
                                    pending_bytes_limit=1 << 30)
-            await nc.flush()
+            # In place before the controller publishes (controller.nats.client.flush_all).
+            await flush_all(nc, 60)
 
     def reset(self) -> None:
         self.bytes = self.wire = self.messages = 0

@@ -7,6 +7,7 @@ late PONG then raises InvalidStateError inside the client's read loop, which end
 (the connection reads nothing more and never reconnects). A slow server is normal weather,
 so a flush here is never left to time out inside nats-py: we stop *waiting* for it after
 ``timeout`` and let the PONG (or the next reconnect, which drops queued PONGs) settle it.
+And one nats-py flush confirms less than it says: see ``flush_all``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ log = logging.getLogger("barista.controller.nats")
 _ABANDON = 3600
 
 
+async def flush_all(nc: NATS, pong_wait: int = _ABANDON) -> None:
+    """Two nats-py flushes, so that the PONG confirms every command sent before the call.
+
+    nats-py writes a flush's PING to the socket at once, ahead of the commands still in its
+    pending buffer (its flusher task writes them a moment later), so that PONG may come
+    before the server has read them: a SUB not yet in place, say. The second PING leaves
+    after the first PONG, behind them. The agent's twin: agent.connection.flush_all."""
+    await nc.flush(timeout=pong_wait)
+    await nc.flush(timeout=pong_wait)
+
+
 class Flusher:
     """Owns the flushes still in flight; ``close()`` cancels them (at controller stop)."""
 
@@ -39,7 +51,7 @@ class Flusher:
         """True when the server confirmed everything sent so far within ``wait`` seconds."""
         if nc.is_closed or not nc.is_connected:
             return False
-        fut = asyncio.ensure_future(nc.flush(timeout=_ABANDON))
+        fut = asyncio.ensure_future(flush_all(nc))
         done, _ = await asyncio.wait({fut}, timeout=wait)
         if done:
             try:

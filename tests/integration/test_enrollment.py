@@ -19,6 +19,7 @@ from protocol import codec
 from protocol.messages import EnrollReply, Heartbeat
 from tests.fixtures.controller import AgentFactory
 from tests.fixtures.enroll import enroll_raw, node_opts, signed_request
+from tests.fixtures.nats import confirm
 from tests.fixtures.wait import wait_for
 
 
@@ -190,7 +191,7 @@ async def test_node_cannot_publish_as_another_node(
         seen.append(msg.data)
 
     sub = await controller.nc.subscribe(controller.subjects.heartbeat(b.node_id), cb=on_msg)
-    await controller.nc.flush()
+    await confirm(controller.nc)  # listening before the forgery, or missing it proves nothing
     errors: list[Exception] = []
 
     async def err_cb(exc: Exception) -> None:

@@ -34,6 +34,7 @@ from protocol.messages import Command, CommandResult
 from protocol.signing import CommandSigner
 from tests.fixtures.controller import AgentFactory
 from tests.fixtures.enroll import node_opts
+from tests.fixtures.nats import confirm
 from tests.fixtures.wait import wait_for
 
 # -- helpers ------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ async def as_node(
     try:
         subs = [await nc.subscribe(agent.subjects.cmd_all, cb=on_msg),
                 await nc.subscribe(agent.subjects.cmd_node(agent.node_id), cb=on_msg)]
-        await nc.flush()
+        await confirm(nc)  # listening before the controller sends, or seeing nothing is void
 
         async def delivered() -> None:
             await nc.flush()  # the PONG follows every message routed to us before the PING
@@ -154,7 +155,7 @@ async def test_f06_env_never_reaches_nodes_a_job_does_not_target(
                 mode="broadcast"))
         except BadRequest as exc:
             refused = exc
-        await controller.nc.flush()  # the jobs' commands went out on this connection
+        await confirm(controller.nc)  # the jobs' commands went out on this connection
         await delivered()
         assert not [m for m in seen if secret.encode() in m], "env value reached role=a"
     assert job.counts == {"ok": len(role_b)}, job.counts

@@ -32,6 +32,7 @@ from protocol import codec
 from protocol.messages import AppSyncRequest, EnrollReply, EnrollRequest, SealedReply
 from tests.fixtures.controller import AgentFactory
 from tests.fixtures.enroll import enroll_opts, node_opts
+from tests.fixtures.nats import confirm
 from tests.fixtures.wait import wait_for
 
 ENROLL = {"user": "enroll", "password": "enroll", "inbox_prefix": b"_INBOX_enroll"}
@@ -328,7 +329,7 @@ async def test_f10_other_enrolling_machines_cannot_read_the_reply(
         seen.append(msg.data)
 
     sub = await spy.subscribe("_INBOX_enroll.>", cb=collect)
-    await spy.flush()
+    await confirm(spy)  # in place before the agent's enrollment is answered
     agent = await agents.start(labels={"region": "secret-region"})
     await wait_for(lambda: seen, 5, "the enrollment reply passing by")
     # Every reply the agent read was routed to the spy at the same time; the PONG follows

@@ -20,6 +20,7 @@ from protocol import codec
 from protocol.messages import Command, CommandResult, KeyRotation
 from protocol.signing import CommandSigner, Signer
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
+from tests.fixtures.nats import confirm
 from tests.fixtures.wait import wait_for
 
 
@@ -130,11 +131,12 @@ async def test_new_agent_keys_come_with_enrollment_and_a_missed_step_with_heartb
     assert keys.stats["syncs"] == syncs
     assert agent.commands is not None and agent.nc is not None
     await agent.commands.unsubscribe()  # deaf, as before its subscriptions were made
-    await agent.nc.flush()  # (the server has taken the UNSUBs)
+    await confirm(agent.nc)  # (the server has taken the UNSUBs)
     await keys.finish()
     # The broadcast is at the server before the agent listens again (under load nats-py's
-    # flusher could send it after the agent's new SUB, and the agent would hear it).
-    await controller.nc.flush()
+    # flusher could send it after the agent's new SUB, and the agent would hear it; one
+    # nats-py flush would not wait for it, tests.fixtures.nats.confirm).
+    await confirm(controller.nc)
     await agent.commands.subscribe()
     await wait_for(lambda: agent.keyring is not None and agent.keyring.seq == 2, 10,
                    "the missed step, sent on the heartbeat's word")

@@ -48,6 +48,7 @@ from protocol.messages import (
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli, wait_for
 from tests.fixtures.enroll import node_opts
 from tests.fixtures.influx import InfluxDB1
+from tests.fixtures.nats import confirm
 
 CIDR = "198.19.0.0/16"
 
@@ -105,7 +106,8 @@ class SimNode:
         await self.nc.subscribe(s.mesh_snapshot(self.node_id), cb=on_snapshot)
         await self.nc.subscribe(s.mesh_delta(network), cb=on_delta)
         await self.nc.subscribe(s.mesh_rotate(self.node_id), cb=on_rotate)
-        await self.nc.flush()
+        # In place before the controller sends (an invitation, another member's delta).
+        await confirm(self.nc)
 
     async def join(self, accepts: list[str] | None = None) -> None:
         await self.nc.publish(self.agent.subjects.mesh_join(self.node_id), codec.encode(

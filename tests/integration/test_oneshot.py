@@ -23,6 +23,7 @@ from controller.nats.server import NatsServer
 from controller.service import RunningController
 from protocol.subjects import ENROLL_SEED
 from tests.fixtures.controller import controller_config
+from tests.fixtures.nats import confirm
 
 NOAUTH = OneShotAuth()
 
@@ -39,7 +40,7 @@ async def responder(url: str, subject: str, *, headers: bool = False
         await nc.publish(msg.reply, msg.data[::-1], headers={"x": "1"} if headers else None)
 
     await nc.subscribe(subject, cb=cb)
-    await nc.flush()
+    await confirm(nc)  # in place before the request, which comes on another connection
     try:
         yield seen
     finally:

@@ -40,6 +40,7 @@ from controller.nats.operator import (
     push_account_jwt,
 )
 from protocol.subjects import Subjects
+from tests.fixtures.nats import confirm
 
 SUBJECTS = Subjects()
 
@@ -281,18 +282,18 @@ async def test_node_publishes_its_own_subjects_and_is_refused_others(
         got.append(msg.subject)
 
     await controller_nc.subscribe("barista.>", cb=seen)
-    await controller_nc.flush()
+    # Both sides confirm their SUBs as the agent and the controller do: one nats-py flush
+    # can be answered before the server read the SUB, and then the message published from
+    # the other connection is lost (about 1 run in 10 here; tests.fixtures.nats.confirm).
+    await confirm(controller_nc)
     nc = await n1.connect(opserver.url)
     try:
         # Its own subjects, and its own command subject to read.
         await nc.publish(SUBJECTS.heartbeat("n1"), b"hb")
         cmds = await nc.subscribe(SUBJECTS.cmd_node("n1"))
-        await nc.flush()
+        await confirm(nc)
         await controller_nc.publish(SUBJECTS.cmd_node("n1"), b"cmd")
-        await controller_nc.flush()
-        # Usually at once; in about 1 run in 6 here it came ~1.8 s late, and once (CI) over
-        # 2 s, never with output captured off: not explained yet (see the session note).
-        assert (await cmds.next_msg(timeout=10)).data == b"cmd"
+        assert (await cmds.next_msg(timeout=2)).data == b"cmd"
         # Another node's subjects, the broadcast, JetStream and the system account.
         for subject in (
             SUBJECTS.heartbeat("n2"),

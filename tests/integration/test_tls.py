@@ -28,6 +28,7 @@ from controller.service import Controller, RunningController
 from protocol.trust import JoinToken, ca_fingerprint, parse_join_token
 from tests.fixtures.controller import AgentFactory, controller_config, run_cli
 from tests.fixtures.enroll import expire_saved_jwt
+from tests.fixtures.nats import confirm
 from tests.fixtures.wait import wait_for
 
 
@@ -69,7 +70,7 @@ async def _enroll_watch(c: RunningController) -> tuple[NATS, list[Msg]]:
     nc = await nats.connect(c.nats_url, tls=c.tls.client_context(),
                             **c.natsd.peer_credentials())
     await nc.subscribe(c.subjects.enroll, cb=cb)
-    await nc.flush()
+    await confirm(nc)  # listening before the agent tries, or seeing nothing proves nothing
     return nc, seen
 
 
