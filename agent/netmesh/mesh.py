@@ -132,6 +132,7 @@ class NetMesh:
                  host: Host | None = None, publish: Publish | None = None,
                  ifname_prefix: str = "bm-", reconcile_interval: float = 5.0,
                  health_interval: float = 10.0, probe_interval: float = 1.0,
+                 probe_steady_interval: float = 1.0,
                  probe_port: int = PROBE_PORT, probes: bool = True,
                  rotation_poll: float = 0.05, switch_timeout: float = 5.0,
                  switch_poll: float = 0.01,
@@ -146,7 +147,8 @@ class NetMesh:
         self.ifname_prefix = ifname_prefix
         self.reconcile_interval = reconcile_interval
         self.health_interval = health_interval
-        self.probe_interval = probe_interval
+        self.probe_interval = probe_interval  # peers that have not answered yet
+        self.probe_steady_interval = probe_steady_interval  # ... and those that have
         self.probe_port = probe_port
         self.probes = probes
         self.rotation_poll = rotation_poll
@@ -770,7 +772,8 @@ class NetMesh:
                     if reach is None or n not in reach.unreachable]
 
         prober = Prober(host=self.host, address=address, targets=targets, port=self.probe_port,
-                        interval=self.probe_interval, log=self.log)
+                        interval=self.probe_interval, steady=self.probe_steady_interval,
+                        log=self.log)
         try:
             return await prober.__aenter__()
         except OSError as exc:

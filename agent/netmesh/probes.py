@@ -48,12 +48,20 @@ class Prober:
 
     def __init__(self, *, host: Host, address: str, targets: Callable[[], Iterable[tuple[str,
                  str]]], port: int = PROBE_PORT, interval: float = 1.0, timeout: float = 2.0,
-                 log: logging.Logger | None = None) -> None:
+                 steady: float = 1.0, log: logging.Logger | None = None) -> None:
         self.host = host
         self.address = address
         self.port = port
         self.targets = targets  # () -> (node id, overlay address) pairs
+        # Every round (``interval``) probes the peers that have not answered yet (new ones:
+        # whether and when they become reachable is what is not known); a peer that has
+        # answered is probed every ``steady`` (not faster than the rounds), enough for its
+        # RTT and loss, and the probes of N peers stop costing N / interval packets a second
+        # each way on every node once the network is up.
         self.interval = interval
+        self.steady = max(interval, steady)
+        self._answered: set[tuple[str, str]] = set()  # (node id, address) that answered
+        self._last_sent: dict[str, int] = {}  # node id -> when (monotonic ns)
         self.timeout = timeout
         self.log = log or logging.getLogger("barista.netmesh.probes")
         self.window: dict[str, PeerProbes] = {}
@@ -142,10 +150,12 @@ class Prober:
                 self.late += 1
                 self.late_max = max(self.late_max, rtt)
                 self.window.setdefault(node_id, PeerProbes()).late += 1
+                self._answered.add((node_id, addr[0]))  # reachable; and more would queue
             return
         node_id, sent_ns = pending
         stats = self.window.setdefault(node_id, PeerProbes())
         rtt = (time.monotonic_ns() - sent_ns) / 1e9
+        self._answered.add((node_id, addr[0]))
         if rtt > self.timeout:  # not expired yet only because no round ran since
             self.late += 1
             self.late_max = max(self.late_max, rtt)
@@ -162,12 +172,21 @@ class Prober:
         for k in expired:
             del self._pending[k]
         self._node_of = {}
+        steady = int(self.steady * 1e9) - int(self.interval * 1e9) // 2  # the round's jitter
+        last_sent, self._last_sent = self._last_sent, {}
         for node_id, address in self.targets():
             self._node_of[address] = node_id
+            last = last_sent.get(node_id)
+            if last is not None and (node_id, address) in self._answered \
+                    and now - last < steady:
+                self._last_sent[node_id] = last
+                continue
+            self._last_sent[node_id] = now
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             self._pending[(address, self._seq)] = (node_id, now)
             self.window.setdefault(node_id, PeerProbes()).sent += 1
             self._send(_FMT.pack(MAGIC, 0, self._seq, now), (address, self.port))
+        self._answered.intersection_update((n, a) for a, n in self._node_of.items())
 
     def take_window(self) -> dict[str, PeerProbes]:
         """The window's counters (in-flight probes are left to the next window)."""

@@ -68,3 +68,20 @@ async def test_an_answer_after_the_timeout_counts_late_not_received() -> None:
         window = asker.take_window()
     assert sum(p.received for p in window.values()) == 0
     assert sum(p.late for p in window.values()) == PEERS
+
+
+async def test_a_peer_that_answers_is_probed_at_the_steady_rate_a_silent_one_each_round(
+        ) -> None:
+    # Every peer used to be probed every round: 30 peers at 0.2 s, 150 probes a second
+    # each way on every node, also once all of them answered.
+    answerer = Prober(host=Host(), address="127.0.0.2", port=51933, interval=3600.0,
+                      targets=list)
+    asker = Prober(host=Host(), address="127.0.0.1", port=51933, interval=0.05, steady=0.5,
+                   targets=lambda: [("up", "127.0.0.2"), ("silent", "127.0.0.3")])
+    async with answerer, asker:
+        await wait_for(lambda: "silent" in asker.window and asker.window["silent"].sent >= 20,
+                       10, "20 rounds")
+        up, silent = asker.window["up"], asker.window["silent"]
+        assert silent.received == 0
+        # 20 rounds of 0.05 s: the first probe, then one every 0.5 s (+ one in flight)
+        assert 2 <= up.sent <= 4 and up.received >= 1, up
