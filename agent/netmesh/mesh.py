@@ -50,6 +50,7 @@ KICK_AFTER = 1.0  # seconds without a handshake before a new (or re-keyed) peer 
 KICK_AFTER_READY = 2.5
 KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after it was added (or we switched)
 KICK_POLL = 0.2  # the tick while only re-adds or one-way checks are pending
+APPLY_BATCH = 50  # peers per WireGuard transaction (a netlink attribute holds 64 KiB)
 POKE_KEEPALIVE = 1  # set for a moment: wireguard-go then sends a handshake initiation
 # After a new peer's handshake, while our probes run: nothing received from it for this
 # long (and probe intervals), though we sent, means its packets do not reach our session
@@ -727,38 +728,42 @@ class NetMesh:
 
     async def _apply_ops(self, network: str, ifname: str, ops: list[PeerOp],
                          pokes: set[bytes], iface: _Iface) -> list[PeerOp]:
-        """The peer operations in one UAPI transaction (each peer on its own, never
-        replacing all peers); the ones applied. A burst of joins used to cost one
+        """The peer operations, APPLY_BATCH peers a UAPI transaction (each peer on its own,
+        never replacing all peers); the ones applied. A burst of joins used to cost one
         transaction per peer, one after another: 30-250 ms each on a loaded machine, seconds
-        before the last new peer was configured. When the transaction is refused (a bad
-        key, a full device), WireGuard has applied the operations before the failing one:
-        they are applied again one by one (idempotent: the same settings), so that only the
-        refused peer is left out (``iface.failed``) and the others are configured."""
-        if not ops:
-            return []
-        expanded = [x for op in ops for x in (_poked(op) if op.public_key in pokes else [op])]
-        try:
-            await self.backend.set(ifname, None, expanded)
-            return ops
-        except Exception as exc:
-            if len(ops) == 1:
-                self.stats.apply_errors += 1
-                iface.failed.add(ops[0].public_key)
-                self.log.warning("network %s: peer op refused: %s", network, exc)
-                return []
-            self.log.info("network %s: %d peer ops refused together (%s); one by one",
-                          network, len(ops), exc)
+        before the last new peer was configured (the batch is bounded: a netlink attribute
+        holds 64 KiB). When a transaction is refused (a bad key, a full device), WireGuard
+        has applied the operations before the failing one: that batch is applied again one
+        by one (idempotent: the same settings), so that only the refused peer is left out
+        (``iface.failed``) and the others are configured."""
         done: list[PeerOp] = []
-        for op in ops:
+        for start in range(0, len(ops), APPLY_BATCH):
+            batch = ops[start:start + APPLY_BATCH]
+            expanded = [x for op in batch
+                        for x in (_poked(op) if op.public_key in pokes else [op])]
             try:
-                await self.backend.set(ifname, None,
-                                       _poked(op) if op.public_key in pokes else [op])
-            except Exception as exc:
-                self.stats.apply_errors += 1
-                iface.failed.add(op.public_key)
-                self.log.warning("network %s: peer op refused: %s", network, exc)
+                await self.backend.set(ifname, None, expanded)
+                done += batch
                 continue
-            done.append(op)
+            except Exception as exc:
+                if len(batch) > 1:
+                    self.log.info("network %s: %d peer ops refused together (%s); one by one",
+                                  network, len(batch), exc)
+                else:
+                    self.stats.apply_errors += 1
+                    iface.failed.add(batch[0].public_key)
+                    self.log.warning("network %s: peer op refused: %s", network, exc)
+                    continue
+            for op in batch:
+                try:
+                    await self.backend.set(ifname, None,
+                                           _poked(op) if op.public_key in pokes else [op])
+                except Exception as exc:
+                    self.stats.apply_errors += 1
+                    iface.failed.add(op.public_key)
+                    self.log.warning("network %s: peer op refused: %s", network, exc)
+                    continue
+                done.append(op)
         return done
 
     async def _start_prober(self, network: str, address: str) -> Prober | None:
