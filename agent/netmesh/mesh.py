@@ -514,6 +514,7 @@ class NetMesh:
         state = await self.backend.get(ifname)
         now = time.time()
         want = iface.plan.peers if iface.plan is not None else {}
+        readd: list[tuple[bytes, WgPeer]] = []  # in one transaction (see _apply_ops)
         for key, (since, count, delay) in list(iface.waiting.items()):
             have, peer = state.peers.get(key), want.get(key)
             if have is not None and peer is not None and have.last_handshake >= since:
@@ -531,7 +532,7 @@ class NetMesh:
             self.log.info("network %s: no handshake with %s yet; re-adding it", network,
                           peer.node_id)
             self.stats.readds += 1
-            await self._readd(ifname, iface, key, peer)
+            readd.append((key, peer))
         window = max(CONFIRM_AFTER, CONFIRM_PROBES * self.probe_interval)
         for key, (seen, rx, tx, count) in list(iface.confirming.items()):
             have, peer = state.peers.get(key), want.get(key)
@@ -548,14 +549,22 @@ class NetMesh:
                           now - seen, have.tx_bytes - tx)
             self.stats.one_way += 1
             iface.waiting[key] = (now, count + 1, KICK_AFTER)
-            await self._readd(ifname, iface, key, peer)
+            readd.append((key, peer))
+        for start in range(0, len(readd), APPLY_BATCH):
+            await self._readd(ifname, iface, readd[start:start + APPLY_BATCH])
 
-    async def _readd(self, ifname: str, iface: _Iface, key: bytes, peer: WgPeer) -> None:
+    async def _readd(self, ifname: str, iface: _Iface, peers: list[tuple[bytes, WgPeer]]
+                     ) -> None:
+        if not peers:
+            return
         await self.backend.set(ifname, None, [
-            PeerOp(public_key=key, remove=True),
-            *_poked(PeerOp(public_key=key, endpoint=peer.endpoint, keepalive=peer.keepalive,
-                           allowed_ips=tuple(sorted(peer.allowed_ips))))])
-        iface.endpoints[key] = peer.endpoint
+            op for key, peer in peers
+            for op in (PeerOp(public_key=key, remove=True),
+                       *_poked(PeerOp(public_key=key, endpoint=peer.endpoint,
+                                      keepalive=peer.keepalive,
+                                      allowed_ips=tuple(sorted(peer.allowed_ips)))))])
+        for key, peer in peers:
+            iface.endpoints[key] = peer.endpoint
 
     async def _ack_rotations(self) -> None:
         """Say "ready" for every rotating peer whose next key is in our WireGuard now (in

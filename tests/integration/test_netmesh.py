@@ -437,3 +437,27 @@ async def test_a_burst_of_new_peers_is_one_transaction_a_refused_one_is_left_out
         assert await _peer_keys(a) == {key_bytes(keys[n]) for n in ("x1", "x2", "x4", "x5")}
         assert a.stats.apply_errors == 1
         assert refused in a._ifaces["ov"].failed
+
+
+async def test_silent_new_peers_are_re_added_together(lab: Lab, tmp_path: Path) -> None:
+    # Re-adds were one UAPI transaction per peer, one after another (a node behind NAT
+    # re-adds every public peer that had not configured it yet, in a burst of joins).
+    async with network(lab, tmp_path, ["a"], probes=False) as (ctl, meshes):
+        a = meshes["a"]
+        calls: list[list[PeerOp]] = []
+        real_set = a.backend.set
+
+        async def spy(ifname: str, device: DeviceOp | None, peers: Sequence[PeerOp]) -> None:
+            calls.append(list(peers))
+            await real_set(ifname, device, peers)
+
+        a.backend.set = spy  # type: ignore[method-assign]
+        keys = [PrivateKey.generate().public_b64 for _ in range(3)]
+        # nobody there: no handshake ever comes
+        ghosts = [MeshPeer(node_id=f"g{i}", public_key=k, address=f"198.19.0.{70 + i}",
+                           endpoints=[MeshEndpoint(host=f"198.18.0.{70 + i}", kind="public")])
+                  for i, k in enumerate(keys)]
+        assert await a.handle_delta(ctl.make_delta(added=ghosts)) == "applied"
+        await wait_for(lambda: a.stats.readds >= 3, 5, "the first re-adds")
+        removes = [{op.public_key for op in c if op.remove} for c in calls]
+        assert {key_bytes(k) for k in keys} in removes, removes
