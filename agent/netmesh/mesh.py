@@ -27,7 +27,7 @@ from agent.netmesh.probes import PROBE_PORT, Prober
 from agent.netmesh.uapi import DeviceOp, DeviceState, Endpoint, PeerOp
 from protocol import codec
 from protocol.errors import MeshPeerInvalid, ProtocolError
-from protocol.mesh import Net, check_peer, key_bytes, network_of
+from protocol.mesh import Net, check_peer, choose_endpoint, key_bytes, network_of
 from protocol.messages import (
     MeshDelta,
     MeshHealth,
@@ -48,6 +48,7 @@ KICK_AFTER = 1.0  # seconds without a handshake before a new (or re-keyed) peer 
 # dropped, only slow (a loaded machine) or lost, and a re-add would also drop the old
 # session that still carries the peer's traffic to us
 KICK_AFTER_READY = 2.5
+KICK_AFTER_SECOND = 1.5  # ... by the second end of a pair that reaches each other directly
 KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after it was added (or we switched)
 KICK_POLL = 0.2  # the tick while only re-adds or one-way checks are pending
 APPLY_BATCH = 50  # peers per WireGuard transaction (a netlink attribute holds 64 KiB)
@@ -719,7 +720,8 @@ class NetMesh:
             elif op.endpoint is not None or not op.update_only:
                 iface.endpoints[op.public_key] = op.endpoint
             if op.public_key in pokes:
-                iface.waiting[op.public_key] = (since, 0, KICK_AFTER)
+                iface.waiting[op.public_key] = (since, 0, self._kick_after(
+                    view, want.peers[op.public_key].node_id))
         iface.plan = want
         await self._ack_rotations()
         routes = frozenset(want.routes)
@@ -734,6 +736,19 @@ class NetMesh:
             await self._stop_prober(network)
             iface.prober = await self._start_prober(network, view.own.address)
             iface.prober_address = view.own.address
+
+    def _kick_after(self, view: View, node_id: str) -> float:
+        """The delay between re-adds of a new peer that has not handshaken. A peer that
+        reaches us directly too (public / public, one VPC) added us in the same moment and
+        re-adds us on the same schedule: when both ends re-added at 1, 2, 3 s, each re-add
+        reset the other end's handshake in flight and their initiations crossed again
+        (bench/mesh.py part (a): pairs re-added by both ends within 30 ms, twice, before
+        their handshake). The end with the larger node id waits KICK_AFTER_SECOND."""
+        peer = view.peers.get(node_id)
+        if peer is None or choose_endpoint(peer.endpoints, view.own.endpoints) is None \
+                or self.node_id < node_id:
+            return KICK_AFTER
+        return KICK_AFTER_SECOND
 
     async def _apply_ops(self, network: str, ifname: str, ops: list[PeerOp],
                          pokes: set[bytes], iface: _Iface) -> list[PeerOp]:

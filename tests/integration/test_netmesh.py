@@ -461,3 +461,20 @@ async def test_silent_new_peers_are_re_added_together(lab: Lab, tmp_path: Path) 
         await wait_for(lambda: a.stats.readds >= 3, 5, "the first re-adds")
         removes = [{op.public_key for op in c if op.remove} for c in calls]
         assert {key_bytes(k) for k in keys} in removes, removes
+
+
+async def test_the_second_end_of_a_direct_pair_re_adds_later(lab: Lab, tmp_path: Path) -> None:
+    # Both ends of a public pair re-added each other at 1, 2, 3 s, in the same moment
+    # (they added each other in the same moment): each re-add reset the other's handshake.
+    async with network(lab, tmp_path, ["a", "n1"], probes=False) as (ctl, meshes):
+        a, n1 = meshes["a"], meshes["n1"]
+        keys = {n: PrivateKey.generate().public_b64 for n in ("0-first", "z-second")}
+        ghosts = [MeshPeer(node_id=n, public_key=k, address=f"198.19.0.{80 + i}",
+                           endpoints=[MeshEndpoint(host=f"198.18.0.{80 + i}", kind="public")])
+                  for i, (n, k) in enumerate(sorted(keys.items()))]
+        assert await ctl.change(added=ghosts)
+        delay = {n: a._ifaces["ov"].waiting[key_bytes(k)][2] for n, k in keys.items()}
+        # a is the second end towards "0-first" (a larger node id), the first towards "z-"
+        assert delay == {"0-first": 1.5, "z-second": 1.0}
+        # n1 is behind NAT: nobody initiates towards it, it re-adds at its own pace
+        assert {n1._ifaces["ov"].waiting[key_bytes(k)][2] for k in keys.values()} == {1.0}
