@@ -11,6 +11,14 @@ every ordered pair (counted) confirms it. Needs root, wireguard-go, ping, nft.
 
     sudo python bench/mesh.py --part a [--n 30] [--runs 2]
 
+Besides the phases, part (a) says what the run cost while the clock ran: ``bench_cpu_frac``
+(this one process: the controller and all N agents' netmesh and probers, of one core),
+``wg_cpu_frac`` (all wireguard-go processes), ``loop_lag_*_s`` (how late a 10 ms sleep
+woke), ``udp_rcvbuf_drops`` (datagrams the members' namespaces dropped for a full socket
+buffer), ``probes`` (sent, answered in time, answered after the timeout and the slowest
+of those), ``mesh_stats`` (re-adds, one-way re-adds, apply errors, summed), and for the
+five slowest pairs when each end saw the tunnel's handshake and the pair's re-adds.
+
 A real controller runs against its own nats-server (loopback, no auth, so that simulated
 members can publish as any node); N nodes are written into its state as enrolled members
 of one network (the distributor publishes them as it would real ones). Each member is one
