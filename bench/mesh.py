@@ -11,6 +11,14 @@ every ordered pair (counted) confirms it. Needs root, wireguard-go, ping, nft.
 
     sudo python bench/mesh.py --part a [--n 30] [--runs 2]
 
+Besides the phases, part (a) says what the run cost while the clock ran: ``bench_cpu_frac``
+(this one process: the controller and all N agents' netmesh and probers, of one core),
+``wg_cpu_frac`` (all wireguard-go processes), ``loop_lag_*_s`` (how late a 10 ms sleep
+woke), ``udp_rcvbuf_drops`` (datagrams the members' namespaces dropped for a full socket
+buffer), ``probes`` (sent, answered in time, answered after the timeout and the slowest
+of those), ``mesh_stats`` (re-adds, one-way re-adds, apply errors, summed), and for the
+five slowest pairs when each end saw the tunnel's handshake and the pair's re-adds.
+
 A real controller runs against its own nats-server (loopback, no auth, so that simulated
 members can publish as any node); N nodes are written into its state as enrolled members
 of one network (the distributor publishes them as it would real ones). Each member is one
@@ -324,10 +332,20 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
             log.info("%d: enrolled, netmesh up (%.1f s); joining", n, enroll_s)
             dist = c.mesh.distributor
             stats0 = dict(dist.stats)
+            events = _Events()
+            logging.getLogger("barista.netmesh").addHandler(events)
+            logging.getLogger("barista.netmesh").setLevel(logging.INFO)
+            lags: list[float] = []
+            lag = asyncio.create_task(_loop_lag(lags))
+            wg_cpu0 = _wg_cpu(members)
+            drops0 = _udp_drops(members)
+            cpu0 = time.process_time()
             t0 = time.monotonic()
             await asyncio.gather(*(m.join() for m in members))
             t_last = time.monotonic()
             wall_last = time.time()
+            events.t0 = t_last
+            first_rtt: dict[tuple[str, str], float] = {}
             by_id = {m.node_id: m for m in members}
             reached: dict[tuple[str, str], float] = {}
             want = n * (n - 1)
@@ -368,8 +386,15 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                         if probes.received and (m.node_id, peer_id) not in reached \
                                 and peer_id in by_id:
                             reached[(m.node_id, peer_id)] = now - t_last
+                            first_rtt[(m.node_id, peer_id)] = probes.rtts[0]
                 await asyncio.sleep(0.05)
             converged = max(reached.values()) if len(reached) == want else None
+            window_s = time.monotonic() - t_last
+            cpu_s = time.process_time() - cpu0
+            wg_cpu_s = _wg_cpu(members) - wg_cpu0
+            udp_drops = _udp_drops(members) - drops0
+            lag.cancel()
+            logging.getLogger("barista.netmesh").removeHandler(events)
             # WireGuard's own clock of each tunnel's (last, in so short a run the first)
             # handshake, read once now: no polling needed for its precision.
             handshakes: list[float] = []
@@ -384,6 +409,21 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                                         name_by_key.get(key, "?")))
             name_of = {m.node_id: m.name for m in members}
             slowest = sorted(reached.items(), key=lambda kv: -kv[1])[:5]
+            hs_at = {(a, b): t for t, a, b in tunnels}
+            probers = [(m, m.mesh.prober("corp")) for m in members]
+
+            def pair_detail(a: str, b: str, t: float) -> dict[str, object]:
+                ma, mb = by_id[a], by_id[b]
+                pa = ma.mesh.prober("corp")
+                w = pa.window.get(b) if pa is not None else None
+                ev = [[round(e[0], 2), name_of.get(e[1], e[1]), e[3]] for e in events.got
+                      if {e[1], e[2]} == {a, b}]
+                return {"pair": [ma.name, mb.name], "reached_s": round(t, 2),
+                        "first_rtt_s": round(first_rtt.get((a, b), -1), 3),
+                        "handshake_s": [_r(hs_at.get((ma.name, mb.name))),
+                                        _r(hs_at.get((mb.name, ma.name)))],
+                        "sent": w.sent if w else 0, "received": w.received if w else 0,
+                        "late": w.late if w else 0, "events": ev}
             log.info("%d: %d/%d pairs reached; ping sweep", n, len(reached), want)
             # Confirmation: every ordered pair, one ping each, 40 at a time.
             sem = asyncio.Semaphore(40)
@@ -411,6 +451,25 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
                 if reached else None,
                 "slowest_pairs": [[name_of[a], name_of[b], round(t, 2)]
                                   for (a, b), t in slowest],
+                "slowest_detail": [pair_detail(a, b, t) for (a, b), t in slowest],
+                # while the clock ran: the whole bench process (controller, 30 agents'
+                # netmesh and probers) on its one core, and all wireguard-go processes
+                "window_s": round(window_s, 2),
+                "bench_cpu_frac": round(cpu_s / window_s, 2) if window_s else None,
+                "wg_cpu_frac": round(wg_cpu_s / window_s, 2) if window_s else None,
+                "loop_lag_max_s": _quantile(lags, "max"),
+                "loop_lag_p90_s": round(sorted(lags)[len(lags) * 9 // 10], 3) if lags else None,
+                "mesh_stats": {k: sum(getattr(m.mesh.stats, k) for m in members)
+                               for k in ("readds", "one_way", "apply_errors", "resyncs")},
+                "probes": {"sent": sum(sum(w.sent for w in p.window.values())
+                                       for _, p in probers if p),
+                           "received": sum(sum(w.received for w in p.window.values())
+                                           for _, p in probers if p),
+                           "late": sum(p.late for _, p in probers if p),
+                           "late_max_s": round(max((p.late_max for _, p in probers if p),
+                                                   default=0.0), 2)},
+                "readd_events": len(events.got),
+                "udp_rcvbuf_drops": udp_drops,
                 "phases_s": {
                     **{k: round(v, 3) for k, v in phase.items()},
                     **{f"{k}_{q}": _quantile(list(v.values()), q) for k, v in per.items()
@@ -442,6 +501,65 @@ async def run_a(n: int, base: Path) -> dict[str, object]:
             }
     finally:
         await asyncio.to_thread(lab.stop)
+
+
+class _Events(logging.Handler):
+    """The netmesh re-adds (no handshake yet / one way): (s from the last join, node id,
+    peer node id, kind)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.t0 = time.monotonic()
+        self.got: list[tuple[float, str, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = str(record.msg)
+        kind = "readd" if "yet; re-adding" in msg else "one_way" if "nothing from it" in msg \
+            else ""
+        if kind and isinstance(record.args, tuple) and len(record.args) >= 2:
+            self.got.append((time.monotonic() - self.t0, record.name.rsplit(".", 1)[-1],
+                             str(record.args[1]), kind))
+
+
+async def _loop_lag(out: list[float]) -> None:
+    """How late a 10 ms sleep wakes, over and over: the event loop's backlog."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(0.01)
+        out.append(loop.time() - t - 0.01)
+
+
+def _wg_cpu(members: list[Any]) -> float:
+    """CPU seconds used so far by the members' wireguard-go processes."""
+    total = 0
+    for m in members:
+        pid = m.mesh.backend.pid(m.mesh.ifname("corp"))
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _udp_drops(members: list[Any]) -> int:
+    """UDP datagrams the members' namespaces dropped for a full receive buffer so far (the
+    probers' sockets and wireguard-go's: /proc/<pid>/net is the pid's namespace)."""
+    total = 0
+    for m in members:
+        pid = m.mesh.backend.pid(m.mesh.ifname("corp"))
+        try:
+            lines = [ln.split() for ln in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
+                     if ln.startswith("Udp:")]
+            total += int(lines[1][lines[0].index("RcvbufErrors")])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _r(v: float | None) -> float | None:
+    return round(v, 2) if v is not None else None
 
 
 def _applied(per: dict[str, dict[str, float]], members: list[Any], name: str) -> float | None:

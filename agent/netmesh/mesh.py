@@ -27,7 +27,7 @@ from agent.netmesh.probes import PROBE_PORT, Prober
 from agent.netmesh.uapi import DeviceOp, DeviceState, Endpoint, PeerOp
 from protocol import codec
 from protocol.errors import MeshPeerInvalid, ProtocolError
-from protocol.mesh import Net, check_peer, key_bytes, network_of
+from protocol.mesh import Net, check_peer, choose_endpoint, key_bytes, network_of
 from protocol.messages import (
     MeshDelta,
     MeshHealth,
@@ -48,8 +48,10 @@ KICK_AFTER = 1.0  # seconds without a handshake before a new (or re-keyed) peer 
 # dropped, only slow (a loaded machine) or lost, and a re-add would also drop the old
 # session that still carries the peer's traffic to us
 KICK_AFTER_READY = 2.5
+KICK_AFTER_SECOND = 1.5  # ... by the second end of a pair that reaches each other directly
 KICKS_PER_PEER = 3  # re-adds at 1 x, 2 x, 3 x that delay after it was added (or we switched)
 KICK_POLL = 0.2  # the tick while only re-adds or one-way checks are pending
+APPLY_BATCH = 50  # peers per WireGuard transaction (a netlink attribute holds 64 KiB)
 POKE_KEEPALIVE = 1  # set for a moment: wireguard-go then sends a handshake initiation
 # After a new peer's handshake, while our probes run: nothing received from it for this
 # long (and probe intervals), though we sent, means its packets do not reach our session
@@ -132,6 +134,7 @@ class NetMesh:
                  host: Host | None = None, publish: Publish | None = None,
                  ifname_prefix: str = "bm-", reconcile_interval: float = 5.0,
                  health_interval: float = 10.0, probe_interval: float = 1.0,
+                 probe_steady_interval: float = 1.0,
                  probe_port: int = PROBE_PORT, probes: bool = True,
                  rotation_poll: float = 0.05, switch_timeout: float = 5.0,
                  switch_poll: float = 0.01,
@@ -146,7 +149,8 @@ class NetMesh:
         self.ifname_prefix = ifname_prefix
         self.reconcile_interval = reconcile_interval
         self.health_interval = health_interval
-        self.probe_interval = probe_interval
+        self.probe_interval = probe_interval  # peers that have not answered yet
+        self.probe_steady_interval = probe_steady_interval  # ... and those that have
         self.probe_port = probe_port
         self.probes = probes
         self.rotation_poll = rotation_poll
@@ -511,6 +515,7 @@ class NetMesh:
         state = await self.backend.get(ifname)
         now = time.time()
         want = iface.plan.peers if iface.plan is not None else {}
+        readd: list[tuple[bytes, WgPeer]] = []  # in one transaction (see _apply_ops)
         for key, (since, count, delay) in list(iface.waiting.items()):
             have, peer = state.peers.get(key), want.get(key)
             if have is not None and peer is not None and have.last_handshake >= since:
@@ -528,7 +533,7 @@ class NetMesh:
             self.log.info("network %s: no handshake with %s yet; re-adding it", network,
                           peer.node_id)
             self.stats.readds += 1
-            await self._readd(ifname, iface, key, peer)
+            readd.append((key, peer))
         window = max(CONFIRM_AFTER, CONFIRM_PROBES * self.probe_interval)
         for key, (seen, rx, tx, count) in list(iface.confirming.items()):
             have, peer = state.peers.get(key), want.get(key)
@@ -545,14 +550,22 @@ class NetMesh:
                           now - seen, have.tx_bytes - tx)
             self.stats.one_way += 1
             iface.waiting[key] = (now, count + 1, KICK_AFTER)
-            await self._readd(ifname, iface, key, peer)
+            readd.append((key, peer))
+        for start in range(0, len(readd), APPLY_BATCH):
+            await self._readd(ifname, iface, readd[start:start + APPLY_BATCH])
 
-    async def _readd(self, ifname: str, iface: _Iface, key: bytes, peer: WgPeer) -> None:
+    async def _readd(self, ifname: str, iface: _Iface, peers: list[tuple[bytes, WgPeer]]
+                     ) -> None:
+        if not peers:
+            return
         await self.backend.set(ifname, None, [
-            PeerOp(public_key=key, remove=True),
-            *_poked(PeerOp(public_key=key, endpoint=peer.endpoint, keepalive=peer.keepalive,
-                           allowed_ips=tuple(sorted(peer.allowed_ips))))])
-        iface.endpoints[key] = peer.endpoint
+            op for key, peer in peers
+            for op in (PeerOp(public_key=key, remove=True),
+                       *_poked(PeerOp(public_key=key, endpoint=peer.endpoint,
+                                      keepalive=peer.keepalive,
+                                      allowed_ips=tuple(sorted(peer.allowed_ips)))))])
+        for key, peer in peers:
+            iface.endpoints[key] = peer.endpoint
 
     async def _ack_rotations(self) -> None:
         """Say "ready" for every rotating peer whose next key is in our WireGuard now (in
@@ -691,28 +704,24 @@ class NetMesh:
         want = plan(view.own, view.peers, cidr=view.cidr, keepalive=view.keepalive,
                     moved=view.moved)
         iface.failed = set()
-        for op in diff(state, want, iface.endpoints):
-            # A new peer that holds prefixes and has an endpoint initiates its handshake
-            # at once, not at its first packet: when the other side adds us a moment
-            # later, its own initiation reaches us and we answer (both ends do this).
-            poke = not op.remove and not op.update_only and op.endpoint is not None \
-                and bool(op.allowed_ips)
-            since = time.time()  # before: its handshake may complete during the call
-            try:
-                await self.backend.set(ifname, None, _poked(op) if poke else [op])
-            except Exception as exc:
-                self.stats.apply_errors += 1
-                iface.failed.add(op.public_key)
-                self.log.warning("network %s: peer op refused: %s", network, exc)
-                continue
+        ops = diff(state, want, iface.endpoints)
+        # A new peer that holds prefixes and has an endpoint initiates its handshake at
+        # once, not at its first packet: when the other side adds us a moment later, its
+        # own initiation reaches us and we answer (both ends do this).
+        pokes = {op.public_key for op in ops if not op.remove and not op.update_only
+                 and op.endpoint is not None and op.allowed_ips}
+        since = time.time()  # before: a handshake may complete during the call
+        done = await self._apply_ops(network, ifname, ops, pokes, iface)
+        for op in done:
             if op.remove:
                 iface.endpoints.pop(op.public_key, None)
                 iface.waiting.pop(op.public_key, None)
                 iface.confirming.pop(op.public_key, None)
             elif op.endpoint is not None or not op.update_only:
                 iface.endpoints[op.public_key] = op.endpoint
-            if poke:
-                iface.waiting[op.public_key] = (since, 0, KICK_AFTER)
+            if op.public_key in pokes:
+                iface.waiting[op.public_key] = (since, 0, self._kick_after(
+                    view, want.peers[op.public_key].node_id))
         iface.plan = want
         await self._ack_rotations()
         routes = frozenset(want.routes)
@@ -728,6 +737,59 @@ class NetMesh:
             iface.prober = await self._start_prober(network, view.own.address)
             iface.prober_address = view.own.address
 
+    def _kick_after(self, view: View, node_id: str) -> float:
+        """The delay between re-adds of a new peer that has not handshaken. A peer that
+        reaches us directly too (public / public, one VPC) added us in the same moment and
+        re-adds us on the same schedule: when both ends re-added at 1, 2, 3 s, each re-add
+        reset the other end's handshake in flight and their initiations crossed again
+        (bench/mesh.py part (a): pairs re-added by both ends within 30 ms, twice, before
+        their handshake). The end with the larger node id waits KICK_AFTER_SECOND."""
+        peer = view.peers.get(node_id)
+        if peer is None or choose_endpoint(peer.endpoints, view.own.endpoints) is None \
+                or self.node_id < node_id:
+            return KICK_AFTER
+        return KICK_AFTER_SECOND
+
+    async def _apply_ops(self, network: str, ifname: str, ops: list[PeerOp],
+                         pokes: set[bytes], iface: _Iface) -> list[PeerOp]:
+        """The peer operations, APPLY_BATCH peers a UAPI transaction (each peer on its own,
+        never replacing all peers); the ones applied. A burst of joins used to cost one
+        transaction per peer, one after another: 30-250 ms each on a loaded machine, seconds
+        before the last new peer was configured (the batch is bounded: a netlink attribute
+        holds 64 KiB). When a transaction is refused (a bad key, a full device), WireGuard
+        has applied the operations before the failing one: that batch is applied again one
+        by one (idempotent: the same settings), so that only the refused peer is left out
+        (``iface.failed``) and the others are configured."""
+        done: list[PeerOp] = []
+        for start in range(0, len(ops), APPLY_BATCH):
+            batch = ops[start:start + APPLY_BATCH]
+            expanded = [x for op in batch
+                        for x in (_poked(op) if op.public_key in pokes else [op])]
+            try:
+                await self.backend.set(ifname, None, expanded)
+                done += batch
+                continue
+            except Exception as exc:
+                if len(batch) > 1:
+                    self.log.info("network %s: %d peer ops refused together (%s); one by one",
+                                  network, len(batch), exc)
+                else:
+                    self.stats.apply_errors += 1
+                    iface.failed.add(batch[0].public_key)
+                    self.log.warning("network %s: peer op refused: %s", network, exc)
+                    continue
+            for op in batch:
+                try:
+                    await self.backend.set(ifname, None,
+                                           _poked(op) if op.public_key in pokes else [op])
+                except Exception as exc:
+                    self.stats.apply_errors += 1
+                    iface.failed.add(op.public_key)
+                    self.log.warning("network %s: peer op refused: %s", network, exc)
+                    continue
+                done.append(op)
+        return done
+
     async def _start_prober(self, network: str, address: str) -> Prober | None:
         def targets() -> list[tuple[str, str]]:
             v = self.views.get(network)
@@ -739,7 +801,8 @@ class NetMesh:
                     if reach is None or n not in reach.unreachable]
 
         prober = Prober(host=self.host, address=address, targets=targets, port=self.probe_port,
-                        interval=self.probe_interval, log=self.log)
+                        interval=self.probe_interval, steady=self.probe_steady_interval,
+                        log=self.log)
         try:
             return await prober.__aenter__()
         except OSError as exc:

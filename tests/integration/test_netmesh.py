@@ -13,20 +13,21 @@ import ipaddress
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from agent.netmesh.backend import WireguardGoBackend
-from agent.netmesh.errors import BackendUnavailable
+from agent.netmesh.errors import BackendUnavailable, UapiError
 from agent.netmesh.host import Host
 from agent.netmesh.keys import PrivateKey
 from agent.netmesh.mesh import NetMesh
+from agent.netmesh.uapi import DeviceOp, PeerOp
 from protocol import codec
 from protocol.mesh import key_bytes
-from protocol.messages import MeshDelta, MeshPeer
+from protocol.messages import MeshDelta, MeshEndpoint, MeshPeer
 from tests.fixtures.meshlab import Lab, MiniController, mesh_lab, ping, rtt_avg_ms
 from tests.fixtures.wait import wait_for
 
@@ -401,3 +402,79 @@ async def test_a_peer_whose_packets_miss_the_new_session_is_re_added(
             "ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "nmtest",
             stderr=asyncio.subprocess.DEVNULL)
         await cleanup.wait()
+
+
+async def test_a_burst_of_new_peers_is_one_transaction_a_refused_one_is_left_out(
+        lab: Lab, tmp_path: Path) -> None:
+    # A burst of joins used to be configured one UAPI transaction per peer, one after
+    # another (30-250 ms each on a loaded machine): seconds before the last one.
+    async with network(lab, tmp_path, ["a"], probes=False) as (ctl, meshes):
+        a = meshes["a"]
+        calls: list[list[PeerOp]] = []
+        real_set = a.backend.set
+        keys = {f"x{i}": PrivateKey.generate().public_b64 for i in range(1, 6)}
+        refused = key_bytes(keys["x3"])
+
+        async def spy(ifname: str, device: DeviceOp | None, peers: Sequence[PeerOp]) -> None:
+            calls.append(list(peers))
+            if any(op.public_key == refused for op in peers):  # as wireguard-go refuses
+                raise UapiError("UAPI set failed with errno -22 (test)", errno=-22)
+            await real_set(ifname, device, peers)
+
+        a.backend.set = spy  # type: ignore[method-assign]
+        entries = [MeshPeer(node_id=n, public_key=k, address=f"198.19.0.{60 + i}",
+                            endpoints=[MeshEndpoint(host=f"198.18.0.{60 + i}", kind="public")])
+                   for i, (n, k) in enumerate(sorted(keys.items()))]
+        assert await a.handle_delta(ctl.make_delta(added=entries[:2])) == "applied"
+        # x1 and x2 in one transaction, each with its poke (keepalive on and off)
+        assert [sorted({op.public_key for op in c}) for c in calls] == [
+            sorted(key_bytes(keys[n]) for n in ("x1", "x2"))]
+        assert await _peer_keys(a) == {key_bytes(keys[n]) for n in ("x1", "x2")}
+        calls.clear()
+        assert await a.handle_delta(ctl.make_delta(added=entries[2:])) == "applied"
+        # refused together, then one by one: only x3 is left out (and counted)
+        assert len(calls) == 1 + 3
+        assert await _peer_keys(a) == {key_bytes(keys[n]) for n in ("x1", "x2", "x4", "x5")}
+        assert a.stats.apply_errors == 1
+        assert refused in a._ifaces["ov"].failed
+
+
+async def test_silent_new_peers_are_re_added_together(lab: Lab, tmp_path: Path) -> None:
+    # Re-adds were one UAPI transaction per peer, one after another (a node behind NAT
+    # re-adds every public peer that had not configured it yet, in a burst of joins).
+    async with network(lab, tmp_path, ["a"], probes=False) as (ctl, meshes):
+        a = meshes["a"]
+        calls: list[list[PeerOp]] = []
+        real_set = a.backend.set
+
+        async def spy(ifname: str, device: DeviceOp | None, peers: Sequence[PeerOp]) -> None:
+            calls.append(list(peers))
+            await real_set(ifname, device, peers)
+
+        a.backend.set = spy  # type: ignore[method-assign]
+        keys = [PrivateKey.generate().public_b64 for _ in range(3)]
+        # nobody there: no handshake ever comes
+        ghosts = [MeshPeer(node_id=f"g{i}", public_key=k, address=f"198.19.0.{70 + i}",
+                           endpoints=[MeshEndpoint(host=f"198.18.0.{70 + i}", kind="public")])
+                  for i, k in enumerate(keys)]
+        assert await a.handle_delta(ctl.make_delta(added=ghosts)) == "applied"
+        await wait_for(lambda: a.stats.readds >= 3, 5, "the first re-adds")
+        removes = [{op.public_key for op in c if op.remove} for c in calls]
+        assert {key_bytes(k) for k in keys} in removes, removes
+
+
+async def test_the_second_end_of_a_direct_pair_re_adds_later(lab: Lab, tmp_path: Path) -> None:
+    # Both ends of a public pair re-added each other at 1, 2, 3 s, in the same moment
+    # (they added each other in the same moment): each re-add reset the other's handshake.
+    async with network(lab, tmp_path, ["a", "n1"], probes=False) as (ctl, meshes):
+        a, n1 = meshes["a"], meshes["n1"]
+        keys = {n: PrivateKey.generate().public_b64 for n in ("0-first", "z-second")}
+        ghosts = [MeshPeer(node_id=n, public_key=k, address=f"198.19.0.{80 + i}",
+                           endpoints=[MeshEndpoint(host=f"198.18.0.{80 + i}", kind="public")])
+                  for i, (n, k) in enumerate(sorted(keys.items()))]
+        assert await ctl.change(added=ghosts)
+        delay = {n: a._ifaces["ov"].waiting[key_bytes(k)][2] for n, k in keys.items()}
+        # a is the second end towards "0-first" (a larger node id), the first towards "z-"
+        assert delay == {"0-first": 1.5, "z-second": 1.0}
+        # n1 is behind NAT: nobody initiates towards it, it re-adds at its own pace
+        assert {n1._ifaces["ov"].waiting[key_bytes(k)][2] for k in keys.values()} == {1.0}

@@ -159,3 +159,20 @@ def test_generated_keys_are_clamped_and_match_wg() -> None:
         "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"))
     assert alice.public.hex() == ("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98e"
                                   "aa9b4e6a")
+
+
+def test_a_full_apply_batch_fits_one_netlink_message() -> None:
+    # netmesh sends a reconcile's peer operations APPLY_BATCH peers a transaction: the
+    # peers' nested attribute has a 16-bit length (a 1,000-peer snapshot in one message
+    # would not encode at all).
+    from agent.netmesh.mesh import APPLY_BATCH, _poked
+
+    def op(i: int) -> PeerOp:
+        return PeerOp(public_key=bytes([i % 256]) * 32,
+                      endpoint=Endpoint(host=f"2001:db8::{i:x}", port=51820),
+                      allowed_ips=tuple(f"fd00:{i:x}:{j:x}::/64" for j in range(4)))
+
+    batch = [x for i in range(APPLY_BATCH) for x in _poked(op(i))]
+    assert len(build_set_device(0x1F, "wg0", None, batch)) < 65535
+    with pytest.raises(struct.error):
+        build_set_device(0x1F, "wg0", None, [x for i in range(1000) for x in _poked(op(i))])
