@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.trust import host_port
+from agent.trust import host_port, parse_info
 
 MAX_LINE = 1 << 16  # INFO lines with many connect_urls stay far below this
 MAX_REPLY = 1 << 20
@@ -84,15 +84,7 @@ async def _exchange(url: str, *, subject: str, payload: bytes, inbox_prefix: str
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port, limit=MAX_LINE)
     try:
-        line = await _readline(reader)
-        if not line.startswith(b"INFO "):
-            raise ConnectionError(f"not a NATS server at {host}:{port}")
-        try:
-            info = json.loads(line[5:])
-            if not isinstance(info, dict):
-                raise ValueError
-        except ValueError:
-            raise ConnectionError(f"bad INFO line from {host}:{port}") from None
+        info = parse_info(await _readline(reader), host, port)
         secure = bool(info.get("tls_required")) or url.startswith("tls://")
         if secure:
             # As nats-py: the pinned CA's context, else the system's trust store.

@@ -32,6 +32,19 @@ def host_port(url: str) -> tuple[str, int]:
     return parsed.hostname or "127.0.0.1", parsed.port or 4222
 
 
+def parse_info(line: bytes, host: str, port: int) -> dict[str, Any]:
+    """The JSON of a NATS server's first line, ``INFO {...}``; ConnectionError otherwise."""
+    if not line.startswith(b"INFO "):
+        raise ConnectionError(f"not a NATS server at {host}:{port}")
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise ConnectionError(f"bad INFO line from {host}:{port}")
+    return info
+
+
 def _read_line(sock: socket.socket, limit: int = 1 << 16) -> bytes:
     buf = b""
     while b"\r\n" not in buf:
@@ -59,13 +72,7 @@ def fetch_nats_chain(url: str, timeout: float) -> list[bytes]:
     ``NoTLS`` if it does not ask for TLS; OSError/ConnectionError if it is unreachable."""
     host, port = host_port(url)
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        line = _read_line(sock)
-        if not line.startswith(b"INFO "):
-            raise ConnectionError(f"not a NATS server at {host}:{port}")
-        try:
-            info = json.loads(line[5:])
-        except ValueError:
-            raise ConnectionError(f"bad INFO line from {host}:{port}") from None
+        info = parse_info(_read_line(sock), host, port)
         if not info.get("tls_required"):
             raise NoTLS(f"{host}:{port}")
         # Verifies nothing on purpose: the chain is checked against the pin afterwards, and

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 
 from agent.enroll import enroll_oneshot_auth
 from agent.oneshot import OneShotAuth, RequestRefused, request_once
+from agent.trust import fetch_nats_chain, learn_pinned_ca
 from controller.nats import jwt
 from controller.nats.operator import Permissions
 from controller.nats.permissions import node_permissions
@@ -120,6 +121,24 @@ async def test_a_bad_server_gets_a_clear_error(sent: bytes, error: str):
         with pytest.raises(ConnectionError, match=error):
             await request_once([url], "svc", b"x", inbox_prefix="_I", auth=NOAUTH, tls=None,
                                wait=5, name="t")
+
+
+@pytest.mark.parametrize(("sent", "error"), [
+    (b"HTTP/1.1 400 Bad Request\r\n\r\n", "not a NATS server"),
+    (b"INFO {not json\r\n", "bad INFO"),
+    (b"INFO []\r\n", "bad INFO"),
+    (b"INFO " + b"x" * (1 << 17) + b"\r\n", "over-long"),
+    (b"INFO {}", "closed the connection"),
+], ids=["http", "json", "not-object", "long", "eof"])
+async def test_the_ca_probe_gets_the_same_clear_errors(sent: bytes, error: str):
+    """The CA pin's probe (agent/trust.py) reads the INFO line with the same parser: a bad
+    server is a connection error, which learn_pinned_ca reports after trying the others."""
+    server, url = await _serve_once(sent)
+    async with server:
+        with pytest.raises(ConnectionError, match=error):
+            await asyncio.to_thread(fetch_nats_chain, url, 5)
+        with pytest.raises(ConnectionError, match=error):
+            await asyncio.to_thread(learn_pinned_ca, [url], "00" * 32, 5)
 
 
 async def test_a_silent_server_times_out():
