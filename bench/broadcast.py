@@ -345,9 +345,10 @@ def main() -> None:
                         "(~0.25 ms of CPU each on ext4 here, and the journal's): 5,000 "
                         "machines' disks on one; /dev/shm shows what that costs")
     # A fleet's machines do not wait for each other: thousands enroll at once. One Python
-    # process standing in for thousands starts this many at a time. Measured at 5,000 on 2
-    # cores: 64 left them a third idle (30.8-34.3 s); 128 and 1,000 gave 24.5-25.6 s, but
-    # with 1,000 the median nats-py connect took 2.5 s, past its 2 s connect timeout.
+    # process standing in for thousands starts this many at a time. Measured at 5,000 on
+    # this 2-core machine, interleaved, the same code: 64 at a time 20.8, 20.6, 18.4 s;
+    # 256: 25.5, 17.3, 17.8 s. With 1,000 the median nats-py connect took 2.5 s, past its
+    # 2 s connect timeout.
     p.add_argument("--starting", type=int, default=256, metavar="N",
                    help="agents each worker process starts at once (default 256)")
     p.add_argument("--part", type=int, default=0)
