@@ -263,7 +263,7 @@ class Agent:
         # Outside every network: the invitation subscription goes out with the command
         # subscriptions and is confirmed by the same PING (one write, not two).
         meshed = cfg.mesh_enabled and bool(state.mesh or not state.mesh_invites or (
-            not enrolled_now and self._meshed_before()))
+            not enrolled_now and not state.mesh_left and self._meshed_before()))
         if cfg.mesh_enabled and not meshed:
             await self._await_invite()
         self.commands = CommandIntake(
@@ -543,8 +543,8 @@ class Agent:
                 with contextlib.suppress(Exception):
                     await self._invite_sub.unsubscribe()
                 self._invite_sub = None
-            if self.state is not None and not self.state.mesh:
-                self.state.mesh = True
+            if self.state is not None and (not self.state.mesh or self.state.mesh_left):
+                self.state.mesh, self.state.mesh_left = True, False
                 await self._save_state()
         except Exception:
             self.log.exception("starting the overlay failed; the next invitation retries")
@@ -571,8 +571,8 @@ class Agent:
             if self.mesh is not None:
                 await self.mesh.close()
             self.mesh = self.mesh_link = None
-            if self.state is not None and self.state.mesh:
-                self.state.mesh = False
+            if self.state is not None and (self.state.mesh or not self.state.mesh_left):
+                self.state.mesh, self.state.mesh_left = False, True
                 await self._save_state()
         except Exception:
             self.log.exception("stopping the overlay failed")

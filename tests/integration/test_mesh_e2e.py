@@ -352,7 +352,8 @@ async def test_agent_out_of_its_last_network_stops_its_overlay_and_rejoins(
 ) -> None:
     """Its last network deleted, a node keeps no overlay: no interface, no wireguard-go,
     no WireGuard or probe port, no netmesh tasks, and its peer (still in another network)
-    has no entry for it; the network made again, it is invited back and reaches its peer."""
+    has no entry for it; restarted, it starts none; the network made again, it is taken
+    back (the controller sends it a snapshot) and reaches its peer with the same key."""
     controller.mesh.distributor.beacon_interval = 1.0
     started = {}
     for name, labels in (("a", {"team": "blue"}), ("b", {"team": "blue", "green": "yes"})):
@@ -385,8 +386,11 @@ async def test_agent_out_of_its_last_network_stops_its_overlay_and_rejoins(
     ifname, key = a.mesh.ifname("blue"), key_bytes(a.mesh.public_key)
     pid = a.mesh.backend.pid(ifname)  # type: ignore[attr-defined]
     assert pid is not None and _alive(pid)
-    ports = await _udp_ports(ns_a)
-    assert {51820, PROBE_PORT} <= ports, ports
+
+    async def a_listens() -> bool:
+        return {51820, PROBE_PORT} <= await _udp_ports(ns_a)
+
+    await wait_for(a_listens, 10, "a's WireGuard and probe ports open")
     assert ifname in await _links(ns_a)
     b_mesh = b.mesh
 
@@ -403,11 +407,16 @@ async def test_agent_out_of_its_last_network_stops_its_overlay_and_rejoins(
     for net in b_mesh.views:
         assert key not in (await b_mesh.backend.get(b_mesh.ifname(net))).peers
     assert set(b_mesh.views) == {"green"}
-    assert a.state is not None and not a.state.mesh
+    assert a.state is not None and not a.state.mesh and a.state.mesh_left
+    # Restarted out of every network (its key still in the state dir): no overlay.
+    await a.stop()
+    async with Agent(config=a.config) as a:
+        assert a.mesh is None and a.mesh_link is None and a._invite_sub is not None
 
-    await controller.mesh.networks.create(NetworkSpec(
-        name="blue", cidr="198.19.0.0/16", selector="team=blue", keepalive=2))
-    await wait_for(lambda: peers(a) == {b.node_id} and peers(b) == {a.node_id}, 20,
-                   "both back in the network")
-    assert a.mesh is not None and key_bytes(a.mesh.public_key) == key  # the same key
-    await wait_for(a_reaches_b, 20, "a reaches b again")
+        await controller.mesh.networks.create(NetworkSpec(
+            name="blue", cidr="198.19.0.0/16", selector="team=blue", keepalive=2))
+        await wait_for(lambda: peers(a) == {b.node_id} and peers(b) == {a.node_id}, 20,
+                       "both back in the network")
+        assert a.mesh is not None and key_bytes(a.mesh.public_key) == key  # the same key
+        await wait_for(a_reaches_b, 20, "a reaches b again")
+        assert a.state is not None and a.state.mesh and not a.state.mesh_left
