@@ -74,6 +74,8 @@ class EnrollState:
     key_seq: int = 0
     # A member of an overlay network (told at enrollment or by a MeshInvite since).
     mesh: bool = False
+    # Taken out of its last network since (the key stays): no overlay at start.
+    mesh_left: bool = False
     # The controller sends MeshInvites (EnrollReply.mesh_invites); False: it predates them,
     # and the overlay starts at every start, as it did then.
     mesh_invites: bool = False

@@ -119,6 +119,10 @@ class Agent:
         # subscription; nothing of agent/netmesh is imported until then).
         self._invite_sub: Subscription | None = None
         self._mesh_starting: asyncio.Task[None] | None = None
+        # Out of its last network: the overlay stops (and the node waits for invitations
+        # again); an invitation that comes meanwhile starts it again after.
+        self._mesh_leaving: asyncio.Task[None] | None = None
+        self._invited_while_leaving = False
         self._keys_from_enrollment = True
 
     # -- properties ------------------------------------------------------------------
@@ -259,7 +263,7 @@ class Agent:
         # Outside every network: the invitation subscription goes out with the command
         # subscriptions and is confirmed by the same PING (one write, not two).
         meshed = cfg.mesh_enabled and bool(state.mesh or not state.mesh_invites or (
-            not enrolled_now and self._meshed_before()))
+            not enrolled_now and not state.mesh_left and self._meshed_before()))
         if cfg.mesh_enabled and not meshed:
             await self._await_invite()
         self.commands = CommandIntake(
@@ -471,7 +475,8 @@ class Agent:
                        host=host, ifname_prefix=cfg.mesh_ifname_prefix,
                        health_interval=cfg.mesh_health_interval, log=log)
         link = MeshLink(nc=lambda: self.nc, subjects=self.subjects, node_id=self.node_id,
-                        mesh=mesh, endpoints=endpoints, region=region, log=log)
+                        mesh=mesh, endpoints=endpoints, region=region,
+                        on_left=self._left_last_network, log=log)
         await mesh.__aenter__()
         self.mesh, self.mesh_link = mesh, link
         try:
@@ -517,6 +522,9 @@ class Agent:
             self.log.warning("mesh invitation rejected: unexpected %s",
                              type(invite).__name__)
             return
+        if self._mesh_leaving is not None:
+            self._invited_while_leaving = True
+            return
         if self._stopping or self.mesh is not None or self._mesh_starting is not None:
             return
         nets = invite.networks if isinstance(invite, MeshInvite) else [invite.network]
@@ -535,15 +543,51 @@ class Agent:
                 with contextlib.suppress(Exception):
                     await self._invite_sub.unsubscribe()
                 self._invite_sub = None
-            if self.state is not None and not self.state.mesh:
-                self.state.mesh = True
+            if self.state is not None and (not self.state.mesh or self.state.mesh_left):
+                self.state.mesh, self.state.mesh_left = True, False
                 await self._save_state()
         except Exception:
             self.log.exception("starting the overlay failed; the next invitation retries")
         finally:
             self._mesh_starting = None
 
+    def _left_last_network(self) -> None:
+        """(MeshLink) a delta took the node out of its last network: the overlay stops."""
+        if self._stopping or self._mesh_leaving is not None:
+            return
+        self.log.info("node %s: in no network now; stopping the overlay", self.node_id)
+        self._mesh_leaving = asyncio.create_task(self._leave_mesh(), name="mesh-stop")
+
+    async def _leave_mesh(self) -> None:
+        """Stop the NetMesh (its interfaces, wireguard-go, probers and tasks are gone with
+        the views already) and the mesh link, and wait for invitations again: subscribed
+        first, so a snapshot of a network that takes the node back meanwhile is not lost
+        (the controller still knows the node as joined and sends it a snapshot, not an
+        invitation). The WireGuard key stays: a node put back in a network reuses it."""
+        try:
+            await self._await_invite()
+            if self.mesh_link is not None:
+                await self.mesh_link.stop()
+            if self.mesh is not None:
+                await self.mesh.close()
+            self.mesh = self.mesh_link = None
+            if self.state is not None and (self.state.mesh or not self.state.mesh_left):
+                self.state.mesh, self.state.mesh_left = False, True
+                await self._save_state()
+        except Exception:
+            self.log.exception("stopping the overlay failed")
+        finally:
+            self._mesh_leaving = None
+        if self._invited_while_leaving and not self._stopping and self.mesh is None:
+            self.log.info("node %s: put back in a network; starting the overlay",
+                          self.node_id)
+            self._mesh_starting = asyncio.create_task(self._join_mesh(), name="mesh-start")
+        self._invited_while_leaving = False
+
     async def _stop_mesh(self) -> None:
+        if self._mesh_leaving is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._mesh_leaving
         if self._mesh_starting is not None:
             self._mesh_starting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -48,6 +48,7 @@ class MeshLink:
 
     def __init__(self, *, nc: Callable[[], NATS | None], subjects: Subjects, node_id: str,
                  mesh: NetMesh, endpoints: list[MeshEndpoint], region: str = "",
+                 on_left: Callable[[], None] | None = None,
                  log: logging.Logger | None = None) -> None:
         self._nc = nc
         self.subjects = subjects
@@ -55,6 +56,9 @@ class MeshLink:
         self.mesh = mesh
         self.endpoints = endpoints
         self.region = region
+        # Called when a delta took the node out of its last network (the runtime then
+        # stops the overlay: this link, the NetMesh and their tasks).
+        self.on_left = on_left
         self.log = log or logging.getLogger(f"barista.agent.{node_id}.mesh")
         self._subs: list[Subscription] = []
         self._deltas: dict[str, Subscription] = {}
@@ -127,8 +131,11 @@ class MeshLink:
 
     async def _on_delta(self, msg: Msg) -> None:
         try:
+            was_member = bool(self.mesh.views)
             await self.mesh.handle_delta(msg.data)
             await self._sync_subscriptions()
+            if was_member and not self.mesh.views and self.on_left is not None:
+                self.on_left()
         except Exception:
             self.log.exception("mesh delta handling failed")
 

@@ -137,6 +137,12 @@ class OperatorAdmission:
     def is_revoked(self, nkey: str) -> bool:
         return self._trust.is_revoked(nkey)
 
+    @property
+    def settled(self) -> bool:
+        """No push or shared write started by a watch (another controller's change, anyone's
+        push) is running: what this controller pushes from its current state has landed."""
+        return not self._tasks
+
     async def remove(self, nkey: str) -> None:
         """Revoke ``nkey``: written to the trust dir first (a failed push is applied at the
         next start, see sync), merged into the shared state, then pushed -- pushed also

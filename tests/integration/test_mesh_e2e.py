@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from agent.netmesh.probes import PROBE_PORT
 from agent.runtime import Agent
 from controller.mesh.networks import NetworkSpec
 from controller.service import Controller, RunningController
@@ -320,3 +322,101 @@ async def test_agent_outside_every_network_runs_no_overlay_until_put_in_one(
         assert again.mesh is not None and again.mesh.public_key == key  # no invite needed
         await wait_for(lambda: peers(again) == {b.node_id}, 10, "back in the network")
         await wait_for(a_reaches_b, 20, "the restarted a reaches b")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # only asks (signal 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _udp_ports(ns: str) -> set[int]:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, "ss", "-Hunl", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.decode().splitlines()
+            if line.strip()}
+
+
+async def _links(ns: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "-n", ns, "-o", "link", "show", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return out.decode()
+
+
+async def test_agent_out_of_its_last_network_stops_its_overlay_and_rejoins(
+    controller: RunningController, agents: AgentFactory, lab: Lab,
+) -> None:
+    """Its last network deleted, a node keeps no overlay: no interface, no wireguard-go,
+    no WireGuard or probe port, no netmesh tasks, and its peer (still in another network)
+    has no entry for it; restarted, it starts none; the network made again, it is taken
+    back (the controller sends it a snapshot) and reaches its peer with the same key."""
+    controller.mesh.distributor.beacon_interval = 1.0
+    started = {}
+    for name, labels in (("a", {"team": "blue"}), ("b", {"team": "blue", "green": "yes"})):
+        node = lab.nodes[name]
+        started[name] = await agents.start(
+            labels=labels, mesh_enabled=True, mesh_netns=node.ns,
+            mesh_backend="wireguard-go", mesh_ifname_prefix=lab.ifname_prefix(node),
+            mesh_public_address=node.underlay, mesh_health_interval=3600)
+    a, b = started["a"], started["b"]
+    ns_a = lab.nodes["a"].ns
+    await controller.mesh.networks.create(NetworkSpec(
+        name="blue", cidr="198.19.0.0/16", selector="team=blue", keepalive=2))
+    await controller.mesh.networks.create(NetworkSpec(
+        name="green", cidr="198.20.0.0/16", selector="green=yes", keepalive=2, port=51821))
+
+    def peers(agent: Agent, net: str = "blue") -> set[str]:
+        view = agent.mesh.views.get(net) if agent.mesh is not None else None
+        return set(view.peers) if view else set()
+
+    await wait_for(lambda: peers(a) == {b.node_id} and peers(b) == {a.node_id}
+                   and b.mesh is not None and "green" in b.mesh.views, 20, "both joined")
+
+    async def a_reaches_b() -> bool:
+        assert b.mesh is not None
+        address = b.mesh.views["blue"].own.address
+        return (await ping(ns_a, address, count=1, deadline=2))[1] == 1
+
+    await wait_for(a_reaches_b, 20, "a reaches b over the overlay")
+    assert a.mesh is not None and b.mesh is not None
+    ifname, key = a.mesh.ifname("blue"), key_bytes(a.mesh.public_key)
+    pid = a.mesh.backend.pid(ifname)  # type: ignore[attr-defined]
+    assert pid is not None and _alive(pid)
+
+    async def a_listens() -> bool:
+        return {51820, PROBE_PORT} <= await _udp_ports(ns_a)
+
+    await wait_for(a_listens, 10, "a's WireGuard and probe ports open")
+    assert ifname in await _links(ns_a)
+    b_mesh = b.mesh
+
+    await controller.mesh.delete_network("blue")
+
+    async def a_stopped() -> bool:
+        return (a.mesh is None and a.mesh_link is None and not _alive(pid)
+                and ifname not in await _links(ns_a)
+                and not {51820, PROBE_PORT} & await _udp_ports(ns_a))
+
+    await wait_for(a_stopped, 10, "a's overlay stopped")
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("netmesh-")
+                and t not in b_mesh._tasks]
+    for net in b_mesh.views:
+        assert key not in (await b_mesh.backend.get(b_mesh.ifname(net))).peers
+    assert set(b_mesh.views) == {"green"}
+    assert a.state is not None and not a.state.mesh and a.state.mesh_left
+    # Restarted out of every network (its key still in the state dir): no overlay.
+    await a.stop()
+    async with Agent(config=a.config) as a:
+        assert a.mesh is None and a.mesh_link is None and a._invite_sub is not None
+
+        await controller.mesh.networks.create(NetworkSpec(
+            name="blue", cidr="198.19.0.0/16", selector="team=blue", keepalive=2))
+        await wait_for(lambda: peers(a) == {b.node_id} and peers(b) == {a.node_id}, 20,
+                       "both back in the network")
+        assert a.mesh is not None and key_bytes(a.mesh.public_key) == key  # the same key
+        await wait_for(a_reaches_b, 20, "a reaches b again")
+        assert a.state is not None and a.state.mesh and not a.state.mesh_left

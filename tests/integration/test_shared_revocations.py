@@ -64,11 +64,28 @@ async def watch_closed(url: str, opts: dict[str, Any]) -> tuple[Any, asyncio.Eve
     return nc, gone
 
 
+def refused(answer: str) -> bool:
+    return answer.startswith("refused") and (
+        "authorization" in answer.lower() or "revoked" in answer.lower())
+
+
+async def refused_everywhere(cluster: NatsCluster, opts: dict[str, Any]) -> bool:
+    return all([refused(await connects(url, opts)) for url in cluster.urls])
+
+
+async def all_refused_everywhere(cluster: NatsCluster, nodes: list[dict[str, Any]]) -> bool:
+    return all([await refused_everywhere(cluster, opts) for opts in nodes])
+
+
+def settled(*controllers: RunningController) -> bool:
+    """No push or shared write a watch started still runs on any of ``controllers``."""
+    return all(c.admission.settled for c in controllers)  # type: ignore[attr-defined]
+
+
 async def assert_refused_everywhere(cluster: NatsCluster, opts: dict[str, Any]) -> None:
     for url in cluster.urls:
         answer = await connects(url, opts)
-        assert answer.startswith("refused") and (
-            "authorization" in answer.lower() or "revoked" in answer.lower()), (url, answer)
+        assert refused(answer), (url, answer)
 
 
 @asynccontextmanager
@@ -131,9 +148,12 @@ async def test_a_revocation_holds_whatever_another_controller_pushes(
         await w_nc.close()
         await wait_for(lambda: a.admission.is_revoked(keys[w.node_id]), 5,  # type: ignore[attr-defined]
                        "A to see B's revocations")
-        await asyncio.sleep(0.5)  # let every push the watches started land
-        for node in (x, y, w):
-            await assert_refused_everywhere(cluster, creds[node.node_id])
+        # Every push the watches started has landed on the server that answered first; the
+        # others apply it as they get it: all three refused on every server.
+        await wait_for(lambda: settled(a, b), 5, "the pushes the watches started")
+        await wait_for(lambda: all_refused_everywhere(
+            cluster, [creds[node.node_id] for node in (x, y, w)]), 5,
+            "X, Y and W refused on every server")
         z_nc, z_gone = await watch_closed(cluster.urls[2], creds[z.node_id])
 
         # The shared record holds all three.
@@ -201,9 +221,9 @@ async def test_concurrent_revocations_on_two_controllers_all_hold(
         record, _ = await b.account_table.fetch(b.trust.fleet_account)  # type: ignore[union-attr]
         assert {n.identity.public_key for n in nodes} <= set(  # type: ignore[union-attr]
             record.revocations)
-        await asyncio.sleep(0.5)
-        for n in nodes:
-            await assert_refused_everywhere(cluster, creds[n.node_id])
+        await wait_for(lambda: settled(a, b), 5, "the pushes the watches started")
+        await wait_for(lambda: all_refused_everywhere(cluster, list(creds.values())), 5,
+                       "all six refused on every server")
 
 
 async def test_a_controller_restart_keeps_revocations(tmp_path: Path) -> None:
