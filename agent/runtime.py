@@ -112,6 +112,7 @@ class Agent:
         self._connected = asyncio.Event()
         self._closed = asyncio.Event()
         self._facts: dict[str, Any] = {}
+        self._facts_unsent = False  # the last FactsUpdate never reached the connection
         self._stopping = False
         # The overlay (agent/netmesh): its interfaces appear when a snapshot arrives.
         self.mesh: NetMesh | None = None
@@ -131,6 +132,11 @@ class Agent:
     @property
     def labels(self) -> dict[str, str]:
         return dict(self.state.labels) if self.state else {}
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The machine's facts as last collected (the underlay's as last looked at)."""
+        return dict(self._facts)
 
     @property
     def metrics_interval(self) -> float:
@@ -705,15 +711,19 @@ class Agent:
     # -- facts -----------------------------------------------------------------------
 
     async def _send_facts(self) -> None:
-        """Our facts to the controller (FactsUpdate). Fire and forget: one lost (NATS down
-        past the client's buffer) is sent again at the next start or underlay change."""
-        if self.nc is None:
-            return
+        """Our facts to the controller (FactsUpdate). One that could not be handed to the
+        connection (closed meanwhile) is sent again at the next look at the underlay; nats-py
+        itself keeps what is published while it reconnects."""
         update = FactsUpdate(node_id=self.node_id, ts=time.time(),
                              facts={k: str(v) for k, v in self._facts.items()})
+        nc = self.nc
         try:
-            await self.nc.publish(self.subjects.facts(self.node_id), codec.encode(update))
+            if nc is None:
+                raise ConnectionError("no NATS connection")
+            await nc.publish(self.subjects.facts(self.node_id), codec.encode(update))
+            self._facts_unsent = False
         except Exception as exc:
+            self._facts_unsent = True
             self.log.warning("facts not sent: %s", exc)
 
     async def refresh_underlay(self) -> bool:
@@ -723,6 +733,8 @@ class Agent:
         new = await asyncio.to_thread(self._underlay)
         old = {k: self._facts[k] for k in UNDERLAY_FACTS if k in self._facts}
         if new == old:
+            if self._facts_unsent:
+                await self._send_facts()
             return False
         self.log.info("node %s: underlay changed (%s -> %s)", self.node_id, old, new)
         self._facts = {k: v for k, v in self._facts.items() if k not in UNDERLAY_FACTS} | new

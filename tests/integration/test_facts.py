@@ -56,7 +56,7 @@ async def test_underlay_change_while_running_is_sent(
     agent.config.mesh_public_address = "203.0.113.20"
     await wait_for(lambda: _facts(controller, nid).get("public_ip") == "203.0.113.20", 10,
                    "the changed public address in the record")
-    assert agent._facts["public_ip"] == "203.0.113.20"
+    assert agent.facts["public_ip"] == "203.0.113.20"
     # Nothing changed since: nothing is sent (the loop keeps looking).
     assert not await agent.refresh_underlay()
     agent.config.mesh_public_address = "none"  # behind NAT now
