@@ -96,6 +96,9 @@ class AgentConfig:
     mesh_region: str = ""
     mesh_port: int = 51820
     mesh_health_interval: float = 10.0
+    # How often (seconds) the agent looks at its underlay (addresses, VPC range) while it
+    # runs; a change is sent to the controller (FactsUpdate). 0: only at start.
+    facts_interval: float = 60.0
     mesh_netns: str = ""  # lab/tests: drive the interfaces of a named network namespace
 
     @classmethod
@@ -168,6 +171,8 @@ class AgentConfig:
             raise ConfigError(f"mesh_port {self.mesh_port} out of range")
         if self.mesh_health_interval <= 0:
             raise ConfigError("mesh_health_interval must be positive")
+        if self.facts_interval < 0:
+            raise ConfigError("facts_interval must be positive (or 0: facts sent at start only)")
         try:
             self.command_policy()
         except PolicyError as exc:

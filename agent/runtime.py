@@ -37,12 +37,13 @@ from agent.renew import RenewalRefused, expired_soon, renew_as_enroller, renew_l
 from agent.trust import CA_FILE, trusting
 from protocol import codec
 from protocol.errors import ProtocolError
-from protocol.mesh import FACT_PRIVATE_IP, FACT_PUBLIC_IP, FACT_VPC_CIDR
+from protocol.mesh import FACT_PRIVATE_IP, FACT_PUBLIC_IP, FACT_VPC_CIDR, UNDERLAY_FACTS
 from protocol.messages import (
     AnyEventPayload,
     Command,
     CommandResult,
     Event,
+    FactsUpdate,
     Heartbeat,
     MeshInvite,
     MeshSnapshot,
@@ -111,6 +112,7 @@ class Agent:
         self._connected = asyncio.Event()
         self._closed = asyncio.Event()
         self._facts: dict[str, Any] = {}
+        self._facts_unsent = False  # the last FactsUpdate never reached the connection
         self._stopping = False
         # The overlay (agent/netmesh): its interfaces appear when a snapshot arrives.
         self.mesh: NetMesh | None = None
@@ -134,6 +136,11 @@ class Agent:
     @property
     def labels(self) -> dict[str, str]:
         return dict(self.state.labels) if self.state else {}
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The machine's facts as last collected (the underlay's as last looked at)."""
+        return dict(self._facts)
 
     @property
     def metrics_interval(self) -> float:
@@ -279,6 +286,10 @@ class Agent:
             # or, if it came before the subscription, at its first heartbeat (key_seq).
             await self.sync_keys()
         await self.commands.report_orphans(orphans)
+        if not enrolled_now:
+            # Enrollment sent them; an enrolled agent's may have changed since (a VM
+            # stopped and started with a new public address, an upgrade). Before MeshJoin.
+            await self._send_facts()
         if meshed:
             # Meshed before (a key in the state dir: also an agent from before invitations),
             # or enrolled by a controller that never invites.
@@ -298,6 +309,7 @@ class Agent:
                 name="renew"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._collect_loop(), name="collect"),
+            asyncio.create_task(self._facts_loop(), name="facts"),
             asyncio.create_task(
                 self.outbox.publish_loop(nc=nc, connected=self._connected,
                                          subject=self.subjects.metrics(state.node_id)),
@@ -313,10 +325,14 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.state_dir, 0o700)
         identity = Identity(cfg.state_dir / "identity.nk")
-        facts = collect_facts(self.version) | underlay_facts(
-            nats_urls=cfg.nats_urls, private=cfg.mesh_private_address,
-            public=cfg.mesh_public_address, vpc_cidr=cfg.mesh_vpc_cidr)
+        facts = collect_facts(self.version) | self._underlay()
         return identity, facts, EnrollState.load(self.state_path)
+
+    def _underlay(self) -> dict[str, str]:
+        """(Blocking, cheap: a UDP connect, the interface list) the underlay facts now."""
+        cfg = self.config
+        return underlay_facts(nats_urls=cfg.nats_urls, private=cfg.mesh_private_address,
+                              public=cfg.mesh_public_address, vpc_cidr=cfg.mesh_vpc_cidr)
 
     def _load_ledgers(self, save_state: bool) -> tuple[list[tuple[str, float]], list[Orphan]]:
         """(Blocking) the state just enrolled saved (fsynced) if ``save_state``, then the
@@ -735,6 +751,52 @@ class Agent:
 
     def enqueue(self, msg_id: str, data: bytes) -> None:
         self.outbox.enqueue(msg_id, data)
+
+    # -- facts -----------------------------------------------------------------------
+
+    async def _send_facts(self) -> None:
+        """Our facts to the controller (FactsUpdate). One that could not be handed to the
+        connection (closed meanwhile) is sent again at the next look at the underlay; nats-py
+        itself keeps what is published while it reconnects."""
+        update = FactsUpdate(node_id=self.node_id, ts=time.time(),
+                             facts={k: str(v) for k, v in self._facts.items()})
+        nc = self.nc
+        try:
+            if nc is None:
+                raise ConnectionError("no NATS connection")
+            await nc.publish(self.subjects.facts(self.node_id), codec.encode(update))
+            self._facts_unsent = False
+        except Exception as exc:
+            self._facts_unsent = True
+            self.log.warning("facts not sent: %s", exc)
+
+    async def refresh_underlay(self) -> bool:
+        """Look at the underlay again (what facts_interval does); a change is sent to the
+        controller, which moves this node's overlay endpoints, and is what the next
+        MeshJoin says. True when it changed."""
+        new = await asyncio.to_thread(self._underlay)
+        old = {k: self._facts[k] for k in UNDERLAY_FACTS if k in self._facts}
+        if new == old:
+            if self._facts_unsent:
+                await self._send_facts()
+            return False
+        self.log.info("node %s: underlay changed (%s -> %s)", self.node_id, old, new)
+        self._facts = {k: v for k, v in self._facts.items() if k not in UNDERLAY_FACTS} | new
+        if self.mesh_link is not None:
+            self.mesh_link.endpoints = self._mesh_endpoints(self.mesh_link.region)
+        await self._send_facts()
+        return True
+
+    async def _facts_loop(self) -> None:
+        interval = self.config.facts_interval
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh_underlay()
+            except Exception as exc:  # an interface list that cannot be read, ...
+                self.log.warning("underlay not checked: %s", exc)
 
     async def _collect_loop(self) -> None:
         interval = self.metrics_interval

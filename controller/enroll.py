@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.errors import BadRequest, Conflict, NotFound, TokenRefused
-from controller.models import NodeRecord, TokenRecord
+from controller.models import NodeRecord, TokenRecord, bounded_facts
 from controller.nats.admission import NodeAdmission
 from controller.nats.operator import RevokedUser
 from controller.nats.permissions import NodeAccess
@@ -355,7 +355,7 @@ class Enrollment:
                 identity=req.identity,
                 labels={k: v for k, v in {**agent_labels, **token.labels}.items()
                         if k != TAG_NODE},
-                facts={k[:64]: str(v)[:256] for k, v in list(req.facts.items())[:64]},
+                facts=bounded_facts(req.facts),
                 status="online",
                 enrolled_at=now,
                 last_seen=now,

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
 
 NodeStatus = Literal["pending", "online", "stale", "offline"]
+# A node's facts as kept (at enrollment and in every FactsUpdate): at most 64 keys, keys
+# cut to 64 characters, values to 256.
+MAX_FACTS = 64
+MAX_FACT_KEY = 64
+MAX_FACT_VALUE = 256
+
+
+def bounded_facts(facts: Mapping[str, object]) -> dict[str, str]:
+    """``facts`` within the limits a node record keeps (the first MAX_FACTS keys)."""
+    return {k[:MAX_FACT_KEY]: str(v)[:MAX_FACT_VALUE]
+            for k, v in list(facts.items())[:MAX_FACTS]}
 
 
 class NodeRecord(msgspec.Struct, kw_only=True, omit_defaults=True):

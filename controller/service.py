@@ -29,7 +29,7 @@ from controller.audit import AuditLog
 from controller.auth import ApiToken, ApiTokens
 from controller.config import ControllerConfig, Secrets
 from controller.enroll import Enrollment, TokenService
-from controller.errors import BadRecord, ConfigError
+from controller.errors import BadRecord, ConfigError, ControllerError
 from controller.fleet import Fleet
 from controller.ingest.service import IngestService, sink_config_of
 from controller.jobs.engine import JobEngine, JobRecord
@@ -39,7 +39,7 @@ from controller.mesh.deltas import MeshNode, MeshState
 from controller.mesh.ipam import Lease
 from controller.mesh.networks import NetworkRecord
 from controller.mesh.service import MeshService, MeshTables
-from controller.models import NodeRecord, NodeStatus, TokenRecord
+from controller.models import NodeRecord, NodeStatus, TokenRecord, bounded_facts
 from controller.nats.account import FleetAccount
 from controller.nats.admission import (
     NodeAdmission,
@@ -85,6 +85,7 @@ from protocol.messages import (
     EnrollRequest,
     ErrorReply,
     Event,
+    FactsUpdate,
     Heartbeat,
     Message,
     MetricBatch,
@@ -100,6 +101,9 @@ from protocol.trust import ca_fingerprint
 log = logging.getLogger("barista.controller")
 # Enrollment refusals that mean an attack or a broken agent: counted in Stats.rejected.
 _COUNTED_REFUSALS = ("bad_signature", "identity_collision")
+# A FactsUpdate: the 64 facts kept are at most 64 + 256 characters each; beyond this size
+# it is refused whole (a real agent's are ~1 KB).
+MAX_FACTS_MESSAGE = 64 * 1024
 R = TypeVar("R", bound=msgspec.Struct)
 
 
@@ -113,6 +117,7 @@ class Stats:
     enrollments_refused: int = 0
     heartbeats: int = 0
     metric_batches: int = 0
+    facts_updates: int = 0  # FactsUpdates that changed a node's record
     # Stored KV records that did not decode, per bucket (also in rejected["bad_record"]).
     bad_records: Counter[str] = field(default_factory=Counter)
     _log_budget: dict[str, float] = field(default_factory=dict, repr=False)
@@ -636,6 +641,8 @@ class RunningController:
         self._subs.append(await nc.subscribe(s.heartbeat_any, cb=self._on_heartbeat))
         self._subs.append(await nc.subscribe(s.metrics_any, cb=self._on_metrics))
         self._subs.append(await nc.subscribe(s.events_any, cb=self._on_node_event))
+        self._subs.append(await nc.subscribe(s.facts_any, queue="controllers",
+                                             cb=self._on_facts))
         self._tasks.append(asyncio.create_task(self.fleet.run(), name="liveness"))
         await self._mesh_stack.enter_async_context(self.mesh)  # mesh (issue 12)
         await self._provision_stack.enter_async_context(self.provisioning)
@@ -849,6 +856,38 @@ class RunningController:
             self.stats.reject_message(
                 "heartbeat", msg.subject, ProtocolError(f"unknown node {hb.node_id}"))
 
+    async def _on_facts(self, msg: Msg) -> None:
+        """A node's current facts (at each agent start, on an underlay change): kept in its
+        record, bounded as at enrollment; its overlay endpoints follow its addresses."""
+        try:
+            update = codec.decode(msg.data, FactsUpdate, max_size=MAX_FACTS_MESSAGE)
+            if update.node_id != self.subjects.node_id_of(msg.subject):
+                raise ProtocolError("facts node_id does not match its subject")
+            node = self.nodes.get(update.node_id)
+            if node is None or node.revoked:
+                raise ProtocolError(
+                    f"facts of {'a revoked' if node else 'an unknown'} node {update.node_id}")
+        except ProtocolError as exc:
+            self.stats.reject_message("facts", msg.subject, exc)
+            return
+        facts = bounded_facts(update.facts)
+        changed = False
+
+        def apply(cur: NodeRecord) -> NodeRecord | None:
+            nonlocal changed
+            changed = cur.facts != facts
+            return msgspec.structs.replace(cur, facts=facts) if changed else None
+
+        try:
+            await self.nodes.mutate(node.id, apply)
+            if changed:
+                self.stats.facts_updates += 1
+            # Also when the record had them: the endpoints may lag (a controller stopped
+            # between the two writes); nothing is written when they agree.
+            await self.mesh.distributor.underlay_changed(node.id, facts)
+        except ControllerError as exc:  # deleted meanwhile, too contended
+            log.warning("node %s: facts not recorded: %s", node.id, exc)
+
     async def _on_metrics(self, msg: Msg) -> None:
         if len(msg.data) > self.config.metrics_max_batch:
             # The METRICS stream refused to store it (max_msg_size); count who sent it.
@@ -936,6 +975,7 @@ class RunningController:
             "enrollments_refused": self.stats.enrollments_refused,
             "heartbeats": self.stats.heartbeats,
             "metric_batches": self.stats.metric_batches,
+            "facts_updates": self.stats.facts_updates,
             # Also in "rejected" (bad_record, oversized_batch), here with their details.
             "bad_records": {
                 "total": self.stats.rejected["bad_record"],

@@ -13,7 +13,9 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+
+import msgspec
 
 from protocol.errors import MeshPeerInvalid
 from protocol.messages import MeshEndpoint, MeshPeer
@@ -31,6 +33,7 @@ _NETWORK_ID = re.compile(r"[A-Za-z0-9_./:-]{1,128}")
 FACT_PRIVATE_IP = "private_ip"
 FACT_PUBLIC_IP = "public_ip"
 FACT_VPC_CIDR = "vpc_cidr"
+UNDERLAY_FACTS = (FACT_PRIVATE_IP, FACT_PUBLIC_IP, FACT_VPC_CIDR)
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -144,6 +147,39 @@ def allowed_networks(peer: MeshPeer) -> list[Net]:
 
 def public_endpoint(endpoints: Sequence[MeshEndpoint]) -> MeshEndpoint | None:
     return next((ep for ep in endpoints if ep.kind == "public"), None)
+
+
+def endpoints_with_underlay(endpoints: Sequence[MeshEndpoint],
+                            facts: Mapping[str, str]) -> list[MeshEndpoint]:
+    """A node's ``endpoints`` (as it joined) moved to the addresses of its current underlay
+    ``facts``: its private endpoints' host becomes FACT_PRIVATE_IP; its public endpoint's
+    FACT_PUBLIC_IP (added when it has a public address now, dropped when the fact is empty:
+    behind NAT now). A fact absent or not an IP address leaves its endpoints as they are;
+    the rest of each endpoint (network id, region) is kept."""
+    private = _address_or_none(facts.get(FACT_PRIVATE_IP, ""))
+    raw_public = facts.get(FACT_PUBLIC_IP)
+    public = None if raw_public is None else (
+        _address_or_none(raw_public) if raw_public.strip() else "")
+    out: list[MeshEndpoint] = []
+    for ep in endpoints:
+        if ep.kind == "private" and private:
+            ep = msgspec.structs.replace(ep, host=private)
+        elif ep.kind == "public" and public is not None:
+            continue  # replaced below (or gone: no public address now)
+        out.append(ep)
+    if public:
+        old = public_endpoint(endpoints) or (endpoints[0] if endpoints else None)
+        out.append(MeshEndpoint(host=public, port=old.port if old else 51820, kind="public",
+                                region=old.region if old else ""))
+    return out
+
+
+def _address_or_none(value: str) -> str | None:
+    """``value`` as a normalised IP address literal, or None."""
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return None
 
 
 def _private_networks(endpoints: Iterable[MeshEndpoint]) -> set[str]:

@@ -145,6 +145,18 @@ class Heartbeat(Message, tag="hb"):
     apps_synced: bool = True
 
 
+class FactsUpdate(Message, tag="facts_update"):
+    """The agent's current facts (agent/facts.py), sent at every start after enrollment and
+    when its underlay (addresses, VPC range) changes while it runs: a VM stopped and
+    started may come back with a new public address. The controller keeps them as the
+    node's facts (bounded as at enrollment) and gives the overlay's peers the new
+    endpoints."""
+
+    node_id: str
+    facts: dict[str, str] = {}
+    ts: Finite = 0.0
+
+
 # --- metrics ----------------------------------------------------------------------------
 
 
@@ -662,6 +674,7 @@ AnyMessage = (
     EnrollRequest
     | EnrollReply
     | Heartbeat
+    | FactsUpdate
     | MetricBatch
     | Command
     | SignedCommand
@@ -691,6 +704,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     EnrollRequest,
     EnrollReply,
     Heartbeat,
+    FactsUpdate,
     MetricBatch,
     Command,
     SignedCommand,

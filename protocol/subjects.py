@@ -74,6 +74,10 @@ class Subjects:
     def events(self, node_id: str) -> str:
         return f"{self.prefix}.node.{check_token(node_id, 'node id')}.events"
 
+    def facts(self, node_id: str) -> str:
+        """FactsUpdate: the node's current facts (at each start, on an underlay change)."""
+        return f"{self.prefix}.node.{check_token(node_id, 'node id')}.facts"
+
     def results(self, node_id: str) -> str:
         """Where a node publishes its command results: only that node may publish here, so
         the subject itself proves which node a result comes from."""
@@ -157,6 +161,10 @@ class Subjects:
     @property
     def metrics_any(self) -> str:
         return f"{self.prefix}.node.*.metrics"
+
+    @property
+    def facts_any(self) -> str:
+        return f"{self.prefix}.node.*.facts"
 
     @property
     def events_any(self) -> str:

@@ -42,7 +42,13 @@ from controller.state.streams import MESH as MESH_STREAM
 from controller.state.table import Table
 from protocol import codec
 from protocol.errors import MeshPeerInvalid, ProtocolError
-from protocol.mesh import check_endpoint, check_peer, key_bytes, public_endpoint
+from protocol.mesh import (
+    check_endpoint,
+    check_peer,
+    endpoints_with_underlay,
+    key_bytes,
+    public_endpoint,
+)
 from protocol.messages import (
     MeshDelta,
     MeshEndpoint,
@@ -230,7 +236,7 @@ class MeshDistributor:
         self.stats: dict[str, int] = {
             "deltas": 0, "delta_bytes": 0, "snapshots": 0, "snapshot_bytes": 0,
             "cas_conflicts": 0, "joins": 0, "resyncs": 0, "rotations": 0, "flushes": 0,
-            "beacons": 0, "store_misses": 0,
+            "beacons": 0, "store_misses": 0, "underlay_changes": 0,
         }
         self._flushed = asyncio.Condition()
         self._failures: dict[str, int] = {}
@@ -712,6 +718,36 @@ class MeshDistributor:
             await self._release(node.id)  # a member without peers switches at once
         else:
             self.rotation.forget(node.id)
+
+    async def underlay_changed(self, node_id: str, facts: dict[str, str]) -> bool:
+        """The node's underlay facts changed (a FactsUpdate: a VM stopped and started with
+        a new public address, ...): its endpoints as it joined move to the new addresses,
+        and every network it is in gets a delta with its changed entry (through the
+        mesh_nodes watch, as for a MeshJoin). False when it has not joined or nothing
+        changed."""
+        if self.mesh_nodes.get(node_id) is None:
+            return False
+        now = self._clock()
+
+        def apply(cur: MeshNode) -> MeshNode | None:
+            endpoints = endpoints_with_underlay(cur.endpoints, facts)
+            for ep in endpoints:
+                check_endpoint(ep, node_id=node_id)
+            if endpoints == cur.endpoints:
+                return None
+            return msgspec.structs.replace(cur, endpoints=endpoints, updated_at=now)
+
+        try:
+            before = self.mesh_nodes.get(node_id)
+            after = await self.mesh_nodes.mutate(node_id, apply)
+        except (NotFound, MeshPeerInvalid):
+            return False
+        if after is None or before is None or after.endpoints == before.endpoints:
+            return False
+        self.stats["underlay_changes"] += 1
+        log.info("node %s: underlay changed, endpoints now %s", node_id,
+                 ", ".join(f"{ep.kind} {ep.host}" for ep in after.endpoints) or "none")
+        return True
 
     def _peers_of(self, node_id: str) -> set[str] | None:
         """Its peers in every network it is in; None: it is in none (nothing to say)."""

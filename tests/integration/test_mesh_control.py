@@ -32,7 +32,9 @@ from controller.service import Controller, RunningController
 from controller.state.streams import IPAM_BUCKET, open_bucket
 from controller.state.table import Table
 from protocol import codec
+from protocol.mesh import public_endpoint
 from protocol.messages import (
+    FactsUpdate,
     MeshDelta,
     MeshEndpoint,
     MeshHealth,
@@ -301,6 +303,65 @@ async def test_join_snapshot_deltas_gap_resync_and_removal(
                                                  controller.mesh.distributor.state(  # type: ignore[union-attr]
                                                      "corp").peers.values()})
     assert leases[b_addr].state == "released"
+
+
+async def test_a_new_public_address_reaches_every_member_and_new_joiners(
+    controller: RunningController, agents: AgentFactory, sims: list[NATS],
+) -> None:
+    await make_net(controller)
+    a = await sim(agents, sims, {"mesh": "on"}, public="198.18.1.10", private="10.1.0.10",
+                  vpc="vpc-a", region="eu")
+    b = await sim(agents, sims, {"mesh": "on"}, public="198.18.2.10")
+    for n in (a, b):
+        await n.listen("corp")
+    await a.join()
+    await b.join()
+    await wait_for(lambda: set(b.view()[1]) == {a.node_id}, 5, "b sees a")
+
+    def public_of_a_at_b() -> str:
+        for d in reversed(b.deltas):
+            for p in d.added + d.changed:
+                if p.node_id == a.node_id:
+                    ep = public_endpoint(p.endpoints)
+                    return ep.host if ep else ""
+        return ""
+
+    assert public_of_a_at_b() == "198.18.1.10"
+    # a's VM was stopped and started: another public address. Its agent says so.
+    await a.send(a.agent.subjects.facts(a.node_id), codec.encode(FactsUpdate(
+        node_id=a.node_id, facts={"public_ip": "198.18.7.7", "private_ip": "10.1.0.10",
+                                  "os": "Linux"})))
+    await wait_for(lambda: public_of_a_at_b() == "198.18.7.7", 5, "a's new endpoint at b")
+    changed = b.deltas[-1]
+    assert [p.node_id for p in changed.changed] == [a.node_id]
+    assert not changed.added and not changed.removed
+    # Only the address moved: the private endpoint and the regions are as a joined.
+    entry = changed.changed[0]
+    assert [(ep.kind, ep.host, ep.network) for ep in entry.endpoints] == [
+        ("private", "10.1.0.10", "vpc-a"), ("public", "198.18.7.7", "")]
+    assert entry.region == "eu" and entry.public_key == a.key
+    node = controller.nodes.get(a.node_id)
+    assert node is not None and node.facts["public_ip"] == "198.18.7.7"
+    assert controller.mesh.distributor.stats["underlay_changes"] == 1
+    # A member joining later gets the new endpoint in its snapshot.
+    c = await sim(agents, sims, {"mesh": "on"}, public="198.18.3.10")
+    await c.listen("corp")
+    await c.join()
+    await wait_for(lambda: c.snapshots, 5, "c's snapshot")
+    peer_a = next(p for p in c.snapshots[-1].peers if p.node_id == a.node_id)
+    assert public_endpoint(peer_a.endpoints).host == "198.18.7.7"  # type: ignore[union-attr]
+    # The same facts again: no delta, nothing written.
+    gen = controller.mesh.distributor.state("corp").generation  # type: ignore[union-attr]
+    await a.send(a.agent.subjects.facts(a.node_id), codec.encode(FactsUpdate(
+        node_id=a.node_id, facts={"public_ip": "198.18.7.7", "private_ip": "10.1.0.10",
+                                  "os": "Linux"})))
+    # Behind NAT now: the public endpoint goes (a's second update is handled before it).
+    await a.send(a.agent.subjects.facts(a.node_id), codec.encode(FactsUpdate(
+        node_id=a.node_id, facts={"public_ip": "", "private_ip": "10.1.0.10"})))
+    await wait_for(lambda: public_of_a_at_b() == "" and b.deltas[-1].changed, 5,
+                   "a without a public endpoint at b")
+    assert controller.mesh.distributor.state("corp").generation == gen + 1  # type: ignore[union-attr]
+    assert controller.mesh.distributor.stats["underlay_changes"] == 2
 
 
 async def test_members_that_have_not_joined_are_invited_until_they_join(

@@ -17,6 +17,7 @@ from controller.service import RunningController
 from protocol import codec
 from protocol.mesh import key_bytes
 from protocol.messages import (
+    FactsUpdate,
     MeshDelta,
     MeshHealth,
     MeshInvite,
@@ -52,7 +53,7 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
         got.append((msg.subject, codec.decode(msg.data)))
 
     for subject in (subjects.mesh_join_any, subjects.mesh_resync_any, subjects.mesh_key_any,
-                    subjects.mesh_health_any):
+                    subjects.mesh_health_any, subjects.facts_any):
         await controller.nc.subscribe(subject, cb=collect)
     started: dict[str, Agent] = {}
     for name in ("a", "b"):
@@ -157,3 +158,17 @@ async def test_agent_joins_applies_snapshots_and_deltas_and_rotates(
     await controller.nc.publish(subjects.mesh_rotate(b.node_id), b"junk")
     await wait_for(lambda: b.mesh is not None and b.mesh.stats.rejected >= 1, 5,
                    "rotate garbage rejected")
+    # a's underlay changes while it runs (a new public address): a FactsUpdate says so, and
+    # its next MeshJoin carries the new endpoint.
+    moved = "198.18.250.1"
+    a.config.mesh_public_address = moved
+    assert await a.refresh_underlay()
+    update = await wait_for(lambda: next((m for _, m in got if isinstance(m, FactsUpdate)
+                                          and m.node_id == a.node_id), None),
+                            5, "a's FactsUpdate")
+    assert update is not None and update.facts["public_ip"] == moved
+    assert a.mesh_link is not None
+    await a.mesh_link.announce("test")
+    await wait_for(lambda: any(isinstance(m, MeshJoin) and m.node_id == a.node_id
+                               and [e.host for e in m.endpoints] == [moved] for _, m in got),
+                   5, "a's MeshJoin with its new endpoint")

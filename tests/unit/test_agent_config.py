@@ -32,6 +32,7 @@ def test_precedence_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("[agent]\nbuffer_batches = 'many'\n", "buffer_batches"),
         ("[agent]\nnats_urls = ['http://x']\n", "must start with nats://"),
         ("[agent]\nbuffer_batches = 0\n", "at least 1"),
+        ("[agent]\nfacts_interval = -1\n", "facts_interval must be positive"),
         ("not toml [", "not valid TOML"),
     ],
 )

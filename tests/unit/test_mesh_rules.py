@@ -12,6 +12,7 @@ from protocol.errors import MeshPeerInvalid
 from protocol.mesh import (
     check_peer,
     choose_endpoint,
+    endpoints_with_underlay,
     is_direct,
     keepalive_for,
     key_bytes,
@@ -105,3 +106,21 @@ def test_keepalive_only_from_behind_nat_towards_a_public_endpoint() -> None:
     assert keepalive_for(25, nat, public, None) == 0
     forced = msgspec.structs.replace(public, keepalive=5)
     assert keepalive_for(25, nat, forced, public.endpoints[0]) == 5
+
+
+def test_endpoints_follow_the_underlay_facts() -> None:
+    joined = [MeshEndpoint(host="10.0.0.5", port=51820, kind="private", network="vpc-1",
+                           region="eu"),
+              MeshEndpoint(host="198.51.100.1", port=51820, kind="public", region="eu")]
+    moved = endpoints_with_underlay(joined, {"private_ip": "10.0.0.9",
+                                             "public_ip": "203.0.113.4"})
+    assert [(e.kind, e.host, e.network, e.region) for e in moved] == [
+        ("private", "10.0.0.9", "vpc-1", "eu"), ("public", "203.0.113.4", "", "eu")]
+    # Behind NAT now: no public endpoint; a fact absent or not an address moves nothing.
+    assert [e.kind for e in endpoints_with_underlay(joined, {"public_ip": ""})] == ["private"]
+    assert endpoints_with_underlay(joined, {}) == joined
+    assert endpoints_with_underlay(joined, {"public_ip": "nope", "private_ip": "x"}) == joined
+    # A public address where the node had none: one is added, like the private's region.
+    added = endpoints_with_underlay(joined[:1], {"public_ip": "203.0.113.4"})
+    assert [(e.kind, e.host, e.region) for e in added] == [
+        ("private", "10.0.0.5", "eu"), ("public", "203.0.113.4", "eu")]

@@ -28,6 +28,7 @@ from protocol.messages import (
     ErrorReply,
     Event,
     FactsReport,
+    FactsUpdate,
     HealthCheck,
     Heartbeat,
     JobFinished,
@@ -149,6 +150,8 @@ def _samples() -> dict[type[Message], Message]:
             dropped_batches=1,
             running_jobs=2,
         ),
+        FactsUpdate: FactsUpdate(node_id="n-0001", ts=T0,
+                                 facts={"public_ip": "198.51.100.7", "os": "Linux"}),
         MetricBatch: MetricBatch(
             node_id="n-0001",
             seq=99,

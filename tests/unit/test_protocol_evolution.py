@@ -59,6 +59,8 @@ V1_MESSAGES: dict[str, tuple[str, frozenset[str]]] = {
     "MeshRotateKey": ("mesh_rotate_key", frozenset()),
     "MeshInvite": ("mesh_invite", frozenset()),
     "MeshHealth": ("mesh_health", frozenset({"node_id", "network", "ts"})),
+    # Added with facts refreshed after enrollment: a new message class.
+    "FactsUpdate": ("facts_update", frozenset({"node_id"})),
 }
 
 # Messages whose v1 shape changed incompatibly (typed payloads instead of free-form maps):
