@@ -169,8 +169,9 @@ def endpoints_with_underlay(endpoints: Sequence[MeshEndpoint],
         out.append(ep)
     if public:
         old = public_endpoint(endpoints) or (endpoints[0] if endpoints else None)
-        out.append(MeshEndpoint(host=public, port=old.port if old else 51820, kind="public",
-                                region=old.region if old else ""))
+        new = MeshEndpoint(host=public, kind="public")  # the default WireGuard port
+        out.append(msgspec.structs.replace(new, port=old.port, region=old.region)
+                   if old is not None else new)
     return out
 
 
